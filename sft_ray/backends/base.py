@@ -1,0 +1,81 @@
+"""The seam every generation backend plugs into.
+
+A backend is built once per generation actor and then serves many concurrent
+``generate`` calls from that actor's single asyncio event loop. Backends never
+raise for a failed request: they return a :class:`GenerationResult` whose
+``error`` says what went wrong, so failures travel as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerationRequest:
+    """One sample to generate.
+
+    ``messages`` are normalised chat messages (``{"role": str, "content": str}``);
+    ``params`` are the merged ``responses_create_params`` for this sample
+    (``temperature``, ``top_p``, ``max_output_tokens``, ``seed``, ``stop``...),
+    already including the per-sample seed.
+    """
+
+    messages: list[dict[str, Any]]
+    params: dict[str, Any]
+    request_id: str = ""
+
+
+@dataclass
+class GenerationResult:
+    """What a backend returns for one request; ``error`` is None on success."""
+
+    text: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)  # input_tokens, output_tokens, total_tokens
+    error: dict[str, str] | None = None  # {"type": <error class>, "message": str}
+    attempts: int = 1
+
+
+def error_result(kind: str, message: str, attempts: int = 1) -> GenerationResult:
+    """A failed generation, with its error class (``timeout``, ``rate_limit``, ...)."""
+    return GenerationResult(error={"type": kind, "message": message[:500]}, attempts=attempts)
+
+
+class Backend:
+    """Base class: subclasses implement ``generate``; ``start``/``close`` are optional.
+
+    ``model`` is the validated ``model`` config section as a plain dict;
+    ``max_in_flight`` is the most requests this actor may have outstanding.
+    """
+
+    def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
+        self.model = model
+        self.max_in_flight = max_in_flight
+
+    async def start(self) -> None:  # pragma: no cover - trivial default
+        """Open connections or load the engine; called once in the actor's loop."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        raise NotImplementedError
+
+    async def close(self) -> None:  # pragma: no cover - trivial default
+        """Release connections or the engine."""
+
+
+class Secret:
+    """Carries an API key to the actors without it ever showing in a repr, log or error."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__

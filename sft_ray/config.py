@@ -1,0 +1,286 @@
+"""The run configuration: one pydantic model, validated at the edge.
+
+The CLI turns a YAML file plus ``dotted.key=value`` overrides into a
+:class:`RunConfig`; everything downstream (Ray actors included) receives plain
+values taken from it. Field descriptions are the reference documentation
+(``sft-ray validate --schema`` prints them). Names follow NeMo Gym where one
+exists (``responses_create_params``, ``num_repeats``, ``num_samples_in_parallel``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (names the field or file)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which model answers, and how to reach it."""
+
+    backend: Literal["openai", "vllm"] = Field(
+        "openai", description="`openai`: any OpenAI-compatible HTTP endpoint; `vllm`: engines inside the Ray actors."
+    )
+    name: str | None = Field(
+        None,
+        description="Model name sent to the API (openai) or a Hugging Face id / local folder (vllm). "
+        "Empty with vllm: the embedded default model.",
+    )
+    base_url: str = Field(
+        "https://api.openai.com/v1", description="API root ending in /v1 (openai backend)."
+    )
+    api: Literal["chat", "responses"] = Field(
+        "chat", description="`chat`: POST {base_url}/chat/completions; `responses`: POST {base_url}/responses."
+    )
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="Name of the environment variable that holds the API key. The key itself never "
+        "goes into the config, logs or outputs. Unset variable: no Authorization header.",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds (whole request).")
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP/TLS connect timeout in seconds.")
+    max_retries: int = Field(
+        6, ge=0, le=100, description="Retries after the first attempt on connection errors, timeouts, 408, 429 and 5xx."
+    )
+    base_retry_wait_s: float = Field(0.5, ge=0, description="First backoff wait; doubles each retry, with full jitter.")
+    max_retry_wait_s: float = Field(60.0, ge=0, description="Cap on one backoff wait, Retry-After included.")
+    send_seed: bool = Field(
+        True, description="Send the per-sample `seed` with chat requests (the Responses API has no seed field)."
+    )
+    extra_headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers on every request.")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="Extra JSON fields merged into every request body."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm backend: engine options passed through (max_model_len, gpu_memory_utilization, "
+        "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...).",
+    )
+
+    def api_key(self) -> str | None:
+        """Read the key from the environment at the point of use (never stored in config)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class SamplingConfig(BaseModel):
+    """Defaults for every row's `responses_create_params`; a row's own values win.
+
+    Known fields are checked; other Responses-API fields (e.g. `stop`, `reasoning`)
+    are allowed and passed through.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = Field(1.0, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_output_tokens: int | None = Field(1024, ge=1, description="Most tokens generated per sample.")
+    seed: int | None = Field(
+        None, description="Base seed; each sample gets its own seed derived from it, the row id and sample_index."
+    )
+
+
+class VerifierConfig(_Strict):
+    """How each response is scored."""
+
+    type: Literal["exact_match", "math", "mcq", "regex", "python", "none"] = Field(
+        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, none."
+    )
+    answer_field: str = Field("expected_answer", description="Row field holding the reference answer.")
+    pattern: str | None = Field(
+        None,
+        description="regex: pattern searched in the response. With a capture group, group 1 is compared "
+        "with the reference answer; without one, a match scores 1.",
+    )
+    function: str | None = Field(
+        None,
+        description="python: `module:function` or `path/to/file.py:function`, called as fn(row, response) "
+        "and returning a float or a dict with `reward` and other metrics.",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the verifier.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "VerifierConfig":
+        if self.type == "regex" and not self.pattern:
+            raise ValueError("verifier.pattern is required when verifier.type is 'regex'")
+        if self.type == "python" and (not self.function or ":" not in self.function):
+            raise ValueError("verifier.function must be 'module:function' when verifier.type is 'python'")
+        if self.pattern:
+            import re
+
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"verifier.pattern is not a valid regular expression: {e}") from None
+        return self
+
+
+class FilterConfig(_Strict):
+    min_reward: float = Field(0.0, description="Keep samples whose reward is >= this.")
+    max_reward: float | None = Field(None, description="Optionally also drop samples whose reward is > this.")
+    drop_truncated: bool = Field(False, description="Drop samples whose finish_reason is `length`.")
+
+
+class ShuffleConfig(_Strict):
+    seed: int = Field(0, description="Seed of the global shuffle: same seed, same order.")
+
+
+class TrainConfig(_Strict):
+    format: Literal["jsonl", "parquet"] = Field("jsonl", description="Shard format of train/.")
+    rows_per_shard: int = Field(10_000, ge=1, description="Target rows per shard; shard sizes differ by at most 1.")
+    include_fields: list[str] = Field(
+        default_factory=list,
+        description="Rollout fields copied into each training row beside `messages` (e.g. id, reward).",
+    )
+
+
+class ReadConfig(_Strict):
+    skip_bad_lines: bool = Field(
+        False, description="Skip and count malformed input lines instead of stopping at the first."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows of each input file (for trials).")
+
+
+class ResourcesConfig(_Strict):
+    """Actor pools; the defaults suit one machine."""
+
+    generate_actors: int | tuple[int, int] = Field(
+        1, description="Generation actors: a count, or [min, max] for an autoscaling pool."
+    )
+    generate_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per generation actor.")
+    generate_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (vllm).")
+    score_actors: int | tuple[int, int] = Field(1, description="Scoring actors: a count or [min, max].")
+    score_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per scoring actor.")
+    batch_size: int | None = Field(
+        None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)."
+    )
+
+
+class RunConfig(_Strict):
+    """A whole `sft-ray run`."""
+
+    input: str = Field(
+        validation_alias=AliasChoices("input", "input_jsonl_fpath"),
+        description="Prompt JSONL: a file, a folder, or a glob (s3:// and gs:// URIs too).",
+    )
+    output: str = Field(
+        validation_alias=AliasChoices("output", "output_dir"),
+        description="Run folder: rollouts/, failed/, train/, stats.json.",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    responses_create_params: SamplingConfig = Field(default_factory=SamplingConfig)
+    num_samples_in_parallel: int = Field(
+        64, ge=1, description="Requests in flight across all generation actors together."
+    )
+    num_repeats: int = Field(1, ge=1, description="Samples per prompt, each with its own sample_index and seed.")
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    read: ReadConfig = Field(default_factory=ReadConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_error_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Failure budget: the run exits non-zero when more than this share of samples failed. "
+        "It also stops early once at least `min_rows_for_budget` samples are done and the share is exceeded.",
+    )
+    min_rows_for_budget: int = Field(200, ge=1, description="Samples done before the failure budget can stop a run.")
+
+
+def _parse_value(raw: str) -> Any:
+    """`key=value` overrides take YAML scalars/flow values: 4 -> int, true -> bool, [1,2] -> list."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place, and returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted field."""
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+            continue
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (optional), apply overrides, validate. Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that change what a run produces (used to refuse resuming with a different config)."""
+    return {
+        "input": cfg.input,
+        "model": {
+            "backend": cfg.model.backend,
+            "name": cfg.model.name,
+            "base_url": cfg.model.base_url,
+            "api": cfg.model.api,
+            "engine_kwargs": cfg.model.engine_kwargs,
+            "extra_body": cfg.model.extra_body,
+        },
+        "responses_create_params": cfg.responses_create_params.model_dump(),
+        "num_repeats": cfg.num_repeats,
+        "verifier": cfg.verifier.model_dump(),
+    }

@@ -1,0 +1,331 @@
+"""`sft-ray run`: the two-phase job.
+
+Phase 1 streams samples through Ray Data (read -> generate actors -> score
+actors) and the driver appends each scored batch to ``rollouts/`` (or
+``failed/``) as it arrives. Phase 2 (``finalize``) filters, shuffles globally and
+writes the training shards from those durable files. A rerun of the same
+command resumes: samples already in ``rollouts/`` are not generated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import orjson
+
+from sft_ray import io
+from sft_ray.config import RunConfig, config_fingerprint
+from sft_ray.rows import InputError
+from sft_ray.stages.finalize import FAILED, ROLLOUTS, finalize, iter_jsonl
+from sft_ray.stages.write import PartWriter
+from sft_ray.stats import format_report
+
+EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
+MANIFEST = "run.json"
+
+
+class RunError(Exception):
+    """A problem that stops the run, with the exit code to use."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def load_manifest(run_dir: str) -> dict[str, Any] | None:
+    uri = io.join(run_dir, MANIFEST)
+    return orjson.loads(io.read_bytes(uri)) if io.exists(uri) else None
+
+
+def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
+    io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+def prepare_run_dir(cfg: RunConfig, restart: bool) -> dict[str, Any]:
+    """Create or reopen the run folder; refuse a resume whose config changes the outputs."""
+    fingerprint = config_fingerprint(cfg)
+    manifest = load_manifest(cfg.output)
+    if manifest is not None and restart:
+        for sub in (ROLLOUTS, FAILED, "train", "stats.json", MANIFEST):
+            io.delete(io.join(cfg.output, sub))
+        manifest = None
+    if manifest is not None:
+        changes = _diff(manifest.get("fingerprint"), fingerprint)
+        if changes:
+            raise RunError(
+                f"{cfg.output} holds a run made with a different configuration:\n  " + "\n  ".join(changes)
+                + "\nUse --restart to start over in this folder, or choose another output folder.")
+    io.makedirs(cfg.output)
+    if manifest is None:
+        manifest = {"fingerprint": fingerprint, "sessions": []}
+    manifest["config"] = cfg.model_dump(mode="json", by_alias=False)
+    return manifest
+
+
+def done_keys(run_dir: str) -> set[tuple[str, int]]:
+    """(id, sample_index) of every rollout already written; torn last lines are cut off."""
+    keys: set[tuple[str, int]] = set()
+    for uri in io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl"):
+        good_bytes, torn = 0, False
+        for row, line in iter_jsonl(uri):
+            if row is None:
+                torn = True
+                break
+            keys.add((str(row["id"]), int(row["sample_index"])))
+            good_bytes += len(line) + 1
+        if torn and "://" not in uri:
+            # A kill in the middle of a write leaves at most one partial line at the end.
+            with open(uri, "r+b") as f:
+                f.truncate(good_bytes)
+    return keys
+
+
+def _find_input_error(exc: BaseException) -> InputError | None:
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        if "InputError" in type(e).__name__ or "InputError: " in str(e):
+            msg = str(e).split("InputError: ", 1)[-1].strip().splitlines()[0]
+            return InputError(msg.split(": ", 1)[0], msg.split(": ", 1)[-1])
+    return None
+
+
+class Progress:
+    """A progress bar with rows/s on a terminal; a log line every few seconds otherwise
+    (so that `ray job logs` reads well)."""
+
+    def __init__(self, total: int, out=sys.stderr) -> None:
+        self.total, self.out = total, out
+        self.start = time.monotonic()
+        self.last_line = 0.0
+        self.bar = None
+        if out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="rows", dynamic_ncols=True, file=out, smoothing=0.1)
+
+    def update(self, n: int, done: int, failed: int, mean_reward: float | None) -> None:
+        info = {"failed": failed}
+        if mean_reward is not None:
+            info["reward"] = f"{mean_reward:.3f}"
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(info, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= 10 or done >= self.total:
+            self.last_line = now
+            rate = done / max(now - self.start, 1e-9)
+            pct = 100.0 * done / self.total if self.total else 100.0
+            print(f"[sft-ray] {done}/{self.total} samples ({pct:.1f}%), {rate:.1f} rows/s, "
+                  + ", ".join(f"{k} {v}" for k, v in info.items()), file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def actor_range(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def plan_concurrency(cfg: RunConfig) -> dict[str, int]:
+    """Actors, requests in flight per actor, and batch size.
+
+    Each actor may hold ``num_samples_in_parallel // max_actors`` requests, so
+    the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
+    """
+    lo, hi = actor_range(cfg.resources.generate_actors)
+    hi = max(1, min(hi, cfg.num_samples_in_parallel))
+    lo = max(1, min(lo, hi))
+    per_actor = max(1, cfg.num_samples_in_parallel // hi)
+    batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
+    return {"min_actors": lo, "max_actors": hi, "per_actor": per_actor, "batch_size": batch}
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar reports rows/s; two would garble the terminal
+    ctx.print_on_execution_start = False
+
+
+def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
+    import ray.data
+
+    from sft_ray.backends.base import Secret
+    from sft_ray.stages.generate import GenerateStage
+    from sft_ray.stages.read import make_dataset
+    from sft_ray.stages.score import ScoreStage
+
+    model = cfg.model.model_dump()
+    model["api_key"] = Secret(cfg.model.api_key())
+    sampling = cfg.responses_create_params.model_dump()
+    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, cfg.read.limit)
+    ds = ds.map_batches(
+        GenerateStage,
+        fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},
+        batch_size=plan["batch_size"],
+        compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
+                                           max_tasks_in_flight_per_actor=4),
+        num_cpus=cfg.resources.generate_num_cpus,
+        num_gpus=cfg.resources.generate_num_gpus or None,
+    )
+    s_lo, s_hi = actor_range(cfg.resources.score_actors)
+    ds = ds.map_batches(
+        ScoreStage,
+        fn_constructor_kwargs={"verifier": cfg.verifier.model_dump()},
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(min_size=s_lo, max_size=s_hi),
+        num_cpus=cfg.resources.score_num_cpus,
+    )
+    return ds
+
+
+def count_samples(cfg: RunConfig, files: list[str]) -> int:
+    rows = 0
+    for f in files:
+        n = io.count_lines(f)
+        rows += min(n, cfg.read.limit) if cfg.read.limit else n
+    return rows
+
+
+def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """Phase 1. Returns this session's record (also appended to the manifest)."""
+    try:
+        files = io.list_input_files(cfg.input)
+    except FileNotFoundError as e:
+        raise RunError(str(e), EXIT_INPUT) from None
+    rows = count_samples(cfg, files)
+    done = done_keys(cfg.output)
+    # Failed samples of earlier sessions are retried: their old records are superseded.
+    for uri in io.list_files(io.join(cfg.output, FAILED), ".jsonl"):
+        io.delete(uri)
+    total = rows * cfg.num_repeats
+    todo = max(0, total - len(done))
+    plan = plan_concurrency(cfg)
+    say(f"found {rows} rows in {len(files)} file(s) -> {total} samples ({cfg.num_repeats} per row); "
+        f"{len(done)} already done, {todo} to generate")
+    say(f"model: {cfg.model.backend} {cfg.model.name or '(default)'}; concurrency: "
+        f"{plan['per_actor'] * plan['max_actors']} requests in flight "
+        f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
+
+    session = len(manifest["sessions"])
+    record: dict[str, Any] = {"session": session, "started_at": time.time(), "planned": todo,
+                              "written": 0, "failed": 0, "output_tokens": 0, "generate_wall_s": 0.0,
+                              "stopped": None}
+    manifest["sessions"].append(record)
+    save_manifest(cfg.output, manifest)
+    if todo == 0:
+        return record
+
+    init_ray(cfg)
+    ok_writer = PartWriter(io.join(cfg.output, ROLLOUTS), session)
+    bad_writer = PartWriter(io.join(cfg.output, FAILED), session)
+    progress = Progress(todo)
+    t0 = time.monotonic()
+    reward_sum, reward_n = 0.0, 0
+    try:
+        ds = build_dataset(cfg, files, done, plan)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            lines = batch.column("rollout").to_pylist()
+            failed = batch.column("failed").to_pylist()
+            rewards = batch.column("reward").to_pylist()
+            oks = [s.encode() for s, f in zip(lines, failed) if not f]
+            bads = [s.encode() for s, f in zip(lines, failed) if f]
+            ok_writer.write(oks)
+            bad_writer.write(bads)
+            tokens = batch.column("output_tokens").to_pylist()
+            record["output_tokens"] += sum(tokens)
+            record["written"] += len(oks)
+            record["failed"] += len(bads)
+            rs = [r for r in rewards if r is not None]
+            reward_sum += sum(rs)
+            reward_n += len(rs)
+            n = len(lines)
+            done_now = record["written"] + record["failed"]
+            progress.update(n, done_now, record["failed"], reward_sum / reward_n if reward_n else None)
+            if done_now >= cfg.min_rows_for_budget and record["failed"] / done_now > cfg.max_error_fraction:
+                record["stopped"] = "failure budget exceeded"
+                break
+    except Exception as e:
+        err = _find_input_error(e)
+        if err is None:
+            raise
+        record["stopped"] = f"input error: {err}"
+        raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
+                       f"the {record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
+    finally:
+        ok_writer.close()
+        bad_writer.close()
+        progress.close()
+        record["generate_wall_s"] = round(time.monotonic() - t0, 3)
+        save_manifest(cfg.output, manifest)
+    return record
+
+
+def throughput(manifest: dict[str, Any]) -> dict[str, float]:
+    sessions = [s for s in manifest.get("sessions", []) if s.get("generate_wall_s")]
+    wall = sum(s["generate_wall_s"] for s in sessions)
+    samples = sum(s["written"] + s["failed"] for s in sessions)
+    tokens = sum(s["output_tokens"] for s in sessions)
+    return {"generate_wall_s": wall, "samples_per_s": samples / wall if wall else 0.0,
+            "output_tokens_per_s": tokens / wall if wall else 0.0}
+
+
+def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
+                 manifest: dict[str, Any] | None, say: Callable[[str], None], write: bool = True) -> dict[str, Any]:
+    """Phase 2 plus the report; writes stats.json when ``write``."""
+    t0 = time.monotonic()
+    stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write)
+    stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
+    if manifest:
+        stats["throughput"] = throughput(manifest)
+    if write:
+        io.write_bytes(io.join(run_dir, "stats.json"), json.dumps(stats, indent=2).encode())
+    say(format_report(stats))
+    say(json.dumps({k: round(v, 4) for k, v in stats["metrics"].items()}))
+    return stats
+
+
+def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
+    """The whole job; returns the process exit code."""
+    manifest = prepare_run_dir(cfg, restart)
+    record = generate_phase(cfg, manifest, say)
+    stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
+                         manifest, say)
+    say(f"run folder: {cfg.output}  (rollouts/, train/ {len(stats.get('shards', []))} shard(s), stats.json)")
+    samples = stats["samples"]
+    if record.get("stopped"):
+        say(f"stopped early: {record['stopped']}")
+    if samples and stats["failed"] / samples > cfg.max_error_fraction:
+        say(f"FAILED: {stats['failed']}/{samples} samples failed, over the budget max_error_fraction="
+            f"{cfg.max_error_fraction}; rerun the same command to retry them")
+        return EXIT_BUDGET
+    return EXIT_OK

@@ -1,0 +1,140 @@
+"""The data contract: turning an input row into a prompt, an id and sampling params.
+
+Input rows stay opaque JSON values end to end: we parse each line ourselves
+(orjson) and never let Arrow infer a schema for them, because Ray Data's JSON
+readers fail on or silently coerce real NeMo Gym rows (see the brief).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+
+class InputError(ValueError):
+    """A bad input line; the message names ``file:line`` and the field."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
+    """Parse one JSONL line into a dict, or raise :class:`InputError` naming ``source``."""
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise InputError(source, f"not valid JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise InputError(source, f"expected a JSON object, got {type(row).__name__}")
+    prompt_messages(row, source)  # validates the prompt shape early, at read time
+    return row
+
+
+def _text_of(content: Any, source: str, field: str) -> str:
+    """Message content as a string: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                raise InputError(source, f"field {field}[{i}]: expected a text part like "
+                                 '{"type": "input_text", "text": "..."}')
+        return "".join(texts)
+    if content is None:
+        return ""
+    raise InputError(source, f"field {field}: content must be a string or a list of text parts, "
+                     f"got {type(content).__name__}")
+
+
+def _messages(items: Any, source: str, field: str) -> list[dict[str, str]]:
+    if not isinstance(items, list) or not items:
+        raise InputError(source, f"field {field}: expected a non-empty list of messages")
+    out = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InputError(source, f"field {field}[{i}]: expected a message with a string 'role'")
+        if m.get("type", "message") != "message":
+            raise InputError(source, f"field {field}[{i}]: item type {m['type']!r} is not supported "
+                             "(only messages can be prompted)")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _text_of(m.get("content"), source, f"{field}[{i}].content")})
+    return out
+
+
+def prompt_messages(row: dict[str, Any], source: str = "<row>") -> list[dict[str, str]]:
+    """The prompt of a row as chat messages, from whichever of the three shapes it has.
+
+    NeMo Gym (``responses_create_params.input``, a string or messages, with optional
+    ``instructions``), OpenAI chat (``messages``) or plain (``prompt`` + optional ``system``).
+    """
+    rcp = row.get("responses_create_params")
+    if rcp is not None:
+        if not isinstance(rcp, dict):
+            raise InputError(source, "field responses_create_params: expected an object")
+        if "input" in rcp:
+            inp = rcp["input"]
+            msgs = ([{"role": "user", "content": inp}] if isinstance(inp, str)
+                    else _messages(inp, source, "responses_create_params.input"))
+            instructions = rcp.get("instructions")
+            if instructions:
+                msgs = [{"role": "system", "content": _text_of(instructions, source,
+                                                                "responses_create_params.instructions")}] + msgs
+            return msgs
+    if "messages" in row:
+        msgs = _messages(row["messages"], source, "messages")
+        # A chat row may already end with the reference reply; the prompt is what precedes it.
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        if not msgs:
+            raise InputError(source, "field messages: no prompt left once assistant turns are removed")
+        return msgs
+    if "prompt" in row:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):
+            raise InputError(source, f"field prompt: expected a string, got {type(prompt).__name__}")
+        msgs = [{"role": "user", "content": prompt}]
+        system = row.get("system")
+        if system is not None:
+            if not isinstance(system, str):
+                raise InputError(source, "field system: expected a string")
+            msgs.insert(0, {"role": "system", "content": system})
+        return msgs
+    raise InputError(source, "no prompt: expected responses_create_params.input, messages, or prompt")
+
+
+def row_id(row: dict[str, Any]) -> str:
+    """A stable id: the row's own ``id`` if it has one, else a hash of its content."""
+    given = row.get("id")
+    if given is not None and given != "":
+        return given if isinstance(given, str) else orjson.dumps(given).decode()
+    canonical = orjson.dumps(row, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=8).hexdigest()
+
+
+def sample_seed(base: int | None, rid: str, sample_index: int) -> int:
+    """Per-sample seed, stable across runs and machines (Python's hash() is salted)."""
+    h = hashlib.blake2b(f"{base or 0}:{rid}:{sample_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+# Keys of responses_create_params that describe the prompt, not the sampling.
+_PROMPT_KEYS = {"input", "instructions"}
+
+
+def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sample_index: int) -> dict[str, Any]:
+    """Config defaults, overridden by the row's own ``responses_create_params``, plus the sample seed."""
+    params = {k: v for k, v in defaults.items() if v is not None}
+    rcp = row.get("responses_create_params")
+    if isinstance(rcp, dict):
+        params.update({k: v for k, v in rcp.items() if k not in _PROMPT_KEYS and v is not None})
+    params["seed"] = sample_seed(params.get("seed"), rid, sample_index)
+    return params

@@ -1,0 +1,1 @@
+"""Pipeline stages, one per module: read, generate, score, finalize."""

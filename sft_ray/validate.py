@@ -1,0 +1,40 @@
+"""`sft-ray validate`: check the input of a config before spending anything on it."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+from sft_ray import io
+from sft_ray.config import RunConfig
+from sft_ray.rows import InputError, parse_line
+
+
+def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], str]:
+    """Parse the first rows of every input file; return (problems, summary)."""
+    problems: list[str] = []
+    try:
+        files = io.list_input_files(cfg.input)
+    except FileNotFoundError as e:
+        return [str(e)], f"input: {cfg.input}"
+    checked = 0
+    for path in files:
+        lineno = 0
+        for lineno, line in islice(enumerate(io.iter_lines(path), start=1), rows_per_file):
+            if not line.strip():
+                continue
+            checked += 1
+            try:
+                row = parse_line(line, f"{path}:{lineno}")
+            except InputError as e:
+                problems.append(str(e))
+                continue
+            answer = cfg.verifier.answer_field
+            if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
+                problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
+    if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
+        host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
+        if not host.startswith(("127.", "localhost", "[::1]")):
+            problems.append(f"model.api_key_env: environment variable {cfg.model.api_key_env} is not set")
+    summary = (f"config ok: model {cfg.model.backend}:{cfg.model.name or '(default)'}, verifier {cfg.verifier.type}; "
+               f"input {len(files)} file(s), first {checked} row(s) parsed")
+    return problems, summary
