@@ -8,7 +8,9 @@ request through markers in the prompt:
 
 - ``[[fail:500:N]]`` / ``[[fail:429:N]]`` / ``[[fail:timeout:N]]`` / ``[[fail:malformed:N]]``:
   the first N attempts of this prompt fail that way, later ones succeed;
-- ``[[status:400]]``: always 400 (context length exceeded).
+- ``[[status:400]]``: always 400 (context length exceeded);
+- ``[[echo_auth]]``: 401 whose body repeats the request's Authorization header
+  (a careless server: the client must keep the key out of its error text).
 
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
@@ -51,6 +53,7 @@ class MockState:
     attempts: Counter = field(default_factory=Counter)
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
+    auth_headers: set = field(default_factory=set)
 
 
 def _last_user_text(messages) -> str:
@@ -66,7 +69,7 @@ def _last_user_text(messages) -> str:
 def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     rng = random.Random(cfg.seed)
 
-    async def failure(text: str, key: str) -> web.Response | None:
+    async def failure(text: str, key: str, auth: str) -> web.Response | None:
         """A simulated failure for this attempt, or None to answer normally."""
         m = _MARK.search(text)
         kind = None
@@ -74,6 +77,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             state.attempts[key] += 1
             if state.attempts[key] <= int(m.group(2)):
                 kind = m.group(1)
+        if "[[echo_auth]]" in text:
+            return web.json_response({"error": {"message": f"invalid key in header: {auth}"}}, status=401)
         if "[[status:400]]" in text:
             return web.json_response({"error": {"message": "This model's maximum context length is 8 tokens",
                                                 "type": "invalid_request_error"}}, status=400)
@@ -108,7 +113,9 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             text = _last_user_text(msgs)
             if cfg.latency_ms:
                 await asyncio.sleep(cfg.latency_ms / 1000)
-            failed = await failure(text, f"{text}|{body.get('seed')}|{body.get('temperature')}")
+            auth = request.headers.get("Authorization", "")
+            state.auth_headers.add(auth)
+            failed = await failure(text, f"{text}|{body.get('seed')}|{body.get('temperature')}", auth)
             if failed is not None:
                 state.by_status[failed.status] += 1
                 return failed

@@ -26,6 +26,7 @@ from sft_ray.stats import format_report
 
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
 MANIFEST = "run.json"
+BLOCK_BYTES = 1 << 20
 
 
 class RunError(Exception):
@@ -174,6 +175,9 @@ def init_ray(cfg: RunConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own bar reports rows/s; two would garble the terminal
     ctx.print_on_execution_start = False
+    # Small blocks keep rows streaming: a block is the unit the driver receives and
+    # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.
+    ctx.target_max_block_size = BLOCK_BYTES
 
 
 def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
@@ -251,6 +255,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
     progress = Progress(todo)
     t0 = time.monotonic()
     reward_sum, reward_n = 0.0, 0
+    marks: dict[float, tuple[float, int]] = {}  # when 10% and 90% of the samples were done
     try:
         ds = build_dataset(cfg, files, done, plan)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -269,6 +274,11 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
             reward_sum += sum(rs)
             reward_n += len(rs)
             n = len(lines)
+            done_prev = record["written"] + record["failed"] - n
+            now = time.monotonic()
+            for q in (0.1, 0.9):
+                if done_prev < q * todo <= done_prev + n:
+                    marks[q] = (now, done_prev + n)
             done_now = record["written"] + record["failed"]
             progress.update(n, done_now, record["failed"], reward_sum / reward_n if reward_n else None)
             if done_now >= cfg.min_rows_for_budget and record["failed"] / done_now > cfg.max_error_fraction:
@@ -285,7 +295,12 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
         ok_writer.close()
         bad_writer.close()
         progress.close()
-        record["generate_wall_s"] = round(time.monotonic() - t0, 3)
+        end = time.monotonic()
+        record["generate_wall_s"] = round(end - t0, 3)
+        if len(marks) == 2 and marks[0.9][0] > marks[0.1][0]:
+            # Rate between 10% and 90% done, without actor start-up and tail: what a long run sustains.
+            (t1, n1), (t2, n2) = marks[0.1], marks[0.9]
+            record["steady_samples_per_s"] = round((n2 - n1) / (t2 - t1), 2)
         save_manifest(cfg.output, manifest)
     return record
 

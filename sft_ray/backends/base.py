@@ -63,6 +63,9 @@ class Backend:
     async def close(self) -> None:  # pragma: no cover - trivial default
         """Release connections or the engine."""
 
+    def close_now(self) -> None:  # pragma: no cover - trivial default
+        """Best-effort synchronous release, for when the actor is torn down without a loop."""
+
 
 class Secret:
     """Carries an API key to the actors without it ever showing in a repr, log or error."""

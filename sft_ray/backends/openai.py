@@ -99,6 +99,15 @@ class OpenAIBackend(Backend):
         if self._session is not None:
             await self._session.close()
 
+    def close_now(self) -> None:
+        if self._session is not None and not self._session.closed:
+            connector = self._session.connector
+            self._session.detach()
+            if connector is not None:
+                # _close() shuts the sockets synchronously; close() would return an awaitable
+                # that nobody is left to await when Ray Data tears the actor down.
+                connector._close()
+
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 

@@ -66,6 +66,13 @@ class GenerateStage:
         await self._ready
         self.model_name = getattr(self.backend, "model_name", self.model_name)
 
+    def __del__(self) -> None:
+        # Ray Data has no teardown hook for map_batches classes; release sockets here.
+        try:
+            self.backend.close_now()
+        except Exception:
+            pass
+
     async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool]:
         row = orjson.loads(text) if bad is None else {"line": text}
         if bad is not None:

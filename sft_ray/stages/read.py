@@ -21,7 +21,7 @@ import pyarrow as pa
 from sft_ray import io
 from sft_ray.rows import InputError, parse_line, row_id
 
-BLOCK_ROWS = 4096
+BLOCK_ROWS = 1024
 
 SCHEMA = pa.schema(
     [

@@ -12,7 +12,12 @@ class MathVerify:
     """Reward 1 when math-verify finds the response's answer equal to the reference."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
+        import logging
+
         import math_verify  # imported here: it pulls in sympy, which is slow to import
+
+        # Off the main thread math-verify cannot time out (SIGALRM) and warns on every call.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
 
         self.cfg = cfg
         self.mv = math_verify

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real local Ray cluster and a real HTTP mock server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sft_ray.config import load_config
+from sft_ray.devserver import MockConfig, MockServer
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (starting one costs seconds)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mock_server():
+    with MockServer(MockConfig(retry_after_s=0.05, hang_s=3.0)) as server:
+        yield server
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def make_config(tmp_path: Path, server: MockServer, input_path: Path, *overrides: str):
+    base = [f"input={input_path}", f"output={tmp_path / 'run'}", "model.name=mock",
+            f"model.base_url={server.url}", "model.timeout_s=1", "model.base_retry_wait_s=0.01",
+            "model.max_retry_wait_s=0.2", "num_samples_in_parallel=16"]
+    return load_config(None, base + list(overrides))
+
+
+def read_rows(folder: Path) -> list[dict]:
+    rows = []
+    for f in sorted(folder.glob("*.jsonl")):
+        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return rows

@@ -1,0 +1,84 @@
+"""Config validated at the edge: wrong keys and values fail before Ray starts, naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sft_ray.config import ConfigError, load_config
+
+
+def test_minimal_config_and_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("input: a.jsonl\noutput: out\nmodel: {name: m}\n")
+    cfg = load_config(cfg_file, ["num_repeats=4", "responses_create_params.temperature=0.5",
+                                 "model.api=responses", "filter.min_reward=0.8", "resources.generate_actors=[1, 3]"])
+    assert cfg.num_repeats == 4
+    assert cfg.responses_create_params.temperature == 0.5
+    assert cfg.model.api == "responses"
+    assert cfg.filter.min_reward == 0.8
+    assert cfg.resources.generate_actors == (1, 3)
+
+
+def test_nemo_gym_names_are_accepted():
+    cfg = load_config(None, ["input_jsonl_fpath=x.jsonl", "output=o", "num_samples_in_parallel=8"])
+    assert cfg.input == "x.jsonl" and cfg.num_samples_in_parallel == 8
+
+
+def test_sampling_passthrough_keys_allowed():
+    cfg = load_config(None, ["input=x", "output=o", "responses_create_params.stop=[END]"])
+    assert cfg.responses_create_params.model_dump()["stop"] == ["END"]
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.nmae=x", "model.nmae: unknown key"),
+        ("num_repeats=0", "num_repeats"),
+        ("model.api=completions", "model.api"),
+        ("responses_create_params.temperature=9", "responses_create_params.temperature"),
+        ("verifier.type=regex", "verifier.pattern is required"),
+        ("verifier.type=python", "verifier.function"),
+        ("verifier.pattern=([", "not a valid regular expression"),
+        ("shuffle.sed=3", "shuffle.sed: unknown key"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", override])
+    assert field in str(e.value)
+
+
+def test_missing_required_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="input"):
+        load_config(None, ["output=o"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["input=x", "output=o", "num_repeats"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_rejects_bad_config_before_ray(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("input: a.jsonl\noutput: out\nmodle: {name: m}\n")
+    proc = subprocess.run([sys.executable, "-m", "sft_ray.cli", "run", str(cfg_file)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "modle: unknown key" in proc.stderr
+    assert "ray" not in proc.stderr.lower().replace("sft-ray", "").replace("sft_ray", "")
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys\nfrom sft_ray.cli import app\n"
+            "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('ray', 'vllm', 'torch', 'transformers', 'aiohttp', 'pyarrow') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "run" in proc.stdout and "filter" in proc.stdout

@@ -1,0 +1,129 @@
+"""Phase 2 on hand-made run folders: filter, deterministic global shuffle, balanced shards, stats."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pyarrow.parquet as pq
+import pytest
+
+from sft_ray.stages import finalize as fin
+from sft_ray.stages.finalize import finalize, shard_sizes
+
+
+def make_run(tmp_path, n=1000, files=3, seed=0, failed=7):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        reward = rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()])
+        rows.append({"id": f"r{i // 2}", "sample_index": i % 2, "reward": reward, "error": None,
+                     "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                     "metrics": {"accuracy": float(reward == 1.0)}, "finish_reason": "stop",
+                     "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}})
+    (tmp_path / "rollouts").mkdir(parents=True)
+    for k in range(files):
+        part = rows[k::files]
+        (tmp_path / "rollouts" / f"part-000-{k:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "part-000-00000.jsonl").write_text("".join(
+        json.dumps({"id": f"f{i}", "sample_index": 0, "reward": None,
+                    "error": {"type": "rate_limit" if i % 2 else "timeout", "message": "m"}}) + "\n"
+        for i in range(failed)))
+    return rows
+
+
+TRAIN = {"rows_per_shard": 100, "format": "jsonl", "include_fields": ["id", "sample_index", "reward"]}
+
+
+def train_rows(run):
+    out = []
+    for f in sorted((run / "train").glob("part-*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def test_stats_match_a_direct_computation(tmp_path):
+    rows = make_run(tmp_path)
+    stats = finalize(str(tmp_path), {"min_reward": 0.5}, 1, TRAIN)
+    rewards = [r["reward"] for r in rows]
+    assert stats["succeeded"] == len(rows) and stats["failed"] == 7 and stats["samples"] == len(rows) + 7
+    rw = stats["reward"]
+    assert rw["mean"] == pytest.approx(statistics.mean(rewards))
+    assert rw["median"] == pytest.approx(statistics.median(rewards))
+    assert rw["stdev"] == pytest.approx(statistics.stdev(rewards))
+    assert rw["min"] == min(rewards) and rw["max"] == max(rewards)
+    assert sum(rw["histogram"]["counts"]) == len(rows)
+    assert rw["histogram"]["counts"][-1] == sum(1 for r in rewards if r >= 0.9)
+    assert stats["kept"] == sum(1 for r in rewards if r >= 0.5)
+    assert stats["kept_fraction"] == pytest.approx(stats["kept"] / len(rows))
+    assert stats["errors_by_type"] == {"rate_limit": 3, "timeout": 4}
+    assert stats["metrics"]["accuracy"] == pytest.approx(statistics.mean(float(r == 1.0) for r in rewards))
+    assert stats["tokens"]["output_tokens"] == 5 * len(rows)
+
+
+def test_filter_keeps_exactly_the_rows_jq_would(tmp_path):
+    rows = make_run(tmp_path)
+    finalize(str(tmp_path), {"min_reward": 0.5}, 1, TRAIN)
+    got = sorted((r["id"], r["sample_index"]) for r in train_rows(tmp_path))
+    want = sorted((r["id"], r["sample_index"]) for r in rows if r["reward"] >= 0.5)
+    assert got == want
+    assert all(set(r) == {"messages", "id", "sample_index", "reward"} for r in train_rows(tmp_path))
+
+
+def test_shuffle_is_deterministic_global_and_independent_of_file_order(tmp_path):
+    make_run(tmp_path / "a", files=3)
+    make_run(tmp_path / "b", files=5)  # same rows, spread differently over files
+    finalize(str(tmp_path / "a"), {"min_reward": 0.0}, 7, TRAIN)
+    first = [r["id"] + str(r["sample_index"]) for r in train_rows(tmp_path / "a")]
+    finalize(str(tmp_path / "b"), {"min_reward": 0.0}, 7, TRAIN)
+    assert [r["id"] + str(r["sample_index"]) for r in train_rows(tmp_path / "b")] == first
+    finalize(str(tmp_path / "a"), {"min_reward": 0.0}, 8, TRAIN)
+    other = [r["id"] + str(r["sample_index"]) for r in train_rows(tmp_path / "a")]
+    assert sorted(other) == sorted(first) and other != first
+    # globally shuffled, not just per file: the first shard mixes rows of every input file
+    ids = [int(x[1:-1]) for x in first[:100]]
+    assert len({(2 * i) % 3 for i in ids}) == 3
+    assert ids != sorted(ids)
+
+
+def test_spilled_buckets_give_the_same_order(tmp_path, monkeypatch):
+    make_run(tmp_path)
+    finalize(str(tmp_path), {"min_reward": 0.0}, 3, TRAIN)
+    in_memory = train_rows(tmp_path)
+    monkeypatch.setattr(fin, "BUCKET_BYTES", 20_000)  # forces many on-disk buckets
+    finalize(str(tmp_path), {"min_reward": 0.0}, 3, TRAIN)
+    assert train_rows(tmp_path) == in_memory
+
+
+@pytest.mark.parametrize("n, per, sizes", [(0, 10, []), (10, 10, [10]), (11, 10, [6, 5]),
+                                           (1000, 300, [250, 250, 250, 250]), (7, 3, [3, 2, 2])])
+def test_shard_sizes_are_balanced(n, per, sizes):
+    assert shard_sizes(n, per) == sizes
+
+
+def test_shards_on_disk_are_balanced_and_named(tmp_path):
+    make_run(tmp_path)
+    stats = finalize(str(tmp_path), {"min_reward": 0.0}, 0, {**TRAIN, "rows_per_shard": 333})
+    files = sorted((tmp_path / "train").glob("*.jsonl"))
+    assert [f.name for f in files] == [f"part-{i:05d}.jsonl" for i in range(4)]
+    counts = [len(f.read_text().splitlines()) for f in files]
+    assert counts == stats["shards"] and max(counts) - min(counts) <= 1 and sum(counts) == 1000
+
+
+def test_parquet_shards(tmp_path):
+    make_run(tmp_path)
+    finalize(str(tmp_path), {"min_reward": 1.0}, 0, {**TRAIN, "format": "parquet"})
+    tables = [pq.read_table(f) for f in sorted((tmp_path / "train").glob("*.parquet"))]
+    assert tables and sum(t.num_rows for t in tables) > 0
+    first = tables[0].to_pylist()[0]
+    assert first["messages"][-1]["role"] == "assistant" and first["reward"] == 1.0
+
+
+def test_torn_last_line_is_counted_not_fatal(tmp_path):
+    make_run(tmp_path)
+    with open(tmp_path / "rollouts" / "part-000-00000.jsonl", "a") as f:
+        f.write('{"id": "half", "rew')
+    stats = finalize(str(tmp_path), {"min_reward": 0.0}, 0, TRAIN)
+    assert stats["torn_lines"] == 1 and stats["succeeded"] == 1000
