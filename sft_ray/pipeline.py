@@ -150,8 +150,8 @@ def actor_range(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def plan_concurrency(cfg: RunConfig) -> dict[str, int]:
-    """Actors, requests in flight per actor, and batch size.
+def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
+    """Actors, requests in flight per actor, batch size and rows per block.
 
     Each actor may hold ``num_samples_in_parallel // max_actors`` requests, so
     the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
@@ -161,7 +161,10 @@ def plan_concurrency(cfg: RunConfig) -> dict[str, int]:
     lo = max(1, min(lo, hi))
     per_actor = max(1, cfg.num_samples_in_parallel // hi)
     batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
-    return {"min_actors": lo, "max_actors": hi, "per_actor": per_actor, "batch_size": batch}
+    # A block is one actor task: at least 4 per actor, but a few batches each at most.
+    block_rows = max(batch, min(8 * batch, todo // (4 * hi)))
+    return {"min_actors": lo, "max_actors": hi, "per_actor": per_actor, "batch_size": batch,
+            "block_rows": block_rows}
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -181,6 +184,7 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
+    """read -> repartition -> generate actors -> score actors (lazy; the driver pulls)."""
     import ray.data
 
     from sft_ray.backends.base import Secret
@@ -192,6 +196,9 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     model["api_key"] = Secret(cfg.model.api_key())
     sampling = cfg.responses_create_params.model_dump()
     ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, cfg.read.limit)
+    # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
+    # then cuts its output into blocks small enough to spread over every actor.
+    ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
     ds = ds.map_batches(
         GenerateStage,
         fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},
@@ -233,7 +240,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
         io.delete(uri)
     total = rows * cfg.num_repeats
     todo = max(0, total - len(done))
-    plan = plan_concurrency(cfg)
+    plan = plan_concurrency(cfg, todo)
     say(f"found {rows} rows in {len(files)} file(s) -> {total} samples ({cfg.num_repeats} per row); "
         f"{len(done)} already done, {todo} to generate")
     say(f"model: {cfg.model.backend} {cfg.model.name or '(default)'}; concurrency: "
