@@ -67,12 +67,14 @@ def main() -> None:
             cmd = [sys.executable, "-m", "sft_ray.cli", "run", cfg, f"input={inp}", f"output={out}",
                    "model.name=mock", f"model.base_url=http://127.0.0.1:{port}/v1", f"model.api={args.api}",
                    f"num_samples_in_parallel={c}", f"verifier.type={args.verifier}"]
+            before = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats"))
             t0 = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.time() - t0
             if proc.returncode != 0:
                 print(proc.stdout[-3000:], proc.stderr[-3000:])
                 raise SystemExit(f"run failed with exit code {proc.returncode}")
+            after = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats"))
             session = json.load(open(os.path.join(out, "run.json")))["sessions"][-1]
             stats = json.load(open(os.path.join(out, "stats.json")))
             limit = c / (args.latency_ms / 1000)
@@ -82,8 +84,10 @@ def main() -> None:
             results.append({"concurrency": c, "rows": done, "limit_rows_per_s": limit,
                             "generate_rows_per_s": round(rate, 1), "ratio": round(rate / limit, 3),
                             "steady_rows_per_s": steady, "steady_ratio": round(steady / limit, 3),
-                            "command_wall_s": round(wall, 1), "finalize_s": stats["finalize_wall_s"],
-                            "failed": stats["failed"]})
+                            "command_wall_s": round(wall, 1), "first_rows_after_s": session.get("first_rows_after_s"), "finalize_s": stats["finalize_wall_s"],
+                            "failed": stats["failed"], "server_max_in_flight": after["max_in_flight"],
+                            "server_mean_in_flight_cumulative": round(after["mean_in_flight"], 1),
+                            "requests": after["requests"] - before["requests"]})
             print(json.dumps(results[-1]), flush=True)
     finally:
         server.terminate()

@@ -284,3 +284,26 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "num_repeats": cfg.num_repeats,
         "verifier": cfg.verifier.model_dump(),
     }
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table, generated from the field descriptions
+    (the README embeds it; a test keeps the two in step)."""
+    rows = ["| key | default | description |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
+            rows.append(f"| `{prefix}{name}` | `{default}` | {desc} |")
+
+    walk(RunConfig, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

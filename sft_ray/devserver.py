@@ -54,6 +54,17 @@ class MockState:
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
+    busy_s: float = 0.0  # integral of in_flight over time: busy_s / wall = mean concurrency
+    first_at: float = 0.0
+    last_change: float = 0.0
+
+    def track(self, delta: int) -> None:
+        now = time.monotonic()
+        if not self.first_at:
+            self.first_at = self.last_change = now
+        self.busy_s += self.in_flight * (now - self.last_change)
+        self.last_change = now
+        self.in_flight += delta
 
 
 def _last_user_text(messages) -> str:
@@ -103,7 +114,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
 
     async def handle(request: web.Request, api: str) -> web.Response:
         state.requests += 1
-        state.in_flight += 1
+        state.track(+1)
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
             body = orjson.loads(await request.read())
@@ -141,7 +152,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                        "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
             return web.Response(body=orjson.dumps(out), content_type="application/json")
         finally:
-            state.in_flight -= 1
+            state.track(-1)
 
     async def chat(request: web.Request) -> web.Response:
         return await handle(request, "chat")
@@ -150,7 +161,9 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
         return await handle(request, "responses")
 
     async def stats(request: web.Request) -> web.Response:
+        span = state.last_change - state.first_at
         return web.json_response({"requests": state.requests, "max_in_flight": state.max_in_flight,
+                                  "mean_in_flight": state.busy_s / span if span > 0 else 0.0,
                                   "by_status": {str(k): v for k, v in state.by_status.items()}})
 
     async def models(request: web.Request) -> web.Response:

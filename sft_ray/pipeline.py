@@ -204,7 +204,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
         fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
-                                           max_tasks_in_flight_per_actor=4),
+                                           max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
         num_cpus=cfg.resources.generate_num_cpus,
         num_gpus=cfg.resources.generate_num_gpus or None,
     )
@@ -283,6 +283,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
             n = len(lines)
             done_prev = record["written"] + record["failed"] - n
             now = time.monotonic()
+            if "first_rows_after_s" not in record:
+                record["first_rows_after_s"] = round(now - t0, 3)  # start-up: actors, engines, first answers
             for q in (0.1, 0.9):
                 if done_prev < q * todo <= done_prev + n:
                     marks[q] = (now, done_prev + n)
