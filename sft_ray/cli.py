@@ -111,6 +111,24 @@ def filter_(
     save_manifest(run_dir, manifest)
 
 
+@app.command()
+def models(
+    fetch: bool = typer.Option(False, "--fetch", help="Build the embedded default model now if not cached."),
+) -> None:
+    """List the models in the local cache (the embedded default is built there on first use)."""
+    from sft_ray import models as m
+
+    if fetch:
+        m.ensure_default_model(progress=typer.echo)
+    cached = m.list_cached()
+    typer.echo(f"cache: {m.cache_dir()}")
+    if not cached:
+        typer.echo(f"  (empty: {m.DEFAULT_MODEL} is built on first use, or now with --fetch)")
+    for entry in cached:
+        default = "  (default)" if entry["name"] == m.DEFAULT_MODEL else ""
+        typer.echo(f"  {entry['name']}  {entry['size_bytes'] / 1e6:.0f} MB  {entry['path']}{default}")
+
+
 @app.command("serve-mock")
 def serve_mock(
     host: str = typer.Option("127.0.0.1", help="Address to bind (keep it on loopback)."),

@@ -67,6 +67,15 @@ class ModelConfig(_Strict):
         "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...).",
     )
 
+    @model_validator(mode="after")
+    def _name_needed(self) -> "ModelConfig":
+        if self.backend == "openai" and not self.name:
+            raise ValueError("model.name is required with the openai backend (the name the API serves)")
+        tp = self.engine_kwargs.get("tensor_parallel_size", 1)
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError("model.engine_kwargs.tensor_parallel_size must be a positive integer")
+        return self
+
     def api_key(self) -> str | None:
         """Read the key from the environment at the point of use (never stored in config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # Names a config may use for the embedded model.
@@ -128,7 +129,7 @@ def ensure_default_model(progress: Callable[[str], None] = print) -> Path:
                  "stored_dtype": "bfloat16"}, indent=2))
             for f in out.iterdir():  # safetensors writes 0600; let other users on the node read
                 f.chmod(0o644)
-            if final.exists():  # an incomplete leftover from a crash before the lock era
+            if final.exists():  # a folder without the marker: incomplete, replace it
                 shutil.rmtree(final, ignore_errors=True)
             os.rename(out, final)
     progress(f"Cached {DEFAULT_MODEL} at {final}")

@@ -146,6 +146,14 @@ class Progress:
             self.bar.close()
 
 
+def model_label(cfg: RunConfig) -> str:
+    if cfg.model.backend == "vllm" and not cfg.model.name:
+        from sft_ray.models import DEFAULT_MODEL
+
+        return f"{DEFAULT_MODEL} (embedded default)"
+    return cfg.model.name or ""
+
+
 def actor_range(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -183,6 +191,20 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.target_max_block_size = BLOCK_BYTES
 
 
+def placement_group_fn(tp: int, cpus: float) -> Callable[[], dict[str, Any]]:
+    """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
+
+    def fn() -> dict[str, Any]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True)}
+
+    return fn
+
+
 def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
     """read -> repartition -> generate actors -> score actors (lazy; the driver pulls)."""
     import ray.data
@@ -199,6 +221,15 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
     # then cuts its output into blocks small enough to spread over every actor.
     ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
+    remote_args: dict[str, Any] = {}
+    num_gpus = cfg.resources.generate_num_gpus or None
+    tp = int(cfg.model.engine_kwargs.get("tensor_parallel_size", 1) or 1)
+    if cfg.model.backend == "vllm" and tp > 1:
+        # One replica spans tp GPUs: the actor itself takes none, and vLLM's Ray executor
+        # places its tp workers in a placement group made for this actor (as ray.data.llm does).
+        model["engine_kwargs"] = {**model["engine_kwargs"], "distributed_executor_backend": "ray"}
+        num_gpus = None
+        remote_args["ray_remote_args_fn"] = placement_group_fn(tp, cfg.resources.generate_num_cpus)
     ds = ds.map_batches(
         GenerateStage,
         fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},
@@ -206,7 +237,8 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
         num_cpus=cfg.resources.generate_num_cpus,
-        num_gpus=cfg.resources.generate_num_gpus or None,
+        num_gpus=num_gpus,
+        **remote_args,
     )
     s_lo, s_hi = actor_range(cfg.resources.score_actors)
     ds = ds.map_batches(
@@ -243,7 +275,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
     plan = plan_concurrency(cfg, todo)
     say(f"found {rows} rows in {len(files)} file(s) -> {total} samples ({cfg.num_repeats} per row); "
         f"{len(done)} already done, {todo} to generate")
-    say(f"model: {cfg.model.backend} {cfg.model.name or '(default)'}; concurrency: "
+    say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
 
@@ -262,6 +294,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
     progress = Progress(todo)
     t0 = time.monotonic()
     reward_sum, reward_n = 0.0, 0
+    first_ready: float | None = None  # epoch seconds when the first actor's backend was ready
     marks: dict[float, tuple[float, int]] = {}  # when 10% and 90% of the samples were done
     try:
         ds = build_dataset(cfg, files, done, plan)
@@ -283,6 +316,9 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
             n = len(lines)
             done_prev = record["written"] + record["failed"] - n
             now = time.monotonic()
+            ready = [r for r in batch.column("ready_at").to_pylist() if r]
+            if ready:
+                first_ready = min(ready) if first_ready is None else min(first_ready, *ready)
             if "first_rows_after_s" not in record:
                 record["first_rows_after_s"] = round(now - t0, 3)  # start-up: actors, engines, first answers
             for q in (0.1, 0.9):
@@ -306,6 +342,9 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
         progress.close()
         end = time.monotonic()
         record["generate_wall_s"] = round(end - t0, 3)
+        if first_ready is not None:
+            # Wall time once a backend could serve: excludes actor and engine start-up.
+            record["generate_after_ready_s"] = round(max(1e-3, time.time() - first_ready), 3)
         if len(marks) == 2 and marks[0.9][0] > marks[0.1][0]:
             # Rate between 10% and 90% done, without actor start-up and tail: what a long run sustains.
             (t1, n1), (t2, n2) = marks[0.1], marks[0.9]

@@ -23,12 +23,13 @@ def test_minimal_config_and_overrides(tmp_path):
 
 
 def test_nemo_gym_names_are_accepted():
-    cfg = load_config(None, ["input_jsonl_fpath=x.jsonl", "output=o", "num_samples_in_parallel=8"])
+    cfg = load_config(None, ["input_jsonl_fpath=x.jsonl", "output=o", "model.name=m",
+                                 "num_samples_in_parallel=8"])
     assert cfg.input == "x.jsonl" and cfg.num_samples_in_parallel == 8
 
 
 def test_sampling_passthrough_keys_allowed():
-    cfg = load_config(None, ["input=x", "output=o", "responses_create_params.stop=[END]"])
+    cfg = load_config(None, ["input=x", "output=o", "model.name=m", "responses_create_params.stop=[END]"])
     assert cfg.responses_create_params.model_dump()["stop"] == ["END"]
 
 
@@ -43,19 +44,21 @@ def test_sampling_passthrough_keys_allowed():
         ("verifier.type=python", "verifier.function"),
         ("verifier.pattern=([", "not a valid regular expression"),
         ("shuffle.sed=3", "shuffle.sed: unknown key"),
+        ("model.name=", "model.name is required"),
+        ("model.engine_kwargs.tensor_parallel_size=0", "tensor_parallel_size"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["input=x", "output=o", override])
+        load_config(None, ["input=x", "output=o", "model.name=m", override])
     assert field in str(e.value)
 
 
 def test_missing_required_and_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="input"):
-        load_config(None, ["output=o"])
+        load_config(None, ["output=o", "model.name=m"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
-        load_config(None, ["input=x", "output=o", "num_repeats"])
+        load_config(None, ["input=x", "output=o", "model.name=m", "num_repeats"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
@@ -72,6 +75,11 @@ def test_cli_rejects_bad_config_before_ray(tmp_path):
     assert proc.returncode == 1
     assert "modle: unknown key" in proc.stderr
     assert "ray" not in proc.stderr.lower().replace("sft-ray", "").replace("sft_ray", "")
+
+
+def test_vllm_backend_needs_no_name():
+    cfg = load_config(None, ["input=x", "output=o", "model.backend=vllm"])
+    assert cfg.model.name is None
 
 
 def test_help_does_not_import_heavy_modules():

@@ -102,7 +102,7 @@ def test_score_stage_callable_without_ray():
     import orjson
 
     stage = ScoreStage({"type": "exact_match", "answer_field": "expected_answer", "options": {}})
-    batch = {"id": ["a", "b"], "sample_index": [0, 0], "failed": [False, True],
+    batch = {"id": ["a", "b"], "sample_index": [0, 0], "failed": [False, True], "ready_at": [1.0, 1.0],
              "rollout": [orjson.dumps({"response": "yes", "expected_answer": "Yes", "usage": {"output_tokens": 3}}).decode(),
                          orjson.dumps({"response": None, "error": {"type": "timeout"}}).decode()]}
     out = stage(batch)

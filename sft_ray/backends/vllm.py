@@ -28,6 +28,8 @@ _PASSTHROUGH = ("top_k", "min_p", "presence_penalty", "frequency_penalty",
 # the rest; on a 2-core machine that halves the compute, and letting the worker use every
 # core measured ~15-35% more tokens/s here. The KV cache size must be given on CPU.
 _CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+# vLLM logs every engine step at INFO; through Ray's log_to_driver that buries the progress.
+_QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
 # float32 ran ~6x faster than bfloat16 on AVX2 CPUs; eager mode skips a long compile.
 # Chunked prefill must be off on CPU: when a seeded request's prompt is split across
 # steps, vLLM 0.32 rewinds its torch.Generator with set_offset(), which CPU generators
@@ -69,6 +71,10 @@ class VLLMBackend(Backend):
         self._final_only: Any = None
         self._defaults: dict[str, Any] = {}
         self.dead = False  # set once the engine core died: every later request fails
+        from ..models import DEFAULT_ALIASES, DEFAULT_MODEL
+
+        name = model.get("name")
+        self.model_name = DEFAULT_MODEL if name is None or name in DEFAULT_ALIASES else name
 
     async def start(self) -> None:
         from ..models import resolve_model
@@ -76,7 +82,7 @@ class VLLMBackend(Backend):
         # Conversion of the embedded model (first use on a node) blocks for ~20 s.
         path = await asyncio.to_thread(resolve_model, self.model.get("name"))
         kwargs = dict(self.model.get("engine_kwargs") or {})
-        for key, value in _CPU_ENV.items():  # must be set before vLLM reads its env
+        for key, value in {**_CPU_ENV, **_QUIET_ENV}.items():  # set before vLLM reads its env
             os.environ.setdefault(key, value)
         from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -93,7 +99,8 @@ class VLLMBackend(Backend):
         # Sampling defaults the model ships in generation_config.json, as vLLM's server applies.
         self._defaults = dict(self.engine.model_config.get_diff_sampling_param() or {})
         max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
-        self._sem = asyncio.Semaphore(max(1, min(self.max_in_flight, math.ceil(1.1 * max_num_seqs))))
+        limit = min(self.max_in_flight, math.ceil(1.1 * max_num_seqs))
+        self._sem = asyncio.Semaphore(max(1, limit))
         try:
             from vllm.renderers import ChatParams
 
@@ -136,8 +143,10 @@ class VLLMBackend(Backend):
             try:
                 sampling = self._sampling(request.params)
                 prompt = await self._prompt(request.messages)  # raises for over-long prompts
+                # vLLM appends a random suffix to request ids, so repeats are harmless.
+                request_id = request.request_id or os.urandom(8).hex()
                 final = None
-                async for out in self.engine.generate(prompt, sampling, request.request_id or os.urandom(8).hex()):
+                async for out in self.engine.generate(prompt, sampling, request_id):
                     final = out
             except asyncio.CancelledError:
                 raise
@@ -145,7 +154,9 @@ class VLLMBackend(Backend):
                 kind = _classify(exc)
                 if kind == "engine_dead" or getattr(self.engine, "errored", False):
                     self.dead, kind = True, "engine_dead"
-                cause = exc.__cause__ if type(exc).__name__ == "EngineGenerateError" and exc.__cause__ else exc
+                # EngineGenerateError wraps the real failure; report the cause.
+                wrapped = type(exc).__name__ == "EngineGenerateError" and exc.__cause__
+                cause = exc.__cause__ if wrapped else exc
                 return error_result(kind, f"{type(cause).__name__}: {cause}")
         if final is None or not final.outputs:
             return error_result("engine_error", "vLLM returned no output")
@@ -160,6 +171,9 @@ class VLLMBackend(Backend):
         )
 
     async def close(self) -> None:
+        # Not called from close_now() at actor teardown: there the engine core sees its
+        # parent exit and stops by itself, while shutdown() from a finalizer races the
+        # output handler and logs a spurious EngineDeadError.
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.shutdown()  # stops the engine-core process; takes a few seconds

@@ -15,6 +15,8 @@ text) and ``failed`` (true when generation failed, so the row goes to
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from typing import Any
 
@@ -23,6 +25,8 @@ import orjson
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.rows import InputError, prompt_messages, sampling_params
+
+log = logging.getLogger(__name__)
 
 
 def build_rollout(row: dict[str, Any], rid: str, sample_index: int, prompt: list[dict[str, str]],
@@ -57,6 +61,7 @@ class GenerateStage:
         self.model_name = model.get("name")
         self._ready: asyncio.Task | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._ready_at: float | None = None
 
     async def _ensure_started(self) -> None:
         # asyncio objects must be made inside the loop that Ray Data runs us in.
@@ -64,6 +69,8 @@ class GenerateStage:
             self._sem = asyncio.Semaphore(self.max_in_flight)
             self._ready = asyncio.ensure_future(self.backend.start())
         await self._ready
+        if self._ready_at is None:
+            self._ready_at = time.time()  # when the backend (an engine, for vllm) could serve
         self.model_name = getattr(self.backend, "model_name", self.model_name)
 
     def __del__(self) -> None:
@@ -103,9 +110,16 @@ class GenerateStage:
             self._one(rid, k, text, source, bad)
             for rid, k, text, source, bad in zip(ids, idx, batch["row"], batch["source"], batch["bad"])
         ))
+        if getattr(self.backend, "dead", False):
+            # The engine died (e.g. a crashed vLLM engine core). Nothing of this batch has
+            # been handed back yet, so exiting the process loses no written row: Ray restarts
+            # the actor with a fresh engine and retries its batches.
+            log.error("generation engine died; restarting this actor so its rows are retried")
+            os._exit(1)
         return {
             "id": ids,
             "sample_index": idx,
             "rollout": [o[0].decode() for o in outs],
             "failed": [o[1] for o in outs],
+            "ready_at": [self._ready_at] * len(ids),
         }

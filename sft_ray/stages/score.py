@@ -49,4 +49,5 @@ class ScoreStage:
             rollouts.append(orjson.dumps(row).decode())
             rewards.append(row["reward"])
         return {"id": list(batch["id"]), "sample_index": list(batch["sample_index"]), "rollout": rollouts,
-                "failed": list(batch["failed"]), "reward": rewards, "output_tokens": tokens}
+                "failed": list(batch["failed"]), "reward": rewards, "output_tokens": tokens,
+                "ready_at": list(batch["ready_at"])}
