@@ -68,9 +68,7 @@ class ModelConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _name_needed(self) -> "ModelConfig":
-        if self.backend == "openai" and not self.name:
-            raise ValueError("model.name is required with the openai backend (the name the API serves)")
+    def _tp(self) -> "ModelConfig":
         tp = self.engine_kwargs.get("tensor_parallel_size", 1)
         if not isinstance(tp, int) or tp < 1:
             raise ValueError("model.engine_kwargs.tensor_parallel_size must be a positive integer")
@@ -209,6 +207,12 @@ class RunConfig(_Strict):
     )
     min_rows_for_budget: int = Field(200, ge=1, description="Samples done before the failure budget can stop a run.")
 
+    @model_validator(mode="after")
+    def _model_name(self) -> "RunConfig":
+        if self.model.backend == "openai" and not self.model.name:
+            raise ValueError("model.name is required with the openai backend (the name the API serves)")
+        return self
+
 
 def _parse_value(raw: str) -> Any:
     """`key=value` overrides take YAML scalars/flow values: 4 -> int, true -> bool, [1,2] -> list."""
@@ -249,7 +253,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             continue
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  {loc}: {e['msg']}{shown}")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}{shown}" if loc != "<root>" else f"  {msg}")
     return "\n".join(lines)
 
 
