@@ -1,0 +1,49 @@
+"""The shipped configs stay valid: examples, jobs, cluster.yaml, and the README's config reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sft_ray.config import load_config, reference_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIGS = sorted(p for p in list((ROOT / "examples").glob("*.yaml")) + list((ROOT / "jobs").glob("*.yaml"))
+                     if "runtime_env" not in p.name)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_shipped_run_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.output and cfg.input
+
+
+def test_tensor_parallel_job_is_configured():
+    cfg = load_config(ROOT / "jobs" / "vllm-70b.yaml")
+    assert cfg.model.engine_kwargs["tensor_parallel_size"] >= 4
+    assert isinstance(cfg.resources.generate_actors, tuple)
+
+
+def test_cluster_yaml_passes_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # raises on a schema violation
+    import ray
+
+    assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] > 0
+
+
+def test_runtime_envs_ship_the_package():
+    for name in ("runtime_env.yaml", "runtime_env_gpu.yaml"):
+        env = yaml.safe_load((ROOT / "jobs" / name).read_text())
+        assert env["working_dir"] == "."
+        assert any(p.startswith("aiohttp") for p in env["pip"])
+
+
+def test_readme_config_reference_is_current():
+    assert reference_markdown() in (ROOT / "README.md").read_text()
