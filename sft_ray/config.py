@@ -171,7 +171,8 @@ class ResourcesConfig(_Strict):
         None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
     )
     ray_address: str | None = Field(
-        None, description="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)."
+        None, description="Ray cluster to join: an address, `auto`, or `local` for a new local cluster "
+        "(default: RAY_ADDRESS, else a new local cluster)."
     )
 
 
@@ -206,6 +207,9 @@ class RunConfig(_Strict):
         "It also stops early once at least `min_rows_for_budget` samples are done and the share is exceeded.",
     )
     min_rows_for_budget: int = Field(200, ge=1, description="Samples done before the failure budget can stop a run.")
+    max_sample_attempts: int = Field(
+        3, ge=1, description="Runs (the first and each rerun) in which a failing sample is tried; after that its "
+        "failure is final and reruns skip it. Within a run, each try also has model.max_retries retries.")
 
     @model_validator(mode="after")
     def _model_name(self) -> "RunConfig":

@@ -94,6 +94,48 @@ def done_keys(run_dir: str) -> set[tuple[str, int]]:
     return keys
 
 
+def count_failure(text: str, failed_runs: dict[tuple[str, int], int]) -> bytes:
+    """A failed sample's record, with how many runs it has now failed in."""
+    row = orjson.loads(text)
+    key = (str(row["id"]), int(row["sample_index"]))
+    row["failed_runs"] = failed_runs.get(key, 0) + 1
+    return orjson.dumps(row)
+
+
+def carry_failures(run_dir: str, done: set[tuple[str, int]], max_attempts: int,
+                   session: int) -> tuple[set[tuple[str, int]], dict[tuple[str, int], int]]:
+    """Decide which earlier failures a new run retries.
+
+    Returns the keys whose failure is final (failed in ``max_attempts`` runs: not sent
+    again) and, for the keys to retry, how many runs they failed in. ``failed/`` is
+    rewritten to hold only final failures; retried samples get a new record if they
+    fail again. The new file is written before the old ones go, so a crash in between
+    leaves duplicates (read back by key, latest wins), never a lost failure.
+    """
+    folder = io.join(run_dir, FAILED)
+    old = io.list_files(folder, ".jsonl")
+    latest: dict[tuple[str, int], bytes] = {}
+    runs: dict[tuple[str, int], int] = {}
+    for uri in old:
+        for row, line in iter_jsonl(uri):
+            if row is None:
+                continue
+            key = (str(row["id"]), int(row["sample_index"]))
+            if key in done:  # succeeded in a later run
+                continue
+            latest[key] = line
+            runs[key] = max(runs.get(key, 0), int(row.get("failed_runs") or 1))
+    final = {k for k, n in runs.items() if n >= max_attempts}
+    if old:
+        if final:
+            io.write_bytes(io.join(folder, f"part-{session:03d}-final.jsonl"),
+                           b"".join(latest[k] + b"\n" for k in sorted(final)))
+        for uri in old:
+            if not uri.endswith(f"part-{session:03d}-final.jsonl"):
+                io.delete(uri)
+    return final, {k: n for k, n in runs.items() if k not in final}
+
+
 def _find_input_error(exc: BaseException) -> InputError | None:
     seen = set()
     stack = [exc]
@@ -267,19 +309,20 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
         raise RunError(str(e), EXIT_INPUT) from None
     rows = count_samples(cfg, files)
     done = done_keys(cfg.output)
-    # Failed samples of earlier sessions are retried: their old records are superseded.
-    for uri in io.list_files(io.join(cfg.output, FAILED), ".jsonl"):
-        io.delete(uri)
+    session = len(manifest["sessions"])
+    final_failed, failed_runs = carry_failures(cfg.output, done, cfg.max_sample_attempts, session)
+    done |= final_failed
     total = rows * cfg.num_repeats
     todo = max(0, total - len(done))
     plan = plan_concurrency(cfg, todo)
     say(f"found {rows} rows in {len(files)} file(s) -> {total} samples ({cfg.num_repeats} per row); "
-        f"{len(done)} already done, {todo} to generate")
+        f"{len(done)} already done, {todo} to generate"
+        + (f" ({len(failed_runs)} failed before and retried now, {len(final_failed)} failed for good)"
+           if failed_runs or final_failed else ""))
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
 
-    session = len(manifest["sessions"])
     record: dict[str, Any] = {"session": session, "started_at": time.time(), "planned": todo,
                               "written": 0, "failed": 0, "output_tokens": 0, "generate_wall_s": 0.0,
                               "stopped": None}
@@ -303,7 +346,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
             failed = batch.column("failed").to_pylist()
             rewards = batch.column("reward").to_pylist()
             oks = [s.encode() for s, f in zip(lines, failed) if not f]
-            bads = [s.encode() for s, f in zip(lines, failed) if f]
+            bads = [count_failure(s, failed_runs) for s, f in zip(lines, failed) if f]
             ok_writer.write(oks)
             bad_writer.write(bads)
             tokens = batch.column("output_tokens").to_pylist()

@@ -133,12 +133,14 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     """Scan the run folder, write train/ shards (unless ``write`` is False), return the stats."""
     acc = StatsAccumulator()
     torn = 0
+    # Latest failure per sample (a sample retried by a rerun may have several records).
+    failures: dict[tuple[str, int], dict[str, Any]] = {}
     for uri in io.list_files(io.join(run_dir, FAILED), ".jsonl"):
         for row, _ in iter_jsonl(uri):
             if row is None:
                 torn += 1
             else:
-                acc.add(row, failed=True)
+                failures[(str(row["id"]), int(row["sample_index"]))] = row
 
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
     total_bytes = sum(io.filesystem(u)[0].get_file_info(io.filesystem(u)[1]).size or 0 for u in rollout_files)
@@ -150,12 +152,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 torn += 1
                 continue
             acc.add(row, failed=False)
+            if failures:
+                failures.pop((str(row["id"]), int(row["sample_index"])), None)  # it succeeded later
             if keep(row, filter_cfg):
                 acc.kept += 1
                 if buckets is not None:
                     buckets.add(shuffle_key(shuffle_seed, str(row["id"]), int(row["sample_index"])),
                                 orjson.dumps(train_row(row, include)))
 
+    for row in failures.values():
+        acc.add(row, failed=True)
     stats = acc.result()
     stats["filter"] = {k: v for k, v in filter_cfg.items() if v not in (None, False)}
     stats["shuffle_seed"] = shuffle_seed
