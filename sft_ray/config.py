@@ -323,5 +323,20 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
+def update_readme(path: str | Path = "README.md") -> None:
+    """Replace the README's config table (between its markers) with the current reference."""
+    p = Path(path)
+    text = p.read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    p.write_text(head + start + reference_markdown() + "\n" + end + tail)
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if "--update-readme" in sys.argv:
+        update_readme()
+    else:
+        print(reference_markdown())

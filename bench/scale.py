@@ -1,0 +1,166 @@
+"""Scale: N rows through the whole pipeline against the local mock server (no latency),
+peak memory of the whole job, and the finalize phase against `jq | shuf`.
+
+    python bench/scale.py --rows 1000000
+    python bench/scale.py --rows 100000 --rows 1000000     # peak memory at two sizes
+
+For each size: rows/s of the generate phase (read, generate, score, write), of the
+finalize phase (filter, global shuffle, sharded write, stats) and in total; the peak
+memory of the job's whole process tree (driver and every Ray process), summed as PSS so
+that the shared object store is counted once. Then, on the last size's rollouts, the
+hand-written recipe `jq -c 'select(.reward >= 0.8)' rollouts/*.jsonl | shuf > train.jsonl`
+against `sft-ray filter RUN --min-reward 0.8`, timed alternately, with a check that both
+produce the same multiset of rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hosted_throughput import free_port, wait_http  # noqa: E402
+
+
+class PeakMemory:
+    """Samples the PSS of a process and all its descendants."""
+
+    def __init__(self, pid: int, every_s: float = 1.0) -> None:
+        self.pid, self.every_s, self.peak, self.peak_procs = pid, every_s, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root] + root.children(recursive=True)
+            except psutil.Error:
+                break
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            if total > self.peak:
+                self.peak, self.peak_procs = total, len(procs)
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def write_input(path: str, n: int) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            answer = f"a{i}" if i % 10 < 7 else "other"  # the echo matches 70% of the time
+            f.write(json.dumps({"responses_create_params": {"input": [
+                {"role": "system", "content": "Answer with the token only."},
+                {"role": "user", "content": f"a{i}"}]}, "expected_answer": answer,
+                "meta": {"source": "bench", "n": i}}) + "\n")
+
+
+def run_job(work: str, inp: str, port: int, n: int, concurrency: int) -> dict:
+    out = os.path.join(work, f"run-{n}")
+    cfg = os.path.join(work, "c.yaml")
+    with open(cfg, "w") as f:
+        json.dump({"input": inp, "output": out, "model": {"name": "mock", "base_url": f"http://127.0.0.1:{port}/v1"},
+                   "num_samples_in_parallel": concurrency, "verifier": {"type": "exact_match"},
+                   "filter": {"min_reward": 0.8}, "train": {"rows_per_shard": 100_000},
+                   "resources": {"ray_address": "local"}}, f)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "run", cfg],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with PeakMemory(proc.pid) as mem:
+        output = proc.communicate()[0]
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{output[-3000:]}")
+    session = json.load(open(os.path.join(out, "run.json")))["sessions"][-1]
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    gen, fin = session["generate_wall_s"], stats["finalize_wall_s"]
+    return {"rows": n, "generate_rows_per_s": round(n / gen, 1), "generate_s": round(gen, 1),
+            "steady_generate_rows_per_s": session.get("steady_samples_per_s"),
+            "finalize_rows_per_s": round(n / fin, 1), "finalize_s": round(fin, 1),
+            "total_rows_per_s": round(n / wall, 1), "command_wall_s": round(wall, 1),
+            "peak_pss_mb": round(mem.peak / 2**20), "processes_at_peak": mem.peak_procs,
+            "kept": stats["kept"], "failed": stats["failed"], "run_dir": out}
+
+
+def canon(line: bytes) -> bytes:
+    return json.dumps(json.loads(line)["messages"], sort_keys=True).encode()
+
+
+def compare_with_jq(run_dir: str, work: str, rounds: int) -> dict:
+    rollouts = sorted(glob.glob(os.path.join(run_dir, "rollouts", "*.jsonl")))
+    jq_out = os.path.join(work, "train-jq.jsonl")
+    jq_cmd = f"jq -c 'select(.reward >= 0.8)' {' '.join(rollouts)} | shuf > {jq_out}"
+    sft_cmd = [sys.executable, "-m", "sft_ray.cli", "filter", run_dir, "--min-reward", "0.8"]
+    jq_times, sft_times = [], []
+    for _ in range(rounds):  # alternate, so that machine noise hits both alike
+        t0 = time.time()
+        subprocess.run(jq_cmd, shell=True, check=True)
+        jq_times.append(time.time() - t0)
+        t0 = time.time()
+        subprocess.run(sft_cmd, check=True, stdout=subprocess.DEVNULL)
+        sft_times.append(time.time() - t0)
+    with open(jq_out, "rb") as f:
+        jq_rows = collections.Counter(canon(line) for line in f)
+    sft_rows = collections.Counter()
+    for shard in sorted(glob.glob(os.path.join(run_dir, "train", "*.jsonl"))):
+        with open(shard, "rb") as f:
+            sft_rows.update(canon(line) for line in f)
+    return {"jq_shuf_s": [round(t, 2) for t in jq_times], "sft_ray_filter_s": [round(t, 2) for t in sft_times],
+            "speedup_best": round(min(jq_times) / min(sft_times), 2),
+            "same_multiset": jq_rows == sft_rows, "rows": sum(sft_rows.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, action="append", help="input sizes (repeatable); default 1000000")
+    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of jq vs sft-ray filter")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    sizes = args.rows or [1_000_000]
+    work = tempfile.mkdtemp(prefix="sft-ray-scale-")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", "--port", str(port)],
+                              stdout=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/stats")
+        results = []
+        for n in sizes:
+            inp = os.path.join(work, f"in-{n}.jsonl")
+            write_input(inp, n)
+            results.append(run_job(work, inp, port, n, args.concurrency))
+            print(json.dumps(results[-1]), flush=True)
+        server.terminate()
+        cmp = compare_with_jq(results[-1]["run_dir"], work, args.rounds)
+        print(json.dumps({"finalize_vs_jq_shuf": cmp}), flush=True)
+    finally:
+        server.terminate()
+        server.wait()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
