@@ -66,7 +66,7 @@ def get_jsonl(s3, prefix: str) -> dict[str, list[dict]]:
     return out
 
 
-def test_input_folder_and_glob_on_s3(s3):
+def test_input_folder_and_glob_on_s3(s3, monkeypatch):
     put_jsonl(s3, "in/a.jsonl", [{"prompt": "a1"}, {"prompt": "a2"}])
     put_jsonl(s3, "in/sub/b.jsonl.gz", [{"prompt": "b1", "expected_answer": "007"}], gz=True)
     put_jsonl(s3, "in/c.json", [{"prompt": "c1"}])
@@ -77,6 +77,10 @@ def test_input_folder_and_glob_on_s3(s3):
     assert io.list_input_files(root + "/**.gz") == [f"{root}/sub/b.jsonl.gz"]
     with pytest.raises(FileNotFoundError):
         io.list_input_files(f"s3://{s3.bucket}/nothing-here/")
+    # pyarrow also honours the service-independent variable.
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.meta.endpoint_url)
+    assert io.list_input_files(root + "/*.json") == [f"{root}/c.json"]
     [cols] = list(read_samples(f"{root}/sub/b.jsonl.gz", num_repeats=2))
     assert cols["sample_index"] == [0, 1]
     assert json.loads(cols["row"][0])["expected_answer"] == "007"  # text kept, never coerced
@@ -135,6 +139,12 @@ def test_run_on_s3_resumes_without_sending_twice(s3, mock_server, tmp_path):
     assert sorted(t["messages"][-1]["content"] for t in train) == sorted(
         by_key[t["id"]]["response"] for t in train)
     assert {t["messages"][-1]["content"] for t in train} == {f"\\boxed{{{i}}}" for i in range(0, 16, 2)}
+
+    # --restart on an s3 run folder: everything is deleted and generated once more.
+    said = []
+    assert run(cfg, restart=True, say=said.append) == EXIT_OK, said
+    assert mock_server.state.requests == 44
+    assert sorted(k.rsplit("/", 1)[1] for k in get_jsonl(s3, "runs/r1/rollouts/")) == ["part-000-00000.jsonl"]
 
 
 @pytest.mark.usefixtures("ray_cluster")
