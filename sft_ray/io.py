@@ -2,6 +2,24 @@
 
 One helper resolves ``input`` (a file, a folder or a glob, local or ``s3://``/``gs://``)
 to a sorted file list; the others open files for line reading and atomic writes.
+
+Object stores are configured the standard way, from the environment of the process
+that resolves the URI (pyarrow 26's ``FileSystem.from_uri`` reads these itself):
+
+- ``s3://``: credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
+  (``AWS_SESSION_TOKEN``), ``~/.aws``, or the node's instance role; the region from
+  ``AWS_REGION``/``AWS_DEFAULT_REGION`` or the bucket itself; an S3-compatible
+  endpoint (MinIO, Ceph, a local moto server) from ``AWS_ENDPOINT_URL_S3`` or
+  ``AWS_ENDPOINT_URL``, e.g. ``http://127.0.0.1:9000``.
+- ``gs://``: Google's application default credentials. Only URI handling
+  (``gs://bucket/key`` <-> pyarrow's GcsFileSystem) is tested here, there being
+  no GCS emulator in the test setup; reads and writes go through the same
+  pyarrow calls as S3.
+
+The driver resolves a filesystem once and hands the object to Ray read tasks
+(:func:`filesystem` with ``fs``), so the endpoint and region the driver saw
+apply on every node; credentials are not pickled with it, each node supplies
+its own (instance role, or the same environment variables).
 """
 
 from __future__ import annotations
@@ -15,8 +33,16 @@ import pyarrow.fs as pafs
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI pyarrow understands."""
+def filesystem(uri: str, fs: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI pyarrow understands.
+
+    With ``fs`` (resolved earlier, e.g. on the driver), only the path is derived.
+    """
+    if fs is not None:
+        if "://" not in uri:
+            return fs, os.path.abspath(uri)
+        # What from_uri gives: no scheme, no query, no trailing slash ("bucket/key").
+        return fs, uri.split("://", 1)[1].split("?", 1)[0].rstrip("/")
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(uri)
@@ -51,9 +77,9 @@ def list_input_files(uri: str) -> list[str]:
     return [display(fs, f) for f in sorted(files)]
 
 
-def iter_lines(uri: str) -> Iterator[bytes]:
+def iter_lines(uri: str, fs: pafs.FileSystem | None = None) -> Iterator[bytes]:
     """The lines of a (possibly gzipped) file, without their line ends, streamed."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, fs)
     compression = "gzip" if path.endswith(".gz") else None
     with fs.open_input_stream(path, compression=compression) as f:
         tail = b""
@@ -91,6 +117,12 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     fs, path = filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(display(fs, i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def size(uri: str) -> int:
+    """Bytes in a file (0 if unknown)."""
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).size or 0
 
 
 def read_bytes(uri: str) -> bytes:

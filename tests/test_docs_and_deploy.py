@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from sft_ray.config import load_config, reference_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CONFIGS = sorted(p for p in list((ROOT / "examples").glob("*.yaml")) + list((ROOT / "jobs").glob("*.yaml"))
-                     if "runtime_env" not in p.name)
+                     if "runtime_env" not in p.name and "kuberay" not in p.name)
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
@@ -43,6 +44,32 @@ def test_runtime_envs_ship_the_package():
         env = yaml.safe_load((ROOT / "jobs" / name).read_text())
         assert env["working_dir"] == "."
         assert any(p.startswith("aiohttp") for p in env["pip"])
+
+
+def test_kuberay_rayjob_manifest():
+    import ray
+
+    job = yaml.safe_load((ROOT / "jobs" / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    # The entrypoint is the CLI on a shipped config, and that config with its overrides is valid.
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "sft_ray.cli", "run"]
+    cfg = load_config(ROOT / argv[4], argv[5:])
+    assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")  # pods share no disk
+    env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert env["working_dir"] and any(p.startswith("vllm") for p in env["pip"])
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["authOptions"]["mode"] == "token"
+    [gpu] = cluster["workerGroupSpecs"]
+    assert gpu["minReplicas"] == 0 and gpu["replicas"] == 0
+    # The GPU group can hold the largest generation pool the config asks for.
+    assert gpu["maxReplicas"] >= cfg.resources.generate_actors[1] > 0
+    [worker] = gpu["template"]["spec"]["containers"]
+    assert float(worker["resources"]["limits"]["nvidia.com/gpu"]) == cfg.resources.generate_num_gpus
+    images = [c["image"] for g in [cluster["headGroupSpec"], gpu] for c in g["template"]["spec"]["containers"]]
+    assert images and all(i == f"rayproject/ray:{ray.__version__}-py311-gpu" for i in images)
 
 
 def test_readme_config_reference_is_current():

@@ -143,7 +143,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 failures[(str(row["id"]), int(row["sample_index"]))] = row
 
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
-    total_bytes = sum(io.filesystem(u)[0].get_file_info(io.filesystem(u)[1]).size or 0 for u in rollout_files)
+    total_bytes = sum(io.size(u) for u in rollout_files)
     buckets = _Buckets(max(1, math.ceil(total_bytes / BUCKET_BYTES))) if write else None
     include = list(train_cfg.get("include_fields") or [])
     for uri in rollout_files:

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def build_rollout(row: dict[str, Any], rid: str, sample_index: int, prompt: list[dict[str, str]],
-                  params: dict[str, Any], model_name: str | None, result: GenerationResult) -> dict[str, Any]:
+                  params: dict[str, Any], model_name: str | None, result: GenerationResult,
+                  node_id: str | None = None) -> dict[str, Any]:
     """A rollout row: the input row's fields plus what generation produced."""
     out = dict(row)
     ok = result.error is None
@@ -46,8 +47,19 @@ def build_rollout(row: dict[str, Any], rid: str, sample_index: int, prompt: list
         sampling_params=params,
         attempts=result.attempts,
         error=result.error,
+        node_id=node_id,
     )
     return out
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (asked once per actor): which machine made a rollout."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # outside Ray (the stage called directly): no node to name
+        return None
 
 
 class GenerateStage:
@@ -62,6 +74,7 @@ class GenerateStage:
         self._ready: asyncio.Task | None = None
         self._sem: asyncio.Semaphore | None = None
         self._ready_at: float | None = None
+        self.node_id = _node_id()
 
     async def _ensure_started(self) -> None:
         # asyncio objects must be made inside the loop that Ray Data runs us in.
@@ -84,12 +97,12 @@ class GenerateStage:
         row = orjson.loads(text) if bad is None else {"line": text}
         if bad is not None:
             result = error_result("bad_input", bad)
-            return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, result)), True
+            return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, result, self.node_id)), True
         try:
             prompt = prompt_messages(row, source)
         except InputError as e:  # cannot happen for rows that passed the read stage
             return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name,
-                                              error_result("bad_input", str(e)))), True
+                                              error_result("bad_input", str(e)), self.node_id)), True
         params = sampling_params(row, self.sampling, rid, k)
         assert self._sem is not None
         async with self._sem:
@@ -99,7 +112,7 @@ class GenerateStage:
             except Exception as e:  # a backend bug must not lose the batch: record it on the row
                 result = error_result("internal_error", f"{type(e).__name__}: {e}")
             latency = time.perf_counter() - t0
-        rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result)
+        rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
         rollout["latency_s"] = round(latency, 4)
         return orjson.dumps(rollout), result.error is not None
 

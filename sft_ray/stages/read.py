@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from sft_ray import io
 from sft_ray.rows import InputError, parse_line, row_id
@@ -40,18 +41,20 @@ def read_samples(
     skip_bad_lines: bool = False,
     done: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
     limit: int | None = None,
+    fs: pafs.FileSystem | None = None,
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from one file.
 
     Raises :class:`InputError` on a malformed line unless ``skip_bad_lines``.
     Samples whose ``(id, sample_index)`` is in ``done`` are not emitted (resume).
     Rows with the same content and no ``id`` get ``-1``, ``-2``... suffixes so
-    that every sample key stays unique.
+    that every sample key stays unique. ``fs``: the filesystem to read ``path``
+    from (see :func:`sft_ray.io.filesystem`), else resolved here.
     """
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     seen: dict[str, int] = {}
     rows_read = 0
-    for lineno, line in enumerate(io.iter_lines(path), start=1):
+    for lineno, line in enumerate(io.iter_lines(path, fs), start=1):
         if not line.strip():
             continue
         if limit is not None and rows_read >= limit:
@@ -99,6 +102,9 @@ def make_dataset(
     from ray.data.block import BlockMetadata
 
     done_keys = frozenset(done or ())
+    # Resolved here, on the driver, so that read tasks on other nodes use the endpoint
+    # and region the driver was configured with (one input URI: one filesystem).
+    fs = io.filesystem(files[0])[0] if files else None
 
     class _Source(ray.data.Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
@@ -112,7 +118,7 @@ def make_dataset(
             for path in files:
 
                 def read_fn(path: str = path):
-                    for cols in read_samples(path, num_repeats, skip_bad_lines, done_keys, limit):
+                    for cols in read_samples(path, num_repeats, skip_bad_lines, done_keys, limit, fs):
                         yield pa.table(cols, schema=SCHEMA)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,))

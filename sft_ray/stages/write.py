@@ -6,7 +6,9 @@ crash loses at most the rows in flight, never a written row, and no two
 processes ever write one file. Each run session writes new part files
 (``part-<session>-<n>.jsonl``), so a resumed run never rewrites what an
 earlier session wrote. On object stores a part is uploaded whole when it is
-closed (every ``part_rows`` rows or ``part_seconds`` seconds).
+closed (every ``part_rows`` rows or ``part_seconds`` seconds, by default 60 s
+there: a hard kill of the driver loses at most that much work, which a rerun
+regenerates).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from sft_ray import io
 class PartWriter:
     """Appends JSON lines to rotating part files in one folder."""
 
-    def __init__(self, folder: str, session: int, part_rows: int = 100_000, part_seconds: float = 300.0) -> None:
+    def __init__(self, folder: str, session: int, part_rows: int = 100_000, part_seconds: float | None = None) -> None:
         self.folder = folder
         self.session = session
         self.part_rows = part_rows
-        self.part_seconds = part_seconds
         self.local = isinstance(io.filesystem(folder)[0], pafs.LocalFileSystem)
+        # Local parts are fsync'd per batch, so rotating them is only about file size;
+        # object-store parts exist only once uploaded, so they are closed more often.
+        self.part_seconds = part_seconds if part_seconds is not None else (300.0 if self.local else 60.0)
         self.part = 0
         self.rows_in_part = 0
         self.opened_at = 0.0
