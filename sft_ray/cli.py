@@ -41,7 +41,8 @@ def run(
 ) -> None:
     """Run the whole job: generate, score, filter, shuffle, shard, report. Rerun to resume."""
     cfg = _load(config, overrides or [])
-    from sft_ray.pipeline import RunError, run as run_job
+    from sft_ray.pipeline import RunError
+    from sft_ray.pipeline import run as run_job
 
     try:
         code = run_job(cfg, restart=restart)
@@ -72,7 +73,8 @@ def validate(
 @app.command()
 def stats(run_dir: str = typer.Argument(..., help="Run folder.")) -> None:
     """Print the statistics of an existing run folder (calls no model, writes nothing)."""
-    from sft_ray.pipeline import finalize_run, load_manifest
+    from sft_ray.pipeline import finalize_run
+    from sft_ray.resume import load_manifest
 
     manifest = load_manifest(run_dir)
     if manifest is None:
@@ -93,7 +95,8 @@ def filter_(
 ) -> None:
     """Re-filter an existing run: rewrite train/ and stats.json with a new threshold (calls no model)."""
     from sft_ray.config import FilterConfig, TrainConfig
-    from sft_ray.pipeline import finalize_run, load_manifest, save_manifest
+    from sft_ray.pipeline import finalize_run
+    from sft_ray.resume import load_manifest, save_manifest
 
     manifest = load_manifest(run_dir)
     if manifest is None:

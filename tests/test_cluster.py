@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import read_rows, write_jsonl
+
 from sft_ray.devserver import MockConfig, MockServer
 
 ROOT = Path(__file__).resolve().parent.parent

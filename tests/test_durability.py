@@ -12,8 +12,8 @@ import time
 
 import psutil
 import pytest
-
 from conftest import make_config, read_rows, write_jsonl
+
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.pipeline import EXIT_OK, run
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_config, read_rows, write_jsonl
+
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.pipeline import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, RunError, run
 

@@ -19,9 +19,9 @@ import boto3
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_config
 from moto.server import ThreadedMotoServer
 
-from conftest import make_config
 from sft_ray import io
 from sft_ray.pipeline import EXIT_OK, run
 from sft_ray.stages.read import read_samples

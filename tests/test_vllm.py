@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import read_rows, write_jsonl
+
 from sft_ray.config import load_config
 from sft_ray.pipeline import EXIT_OK, run
 

@@ -98,7 +98,7 @@ class _Buckets:
             self.mem[0].sort()
             yield from (line for _, line in self.mem[0])
             return
-        for i, f in enumerate(self.files):
+        for f in self.files:
             f.close()
             with open(f.name, "rb") as fh:
                 data = fh.read()
