@@ -54,6 +54,7 @@ class MockState:
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
+    served: Counter = field(default_factory=Counter)  # successful answers per prompt, for tests
     busy_s: float = 0.0  # integral of in_flight over time: busy_s / wall = mean concurrency
     first_at: float = 0.0
     last_change: float = 0.0
@@ -137,6 +138,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             n_in = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else len(words)
             n_out = min(len(words), limit or len(words))
             state.by_status[200] += 1
+            state.served[text] += 1
             if api == "chat":
                 out = {"id": f"chatcmpl-{state.requests}", "object": "chat.completion", "created": int(time.time()),
                        "model": body.get("model"),

@@ -90,3 +90,14 @@ def test_help_does_not_import_heavy_modules():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert "run" in proc.stdout and "filter" in proc.stdout
+
+
+def test_driver_side_modules_do_not_import_vllm_or_torch():
+    code = ("import sys\n"
+            "import sft_ray.pipeline, sft_ray.stages.generate, sft_ray.stages.score, sft_ray.backends.vllm\n"
+            "import sft_ray.models, sft_ray.backends.openai\n"
+            "from sft_ray.backends import get_backend\n"
+            "get_backend('vllm')\n"
+            "print('HEAVY', [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

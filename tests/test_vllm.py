@@ -112,3 +112,42 @@ def test_tensor_parallel_replica_uses_a_placement_group(tmp_path):
                              "model.engine_kwargs.tensor_parallel_size=2", "verifier.type=none"])
     assert run(cfg, say=print) == EXIT_OK
     assert len(read_rows(tmp_path / "run" / "rollouts")) == 8
+
+
+def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
+    """Kill vLLM's engine-core process mid-run: the actor exits, Ray starts a new one with
+    a fresh engine, its rows are generated again, and every sample is written exactly once."""
+    import threading
+    import time
+
+    import psutil
+
+    rows = [{"prompt": f"Write a long story about the number {i}.", "expected_answer": "x"} for i in range(24)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.backend=vllm",
+                             "model.engine_kwargs.max_model_len=512", "model.engine_kwargs.max_num_seqs=4",
+                             "responses_create_params.max_output_tokens=48", "verifier.type=none",
+                             "num_samples_in_parallel=4"])
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))
+    t.start()
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline:
+        written = sum(len(f.read_text().splitlines()) for f in (tmp_path / "run" / "rollouts").glob("*.jsonl")) \
+            if (tmp_path / "run" / "rollouts").exists() else 0
+        if written >= 4:
+            for p in psutil.process_iter(["name", "cmdline"]):
+                label = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
+                if "EngineCore" in label:
+                    p.kill()
+                    killed = p.pid
+                    break
+        time.sleep(0.2)
+    assert killed, "no vLLM engine core found to kill"
+    t.join(600)
+    assert result.get("code") == EXIT_OK
+    rollouts = read_rows(tmp_path / "run" / "rollouts")
+    keys = [(r["id"], r["sample_index"]) for r in rollouts]
+    assert len(keys) == len(set(keys)) == 24
+    assert not (tmp_path / "run" / "failed").exists() or not read_rows(tmp_path / "run" / "failed")
