@@ -122,12 +122,15 @@ def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
 
     import psutil
 
-    rows = [{"prompt": f"Write a long story about the number {i}.", "expected_answer": "x"} for i in range(24)]
+    # 96 rows in blocks of 16 (batch_size 2): more blocks than the actor runs at once, so
+    # rows are written while others are still being generated when the engine is killed.
+    n = 96
+    rows = [{"prompt": f"Write a long story about the number {i}.", "expected_answer": "x"} for i in range(n)]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.backend=vllm",
                              "model.engine_kwargs.max_model_len=512", "model.engine_kwargs.max_num_seqs=4",
-                             "responses_create_params.max_output_tokens=48", "verifier.type=none",
-                             "num_samples_in_parallel=4"])
+                             "responses_create_params.max_output_tokens=16", "verifier.type=none",
+                             "num_samples_in_parallel=4", "resources.batch_size=2"])
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))
     t.start()
@@ -136,7 +139,7 @@ def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
     while killed is None and time.time() < deadline:
         written = sum(len(f.read_text().splitlines()) for f in (tmp_path / "run" / "rollouts").glob("*.jsonl")) \
             if (tmp_path / "run" / "rollouts").exists() else 0
-        if written >= 4:
+        if 0 < written < n:
             for p in psutil.process_iter(["name", "cmdline"]):
                 label = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
                 if "EngineCore" in label:
@@ -145,9 +148,15 @@ def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
                     break
         time.sleep(0.2)
     assert killed, "no vLLM engine core found to kill"
+    replacement = None
+    while replacement is None and t.is_alive():
+        replacement = next((p.pid for p in psutil.process_iter(["name"])
+                            if "EngineCore" in (p.info["name"] or "") and p.pid != killed), None)
+        time.sleep(0.2)
+    assert replacement, "no new engine was started"
     t.join(600)
     assert result.get("code") == EXIT_OK
     rollouts = read_rows(tmp_path / "run" / "rollouts")
     keys = [(r["id"], r["sample_index"]) for r in rollouts]
-    assert len(keys) == len(set(keys)) == 24
+    assert len(keys) == len(set(keys)) == n
     assert not (tmp_path / "run" / "failed").exists() or not read_rows(tmp_path / "run" / "failed")
