@@ -10,6 +10,7 @@ command resumes: samples already in ``rollouts/`` are not generated again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -126,6 +127,7 @@ def init_ray(cfg: RunConfig) -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own bar reports rows/s; two would garble the terminal
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     ctx.print_on_execution_start = False
     # Small blocks keep rows streaming: a block is the unit the driver receives and
     # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.

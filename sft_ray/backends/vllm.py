@@ -13,8 +13,10 @@ for it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
+import warnings
 from typing import Any
 
 from .base import Backend, GenerationRequest, GenerationResult, error_result
@@ -28,8 +30,11 @@ _PASSTHROUGH = ("top_k", "min_p", "presence_penalty", "frequency_penalty",
 # the rest; on a 2-core machine that halves the compute, and letting the worker use every
 # core measured ~15-35% more tokens/s here. The KV cache size must be given on CPU.
 _CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-# vLLM logs every engine step at INFO; through Ray's log_to_driver that buries the progress.
-_QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
+# vLLM logs its set-up at INFO and WARNING (about CPU kernels, Triton, chunked prefill...);
+# through Ray's log_to_driver that buries sft-ray's progress. Errors still come through,
+# and a failing request is recorded on its row anyway. The engine's processes inherit these.
+_QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR",
+              "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
 # float32 ran ~6x faster than bfloat16 on AVX2 CPUs; eager mode skips a long compile.
 # Chunked prefill must be off on CPU: when a seeded request's prompt is split across
 # steps, vLLM 0.32 rewinds its torch.Generator with set_offset(), which CPU generators
@@ -71,6 +76,7 @@ class VLLMBackend(Backend):
         self._final_only: Any = None
         self._defaults: dict[str, Any] = {}
         self.dead = False  # set once the engine core died: every later request fails
+        self._in_flight = 0
         from ..models import DEFAULT_ALIASES, DEFAULT_MODEL
 
         name = model.get("name")
@@ -84,6 +90,8 @@ class VLLMBackend(Backend):
         kwargs = dict(self.model.get("engine_kwargs") or {})
         for key, value in {**_CPU_ENV, **_QUIET_ENV}.items():  # set before vLLM reads its env
             os.environ.setdefault(key, value)
+        for category in (FutureWarning, DeprecationWarning, UserWarning):  # this process's share
+            warnings.filterwarnings("ignore", category=category)
         from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -94,6 +102,8 @@ class VLLMBackend(Backend):
         # Building takes 20-80 s; a worker thread keeps the actor's loop responsive
         # (the engine starts its output handler lazily on the first request).
         self.engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+        for handler in logging.getLogger("vllm").handlers:  # child loggers propagate to these
+            handler.addFilter(self._quiet_teardown)
         self._sampling_cls = SamplingParams
         self._final_only = RequestOutputKind.FINAL_ONLY
         # Sampling defaults the model ships in generation_config.json, as vLLM's server applies.
@@ -109,6 +119,12 @@ class VLLMBackend(Backend):
             self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
         except ImportError:  # older vLLM: tokenize with the HF tokenizer instead
             self._chat_params = None
+
+    def _quiet_teardown(self, record: logging.LogRecord) -> bool:
+        """Drop vLLM's "output_handler failed" when no request is in flight: that is Ray
+        Data stopping the actor at the end of a run, which ends the engine core first.
+        With requests in flight it is a real engine death and stays in the log."""
+        return not (self._in_flight == 0 and record.getMessage().startswith("AsyncLLM output_handler failed"))
 
     def _sampling(self, params: dict[str, Any]) -> Any:
         p = {**self._defaults, **{k: v for k, v in params.items() if v is not None}}
@@ -140,6 +156,7 @@ class VLLMBackend(Backend):
         if self.dead:
             return error_result("engine_dead", "vLLM engine core is dead")
         async with self._sem:
+            self._in_flight += 1
             try:
                 sampling = self._sampling(request.params)
                 prompt = await self._prompt(request.messages)  # raises for over-long prompts
@@ -158,6 +175,8 @@ class VLLMBackend(Backend):
                 wrapped = type(exc).__name__ == "EngineGenerateError" and exc.__cause__
                 cause = exc.__cause__ if wrapped else exc
                 return error_result(kind, f"{type(cause).__name__}: {cause}")
+            finally:
+                self._in_flight -= 1
         if final is None or not final.outputs:
             return error_result("engine_error", "vLLM returned no output")
         completion = final.outputs[0]
