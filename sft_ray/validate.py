@@ -31,6 +31,12 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
             answer = cfg.verifier.answer_field
             if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
                 problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
+    try:  # a python verifier that does not import fails here, not after the first batch
+        from sft_ray.verifiers import build_verifier
+
+        build_verifier(cfg.verifier.model_dump())
+    except Exception as e:
+        problems.append(f"verifier: {e}")
     if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):

@@ -101,3 +101,18 @@ def test_driver_side_modules_do_not_import_vllm_or_torch():
             "print('HEAVY', [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_validate_command_reports_bad_rows_and_verifier(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a", "expected_answer": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: {inp}\noutput: {tmp_path / 'out'}\nmodel: {{name: m, base_url: 'http://127.0.0.1:1/v1'}}\n"
+                   "verifier: {type: python, function: 'no_such_mod_q:f'}\n")
+    proc = subprocess.run([sys.executable, "-m", "sft_ray.cli", "validate", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{inp}:2: not valid JSON" in proc.stderr
+    assert f"{inp}:3: field expected_answer: missing" not in proc.stderr  # python verifier needs none
+    assert "verifier: verifier.function: cannot import 'no_such_mod_q'" in proc.stderr
+    assert not (tmp_path / "out").exists()  # validate writes nothing

@@ -45,7 +45,9 @@ def _session_alive(sid: int) -> bool:
     return False
 
 
-def test_kill_9_driver_then_resume_exactly_once(tmp_path):
+@pytest.mark.parametrize("victim", ["driver", "cluster"])
+def test_kill_9_then_resume_exactly_once(tmp_path, victim):
+    """SIGKILL the driver alone, or the driver with its whole local Ray cluster at once."""
     n = 3000
     with MockServer(MockConfig(latency_ms=20)) as server:
         inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "expected_answer": "x"} for i in range(n)])
@@ -62,7 +64,15 @@ def test_kill_9_driver_then_resume_exactly_once(tmp_path):
         while count_lines(tmp_path / "run" / "rollouts") < 600 and time.time() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-write if it happens to be writing
+        if victim == "driver":
+            os.kill(proc.pid, signal.SIGKILL)  # mid-write, if it happens to be writing
+        else:  # the driver, GCS, raylet and every worker of its session in one blow
+            for p in psutil.process_iter():
+                try:
+                    if os.getsid(p.pid) == proc.pid:
+                        p.kill()
+                except (ProcessLookupError, PermissionError, psutil.Error):
+                    pass
         proc.wait()
         # Its Ray processes notice and go; until they have, they may still send requests.
         deadline = time.time() + 60
@@ -80,7 +90,7 @@ def test_kill_9_driver_then_resume_exactly_once(tmp_path):
     assert all(served[p] == 1 for p in written)
     resent = sum(c - 1 for c in served.values())
     assert resent < n // 4
-    print(f"\nkill -9 with {len(written)} rows written: {resent} samples sent a second time")
+    print(f"\nkill -9 of the {victim} with {len(written)} rows written: {resent} samples sent a second time")
 
 
 def _ids(path):
