@@ -134,7 +134,7 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.target_max_block_size = BLOCK_BYTES
 
 
-def placement_group_fn(tp: int, cpus: float) -> Callable[[], dict[str, Any]]:
+def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
     """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
 
     def fn() -> dict[str, Any]:
@@ -172,7 +172,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
         # places its tp workers in a placement group made for this actor (as ray.data.llm does).
         model["engine_kwargs"] = {**model["engine_kwargs"], "distributed_executor_backend": "ray"}
         num_gpus = None
-        remote_args["ray_remote_args_fn"] = placement_group_fn(tp, cfg.resources.generate_num_cpus)
+        remote_args["ray_remote_args_fn"] = placement_group_fn(tp)
     ds = ds.map_batches(
         GenerateStage,
         fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},

@@ -183,3 +183,20 @@ def test_stats_and_filter_commands_on_a_run_folder(tmp_path, mock_server):
     saved = json.loads((tmp_path / "run" / "stats.json").read_text())
     assert saved["kept"] == 3 and saved["filter"] == {"min_reward": 1.0}
     assert mock_server.state.requests == served  # no model was called
+
+
+def test_tensor_parallel_replica_gets_a_placement_group_of_gpu_bundles(ray_cluster):
+    """What can be checked without GPUs: the placement group asked for one replica with
+    tensor_parallel_size 4 (it stays pending here; the gpu-marked test in test_vllm.py runs one)."""
+    from ray.util import remove_placement_group
+
+    from sft_ray.pipeline import placement_group_fn
+
+    args = placement_group_fn(4)()
+    strategy = args["scheduling_strategy"]
+    pg = strategy.placement_group
+    try:
+        assert pg.bundle_specs == [{"GPU": 1, "CPU": 1}] * 4
+        assert strategy.placement_group_capture_child_tasks  # vLLM's workers land in it
+    finally:
+        remove_placement_group(pg)
