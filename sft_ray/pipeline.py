@@ -134,6 +134,19 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.target_max_block_size = BLOCK_BYTES
 
 
+def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """A vllm run on a cluster that has GPUs while its actors ask for none is almost
+    certainly a forgotten `resources.generate_num_gpus` (the engine would see no GPU)."""
+    import ray
+
+    tp = int(cfg.model.engine_kwargs.get("tensor_parallel_size", 1) or 1)
+    if cfg.model.backend == "vllm" and tp == 1 and not cfg.resources.generate_num_gpus:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus:
+            say(f"warning: the cluster has {gpus:g} GPU(s) but generation actors ask for none; "
+                "set resources.generate_num_gpus=1 to run each engine on a GPU")
+
+
 def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
     """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
 
@@ -233,6 +246,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
         return record
 
     init_ray(cfg)
+    warn_gpu_setup(cfg, say)
     ok_writer = PartWriter(io.join(cfg.output, ROLLOUTS), session)
     bad_writer = PartWriter(io.join(cfg.output, FAILED), session)
     progress = Progress(todo)
