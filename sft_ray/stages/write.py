@@ -1,9 +1,9 @@
 """Write stage: the driver appends scored rollouts to the run folder as they arrive.
 
 The driver is the single writer: rows stream to it from the actors, and each
-batch is appended and flushed (fsync'd) before the next is asked for, so a
-crash loses at most the rows in flight, never a written row, and no two
-processes ever write one file. Each run session writes new part files
+block is appended and flushed before the next is asked for (and fsync'd at most
+once a second), so a crash loses at most the rows in flight, never a written
+row, and no two processes ever write one file. Each run session writes new part files
 (``part-<session>-<n>.jsonl``), so a resumed run never rewrites what an
 earlier session wrote. On object stores a part is uploaded whole when it is
 closed (every ``part_rows`` rows or ``part_seconds`` seconds, by default 60 s
@@ -30,7 +30,7 @@ class PartWriter:
         self.session = session
         self.part_rows = part_rows
         self.local = isinstance(io.filesystem(folder)[0], pafs.LocalFileSystem)
-        # Local parts are fsync'd per batch, so rotating them is only about file size;
+        # Local parts are written through per block, so rotating them is only about file size;
         # object-store parts exist only once uploaded, so they are closed more often.
         self.part_seconds = part_seconds if part_seconds is not None else (300.0 if self.local else 60.0)
         self.part = 0
@@ -39,6 +39,8 @@ class PartWriter:
         self.fh: IO[bytes] | None = None
         self.buffer: list[bytes] = []
         self.rows = 0
+        self.fsync_every_s = 1.0
+        self.synced_at = 0.0
         io.makedirs(folder)
 
     def _name(self) -> str:
@@ -55,8 +57,13 @@ class PartWriter:
         if self.local:
             assert self.fh is not None
             self.fh.write(data)
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
+            self.fh.flush()  # in the OS from here on: a killed process loses nothing written
+            now = time.monotonic()
+            if now - self.synced_at >= self.fsync_every_s:
+                # fsync only guards against the machine itself going down; once a second
+                # bounds that loss without a disk round trip per block.
+                os.fsync(self.fh.fileno())
+                self.synced_at = now
         else:
             self.buffer.append(data)
         self.rows_in_part += len(lines)
@@ -69,6 +76,8 @@ class PartWriter:
             return
         if self.local:
             assert self.fh is not None
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
             self.fh.close()
             self.fh = None
         else:
