@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, Callable
 
+import orjson
+
 from sft_ray import io
 from sft_ray.config import RunConfig
 from sft_ray.resume import DriftError, carry_failures, count_failure, done_keys, prepare_run_dir, save_manifest
@@ -34,6 +36,16 @@ class RunError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
+
+
+def stop_on_bad_input(records: list[bytes]) -> None:
+    """Raise the first bad input line among failed records (a record of a row that never
+    reached a model, because its line is malformed)."""
+    for rec in records:
+        row = orjson.loads(rec)
+        if (row.get("error") or {}).get("type") == "bad_input":
+            source, _, reason = row["error"]["message"].partition(": ")
+            raise InputError(source, reason)
 
 
 def _find_input_error(exc: BaseException) -> InputError | None:
@@ -263,6 +275,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str]
             oks = [s.encode() for s, f in zip(lines, failed) if not f]
             bads = [count_failure(s, failed_runs) for s, f in zip(lines, failed) if f]
             ok_writer.write(oks)
+            if bads and not cfg.read.skip_bad_lines:
+                stop_on_bad_input(bads)
             bad_writer.write(bads)
             tokens = batch.column("output_tokens").to_pylist()
             record["output_tokens"] += sum(tokens)

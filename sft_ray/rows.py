@@ -21,6 +21,9 @@ class InputError(ValueError):
         self.source = source
         self.reason = reason
 
+    def __reduce__(self):  # picklable with its two arguments, so Ray can carry it between processes
+        return (InputError, (self.source, self.reason))
+
 
 def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
     """Parse one JSONL line into a dict, or raise :class:`InputError` naming ``source``."""

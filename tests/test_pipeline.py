@@ -115,6 +115,16 @@ def test_bad_line_stops_with_file_and_line_and_keeps_nothing_wrong(tmp_path, moc
         run_quiet(cfg)
     assert e.value.code == EXIT_INPUT
     assert f"{inp}:2" in str(e.value) and "not valid JSON" in str(e.value)
+    assert not read_rows(tmp_path / "run" / "failed")  # the bad line is not a failed sample to retry
+
+
+def test_input_error_survives_pickling():
+    import pickle
+
+    from sft_ray.rows import InputError
+
+    err = pickle.loads(pickle.dumps(InputError("f.jsonl:3", "not valid JSON")))
+    assert str(err) == "f.jsonl:3: not valid JSON" and err.source == "f.jsonl:3"
 
 
 def test_bad_lines_skipped_and_counted(tmp_path, mock_server):

@@ -45,7 +45,8 @@ def read_samples(
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from one file.
 
-    Raises :class:`InputError` on a malformed line unless ``skip_bad_lines``.
+    A malformed line becomes a sample whose ``bad`` column holds the reason; without
+    ``skip_bad_lines`` the file's reading stops there (the driver stops the run).
     Samples whose ``(id, sample_index)`` is in ``done`` are not emitted (resume).
     Rows with the same content and no ``id`` get ``-1``, ``-2``... suffixes so
     that every sample key stays unique. ``fs``: the filesystem to read ``path``
@@ -64,11 +65,14 @@ def read_samples(
         try:
             row = parse_line(line, source)
         except InputError as e:
-            if not skip_bad_lines:
-                raise
+            # The bad line travels as a row marked `bad` rather than as an exception: the
+            # driver then stops the run with a one-line message (or, when skipping, records
+            # it in failed/), and rows already written stay written.
             rid, text, bad = f"bad:{path}:{lineno}", line.decode("utf-8", "replace"), str(e)
             keys = [(rid, 0)]
+            stop = not skip_bad_lines
         else:
+            stop = False
             rid, text, bad = row_id(row), line.decode("utf-8"), None
             n = seen.get(rid, 0)
             seen[rid] = n + 1
@@ -83,6 +87,8 @@ def read_samples(
             cols["row"].append(text)
             cols["source"].append(source)
             cols["bad"].append(bad)
+        if stop:
+            break
         if len(cols["id"]) >= BLOCK_ROWS:
             yield cols
             cols = {name: [] for name in SCHEMA.names}
