@@ -133,6 +133,9 @@ def init_ray(cfg: RunConfig) -> None:
     import ray
 
     address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    # Ray 2.60 announces its (default, wanted) token authentication with a WARNING that
+    # suggests turning it off; sft-ray keeps it on, so the line is only noise in our output.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
     import ray.data
