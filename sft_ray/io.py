@@ -25,6 +25,7 @@ its own (instance role, or the same environment variables).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 from typing import IO, Iterator
 
@@ -92,9 +93,16 @@ def iter_lines(uri: str, fs: pafs.FileSystem | None = None) -> Iterator[bytes]:
             yield tail.rstrip(b"\r")
 
 
-def count_lines(uri: str) -> int:
-    """Non-blank lines in a file: cheap enough to report how many rows a run has."""
-    return sum(1 for line in iter_lines(uri) if line.strip())
+def scan_lines(uri: str) -> tuple[int, str]:
+    """(non-blank lines, content digest) of a file, in one streamed pass: how many rows a
+    run has, and whether the input changed since the run folder was made."""
+    digest = hashlib.blake2b(digest_size=16)
+    n = 0
+    for line in iter_lines(uri):
+        if line.strip():
+            n += 1
+            digest.update(line + b"\n")
+    return n, digest.hexdigest()
 
 
 def join(base: str, *parts: str) -> str:

@@ -222,21 +222,22 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     return ds
 
 
-def count_samples(cfg: RunConfig, files: list[str]) -> int:
-    rows = 0
-    for f in files:
-        n = io.count_lines(f)
-        rows += min(n, cfg.read.limit) if cfg.read.limit else n
-    return rows
-
-
-def generate_phase(cfg: RunConfig, manifest: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
-    """Phase 1. Returns this session's record (also appended to the manifest)."""
+def scan_input(cfg: RunConfig) -> tuple[list[str], int, dict[str, str]]:
+    """Input files, their row count (after read.limit) and a content digest per file."""
     try:
         files = io.list_input_files(cfg.input)
     except FileNotFoundError as e:
         raise RunError(str(e), EXIT_INPUT) from None
-    rows = count_samples(cfg, files)
+    rows, digests = 0, {}
+    for f in files:
+        n, digests[f] = io.scan_lines(f)
+        rows += min(n, cfg.read.limit) if cfg.read.limit else n
+    return files, rows, digests
+
+
+def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], rows: int,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """Phase 1. Returns this session's record (also appended to the manifest)."""
     done = done_keys(cfg.output)
     session = len(manifest["sessions"])
     final_failed, failed_runs = carry_failures(cfg.output, done, cfg.max_sample_attempts, session)
@@ -354,11 +355,12 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
 
 def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
     """The whole job; returns the process exit code."""
+    files, rows, digests = scan_input(cfg)
     try:
-        manifest = prepare_run_dir(cfg, restart)
+        manifest = prepare_run_dir(cfg, restart, digests)
     except DriftError as e:
         raise RunError(str(e)) from None
-    record = generate_phase(cfg, manifest, say)
+    record = generate_phase(cfg, manifest, files, rows, say)
     stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
                          manifest, say)
     say(f"run folder: {cfg.output}  (rollouts/, train/ {len(stats.get('shards', []))} shard(s), stats.json)")

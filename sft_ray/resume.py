@@ -41,16 +41,26 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
     io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
-def prepare_run_dir(cfg: RunConfig, restart: bool) -> dict[str, Any]:
-    """Create or reopen the run folder; refuse a resume whose config changes the outputs."""
-    fingerprint = config_fingerprint(cfg)
+def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> dict[str, Any]:
+    """Create or reopen the run folder; refuse a resume whose config or input content
+    changes the outputs (an edited input would leave stale rollouts in the run)."""
+    fingerprint = {**config_fingerprint(cfg), "input_files": input_digests}
     manifest = load_manifest(cfg.output)
     if manifest is not None and restart:
         for sub in (ROLLOUTS, FAILED, "train", "stats.json", MANIFEST):
             io.delete(io.join(cfg.output, sub))
         manifest = None
     if manifest is not None:
-        changes = _diff(manifest.get("fingerprint"), fingerprint)
+        old = dict(manifest.get("fingerprint") or {})
+        old_inputs = old.pop("input_files", {})
+        changes = _diff(old, config_fingerprint(cfg))
+        for path in sorted(set(old_inputs) | set(input_digests)):
+            if path not in input_digests:
+                changes.append(f"input file {path}: no longer part of the input")
+            elif path not in old_inputs:
+                changes.append(f"input file {path}: new")
+            elif old_inputs[path] != input_digests[path]:
+                changes.append(f"input file {path}: content changed")
         if changes:
             raise DriftError(
                 f"{cfg.output} holds a run made with a different configuration:\n  " + "\n  ".join(changes)

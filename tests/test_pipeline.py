@@ -154,6 +154,11 @@ def test_rerun_resumes_and_config_drift_is_refused(tmp_path, mock_server):
     assert "responses_create_params.temperature: 1.0 -> 0.2" in str(e.value)
     assert run_quiet(drifted, restart=True)[0] == EXIT_OK
     assert mock_server.state.requests == served + 30
+    # The same path with other content would leave stale rollouts behind: refused too.
+    write_jsonl(inp, [{"prompt": f"p{i}", "expected_answer": "y"} for i in range(30)])
+    with pytest.raises(RunError) as e:
+        run_quiet(drifted)
+    assert f"input file {inp}: content changed" in str(e.value)
 
 
 def test_api_key_reaches_the_server_but_no_output(tmp_path, mock_server, monkeypatch, capfd):
