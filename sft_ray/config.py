@@ -67,6 +67,11 @@ class ModelConfig(_Strict):
         "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...).",
     )
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        """GPUs per vLLM replica (from engine_kwargs; 1 when unset)."""
+        return int(self.engine_kwargs.get("tensor_parallel_size") or 1)
+
     @model_validator(mode="after")
     def _tp(self) -> "ModelConfig":
         tp = self.engine_kwargs.get("tensor_parallel_size", 1)

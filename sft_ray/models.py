@@ -136,11 +136,21 @@ def ensure_default_model(progress: Callable[[str], None] = print) -> Path:
     return final
 
 
+def is_default(name: str | None) -> bool:
+    """Whether a configured model name means the embedded model."""
+    return name is None or name in DEFAULT_ALIASES
+
+
+def display_name(name: str | None) -> str:
+    """The name rollouts record for a configured model name."""
+    return DEFAULT_MODEL if is_default(name) else str(name)
+
+
 def resolve_model(name: str | None) -> str:
     """Map a configured model name to what vLLM loads: the embedded model's folder for
     ``None``/``SmolLM2-135M-Instruct``/``embedded``, anything else (a hub id or a local
     path) unchanged."""
-    if name is None or name in DEFAULT_ALIASES:
+    if is_default(name):
         return str(ensure_default_model())
     return name
 

@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 import orjson
+import pyarrow.compute as pc
 
 from sft_ray import io
 from sft_ray.config import RunConfig
@@ -38,31 +39,13 @@ class RunError(Exception):
         self.code = code
 
 
-def stop_on_bad_input(records: list[bytes]) -> None:
-    """Raise the first bad input line among failed records (a record of a row that never
-    reached a model, because its line is malformed)."""
-    for rec in records:
-        row = orjson.loads(rec)
+def stop_on_bad_input(failed_rows: list[dict[str, Any]]) -> None:
+    """Raise the first bad input line among failed rows (rows that never reached a model,
+    because their line is malformed: the read stage marks them instead of raising)."""
+    for row in failed_rows:
         if (row.get("error") or {}).get("type") == "bad_input":
             source, _, reason = row["error"]["message"].partition(": ")
             raise InputError(source, reason)
-
-
-def _find_input_error(exc: BaseException) -> InputError | None:
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, InputError):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        if "InputError" in type(e).__name__ or "InputError: " in str(e):
-            msg = str(e).split("InputError: ", 1)[-1].strip().splitlines()[0]
-            return InputError(msg.split(": ", 1)[0], msg.split(": ", 1)[-1])
-    return None
 
 
 class Progress:
@@ -101,10 +84,10 @@ class Progress:
 
 
 def model_label(cfg: RunConfig) -> str:
-    if cfg.model.backend == "vllm" and not cfg.model.name:
-        from sft_ray.models import DEFAULT_MODEL
+    if cfg.model.backend == "vllm":
+        from sft_ray.models import display_name, is_default
 
-        return f"{DEFAULT_MODEL} (embedded default)"
+        return display_name(cfg.model.name) + (" (embedded default)" if is_default(cfg.model.name) else "")
     return cfg.model.name or ""
 
 
@@ -154,8 +137,7 @@ def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
     certainly a forgotten `resources.generate_num_gpus` (the engine would see no GPU)."""
     import ray
 
-    tp = int(cfg.model.engine_kwargs.get("tensor_parallel_size", 1) or 1)
-    if cfg.model.backend == "vllm" and tp == 1 and not cfg.resources.generate_num_gpus:
+    if cfg.model.backend == "vllm" and cfg.model.tensor_parallel_size == 1 and not cfg.resources.generate_num_gpus:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus:
             say(f"warning: the cluster has {gpus:g} GPU(s) but generation actors ask for none; "
@@ -194,7 +176,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
-    tp = int(cfg.model.engine_kwargs.get("tensor_parallel_size", 1) or 1)
+    tp = cfg.model.tensor_parallel_size
     if cfg.model.backend == "vllm" and tp > 1:
         # One replica spans tp GPUs: the actor itself takes none, and vLLM's Ray executor
         # places its tp workers in a placement group made for this actor (as ray.data.llm does).
@@ -277,10 +259,11 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], r
             failed = batch.column("failed").to_pylist()
             rewards = batch.column("reward").to_pylist()
             oks = [s.encode() for s, f in zip(lines, failed) if not f]
-            bads = [count_failure(s, failed_runs) for s, f in zip(lines, failed) if f]
+            failed_rows = [orjson.loads(s) for s, f in zip(lines, failed) if f]
             ok_writer.write(oks)
-            if bads and not cfg.read.skip_bad_lines:
-                stop_on_bad_input(bads)
+            if failed_rows and not cfg.read.skip_bad_lines:
+                stop_on_bad_input(failed_rows)
+            bads = [count_failure(row, failed_runs) for row in failed_rows]
             bad_writer.write(bads)
             tokens = batch.column("output_tokens").to_pylist()
             record["output_tokens"] += sum(tokens)
@@ -292,9 +275,9 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], r
             n = len(lines)
             done_prev = record["written"] + record["failed"] - n
             now = time.monotonic()
-            ready = [r for r in batch.column("ready_at").to_pylist() if r]
-            if ready:
-                first_ready = min(ready) if first_ready is None else min(first_ready, *ready)
+            ready = pc.min(batch.column("ready_at")).as_py()
+            if ready is not None and (first_ready is None or ready < first_ready):
+                first_ready = ready
             if "first_rows_after_s" not in record:
                 record["first_rows_after_s"] = round(now - t0, 3)  # start-up: actors, engines, first answers
             for q in (0.1, 0.9):
@@ -305,10 +288,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], r
             if done_now >= cfg.min_rows_for_budget and record["failed"] / done_now > cfg.max_error_fraction:
                 record["stopped"] = "failure budget exceeded"
                 break
-    except Exception as e:
-        err = _find_input_error(e)
-        if err is None:
-            raise
+    except InputError as err:
         record["stopped"] = f"input error: {err}"
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {record['written']} rollouts written so far are kept)", EXIT_INPUT) from None

@@ -90,9 +90,8 @@ def done_keys(run_dir: str) -> set[tuple[str, int]]:
     return keys
 
 
-def count_failure(text: str, failed_runs: dict[tuple[str, int], int]) -> bytes:
+def count_failure(row: dict[str, Any], failed_runs: dict[tuple[str, int], int]) -> bytes:
     """A failed sample's record, with how many runs it has now failed in."""
-    row = orjson.loads(text)
     key = (str(row["id"]), int(row["sample_index"]))
     row["failed_runs"] = failed_runs.get(key, 0) + 1
     return orjson.dumps(row)

@@ -54,3 +54,32 @@ def read_rows(folder: Path) -> list[dict]:
     for f in sorted(folder.glob("*.jsonl")):
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return rows
+
+
+def count_rows(folder: Path) -> int:
+    """Lines written so far in a run's rollouts/ (or failed/) folder."""
+    return sum(f.read_bytes().count(b"\n") for f in folder.glob("*.jsonl")) if folder.exists() else 0
+
+
+def find_process(fragment: str, other_than: int | None = None):
+    """A live process whose name or command line contains ``fragment`` (psutil), or None."""
+    import psutil
+
+    for p in psutil.process_iter(["name", "cmdline"]):
+        label = (p.info["name"] or "") + " " + " ".join(p.info["cmdline"] or [])
+        if fragment in label and p.pid != other_than:
+            return p
+    return None
+
+
+def start_run(cfg):
+    """`pipeline.run(cfg)` in a thread, so a test can hurt the job while it runs.
+    Returns the thread and a dict that receives the exit code as "code"."""
+    import threading
+
+    from sft_ray.pipeline import run
+
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))
+    t.start()
+    return t, result

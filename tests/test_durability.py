@@ -7,21 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
-from conftest import make_config, read_rows, write_jsonl
+from conftest import count_rows, find_process, make_config, read_rows, start_run, write_jsonl
 
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.pipeline import EXIT_OK, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def count_lines(folder) -> int:
-    return sum(f.read_bytes().count(b"\n") for f in folder.glob("*.jsonl")) if folder.exists() else 0
 
 
 def assert_exactly_once(run_dir, expected_keys):
@@ -61,7 +56,7 @@ def test_kill_9_then_resume_exactly_once(tmp_path, victim):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         deadline = time.time() + 120
-        while count_lines(tmp_path / "run" / "rollouts") < 600 and time.time() < deadline:
+        while count_rows(tmp_path / "run" / "rollouts") < 600 and time.time() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
         if victim == "driver":
@@ -105,15 +100,12 @@ def test_killed_generation_actor_is_replaced_and_nothing_is_lost(tmp_path):
     with MockServer(MockConfig(latency_ms=20)) as server:
         inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}", "expected_answer": "x"} for i in range(n)])
         cfg = make_config(tmp_path, server, inp)
-        result = {}
-        t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))
-        t.start()
+        t, result = start_run(cfg)
         victim = None
         deadline = time.time() + 120
         while victim is None and time.time() < deadline:
-            if count_lines(tmp_path / "run" / "rollouts") >= 300:
-                victim = next((p for p in psutil.process_iter(["cmdline"])
-                               if "MapBatches(GenerateStage)" in " ".join(p.info["cmdline"] or [])), None)
+            if count_rows(tmp_path / "run" / "rollouts") >= 300:
+                victim = find_process("MapBatches(GenerateStage)")
             time.sleep(0.05)
         assert victim is not None, "no generation actor found"
         victim.kill()

@@ -9,7 +9,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import read_rows, write_jsonl
+from conftest import count_rows, find_process, read_rows, start_run, write_jsonl
 
 from sft_ray.config import load_config
 from sft_ray.pipeline import EXIT_OK, run
@@ -119,10 +119,7 @@ def test_tensor_parallel_replica_uses_a_placement_group(tmp_path):
 def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
     """Kill vLLM's engine-core process mid-run: the actor exits, Ray starts a new one with
     a fresh engine, its rows are generated again, and every sample is written exactly once."""
-    import threading
     import time
-
-    import psutil
 
     # 96 rows in blocks of 16 (batch_size 2): more blocks than the actor runs at once, so
     # rows are written while others are still being generated when the engine is killed.
@@ -133,27 +130,20 @@ def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
                              "model.engine_kwargs.max_model_len=512", "model.engine_kwargs.max_num_seqs=4",
                              "responses_create_params.max_output_tokens=16", "verifier.type=none",
                              "num_samples_in_parallel=4", "resources.batch_size=2"])
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))
-    t.start()
+    t, result = start_run(cfg)
     killed = None
     deadline = time.time() + 240
     while killed is None and time.time() < deadline:
-        written = sum(len(f.read_text().splitlines()) for f in (tmp_path / "run" / "rollouts").glob("*.jsonl")) \
-            if (tmp_path / "run" / "rollouts").exists() else 0
-        if 0 < written < n:
-            for p in psutil.process_iter(["name", "cmdline"]):
-                label = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
-                if "EngineCore" in label:
-                    p.kill()
-                    killed = p.pid
-                    break
+        if 0 < count_rows(tmp_path / "run" / "rollouts") < n:
+            engine = find_process("EngineCore")
+            if engine is not None:
+                engine.kill()
+                killed = engine.pid
         time.sleep(0.2)
     assert killed, "no vLLM engine core found to kill"
     replacement = None
     while replacement is None and t.is_alive():
-        replacement = next((p.pid for p in psutil.process_iter(["name"])
-                            if "EngineCore" in (p.info["name"] or "") and p.pid != killed), None)
+        replacement = find_process("EngineCore", other_than=killed)
         time.sleep(0.2)
     assert replacement, "no new engine was started"
     t.join(600)

@@ -77,10 +77,9 @@ class VLLMBackend(Backend):
         self._defaults: dict[str, Any] = {}
         self.dead = False  # set once the engine core died: every later request fails
         self._in_flight = 0
-        from ..models import DEFAULT_ALIASES, DEFAULT_MODEL
+        from ..models import display_name
 
-        name = model.get("name")
-        self.model_name = DEFAULT_MODEL if name is None or name in DEFAULT_ALIASES else name
+        self.model_name = display_name(model.get("name"))
 
     async def start(self) -> None:
         from ..models import resolve_model

@@ -80,14 +80,14 @@ class _Buckets:
 
     def __init__(self, n_buckets: int) -> None:
         self.n = n_buckets
-        self.mem: list[list[tuple[int, bytes]]] = [[] for _ in range(n_buckets)]
+        self.mem: list[tuple[int, bytes]] = []  # the single bucket, when small enough to stay in memory
         self.tmp = tempfile.TemporaryDirectory(prefix="sft-ray-shuffle-") if n_buckets > 1 else None
         self.files = ([open(os.path.join(self.tmp.name, f"b{i}"), "wb") for i in range(n_buckets)]
                       if self.tmp else [])
 
     def add(self, key: int, line: bytes) -> None:
         if not self.tmp:
-            self.mem[0].append((key, line))
+            self.mem.append((key, line))
             return
         b = (key * self.n) >> 64
         self.files[b].write(key.to_bytes(8, "big") + len(line).to_bytes(4, "big") + line)
@@ -95,8 +95,8 @@ class _Buckets:
     def ordered(self) -> Iterator[bytes]:
         """All lines, sorted by key."""
         if not self.tmp:
-            self.mem[0].sort()
-            yield from (line for _, line in self.mem[0])
+            self.mem.sort()
+            yield from (line for _, line in self.mem)
             return
         for f in self.files:
             f.close()
