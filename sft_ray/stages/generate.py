@@ -70,7 +70,8 @@ class GenerateStage:
         self.sampling = sampling
         self.max_in_flight = max_in_flight
         self.backend = get_backend(model["backend"])(model, max_in_flight)
-        self.model_name = model.get("name")
+        # What rollouts record as `model`: a backend may resolve the configured name.
+        self.model_name = getattr(self.backend, "model_name", model.get("name"))
         self._ready: asyncio.Task | None = None
         self._sem: asyncio.Semaphore | None = None
         self._ready_at: float | None = None
@@ -84,7 +85,6 @@ class GenerateStage:
         await self._ready
         if self._ready_at is None:
             self._ready_at = time.time()  # when the backend (an engine, for vllm) could serve
-        self.model_name = getattr(self.backend, "model_name", self.model_name)
 
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes; release sockets here.
