@@ -141,3 +141,27 @@ def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sam
         params.update({k: v for k, v in rcp.items() if k not in _PROMPT_KEYS and v is not None})
     params["seed"] = sample_seed(params.get("seed"), rid, sample_index)
     return params
+
+
+# Fields a rollout row gets from the pipeline. An input field of the same name is not lost:
+# build_rollout moves it to ``input_fields`` and :func:`input_row` gives it back.
+GENERATED_FIELDS = frozenset({
+    "id", "sample_index", "messages", "tools", "response", "reasoning", "reward", "metrics", "finish_reason",
+    "usage", "model", "sampling_params", "attempts", "error", "node_id", "latency_s", "termination",
+    "num_model_calls", "num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "input_fields",
+})
+
+
+def split_input(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(fields that keep their name on the rollout, fields the rollout shadows)."""
+    kept = {k: v for k, v in row.items() if k not in GENERATED_FIELDS}
+    shadowed = {k: v for k, v in row.items() if k in GENERATED_FIELDS}
+    return kept, shadowed
+
+
+def input_row(rollout: dict[str, Any]) -> dict[str, Any]:
+    """The input row a rollout was made from, every field with its original value
+    (what verifiers look reference answers up in)."""
+    row = {k: v for k, v in rollout.items() if k not in GENERATED_FIELDS}
+    row.update(rollout.get("input_fields") or {})
+    return row

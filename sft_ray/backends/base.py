@@ -14,17 +14,26 @@ from typing import Any
 
 @dataclass
 class GenerationRequest:
-    """One sample to generate.
+    """One model call.
 
-    ``messages`` are normalised chat messages (``{"role": str, "content": str}``);
+    ``messages`` are chat messages in Chat Completions form, the one internal form
+    every backend converts from: ``{"role", "content": str | None}``, assistant turns
+    may carry ``tool_calls`` (``[{"id", "type": "function", "function": {"name",
+    "arguments": <JSON string>}}]``) and tool results are ``{"role": "tool",
+    "tool_call_id", "name", "content": str}``.
     ``params`` are the merged ``responses_create_params`` for this sample
     (``temperature``, ``top_p``, ``max_output_tokens``, ``seed``, ``stop``...),
-    already including the per-sample seed.
+    already including the per-sample seed, without the tool keys.
+    ``tools`` are function tools in Chat Completions form (``{"type": "function",
+    "function": {"name", "description", "parameters"}}``); None or empty: no tools.
     """
 
     messages: list[dict[str, Any]]
     params: dict[str, Any]
     request_id: str = ""
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # "auto" | "none" | "required" | {"type": "function", ...}; None: API default
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass
@@ -32,7 +41,11 @@ class GenerationResult:
     """What a backend returns for one request; ``error`` is None on success."""
 
     text: str | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "tool_calls", ...
+    # Tool calls of this turn, in order: {"id": str, "name": str, "arguments": <the JSON
+    # string as the model wrote it, possibly malformed>}. Empty: a final answer.
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    reasoning: str | None = None  # a reasoning trace the API returned beside the text
     usage: dict[str, int] = field(default_factory=dict)  # input_tokens, output_tokens, total_tokens
     error: dict[str, str] | None = None  # {"type": <error class>, "message": str}
     attempts: int = 1

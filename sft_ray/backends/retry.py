@@ -12,17 +12,17 @@ import email.utils
 import random
 import time
 
-# Error classes carried in rows' ``error.type`` and counted in stats.json.
-TIMEOUT = "timeout"
-RATE_LIMIT = "rate_limit"
-SERVER_ERROR = "server_error"
-CONNECTION_ERROR = "connection_error"
-BAD_RESPONSE = "bad_response"
-CONTEXT_LENGTH = "context_length"
-AUTH_ERROR = "auth_error"
-CLIENT_ERROR = "client_error"
-
-RETRYABLE = {TIMEOUT, RATE_LIMIT, SERVER_ERROR, CONNECTION_ERROR, BAD_RESPONSE}
+from sft_ray.errors import (  # noqa: F401 - re-exported: the backends name them retry.X
+    AUTH_ERROR,
+    BAD_RESPONSE,
+    CLIENT_ERROR,
+    CONNECTION_ERROR,
+    CONTEXT_LENGTH,
+    RATE_LIMIT,
+    RETRYABLE,
+    SERVER_ERROR,
+    TIMEOUT,
+)
 
 _CONTEXT_HINTS = ("context length", "context_length", "maximum context", "too long", "max_model_len")
 
