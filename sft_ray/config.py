@@ -57,6 +57,10 @@ class ModelConfig(_Strict):
     send_seed: bool = Field(
         True, description="Send the per-sample `seed` with chat requests (the Responses API has no seed field)."
     )
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="Chat Completions: the body field that carries `max_output_tokens` "
+        "(OpenAI's reasoning models want `max_completion_tokens`)."
+    )
     extra_headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers on every request.")
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="Extra JSON fields merged into every request body."
@@ -104,8 +108,9 @@ class SamplingConfig(BaseModel):
 class VerifierConfig(_Strict):
     """How each response is scored."""
 
-    type: Literal["exact_match", "math", "mcq", "regex", "python", "none"] = Field(
-        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, none."
+    type: Literal["exact_match", "math", "mcq", "regex", "python", "nemo_gym", "none"] = Field(
+        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, "
+        "nemo_gym (the environment's /verify), none."
     )
     answer_field: str = Field("expected_answer", description="Row field holding the reference answer.")
     pattern: str | None = Field(
@@ -133,6 +138,42 @@ class VerifierConfig(_Strict):
                 re.compile(self.pattern)
             except re.error as e:
                 raise ValueError(f"verifier.pattern is not a valid regular expression: {e}") from None
+        return self
+
+
+class AgentConfig(_Strict):
+    """The episode loop, for rows with tools (or any row when an environment is set)."""
+
+    max_steps: int = Field(8, ge=1, description="Most model calls per episode; an episode still calling "
+                           "tools after that ends with termination `max_steps`.")
+    timeout_s: float = Field(600.0, gt=0, description="Wall-clock bound of one whole episode (model calls, "
+                             "tools, verify); past it the sample fails as `episode_timeout` and a rerun retries it.")
+
+
+class EnvironmentConfig(_Strict):
+    """Where tool calls run (see README, Agent rollouts)."""
+
+    type: Literal["none", "python", "nemo_gym"] = Field(
+        "none", description="`python`: functions of a Python module; `nemo_gym`: a running NeMo Gym resources "
+        "server; `none`: no tools (rows that bring tools fail with `environment_error`).")
+    module: str | None = Field(None, description="python: `package.module` or `path/to/tools.py`; its public "
+                               "functions are the tools.")
+    episode_class: str | None = Field(None, description="python: a class of the module made per episode (with the "
+                                      "row if its constructor takes one); its public methods are the tools and its "
+                                      "`close()` runs after the episode.")
+    base_url: str | None = Field(None, description="nemo_gym: the resources server, e.g. http://127.0.0.1:8001.")
+    timeout_s: float = Field(60.0, gt=0, description="nemo_gym: per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="nemo_gym: retries of a request that got no answer (and of 5xx "
+                             "answers to seed_session and verify).")
+    base_retry_wait_s: float = Field(0.5, ge=0, description="nemo_gym: first backoff wait; doubles each retry.")
+    max_retry_wait_s: float = Field(10.0, ge=0, description="nemo_gym: cap on one backoff wait.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "EnvironmentConfig":
+        if self.type == "python" and not self.module:
+            raise ValueError("environment.module is required when environment.type is 'python'")
+        if self.type == "nemo_gym" and not self.base_url:
+            raise ValueError("environment.base_url is required when environment.type is 'nemo_gym'")
         return self
 
 
@@ -199,6 +240,8 @@ class RunConfig(_Strict):
     )
     num_repeats: int = Field(1, ge=1, description="Samples per prompt, each with its own sample_index and seed.")
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -220,6 +263,9 @@ class RunConfig(_Strict):
     def _model_name(self) -> "RunConfig":
         if self.model.backend == "openai" and not self.model.name:
             raise ValueError("model.name is required with the openai backend (the name the API serves)")
+        if self.verifier.type == "nemo_gym" and self.environment.type != "nemo_gym":
+            raise ValueError("verifier.type nemo_gym asks the episode's resources server for the reward: "
+                             "set environment.type=nemo_gym and environment.base_url")
         return self
 
 
@@ -306,6 +352,8 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
         "verifier": cfg.verifier.model_dump(),
+        "agent": {"max_steps": cfg.agent.max_steps},
+        "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
     }
 
 
