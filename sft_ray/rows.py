@@ -37,6 +37,14 @@ def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
         raise InputError(source, f"expected a JSON object, got {type(row).__name__}")
     prompt_messages(row, source)  # validates the prompt shape early, at read time
     prompt_tools(row, source)
+    rcp = row.get("responses_create_params")
+    if isinstance(rcp, dict):
+        from sft_ray.config import ROW_PARAM_KEYS
+
+        for key in rcp:
+            if key not in ROW_PARAM_KEYS:
+                raise InputError(source, f"field responses_create_params.{key}: unknown key (a typo? fields an "
+                                 "API has beyond the known ones go in model.extra_body)")
     return row
 
 
@@ -130,7 +138,7 @@ def sample_seed(base: int | None, rid: str, sample_index: int) -> int:
 
 
 # Keys of responses_create_params that describe the prompt, not the sampling.
-_PROMPT_KEYS = {"input", "instructions"}
+_PROMPT_KEYS = {"input", "instructions", "model"}
 
 
 def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sample_index: int) -> dict[str, Any]:
@@ -140,6 +148,11 @@ def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sam
     if isinstance(rcp, dict):
         params.update({k: v for k, v in rcp.items()
                        if k not in _PROMPT_KEYS and k not in TOOL_KEYS and v is not None})
+        for alias in ("max_completion_tokens", "max_tokens"):  # a row's own limit wins, under any name
+            if alias in params:
+                value = params.pop(alias)
+                if rcp.get("max_output_tokens") is None:
+                    params["max_output_tokens"] = value
     params["seed"] = sample_seed(params.get("seed"), rid, sample_index)
     return params
 
