@@ -144,6 +144,20 @@ def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
                 "set resources.generate_num_gpus=1 to run each engine on a GPU")
 
 
+def check_plugins(cfg: RunConfig) -> None:
+    """Build the user's code (tool module, verifier) once on the driver, before any actor:
+    a module that does not import is one clear error here, not an actor that fails to start."""
+    from sft_ray.environments import build_environment
+    from sft_ray.verifiers import build_verifier
+
+    for what, build, section in (("environment", build_environment, cfg.environment.model_dump()),
+                                 ("verifier", build_verifier, cfg.verifier.model_dump())):
+        try:
+            build(section)
+        except Exception as e:
+            raise RunError(f"{what}: {e}") from None
+
+
 def stages() -> list:
     """The map_batches stages, in order (each module declares its own wiring)."""
     from sft_ray.stages import generate, score
@@ -298,6 +312,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
 
 def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
     """The whole job; returns the process exit code."""
+    check_plugins(cfg)
     files, rows, digests = scan_input(cfg)
     try:
         manifest = prepare_run_dir(cfg, restart, digests)

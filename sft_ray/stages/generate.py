@@ -265,10 +265,14 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
         model["engine_kwargs"] = {**model["engine_kwargs"], "distributed_executor_backend": "ray"}
         num_gpus = None
         remote_args["ray_remote_args_fn"] = placement_group_fn(tp)
+    environment = cfg.environment.model_dump()
+    module = environment.get("module") or ""
+    if module.endswith(".py") and os.path.isfile(module):
+        environment["module"] = os.path.abspath(module)  # actors may not share the driver's cwd
     return dict(
         fn_constructor_kwargs={"model": model, "sampling": cfg.responses_create_params.model_dump(),
                                "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
-                               "environment": cfg.environment.model_dump(),
+                               "environment": environment,
                                "verify_in_episode": cfg.verifier.type == "nemo_gym"},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
