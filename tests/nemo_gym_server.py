@@ -24,6 +24,8 @@ It behaves as /work/shared/AGENT_ROLLOUTS.md measures the real nemo-gym 0.7.0 se
 ``counts`` (requests per route), ``cookies_seen`` (session ids that arrived in a cookie),
 ``sessions`` (per-session state and the routes it called, in order), ``verified`` and
 ``closed`` (the bodies) are there for assertions.
+
+Run on its own (for examples/agent-nemo-gym.yaml): ``python tests/nemo_gym_server.py --port 8001``.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class NemoGymServer:
     """The server in a background thread on 127.0.0.1 (port 0: a free one)."""
 
     def __init__(self, server_class: str = "SimpleWeatherResourcesServer", instance: str = "example_single_tool_call",
-                 tool_delay_s: float = 0.0) -> None:
+                 tool_delay_s: float = 0.0, port: int = 0) -> None:
         self.cookie_name = f"{server_class}___{instance}"
         self.tool_delay_s = tool_delay_s
         self._secret = secrets.token_bytes(16)
@@ -135,7 +137,7 @@ class NemoGymServer:
         self.sessions: dict[str, dict] = {}
         self.verified: list[dict] = []
         self.closed: list[dict] = []
-        self.port = 0
+        self.port = port
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -257,7 +259,7 @@ class NemoGymServer:
         asyncio.set_event_loop(self._loop)
         self._runner = web.AppRunner(self._app(), access_log=None)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         self._loop.run_until_complete(site.start())
         self.port = site._server.sockets[0].getsockname()[1]
         self._started.set()
@@ -289,3 +291,19 @@ class _Invalid(Exception):
     def __init__(self, errors: list[dict]) -> None:
         super().__init__("invalid body")
         self.errors = errors
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description="A NeMo Gym-protocol weather resources server on 127.0.0.1.")
+    ap.add_argument("--port", type=int, default=8001)
+    args = ap.parse_args()
+    with NemoGymServer(port=args.port) as server:
+        print(f"NeMo Gym-protocol resources server on {server.base_url}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
