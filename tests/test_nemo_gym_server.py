@@ -8,7 +8,6 @@ import json
 
 import aiohttp
 import pytest
-
 from nemo_gym_server import NemoGymServer
 
 ROW = {"responses_create_params": {
