@@ -139,11 +139,15 @@ def serve_mock(
     latency_ms: float = typer.Option(0.0, help="Delay before each answer."),
     error_rate: float = typer.Option(0.0, help="Share of requests answered 500."),
     rate_limit_rate: float = typer.Option(0.0, help="Share of requests answered 429 with Retry-After."),
+    tool_malformed_rate: float = typer.Option(0.0, help="Share of tool calls whose arguments are not JSON."),
+    tool_unknown_rate: float = typer.Option(0.0, help="Share of tool calls naming a tool that does not exist."),
 ) -> None:
-    """A local OpenAI-compatible server (chat + responses) that echoes prompts: for trials, tests and benchmarks."""
+    """A local OpenAI-compatible server (chat + responses) that echoes prompts, or acts as an agent when a
+    request carries tools (calls one, then answers with its output): for trials, tests and benchmarks."""
     from sft_ray.devserver import MockConfig, serve
 
-    serve(MockConfig(latency_ms=latency_ms, error_rate=error_rate, rate_limit_rate=rate_limit_rate), host, port)
+    serve(MockConfig(latency_ms=latency_ms, error_rate=error_rate, rate_limit_rate=rate_limit_rate,
+                     tool_malformed_rate=tool_malformed_rate, tool_unknown_rate=tool_unknown_rate), host, port)
 
 
 def main() -> None:

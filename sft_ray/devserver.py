@@ -12,6 +12,24 @@ request through markers in the prompt:
 - ``[[echo_auth]]``: 401 whose body repeats the request's Authorization header
   (a careless server: the client must keep the key out of its error text).
 
+As an agent model: a request that carries ``tools`` (Chat Completions nests them
+under ``"function"``, Responses has them flat; both forms are read in both APIs)
+is answered with tool calls until the conversation has tool results, then with a
+final message holding those results verbatim (one per line). Markers in the last
+user message steer it:
+
+- ``[[tool:NAME {"arg": ...}]]``: call NAME with these arguments (several markers:
+  several calls in one turn; NAME need not be among the tools). Without a marker it
+  calls the first tool with its first required string property set to the user text
+  (markers stripped);
+- ``[[parallel:N]]``: N calls in one turn (the chosen calls repeated), distinct ids;
+- ``[[steps:N]]``: keep calling tools for the first N model calls of the episode
+  (default 1; 0: answer at once), to test ``max_steps``.
+
+``MockConfig.tool_malformed_rate`` / ``tool_unknown_rate`` make a share of calls carry
+arguments that are not JSON or a tool name that does not exist. In agent requests
+the ``[[fail:...]]`` markers count attempts per model call of the episode.
+
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
 """
@@ -30,6 +48,11 @@ import orjson
 from aiohttp import web
 
 _MARK = re.compile(r"\[\[fail:(500|429|timeout|malformed):(\d+)\]\]")
+_TOOL_MARK = re.compile(r"\[\[tool:([^\s\]]+)\s*(\{.*?\})?\]\]", re.S)
+_PARALLEL = re.compile(r"\[\[parallel:(\d+)\]\]")
+_STEPS = re.compile(r"\[\[steps:(\d+)\]\]")
+_ANY_MARK = re.compile(r"\[\[.*?\]\]", re.S)
+UNKNOWN_TOOL = "no_such_tool"
 
 
 @dataclass
@@ -39,6 +62,8 @@ class MockConfig:
     rate_limit_rate: float = 0.0  # random 429s
     timeout_rate: float = 0.0  # random hangs
     malformed_rate: float = 0.0  # random unparseable 200s
+    tool_malformed_rate: float = 0.0  # share of tool calls whose arguments are not JSON
+    tool_unknown_rate: float = 0.0  # share of tool calls naming a tool that does not exist
     retry_after_s: float = 0.05
     hang_s: float = 30.0
     seed: int = 0
@@ -55,6 +80,8 @@ class MockState:
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
     served: Counter = field(default_factory=Counter)  # successful answers per prompt, for tests
+    tool_call_turns: int = 0  # answers that called tools
+    tool_calls: int = 0  # tool calls emitted, in all
     busy_s: float = 0.0  # integral of in_flight over time: busy_s / wall = mean concurrency
     first_at: float = 0.0
     last_change: float = 0.0
@@ -76,6 +103,132 @@ def _last_user_text(messages) -> str:
                 return "".join(p.get("text", "") for p in c if isinstance(p, dict))
             return c or ""
     return messages if isinstance(messages, str) else ""
+
+
+# --- the agent model: which tools to call, or the final answer -------------------------------
+
+
+@dataclass
+class AgentTurn:
+    """This model call's answer in an agent conversation: tool calls, or a final text."""
+
+    step: int  # 1-based number of this model call in the episode (tool-call turns so far + 1)
+    calls: list[dict]  # {"id", "name", "arguments": JSON string (or not, when malformed)}; empty: final
+    final: str = ""
+
+
+def _text_of(content) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is None or isinstance(content, str):
+        return content or ""
+    return orjson.dumps(content).decode()
+
+
+def _tool_specs(tools) -> list[dict]:
+    """Function tools as ``{"name", "parameters"}``, from either API's form (nested or flat)."""
+    specs = []
+    for t in tools if isinstance(tools, list) else []:
+        if isinstance(t, dict):
+            f = t["function"] if isinstance(t.get("function"), dict) else t
+            if f.get("name"):
+                specs.append({"name": f["name"], "parameters": f.get("parameters") or {}})
+    return specs
+
+
+def _episode(items) -> tuple[int, list[str]]:
+    """Tool-call turns and tool outputs since the last user message, in either API's form.
+
+    Consecutive Responses ``function_call`` items are one turn (how NeMo Gym and the
+    Chat conversion lay out a parallel turn); a Chat assistant message with ``tool_calls``
+    is one turn.
+    """
+    turns, outputs, prev_call = 0, [], False
+    for it in items if isinstance(items, list) else []:
+        if not isinstance(it, dict):
+            continue
+        is_call = it.get("type") == "function_call"
+        if it.get("role") == "user":
+            turns, outputs = 0, []
+        elif (is_call and not prev_call) or (it.get("role") == "assistant" and it.get("tool_calls")):
+            turns += 1
+        elif it.get("role") == "tool":
+            outputs.append(_text_of(it.get("content")))
+        elif it.get("type") == "function_call_output":
+            outputs.append(_text_of(it.get("output")))
+        prev_call = is_call
+    return turns, outputs
+
+
+def _forced_tool(tool_choice) -> str | None:
+    if isinstance(tool_choice, dict):
+        f = tool_choice["function"] if isinstance(tool_choice.get("function"), dict) else tool_choice
+        return f.get("name")
+    return None
+
+
+def _default_args(spec: dict, text: str) -> dict:
+    """The first required string property (or the first string property) set to ``text``."""
+    props = spec["parameters"].get("properties") or {}
+    for name in list(spec["parameters"].get("required") or []) + list(props):
+        if isinstance(props.get(name), dict) and props[name].get("type") == "string":
+            return {name: text}
+    return {}
+
+
+def agent_turn(body: dict, items, text: str, cfg: MockConfig, rng: random.Random, call_no: int) -> AgentTurn | None:
+    """The agent's answer to a request with tools; None for a request without tools (echo)."""
+    specs = _tool_specs(body.get("tools"))
+    if not specs:
+        return None
+    turns, outputs = _episode(items)
+    steps = int(m.group(1)) if (m := _STEPS.search(text)) else 1
+    if turns >= steps or body.get("tool_choice") == "none":
+        return AgentTurn(step=turns + 1, calls=[], final="\n".join(outputs) if outputs else text)
+    planned: list[tuple[str, str]] = []
+    for name, args in _TOOL_MARK.findall(text):
+        try:  # a marker's arguments are sent as compact JSON, or as written when they are not JSON
+            planned.append((name, orjson.dumps(orjson.loads(args)).decode() if args else "{}"))
+        except orjson.JSONDecodeError:
+            planned.append((name, args))
+    if not planned:
+        forced = _forced_tool(body.get("tool_choice"))
+        spec = next((t for t in specs if t["name"] == forced), specs[0])
+        plain = _ANY_MARK.sub("", text).strip()
+        planned = [(spec["name"], orjson.dumps(_default_args(spec, plain)).decode())]
+    if m := _PARALLEL.search(text):
+        planned = [planned[i % len(planned)] for i in range(int(m.group(1)))]
+    calls = []
+    for i, (name, args) in enumerate(planned):
+        if cfg.tool_malformed_rate and rng.random() < cfg.tool_malformed_rate:
+            args = args[:-1]  # cut the closing brace: no longer JSON
+        if cfg.tool_unknown_rate and rng.random() < cfg.tool_unknown_rate:
+            name = UNKNOWN_TOOL
+        calls.append({"id": f"call_{call_no}_{i}", "name": name, "arguments": args})
+    return AgentTurn(step=turns + 1, calls=calls)
+
+
+def tool_call_answer(api: str, body: dict, calls: list[dict], call_no: int, n_in: int) -> dict:
+    """A tool-calling answer: Chat ``tool_calls`` (content null) or Responses ``function_call`` items."""
+    n_out = sum(len(c["arguments"].split()) + 1 for c in calls)
+    if api == "chat":
+        tool_calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                      for c in calls]
+        return {"id": f"chatcmpl-{call_no}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": tool_calls},
+                             "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+    output = [{"type": "function_call", "id": f"fc_{call_no}_{i}", "call_id": c["id"], "name": c["name"],
+               "arguments": c["arguments"], "status": "completed"} for i, c in enumerate(calls)]
+    return {"id": f"resp_{call_no}", "object": "response", "created_at": int(time.time()), "model": body.get("model"),
+            "status": "completed", "incomplete_details": None, "output": output,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
+
+
+# --- the server ----------------------------------------------------------------------------
 
 
 def make_app(cfg: MockConfig, state: MockState) -> web.Application:
@@ -123,30 +276,39 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 state.bodies = (state.bodies + [body])[-state.keep_bodies:]
             msgs = body.get("messages") if api == "chat" else body.get("input")
             text = _last_user_text(msgs)
+            call_no = state.requests
+            turn = agent_turn(body, msgs, text, cfg, rng, call_no)
             if cfg.latency_ms:
                 await asyncio.sleep(cfg.latency_ms / 1000)
             auth = request.headers.get("Authorization", "")
             state.auth_headers.add(auth)
-            failed = await failure(text, f"{text}|{body.get('seed')}|{body.get('temperature')}", auth)
+            key = f"{text}|{body.get('seed')}|{body.get('temperature')}"
+            failed = await failure(text, key if turn is None else f"{key}|step{turn.step}", auth)
             if failed is not None:
                 state.by_status[failed.status] += 1
                 return failed
-            words = text.split()
-            limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
-            truncated = bool(limit) and len(words) > limit
-            reply = " ".join(words[:limit]) if truncated else text
-            n_in = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else len(words)
-            n_out = min(len(words), limit or len(words))
+            n_in = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else len(text.split())
             state.by_status[200] += 1
             state.served[text] += 1
+            if turn is not None and turn.calls:
+                state.tool_call_turns += 1
+                state.tool_calls += len(turn.calls)
+                out = tool_call_answer(api, body, turn.calls, call_no, n_in)
+                return web.Response(body=orjson.dumps(out), content_type="application/json")
+            source = turn.final if turn is not None else text
+            words = source.split()
+            limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
+            truncated = bool(limit) and len(words) > limit
+            reply = " ".join(words[:limit]) if truncated else source
+            n_out = min(len(words), limit or len(words))
             if api == "chat":
-                out = {"id": f"chatcmpl-{state.requests}", "object": "chat.completion", "created": int(time.time()),
+                out = {"id": f"chatcmpl-{call_no}", "object": "chat.completion", "created": int(time.time()),
                        "model": body.get("model"),
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                     "finish_reason": "length" if truncated else "stop"}],
                        "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
             else:
-                out = {"id": f"resp_{state.requests}", "object": "response", "model": body.get("model"),
+                out = {"id": f"resp_{call_no}", "object": "response", "model": body.get("model"),
                        "status": "incomplete" if truncated else "completed",
                        "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
                        "output": [{"type": "message", "role": "assistant",
@@ -166,6 +328,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
         span = state.last_change - state.first_at
         return web.json_response({"requests": state.requests, "max_in_flight": state.max_in_flight,
                                   "mean_in_flight": state.busy_s / span if span > 0 else 0.0,
+                                  "tool_call_turns": state.tool_call_turns, "tool_calls": state.tool_calls,
                                   "by_status": {str(k): v for k, v in state.by_status.items()}})
 
     async def models(request: web.Request) -> web.Response:
