@@ -4,7 +4,6 @@ Python tool modules and a NeMo Gym-protocol resources server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
