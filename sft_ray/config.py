@@ -57,6 +57,10 @@ class ModelConfig(_Strict):
     send_seed: bool = Field(
         True, description="Send the per-sample `seed` with chat requests (the Responses API has no seed field)."
     )
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="Chat Completions: the body field that carries `max_output_tokens` "
+        "(OpenAI's reasoning models want `max_completion_tokens`)."
+    )
     extra_headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers on every request.")
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="Extra JSON fields merged into every request body."
@@ -84,28 +88,60 @@ class ModelConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-class SamplingConfig(BaseModel):
+class SamplingConfig(_Strict):
     """Defaults for every row's `responses_create_params`; a row's own values win.
 
-    Known fields are checked; other Responses-API fields (e.g. `stop`, `reasoning`)
-    are allowed and passed through.
+    Unknown keys are refused (a typo such as `temprature` would otherwise be dropped
+    without a word); fields an API has beyond these go in `model.extra_body`.
     """
-
-    model_config = ConfigDict(extra="allow")
 
     temperature: float | None = Field(1.0, ge=0, le=2, description="Sampling temperature.")
     top_p: float | None = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_output_tokens: int | None = Field(1024, ge=1, description="Most tokens generated per sample.")
+    max_output_tokens: int | None = Field(1024, ge=1, description="Most tokens generated per model call "
+                                          "(sent as `max_tokens` or `max_completion_tokens` to Chat Completions: "
+                                          "see model.max_tokens_field).")
     seed: int | None = Field(
         None, description="Base seed; each sample gets its own seed derived from it, the row id and sample_index."
     )
+    stop: str | list[str] | None = Field(None, description="Stop sequences.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Frequency penalty.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Presence penalty.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of the top tokens.")
+    reasoning: dict[str, Any] | None = Field(
+        None, description="Responses API reasoning options, e.g. {effort: low}; sent as `reasoning_effort` "
+        "to Chat Completions.")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None, description="Chat Completions reasoning effort (sent as `reasoning.effort` to the Responses API).")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="Default tool_choice for rows with tools.")
+    parallel_tool_calls: bool | None = Field(None, description="Default parallel_tool_calls for rows with tools.")
+    user: str | None = Field(None, description="End-user id passed to the API.")
+    metadata: dict[str, str] | None = Field(None, description="Request metadata passed to the API.")
+    store: bool | None = Field(None, description="Whether the provider stores the request (OpenAI).")
+    service_tier: str | None = Field(None, description="Provider service tier (OpenAI).")
+    truncation: str | None = Field(None, description="Responses API truncation strategy.")
+    text: dict[str, Any] | None = Field(None, description="Responses API text/format options.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_tokens" in data:
+            raise ValueError("responses_create_params.max_tokens: use max_output_tokens (it is mapped to the "
+                             "field the chosen API wants)")
+        return data
+
+
+# Keys a row's responses_create_params may carry: the sampling fields above plus the prompt
+# and tool keys (and `model`, which NeMo Gym rows sometimes name and the config overrides).
+ROW_PARAM_KEYS = frozenset(SamplingConfig.model_fields) | {"input", "instructions", "tools", "model",
+                                                           "max_tokens", "max_completion_tokens"}
 
 
 class VerifierConfig(_Strict):
     """How each response is scored."""
 
-    type: Literal["exact_match", "math", "mcq", "regex", "python", "none"] = Field(
-        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, none."
+    type: Literal["exact_match", "math", "mcq", "regex", "python", "nemo_gym", "none"] = Field(
+        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, "
+        "nemo_gym (the environment's /verify), none."
     )
     answer_field: str = Field("expected_answer", description="Row field holding the reference answer.")
     pattern: str | None = Field(
@@ -133,6 +169,42 @@ class VerifierConfig(_Strict):
                 re.compile(self.pattern)
             except re.error as e:
                 raise ValueError(f"verifier.pattern is not a valid regular expression: {e}") from None
+        return self
+
+
+class AgentConfig(_Strict):
+    """The episode loop, for rows with tools (or any row when an environment is set)."""
+
+    max_steps: int = Field(8, ge=1, description="Most model calls per episode; an episode still calling "
+                           "tools after that ends with termination `max_steps`.")
+    timeout_s: float = Field(600.0, gt=0, description="Wall-clock bound of one whole episode (model calls, "
+                             "tools, verify); past it the sample fails as `episode_timeout` and a rerun retries it.")
+
+
+class EnvironmentConfig(_Strict):
+    """Where tool calls run (see README, Agent rollouts)."""
+
+    type: Literal["none", "python", "nemo_gym"] = Field(
+        "none", description="`python`: functions of a Python module; `nemo_gym`: a running NeMo Gym resources "
+        "server; `none`: no tools (rows that bring tools fail with `environment_error`).")
+    module: str | None = Field(None, description="python: `package.module` or `path/to/tools.py`; its public "
+                               "functions are the tools.")
+    episode_class: str | None = Field(None, description="python: a class of the module made per episode (with the "
+                                      "row if its constructor takes one); its public methods are the tools and its "
+                                      "`close()` runs after the episode.")
+    base_url: str | None = Field(None, description="nemo_gym: the resources server, e.g. http://127.0.0.1:8001.")
+    timeout_s: float = Field(60.0, gt=0, description="nemo_gym: per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="nemo_gym: retries of a request that got no answer (and of 5xx "
+                             "answers to seed_session and verify).")
+    base_retry_wait_s: float = Field(0.5, ge=0, description="nemo_gym: first backoff wait; doubles each retry.")
+    max_retry_wait_s: float = Field(10.0, ge=0, description="nemo_gym: cap on one backoff wait.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "EnvironmentConfig":
+        if self.type == "python" and not self.module:
+            raise ValueError("environment.module is required when environment.type is 'python'")
+        if self.type == "nemo_gym" and not self.base_url:
+            raise ValueError("environment.base_url is required when environment.type is 'nemo_gym'")
         return self
 
 
@@ -199,6 +271,8 @@ class RunConfig(_Strict):
     )
     num_repeats: int = Field(1, ge=1, description="Samples per prompt, each with its own sample_index and seed.")
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -220,6 +294,9 @@ class RunConfig(_Strict):
     def _model_name(self) -> "RunConfig":
         if self.model.backend == "openai" and not self.model.name:
             raise ValueError("model.name is required with the openai backend (the name the API serves)")
+        if self.verifier.type == "nemo_gym" and self.environment.type != "nemo_gym":
+            raise ValueError("verifier.type nemo_gym asks the episode's resources server for the reward: "
+                             "set environment.type=nemo_gym and environment.base_url")
         return self
 
 
@@ -306,6 +383,8 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
         "verifier": cfg.verifier.model_dump(),
+        "agent": {"max_steps": cfg.agent.max_steps},
+        "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
     }
 
 

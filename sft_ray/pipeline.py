@@ -144,63 +144,40 @@ def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
                 "set resources.generate_num_gpus=1 to run each engine on a GPU")
 
 
-def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
-    """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
+def check_plugins(cfg: RunConfig) -> None:
+    """Build the user's code (tool module, verifier) once on the driver, before any actor:
+    a module that does not import is one clear error here, not an actor that fails to start."""
+    from sft_ray.environments import build_environment
+    from sft_ray.verifiers import build_verifier
 
-    def fn() -> dict[str, Any]:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    for what, build, section in (("environment", build_environment, cfg.environment.model_dump()),
+                                 ("verifier", build_verifier, cfg.verifier.model_dump())):
+        try:
+            build(section)
+        except Exception as e:
+            raise RunError(f"{what}: {e}") from None
 
-        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            pg, placement_group_capture_child_tasks=True)}
 
-    return fn
+def stages() -> list:
+    """The map_batches stages, in order (each module declares its own wiring)."""
+    from sft_ray.stages import generate, score
+
+    return [generate.STAGE, score.STAGE]
 
 
 def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
-    """read -> repartition -> generate actors -> score actors (lazy; the driver pulls)."""
-    import ray.data
+    """read -> repartition -> each stage of :func:`stages` (lazy; the driver pulls)."""
+    from sft_ray.stages import check_chain
+    from sft_ray.stages.read import SCHEMA, make_dataset
 
-    from sft_ray.backends.base import Secret
-    from sft_ray.stages.generate import GenerateStage
-    from sft_ray.stages.read import make_dataset
-    from sft_ray.stages.score import ScoreStage
-
-    model = cfg.model.model_dump()
-    model["api_key"] = Secret(cfg.model.api_key())
-    sampling = cfg.responses_create_params.model_dump()
     ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, cfg.read.limit)
     # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
     # then cuts its output into blocks small enough to spread over every actor.
     ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
-    remote_args: dict[str, Any] = {}
-    num_gpus = cfg.resources.generate_num_gpus or None
-    tp = cfg.model.tensor_parallel_size
-    if cfg.model.backend == "vllm" and tp > 1:
-        # One replica spans tp GPUs: the actor itself takes none, and vLLM's Ray executor
-        # places its tp workers in a placement group made for this actor (as ray.data.llm does).
-        model["engine_kwargs"] = {**model["engine_kwargs"], "distributed_executor_backend": "ray"}
-        num_gpus = None
-        remote_args["ray_remote_args_fn"] = placement_group_fn(tp)
-    ds = ds.map_batches(
-        GenerateStage,
-        fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},
-        batch_size=plan["batch_size"],
-        compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
-                                           max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
-        num_cpus=cfg.resources.generate_num_cpus,
-        num_gpus=num_gpus,
-        **remote_args,
-    )
-    s_lo, s_hi = actor_range(cfg.resources.score_actors)
-    ds = ds.map_batches(
-        ScoreStage,
-        fn_constructor_kwargs={"verifier": cfg.verifier.model_dump()},
-        batch_size=None,
-        compute=ray.data.ActorPoolStrategy(min_size=s_lo, max_size=s_hi),
-        num_cpus=cfg.resources.score_num_cpus,
-    )
+    chain = stages()
+    check_chain(tuple(SCHEMA.names), chain)
+    for stage in chain:
+        ds = stage.apply(ds, cfg, plan)
     return ds
 
 
@@ -335,6 +312,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
 
 def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
     """The whole job; returns the process exit code."""
+    check_plugins(cfg)
     files, rows, digests = scan_input(cfg)
     try:
         manifest = prepare_run_dir(cfg, restart, digests)

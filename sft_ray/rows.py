@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from sft_ray.messages import FormatError, text_of, to_chat, tool_choice_to_chat, tools_to_chat
+
 
 class InputError(ValueError):
     """A bad input line; the message names ``file:line`` and the field."""
@@ -34,84 +36,90 @@ def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise InputError(source, f"expected a JSON object, got {type(row).__name__}")
     prompt_messages(row, source)  # validates the prompt shape early, at read time
+    prompt_tools(row, source)
+    rcp = row.get("responses_create_params")
+    if isinstance(rcp, dict):
+        from sft_ray.config import ROW_PARAM_KEYS
+
+        for key in rcp:
+            if key not in ROW_PARAM_KEYS:
+                raise InputError(source, f"field responses_create_params.{key}: unknown key (a typo? fields an "
+                                 "API has beyond the known ones go in model.extra_body)")
     return row
 
 
-def _text_of(content: Any, source: str, field: str) -> str:
-    """Message content as a string: a string, or a list of text parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                raise InputError(source, f"field {field}[{i}]: expected a text part like "
-                                 '{"type": "input_text", "text": "..."}')
-        return "".join(texts)
-    if content is None:
-        return ""
-    raise InputError(source, f"field {field}: content must be a string or a list of text parts, "
-                     f"got {type(content).__name__}")
+def prompt_messages(row: dict[str, Any], source: str = "<row>") -> list[dict[str, Any]]:
+    """The prompt of a row as Chat Completions messages, from whichever of the three shapes it has.
 
-
-def _messages(items: Any, source: str, field: str) -> list[dict[str, str]]:
-    if not isinstance(items, list) or not items:
-        raise InputError(source, f"field {field}: expected a non-empty list of messages")
-    out = []
-    for i, m in enumerate(items):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise InputError(source, f"field {field}[{i}]: expected a message with a string 'role'")
-        if m.get("type", "message") != "message":
-            raise InputError(source, f"field {field}[{i}]: item type {m['type']!r} is not supported "
-                             "(only messages can be prompted)")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _text_of(m.get("content"), source, f"{field}[{i}].content")})
-    return out
-
-
-def prompt_messages(row: dict[str, Any], source: str = "<row>") -> list[dict[str, str]]:
-    """The prompt of a row as chat messages, from whichever of the three shapes it has.
-
-    NeMo Gym (``responses_create_params.input``, a string or messages, with optional
-    ``instructions``), OpenAI chat (``messages``) or plain (``prompt`` + optional ``system``).
+    NeMo Gym (``responses_create_params.input``, a string or messages and Responses items
+    such as ``function_call`` / ``function_call_output``, with optional ``instructions``),
+    OpenAI chat (``messages``, possibly with ``tool_calls`` and ``role: tool`` turns) or plain
+    (``prompt`` + optional ``system``). See :mod:`sft_ray.messages` for the conversion.
     """
+    try:
+        return _prompt(row)
+    except FormatError as e:
+        raise InputError(source, str(e)) from None
+
+
+def _prompt(row: dict[str, Any]) -> list[dict[str, Any]]:
     rcp = row.get("responses_create_params")
     if rcp is not None:
         if not isinstance(rcp, dict):
-            raise InputError(source, "field responses_create_params: expected an object")
+            raise FormatError("responses_create_params", "expected an object")
         if "input" in rcp:
             inp = rcp["input"]
             msgs = ([{"role": "user", "content": inp}] if isinstance(inp, str)
-                    else _messages(inp, source, "responses_create_params.input"))
+                    else to_chat(inp, "responses_create_params.input"))
             instructions = rcp.get("instructions")
             if instructions:
-                msgs = [{"role": "system", "content": _text_of(instructions, source,
-                                                                "responses_create_params.instructions")}] + msgs
+                msgs = [{"role": "system", "content": text_of(instructions, "responses_create_params.instructions")},
+                        *msgs]
             return msgs
     if "messages" in row:
-        msgs = _messages(row["messages"], source, "messages")
+        msgs = to_chat(row["messages"], "messages")
         # A chat row may already end with the reference reply; the prompt is what precedes it.
         while msgs and msgs[-1]["role"] == "assistant":
             msgs.pop()
         if not msgs:
-            raise InputError(source, "field messages: no prompt left once assistant turns are removed")
+            raise FormatError("messages", "no prompt left once assistant turns are removed")
         return msgs
     if "prompt" in row:
         prompt = row["prompt"]
         if not isinstance(prompt, str):
-            raise InputError(source, f"field prompt: expected a string, got {type(prompt).__name__}")
+            raise FormatError("prompt", f"expected a string, got {type(prompt).__name__}")
         msgs = [{"role": "user", "content": prompt}]
         system = row.get("system")
         if system is not None:
             if not isinstance(system, str):
-                raise InputError(source, "field system: expected a string")
+                raise FormatError("system", "expected a string")
             msgs.insert(0, {"role": "system", "content": system})
         return msgs
-    raise InputError(source, "no prompt: expected responses_create_params.input, messages, or prompt")
+    raise FormatError("<row>", "no prompt: expected responses_create_params.input, messages, or prompt")
+
+
+# Keys that describe the tools offered to the model: read by prompt_tools, not sent as sampling.
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+
+
+def prompt_tools(row: dict[str, Any], source: str = "<row>") -> dict[str, Any]:
+    """The row's tools in Chat form plus ``tool_choice`` / ``parallel_tool_calls`` (each only
+    when given), from ``responses_create_params`` (flat Responses tools) or the row itself
+    (nested Chat tools, as OpenAI chat rows carry them)."""
+    rcp = row.get("responses_create_params")
+    holder, where = ((rcp, "responses_create_params.") if isinstance(rcp, dict) and "tools" in rcp
+                     else (row, ""))
+    out: dict[str, Any] = {}
+    try:
+        if holder.get("tools"):
+            out["tools"] = tools_to_chat(holder["tools"], f"{where}tools")
+    except FormatError as e:
+        raise InputError(source, str(e)) from None
+    for key in ("tool_choice", "parallel_tool_calls"):
+        value = (rcp or {}).get(key) if isinstance(rcp, dict) and key in rcp else row.get(key)
+        if value is not None:
+            out[key] = tool_choice_to_chat(value) if key == "tool_choice" else bool(value)
+    return out
 
 
 def row_id(row: dict[str, Any]) -> str:
@@ -130,7 +138,7 @@ def sample_seed(base: int | None, rid: str, sample_index: int) -> int:
 
 
 # Keys of responses_create_params that describe the prompt, not the sampling.
-_PROMPT_KEYS = {"input", "instructions"}
+_PROMPT_KEYS = {"input", "instructions", "model"}
 
 
 def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sample_index: int) -> dict[str, Any]:
@@ -138,7 +146,13 @@ def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sam
     params = {k: v for k, v in defaults.items() if v is not None}
     rcp = row.get("responses_create_params")
     if isinstance(rcp, dict):
-        params.update({k: v for k, v in rcp.items() if k not in _PROMPT_KEYS and v is not None})
+        params.update({k: v for k, v in rcp.items()
+                       if k not in _PROMPT_KEYS and k not in TOOL_KEYS and v is not None})
+        for alias in ("max_completion_tokens", "max_tokens"):  # a row's own limit wins, under any name
+            if alias in params:
+                value = params.pop(alias)
+                if rcp.get("max_output_tokens") is None:
+                    params["max_output_tokens"] = value
     params["seed"] = sample_seed(params.get("seed"), rid, sample_index)
     return params
 
@@ -149,6 +163,7 @@ GENERATED_FIELDS = frozenset({
     "id", "sample_index", "messages", "tools", "response", "reasoning", "reward", "metrics", "finish_reason",
     "usage", "model", "sampling_params", "attempts", "error", "node_id", "latency_s", "termination",
     "num_model_calls", "num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "input_fields",
+    "verify_result", "parallel_tool_calls", "tool_choice",
 })
 
 

@@ -37,6 +37,12 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
         build_verifier(cfg.verifier.model_dump())
     except Exception as e:
         problems.append(f"verifier: {e}")
+    try:  # likewise a tool module
+        from sft_ray.environments import build_environment
+
+        build_environment(cfg.environment.model_dump())
+    except Exception as e:
+        problems.append(f"environment: {e}")
     if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):

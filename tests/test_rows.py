@@ -63,3 +63,60 @@ def test_sampling_params_row_wins_and_seeds_differ_per_sample():
     assert p0["seed"] != p1["seed"]
     assert p0["seed"] == sample_seed(None, "id1", 0)  # deterministic
     assert sampling_params(row, {**defaults, "seed": 5}, "id1", 0)["seed"] != p0["seed"]
+
+
+def test_unknown_sampling_keys_are_refused_in_rows_and_config():
+    from sft_ray.config import ConfigError, load_config
+
+    with pytest.raises(InputError) as e:
+        parse_line('{"responses_create_params": {"input": "q", "temprature": 0.2}}', "in.jsonl:3")
+    assert "in.jsonl:3: field responses_create_params.temprature: unknown key" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", "model.name=m", "responses_create_params.temprature=0.2"])
+    assert "responses_create_params.temprature: unknown key" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", "model.name=m", "responses_create_params.max_tokens=5"])
+    assert "use max_output_tokens" in str(e.value)
+
+
+def test_a_rows_own_token_limit_wins_under_any_name():
+    defaults = {"max_output_tokens": 100}
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        row = {"responses_create_params": {"input": "q", key: 7}}
+        params = sampling_params(row, defaults, "i", 0)
+        assert params["max_output_tokens"] == 7 and "max_tokens" not in params and "max_completion_tokens" not in params
+
+
+def test_tool_history_in_both_forms_becomes_chat_messages():
+    from sft_ray.rows import prompt_tools
+
+    responses_row = {"responses_create_params": {
+        "input": [{"role": "developer", "content": "dev"}, {"role": "user", "content": "weather in sf and nyc?"},
+                  {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "sf"}'},
+                  {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "nyc"}'},
+                  {"type": "function_call_output", "call_id": "c1", "output": "cold"},
+                  {"type": "function_call_output", "call_id": "c2", "output": "warm"}],
+        "tools": [{"type": "function", "name": "get_weather", "description": "", "strict": True,
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": "auto", "parallel_tool_calls": True}}
+    msgs = prompt_messages(responses_row)
+    assert msgs[0] == {"role": "system", "content": "dev"}
+    assert msgs[2]["role"] == "assistant" and msgs[2]["content"] is None
+    assert [c["id"] for c in msgs[2]["tool_calls"]] == ["c1", "c2"]  # one turn, two parallel calls
+    assert msgs[3] == {"role": "tool", "tool_call_id": "c1", "content": "cold", "name": "get_weather"}
+    tools = prompt_tools(responses_row)
+    assert tools["tools"][0]["function"]["name"] == "get_weather" and tools["tools"][0]["type"] == "function"
+    assert tools["tool_choice"] == "auto" and tools["parallel_tool_calls"] is True
+
+    chat_row = {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": None, "tool_calls": [
+                                 {"id": "x", "type": "function",
+                                  "function": {"name": "f", "arguments": {"a": 1}}}]},
+                             {"role": "tool", "tool_call_id": "x", "content": "1"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    msgs = prompt_messages(chat_row)
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"a":1}'  # objects become JSON strings
+    assert msgs[2]["name"] == "f"
+    assert prompt_tools(chat_row)["tools"][0]["function"]["name"] == "f"
+    params = sampling_params(responses_row, {}, "i", 0)
+    assert not {"tools", "tool_choice", "parallel_tool_calls", "input"} & set(params)

@@ -16,60 +16,105 @@ import orjson
 
 from sft_ray.backends import retry
 from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, error_result
+from sft_ray.messages import arguments_text, to_responses_input, tool_choice_to_responses, tool_to_responses
 
 # responses_create_params keys that Chat Completions understands under the same name.
 _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_penalty", "logit_bias",
-              "logprobs", "top_logprobs", "user", "tools", "tool_choice", "parallel_tool_calls"}
+              "logprobs", "top_logprobs", "user", "reasoning_effort", "service_tier", "metadata", "store"}
 # Responses API has no seed; everything else in responses_create_params is passed through.
-_RESPONSES_DROP = {"seed"}
+_RESPONSES_DROP = {"seed", "reasoning_effort"}
 
 
 class BadResponse(Exception):
     """The server answered 2xx with a body we cannot read."""
 
 
-def chat_body(name: str | None, req: GenerationRequest, send_seed: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": name, "messages": req.messages}
+def _chat_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A transcript message as Chat Completions takes it (our extra keys removed)."""
+    if m["role"] == "tool":
+        return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": m.get("content") or ""}
+    return {k: v for k, v in m.items() if k != "reasoning_content"}
+
+
+def chat_body(name: str | None, req: GenerationRequest, send_seed: bool,
+              max_tokens_field: str = "max_tokens") -> dict[str, Any]:
+    body: dict[str, Any] = {"model": name, "messages": [_chat_message(m) for m in req.messages]}
     for k, v in req.params.items():
         if k in _CHAT_KEYS:
             body[k] = v
         elif k == "max_output_tokens":
-            body["max_tokens"] = v
+            body[max_tokens_field] = v
+        elif k == "reasoning" and isinstance(v, dict) and v.get("effort"):
+            body["reasoning_effort"] = v["effort"]  # the Responses API's nested form
         elif k == "seed" and send_seed:
             body["seed"] = v
+    if req.tools:
+        body["tools"] = req.tools
+        if req.tool_choice is not None:
+            body["tool_choice"] = req.tool_choice
+        if req.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
     return body
 
 
 def responses_body(name: str | None, req: GenerationRequest) -> dict[str, Any]:
     body = {k: v for k, v in req.params.items() if k not in _RESPONSES_DROP}
+    if "reasoning_effort" in req.params and "reasoning" not in body:
+        body["reasoning"] = {"effort": req.params["reasoning_effort"]}
     body["model"] = name
-    body["input"] = req.messages
+    body["input"] = to_responses_input(req.messages)
+    if req.tools:
+        body["tools"] = [tool_to_responses(t) for t in req.tools]
+        if req.tool_choice is not None:
+            body["tool_choice"] = tool_choice_to_responses(req.tool_choice)
+        if req.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
     return body
+
+
+def _usage(usage: Any, inp_key: str, out_key: str) -> dict[str, int]:
+    usage = usage or {}
+    inp, out = int(usage.get(inp_key) or 0), int(usage.get(out_key) or 0)
+    return {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
 
 
 def parse_chat(data: Any) -> GenerationResult:
     try:
         choice = data["choices"][0]
-        text = choice["message"].get("content") or ""
-        usage = data.get("usage") or {}
-        inp, out = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        return GenerationResult(text=text, finish_reason=choice.get("finish_reason"),
-                                usage={"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out})
+        message = choice["message"]
+        calls = [{"id": c.get("id") or f"call_{i}", "name": c["function"]["name"],
+                  "arguments": arguments_text(c["function"].get("arguments"))}
+                 for i, c in enumerate(message.get("tool_calls") or [])]
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        return GenerationResult(text=message.get("content") or "", finish_reason=choice.get("finish_reason"),
+                                usage=_usage(data.get("usage"), "prompt_tokens", "completion_tokens"),
+                                tool_calls=calls, reasoning=reasoning if isinstance(reasoning, str) else None)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         raise BadResponse(f"unexpected chat completion body ({type(e).__name__}: {e})") from None
 
 
 def parse_responses(data: Any) -> GenerationResult:
     try:
-        texts = [part["text"] for item in data["output"] if item.get("type") == "message"
-                 for part in item.get("content") or [] if part.get("type") == "output_text"]
+        texts, calls, reasoning = [], [], []
+        for item in data["output"]:
+            kind = item.get("type")
+            if kind == "message":
+                texts += [p["text"] for p in item.get("content") or [] if p.get("type") == "output_text"]
+            elif kind == "function_call":
+                calls.append({"id": item["call_id"], "name": item["name"],
+                              "arguments": arguments_text(item.get("arguments"))})
+            elif kind == "reasoning":
+                reasoning += [p.get("text", "") for p in (item.get("summary") or []) + (item.get("content") or [])
+                              if isinstance(p, dict)]
         status = data.get("status", "completed")
         reason = (data.get("incomplete_details") or {}).get("reason")
-        finish = "stop" if status == "completed" else ("length" if reason == "max_output_tokens" else reason or status)
-        usage = data.get("usage") or {}
-        inp, out = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+        if status == "completed":
+            finish = "tool_calls" if calls else "stop"
+        else:
+            finish = "length" if reason == "max_output_tokens" else reason or status
         return GenerationResult(text="".join(texts), finish_reason=finish,
-                                usage={"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out})
+                                usage=_usage(data.get("usage"), "input_tokens", "output_tokens"),
+                                tool_calls=calls, reasoning="\n".join(reasoning) or None)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise BadResponse(f"unexpected responses body ({type(e).__name__}: {e})") from None
 
@@ -113,7 +158,8 @@ class OpenAIBackend(Backend):
 
     def _body(self, req: GenerationRequest) -> bytes:
         if self.api == "chat":
-            body = chat_body(self.model.get("name"), req, self.model.get("send_seed", True))
+            body = chat_body(self.model.get("name"), req, self.model.get("send_seed", True),
+                             self.model.get("max_tokens_field", "max_tokens"))
         else:
             body = responses_body(self.model.get("name"), req)
         body.update(self.model.get("extra_body") or {})

@@ -1,15 +1,19 @@
 """Generate stage: a ``map_batches`` actor that turns samples into rollouts.
 
 One backend per actor (an HTTP session or a vLLM engine), built on first use
-inside the actor's event loop. ``__call__`` is async: Ray Data runs several
-batches per actor at once, and every sample of every batch is its own
-``generate()`` call, so a slow request never holds back the others beyond its
-own batch. A semaphore caps the requests in flight per actor; the driver sets
-the cap so that all actors together never exceed ``num_samples_in_parallel``.
+inside the actor's event loop, and, for agent runs, one tool environment. ``__call__``
+is async: Ray Data runs several batches per actor at once, and every sample of every
+batch is its own coroutine, so a slow request never holds back the others beyond its
+own batch. A semaphore caps the model calls in flight per actor; the driver sets the
+cap so that all actors together never exceed ``num_samples_in_parallel``.
 
-Output columns: ``id``, ``sample_index``, ``rollout`` (the rollout row as JSON
-text) and ``failed`` (true when generation failed, so the row goes to
-``failed/`` and a resume retries it).
+A sample is one model call, or, when its row offers tools (or an environment is
+configured), an episode of model calls and tool calls (:mod:`sft_ray.agent`).
+
+Reads ``id``, ``sample_index``, ``row`` (the input line), ``source``, ``bad``; writes
+``id``, ``sample_index``, ``rollout`` (the rollout row as JSON text), ``failed`` (true
+when generation failed: the row goes to ``failed/`` and a rerun retries it) and
+``ready_at``.
 """
 
 from __future__ import annotations
@@ -18,37 +22,69 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
+from sft_ray import errors
+from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
-from sft_ray.rows import InputError, prompt_messages, sampling_params
+from sft_ray.environments import build_environment
+from sft_ray.environments.base import EnvironmentFailure
+from sft_ray.rows import InputError, prompt_messages, prompt_tools, sampling_params, split_input
+from sft_ray.stages import Stage
 
 log = logging.getLogger(__name__)
 
+_NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
 
-def build_rollout(row: dict[str, Any], rid: str, sample_index: int, prompt: list[dict[str, str]],
+
+def build_rollout(row: dict[str, Any], rid: str, sample_index: int, messages: list[dict[str, Any]],
                   params: dict[str, Any], model_name: str | None, result: GenerationResult,
                   node_id: str | None = None) -> dict[str, Any]:
-    """A rollout row: the input row's fields plus what generation produced."""
-    out = dict(row)
+    """A rollout row: the input row's fields plus what generation produced.
+
+    Input fields that a generated field would shadow (a reference ``response`` or
+    ``messages``, a ``reward`` column...) move to ``input_fields``, where
+    :func:`sft_ray.rows.input_row` finds them.
+    """
+    out, shadowed = split_input(row)
     ok = result.error is None
     out.update(
         id=rid,
         sample_index=sample_index,
-        messages=prompt + ([{"role": "assistant", "content": result.text or ""}] if ok else []),
+        messages=messages + ([{"role": "assistant", "content": result.text or ""}] if ok else []),
         response=result.text if ok else None,
         reward=None,
         finish_reason=result.finish_reason,
-        usage=result.usage or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        usage=result.usage or dict(_NO_USAGE),
         model=model_name,
         sampling_params=params,
         attempts=result.attempts,
         error=result.error,
         node_id=node_id,
     )
+    if result.reasoning:
+        out["reasoning"] = result.reasoning
+    shadowed = {k: v for k, v in shadowed.items() if out.get(k) != v}  # e.g. the row's own id
+    if shadowed:
+        out["input_fields"] = shadowed
+    return out
+
+
+def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: EpisodeState,
+                    tools: dict[str, Any], params: dict[str, Any], model_name: str | None,
+                    node_id: str | None) -> dict[str, Any]:
+    """A rollout row for an agent episode: the whole transcript plus the episode's counters."""
+    result = GenerationResult(text=state.final_text(), finish_reason=state.finish_reason, usage=state.usage,
+                              error=state.error, attempts=state.attempts,
+                              reasoning="\n".join(state.reasoning) or None)
+    out = build_rollout(row, rid, sample_index, [], params, model_name, result, node_id)
+    out["messages"] = state.messages
+    out["response"] = result.text
+    out.update(tools)
+    out.update(state.counters())
     return out
 
 
@@ -65,23 +101,35 @@ def _node_id() -> str | None:
 class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
-    def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int) -> None:
+    def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
+                 agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
+                 verify_in_episode: bool = False) -> None:
         self.model = model
         self.sampling = sampling
         self.max_in_flight = max_in_flight
+        self.agent = agent or {"max_steps": 8, "timeout_s": 600.0}
+        self.verify_in_episode = verify_in_episode
         self.backend = get_backend(model["backend"])(model, max_in_flight)
+        self.environment = build_environment(environment or {"type": "none"})
+        if self.environment is not None:
+            self.environment.model_name = getattr(self.backend, "model_name", model.get("name"))
         # What rollouts record as `model`: a backend may resolve the configured name.
         self.model_name = getattr(self.backend, "model_name", model.get("name"))
-        self._ready: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
         self._sem: asyncio.Semaphore | None = None
         self._ready_at: float | None = None
         self.node_id = _node_id()
+
+    async def _start(self) -> None:
+        await self.backend.start()
+        if self.environment is not None:
+            await self.environment.start()
 
     async def _ensure_started(self) -> None:
         # asyncio objects must be made inside the loop that Ray Data runs us in.
         if self._ready is None:
             self._sem = asyncio.Semaphore(self.max_in_flight)
-            self._ready = asyncio.ensure_future(self.backend.start())
+            self._ready = asyncio.ensure_future(self._start())
         await self._ready
         if self._ready_at is None:
             self._ready_at = time.time()  # when the backend (an engine, for vllm) could serve
@@ -93,28 +141,76 @@ class GenerateStage:
         except Exception:
             pass
 
-    async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool]:
-        row = orjson.loads(text) if bad is None else {"line": text}
-        if bad is not None:
-            result = error_result("bad_input", bad)
-            return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, result, self.node_id)), True
-        try:
-            prompt = prompt_messages(row, source)
-        except InputError as e:  # cannot happen for rows that passed the read stage
-            return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name,
-                                              error_result("bad_input", str(e)), self.node_id)), True
-        params = sampling_params(row, self.sampling, rid, k)
+    async def _call_model(self, request: GenerationRequest) -> GenerationResult:
+        """One model call, holding a concurrency permit only while it is in flight."""
         assert self._sem is not None
         async with self._sem:
-            t0 = time.perf_counter()
             try:
-                result = await self.backend.generate(GenerationRequest(prompt, params, f"{rid}#{k}"))
+                return await self.backend.generate(request)
             except Exception as e:  # a backend bug must not lose the batch: record it on the row
-                result = error_result("internal_error", f"{type(e).__name__}: {e}")
-            latency = time.perf_counter() - t0
-        rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
-        rollout["latency_s"] = round(latency, 4)
-        return orjson.dumps(rollout), result.error is not None
+                return error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+
+    def _failed(self, row: dict[str, Any], rid: str, k: int, kind: str, message: str) -> tuple[bytes, bool]:
+        return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, error_result(kind, message),
+                                          self.node_id)), True
+
+    async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool]:
+        if bad is not None:
+            return self._failed({"line": text}, rid, k, errors.BAD_INPUT, bad)
+        row = orjson.loads(text)
+        try:
+            prompt = prompt_messages(row, source)
+            tools = prompt_tools(row, source)
+        except InputError as e:  # cannot happen for rows that passed the read stage
+            return self._failed(row, rid, k, errors.BAD_INPUT, str(e))
+        params = sampling_params(row, self.sampling, rid, k)
+        t0 = time.perf_counter()
+        if not tools.get("tools") and self.environment is None:
+            result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))
+            rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
+        else:
+            rollout = await self._episode(row, rid, k, prompt, tools, params)
+        rollout["latency_s"] = round(time.perf_counter() - t0, 4)
+        return orjson.dumps(rollout), rollout["error"] is not None
+
+    async def _episode(self, row: dict[str, Any], rid: str, k: int, prompt: list[dict[str, Any]],
+                       tools: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        state = EpisodeState(messages=list(prompt))
+        if self.environment is None:
+            state.termination = ERROR
+            state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
+                                       "them: set environment.type (python or nemo_gym)")
+            return episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
+        if not tools.get("tools") and self.environment.default_tools():
+            tools = {**tools, "tools": self.environment.default_tools()}
+        episode = None
+        try:
+            async with asyncio.timeout(self.agent["timeout_s"]):
+                episode = await self.environment.open(row, f"{rid}.{k}")
+                await run_episode(self._call_model, episode, state, params, tools, self.agent["max_steps"],
+                                  f"{rid}#{k}")
+                if self.verify_in_episode and state.error is None:
+                    state.verify = await episode.verify(row, state.messages, tools.get("tools"))
+        except TimeoutError:
+            state.termination = ERROR
+            state.error = errors.error(errors.EPISODE_TIMEOUT, f"episode not done within agent.timeout_s="
+                                       f"{self.agent['timeout_s']:g} s ({state.num_model_calls} model calls)")
+        except EnvironmentFailure as e:
+            state.termination = ERROR
+            state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
+        except Exception as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+            state.termination = ERROR
+            state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
+        finally:
+            if episode is not None:
+                try:
+                    await asyncio.wait_for(episode.close(), 30)
+                except Exception as e:  # the episode is done; a failed close is logged, not fatal
+                    log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
+        rollout = episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
+        if state.verify is not None:
+            rollout["verify_result"] = state.verify
+        return rollout
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         await self._ensure_started()
@@ -136,3 +232,56 @@ class GenerateStage:
             "failed": [o[1] for o in outs],
             "ready_at": [self._ready_at] * len(ids),
         }
+
+
+def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
+    """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
+
+    def fn() -> dict[str, Any]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True)}
+
+    return fn
+
+
+def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """``map_batches`` arguments: an autoscaling actor pool, several batches in flight per actor."""
+    import ray.data
+
+    from sft_ray.backends.base import Secret
+
+    model = cfg.model.model_dump()
+    model["api_key"] = Secret(cfg.model.api_key())
+    remote_args: dict[str, Any] = {}
+    num_gpus = cfg.resources.generate_num_gpus or None
+    tp = cfg.model.tensor_parallel_size
+    if cfg.model.backend == "vllm" and tp > 1:
+        # One replica spans tp GPUs: the actor itself takes none, and vLLM's Ray executor
+        # places its tp workers in a placement group made for this actor (as ray.data.llm does).
+        model["engine_kwargs"] = {**model["engine_kwargs"], "distributed_executor_backend": "ray"}
+        num_gpus = None
+        remote_args["ray_remote_args_fn"] = placement_group_fn(tp)
+    environment = cfg.environment.model_dump()
+    module = environment.get("module") or ""
+    if module.endswith(".py") and os.path.isfile(module):
+        environment["module"] = os.path.abspath(module)  # actors may not share the driver's cwd
+    return dict(
+        fn_constructor_kwargs={"model": model, "sampling": cfg.responses_create_params.model_dump(),
+                               "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
+                               "environment": environment,
+                               "verify_in_episode": cfg.verifier.type == "nemo_gym"},
+        batch_size=plan["batch_size"],
+        compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
+                                           max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
+        num_cpus=cfg.resources.generate_num_cpus,
+        num_gpus=num_gpus,
+        **remote_args,
+    )
+
+
+STAGE = Stage("generate", GenerateStage, reads=("id", "sample_index", "row", "source", "bad"),
+              writes=("id", "sample_index", "rollout", "failed", "ready_at"), wiring=wiring)

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from sft_ray.stages import Stage
 from sft_ray.verifiers import build_verifier
 
 
@@ -51,3 +52,18 @@ class ScoreStage:
         return {"id": list(batch["id"]), "sample_index": list(batch["sample_index"]), "rollout": rollouts,
                 "failed": list(batch["failed"]), "reward": rewards, "output_tokens": tokens,
                 "ready_at": list(batch["ready_at"])}
+
+
+def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
+    """A CPU actor pool of its own size, whole blocks per call."""
+    import ray.data
+
+    from sft_ray.pipeline import actor_range
+
+    lo, hi = actor_range(cfg.resources.score_actors)
+    return dict(fn_constructor_kwargs={"verifier": cfg.verifier.model_dump()}, batch_size=None,
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cfg.resources.score_num_cpus)
+
+
+STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at"),
+              writes=("id", "sample_index", "rollout", "failed", "reward", "output_tokens", "ready_at"), wiring=wiring)

@@ -19,6 +19,7 @@ VERIFIERS: dict[str, str] = {
     "mcq": "sft_ray.verifiers.mcq:MultipleChoice",
     "regex": "sft_ray.verifiers.regex:RegexMatch",
     "python": "sft_ray.verifiers.python:PythonFunction",
+    "nemo_gym": "sft_ray.verifiers.nemo_gym:NemoGymVerify",
     "none": "sft_ray.verifiers.exact_match:NoVerifier",
 }
 
