@@ -18,8 +18,14 @@ It behaves as /work/shared/AGENT_ROLLOUTS.md measures the real nemo-gym 0.7.0 se
   named ``get_weather`` is in ``response.output``), ``mask_sample``, ``failure_kind``,
   ``failure_reason`` and numeric metrics. Test knob (not NeMo Gym's): a row with
   ``"force_mask_sample": true`` is answered ``mask_sample: true`` (an infrastructure failure);
-- ``POST /close_session``: exactly ``{"resources_session_id": "<non-empty>", "episode_id":
-  {"rollout_id": "<[A-Za-z0-9][A-Za-z0-9._-]*>"}}`` -> ``{}``, anything else 422.
+- ``POST /close_session``: exactly ``{"resources_session_id": "<string>", "episode_id":
+  {"rollout_id": "<[A-Za-z0-9][A-Za-z0-9._-]*, not ending in -a<N>>", "attempt"?: <int >= 0>}}``
+  -> ``{"resources_session_id"}``, anything else 422.
+
+Checked against the real ``example_single_tool_call`` of nemo-gym 0.7.0 (its FastAPI app
+under uvicorn, the same 59 requests to both): same status codes and the same ``loc`` of
+every 422 (NeMo Gym's own loc adds the union member, e.g. ``function_call``). Differences:
+the 422 ``msg`` texts, and the verify answer carries extra metrics here.
 
 ``counts`` (requests per route), ``cookies_seen`` (session ids that arrived in a cookie),
 ``sessions`` (per-session state and the routes it called, in order), ``verified`` and
@@ -44,6 +50,7 @@ import orjson
 from aiohttp import web
 
 _ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ATTEMPT_SUFFIX = re.compile(r"-a[1-9][0-9]*$")
 _SID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id")  # the request's session, for its route
 _RESPONSE_FIELDS = ("id", "created_at", "model", "object", "parallel_tool_calls", "tool_choice", "tools", "output")
 
@@ -52,75 +59,105 @@ def _missing(loc: list, value: Any = None) -> dict:
     return {"type": "missing", "loc": ["body", *loc], "msg": "Field required", "input": value}
 
 
-def _wrong(loc: list, msg: str, value: Any) -> dict:
-    return {"type": "value_error", "loc": ["body", *loc], "msg": msg, "input": value}
+def _wrong(loc: list, msg: str, value: Any, kind: str = "value_error") -> dict:
+    return {"type": kind, "loc": ["body", *loc], "msg": msg, "input": value}
+
+
+def _not_dict(loc: list, value: Any) -> dict:
+    return _wrong(loc, "Input should be a valid dictionary or object to extract fields from", value,
+                  "model_attributes_type")
+
+
+def _extra(loc: list, value: Any) -> dict:
+    return _wrong(loc, "Extra inputs are not permitted", value, "extra_forbidden")
 
 
 def validate_verify(body: Any) -> list[dict]:
     """Validation errors of a /verify body, pydantic-style; [] when valid."""
     if not isinstance(body, dict):
-        return [_wrong([], "Input should be a valid dictionary", body)]
+        return [_not_dict([], body)]
     errors = []
-    if not isinstance(body.get("responses_create_params"), dict):
-        errors.append(_missing(["responses_create_params"], body))
+    rcp = body.get("responses_create_params")
+    if not isinstance(rcp, dict):
+        errors.append(_missing(["responses_create_params"], body) if rcp is None
+                      else _not_dict(["responses_create_params"], rcp))
+    elif "input" not in rcp:
+        errors.append(_missing(["responses_create_params", "input"], rcp))
     resp = body.get("response")
     if not isinstance(resp, dict):
-        return errors + [_missing(["response"], body)]
+        return errors + [_missing(["response"], body) if resp is None else _not_dict(["response"], resp)]
     errors += [_missing(["response", k], resp) for k in _RESPONSE_FIELDS if k not in resp]
     if resp.get("object", "response") != "response":
-        errors.append(_wrong(["response", "object"], "Input should be 'response'", resp.get("object")))
+        errors.append(_wrong(["response", "object"], "Input should be 'response'", resp.get("object"), "literal_error"))
+    if not isinstance(resp.get("parallel_tool_calls", True), bool):
+        errors.append(_wrong(["response", "parallel_tool_calls"], "Input should be a valid boolean",
+                             resp["parallel_tool_calls"], "bool_type"))
     if not isinstance(resp.get("tools", []), list):
-        errors.append(_wrong(["response", "tools"], "Input should be a valid list", resp.get("tools")))
+        errors.append(_wrong(["response", "tools"], "Input should be a valid list", resp.get("tools"), "list_type"))
     output = resp.get("output", [])
     if not isinstance(output, list):
-        return errors + [_wrong(["response", "output"], "Input should be a valid list", output)]
+        return errors + [_wrong(["response", "output"], "Input should be a valid list", output, "list_type")]
     for i, item in enumerate(output):
         loc = ["response", "output", i]
         if not isinstance(item, dict):
-            errors.append(_wrong(loc, "Input should be a valid dictionary", item))
+            errors.append(_not_dict(loc, item))
             continue
-        kind = item.get("type", "message")
-        if kind == "function_call":
-            errors += [_missing(loc + [k], item) for k in ("call_id", "name", "arguments") if k not in item]
+        kind = item.get("type")
+        if kind is None:
+            errors.append(_wrong(loc, "Unable to extract tag using discriminator 'type'", item, "union_tag_not_found"))
+        elif kind == "function_call":
             for k in ("call_id", "name", "arguments"):
-                if k in item and not isinstance(item[k], str):
-                    errors.append(_wrong(loc + [k], "Input should be a valid string", item[k]))
+                if k not in item:
+                    errors.append(_missing(loc + [k], item))
+                elif not isinstance(item[k], str):
+                    errors.append(_wrong(loc + [k], "Input should be a valid string", item[k], "string_type"))
         elif kind == "function_call_output":
             errors += [_missing(loc + [k], item) for k in ("call_id", "output") if k not in item]
+            if not isinstance(item.get("output", ""), (str, list)):
+                errors.append(_wrong(loc + ["output"], "Input should be a valid string", item["output"], "string_type"))
         elif kind == "message":
             content = item.get("content")
-            if "role" not in item or content is None:
-                errors += [_missing(loc + [k], item) for k in ("role", "content") if item.get(k) is None]
+            if content is None:
+                errors.append(_missing(loc + ["content"], item))
             elif isinstance(content, list):
-                if item.get("role") == "assistant" and "id" not in item:
+                if item.get("role", "assistant") == "assistant" and "id" not in item:
                     errors.append(_missing(loc + ["id"], item))
                 for j, part in enumerate(content):
                     if isinstance(part, dict) and part.get("type") == "output_text":
                         errors += [_missing(loc + ["content", j, k], part) for k in ("text", "annotations")
                                    if k not in part]
             elif not isinstance(content, str):
-                errors.append(_wrong(loc + ["content"], "Input should be a valid string or list", content))
+                errors.append(_wrong(loc + ["content"], "Input should be a valid string", content, "string_type"))
         elif kind != "reasoning":
-            errors.append(_wrong(loc + ["type"], f"unknown output item type {kind!r}", kind))
+            errors.append(_wrong(loc + ["type"], f"unknown output item type {kind!r}", kind, "union_tag_invalid"))
     return errors
 
 
 def validate_close(body: Any) -> list[dict]:
+    """Validation errors of a /close_session body (NeMo Gym's ``ResourcesCloseSessionRequest``)."""
     if not isinstance(body, dict):
-        return [_wrong([], "Input should be a valid dictionary", body)]
-    errors = [_wrong([k], "Extra inputs are not permitted", body[k])
-              for k in body if k not in ("resources_session_id", "episode_id")]
-    sid = body.get("resources_session_id")
-    if not isinstance(sid, str) or not sid:
-        errors.append(_wrong(["resources_session_id"], "a non-empty string is required", sid))
+        return [_not_dict([], body)]
+    errors = [_extra([k], body[k]) for k in body if k not in ("resources_session_id", "episode_id")]
+    if "resources_session_id" not in body:
+        errors.append(_missing(["resources_session_id"], body))
+    elif not isinstance(body["resources_session_id"], str):
+        errors.append(_wrong(["resources_session_id"], "Input should be a valid string",
+                             body["resources_session_id"], "string_type"))
     ep = body.get("episode_id")
     if not isinstance(ep, dict):
-        return errors + [_missing(["episode_id"], body)]
-    errors += [_wrong(["episode_id", k], "Extra inputs are not permitted", ep[k]) for k in ep if k != "rollout_id"]
+        return errors + [_missing(["episode_id"], body) if ep is None else _not_dict(["episode_id"], ep)]
+    errors += [_extra(["episode_id", k], ep[k]) for k in ep if k not in ("rollout_id", "attempt")]
     rid = ep.get("rollout_id")
     if not isinstance(rid, str) or not _ROLLOUT_ID.fullmatch(rid):
         errors.append(_wrong(["episode_id", "rollout_id"], "String should match pattern "
-                             "'^[A-Za-z0-9][A-Za-z0-9._-]*$'", rid))
+                             "'^[A-Za-z0-9][A-Za-z0-9._-]*$'", rid, "string_pattern_mismatch"))
+    elif _ATTEMPT_SUFFIX.search(rid):
+        errors.append(_wrong(["episode_id", "rollout_id"], "Value error, rollout_id must not end with the reserved "
+                             "attempt suffix '-a<N>'", rid))
+    attempt = ep.get("attempt", 0)
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+        errors.append(_wrong(["episode_id", "attempt"], "Input should be greater than or equal to 0", attempt,
+                             "greater_than_equal"))
     return errors
 
 
@@ -248,7 +285,7 @@ class NemoGymServer:
                 raise _Invalid(errors)
             self.closed.append(body)
             state["closed"] = True
-            return {}
+            return {"resources_session_id": body["resources_session_id"]}
 
         app = web.Application(middlewares=[session], client_max_size=64 << 20)
         for fn in (seed_session, get_weather, remember, recall, broken_tool, verify, close_session):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import socket
+import subprocess
+import time
 
 import aiohttp
 import pytest
@@ -60,7 +64,7 @@ def test_one_episode_keeps_its_session_from_seed_to_close(server):
 
     answers = run(go())
     assert [a[0] for a in answers] == [200, 200, 200, 200]
-    assert answers[0][1] == {} and answers[3][1] == {}
+    assert answers[0][1] == {} and answers[3][1] == {"resources_session_id": "s-1"}
     assert answers[1][1] == {"city": "sf", "weather_description": "The weather in sf is cold."}
     for _, _, cookies in answers:  # set again on every answer
         assert "SimpleWeatherResourcesServer___example_single_tool_call" in cookies
@@ -157,6 +161,18 @@ def test_verify_validates_the_row_and_the_response(server):
     bad = copy.deepcopy(ok)
     del bad["response"]["output"][2]["content"][0]["annotations"]
     assert _verify(server, bad)[0] == 422
+    bad = copy.deepcopy(ok)
+    del bad["response"]["output"][2]["type"]
+    assert _verify(server, bad)[0] == 422
+    bad = copy.deepcopy(ok)
+    bad["response"]["output"][1]["output"] = {"city": "sf"}
+    assert _verify(server, bad)[0] == 422
+    bad = copy.deepcopy(ok)
+    bad["response"]["parallel_tool_calls"] = None
+    assert _verify(server, bad)[0] == 422
+    bad = copy.deepcopy(ok)
+    bad["responses_create_params"] = {}
+    assert _verify(server, bad)[0] == 422
     # string content needs neither an id nor annotations
     fine = copy.deepcopy(ok)
     fine["response"]["output"][2] = {"type": "message", "role": "assistant", "content": "It is cold."}
@@ -177,8 +193,10 @@ def test_verify_reward_and_metrics(server):
 
 
 @pytest.mark.parametrize("body", [
-    {"resources_session_id": "", "episode_id": {"rollout_id": "r1"}},
+    {"resources_session_id": 5, "episode_id": {"rollout_id": "r1"}},
     {"resources_session_id": "s", "episode_id": {"rollout_id": "_r1"}},
+    {"resources_session_id": "s", "episode_id": {"rollout_id": "r1-a3"}},
+    {"resources_session_id": "s", "episode_id": {"rollout_id": "r1", "attempt": -1}},
     {"resources_session_id": "s", "episode_id": {"rollout_id": "r 1"}},
     {"resources_session_id": "s", "episode_id": {"rollout_id": "r1", "extra": 1}},
     {"resources_session_id": "s", "episode_id": "r1"},
@@ -200,9 +218,112 @@ def test_close_session_wants_exactly_its_body(server, body):
 def test_close_session_accepts_its_body(server):
     async def go():
         async with aiohttp.ClientSession() as s:
-            return await call(s, server, "close_session", {"resources_session_id": "abc",
-                                                           "episode_id": {"rollout_id": "A0.b-c_d"}})
+            return [await call(s, server, "close_session", {"resources_session_id": "abc",
+                                                            "episode_id": {"rollout_id": "A0.b-c_d"}}),
+                    await call(s, server, "close_session", {"resources_session_id": "",
+                                                            "episode_id": {"rollout_id": "r1", "attempt": 2}})]
 
-    assert run(go())[:2] == (200, {})
-    assert server.closed == [{"resources_session_id": "abc", "episode_id": {"rollout_id": "A0.b-c_d"}}]
-    assert json.dumps(server.counts) == '{"close_session": 1}'
+    assert [a[:2] for a in run(go())] == [(200, {"resources_session_id": "abc"}), (200, {"resources_session_id": ""})]
+    assert server.closed[0] == {"resources_session_id": "abc", "episode_id": {"rollout_id": "A0.b-c_d"}}
+    assert json.dumps(server.counts) == '{"close_session": 2}'
+
+
+def protocol_cases() -> list[tuple[str, object]]:
+    """Requests whose answers must match the real server's: (route, JSON body; None: a body that is not JSON)."""
+    ok = {**ROW, "response": response_of(WEATHER_OUTPUT)}
+
+    def changed(edit) -> dict:
+        body = copy.deepcopy(ok)
+        edit(body["response"], body)
+        return body
+
+    cases: list[tuple[str, object]] = [
+        ("seed_session", ROW), ("seed_session", {}), ("seed_session", None), ("get_weather", {"city": "sf"}),
+        ("get_weather", {}), ("get_weather", {"city": 3}), ("get_weather", {"city": "sf", "x": 1}),
+        ("launch_rockets", {"n": 1}), ("verify", ok), ("verify", {"response": response_of(WEATHER_OUTPUT)}),
+        ("verify", changed(lambda r, b: b.update(responses_create_params={}))),
+        ("verify", changed(lambda r, b: b.update(extra_task_field={"a": [1]}))),
+        ("verify", changed(lambda r, b: r.update(object="chat.completion"))),
+        ("verify", changed(lambda r, b: r.update(parallel_tool_calls=None))),
+        ("verify", changed(lambda r, b: r.update(tool_choice={"type": "function", "name": "get_weather"}))),
+        ("verify", changed(lambda r, b: r.update(output=[]))),
+        ("verify", changed(lambda r, b: r["output"][0].update(arguments={"city": "sf"}))),
+        ("verify", changed(lambda r, b: r["output"][0].update(type="tool_call"))),
+        ("verify", changed(lambda r, b: r["output"][0].update(id="fc_1", status="completed"))),
+        ("verify", changed(lambda r, b: r["output"][1].update(output={"a": 1}))),
+        ("verify", changed(lambda r, b: r["output"][1].update(output=[{"type": "input_text", "text": "x"}]))),
+        ("verify", changed(lambda r, b: r["output"].__setitem__(2, {"type": "message", "role": "assistant",
+                                                                     "content": "cold"}))),
+        ("verify", changed(lambda r, b: r["output"].insert(0, {"type": "reasoning", "id": "r", "summary": []}))),
+        ("verify", changed(lambda r, b: r["output"][2]["content"][0].pop("annotations"))),
+    ]
+    for field in ("id", "created_at", "model", "object", "parallel_tool_calls", "tool_choice", "tools", "output"):
+        cases.append(("verify", changed(lambda r, b, f=field: r.pop(f))))
+    for item, key in ((0, "call_id"), (0, "name"), (0, "arguments"), (1, "call_id"), (1, "output"), (2, "id"),
+                      (2, "role"), (2, "type")):
+        cases.append(("verify", changed(lambda r, b, i=item, k=key: r["output"][i].pop(k))))
+    for rid, extra in (("r1", {}), ("_r1", {}), ("r 1", {}), ("r1-a3", {}), ("r1", {"attempt": 2}),
+                       ("r1", {"attempt": -1}), ("r1", {"x": 1})):
+        cases.append(("close_session", {"resources_session_id": "s", "episode_id": {"rollout_id": rid, **extra}}))
+    cases += [("close_session", body) for body in (
+        {"resources_session_id": "", "episode_id": {"rollout_id": "r1"}}, {"resources_session_id": "s"},
+        {"resources_session_id": "s", "episode_id": "r1"}, {}, [],
+        {"resources_session_id": "s", "episode_id": {"rollout_id": "r1"}, "extra": True})]
+    return cases
+
+
+REAL_SERVER = """
+import sys
+from unittest.mock import MagicMock
+import uvicorn
+from nemo_gym.server_utils import ServerClient
+from resources_servers.example_single_tool_call.app import (
+    SimpleWeatherResourcesServer as S, SimpleWeatherResourcesServerConfig as C)
+port = int(sys.argv[1])
+app = S(config=C(host="127.0.0.1", port=port, entrypoint="", name="example_single_tool_call"),
+        server_client=MagicMock(spec=ServerClient)).setup_webserver()
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("SFT_RAY_NEMO_GYM_PYTHON"),
+                    reason="set SFT_RAY_NEMO_GYM_PYTHON to a Python with nemo-gym==0.7.0 (AGENT_ROLLOUTS.md)")
+def test_answers_like_the_real_nemo_gym_server(server):
+    """The same requests to NeMo Gym's own example_single_tool_call and to this server: same statuses, cookies,
+    rewards; every field of the real verify answer is in ours."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([os.environ["SFT_RAY_NEMO_GYM_PYTHON"], "-c", REAL_SERVER, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    real = f"http://127.0.0.1:{port}"
+
+    async def ask(base_url, route, body):
+        data = b"{not json" if body is None else json.dumps(body).encode()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{base_url}/{route}", data=data,
+                              headers={"Content-Type": "application/json"}) as r:
+                return r.status, await r.json(content_type=None), sorted(r.cookies)
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                run(ask(real, "seed_session", {}))
+                break
+            except aiohttp.ClientError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        for route, body in protocol_cases():
+            want, got = run(ask(real, route, body)), run(ask(server.base_url, route, body))
+            assert got[0] == want[0], (route, body, want, got)
+            assert got[2] == want[2] == ["SimpleWeatherResourcesServer___example_single_tool_call"]
+            if route == "verify" and want[0] == 200:
+                assert got[1]["reward"] == want[1]["reward"] and set(want[1]) <= set(got[1])
+            elif want[0] != 200:
+                assert type(got[1]) is type(want[1])
+            else:
+                assert got[1] == want[1], (route, body)
+    finally:
+        proc.terminate()
+        proc.wait(10)
