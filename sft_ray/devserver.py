@@ -12,6 +12,8 @@ request through markers in the prompt:
 - ``[[echo_auth]]``: 401 whose body repeats the request's Authorization header
   (a careless server: the client must keep the key out of its error text).
 
+A request for model ``mock-judge`` is answered as an LLM judge would (:func:`judge_reply`).
+
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
 """
@@ -78,6 +80,25 @@ def _last_user_text(messages) -> str:
     return messages if isinstance(messages, str) else ""
 
 
+def _tag(text: str, name: str) -> str | None:
+    m = re.search(rf"<{name}>\n?(.*?)\n?</{name}>", text, re.DOTALL)
+    return m.group(1) if m else None
+
+
+def judge_reply(text: str) -> str:
+    """The mock judge: ``[[A=B]]`` when <reference> and <candidate> match (case and spaces aside),
+    else ``[[A!=B]]``; with a <rubric>, ``Rating: [[N]]`` where the <response> says ``rate=N`` (else 10).
+    ``[[judge:garbage]]`` in the answer gets a reply without a verdict."""
+    answer = _tag(text, "candidate") or _tag(text, "response") or ""
+    if "[[judge:garbage]]" in answer + (_tag(text, "reference") or ""):
+        return "I cannot decide."
+    if _tag(text, "rubric") is not None:
+        m = re.search(r"rate=(\d+)", answer)
+        return f"The response meets the rubric.\nRating: [[{m.group(1) if m else 10}]]"
+    same = " ".join((_tag(text, "reference") or "").lower().split()) == " ".join(answer.lower().split())
+    return "Checked both answers.\n" + ("[[A=B]]" if same else "[[A!=B]]")
+
+
 def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     rng = random.Random(cfg.seed)
 
@@ -131,6 +152,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             if failed is not None:
                 state.by_status[failed.status] += 1
                 return failed
+            if str(body.get("model", "")).startswith("mock-judge"):
+                text = judge_reply(text)
             words = text.split()
             limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
             truncated = bool(limit) and len(words) > limit

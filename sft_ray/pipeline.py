@@ -165,7 +165,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     from sft_ray.backends.base import Secret
     from sft_ray.stages.generate import GenerateStage
     from sft_ray.stages.read import make_dataset
-    from sft_ray.stages.score import ScoreStage
+    from sft_ray.stages.score import ScoreStage, verifier_payload
 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
@@ -196,9 +196,9 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     s_lo, s_hi = actor_range(cfg.resources.score_actors)
     ds = ds.map_batches(
         ScoreStage,
-        fn_constructor_kwargs={"verifier": cfg.verifier.model_dump()},
+        fn_constructor_kwargs={"verifier": verifier_payload(cfg.verifier)},
         batch_size=None,
-        compute=ray.data.ActorPoolStrategy(min_size=s_lo, max_size=s_hi),
+        compute=ray.data.ActorPoolStrategy(min_size=s_lo, max_size=s_hi, max_concurrent_calls_per_actor=4),
         num_cpus=cfg.resources.score_num_cpus,
     )
     return ds

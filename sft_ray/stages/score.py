@@ -41,9 +41,11 @@ def _plain(value: Any) -> Any:
 
 def clean_metric(value: Any) -> Any:
     """A metric value as JSON-safe data, or ``_DROP``: numbers become finite floats (NaN and
-    infinities are dropped), strings and None stay, lists and dicts are kept when they
+    infinities are dropped), strings and None stay, lists, dicts and numpy arrays are kept when they
     serialise (numpy inside included; NaN inside becomes null); anything else is dropped."""
     value = _plain(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # an array
+        value = value.tolist()
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, (int, float)):
@@ -150,6 +152,22 @@ def score_rollout(verifier, rollout: dict[str, Any]) -> dict[str, Any]:
     """Score one successful rollout in place and return it (outside an event loop)."""
     asyncio.run(score_rollouts(verifier, [rollout]))
     return rollout
+
+
+def verifier_payload(verifier) -> dict[str, Any]:
+    """The ``verifier`` config section as the plain dict ScoreStage takes, with each judge's API
+    key read on the driver (as the generation model's is) and carried as a Secret."""
+    from sft_ray.backends.base import Secret
+
+    def walk(section, data: dict[str, Any]) -> None:
+        if section.judge is not None:
+            data["judge"]["model"]["api_key"] = Secret(section.judge.model.api_key())
+        for sub, sub_data in zip(section.components, data["components"]):
+            walk(sub, sub_data)
+
+    data = verifier.model_dump()
+    walk(verifier, data)
+    return data
 
 
 class ScoreStage:
