@@ -136,12 +136,77 @@ ROW_PARAM_KEYS = frozenset(SamplingConfig.model_fields) | {"input", "instruction
                                                            "max_tokens", "max_completion_tokens"}
 
 
+class CodeConfig(_Strict):
+    """`type: code`: how the reply's program is run against the row's tests."""
+
+    mode: Literal["share", "all"] = Field(
+        "share", description="Reward: `share` of the row's tests passed, or `all` (1 only when every test passes)."
+    )
+    timeout_s: float = Field(
+        10.0, gt=0, description="CPU seconds per test run (the wall-clock deadline is 2x this plus 5 s)."
+    )
+    memory_mb: int = Field(1024, ge=64, description="Address-space limit of a test run, in MiB.")
+    file_mb: int = Field(16, ge=0, description="Largest file a test run may write, in MiB.")
+    max_output_bytes: int = Field(1 << 20, ge=1024, description="Output kept per run; past it the run is killed.")
+    workers: int | None = Field(
+        None, ge=1, description="Test runs at once per scoring actor (default: the machine's cores)."
+    )
+    prepend_field: str | None = Field(
+        None, description="Row field (e.g. `prompt`) put before a reply that does not define `entry_point` "
+        "itself (completions that continue HumanEval's prompt)."
+    )
+
+
+class JudgeConfig(_Strict):
+    """An LLM judge (`type: judge`, or `type: math` falling back to it)."""
+
+    model: ModelConfig = Field(description="The judge model, with the same keys as the top-level `model` section.")
+    template: str = Field(
+        "equivalence",
+        description="`equivalence` (question, reference, candidate -> [[A=B]] / [[A!=B]]), `score` (a rubric -> "
+        "`Rating: [[N]]`, N in 1..10, reward (N-1)/9), or a template file with {field} placeholders from the row "
+        "plus {question}, {reference}, {response}.",
+    )
+    verdict: Literal["equivalence", "score"] = Field(
+        "equivalence", description="How a template file's verdict is read: [[A=B]] / [[A!=B]], or Rating: [[N]]."
+    )
+    check_twice_swap: bool = Field(
+        False, description="equivalence: ask again with reference and candidate swapped; reward 1 only if both agree."
+    )
+    max_parse_retries: int = Field(
+        2, ge=0, le=10, description="New judge calls when a verdict cannot be read; then the row is a `judge_error`."
+    )
+    responses_create_params: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0.0, "max_output_tokens": 1024},
+        description="Sampling for the judge's calls (temperature, max_output_tokens, ...).",
+    )
+    question_field: str | None = Field(
+        None, description="Row field holding the question (default: the row's prompt, its last user message)."
+    )
+    rubric_field: str = Field("rubric", description="`score` template: row field holding the rubric.")
+
+    @model_validator(mode="after")
+    def _judge_model(self) -> "JudgeConfig":
+        if self.model.backend != "openai":
+            raise ValueError("verifier.judge.model.backend: only `openai` (any OpenAI-compatible endpoint) is "
+                             "supported for judges")
+        if not self.model.name:
+            raise ValueError("verifier.judge.model.name is required (the name the judge's API serves)")
+        if self.template not in ("equivalence", "score") and not Path(self.template).is_file():
+            raise ValueError(f"verifier.judge.template: not `equivalence`, `score` or an existing file: "
+                             f"{self.template}")
+        return self
+
+
 class VerifierConfig(_Strict):
     """How each response is scored."""
 
-    type: Literal["exact_match", "math", "mcq", "regex", "python", "nemo_gym", "none"] = Field(
-        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, "
-        "nemo_gym (the environment's /verify), none."
+    type: Literal["exact_match", "math", "mcq", "regex", "python", "code", "json_schema", "judge", "composite",
+                  "nemo_gym", "none"] = Field(
+        "exact_match",
+        description="Verifier: exact_match, math (math-verify; with `judge`, a judge when it finds no match), mcq, "
+        "regex, python, code (run the reply against the row's tests), json_schema, judge (an LLM judge), "
+        "composite (several verifiers), nemo_gym (the environment's /verify), none.",
     )
     answer_field: str = Field("expected_answer", description="Row field holding the reference answer.")
     pattern: str | None = Field(
@@ -152,9 +217,28 @@ class VerifierConfig(_Strict):
     function: str | None = Field(
         None,
         description="python: `module:function` or `path/to/file.py:function`, called as fn(row, response) "
-        "and returning a float or a dict with `reward` and other metrics.",
+        "(plus `rollout=` / `messages=` when it names those parameters; it may be async) and returning a "
+        "float or a dict with `reward` and other metrics.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the verifier.")
+    concurrency: int = Field(
+        32, ge=1, description="Rows scored at once per scoring actor by an async verifier (judge, code, async python)."
+    )
+    code: CodeConfig = Field(default_factory=CodeConfig)
+    schema_field: str = Field("schema", description="json_schema: row field holding the JSON Schema.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="json_schema: one schema for every row (a row's own `schema_field` wins)."
+    )
+    judge: JudgeConfig | None = Field(None, description="judge, or math with a judge fallback: the judge.")
+    components: list["VerifierConfig"] = Field(
+        default_factory=list,
+        description="composite: the verifiers, each a verifier section of its own plus `weight` and `name`.",
+    )
+    combine: Literal["mean", "min", "all"] = Field(
+        "mean", description="composite: weighted `mean` of the rewards, their `min`, or `all` (1 when all are 1)."
+    )
+    weight: float = Field(1.0, ge=0, description="composite component: its weight in the mean.")
+    name: str | None = Field(None, description="composite component: its metric prefix (default: its type).")
 
     @model_validator(mode="after")
     def _needs(self) -> "VerifierConfig":
@@ -162,6 +246,14 @@ class VerifierConfig(_Strict):
             raise ValueError("verifier.pattern is required when verifier.type is 'regex'")
         if self.type == "python" and (not self.function or ":" not in self.function):
             raise ValueError("verifier.function must be 'module:function' when verifier.type is 'python'")
+        if self.type == "judge" and self.judge is None:
+            raise ValueError("verifier.judge is required when verifier.type is 'judge' (at least judge.model.name)")
+        if self.type == "composite" and not self.components:
+            raise ValueError("verifier.components: a composite verifier needs at least one component")
+        if self.type == "composite" and sum(c.weight for c in self.components) <= 0 and self.combine == "mean":
+            raise ValueError("verifier.components: the weights sum to 0")
+        if self.judge is not None and self.type not in ("judge", "math"):
+            raise ValueError("verifier.judge is used only by the judge and math verifiers")
         if self.pattern:
             import re
 
@@ -169,6 +261,14 @@ class VerifierConfig(_Strict):
                 re.compile(self.pattern)
             except re.error as e:
                 raise ValueError(f"verifier.pattern is not a valid regular expression: {e}") from None
+        if self.json_schema is not None:
+            from jsonschema import SchemaError
+            from jsonschema.validators import validator_for
+
+            try:
+                validator_for(self.json_schema).check_schema(self.json_schema)
+            except SchemaError as e:
+                raise ValueError(f"verifier.json_schema is not a valid JSON Schema: {e.message}") from None
         return self
 
 

@@ -30,6 +30,8 @@ user message steer it:
 arguments that are not JSON or a tool name that does not exist. In agent requests
 the ``[[fail:...]]`` markers count attempts per model call of the episode.
 
+A request for model ``mock-judge`` is answered as an LLM judge would (:func:`judge_reply`).
+
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
 """
@@ -228,6 +230,29 @@ def tool_call_answer(api: str, body: dict, calls: list[dict], call_no: int, n_in
             "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
 
 
+
+# --- the mock judge --------------------------------------------------------------------------
+
+
+def _tag(text: str, name: str) -> str | None:
+    m = re.search(rf"<{name}>\n?(.*?)\n?</{name}>", text, re.DOTALL)
+    return m.group(1) if m else None
+
+
+def judge_reply(text: str) -> str:
+    """The mock judge: ``[[A=B]]`` when <reference> and <candidate> match (case and spaces aside),
+    else ``[[A!=B]]``; with a <rubric>, ``Rating: [[N]]`` where the <response> says ``rate=N`` (else 10).
+    ``[[judge:garbage]]`` in the answer gets a reply without a verdict."""
+    answer = _tag(text, "candidate") or _tag(text, "response") or ""
+    if "[[judge:garbage]]" in answer + (_tag(text, "reference") or ""):
+        return "I cannot decide."
+    if _tag(text, "rubric") is not None:
+        m = re.search(r"rate=(\d+)", answer)
+        return f"The response meets the rubric.\nRating: [[{m.group(1) if m else 10}]]"
+    same = " ".join((_tag(text, "reference") or "").lower().split()) == " ".join(answer.lower().split())
+    return "Checked both answers.\n" + ("[[A=B]]" if same else "[[A!=B]]")
+
+
 # --- the server ----------------------------------------------------------------------------
 
 
@@ -296,6 +321,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 out = tool_call_answer(api, body, turn.calls, call_no, n_in)
                 return web.Response(body=orjson.dumps(out), content_type="application/json")
             source = turn.final if turn is not None else text
+            if str(body.get("model", "")).startswith("mock-judge"):
+                source = judge_reply(text)
             words = source.split()
             limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
             truncated = bool(limit) and len(words) > limit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -32,22 +33,57 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 
 class PythonFunction:
-    """Calls ``fn(row, response)``; it returns a number (the reward) or a dict with
-    ``reward`` and any other numeric metrics. Rewards are clipped to [0, 1]."""
+    """Calls ``fn(row, response, **options)``; it returns a number (the reward) or a dict with
+    ``reward`` and other metrics. Rewards are clipped to [0, 1]. ``fn`` may be ``async``.
+
+    The whole episode is passed too when ``fn`` names the parameter: ``rollout`` (the rollout
+    row: ``messages`` with tool calls and results, ``termination``, ``usage``...) and/or
+    ``messages`` (the transcript).
+    """
+
+    wants_rollout = True
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.fn = load_function(cfg["function"])
         self.kwargs = cfg.get("options", {})
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: the plain call
+            params = {}
+        self.pass_rollout = "rollout" in params
+        self.pass_messages = "messages" in params
 
-    def __call__(self, row: dict[str, Any], response: str) -> dict[str, Any]:
-        out = self.fn(row, response, **self.kwargs)
-        if isinstance(out, bool) or isinstance(out, (int, float)):
-            out = {"reward": float(out)}
+    def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> Any:
+        kwargs = dict(self.kwargs)
+        if self.pass_rollout:
+            kwargs["rollout"] = rollout
+        if self.pass_messages:
+            kwargs["messages"] = (rollout or {}).get("messages")
+        out = self.fn(row, response, **kwargs)
+        if inspect.isawaitable(out):
+            return self._finish_later(out)
+        return self._finish(out)
+
+    async def _finish_later(self, out: Any) -> dict[str, Any]:
+        return self._finish(await out)
+
+    def _finish(self, out: Any) -> dict[str, Any]:
+        if type(out).__module__ == "numpy" and getattr(out, "ndim", None) == 0:
+            out = out.item()
+        if isinstance(out, (bool, int, float)):
+            out = {"reward": out}
         if not isinstance(out, dict) or "reward" not in out:
-            raise TypeError(f"{self.cfg['function']} must return a number or a dict with 'reward', got {out!r}")
-        reward = float(out["reward"])
-        if math.isnan(reward):
-            raise ValueError(f"{self.cfg['function']} returned a NaN reward")
-        out["reward"] = min(1.0, max(0.0, reward))
+            raise TypeError(f"{self.cfg['function']} must return a number or a dict with 'reward', got {out!r:.200}")
+        out = dict(out)
+        reward = out["reward"]
+        if isinstance(reward, (int, float)) or type(reward).__module__ == "numpy":
+            try:
+                reward = float(reward)
+            except (TypeError, ValueError):
+                pass  # the scoring stage reports it as a reward that is not a number
+            else:
+                if math.isnan(reward):
+                    raise ValueError(f"{self.cfg['function']} returned a NaN reward")
+                out["reward"] = min(1.0, max(0.0, reward))
         return out
