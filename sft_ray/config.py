@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,30 @@ class ModelConfig(_Strict):
         description="vllm backend: engine options passed through (max_model_len, gpu_memory_utilization, "
         "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...).",
     )
+
+    tool_parser: str | None = Field(
+        None,
+        description="vllm backend: vLLM's tool parser that turns the model's text into tool calls on rows with "
+        "`tools` (`hermes`, `llama3_json`, `pythonic`, `mistral`, ...; the one vLLM's server would use for the "
+        "model). Empty: `hermes` for the embedded model; other models then fail rows that have tools.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="vllm backend: a Jinja chat template replacing the model's own, as a file path (read when "
+        "the config loads) or the template text. Empty: the model's template; for the embedded model, a "
+        "tool-capable ChatML template shipped with sft-ray.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_chat_template(cls, t: str | None) -> str | None:
+        # Read here, so actors on other nodes need not see the file.
+        if t and "{{" not in t and "{%" not in t:  # not template text: a file path
+            path = Path(t).expanduser()
+            if not path.is_file():
+                raise ValueError("no such template file (give a file path or the template text)")
+            return path.read_text()
+        return t
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -478,6 +502,8 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "base_url": cfg.model.base_url,
             "api": cfg.model.api,
             "engine_kwargs": cfg.model.engine_kwargs,
+            "tool_parser": cfg.model.tool_parser,
+            "chat_template": cfg.model.chat_template,
             "extra_body": cfg.model.extra_body,
         },
         "responses_create_params": cfg.responses_create_params.model_dump(),
