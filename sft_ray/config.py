@@ -355,7 +355,10 @@ class ReadConfig(_Strict):
     skip_bad_lines: bool = Field(
         False, description="Skip and count malformed input lines instead of stopping at the first."
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows of each input file (for trials).")
+    limit: int | None = Field(
+        None, ge=1, description="Use only the first N rows of the whole input, files in name order (for trials, as "
+        "NeMo Gym's `limit`). Part of the run fingerprint: a resume with another limit is refused."
+    )
 
 
 class ResourcesConfig(_Strict):

@@ -85,6 +85,10 @@ def format_report(stats: dict[str, Any]) -> str:
     lines = []
     rw = stats["reward"]
     lines.append(f"samples: {stats['samples']}  succeeded: {stats['succeeded']}  failed: {stats['failed']}")
+    if "expected" in stats:
+        lines.append(f"expected: {stats['expected']}  done: {stats['done']}  pending: {stats['pending']}  "
+                     f"failed for good: {stats['failed_final']}  complete: {'yes' if stats['complete'] else 'no'}"
+                     + (f"  bad lines skipped: {stats['bad_lines']}" if stats.get("bad_lines") else ""))
     if rw.get("count"):
         lines.append(
             "reward: mean {mean:.4f}  median {median:.4f}  stdev {stdev:.4f}  min {min:.4f}  max {max:.4f}".format(**rw)

@@ -13,6 +13,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 import uuid
 
 import boto3
@@ -70,17 +71,22 @@ def test_input_folder_and_glob_on_s3(s3, monkeypatch):
     put_jsonl(s3, "in/a.jsonl", [{"prompt": "a1"}, {"prompt": "a2"}])
     put_jsonl(s3, "in/sub/b.jsonl.gz", [{"prompt": "b1", "expected_answer": "007"}], gz=True)
     put_jsonl(s3, "in/c.json", [{"prompt": "c1"}])
+    put_jsonl(s3, "in/sub/d.jsonl", [{"prompt": "d1"}])
     s3.put_object(Bucket=s3.bucket, Key="in/README.txt", Body=b"not rows")
+    s3.put_object(Bucket=s3.bucket, Key="in/dataset_info.json", Body=b'{"features": {}}')
     root = f"s3://{s3.bucket}/in"
-    assert io.list_input_files(root + "/") == [f"{root}/a.jsonl", f"{root}/c.json", f"{root}/sub/b.jsonl.gz"]
-    assert io.list_input_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]
-    assert io.list_input_files(root + "/**.gz") == [f"{root}/sub/b.jsonl.gz"]
+    # A folder gives its JSONL files only (issue 9.20: dataset_info.json stopped the run).
+    assert io.list_input_files(root + "/") == [f"{root}/a.jsonl", f"{root}/sub/b.jsonl.gz", f"{root}/sub/d.jsonl"]
+    assert io.list_input_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]  # `*` does not cross `/`
+    assert io.list_input_files(root + "/*/*.jsonl") == [f"{root}/sub/d.jsonl"]
+    assert io.list_input_files(root + "/**/*.gz") == [f"{root}/sub/b.jsonl.gz"]
+    assert io.list_input_files(root + "/**/*.jsonl") == [f"{root}/a.jsonl", f"{root}/sub/d.jsonl"]
     with pytest.raises(FileNotFoundError):
         io.list_input_files(f"s3://{s3.bucket}/nothing-here/")
     # pyarrow also honours the service-independent variable.
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.meta.endpoint_url)
-    assert io.list_input_files(root + "/*.json") == [f"{root}/c.json"]
+    assert io.list_input_files(root + "/c*.json") == [f"{root}/c.json"]  # a glob names any file
     [cols] = list(read_samples(f"{root}/sub/b.jsonl.gz", num_repeats=2))
     assert cols["sample_index"] == [0, 1]
     assert json.loads(cols["row"][0])["expected_answer"] == "007"  # text kept, never coerced
@@ -172,3 +178,21 @@ def test_stats_and_filter_commands_on_an_s3_run_folder(s3, mock_server, tmp_path
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r2/run.json")["Body"].read())
     assert manifest["config"]["train"]["format"] == "parquet"
     assert mock_server.state.requests == served  # no model was called
+
+
+def test_s3_parts_are_flushed_on_a_timer_and_at_a_byte_limit(s3):
+    """Rows must not sit in the driver's memory while no batch arrives (issue 9.11)."""
+    from sft_ray.stages.write import PartWriter
+
+    w = PartWriter(f"s3://{s3.bucket}/runs/w/rollouts", 0, part_seconds=0.5, part_bytes=1000)
+    try:
+        w.write([b'{"a": 1}'])
+        deadline = time.time() + 10
+        while not get_jsonl(s3, "runs/w/rollouts/") and time.time() < deadline:
+            time.sleep(0.1)
+        assert get_jsonl(s3, "runs/w/rollouts/") == {"runs/w/rollouts/part-000-00000.jsonl": [{"a": 1}]}
+        w.part_seconds = 3600
+        w.write([b'{"b": "' + b"x" * 2000 + b'"}'])  # over the byte bound: uploaded at once
+        assert len(get_jsonl(s3, "runs/w/rollouts/")) == 2
+    finally:
+        w.close()

@@ -174,12 +174,14 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
 
 
 def _write_train(run_dir: str, buckets: _Buckets, sizes: list[int], fmt: str) -> list[int]:
-    """Replace train/ with new shards part-00000.<fmt>, ... of the given sizes."""
-    train = io.join(run_dir, TRAIN)
-    io.delete(train)
-    io.makedirs(train)
+    """Replace train/ with new shards part-00000.<fmt>, ... of the given sizes: written aside
+    (train.new/), then swapped in, so a crash while writing leaves the old train/ whole."""
+    train, new = io.join(run_dir, TRAIN), io.join(run_dir, TRAIN + ".new")
+    io.delete(new)
+    io.makedirs(new)
     rows = buckets.ordered()
     for i, size in enumerate(sizes):
         lines = [next(rows) for _ in range(size)]
-        _write_shard(io.join(train, f"part-{i:05d}.{fmt}"), lines, fmt)
+        _write_shard(io.join(new, f"part-{i:05d}.{fmt}"), lines, fmt)
+    io.replace_dir(new, train)
     return sizes
