@@ -92,11 +92,9 @@ class StatsAccumulator:
                 self.metric_counts[k] += 1
 
     def add_kept(self, source: str | None, output_tokens: int, validation: bool = False) -> None:
-        """A sample that reached train/ (or validation/)."""
-        if validation:
-            self.validation += 1
-        else:
-            self.kept += 1
+        """A sample that passed every filter, bound for train/ or (``validation``) validation/."""
+        self.kept += 1
+        self.validation += validation
         if source is not None:
             self.sources.setdefault(source, Counter())["kept"] += 1
         self.kept_lengths[output_tokens] += 1
@@ -150,7 +148,9 @@ class StatsAccumulator:
                    "mean_reward": c["reward_sum"] / c["rewarded"] if c["rewarded"] else None}
             for name, c in sorted(self.sources.items())
         }
-        out["lengths"] = {"output_tokens": _percentiles(self.lengths), "kept_output_tokens": _percentiles(self.kept_lengths)}
+        out["lengths"] = {"output_tokens": _percentiles(self.lengths),
+                          "kept_output_tokens": _percentiles(self.kept_lengths),
+                          "output_tokens_histogram": _histogram(self.lengths)}
         if self.prompts and max(self.prompt_sizes) > 1:
             means = np.asarray(self.prompt_means)
             counts, edges = np.histogram(np.clip(means, 0.0, 1.0), bins=HIST_BINS, range=(0.0, 1.0))
@@ -224,6 +224,16 @@ def _percentiles(counts: Counter[int]) -> dict[str, float]:
     out["max"] = max(counts)
     out["mean"] = total / n
     return out
+
+
+def _histogram(counts: Counter[int]) -> dict[str, list[float]]:
+    """HIST_BINS equal bins from 0 to the largest value, of values given as value -> count."""
+    if not counts:
+        return {"edges": [], "counts": []}
+    values = np.fromiter(counts.keys(), dtype=np.float64)
+    weights = np.fromiter(counts.values(), dtype=np.float64)
+    hist, edges = np.histogram(values, bins=HIST_BINS, range=(0.0, max(1.0, float(values.max()))), weights=weights)
+    return {"edges": [round(float(e), 1) for e in edges], "counts": [int(c) for c in hist]}
 
 
 def advice(stats: dict[str, Any], temperature: float | None = None) -> list[str]:

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import orjson
 
 from sft_ray import io
+from sft_ray.config import FilterConfig, TrainConfig
 from sft_ray.curate import (
     TEXT_CAP,
     choose,
@@ -139,8 +140,6 @@ def _write_shard(uri: str, lines: list[bytes], fmt: str) -> None:
 
 def _normalise(filter_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fill in defaults (callers may pass partial dicts, e.g. from an older run.json)."""
-    from sft_ray.config import FilterConfig, TrainConfig
-
     return FilterConfig.model_validate(filter_cfg).model_dump(), TrainConfig.model_validate(train_cfg).model_dump()
 
 
@@ -226,9 +225,9 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
 
     stats = acc.result()
     stats["train_rows"] = acc.kept - acc.validation
-    stats["filter"] = {k: v for k, v in flt.items() if v not in (None, False, "none")}
-    stats["train"] = {k: tc[k] for k in ("format", "file_format", "max_per_prompt", "validation_fraction",
-                                          "reasoning") if tc[k] not in (None, 0.0)}
+    # The settings that differ from the defaults (what this cut of the run chose).
+    stats["filter"] = {k: v for k, v in flt.items() if v != FilterConfig.model_fields[k].default}
+    stats["train"] = {k: v for k, v in tc.items() if k != "include_fields" and v != TrainConfig.model_fields[k].default}
     stats["shuffle_seed"] = shuffle_seed
     stats["advice"] = advice(stats, temperature)
     if torn:
