@@ -333,9 +333,33 @@ class EnvironmentConfig(_Strict):
 
 
 class FilterConfig(_Strict):
+    """Which rollouts reach train/ (applied by finalize; `sft-ray filter` re-applies them without a model).
+    Each drop is counted by reason in stats.json."""
+
     min_reward: float = Field(0.0, description="Keep samples whose reward is >= this.")
     max_reward: float | None = Field(None, description="Optionally also drop samples whose reward is > this.")
-    drop_truncated: bool = Field(False, description="Drop samples whose finish_reason is `length`.")
+    drop_truncated: bool = Field(True, description="Drop samples whose finish_reason is `length` (cut by the model).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Drop samples that generated more than this many output tokens (usage.output_tokens, "
+        "summed over an episode's model calls)."
+    )
+    drop_unfinished: bool = Field(
+        True, description="Agent episodes: drop those whose `termination` is not `final` (max_steps, length, error)."
+    )
+    drop_malformed_tool_calls: bool = Field(
+        True, description="Agent episodes: drop those with a malformed or unknown tool call (num_malformed_tool_calls > 0)."
+    )
+    drop_tool_errors: bool = Field(False, description="Agent episodes: drop those in which a tool returned an error.")
+    min_tool_calls: int | None = Field(None, ge=0, description="Agent episodes: drop those with fewer tool calls.")
+    max_tool_calls: int | None = Field(None, ge=0, description="Agent episodes: drop those with more tool calls.")
+    dedup: Literal["none", "exact", "near"] = Field(
+        "none", description="Per prompt, drop duplicate replies: `exact` (same text once whitespace and case are "
+        "normalised) or `near` (MinHash Jaccard >= near_dedup_threshold). The highest reward of a group is kept."
+    )
+    near_dedup_threshold: float = Field(
+        0.8, gt=0, le=1, description="`dedup: near`: estimated Jaccard similarity of word 3-grams at or above which "
+        "two replies to one prompt are duplicates."
+    )
 
 
 class ShuffleConfig(_Strict):
@@ -343,12 +367,43 @@ class ShuffleConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    format: Literal["jsonl", "parquet"] = Field("jsonl", description="Shard format of train/.")
+    format: Literal["messages", "prompt_completion", "openai"] = Field(
+        "messages",
+        description="Training-row format. `messages`: {messages, tools} for TRL's SFTTrainer and Hugging Face chat "
+        "templates (tool-call arguments as JSON objects); `prompt_completion`: TRL's conversational prompt/completion "
+        "(completion = the generated turns, for completion-only loss); `openai`: OpenAI fine-tuning JSONL "
+        "(arguments as JSON strings, parallel_tool_calls).",
+    )
+    file_format: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="Shard file format of train/ and validation/. Parquet shards share one declared schema."
+    )
     rows_per_shard: int = Field(10_000, ge=1, description="Target rows per shard; shard sizes differ by at most 1.")
     include_fields: list[str] = Field(
         default_factory=list,
-        description="Rollout fields copied into each training row beside `messages` (e.g. id, reward).",
+        description="Rollout fields copied into each training row (e.g. id, reward); a dotted path (metrics.accuracy) "
+        "copies one nested value, kept nested.",
     )
+    max_per_prompt: int | None = Field(
+        None, ge=1, description="Keep at most this many samples per prompt: the highest rewards, ties broken by the "
+        "shuffle seed."
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of prompts written to validation/ instead of train/ (split by prompt: all "
+        "samples of a prompt on one side; deterministic for shuffle.seed)."
+    )
+    reasoning: Literal["keep", "drop", "think_tags"] = Field(
+        "keep", description="Reasoning traces in training rows: `keep` as `reasoning_content` on assistant messages, "
+        "`drop` them (and <think> blocks), or `think_tags`: put them in the content as <think>...</think>."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_format(cls, data: Any) -> Any:
+        # Run folders written before `file_format` existed stored the file format as `format`.
+        if isinstance(data, dict) and data.get("format") in ("jsonl", "parquet") and "file_format" not in data:
+            data = {**data, "file_format": data["format"]}
+            data.pop("format")
+        return data
 
 
 class ReadConfig(_Strict):

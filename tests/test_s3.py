@@ -164,7 +164,7 @@ def test_stats_and_filter_commands_on_an_s3_run_folder(s3, mock_server, tmp_path
     stats = subprocess.run(cli + ["stats", out], capture_output=True, text=True, timeout=120)
     assert stats.returncode == 0, stats.stderr
     assert "samples: 20" in stats.stdout and '"reward": 0.5' in stats.stdout
-    flt = subprocess.run(cli + ["filter", out, "--min-reward", "1", "--rows-per-shard", "4", "--format", "parquet"],
+    flt = subprocess.run(cli + ["filter", out, "--min-reward", "1", "--rows-per-shard", "4", "--file-format", "parquet"],
                          capture_output=True, text=True, timeout=120)
     assert flt.returncode == 0, flt.stderr
     fs = pafs.S3FileSystem(endpoint_override=s3.meta.endpoint_url, access_key="testing", secret_key="testing",
@@ -172,11 +172,11 @@ def test_stats_and_filter_commands_on_an_s3_run_folder(s3, mock_server, tmp_path
     names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{s3.bucket}/runs/r2/train")))
     assert names == [f"{s3.bucket}/runs/r2/train/part-0000{i}.parquet" for i in range(3)]  # 10 rows: 4, 3, 3
     table = pq.ParquetDataset(f"{s3.bucket}/runs/r2/train", filesystem=fs).read()
-    assert table.num_rows == 10 and table.column_names == ["messages"]
+    assert table.num_rows == 10 and table.column_names == ["messages", "tools"]
     saved = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r2/stats.json")["Body"].read())
     assert saved["kept"] == 10 and saved["filter"] == {"min_reward": 1.0}
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r2/run.json")["Body"].read())
-    assert manifest["config"]["train"]["format"] == "parquet"
+    assert manifest["config"]["train"]["file_format"] == "parquet"
     assert mock_server.state.requests == served  # no model was called
 
 
