@@ -130,6 +130,9 @@ def init_ray(cfg: RunConfig) -> None:
     # Small blocks keep rows streaming: a block is the unit the driver receives and
     # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.
     ctx.target_max_block_size = BLOCK_BYTES
+    from sft_ray.raynoise import quiet_ray
+
+    quiet_ray()  # [config] Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
 
 
 def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
@@ -169,6 +172,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
+    model["secret_headers"] = Secret(cfg.model.secret_headers())  # [config] extra_headers_env values
     sampling = cfg.responses_create_params.model_dump()
     ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, cfg.read.limit)
     # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
