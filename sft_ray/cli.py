@@ -41,11 +41,15 @@ def run(
 ) -> None:
     """Run the whole job: generate, score, filter, shuffle, shard, report. Rerun to resume."""
     cfg = _load(config, overrides or [])
+    from sft_ray.config import ConfigError
     from sft_ray.pipeline import RunError
     from sft_ray.pipeline import run as run_job
 
     try:
+        cfg.model.secret_headers()  # an unset variable stops the run before Ray starts
         code = run_job(cfg, restart=restart)
+    except ConfigError as e:
+        _fail(str(e))
     except RunError as e:
         _fail(str(e), e.code)
     raise typer.Exit(code)

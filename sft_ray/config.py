@@ -21,6 +21,20 @@ class ConfigError(ValueError):
     """A configuration problem, worded for the user (names the field or file)."""
 
 
+# Header names that carry credentials (matched case-insensitively as substrings).
+_SECRET_HEADER_WORDS = ("key", "token", "secret", "auth", "password", "cookie", "credential", "signature")
+
+
+def looks_secret(header: str) -> bool:
+    """Whether a header's name says it carries a credential (`api-key`, `Authorization`, `x-auth-token`...)."""
+    low = header.lower()
+    return any(w in low for w in _SECRET_HEADER_WORDS)
+
+
+def _env_name(header: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in header).upper()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -61,7 +75,17 @@ class ModelConfig(_Strict):
         "max_tokens", description="Chat Completions: the body field that carries `max_output_tokens` "
         "(OpenAI's reasoning models want `max_completion_tokens`)."
     )
-    extra_headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers on every request.")
+    extra_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers on every request, stored in run.json as written: no credentials here "
+        "(a header named like one, e.g. `api-key`, is refused); use `extra_headers_env`.",
+    )
+    extra_headers_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Headers whose values are read from environment variables on the driver: "
+        "`{header: ENV_VAR}`, e.g. `{api-key: AZURE_OPENAI_KEY}`. The values never reach the config, "
+        "run folder, logs or error messages.",
+    )
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="Extra JSON fields merged into every request body."
     )
@@ -107,9 +131,30 @@ class ModelConfig(_Strict):
             raise ValueError("model.engine_kwargs.tensor_parallel_size must be a positive integer")
         return self
 
+    @model_validator(mode="after")
+    def _no_literal_credentials(self) -> "ModelConfig":
+        for name in self.extra_headers:
+            if looks_secret(name):
+                raise ValueError(
+                    f"model.extra_headers.{name}: a credential does not belong in the config (run.json keeps "
+                    f"it); put it in an environment variable and name that in model.extra_headers_env, "
+                    f"e.g. extra_headers_env: {{{name}: MY_{_env_name(name)}}}")
+        for name in set(self.extra_headers) & set(self.extra_headers_env):
+            raise ValueError(f"model.extra_headers.{name}: set in both extra_headers and extra_headers_env")
+        return self
+
     def api_key(self) -> str | None:
         """Read the key from the environment at the point of use (never stored in config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def secret_headers(self) -> dict[str, str]:
+        """The `extra_headers_env` headers with their values read from the environment now.
+        Raises :class:`ConfigError` naming the variable (never a value) when one is unset."""
+        missing = [f"{h} (from {v})" for h, v in self.extra_headers_env.items() if not os.environ.get(v)]
+        if missing:
+            raise ConfigError("model.extra_headers_env: environment variable(s) not set for header(s): "
+                              + ", ".join(missing))
+        return {h: os.environ[v] for h, v in self.extra_headers_env.items()}
 
 
 class SamplingConfig(_Strict):
@@ -520,7 +565,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {loc}: unknown key")
             continue
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        # Header values may be credentials: never echo them.
+        hidden = isinstance(got, dict) or e["type"] == "missing" or "extra_headers" in e["loc"]
+        shown = "" if hidden else f" (got {got!r})"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}{shown}" if loc != "<root>" else f"  {msg}")
     return "\n".join(lines)

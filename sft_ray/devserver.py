@@ -9,8 +9,8 @@ request through markers in the prompt:
 - ``[[fail:500:N]]`` / ``[[fail:429:N]]`` / ``[[fail:timeout:N]]`` / ``[[fail:malformed:N]]``:
   the first N attempts of this prompt fail that way, later ones succeed;
 - ``[[status:400]]``: always 400 (context length exceeded);
-- ``[[echo_auth]]``: 401 whose body repeats the request's Authorization header
-  (a careless server: the client must keep the key out of its error text).
+- ``[[echo_auth]]``: 401 whose body repeats the request's Authorization and ``api-key``
+  headers (a careless server: the client must keep the keys out of its error text).
 
 As an agent model: a request that carries ``tools`` (Chat Completions nests them
 under ``"function"``, Responses has them flat; both forms are read in both APIs)
@@ -81,6 +81,7 @@ class MockState:
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
+    api_key_headers: set = field(default_factory=set)  # `api-key` header values seen (Azure-style keys)
     served: Counter = field(default_factory=Counter)  # successful answers per prompt, for tests
     tool_call_turns: int = 0  # answers that called tools
     tool_calls: int = 0  # tool calls emitted, in all
@@ -307,6 +308,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 await asyncio.sleep(cfg.latency_ms / 1000)
             auth = request.headers.get("Authorization", "")
             state.auth_headers.add(auth)
+            state.api_key_headers.add(request.headers.get("api-key", ""))
+            auth += " " + request.headers.get("api-key", "")
             key = f"{text}|{body.get('seed')}|{body.get('temperature')}"
             failed = await failure(text, key if turn is None else f"{key}|step{turn.step}", auth)
             if failed is not None:

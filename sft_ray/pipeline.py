@@ -98,6 +98,9 @@ def init_ray(cfg: RunConfig) -> None:
     # Small blocks keep rows streaming: a block is the unit the driver receives and
     # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.
     ctx.target_max_block_size = BLOCK_BYTES
+    from sft_ray.raynoise import quiet_ray
+
+    quiet_ray()  # [config] Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
 
 
 def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:

@@ -256,6 +256,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
+    model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     tp = cfg.model.tensor_parallel_size

@@ -163,6 +163,7 @@ def verifier_payload(verifier) -> dict[str, Any]:
     def walk(section, data: dict[str, Any]) -> None:
         if section.judge is not None:
             data["judge"]["model"]["api_key"] = Secret(section.judge.model.api_key())
+            data["judge"]["model"]["secret_headers"] = Secret(section.judge.model.secret_headers())
         for sub, sub_data in zip(section.components, data["components"]):
             walk(sub, sub_data)
 
