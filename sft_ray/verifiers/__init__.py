@@ -23,11 +23,11 @@ The interface, beyond that plain call:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, Callable
 
 from sft_ray.errors import VERIFIER_ERROR
+from sft_ray.plugins import registered
 
 Verifier = Callable[..., Any]
 
@@ -62,14 +62,9 @@ def build_verifier(cfg: dict[str, Any]) -> Verifier:
     """Instantiate the verifier that ``cfg["type"]`` names."""
     kind = cfg["type"]
     if kind == "math" and cfg.get("judge"):
-        kind_target = "sft_ray.verifiers.judge:MathWithJudge"
-    else:
-        try:
-            kind_target = VERIFIERS[kind]
-        except KeyError:
-            raise ValueError(f"unknown verifier {kind!r}; known: {', '.join(sorted(VERIFIERS))}") from None
-    module, _, attr = kind_target.partition(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
+        kind = "math_with_judge"
+    return registered({**VERIFIERS, "math_with_judge": "sft_ray.verifiers.judge:MathWithJudge"}, kind,
+                      "verifier")(cfg)
 
 
 async def call_verifier(verifier: Verifier, row: dict[str, Any], response: str,

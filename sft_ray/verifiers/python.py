@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-from pathlib import Path
 from typing import Any, Callable
+
+from sft_ray.plugins import load_module
 
 
 def load_function(spec: str) -> Callable[..., Any]:
     """``package.module:function`` or ``path/to/file.py:function``."""
     target, _, name = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target).resolve()
-        if not path.is_file():
-            raise ValueError(f"verifier.function: file not found: {path}")
-        mod_spec = importlib.util.spec_from_file_location(f"sft_ray_user_{path.stem}", path)
-        assert mod_spec and mod_spec.loader
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ValueError(f"verifier.function: cannot import {target!r}: {e}") from None
+    module = load_module(target, "verifier.function")
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"verifier.function: {target!r} has no function {name!r}")
