@@ -147,7 +147,7 @@ def test_train_is_swapped_in_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     fin.finalize(str(run_dir), {"min_reward": 0.0}, 7, {**train_cfg, "rows_per_shard": 3})
     assert sorted(p.name for p in (run_dir / "train").iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["rollouts", "train"]  # nothing left aside
+    assert sorted(p.name for p in run_dir.iterdir()) == ["README.md", "rollouts", "train"]  # nothing left aside
 
 
 @pytest.mark.usefixtures("ray_cluster")
