@@ -71,11 +71,12 @@ def test_any_python_verifier_output_through_the_pipeline(tmp_path, mock_server):
     clash = ok["clash"]
     assert clash["error"] is None and clash["id"] == "r-clash" and clash["kind"] == "clash"
     assert clash["messages"][-1] == {"role": "assistant", "content": "row clash"}
-    assert "expected_answer" not in clash  # not an input field of this row, but ...
-    assert clash["metrics"]["error"] == "not mine" and clash["metrics"]["id"] == 7.0  # ... they live under metrics
+    assert clash["expected_answer"] == "x"  # neither a rollout nor an input field of this row: top level too
+    assert clash["metrics"]["error"] == "not mine" and clash["metrics"]["id"] == 7.0  # clashing ones: metrics only
+    assert clash["metrics"]["kind"] == "overwritten?"
     assert clash["accuracy"] == 1.0 and clash["reward"] == 1.0
     assert ok["plain"]["reward"] == 0.5
-    for kind, words in (("nan", "nan"), ("raise", "verifier bug"), ("string", "not a number")):
+    for kind, words in (("nan", "NaN"), ("raise", "verifier bug"), ("string", "not a number")):
         assert failed[kind]["reward"] is None, kind  # no verdict is never a reward of 0
         assert failed[kind]["error"]["type"] == "verifier_error" and words in failed[kind]["error"]["message"]
         assert failed[kind]["response"] == f"row {kind}"
