@@ -162,3 +162,20 @@ def test_score_batch_verifier(tmp_path):
     asyncio.run(score_rollouts(b, rows))
     assert b.calls == 1 and [r["reward"] for r in rows] == [1.0, 0.0, None]
     assert rows[2]["error"]["type"] == "verifier_error"
+
+
+def test_python_verifier_object_with_score_batch(tmp_path):
+    (tmp_path / "batchy.py").write_text(
+        "class Scorer:\n"
+        "    calls = 0\n"
+        "    async def score_batch(self, items, bonus=0.0):\n"
+        "        Scorer.calls += 1\n"
+        "        return [{'reward': float(resp == row['want']) * (1 - bonus), 'n': len(items)} for row, resp, _ in items]\n"
+        "scorer = Scorer()\n")
+    stage = ScoreStage({"type": "python", "function": f"{tmp_path}/batchy.py:scorer", "options": {"bonus": 0.5}})
+    rows = [{"want": "a", "response": "a"}, {"want": "a", "response": "b"}]
+    batch = {"id": ["1", "2"], "sample_index": [0, 0], "failed": [False, False], "ready_at": [1.0, 1.0],
+             "rollout": [orjson.dumps(r).decode() for r in rows]}
+    out = asyncio.run(stage(batch))
+    assert out["reward"] == [0.5, 0.0] and orjson.loads(out["rollout"][0])["metrics"] == {"n": 2.0}
+    assert stage.verifier.fn.calls == 1
