@@ -71,11 +71,12 @@ def test_any_python_verifier_output_through_the_pipeline(tmp_path, mock_server):
     clash = ok["clash"]
     assert clash["error"] is None and clash["id"] == "r-clash" and clash["kind"] == "clash"
     assert clash["messages"][-1] == {"role": "assistant", "content": "row clash"}
-    assert "expected_answer" not in clash  # not an input field of this row, but ...
-    assert clash["metrics"]["error"] == "not mine" and clash["metrics"]["id"] == 7.0  # ... they live under metrics
+    assert clash["expected_answer"] == "x"  # neither a rollout nor an input field of this row: top level too
+    assert clash["metrics"]["error"] == "not mine" and clash["metrics"]["id"] == 7.0  # clashing ones: metrics only
+    assert clash["metrics"]["kind"] == "overwritten?"
     assert clash["accuracy"] == 1.0 and clash["reward"] == 1.0
     assert ok["plain"]["reward"] == 0.5
-    for kind, words in (("nan", "nan"), ("raise", "verifier bug"), ("string", "not a number")):
+    for kind, words in (("nan", "NaN"), ("raise", "verifier bug"), ("string", "not a number")):
         assert failed[kind]["reward"] is None, kind  # no verdict is never a reward of 0
         assert failed[kind]["error"]["type"] == "verifier_error" and words in failed[kind]["error"]["message"]
         assert failed[kind]["response"] == f"row {kind}"
@@ -161,3 +162,20 @@ def test_score_batch_verifier(tmp_path):
     asyncio.run(score_rollouts(b, rows))
     assert b.calls == 1 and [r["reward"] for r in rows] == [1.0, 0.0, None]
     assert rows[2]["error"]["type"] == "verifier_error"
+
+
+def test_python_verifier_object_with_score_batch(tmp_path):
+    (tmp_path / "batchy.py").write_text(
+        "class Scorer:\n"
+        "    calls = 0\n"
+        "    async def score_batch(self, items, bonus=0.0):\n"
+        "        Scorer.calls += 1\n"
+        "        return [{'reward': float(resp == row['want']) * (1 - bonus), 'n': len(items)} for row, resp, _ in items]\n"
+        "scorer = Scorer()\n")
+    stage = ScoreStage({"type": "python", "function": f"{tmp_path}/batchy.py:scorer", "options": {"bonus": 0.5}})
+    rows = [{"want": "a", "response": "a"}, {"want": "a", "response": "b"}]
+    batch = {"id": ["1", "2"], "sample_index": [0, 0], "failed": [False, False], "ready_at": [1.0, 1.0],
+             "rollout": [orjson.dumps(r).decode() for r in rows]}
+    out = asyncio.run(stage(batch))
+    assert out["reward"] == [0.5, 0.0] and orjson.loads(out["rollout"][0])["metrics"] == {"n": 2.0}
+    assert stage.verifier.fn.calls == 1

@@ -92,6 +92,8 @@ class _RowFields(dict):
 class Judge:
     """Reward from an LLM judge (see the module doc)."""
 
+    wants_rollout = True  # the question is the prompt the episode was given
+
     def __init__(self, cfg: dict[str, Any]) -> None:
         from sft_ray.backends.base import Secret
 
@@ -131,14 +133,15 @@ class Judge:
         await self._starting
         return self._backend
 
-    def _fields(self, row: dict[str, Any], response: str) -> dict[str, Any]:
+    def _fields(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None) -> dict[str, Any]:
         from sft_ray.rows import prompt_messages
 
         qf = self.jc.get("question_field")
         if qf:
             question = row.get(qf)
-        else:
-            users = [m["content"] for m in prompt_messages(row) if m["role"] == "user"]
+        else:  # the last user turn of the episode (or of the row's prompt, outside the pipeline)
+            messages = (rollout or {}).get("messages") or prompt_messages(row)
+            users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
             question = users[-1] if users else ""
         fields = _RowFields({k: v for k, v in row.items()})
         fields.update(question=question, response=response)
@@ -172,8 +175,8 @@ class Judge:
         raise VerifierFailure(f"judge verdict unreadable after {1 + self.retries} calls; last: {text[-200:]!r}",
                               JUDGE_ERROR)
 
-    async def __call__(self, row: dict[str, Any], response: str) -> dict[str, Any]:
-        fields = self._fields(row, response)
+    async def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict:
+        fields = self._fields(row, response, rollout)
         try:
             prompt = self.template.format_map(fields)
         except (IndexError, AttributeError) as e:
@@ -193,10 +196,20 @@ class Judge:
         out.update(stats)
         return out
 
+    def __del__(self) -> None:
+        # Ray Data has no teardown hook for map_batches classes; release sockets here.
+        try:
+            if self._backend is not None:
+                self._backend.close_now()
+        except Exception:
+            pass
+
 
 class MathWithJudge:
     """``type: math`` with ``verifier.judge``: math-verify first; when it finds no match, the
     judge decides (as NeMo Gym's ``math_with_judge``). ``decided_by`` names which did."""
+
+    wants_rollout = True
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         from sft_ray.verifiers.math import MathVerify
@@ -204,10 +217,10 @@ class MathWithJudge:
         self.math = MathVerify(cfg)
         self.judge = Judge(cfg)
 
-    async def __call__(self, row: dict[str, Any], response: str) -> dict[str, Any]:
+    async def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict:
         mv = await asyncio.to_thread(self.math, row, response)  # the worker-process round trip, off the loop
         if mv["reward"] >= 1.0:
             return {**mv, "math_verify_reward": mv["reward"], "judge_used": 0.0, "decided_by": "math_verify"}
-        judged = await self.judge(row, response)
+        judged = await self.judge(row, response, rollout)
         return {**judged, "accuracy": judged["reward"], "answer_found": mv["answer_found"],
                 "math_verify_reward": mv["reward"], "judge_used": 1.0, "decided_by": "judge"}

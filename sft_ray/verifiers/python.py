@@ -14,7 +14,7 @@ def load_function(spec: str) -> Callable[..., Any]:
     target, _, name = spec.rpartition(":")
     module = load_module(target, "verifier.function")
     fn = getattr(module, name, None)
-    if not callable(fn):
+    if not callable(fn) and not callable(getattr(fn, "score_batch", None)):
         raise ValueError(f"verifier.function: {target!r} has no function {name!r}")
     return fn
 
@@ -26,6 +26,10 @@ class PythonFunction:
     The whole episode is passed too when ``fn`` names the parameter: ``rollout`` (the rollout
     row: ``messages`` with tool calls and results, ``termination``, ``usage``...) and/or
     ``messages`` (the transcript).
+
+    ``function`` may also name an object with ``score_batch(items, **options)`` (items:
+    ``(row, response, rollout)`` tuples; one result or exception per item, or an awaitable of
+    that list): the scoring stage then hands it whole batches.
     """
 
     wants_rollout = True
@@ -34,6 +38,8 @@ class PythonFunction:
         self.cfg = cfg
         self.fn = load_function(cfg["function"])
         self.kwargs = cfg.get("options", {})
+        if callable(getattr(self.fn, "score_batch", None)):  # an object scoring whole batches at once
+            self.score_batch = self._score_batch
         try:
             params = inspect.signature(self.fn).parameters
         except (TypeError, ValueError):  # a builtin without a signature: the plain call
@@ -51,6 +57,12 @@ class PythonFunction:
         if inspect.isawaitable(out):
             return self._finish_later(out)
         return self._finish(out)
+
+    async def _score_batch(self, items: list[tuple[dict[str, Any], str, dict[str, Any]]]) -> list[Any]:
+        results = self.fn.score_batch(items, **self.kwargs)
+        if inspect.isawaitable(results):
+            results = await results
+        return [r if isinstance(r, BaseException) else self._finish(r) for r in results]
 
     async def _finish_later(self, out: Any) -> dict[str, Any]:
         return self._finish(await out)

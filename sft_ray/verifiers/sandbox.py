@@ -174,7 +174,8 @@ async def run_python(source: str, stdin: bytes | None = None, limits: Limits = L
             args = [str(math.ceil(limits.cpu_s)), str(limits.memory_mb << 20), str(limits.file_mb << 20),
                     str(limits.processes)]
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
-                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+                   "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pools: NPROC may be 0
             t0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 *isolation_prefix(), sys.executable, "-I", "-c", PREAMBLE, *args, cwd=tmp, env=env,
