@@ -25,6 +25,7 @@ from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_di
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
+from sft_ray.stall import StallWatch
 from sft_ray.stats import format_report
 
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_USAGE", "RunError", "run"]
@@ -115,7 +116,7 @@ def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
 
 
 def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int]):
-    """read -> repartition -> generate actors -> score actors (lazy; the driver pulls)."""
+    """read (cut into blocks) -> generate actors -> score actors (lazy; the driver pulls)."""
     import ray.data
 
     from sft_ray.backends.base import Secret
@@ -126,10 +127,8 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
     sampling = cfg.responses_create_params.model_dump()
-    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done)
-    # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
-    # then cuts its output into blocks small enough to spread over every actor.
-    ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
+    # One read task per file (ids are made per file), cut into blocks small enough to spread over every actor.
+    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, plan["block_rows"])
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     tp = cfg.model.tensor_parallel_size
@@ -206,9 +205,11 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     skip = state.skip()
     writers = Writers(cfg.output, session.number, state)
     progress, timing = Progress(todo), Timing(todo)
+    watch = StallWatch(cfg.resources.stall_warning_s, say)
     try:
         ds = build_dataset(cfg, inputs.used(), skip, plan)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            watch.touch()
             finished_before = session.finished
             keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
             ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist())
@@ -224,6 +225,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
+        watch.close()
         writers.close()
         progress.close()
         session.record.update(timing.record())
