@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from sft_ray import io
 from sft_ray.config import RunConfig
 from sft_ray.driver import (EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_PENDING, EXIT_USAGE, Budget, Completion,
-                            FolderState, Progress, Session, Timing, Writers)
+                            FolderState, Progress, Session, Timing, Writers, recover_journal)
+from sft_ray.journal import clear_journal
 from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
@@ -140,7 +141,8 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
         remote_args["ray_remote_args_fn"] = placement_group_fn(tp)
     ds = ds.map_batches(
         GenerateStage,
-        fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"]},
+        fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"],
+                               "journal_dir": cfg.output},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
@@ -180,21 +182,28 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
                    say: Callable[[str], None]) -> Session:
     """Phase 1: send every sample without a result (and failures with attempts left), write
     what comes back; ``state`` follows. Returns this session (its record is also in the manifest)."""
+    session = Session(manifest, 0)
+    writers = Writers(cfg.output, session.number, state)
+    # What a killed run had generated but not written: scored from the journal, not sent again.
+    recovered = recover_journal(cfg.output, cfg.verifier.model_dump(), inputs.ids, state, writers)
     start = Completion.count(inputs.ids, cfg.num_repeats, state)
     todo = start.todo
+    session.record.update(planned=todo, recovered_from_journal=recovered)
     plan = plan_concurrency(cfg, todo)
     retried = start.failed - start.failed_final
     say(f"found {inputs.rows} rows in {len(inputs.used())} file(s) -> {start.expected} samples "
         f"({cfg.num_repeats} per row); {start.done} already done, {todo} to generate"
         + (f" ({retried} failed before and retried now, {start.failed_final} failed for good)"
            if start.failed else "")
+        + (f"; {recovered} recovered from the journal of a run that was killed" if recovered else "")
         + (f"; {len(inputs.bad_lines)} bad line(s) skipped" if inputs.bad_lines else ""))
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
-    session = Session(manifest, todo)
     save_manifest(cfg.output, manifest)
     if todo == 0:
+        writers.close()
+        clear_journal(cfg.output)
         return session
 
     init_ray(cfg)
@@ -203,9 +212,9 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = start.done, start.failed_final
     skip = state.skip()
-    writers = Writers(cfg.output, session.number, state)
     progress, timing = Progress(todo), Timing(todo)
     watch = StallWatch(cfg.resources.stall_warning_s, say)
+    finished = False
     try:
         ds = build_dataset(cfg, inputs.used(), skip, plan)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
@@ -220,16 +229,20 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
             if budget.exceeded(done, failed):
                 session.record["stopped"] = "failure budget exceeded"
                 break
+        finished = True
     except InputError as err:
         session.record["stopped"] = f"input error: {err}"
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
         watch.close()
-        writers.close()
         progress.close()
+        if finished:  # answers in flight at an early stop are in the journal: keep them
+            recover_journal(cfg.output, cfg.verifier.model_dump(), inputs.ids, state, writers)
+        writers.close()
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
+    clear_journal(cfg.output)  # all it held is written now
     compact_failures(cfg.output, session.number, state.done)
     return session
 

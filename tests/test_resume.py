@@ -256,3 +256,44 @@ def test_reads_fit_beside_actors_that_leave_half_a_cpu(tmp_path, mock_server):
     t, result = start_run(cfg)
     t.join(240)
     assert result.get("code") == EXIT_OK
+
+
+def test_journal_appends_and_reads_back_each_sample_once(tmp_path):
+    from sft_ray.journal import Journal, clear_journal, read_journal
+
+    a, b = Journal(str(tmp_path), "a"), Journal(str(tmp_path), "b")
+    a.append(orjson.dumps({"id": "x", "sample_index": 0, "response": "1"}))
+    b.append(orjson.dumps({"id": "x", "sample_index": 0, "response": "1"}))  # a batch retried elsewhere
+    b.append(orjson.dumps({"id": "y", "sample_index": 0, "response": "2"}))
+    with open(tmp_path / "journal" / "a.jsonl", "ab") as f:
+        f.write(b'{"id": "z", "sam')  # torn by a kill in mid-append
+    assert [r["id"] for r in read_journal(str(tmp_path), set())] == ["x", "y"]
+    assert [r["id"] for r in read_journal(str(tmp_path), {("x", 0)})] == ["y"]
+    a.close()
+    b.close()
+    clear_journal(str(tmp_path))
+    assert not (tmp_path / "journal").exists()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_answers_in_the_journal_are_scored_on_resume_not_sent_again(tmp_path, mock_server):
+    """What a killed run's actors had journaled is written by the next run without a model call (issue 9.14)."""
+    rows = [{"prompt": f"\\boxed{{{i}}}", "expected_answer": str(i)} for i in range(10)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = make_config(tmp_path, mock_server, inp, "verifier.type=math", "model.timeout_s=60")
+    from sft_ray.rows import row_id
+
+    (tmp_path / "run" / "journal").mkdir(parents=True)
+    with open(tmp_path / "run" / "journal" / "actor-1.jsonl", "wb") as f:
+        for r in rows[:4]:  # as the generation actor writes them: unscored rollouts
+            f.write(orjson.dumps({**r, "id": row_id(r), "sample_index": 0, "response": r["prompt"], "reward": None,
+                                  "messages": [{"role": "user", "content": r["prompt"]},
+                                               {"role": "assistant", "content": r["prompt"]}],
+                                  "error": None, "usage": {"output_tokens": 3}}) + b"\n")
+    said = []
+    assert run(cfg, say=said.append) == EXIT_OK, said
+    assert "4 recovered from the journal" in said[0] and "6 to generate" in said[0]
+    assert mock_server.state.requests == 6
+    ok = read_rows(tmp_path / "run" / "rollouts")
+    assert len(ok) == 10 and all(r["reward"] == 1.0 for r in ok)  # journaled rows were scored too
+    assert not (tmp_path / "run" / "journal").exists()

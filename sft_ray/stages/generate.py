@@ -24,6 +24,7 @@ import orjson
 
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
+from sft_ray.journal import Journal
 from sft_ray.rows import InputError, prompt_messages, sampling_params
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,11 @@ def _node_id() -> str | None:
 class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
-    def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int) -> None:
+    def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
+                 journal_dir: str | None = None) -> None:
         self.model = model
+        # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
+        self.journal = Journal(journal_dir) if journal_dir else None
         self.sampling = sampling
         self.max_in_flight = max_in_flight
         self.backend = get_backend(model["backend"])(model, max_in_flight)
@@ -114,7 +118,10 @@ class GenerateStage:
             latency = time.perf_counter() - t0
         rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
         rollout["latency_s"] = round(latency, 4)
-        return orjson.dumps(rollout), result.error is not None
+        line = orjson.dumps(rollout)
+        if self.journal is not None and result.error is None:
+            self.journal.append(line)
+        return line, result.error is not None
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         await self._ensure_started()
