@@ -17,6 +17,7 @@ that node: use a shared filesystem or an object store for a multi-node run.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,34 +25,62 @@ import uuid
 from typing import IO, Iterator
 
 import orjson
+import pyarrow.fs as pafs
 
 from sft_ray import io
+
+log = logging.getLogger(__name__)
 
 JOURNAL = "journal"
 OBJECT_STORE_FLUSH_S = 10.0
 
 
-class Journal:
-    """One actor's append-only journal. ``append`` takes one JSON line (bytes, no newline)."""
+class JournalSpec:
+    """Where actors journal: the run folder, with its filesystem resolved on the driver (so
+    actors on any node use the endpoint and region the driver saw). Picklable; ``open()``
+    in the actor."""
 
-    def __init__(self, run_dir: str, actor_id: str | None = None) -> None:
-        self.folder = io.join(run_dir, JOURNAL)
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.fs = io.filesystem(run_dir)[0]
+
+    def open(self, actor_id: str | None = None) -> "Journal":
+        return Journal(self.run_dir, actor_id, self.fs)
+
+
+class Journal:
+    """One actor's append-only journal. ``append`` takes one JSON line (bytes, no newline).
+
+    The journal only saves work: when it cannot be written, generation goes on without it
+    (a warning is logged once)."""
+
+    def __init__(self, run_dir: str, actor_id: str | None = None, fs: pafs.FileSystem | None = None) -> None:
         self.actor_id = actor_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.local = "://" not in run_dir
+        self.fs, self.folder = io.filesystem(io.join(run_dir, JOURNAL), fs)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.lock = threading.Lock()
         self.fh: IO[bytes] | None = None
         self.buffer: list[bytes] = []
         self.chunk = 0
         self.flushed_at = time.monotonic()
         self.closed = False
-        io.makedirs(self.folder)
+        self.broken = False
         if self.local:
-            self.fh = io.open_append(io.join(self.folder, f"{self.actor_id}.jsonl"))
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                self.fh = open(os.path.join(self.folder, f"{self.actor_id}.jsonl"), "ab")
+            except OSError as e:
+                self._broke(e)
         else:  # upload on time even when no rollout arrives
             threading.Thread(target=self._flush_when_due, name="sft-ray-journal", daemon=True).start()
 
+    def _broke(self, err: Exception) -> None:
+        if not self.broken:
+            log.warning("generation journal unavailable (%s); a crash would re-send what is in flight", err)
+        self.broken = True
+
     def _flush_when_due(self) -> None:
-        while self.fh is None and not self.closed:
+        while not self.closed:
             time.sleep(1.0)
             with self.lock:
                 if time.monotonic() - self.flushed_at >= OBJECT_STORE_FLUSH_S:
@@ -59,9 +88,14 @@ class Journal:
 
     def append(self, line: bytes) -> None:
         with self.lock:
+            if self.broken:
+                return
             if self.fh is not None:
-                self.fh.write(line + b"\n")
-                self.fh.flush()
+                try:
+                    self.fh.write(line + b"\n")
+                    self.fh.flush()  # in the OS from here on: a killed process loses nothing written
+                except OSError as e:
+                    self._broke(e)
                 return
             self.buffer.append(line + b"\n")
             if time.monotonic() - self.flushed_at >= OBJECT_STORE_FLUSH_S:
@@ -69,7 +103,11 @@ class Journal:
 
     def _upload(self) -> None:
         if self.buffer:
-            io.write_bytes(io.join(self.folder, f"{self.actor_id}-{self.chunk:06d}.jsonl"), b"".join(self.buffer))
+            try:
+                with self.fs.open_output_stream(f"{self.folder}/{self.actor_id}-{self.chunk:06d}.jsonl") as f:
+                    f.write(b"".join(self.buffer))
+            except OSError as e:
+                self._broke(e)
             self.buffer, self.chunk = [], self.chunk + 1
         self.flushed_at = time.monotonic()
 
@@ -79,7 +117,7 @@ class Journal:
             if self.fh is not None:
                 self.fh.close()
                 self.fh = None
-            else:
+            elif not self.local:
                 self._upload()
 
 

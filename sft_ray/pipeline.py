@@ -19,9 +19,22 @@ import pyarrow.compute as pc
 
 from sft_ray import io
 from sft_ray.config import RunConfig
-from sft_ray.driver import (EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_PENDING, EXIT_USAGE, Budget, Completion,
-                            FolderState, Progress, Session, Timing, Writers, recover_journal)
-from sft_ray.journal import clear_journal
+from sft_ray.driver import (
+    EXIT_BUDGET,
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_USAGE,
+    Budget,
+    Completion,
+    FolderState,
+    Progress,
+    Session,
+    Timing,
+    Writers,
+    recover_journal,
+)
+from sft_ray.journal import JournalSpec, clear_journal
 from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
@@ -142,7 +155,7 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
     ds = ds.map_batches(
         GenerateStage,
         fn_constructor_kwargs={"model": model, "sampling": sampling, "max_in_flight": plan["per_actor"],
-                               "journal_dir": cfg.output},
+                               "journal": JournalSpec(cfg.output)},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),

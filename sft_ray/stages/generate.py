@@ -24,7 +24,7 @@ import orjson
 
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
-from sft_ray.journal import Journal
+from sft_ray.journal import JournalSpec
 from sft_ray.rows import InputError, prompt_messages, sampling_params
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,10 @@ class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
     def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
-                 journal_dir: str | None = None) -> None:
+                 journal: JournalSpec | None = None) -> None:
         self.model = model
         # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
-        self.journal = Journal(journal_dir) if journal_dir else None
+        self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
         self.max_in_flight = max_in_flight
         self.backend = get_backend(model["backend"])(model, max_in_flight)
