@@ -297,3 +297,13 @@ def test_answers_in_the_journal_are_scored_on_resume_not_sent_again(tmp_path, mo
     ok = read_rows(tmp_path / "run" / "rollouts")
     assert len(ok) == 10 and all(r["reward"] == 1.0 for r in ok)  # journaled rows were scored too
     assert not (tmp_path / "run" / "journal").exists()
+
+
+def test_restart_discards_the_journal(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p"}])
+    cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.name=m"])
+    save_manifest(cfg.output, prepare_run_dir(cfg, False, {}))
+    (tmp_path / "run" / "journal").mkdir()
+    (tmp_path / "run" / "journal" / "a.jsonl").write_text('{"id": "x", "sample_index": 0}\n')
+    prepare_run_dir(cfg, True, {})
+    assert not (tmp_path / "run" / "journal").exists()  # answers made under the old config
