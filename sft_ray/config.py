@@ -474,6 +474,10 @@ class ResourcesConfig(_Strict):
     batch_size: int | None = Field(
         None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
     )
+    stall_warning_s: float = Field(
+        60.0, ge=0, description="Seconds without a finished sample after which the run prints what Ray is waiting "
+        "for (pending resource demands against free resources per node) and how to fix it; 0 turns it off."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join: an address, `auto`, or `local` for a new local cluster "
         "(default: RAY_ADDRESS, else a new local cluster)."

@@ -147,6 +147,27 @@ class Writers:
         self.bad.close()
 
 
+def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state: FolderState,
+                    writers: Writers) -> int:
+    """Score and write what the generation journal holds beyond the folder's results (what a
+    killed run had generated but not yet written), calling no model. Returns how many."""
+    from sft_ray.journal import read_journal
+    from sft_ray.stages.score import ScoreStage
+
+    skip = state.skip()
+    rows = [r for r in read_journal(run_dir, skip) if str(r["id"]) in ids]
+    if not rows:
+        return 0
+    scorer = ScoreStage(verifier)
+    for i in range(0, len(rows), 256):
+        chunk = rows[i:i + 256]
+        out = scorer({"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
+                      "rollout": [orjson.dumps(r).decode() for r in chunk], "failed": [False] * len(chunk),
+                      "ready_at": [None] * len(chunk)})
+        writers.write([(str(r["id"]), int(r["sample_index"])) for r in chunk], out["rollout"], out["failed"])
+    return len(rows)
+
+
 class Progress:
     """A progress bar with rows/s on a terminal; a log line every few seconds otherwise
     (so that `ray job logs` reads well)."""

@@ -32,11 +32,15 @@ from sft_ray.driver import (
     Session,
     Timing,
     Writers,
+    recover_journal,
 )
+from sft_ray.journal import clear_journal
 from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
+from sft_ray.stages.score import verifier_payload
+from sft_ray.stall import StallWatch
 from sft_ray.stats import format_report
 
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_USAGE", "RunError", "run"]
@@ -137,14 +141,12 @@ def stages() -> list:
 
 
 def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int]):
-    """read -> repartition -> each stage of :func:`stages` (lazy; the driver pulls)."""
+    """read (cut into blocks) -> each stage of :func:`stages` (lazy; the driver pulls)."""
     from sft_ray.stages import check_chain
     from sft_ray.stages.read import SCHEMA, make_dataset
 
-    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done)
-    # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
-    # then cuts its output into blocks small enough to spread over every actor.
-    ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
+    # One read task per file (ids are made per file), cut into blocks small enough to spread over every actor.
+    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, plan["block_rows"])
     chain = stages()
     check_chain(tuple(SCHEMA.names), chain)
     for stage in chain:
@@ -173,21 +175,28 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
                    say: Callable[[str], None]) -> Session:
     """Phase 1: send every sample without a result (and failures with attempts left), write
     what comes back; ``state`` follows. Returns this session (its record is also in the manifest)."""
+    session = Session(manifest, 0)
+    writers = Writers(cfg.output, session.number, state)
+    # What a killed run had generated but not written: scored from the journal, not sent again.
+    recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
     start = Completion.count(inputs.ids, cfg.num_repeats, state)
     todo = start.todo
+    session.record.update(planned=todo, recovered_from_journal=recovered)
     plan = plan_concurrency(cfg, todo)
     retried = start.failed - start.failed_final
     say(f"found {inputs.rows} rows in {len(inputs.used())} file(s) -> {start.expected} samples "
         f"({cfg.num_repeats} per row); {start.done} already done, {todo} to generate"
         + (f" ({retried} failed before and retried now, {start.failed_final} failed for good)"
            if start.failed else "")
+        + (f"; {recovered} recovered from the journal of a run that was killed" if recovered else "")
         + (f"; {len(inputs.bad_lines)} bad line(s) skipped" if inputs.bad_lines else ""))
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
-    session = Session(manifest, todo)
     save_manifest(cfg.output, manifest)
     if todo == 0:
+        writers.close()
+        clear_journal(cfg.output)
         return session
 
     init_ray(cfg)
@@ -196,11 +205,13 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = start.done, start.failed_final
     skip = state.skip()
-    writers = Writers(cfg.output, session.number, state)
     progress, timing = Progress(todo), Timing(todo)
+    watch = StallWatch(cfg.resources.stall_warning_s, say)
+    finished = False
     try:
         ds = build_dataset(cfg, inputs.used(), skip, plan)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            watch.touch()
             finished_before = session.finished
             keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
             ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist())
@@ -211,15 +222,20 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
             if budget.exceeded(done, failed):
                 session.record["stopped"] = "failure budget exceeded"
                 break
+        finished = True
     except InputError as err:
         session.record["stopped"] = f"input error: {err}"
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
-        writers.close()
+        watch.close()
         progress.close()
+        if finished:  # answers in flight at an early stop are in the journal: keep them
+            recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
+        writers.close()
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
+    clear_journal(cfg.output)  # all it held is written now
     compact_failures(cfg.output, session.number, state.done)
     return session
 

@@ -14,6 +14,7 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig, config_fingerprint
+from sft_ray.journal import JOURNAL
 from sft_ray.stages.finalize import FAILED, ROLLOUTS, iter_jsonl
 
 MANIFEST = "run.json"
@@ -59,7 +60,7 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
     manifest = load_manifest(cfg.output)
     if manifest is not None and restart:
-        for sub in (ROLLOUTS, FAILED, "train", "stats.json", SUCCESS, MANIFEST):
+        for sub in (ROLLOUTS, FAILED, JOURNAL, "train", "stats.json", SUCCESS, MANIFEST):
             io.delete(io.join(cfg.output, sub))
         manifest = None
     if manifest is not None:

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from test_s3 import moto_url, s3  # noqa: F401  (the moto S3 fixtures)
+from test_s3 import moto_url, s3  # noqa: F401, F811  (the moto S3 fixtures)
 
 from sft_ray import lock as lockmod
 from sft_ray.lock import LockError, RunLock
@@ -67,7 +67,7 @@ def test_run_refuses_a_folder_in_use(tmp_path):
         assert not (tmp_path / "run" / "run.json").exists()  # nothing touched
 
 
-def test_s3_lease_is_conditional_and_a_stale_one_is_taken_over(s3, monkeypatch):  # noqa: F811 (the fixture)
+def test_s3_lease_is_conditional_and_a_stale_one_is_taken_over(s3):  # noqa: F811
     run_dir = f"s3://{s3.bucket}/runs/r"
     first = RunLock(run_dir).acquire()
     body = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r/run.lock")["Body"].read())

@@ -4,6 +4,7 @@ counted sample by sample, read.limit global and in the fingerprint, train/ swapp
 from __future__ import annotations
 
 import json
+import time
 
 import orjson
 import pytest
@@ -157,7 +158,8 @@ def test_shards_with_the_same_ids_resume_retry_and_train_right(tmp_path, mock_se
         write_jsonl(tmp_path / "in" / f"shard-{s}.jsonl",
                     [{"id": i, "prompt": f"s{s} r{i}" + (" [[fail:500:1]]" if (s, i) == (1, 3) else ""),
                       "expected_answer": f"s{s} r{i}"} for i in range(5)])
-    cfg = make_config(tmp_path, mock_server, tmp_path / "in", "model.max_retries=0", "max_error_fraction=0.5")
+    cfg = make_config(tmp_path, mock_server, tmp_path / "in", "model.max_retries=0", "max_error_fraction=0.5",
+                      "model.timeout_s=60")
     said = []
     assert run(cfg, say=said.append) == EXIT_OK, said
     ok, failed = read_rows(tmp_path / "run" / "rollouts"), read_rows(tmp_path / "run" / "failed")
@@ -181,7 +183,7 @@ def test_ctrl_c_during_a_retry_run_keeps_the_failures(tmp_path, mock_server):
     rows += [{"prompt": "broken [[fail:500:99]]", "expected_answer": "x", "id": "broken"}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = make_config(tmp_path, mock_server, inp, "model.max_retries=0", "max_sample_attempts=2",
-                      "max_error_fraction=0.5")
+                      "max_error_fraction=0.5", "model.timeout_s=60")
     assert run(cfg, say=lambda s: None) == EXIT_OK
 
     def interrupt(line):
@@ -200,11 +202,12 @@ def test_ctrl_c_during_a_retry_run_keeps_the_failures(tmp_path, mock_server):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_stopped_run_exits_non_zero_while_samples_are_pending(tmp_path, mock_server):
-    rows = [{"prompt": f"bad {i} [[fail:500:99]]", "expected_answer": "x"} for i in range(30)]
-    rows += [{"prompt": f"good {i}", "expected_answer": "x"} for i in range(270)]
+    rows = [{"prompt": f"row {i}" + (" [[fail:500:99]]" if i % 3 == 0 else ""), "expected_answer": "x"}
+            for i in range(300)]  # a third fail, in every block
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = make_config(tmp_path, mock_server, inp, "model.max_retries=0", "max_error_fraction=0.2",
-                      "min_rows_for_budget=10", "num_samples_in_parallel=4", "resources.batch_size=8")
+                      "min_rows_for_budget=10", "num_samples_in_parallel=4", "resources.batch_size=8",
+                      "model.timeout_s=60")
     said = []
     code = run(cfg, say=said.append)
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
@@ -214,3 +217,93 @@ def test_a_stopped_run_exits_non_zero_while_samples_are_pending(tmp_path, mock_s
     assert code == EXIT_PENDING, said
     with pytest.raises(RunError):
         run(make_config(tmp_path, mock_server, inp, "read.limit=5"), say=lambda s: None)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_stall_says_what_ray_waits_for():
+    import ray
+
+    from sft_ray.stall import StallWatch
+
+    @ray.remote(num_cpus=64)
+    def never():
+        return None
+
+    ref = never.remote()
+    said: list[str] = []
+    watch = StallWatch(0.5, said.append)
+    try:
+        deadline = time.time() + 60
+        while not any("CPU 64" in s for s in said) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        watch.close()
+        ray.cancel(ref, force=True)
+    report = next(s for s in said if "CPU 64" in s)
+    assert report.startswith("no progress for") and "waiting for: 1 x {CPU 64}" in report
+    assert "free CPU" in report and "no node has that free" in report
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_reads_fit_beside_actors_that_leave_half_a_cpu(tmp_path, mock_server):
+    """4 CPUs: the generation actor takes 2, the scoring actor 1.5; a read task asking for a
+    whole CPU would wait forever (issue 9.15)."""
+    from conftest import start_run
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "expected_answer": "x"} for i in range(20)])
+    cfg = make_config(tmp_path, mock_server, inp, "resources.generate_num_cpus=2", "resources.score_num_cpus=1.5",
+                      "model.timeout_s=60")
+    t, result = start_run(cfg)
+    t.join(240)
+    assert result.get("code") == EXIT_OK
+
+
+def test_journal_appends_and_reads_back_each_sample_once(tmp_path):
+    from sft_ray.journal import Journal, clear_journal, read_journal
+
+    a, b = Journal(str(tmp_path), "a"), Journal(str(tmp_path), "b")
+    a.append(orjson.dumps({"id": "x", "sample_index": 0, "response": "1"}))
+    b.append(orjson.dumps({"id": "x", "sample_index": 0, "response": "1"}))  # a batch retried elsewhere
+    b.append(orjson.dumps({"id": "y", "sample_index": 0, "response": "2"}))
+    with open(tmp_path / "journal" / "a.jsonl", "ab") as f:
+        f.write(b'{"id": "z", "sam')  # torn by a kill in mid-append
+    assert [r["id"] for r in read_journal(str(tmp_path), set())] == ["x", "y"]
+    assert [r["id"] for r in read_journal(str(tmp_path), {("x", 0)})] == ["y"]
+    a.close()
+    b.close()
+    clear_journal(str(tmp_path))
+    assert not (tmp_path / "journal").exists()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_answers_in_the_journal_are_scored_on_resume_not_sent_again(tmp_path, mock_server):
+    """What a killed run's actors had journaled is written by the next run without a model call (issue 9.14)."""
+    rows = [{"prompt": f"\\boxed{{{i}}}", "expected_answer": str(i)} for i in range(10)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = make_config(tmp_path, mock_server, inp, "verifier.type=math", "model.timeout_s=60")
+    from sft_ray.rows import row_id
+
+    (tmp_path / "run" / "journal").mkdir(parents=True)
+    with open(tmp_path / "run" / "journal" / "actor-1.jsonl", "wb") as f:
+        for r in rows[:4]:  # as the generation actor writes them: unscored rollouts
+            f.write(orjson.dumps({**r, "id": row_id(r), "sample_index": 0, "response": r["prompt"], "reward": None,
+                                  "messages": [{"role": "user", "content": r["prompt"]},
+                                               {"role": "assistant", "content": r["prompt"]}],
+                                  "error": None, "usage": {"output_tokens": 3}}) + b"\n")
+    said = []
+    assert run(cfg, say=said.append) == EXIT_OK, said
+    assert "4 recovered from the journal" in said[0] and "6 to generate" in said[0]
+    assert mock_server.state.requests == 6
+    ok = read_rows(tmp_path / "run" / "rollouts")
+    assert len(ok) == 10 and all(r["reward"] == 1.0 for r in ok)  # journaled rows were scored too
+    assert not (tmp_path / "run" / "journal").exists()
+
+
+def test_restart_discards_the_journal(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p"}])
+    cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.name=m"])
+    save_manifest(cfg.output, prepare_run_dir(cfg, False, {}))
+    (tmp_path / "run" / "journal").mkdir()
+    (tmp_path / "run" / "journal" / "a.jsonl").write_text('{"id": "x", "sample_index": 0}\n')
+    prepare_run_dir(cfg, True, {})
+    assert not (tmp_path / "run" / "journal").exists()  # answers made under the old config

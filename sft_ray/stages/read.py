@@ -154,6 +154,7 @@ def read_samples(
     limit: int | None = None,
     fs: pafs.FileSystem | None = None,
     qualifier: str | None = None,
+    block_rows: int = BLOCK_ROWS,
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from the first ``limit`` rows of one file.
 
@@ -199,7 +200,7 @@ def read_samples(
             cols["bad"].append(bad)
         if stop:
             break
-        if len(cols["id"]) >= BLOCK_ROWS:
+        if len(cols["id"]) >= block_rows:
             yield cols
             cols = {name: [] for name in SCHEMA.names}
     if cols["id"]:
@@ -211,9 +212,12 @@ def make_dataset(
     num_repeats: int,
     skip_bad_lines: bool,
     done: set[tuple[str, int]] | None = None,
+    block_rows: int = BLOCK_ROWS,
 ):
-    """A lazy Ray dataset of the samples still to generate (one read task per file, each
-    reading the rows the scan gave it, with the file's id qualifier)."""
+    """A lazy Ray dataset of the samples still to generate: one read task per file, each
+    reading the rows the scan gave it, with the file's id qualifier, cut into blocks of about
+    ``block_rows`` samples. Read and repartition tasks ask for ``READ_NUM_CPUS``: beside actors that leave
+    only part of a CPU free on each node, a whole-CPU task would wait forever."""
     import ray.data
     from ray.data.block import BlockMetadata
 
@@ -235,11 +239,21 @@ def make_dataset(
 
                 def read_fn(f: InputFile = f):
                     for cols in read_samples(f.path, num_repeats, skip_bad_lines, done_keys, f.rows, fs,
-                                             f.qualifier):
+                                             f.qualifier, block_rows):
                         yield pa.table(cols, schema=SCHEMA)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f.path,))
                 tasks.append(ray.data.ReadTask(read_fn, meta, schema=SCHEMA))
             return tasks
 
-    return ray.data.read_datasource(_Source(), override_num_blocks=max(1, len(files)), num_cpus=READ_NUM_CPUS)
+    ds = ray.data.read_datasource(_Source(), override_num_blocks=max(1, len(files)), num_cpus=READ_NUM_CPUS)
+    # Ray Data merges a task's small outputs into blocks of up to target_max_block_size bytes:
+    # a streaming repartition cuts them to block_rows so that they spread over every actor.
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
+    # Its tasks would ask for a whole CPU and repartition() takes no resources argument, so the
+    # logical operator's remote args are set here (a Ray Data internal: checked by
+    # tests/test_resume.py::test_reads_fit_beside_actors_that_leave_half_a_cpu).
+    op = ds._logical_plan.dag
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        op.ray_remote_args["num_cpus"] = READ_NUM_CPUS
+    return ds
