@@ -601,6 +601,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(format_validation_error(e, source)) from None
 
 
+# Keys that change how a run works, not what it produces: left out of the fingerprint, so a
+# rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
+_OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
+                "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes"}
+
+
+def _verifier_fingerprint(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _verifier_fingerprint(v) for k, v in data.items() if k not in _OPERATIONAL}
+    if isinstance(data, list):
+        return [_verifier_fingerprint(v) for v in data]
+    return data
+
+
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change what a run produces (used to refuse resuming with a different config)."""
     return {
@@ -617,7 +631,7 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         },
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
-        "verifier": cfg.verifier.model_dump(),
+        "verifier": _verifier_fingerprint(cfg.verifier.model_dump()),
         "agent": {"max_steps": cfg.agent.max_steps},
         "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
     }

@@ -29,6 +29,7 @@ class StatsAccumulator:
         self.errors: Counter[str] = Counter()
         self.failed = 0
         self.tokens = Counter()
+        self.judge_tokens = Counter()  # input_tokens, output_tokens of judge calls (apart from generation)
         self.finish = Counter()
         self.kept = 0
         self.validation = 0
@@ -63,6 +64,9 @@ class StatsAccumulator:
         usage = rollout.get("usage") or {}
         for k in ("input_tokens", "output_tokens", "total_tokens"):
             self.tokens[k] += int(usage.get(k) or 0)
+        for name, value in (rollout.get("metrics") or {}).items():  # an LLM judge's, counted apart
+            if name.endswith(("judge_input_tokens", "judge_output_tokens")) and isinstance(value, (int, float)):
+                self.judge_tokens[name.rsplit("judge_", 1)[1]] += int(value)
         src = self.sources.setdefault(source, Counter()) if source is not None else None
         if src is not None:
             src["samples"] += 1
@@ -197,6 +201,7 @@ class StatsAccumulator:
             "errors_by_type": dict(sorted(self.errors.items())),
             "finish_reasons": dict(sorted(self.finish.items())),
             "tokens": dict(self.tokens),
+            "judge_tokens": dict(self.judge_tokens),
             **self.curation(),
         }
 
@@ -317,6 +322,9 @@ def format_report(stats: dict[str, Any]) -> str:
     tok = stats.get("tokens") or {}
     if tok:
         lines.append(f"tokens: input {tok.get('input_tokens', 0)}  output {tok.get('output_tokens', 0)}")
+    judge = stats.get("judge_tokens") or {}
+    if judge:
+        lines.append(f"judge tokens: input {judge.get('input_tokens', 0)}  output {judge.get('output_tokens', 0)}")
     thr = stats.get("throughput")
     if thr:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "
