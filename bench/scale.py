@@ -11,6 +11,13 @@ that the shared object store is counted once. Then, on the last size's rollouts,
 hand-written recipe `jq -c 'select(.reward >= 0.8)' rollouts/*.jsonl | shuf > train.jsonl`
 against `sft-ray filter RUN --min-reward 0.8`, timed alternately, with a check that both
 produce the same multiset of rows.
+
+    python bench/scale.py --finalize-only --rows 100000 --rows 1000000
+
+Finalize alone, on run folders of synthetic rollouts written directly (4 samples per prompt,
+no generation): `sft-ray filter` as above, then with the curation of issue 11
+(`--dedup exact --max-per-prompt 2 --validation-fraction 0.05`), each with the peak memory of
+its process, against `jq | shuf`.
 """
 
 from __future__ import annotations
@@ -132,15 +139,79 @@ def compare_with_jq(run_dir: str, work: str, rounds: int) -> dict:
             "same_multiset": jq_rows == sft_rows, "rows": sum(sft_rows.values())}
 
 
+def write_rollouts(run_dir: str, n: int, repeats: int = 4, files: int = 8) -> None:
+    """n rollouts shaped like the mock's (echo replies), `repeats` samples per prompt, 70% with reward 1."""
+    os.makedirs(os.path.join(run_dir, "rollouts"))
+    outs = [open(os.path.join(run_dir, "rollouts", f"part-000-{k:05d}.jsonl"), "w") for k in range(files)]
+    for i in range(n):
+        p, k = divmod(i, repeats)
+        reply = f"a{p}" if k % 2 else f"a{p} (sample {k})"
+        row = {"expected_answer": f"a{p}", "meta": {"source": "bench", "n": p}, "id": f"{p:016x}",
+               "sample_index": k, "messages": [{"role": "system", "content": "Answer with the token only."},
+                                               {"role": "user", "content": f"a{p}"},
+                                               {"role": "assistant", "content": reply}],
+               "response": reply, "reward": 1.0 if i % 10 < 7 else 0.0, "finish_reason": "stop",
+               "usage": {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15}, "model": "mock",
+               "sampling_params": {"temperature": 1.0, "top_p": 1.0, "max_output_tokens": 1024, "seed": i},
+               "attempts": 1, "error": None, "node_id": "0" * 56, "latency_s": 0.01, "accuracy": 1.0}
+        outs[i % files].write(json.dumps(row) + "\n")
+    for f in outs:
+        f.close()
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({"config": {"filter": {"min_reward": 0.8}, "train": {"rows_per_shard": 100_000},
+                              "shuffle": {"seed": 0}}}, f)
+
+
+def timed_filter(run_dir: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "sft_ray.cli", "filter", run_dir, "--min-reward", "0.8", *extra]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    with PeakMemory(proc.pid, every_s=0.2) as mem:
+        proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed ({proc.returncode})")
+    stats = json.load(open(os.path.join(run_dir, "stats.json")))
+    return {"s": round(time.time() - t0, 2), "peak_pss_mb": round(mem.peak / 2**20), "train_rows": stats["train_rows"],
+            "validation": stats["validation"], "drops": stats["drops_by_reason"]}
+
+
+def finalize_only(sizes: list[int], rounds: int, work: str) -> None:
+    curated = ["--dedup", "exact", "--max-per-prompt", "2", "--validation-fraction", "0.05"]
+    for n in sizes:
+        run_dir = os.path.join(work, f"fin-{n}")
+        write_rollouts(run_dir, n)
+        rollouts = sorted(glob.glob(os.path.join(run_dir, "rollouts", "*.jsonl")))
+        jq_cmd = f"jq -c 'select(.reward >= 0.8)' {' '.join(rollouts)} | shuf > {os.path.join(work, 'jq.jsonl')}"
+        res: dict = {"rows": n, "jq_shuf_s": [], "filter": [], "curated": []}
+        for _ in range(rounds):
+            t0 = time.time()
+            subprocess.run(jq_cmd, shell=True, check=True)
+            res["jq_shuf_s"].append(round(time.time() - t0, 2))
+            res["filter"].append(timed_filter(run_dir, []))
+            res["curated"].append(timed_filter(run_dir, curated))
+        best = min(res["jq_shuf_s"])
+        res["speedup_filter"] = round(best / min(r["s"] for r in res["filter"]), 2)
+        res["speedup_curated"] = round(best / min(r["s"] for r in res["curated"]), 2)
+        print(json.dumps(res), flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, action="append", help="input sizes (repeatable); default 1000000")
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of jq vs sft-ray filter")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--finalize-only", action="store_true", help="finalize alone, on synthetic rollouts")
     args = ap.parse_args()
     sizes = args.rows or [1_000_000]
     work = tempfile.mkdtemp(prefix="sft-ray-scale-")
+    if args.finalize_only:
+        try:
+            finalize_only(sizes, args.rounds, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", "--port", str(port)],
                               stdout=subprocess.DEVNULL)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from sft_ray.curate import pass_at_k
+
 HIST_BINS = 10
 PERCENTILES = (50, 90, 99)
 # Report advice (the seed workflow's troubleshooting): few rows pass, or replies repeat.
@@ -63,8 +65,11 @@ class StatsAccumulator:
         usage = rollout.get("usage") or {}
         for k in ("input_tokens", "output_tokens", "total_tokens"):
             self.tokens[k] += int(usage.get(k) or 0)
-        src = self.sources.setdefault(source, Counter()) if source is not None else None
-        if src is not None:
+        src = None
+        if source is not None:
+            src = self.sources.get(source)
+            if src is None:
+                src = self.sources[source] = Counter()
             src["samples"] += 1
         if rollout.get("termination") is not None:
             self.episodes += 1
@@ -96,14 +101,12 @@ class StatsAccumulator:
         self.kept += 1
         self.validation += validation
         if source is not None:
-            self.sources.setdefault(source, Counter())["kept"] += 1
+            self.sources[source]["kept"] += 1  # every source was seen by add()
         self.kept_lengths[output_tokens] += 1
 
     def add_prompt(self, rewards: list[float], pass_threshold: float, identical_share: float | None,
                    distinct2: float | None) -> None:
         """One prompt's successful samples: pass@k and repetition."""
-        from sft_ray.curate import pass_at_k
-
         n = len(rewards)
         if not n:
             return
