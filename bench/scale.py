@@ -27,6 +27,7 @@ import collections
 import glob
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -162,36 +163,61 @@ def write_rollouts(run_dir: str, n: int, repeats: int = 4, files: int = 8) -> No
                               "shuffle": {"seed": 0}}}, f)
 
 
-def timed_filter(run_dir: str, extra: list[str]) -> dict:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every child process waited for so far: on a shared, loaded
+    machine a steadier measure than wall time."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def finalize_cmd(run_dir: str, bucket_mb: float, curated: bool) -> list[str]:
+    """Finalize alone in a fresh process, with smaller buckets: what a run 1024 / bucket_mb times
+    larger does with the default ones (256 MB shuffle, 64 MB prompt buckets)."""
+    flt = {"min_reward": 0.8, **({"dedup": "exact"} if curated else {})}
+    train = {"rows_per_shard": 100_000, **({"max_per_prompt": 2, "validation_fraction": 0.05} if curated else {})}
+    code = (f"from sft_ray.stages import finalize as f; f.BUCKET_BYTES = int({bucket_mb} * 2**20); "
+            f"f.GROUP_BUCKET_BYTES = int({bucket_mb} * 2**18); f.finalize({run_dir!r}, {flt!r}, 0, {train!r})")
+    return [sys.executable, "-c", code]
+
+
+def timed_filter(run_dir: str, extra: list[str], bucket_mb: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "sft_ray.cli", "filter", run_dir, "--min-reward", "0.8", *extra]
-    t0 = time.time()
+    if bucket_mb:
+        cmd = finalize_cmd(run_dir, bucket_mb, curated="--dedup" in extra and "exact" in extra)
+    t0, c0 = time.time(), children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     with PeakMemory(proc.pid, every_s=0.2) as mem:
         proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd} failed ({proc.returncode})")
+    out = {"s": round(time.time() - t0, 2), "cpu_s": round(children_cpu() - c0, 2),
+           "peak_pss_mb": round(mem.peak / 2**20)}
+    if bucket_mb:
+        return out
     stats = json.load(open(os.path.join(run_dir, "stats.json")))
-    return {"s": round(time.time() - t0, 2), "peak_pss_mb": round(mem.peak / 2**20), "train_rows": stats["train_rows"],
-            "validation": stats["validation"], "drops": stats["drops_by_reason"]}
+    return {**out, "train_rows": stats["train_rows"], "validation": stats["validation"],
+            "drops": stats["drops_by_reason"]}
 
 
-def finalize_only(sizes: list[int], rounds: int, work: str) -> None:
+def finalize_only(sizes: list[int], rounds: int, work: str, bucket_mb: float | None) -> None:
+    plain = ["--dedup", "none", "--validation-fraction", "0", "train.max_per_prompt=null"]  # filter saves its cut
     curated = ["--dedup", "exact", "--max-per-prompt", "2", "--validation-fraction", "0.05"]
     for n in sizes:
         run_dir = os.path.join(work, f"fin-{n}")
         write_rollouts(run_dir, n)
         rollouts = sorted(glob.glob(os.path.join(run_dir, "rollouts", "*.jsonl")))
         jq_cmd = f"jq -c 'select(.reward >= 0.8)' {' '.join(rollouts)} | shuf > {os.path.join(work, 'jq.jsonl')}"
-        res: dict = {"rows": n, "jq_shuf_s": [], "filter": [], "curated": []}
-        for _ in range(rounds):
-            t0 = time.time()
+        res: dict = {"rows": n, "jq_shuf": [], "filter": [], "curated": []}
+        for _ in range(rounds):  # alternate, so that machine noise hits all three alike
+            t0, c0 = time.time(), children_cpu()
             subprocess.run(jq_cmd, shell=True, check=True)
-            res["jq_shuf_s"].append(round(time.time() - t0, 2))
-            res["filter"].append(timed_filter(run_dir, []))
-            res["curated"].append(timed_filter(run_dir, curated))
-        best = min(res["jq_shuf_s"])
-        res["speedup_filter"] = round(best / min(r["s"] for r in res["filter"]), 2)
-        res["speedup_curated"] = round(best / min(r["s"] for r in res["curated"]), 2)
+            res["jq_shuf"].append({"s": round(time.time() - t0, 2), "cpu_s": round(children_cpu() - c0, 2)})
+            res["filter"].append(timed_filter(run_dir, plain, bucket_mb))
+            res["curated"].append(timed_filter(run_dir, curated, bucket_mb))
+        for what in ("s", "cpu_s"):
+            best = min(r[what] for r in res["jq_shuf"])
+            res[f"speedup_filter_{what}"] = round(best / min(r[what] for r in res["filter"]), 2)
+            res[f"speedup_curated_{what}"] = round(best / min(r[what] for r in res["curated"]), 2)
         print(json.dumps(res), flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -203,12 +229,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of jq vs sft-ray filter")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--finalize-only", action="store_true", help="finalize alone, on synthetic rollouts")
+    ap.add_argument("--bucket-mb", type=float, help="--finalize-only: shuffle buckets of this size (prompt buckets "
+                    "a quarter of it), finalize called directly, to see memory stay flat on a small machine")
     args = ap.parse_args()
     sizes = args.rows or [1_000_000]
     work = tempfile.mkdtemp(prefix="sft-ray-scale-")
     if args.finalize_only:
         try:
-            finalize_only(sizes, args.rounds, work)
+            finalize_only(sizes, args.rounds, work, args.bucket_mb)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return

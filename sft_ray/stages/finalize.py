@@ -49,7 +49,10 @@ from sft_ray.formats import ShardFormat, dataset_card, parquet_schema, parquet_t
 from sft_ray.stats import StatsAccumulator, advice
 
 ROLLOUTS, FAILED, TRAIN, VALIDATION = "rollouts", "failed", "train", "validation"
-BUCKET_BYTES = 256 << 20  # rollout bytes per bucket: caps the memory of grouping and of the sort
+BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
+# Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes
+# several times its bytes, so these buckets are smaller than the shuffle buckets.
+GROUP_BUCKET_BYTES = 64 << 20
 _MASK64 = (1 << 64) - 1
 
 
@@ -160,8 +163,9 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
     total_bytes = sum(io.size(u) for u in rollout_files)
     n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))
+    n_groups = max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES))
     # Records for the per-prompt pass: kept as objects when one bucket holds them all, else spilled.
-    prompts = _Buckets(n_buckets) if n_buckets > 1 else None
+    prompts = _Buckets(n_groups) if n_groups > 1 else None
     in_memory: list[tuple[list[Any], bytes]] = []
     fmt, include, reasoning = tc["format"], list(tc["include_fields"]), tc["reasoning"]
     temperature = None
