@@ -145,6 +145,15 @@ def test_include_fields_take_nested_paths():
     assert row["input_fields"] == {"response": "reference"} and "usage" not in row
 
 
+def test_include_fields_may_not_name_the_format_keys():
+    from sft_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.include_fields: messages, tools belong to the training format"):
+        load_config(None, ["input=x", "output=y", "model.name=m", "train.include_fields=[id,messages,tools.x]"])
+    legacy = load_config(None, ["input=x", "output=y", "model.name=m", "train.format=parquet"]).train
+    assert legacy.file_format == "parquet" and legacy.format == "messages"  # run.json written before file_format
+
+
 @pytest.mark.parametrize("mode, want_content, want_rc", [
     ("keep", "The answer is 4.", "2 + 2 = 4"),
     ("drop", "The answer is 4.", None),
