@@ -441,6 +441,16 @@ class TrainConfig(_Strict):
         "`drop` them (and <think> blocks), or `think_tags`: put them in the content as <think>...</think>."
     )
 
+    @model_validator(mode="after")
+    def _include(self) -> "TrainConfig":
+        from sft_ray.formats import FORMAT_KEYS
+
+        clash = sorted({p.split(".")[0] for p in self.include_fields} & FORMAT_KEYS)
+        if clash:
+            raise ValueError(f"train.include_fields: {', '.join(clash)} belong to the training format; "
+                             "include other fields")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _legacy_format(cls, data: Any) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from typing import Any
 
 from sft_ray.formats import generated_start
@@ -70,12 +69,11 @@ def source_of(row: dict[str, Any]) -> str:
     return str(src) if src is not None and src != "" else "all"
 
 
-_WS = re.compile(r"\s+")
-
-
 def reply_text(row: dict[str, Any]) -> str:
     """What the model generated (every generated turn, tool calls and tool results included),
     normalised for comparison: lower case, runs of whitespace as one space."""
+    if row.get("num_model_calls") is None and isinstance(row.get("response"), str):
+        return " ".join(row["response"].split()).lower()  # single-turn: the reply is the response
     parts = []
     for m in (row.get("messages") or [])[generated_start(row):]:
         if m.get("content"):
@@ -83,11 +81,7 @@ def reply_text(row: dict[str, Any]) -> str:
         for c in m.get("tool_calls") or []:
             f = c.get("function") or {}
             parts.append(f"{f.get('name')}({f.get('arguments')})")
-    return _WS.sub(" ", "\n".join(parts)).strip().lower()
-
-
-def text_hash(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+    return " ".join("\n".join(parts).split()).lower()
 
 
 def keyed_hash(seed: int, *parts: Any) -> int:
@@ -156,7 +150,7 @@ def distinct_n(texts: list[str], n: int = 2) -> float | None:
     total, seen = 0, set()
     for t in texts:
         words = t.split()
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = list(zip(*(words[i:] for i in range(n))))
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else None

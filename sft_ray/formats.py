@@ -68,6 +68,11 @@ def _arguments(raw: Any, as_object: bool) -> Any:
 
 def _message(m: dict[str, Any], fmt: str, reasoning: str, history: bool) -> dict[str, Any]:
     role = m.get("role")
+    content = m.get("content")
+    if (len(m) == 2 and type(content) is str and role in ("user", "system", "assistant")
+            and (role != "assistant" or not ((reasoning == "drop" and "<think>" in content)
+                                             or (fmt == "openai" and history)))):
+        return m  # plain text turn: nothing to convert (the common case, so it skips the work below)
     out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": _text(m.get("content"))}
     if role == "assistant":
         calls = m.get("tool_calls") or []

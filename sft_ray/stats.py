@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from sft_ray.curate import pass_at_k
+
 HIST_BINS = 10
 PERCENTILES = (50, 90, 99)
 # Report advice (the seed workflow's troubleshooting): few rows pass, or replies repeat.
@@ -67,8 +69,11 @@ class StatsAccumulator:
         for name, value in (rollout.get("metrics") or {}).items():  # an LLM judge's, counted apart
             if name.endswith(("judge_input_tokens", "judge_output_tokens")) and isinstance(value, (int, float)):
                 self.judge_tokens[name.rsplit("judge_", 1)[1]] += int(value)
-        src = self.sources.setdefault(source, Counter()) if source is not None else None
-        if src is not None:
+        src = None
+        if source is not None:
+            src = self.sources.get(source)
+            if src is None:
+                src = self.sources[source] = Counter()
             src["samples"] += 1
         if rollout.get("termination") is not None:
             self.episodes += 1
@@ -100,14 +105,12 @@ class StatsAccumulator:
         self.kept += 1
         self.validation += validation
         if source is not None:
-            self.sources.setdefault(source, Counter())["kept"] += 1
+            self.sources[source]["kept"] += 1  # every source was seen by add()
         self.kept_lengths[output_tokens] += 1
 
     def add_prompt(self, rewards: list[float], pass_threshold: float, identical_share: float | None,
                    distinct2: float | None) -> None:
         """One prompt's successful samples: pass@k and repetition."""
-        from sft_ray.curate import pass_at_k
-
         n = len(rewards)
         if not n:
             return

@@ -203,6 +203,7 @@ def test_grouping_survives_many_spilled_buckets(tmp_path, monkeypatch):
     in_memory = finalize(str(tmp_path), {"dedup": "exact"}, 3, cut)
     order = [(r["id"], r["sample_index"]) for r in read_rows(tmp_path / "train")]
     monkeypatch.setattr(fin, "BUCKET_BYTES", 10_000)  # many on-disk prompt and shuffle buckets
+    monkeypatch.setattr(fin, "GROUP_BUCKET_BYTES", 7_000)
     spilled = finalize(str(tmp_path), {"dedup": "exact"}, 3, cut)
     assert [(r["id"], r["sample_index"]) for r in read_rows(tmp_path / "train")] == order
     assert spilled["drops_by_reason"] == in_memory["drops_by_reason"] and spilled["validation"] == in_memory["validation"]

@@ -145,6 +145,15 @@ def test_include_fields_take_nested_paths():
     assert row["input_fields"] == {"response": "reference"} and "usage" not in row
 
 
+def test_include_fields_may_not_name_the_format_keys():
+    from sft_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.include_fields: messages, tools belong to the training format"):
+        load_config(None, ["input=x", "output=y", "model.name=m", "train.include_fields=[id,messages,tools.x]"])
+    legacy = load_config(None, ["input=x", "output=y", "model.name=m", "train.format=parquet"]).train
+    assert legacy.file_format == "parquet" and legacy.format == "messages"  # run.json written before file_format
+
+
 @pytest.mark.parametrize("mode, want_content, want_rc", [
     ("keep", "The answer is 4.", "2 + 2 = 4"),
     ("drop", "The answer is 4.", None),
@@ -192,7 +201,7 @@ def test_every_format_loads_with_datasets(tmp_path, fmt, file_format):
         assert call["arguments"] == {"city": "city5"}  # an object again after the round trip
     tools = by_id["p5"]["tools"]
     assert (json.loads(tools) if isinstance(tools, str) else tools) == TOOLS
-    assert by_id["s4"]["tools"] is None or "tools" not in ds.column_names or not by_id["s4"]["tools"]
+    assert not by_id["s4"].get("tools")  # a row without tools has none (null in the shared schema)
 
 
 def test_parquet_shards_share_one_schema_with_null_and_mixed_fields(tmp_path):
@@ -267,3 +276,33 @@ def test_tool_calls_and_results_render_through_a_qwen2_5_template(tmp_path, toke
                 assert f"<tool_response>\n{m['content']}\n</tool_response>" in text
         assert '"arguments": "{' not in text
         assert text.count('<tool_call>\n{"name": "') == sum(len(m.get("tool_calls") or []) for m in row["messages"])
+
+
+@pytest.mark.parametrize("fmt, file_format", [("prompt_completion", "parquet"), ("messages", "jsonl")])
+def test_sft_trainer_prepares_the_rows_unchanged(tmp_path, tokenizer, fmt, file_format):
+    """TRL's SFTTrainer on the embedded model takes the folder as `datasets` loads it, tools included;
+    with prompt/completion rows its loss covers exactly the generated turns."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from sft_ray.models import resolve_model
+
+    write_run(tmp_path, [agent_rollout(i) for i in range(3)] + [single_rollout(i) for i in range(3)])
+    finalize(str(tmp_path), {}, 0, {"rows_per_shard": 4, "format": fmt, "file_format": file_format,
+                                    "include_fields": ["id"]})
+    ds = datasets.load_dataset(str(tmp_path), split="train")
+    tok = tokenizer.__class__.from_pretrained(resolve_model(None))
+    tok.chat_template = QWEN_TEMPLATE  # SmolLM2's own template ignores tools
+    trainer = SFTTrainer(model=resolve_model(None), train_dataset=ds, processing_class=tok,
+                         args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True))
+    rows = {r["id"]: r for r in trainer.train_dataset}
+    assert set(rows) == {"p0", "p1", "p2", "s0", "s1", "s2"}
+    ex = rows["p1"]
+    text = tok.decode(ex["input_ids"])
+    assert '{"name": "get_weather", "arguments": {"city": "city1"}}' in text
+    assert "<tool_response>\ncold in city1\n</tool_response>" in text and "It is cold in city1" in text
+    if fmt == "prompt_completion":
+        trained = tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+        assert trained.startswith("<tool_call>\n") and "Weather in city1" not in trained
+        assert "<tool_response>\ncold in city1\n</tool_response>" in trained
+        assert trained.rstrip().endswith("It is cold in city1; 1 + 1 = 2.<|im_end|>")

@@ -41,17 +41,19 @@ from sft_ray.curate import (
     distinct_n,
     drop_reason,
     in_validation,
-    keyed_hash,
     output_tokens,
     reply_text,
     source_of,
-    text_hash,
 )
 from sft_ray.formats import ShardFormat, dataset_card, parquet_schema, parquet_table, train_row
 from sft_ray.stats import StatsAccumulator, advice
 
 ROLLOUTS, FAILED, TRAIN, VALIDATION = "rollouts", "failed", "train", "validation"
-BUCKET_BYTES = 256 << 20  # rollout bytes per bucket: caps the memory of grouping and of the sort
+BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
+# Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes
+# several times its bytes, so these buckets are smaller than the shuffle buckets.
+GROUP_BUCKET_BYTES = 64 << 20
+_MASK64 = (1 << 64) - 1
 
 
 def iter_jsonl(uri: str) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
@@ -161,7 +163,10 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
     total_bytes = sum(io.size(u) for u in rollout_files)
     n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))
-    prompts = _Buckets(n_buckets)
+    n_groups = max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES))
+    # Records for the per-prompt pass: kept as objects when one bucket holds them all, else spilled.
+    prompts = _Buckets(n_groups) if n_groups > 1 else None
+    in_memory: list[tuple[list[Any], bytes]] = []
     fmt, include, reasoning = tc["format"], list(tc["include_fields"]), tc["reasoning"]
     temperature = None
     for uri in rollout_files:
@@ -183,12 +188,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             if reward is None or row.get("error"):
                 continue  # nothing to choose from, nothing to measure per prompt
             text = reply_text(row)
-            meta = {"id": rid, "k": shuffle_key(shuffle_seed, rid, k), "r": float(reward), "ok": reason is None,
-                    "h": text_hash(text), "t": text[:TEXT_CAP], "s": src, "n": output_tokens(row)}
-            line = orjson.dumps(meta)
-            if reason is None:  # the training row rides along, already in its format
-                line += b"\t" + orjson.dumps(train_row(row, fmt, include, reasoning))
-            prompts.add(keyed_hash(shuffle_seed, "prompt", rid), line)
+            # hash() is salted per process, and these records never leave this process: it only has to
+            # spread prompts over buckets and tell equal replies apart, and it is much cheaper than blake2b.
+            meta = [rid, shuffle_key(shuffle_seed, rid, k), float(reward), reason is None, hash(text),
+                    text[:TEXT_CAP], src, output_tokens(row)]
+            # the training row rides along, already in its format
+            row_bytes = orjson.dumps(train_row(row, fmt, include, reasoning)) if reason is None else b""
+            if prompts is None:
+                in_memory.append((meta, row_bytes))
+            else:
+                prompts.add(hash(rid) & _MASK64, orjson.dumps(meta) + b"\t" + row_bytes)
 
     for row in failures.values():
         acc.add(row, failed=True, source=source_of(row))
@@ -196,31 +205,35 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     train = _Buckets(n_buckets) if write else None
     val = _Buckets(n_buckets) if write and tc["validation_fraction"] > 0 else None
     pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
-    for chunk in prompts.chunks():
-        groups: dict[str, list[tuple[dict[str, Any], bytes]]] = defaultdict(list)
+    for chunk in (prompts.chunks() if prompts is not None else [[]]):
+        groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
         for _, line in chunk:
             meta_bytes, _, row_bytes = line.partition(b"\t")
             meta = orjson.loads(meta_bytes)
-            groups[meta["id"]].append((meta, row_bytes))
+            groups[meta[0]].append((meta, row_bytes))
+        for record in in_memory:
+            groups[record[0][0]].append(record)
         del chunk
+        in_memory = []
         for rid, samples in groups.items():
-            metas = [m for m, _ in samples]
-            texts = [m["t"] for m in metas]
-            acc.add_prompt([m["r"] for m in metas], pass_threshold,
-                           1.0 - len({m["h"] for m in metas}) / len(metas) if len(metas) > 1 else None,
-                           distinct_n(texts) if len(metas) > 1 else None)
-            ok = [i for i, m in enumerate(metas) if m["ok"]]
-            dropped = choose([metas[i] for i in ok], flt, tc["max_per_prompt"])
+            several = len(samples) > 1
+            acc.add_prompt([m[2] for m, _ in samples], pass_threshold,
+                           1.0 - len({m[4] for m, _ in samples}) / len(samples) if several else None,
+                           distinct_n([m[5] for m, _ in samples]) if several else None)
+            ok = [i for i, (m, _) in enumerate(samples) if m[3]]
+            dropped = (choose([{"k": samples[i][0][1], "r": samples[i][0][2], "h": samples[i][0][4],
+                                "t": samples[i][0][5]} for i in ok], flt, tc["max_per_prompt"])
+                       if several and ok and (flt["dedup"] != "none" or tc["max_per_prompt"]) else {})
             to_val = in_validation(shuffle_seed, rid, tc["validation_fraction"])
+            target = val if to_val else train
             for j, i in enumerate(ok):
                 if j in dropped:
                     acc.drops[dropped[j]] += 1
                     continue
                 meta, row_bytes = samples[i]
-                acc.add_kept(meta["s"], meta["n"], validation=to_val)
-                target = val if to_val else train
+                acc.add_kept(meta[6], meta[7], validation=to_val)
                 if target is not None:
-                    target.add(meta["k"], row_bytes)
+                    target.add(meta[1], row_bytes)
         del groups
 
     stats = acc.result()
