@@ -9,6 +9,7 @@ the ``_SUCCESS`` marker.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -159,12 +160,16 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
     if not rows:
         return 0
     scorer = ScoreStage(verifier)
-    for i in range(0, len(rows), 256):
-        chunk = rows[i:i + 256]
-        out = scorer({"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
-                      "rollout": [orjson.dumps(r).decode() for r in chunk], "failed": [False] * len(chunk),
-                      "ready_at": [None] * len(chunk)})
-        writers.write([(str(r["id"]), int(r["sample_index"])) for r in chunk], out["rollout"], out["failed"])
+
+    async def score_all() -> None:  # one event loop for every chunk: the stage's semaphore lives in it
+        for i in range(0, len(rows), 256):
+            chunk = rows[i:i + 256]
+            out = await scorer({"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
+                                "rollout": [orjson.dumps(r).decode() for r in chunk],
+                                "failed": [False] * len(chunk), "ready_at": [None] * len(chunk)})
+            writers.write([(str(r["id"]), int(r["sample_index"])) for r in chunk], out["rollout"], out["failed"])
+
+    asyncio.run(score_all())
     return len(rows)
 
 
