@@ -118,7 +118,7 @@ def test_tool_choice_none_and_no_tools_give_plain_text(engine):
 def test_bad_tool_choice_and_unknown_parser_are_row_errors(engine):
     _, backend = engine
     result = call(engine, ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
-    assert result.error["type"] == "invalid_request" and "nope" in result.error["message"]
+    assert result.error["type"] == "invalid_request" and "tool_choice" in result.error["message"]
     saved = backend._parser_cls, backend._parser_error
     try:
         backend.model = {**backend.model, "tool_parser": "no_such_parser"}
