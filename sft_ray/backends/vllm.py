@@ -192,6 +192,8 @@ class VLLMBackend(Backend):
         # Conversion of the embedded model (first use on a node) blocks for ~20 s.
         path = await asyncio.to_thread(resolve_model, self.model.get("name"))
         kwargs = dict(self.model.get("engine_kwargs") or {})
+        for key, value in _CPU_ENV.items():  # set before vLLM reads its env
+            os.environ.setdefault(key, value)
         quiet_vllm_logs()
         from . import vllm_compat as v
 
@@ -257,8 +259,11 @@ class VLLMBackend(Backend):
         """The minimal ChatCompletionRequest vLLM's tool parsers take (validates the tools
         and tool_choice as vLLM's server would; the parsers read only its tools)."""
         body: dict[str, Any] = {"model": self.model_name, "messages": [], "tools": request.tools}
-        if request.tool_choice is not None:
-            body["tool_choice"] = request.tool_choice
+        choice = request.tool_choice
+        if isinstance(choice, dict) and "function" not in choice and choice.get("name"):
+            choice = {"type": "function", "function": {"name": choice["name"]}}  # Responses' flat form
+        if choice is not None:
+            body["tool_choice"] = choice
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
         return self._v.ChatCompletionRequest(**body)
@@ -352,7 +357,7 @@ def quiet_vllm_logs() -> None:
     Must run before vLLM is imported: vLLM configures its log handler only when an engine
     is built, and what it logs at import time (the Triton notice) would otherwise reach
     stderr through Python's last-resort handler."""
-    for key, value in {**_CPU_ENV, **_QUIET_ENV}.items():  # set before vLLM reads its env
+    for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     level = getattr(logging, os.environ["VLLM_LOGGING_LEVEL"].upper(), logging.ERROR)
     logging.getLogger("vllm").setLevel(level)
