@@ -11,6 +11,13 @@ that the shared object store is counted once. Then, on the last size's rollouts,
 hand-written recipe `jq -c 'select(.reward >= 0.8)' rollouts/*.jsonl | shuf > train.jsonl`
 against `sft-ray filter RUN --min-reward 0.8`, timed alternately, with a check that both
 produce the same multiset of rows.
+
+    python bench/scale.py --finalize-only --rows 100000 --rows 1000000
+
+Finalize alone, on run folders of synthetic rollouts written directly (4 samples per prompt,
+no generation): `sft-ray filter` as above, then with the curation of issue 11
+(`--dedup exact --max-per-prompt 2 --validation-fraction 0.05`), each with the peak memory of
+its process, against `jq | shuf`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import collections
 import glob
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -132,15 +140,106 @@ def compare_with_jq(run_dir: str, work: str, rounds: int) -> dict:
             "same_multiset": jq_rows == sft_rows, "rows": sum(sft_rows.values())}
 
 
+def write_rollouts(run_dir: str, n: int, repeats: int = 4, files: int = 8) -> None:
+    """n rollouts shaped like the mock's (echo replies), `repeats` samples per prompt, 70% with reward 1."""
+    os.makedirs(os.path.join(run_dir, "rollouts"))
+    outs = [open(os.path.join(run_dir, "rollouts", f"part-000-{k:05d}.jsonl"), "w") for k in range(files)]
+    for i in range(n):
+        p, k = divmod(i, repeats)
+        reply = f"a{p}" if k % 2 else f"a{p} (sample {k})"
+        row = {"expected_answer": f"a{p}", "meta": {"source": "bench", "n": p}, "id": f"{p:016x}",
+               "sample_index": k, "messages": [{"role": "system", "content": "Answer with the token only."},
+                                               {"role": "user", "content": f"a{p}"},
+                                               {"role": "assistant", "content": reply}],
+               "response": reply, "reward": 1.0 if i % 10 < 7 else 0.0, "finish_reason": "stop",
+               "usage": {"input_tokens": 12, "output_tokens": 3, "total_tokens": 15}, "model": "mock",
+               "sampling_params": {"temperature": 1.0, "top_p": 1.0, "max_output_tokens": 1024, "seed": i},
+               "attempts": 1, "error": None, "node_id": "0" * 56, "latency_s": 0.01, "accuracy": 1.0}
+        outs[i % files].write(json.dumps(row) + "\n")
+    for f in outs:
+        f.close()
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({"config": {"filter": {"min_reward": 0.8}, "train": {"rows_per_shard": 100_000},
+                              "shuffle": {"seed": 0}}}, f)
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every child process waited for so far: on a shared, loaded
+    machine a steadier measure than wall time."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def finalize_cmd(run_dir: str, bucket_mb: float, curated: bool) -> list[str]:
+    """Finalize alone in a fresh process, with smaller buckets: what a run 1024 / bucket_mb times
+    larger does with the default ones (256 MB shuffle, 64 MB prompt buckets)."""
+    flt = {"min_reward": 0.8, **({"dedup": "exact"} if curated else {})}
+    train = {"rows_per_shard": 100_000, **({"max_per_prompt": 2, "validation_fraction": 0.05} if curated else {})}
+    code = (f"from sft_ray.stages import finalize as f; f.BUCKET_BYTES = int({bucket_mb} * 2**20); "
+            f"f.GROUP_BUCKET_BYTES = int({bucket_mb} * 2**18); f.finalize({run_dir!r}, {flt!r}, 0, {train!r})")
+    return [sys.executable, "-c", code]
+
+
+def timed_filter(run_dir: str, extra: list[str], bucket_mb: float | None = None) -> dict:
+    cmd = [sys.executable, "-m", "sft_ray.cli", "filter", run_dir, "--min-reward", "0.8", *extra]
+    if bucket_mb:
+        cmd = finalize_cmd(run_dir, bucket_mb, curated="--dedup" in extra and "exact" in extra)
+    t0, c0 = time.time(), children_cpu()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    with PeakMemory(proc.pid, every_s=0.2) as mem:
+        proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed ({proc.returncode})")
+    out = {"s": round(time.time() - t0, 2), "cpu_s": round(children_cpu() - c0, 2),
+           "peak_pss_mb": round(mem.peak / 2**20)}
+    if bucket_mb:
+        return out
+    stats = json.load(open(os.path.join(run_dir, "stats.json")))
+    return {**out, "train_rows": stats["train_rows"], "validation": stats["validation"],
+            "drops": stats["drops_by_reason"]}
+
+
+def finalize_only(sizes: list[int], rounds: int, work: str, bucket_mb: float | None) -> None:
+    plain = ["--dedup", "none", "--validation-fraction", "0", "train.max_per_prompt=null"]  # filter saves its cut
+    curated = ["--dedup", "exact", "--max-per-prompt", "2", "--validation-fraction", "0.05"]
+    for n in sizes:
+        run_dir = os.path.join(work, f"fin-{n}")
+        write_rollouts(run_dir, n)
+        rollouts = sorted(glob.glob(os.path.join(run_dir, "rollouts", "*.jsonl")))
+        jq_cmd = f"jq -c 'select(.reward >= 0.8)' {' '.join(rollouts)} | shuf > {os.path.join(work, 'jq.jsonl')}"
+        res: dict = {"rows": n, "jq_shuf": [], "filter": [], "curated": []}
+        for _ in range(rounds):  # alternate, so that machine noise hits all three alike
+            t0, c0 = time.time(), children_cpu()
+            subprocess.run(jq_cmd, shell=True, check=True)
+            res["jq_shuf"].append({"s": round(time.time() - t0, 2), "cpu_s": round(children_cpu() - c0, 2)})
+            res["filter"].append(timed_filter(run_dir, plain, bucket_mb))
+            res["curated"].append(timed_filter(run_dir, curated, bucket_mb))
+        for what in ("s", "cpu_s"):
+            best = min(r[what] for r in res["jq_shuf"])
+            res[f"speedup_filter_{what}"] = round(best / min(r[what] for r in res["filter"]), 2)
+            res[f"speedup_curated_{what}"] = round(best / min(r[what] for r in res["curated"]), 2)
+        print(json.dumps(res), flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, action="append", help="input sizes (repeatable); default 1000000")
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of jq vs sft-ray filter")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--finalize-only", action="store_true", help="finalize alone, on synthetic rollouts")
+    ap.add_argument("--bucket-mb", type=float, help="--finalize-only: shuffle buckets of this size (prompt buckets "
+                    "a quarter of it), finalize called directly, to see memory stay flat on a small machine")
     args = ap.parse_args()
     sizes = args.rows or [1_000_000]
     work = tempfile.mkdtemp(prefix="sft-ray-scale-")
+    if args.finalize_only:
+        try:
+            finalize_only(sizes, args.rounds, work, args.bucket_mb)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", "--port", str(port)],
                               stdout=subprocess.DEVNULL)

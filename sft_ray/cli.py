@@ -41,11 +41,15 @@ def run(
 ) -> None:
     """Run the whole job: generate, score, filter, shuffle, shard, report. Rerun to resume."""
     cfg = _load(config, overrides or [])
+    from sft_ray.config import ConfigError
     from sft_ray.pipeline import RunError
     from sft_ray.pipeline import run as run_job
 
     try:
+        cfg.model.secret_headers()  # an unset variable stops the run before Ray starts
         code = run_job(cfg, restart=restart)
+    except ConfigError as e:
+        _fail(str(e))
     except RunError as e:
         _fail(str(e), e.code)
     raise typer.Exit(code)
@@ -70,47 +74,107 @@ def validate(
     typer.echo("ok")
 
 
-@app.command()
-def stats(run_dir: str = typer.Argument(..., help="Run folder.")) -> None:
-    """Print the statistics of an existing run folder (calls no model, writes nothing)."""
-    from sft_ray.pipeline import finalize_run
+_RECUT_SECTIONS = ("filter", "train", "shuffle")
+
+
+def _recut(run_dir: str, overrides: List[str], options: dict):
+    """The run's filter/train/shuffle settings with the command's options and overrides applied."""
+    from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig, apply_overrides
     from sft_ray.resume import load_manifest
 
     manifest = load_manifest(run_dir)
     if manifest is None:
         _fail(f"{run_dir} is not a run folder (no run.json)")
-    cfg = manifest.get("config", {})
-    finalize_run(run_dir, cfg.get("filter", {"min_reward": 0.0}), cfg.get("shuffle", {}).get("seed", 0),
-                 cfg.get("train", {"rows_per_shard": 10_000}), manifest, typer.echo, write=False)
+    cfg = manifest.setdefault("config", {})
+    data = {k: dict(cfg.get(k) or {}) for k in _RECUT_SECTIONS}
+    data["train"] = TrainConfig.model_validate(data["train"]).model_dump()  # older run.json: file format as `format`
+    for key, value in options.items():
+        if value is not None:
+            section, name = key.split(".")
+            data[section][name] = value
+    try:
+        for item in overrides:
+            if item.split("=", 1)[0].split(".")[0] not in _RECUT_SECTIONS:
+                raise ConfigError(f"override {item!r}: only filter.*, train.* and shuffle.* apply to an existing run")
+        apply_overrides(data, overrides)
+        flt, train, shuffle = (FilterConfig.model_validate(data["filter"]), TrainConfig.model_validate(data["train"]),
+                               ShuffleConfig.model_validate(data["shuffle"]))
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    return manifest, flt.model_dump(), train.model_dump(), shuffle.seed
+
+
+def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format,
+                   rows_per_shard, seed) -> dict:
+    return {"filter.min_reward": min_reward, "filter.max_reward": max_reward, "filter.dedup": dedup,
+            "train.max_per_prompt": max_per_prompt, "train.validation_fraction": validation_fraction,
+            "train.format": fmt, "train.file_format": file_format, "train.rows_per_shard": rows_per_shard,
+            "shuffle.seed": seed}
+
+
+_OVERRIDES_HELP = ("filter.*, train.* or shuffle.* overrides, e.g. filter.max_tokens=2048 filter.drop_tool_errors=true "
+                   "train.reasoning=drop")
+
+
+@app.command()
+def stats(
+    run_dir: str = typer.Argument(..., help="Run folder."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+    html: Optional[str] = typer.Option(None, "--html", help="Also write a one-page HTML report with plots to this "
+                                       "file (give a folder or '-' for <run>/report.html)."),
+    min_reward: Optional[float] = typer.Option(None, help="Keep samples whose reward is >= this."),
+    max_reward: Optional[float] = typer.Option(None, help="Also drop samples whose reward is > this."),
+    max_per_prompt: Optional[int] = typer.Option(None, help="At most this many samples per prompt."),
+    dedup: Optional[str] = typer.Option(None, help="none, exact or near: drop duplicate replies per prompt."),
+    validation_fraction: Optional[float] = typer.Option(None, help="Share of prompts for validation/."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion or openai."),
+    file_format: Optional[str] = typer.Option(None, help="jsonl or parquet."),
+    rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard."),
+    seed: Optional[int] = typer.Option(None, help="Shuffle seed."),
+) -> None:
+    """Print the statistics of a run folder, under its settings or the ones given (calls no model, writes
+    nothing but the --html report)."""
+    from sft_ray.pipeline import finalize_run
+
+    manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+        min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
+    result = finalize_run(run_dir, flt, shuffle_seed, train, manifest, typer.echo, write=False)
+    if html:
+        from pathlib import Path
+
+        from sft_ray import io
+        from sft_ray.report_html import render
+
+        target = io.join(run_dir, "report.html") if html == "-" else html
+        if html != "-" and Path(html).is_dir():
+            target = str(Path(html) / "report.html")
+        io.write_bytes(target, render(result, f"sft-ray run {run_dir}").encode())
+        typer.echo(f"report: {target}")
 
 
 @app.command("filter")
 def filter_(
     run_dir: str = typer.Argument(..., help="Run folder."),
-    min_reward: float = typer.Option(..., help="Keep samples whose reward is >= this."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=_OVERRIDES_HELP),
+    min_reward: Optional[float] = typer.Option(None, help="Keep samples whose reward is >= this (default: the run's)."),
     max_reward: Optional[float] = typer.Option(None, help="Also drop samples whose reward is > this."),
-    seed: Optional[int] = typer.Option(None, help="Shuffle seed (default: the run's shuffle.seed)."),
+    max_per_prompt: Optional[int] = typer.Option(None, help="At most this many samples per prompt."),
+    dedup: Optional[str] = typer.Option(None, help="none, exact or near: drop duplicate replies per prompt."),
+    validation_fraction: Optional[float] = typer.Option(None, help="Share of prompts for validation/."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion or openai."),
+    file_format: Optional[str] = typer.Option(None, help="jsonl or parquet."),
     rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard (default: the run's)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="jsonl or parquet (default: the run's)."),
+    seed: Optional[int] = typer.Option(None, help="Shuffle seed (default: the run's shuffle.seed)."),
 ) -> None:
-    """Re-filter an existing run: rewrite train/ and stats.json with a new threshold (calls no model)."""
-    from sft_ray.config import FilterConfig, TrainConfig
+    """Re-cut an existing run: rewrite train/, validation/ and stats.json with new settings (calls no model)."""
     from sft_ray.pipeline import finalize_run
-    from sft_ray.resume import load_manifest, save_manifest
+    from sft_ray.resume import save_manifest
 
-    manifest = load_manifest(run_dir)
-    if manifest is None:
-        _fail(f"{run_dir} is not a run folder (no run.json)")
-    cfg = manifest.setdefault("config", {})
-    try:
-        flt = FilterConfig(**{**cfg.get("filter", {}), "min_reward": min_reward, "max_reward": max_reward})
-        train = TrainConfig(**{**cfg.get("train", {}), **({"rows_per_shard": rows_per_shard} if rows_per_shard else {}),
-                               **({"format": fmt} if fmt else {})})
-    except ValueError as e:
-        _fail(str(e))
-    shuffle_seed = seed if seed is not None else cfg.get("shuffle", {}).get("seed", 0)
-    finalize_run(run_dir, flt.model_dump(), shuffle_seed, train.model_dump(), manifest, typer.echo)
-    cfg["filter"], cfg["train"], cfg["shuffle"] = flt.model_dump(), train.model_dump(), {"seed": shuffle_seed}
+    manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+        min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
+    finalize_run(run_dir, flt, shuffle_seed, train, manifest, typer.echo)
+    cfg = manifest["config"]
+    cfg["filter"], cfg["train"], cfg["shuffle"] = flt, train, {"seed": shuffle_seed}
     save_manifest(run_dir, manifest)
 
 

@@ -14,11 +14,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the user (names the field or file)."""
+
+
+# Header names that carry credentials (matched case-insensitively as substrings).
+_SECRET_HEADER_WORDS = ("key", "token", "secret", "auth", "password", "cookie", "credential", "signature")
+
+
+def looks_secret(header: str) -> bool:
+    """Whether a header's name says it carries a credential (`api-key`, `Authorization`, `x-auth-token`...)."""
+    low = header.lower()
+    return any(w in low for w in _SECRET_HEADER_WORDS)
+
+
+def _env_name(header: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in header).upper()
 
 
 class _Strict(BaseModel):
@@ -61,7 +75,17 @@ class ModelConfig(_Strict):
         "max_tokens", description="Chat Completions: the body field that carries `max_output_tokens` "
         "(OpenAI's reasoning models want `max_completion_tokens`)."
     )
-    extra_headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers on every request.")
+    extra_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra HTTP headers on every request, stored in run.json as written: no credentials here "
+        "(a header named like one, e.g. `api-key`, is refused); use `extra_headers_env`.",
+    )
+    extra_headers_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Headers whose values are read from environment variables on the driver: "
+        "`{header: ENV_VAR}`, e.g. `{api-key: AZURE_OPENAI_KEY}`. The values never reach the config, "
+        "run folder, logs or error messages.",
+    )
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="Extra JSON fields merged into every request body."
     )
@@ -70,6 +94,30 @@ class ModelConfig(_Strict):
         description="vllm backend: engine options passed through (max_model_len, gpu_memory_utilization, "
         "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...).",
     )
+
+    tool_parser: str | None = Field(
+        None,
+        description="vllm backend: vLLM's tool parser that turns the model's text into tool calls on rows with "
+        "`tools` (`hermes`, `llama3_json`, `pythonic`, `mistral`, ...; the one vLLM's server would use for the "
+        "model). Empty: `hermes` for the embedded model; other models then fail rows that have tools.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="vllm backend: a Jinja chat template replacing the model's own, as a file path (read when "
+        "the config loads) or the template text. Empty: the model's template; for the embedded model, a "
+        "tool-capable ChatML template shipped with sft-ray.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_chat_template(cls, t: str | None) -> str | None:
+        # Read here, so actors on other nodes need not see the file.
+        if t and "{{" not in t and "{%" not in t:  # not template text: a file path
+            path = Path(t).expanduser()
+            if not path.is_file():
+                raise ValueError("no such template file (give a file path or the template text)")
+            return path.read_text()
+        return t
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -83,9 +131,30 @@ class ModelConfig(_Strict):
             raise ValueError("model.engine_kwargs.tensor_parallel_size must be a positive integer")
         return self
 
+    @model_validator(mode="after")
+    def _no_literal_credentials(self) -> "ModelConfig":
+        for name in self.extra_headers:
+            if looks_secret(name):
+                raise ValueError(
+                    f"model.extra_headers.{name}: a credential does not belong in the config (run.json keeps "
+                    f"it); put it in an environment variable and name that in model.extra_headers_env, "
+                    f"e.g. extra_headers_env: {{{name}: MY_{_env_name(name)}}}")
+        for name in set(self.extra_headers) & set(self.extra_headers_env):
+            raise ValueError(f"model.extra_headers.{name}: set in both extra_headers and extra_headers_env")
+        return self
+
     def api_key(self) -> str | None:
         """Read the key from the environment at the point of use (never stored in config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def secret_headers(self) -> dict[str, str]:
+        """The `extra_headers_env` headers with their values read from the environment now.
+        Raises :class:`ConfigError` naming the variable (never a value) when one is unset."""
+        missing = [f"{h} (from {v})" for h, v in self.extra_headers_env.items() if not os.environ.get(v)]
+        if missing:
+            raise ConfigError("model.extra_headers_env: environment variable(s) not set for header(s): "
+                              + ", ".join(missing))
+        return {h: os.environ[v] for h, v in self.extra_headers_env.items()}
 
 
 class SamplingConfig(_Strict):
@@ -136,12 +205,77 @@ ROW_PARAM_KEYS = frozenset(SamplingConfig.model_fields) | {"input", "instruction
                                                            "max_tokens", "max_completion_tokens"}
 
 
+class CodeConfig(_Strict):
+    """`type: code`: how the reply's program is run against the row's tests."""
+
+    mode: Literal["share", "all"] = Field(
+        "share", description="Reward: `share` of the row's tests passed, or `all` (1 only when every test passes)."
+    )
+    timeout_s: float = Field(
+        10.0, gt=0, description="CPU seconds per test run (the wall-clock deadline is 2x this plus 5 s)."
+    )
+    memory_mb: int = Field(1024, ge=64, description="Address-space limit of a test run, in MiB.")
+    file_mb: int = Field(16, ge=0, description="Largest file a test run may write, in MiB.")
+    max_output_bytes: int = Field(1 << 20, ge=1024, description="Output kept per run; past it the run is killed.")
+    workers: int | None = Field(
+        None, ge=1, description="Test runs at once per scoring actor (default: the machine's cores)."
+    )
+    prepend_field: str | None = Field(
+        None, description="Row field (e.g. `prompt`) put before a reply that does not define `entry_point` "
+        "itself (completions that continue HumanEval's prompt)."
+    )
+
+
+class JudgeConfig(_Strict):
+    """An LLM judge (`type: judge`, or `type: math` falling back to it)."""
+
+    model: ModelConfig = Field(description="The judge model, with the same keys as the top-level `model` section.")
+    template: str = Field(
+        "equivalence",
+        description="`equivalence` (question, reference, candidate -> [[A=B]] / [[A!=B]]), `score` (a rubric -> "
+        "`Rating: [[N]]`, N in 1..10, reward (N-1)/9), or a template file with {field} placeholders from the row "
+        "plus {question}, {reference}, {response}.",
+    )
+    verdict: Literal["equivalence", "score"] = Field(
+        "equivalence", description="How a template file's verdict is read: [[A=B]] / [[A!=B]], or Rating: [[N]]."
+    )
+    check_twice_swap: bool = Field(
+        False, description="equivalence: ask again with reference and candidate swapped; reward 1 only if both agree."
+    )
+    max_parse_retries: int = Field(
+        2, ge=0, le=10, description="New judge calls when a verdict cannot be read; then the row is a `judge_error`."
+    )
+    responses_create_params: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0.0, "max_output_tokens": 1024},
+        description="Sampling for the judge's calls (temperature, max_output_tokens, ...).",
+    )
+    question_field: str | None = Field(
+        None, description="Row field holding the question (default: the row's prompt, its last user message)."
+    )
+    rubric_field: str = Field("rubric", description="`score` template: row field holding the rubric.")
+
+    @model_validator(mode="after")
+    def _judge_model(self) -> "JudgeConfig":
+        if self.model.backend != "openai":
+            raise ValueError("verifier.judge.model.backend: only `openai` (any OpenAI-compatible endpoint) is "
+                             "supported for judges")
+        if not self.model.name:
+            raise ValueError("verifier.judge.model.name is required (the name the judge's API serves)")
+        if self.template not in ("equivalence", "score") and not Path(self.template).is_file():
+            raise ValueError(f"verifier.judge.template: not `equivalence`, `score` or an existing file: "
+                             f"{self.template}")
+        return self
+
+
 class VerifierConfig(_Strict):
     """How each response is scored."""
 
-    type: Literal["exact_match", "math", "mcq", "regex", "python", "nemo_gym", "none"] = Field(
-        "exact_match", description="Verifier: exact_match, math (math-verify), mcq, regex, python, "
-        "nemo_gym (the environment's /verify), none."
+    type: Literal["exact_match", "math", "mcq", "regex", "python", "code", "json_schema", "judge", "composite",
+                  "nemo_gym", "none"] = Field(
+        "exact_match",
+        description="Verifier: exact_match, math (math-verify; with `judge`, a judge when it finds no match), mcq, "
+        "regex, python, code (run the reply against the row's tests), json_schema, judge (an LLM judge), "
+        "composite (several verifiers), nemo_gym (the environment's /verify), none.",
     )
     answer_field: str = Field("expected_answer", description="Row field holding the reference answer.")
     pattern: str | None = Field(
@@ -152,9 +286,28 @@ class VerifierConfig(_Strict):
     function: str | None = Field(
         None,
         description="python: `module:function` or `path/to/file.py:function`, called as fn(row, response) "
-        "and returning a float or a dict with `reward` and other metrics.",
+        "(plus `rollout=` / `messages=` when it names those parameters; it may be async) and returning a "
+        "float or a dict with `reward` and other metrics.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the verifier.")
+    concurrency: int = Field(
+        32, ge=1, description="Rows scored at once per scoring actor by an async verifier (judge, code, async python)."
+    )
+    code: CodeConfig = Field(default_factory=CodeConfig)
+    schema_field: str = Field("schema", description="json_schema: row field holding the JSON Schema.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="json_schema: one schema for every row (a row's own `schema_field` wins)."
+    )
+    judge: JudgeConfig | None = Field(None, description="judge, or math with a judge fallback: the judge.")
+    components: list["VerifierConfig"] = Field(
+        default_factory=list,
+        description="composite: the verifiers, each a verifier section of its own plus `weight` and `name`.",
+    )
+    combine: Literal["mean", "min", "all"] = Field(
+        "mean", description="composite: weighted `mean` of the rewards, their `min`, or `all` (1 when all are 1)."
+    )
+    weight: float = Field(1.0, ge=0, description="composite component: its weight in the mean.")
+    name: str | None = Field(None, description="composite component: its metric prefix (default: its type).")
 
     @model_validator(mode="after")
     def _needs(self) -> "VerifierConfig":
@@ -162,6 +315,14 @@ class VerifierConfig(_Strict):
             raise ValueError("verifier.pattern is required when verifier.type is 'regex'")
         if self.type == "python" and (not self.function or ":" not in self.function):
             raise ValueError("verifier.function must be 'module:function' when verifier.type is 'python'")
+        if self.type == "judge" and self.judge is None:
+            raise ValueError("verifier.judge is required when verifier.type is 'judge' (at least judge.model.name)")
+        if self.type == "composite" and not self.components:
+            raise ValueError("verifier.components: a composite verifier needs at least one component")
+        if self.type == "composite" and sum(c.weight for c in self.components) <= 0 and self.combine == "mean":
+            raise ValueError("verifier.components: the weights sum to 0")
+        if self.judge is not None and self.type not in ("judge", "math"):
+            raise ValueError("verifier.judge is used only by the judge and math verifiers")
         if self.pattern:
             import re
 
@@ -169,6 +330,14 @@ class VerifierConfig(_Strict):
                 re.compile(self.pattern)
             except re.error as e:
                 raise ValueError(f"verifier.pattern is not a valid regular expression: {e}") from None
+        if self.json_schema is not None:
+            from jsonschema import SchemaError
+            from jsonschema.validators import validator_for
+
+            try:
+                validator_for(self.json_schema).check_schema(self.json_schema)
+            except SchemaError as e:
+                raise ValueError(f"verifier.json_schema is not a valid JSON Schema: {e.message}") from None
         return self
 
 
@@ -209,9 +378,33 @@ class EnvironmentConfig(_Strict):
 
 
 class FilterConfig(_Strict):
+    """Which rollouts reach train/ (applied by finalize; `sft-ray filter` re-applies them without a model).
+    Each drop is counted by reason in stats.json."""
+
     min_reward: float = Field(0.0, description="Keep samples whose reward is >= this.")
     max_reward: float | None = Field(None, description="Optionally also drop samples whose reward is > this.")
-    drop_truncated: bool = Field(False, description="Drop samples whose finish_reason is `length`.")
+    drop_truncated: bool = Field(True, description="Drop samples whose finish_reason is `length` (cut by the model).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Drop samples that generated more than this many output tokens (usage.output_tokens, "
+        "summed over an episode's model calls)."
+    )
+    drop_unfinished: bool = Field(
+        True, description="Agent episodes: drop those whose `termination` is not `final` (max_steps, length, error)."
+    )
+    drop_malformed_tool_calls: bool = Field(
+        True, description="Agent episodes: drop those with a malformed or unknown tool call (num_malformed_tool_calls > 0)."
+    )
+    drop_tool_errors: bool = Field(False, description="Agent episodes: drop those in which a tool returned an error.")
+    min_tool_calls: int | None = Field(None, ge=0, description="Agent episodes: drop those with fewer tool calls.")
+    max_tool_calls: int | None = Field(None, ge=0, description="Agent episodes: drop those with more tool calls.")
+    dedup: Literal["none", "exact", "near"] = Field(
+        "none", description="Per prompt, drop duplicate replies: `exact` (same text once whitespace and case are "
+        "normalised) or `near` (MinHash Jaccard >= near_dedup_threshold). The highest reward of a group is kept."
+    )
+    near_dedup_threshold: float = Field(
+        0.8, gt=0, le=1, description="`dedup: near`: estimated Jaccard similarity of word 3-grams at or above which "
+        "two replies to one prompt are duplicates."
+    )
 
 
 class ShuffleConfig(_Strict):
@@ -219,19 +412,63 @@ class ShuffleConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    format: Literal["jsonl", "parquet"] = Field("jsonl", description="Shard format of train/.")
+    format: Literal["messages", "prompt_completion", "openai"] = Field(
+        "messages",
+        description="Training-row format. `messages`: {messages, tools} for TRL's SFTTrainer and Hugging Face chat "
+        "templates (tool-call arguments as JSON objects); `prompt_completion`: TRL's conversational prompt/completion "
+        "(completion = the generated turns, for completion-only loss); `openai`: OpenAI fine-tuning JSONL "
+        "(arguments as JSON strings, parallel_tool_calls).",
+    )
+    file_format: Literal["jsonl", "parquet"] = Field(
+        "jsonl", description="Shard file format of train/ and validation/. Parquet shards share one declared schema."
+    )
     rows_per_shard: int = Field(10_000, ge=1, description="Target rows per shard; shard sizes differ by at most 1.")
     include_fields: list[str] = Field(
         default_factory=list,
-        description="Rollout fields copied into each training row beside `messages` (e.g. id, reward).",
+        description="Rollout fields copied into each training row (e.g. id, reward); a dotted path (metrics.accuracy) "
+        "copies one nested value, kept nested.",
     )
+    max_per_prompt: int | None = Field(
+        None, ge=1, description="Keep at most this many samples per prompt: the highest rewards, ties broken by the "
+        "shuffle seed."
+    )
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of prompts written to validation/ instead of train/ (split by prompt: all "
+        "samples of a prompt on one side; deterministic for shuffle.seed)."
+    )
+    reasoning: Literal["keep", "drop", "think_tags"] = Field(
+        "keep", description="Reasoning traces in training rows: `keep` as `reasoning_content` on assistant messages, "
+        "`drop` them (and <think> blocks), or `think_tags`: put them in the content as <think>...</think>."
+    )
+
+    @model_validator(mode="after")
+    def _include(self) -> "TrainConfig":
+        from sft_ray.formats import FORMAT_KEYS
+
+        clash = sorted({p.split(".")[0] for p in self.include_fields} & FORMAT_KEYS)
+        if clash:
+            raise ValueError(f"train.include_fields: {', '.join(clash)} belong to the training format; "
+                             "include other fields")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_format(cls, data: Any) -> Any:
+        # Run folders written before `file_format` existed stored the file format as `format`.
+        if isinstance(data, dict) and data.get("format") in ("jsonl", "parquet") and "file_format" not in data:
+            data = {**data, "file_format": data["format"]}
+            data.pop("format")
+        return data
 
 
 class ReadConfig(_Strict):
     skip_bad_lines: bool = Field(
         False, description="Skip and count malformed input lines instead of stopping at the first."
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows of each input file (for trials).")
+    limit: int | None = Field(
+        None, ge=1, description="Use only the first N rows of the whole input, files in name order (for trials, as "
+        "NeMo Gym's `limit`). Part of the run fingerprint: a resume with another limit is refused."
+    )
 
 
 class ResourcesConfig(_Strict):
@@ -246,6 +483,10 @@ class ResourcesConfig(_Strict):
     score_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per scoring actor.")
     batch_size: int | None = Field(
         None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
+    )
+    stall_warning_s: float = Field(
+        60.0, ge=0, description="Seconds without a finished sample after which the run prints what Ray is waiting "
+        "for (pending resource demands against free resources per node) and how to fix it; 0 turns it off."
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join: an address, `auto`, or `local` for a new local cluster "
@@ -338,7 +579,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {loc}: unknown key")
             continue
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        # Header values may be credentials: never echo them.
+        hidden = isinstance(got, dict) or e["type"] == "missing" or "extra_headers" in e["loc"]
+        shown = "" if hidden else f" (got {got!r})"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}{shown}" if loc != "<root>" else f"  {msg}")
     return "\n".join(lines)
@@ -368,6 +611,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(format_validation_error(e, source)) from None
 
 
+# Keys that change how a run works, not what it produces: left out of the fingerprint, so a
+# rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
+_OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
+                "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes"}
+
+
+def _verifier_fingerprint(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _verifier_fingerprint(v) for k, v in data.items() if k not in _OPERATIONAL}
+    if isinstance(data, list):
+        return [_verifier_fingerprint(v) for v in data]
+    return data
+
+
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change what a run produces (used to refuse resuming with a different config)."""
     return {
@@ -378,11 +635,13 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "base_url": cfg.model.base_url,
             "api": cfg.model.api,
             "engine_kwargs": cfg.model.engine_kwargs,
+            "tool_parser": cfg.model.tool_parser,
+            "chat_template": cfg.model.chat_template,
             "extra_body": cfg.model.extra_body,
         },
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
-        "verifier": cfg.verifier.model_dump(),
+        "verifier": _verifier_fingerprint(cfg.verifier.model_dump()),
         "agent": {"max_steps": cfg.agent.max_steps},
         "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
     }

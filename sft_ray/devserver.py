@@ -9,8 +9,8 @@ request through markers in the prompt:
 - ``[[fail:500:N]]`` / ``[[fail:429:N]]`` / ``[[fail:timeout:N]]`` / ``[[fail:malformed:N]]``:
   the first N attempts of this prompt fail that way, later ones succeed;
 - ``[[status:400]]``: always 400 (context length exceeded);
-- ``[[echo_auth]]``: 401 whose body repeats the request's Authorization header
-  (a careless server: the client must keep the key out of its error text).
+- ``[[echo_auth]]``: 401 whose body repeats the request's Authorization and ``api-key``
+  headers (a careless server: the client must keep the keys out of its error text).
 
 As an agent model: a request that carries ``tools`` (Chat Completions nests them
 under ``"function"``, Responses has them flat; both forms are read in both APIs)
@@ -29,6 +29,8 @@ user message steer it:
 ``MockConfig.tool_malformed_rate`` / ``tool_unknown_rate`` make a share of calls carry
 arguments that are not JSON or a tool name that does not exist. In agent requests
 the ``[[fail:...]]`` markers count attempts per model call of the episode.
+
+A request for model ``mock-judge`` is answered as an LLM judge would (:func:`judge_reply`).
 
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
@@ -79,6 +81,7 @@ class MockState:
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
+    api_key_headers: set = field(default_factory=set)  # `api-key` header values seen (Azure-style keys)
     served: Counter = field(default_factory=Counter)  # successful answers per prompt, for tests
     tool_call_turns: int = 0  # answers that called tools
     tool_calls: int = 0  # tool calls emitted, in all
@@ -228,6 +231,29 @@ def tool_call_answer(api: str, body: dict, calls: list[dict], call_no: int, n_in
             "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
 
 
+
+# --- the mock judge --------------------------------------------------------------------------
+
+
+def _tag(text: str, name: str) -> str | None:
+    m = re.search(rf"<{name}>\n?(.*?)\n?</{name}>", text, re.DOTALL)
+    return m.group(1) if m else None
+
+
+def judge_reply(text: str) -> str:
+    """The mock judge: ``[[A=B]]`` when <reference> and <candidate> match (case and spaces aside),
+    else ``[[A!=B]]``; with a <rubric>, ``Rating: [[N]]`` where the <response> says ``rate=N`` (else 10).
+    ``[[judge:garbage]]`` in the answer gets a reply without a verdict."""
+    answer = _tag(text, "candidate") or _tag(text, "response") or ""
+    if "[[judge:garbage]]" in answer + (_tag(text, "reference") or ""):
+        return "I cannot decide."
+    if _tag(text, "rubric") is not None:
+        m = re.search(r"rate=(\d+)", answer)
+        return f"The response meets the rubric.\nRating: [[{m.group(1) if m else 10}]]"
+    same = " ".join((_tag(text, "reference") or "").lower().split()) == " ".join(answer.lower().split())
+    return "Checked both answers.\n" + ("[[A=B]]" if same else "[[A!=B]]")
+
+
 # --- the server ----------------------------------------------------------------------------
 
 
@@ -282,6 +308,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 await asyncio.sleep(cfg.latency_ms / 1000)
             auth = request.headers.get("Authorization", "")
             state.auth_headers.add(auth)
+            state.api_key_headers.add(request.headers.get("api-key", ""))
+            auth += " " + request.headers.get("api-key", "")
             key = f"{text}|{body.get('seed')}|{body.get('temperature')}"
             failed = await failure(text, key if turn is None else f"{key}|step{turn.step}", auth)
             if failed is not None:
@@ -296,6 +324,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 out = tool_call_answer(api, body, turn.calls, call_no, n_in)
                 return web.Response(body=orjson.dumps(out), content_type="application/json")
             source = turn.final if turn is not None else text
+            if str(body.get("model", "")).startswith("mock-judge"):
+                source = judge_reply(text)
             words = source.split()
             limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
             truncated = bool(limit) and len(words) > limit

@@ -24,14 +24,15 @@ its own (instance role, or the same environment variables).
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import os
+import re
 from typing import IO, Iterator
 
 import pyarrow.fs as pafs
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+# What a folder given as ``input`` contributes: JSONL only, so that a dataset_info.json,
+# a README or a checksum file next to the shards does not stop the run.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 def filesystem(uri: str, fs: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
@@ -55,6 +56,41 @@ def display(fs: pafs.FileSystem, path: str) -> str:
     return scheme + path
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A shell glob as a regex: ``*``, ``?`` and ``[...]`` stay within one path component,
+    a whole ``**`` component matches any number of folders (zero included).
+
+    Hand-written because fnmatch lets ``*`` cross ``/`` and glob.translate (which does
+    this) arrives only in Python 3.13; pyarrow has no glob matcher of its own.
+    """
+    out = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]*/)*")
+            continue
+        j = 0
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                out.append("[^/]*")
+            elif c == "?":
+                out.append("[^/]")
+            elif c == "[" and "]" in part[j + 2:]:  # a set; a "]" right after "[" is part of it
+                end = part.index("]", j + 2)
+                body = part[j + 1:end]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+                j = end
+            else:
+                out.append(re.escape(c))
+            j += 1
+        if not last:
+            out.append("/")
+    return re.compile("".join(out))
+
+
 def list_input_files(uri: str) -> list[str]:
     """Files named by ``uri``: itself, the JSONL files below a folder, or a glob's matches."""
     fs, path = filesystem(uri)
@@ -63,7 +99,8 @@ def list_input_files(uri: str) -> list[str]:
         while any(c in base for c in "*?["):
             base = base.rsplit("/", 1)[0]
         infos = fs.get_file_info(pafs.FileSelector(base or "/", recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        pattern = glob_regex(path)
+        files = [i.path for i in infos if i.type == pafs.FileType.File and pattern.fullmatch(i.path)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -91,18 +128,6 @@ def iter_lines(uri: str, fs: pafs.FileSystem | None = None) -> Iterator[bytes]:
                 yield line.rstrip(b"\r")
         if tail:
             yield tail.rstrip(b"\r")
-
-
-def scan_lines(uri: str) -> tuple[int, str]:
-    """(non-blank lines, content digest) of a file, in one streamed pass: how many rows a
-    run has, and whether the input changed since the run folder was made."""
-    digest = hashlib.blake2b(digest_size=16)
-    n = 0
-    for line in iter_lines(uri):
-        if line.strip():
-            n += 1
-            digest.update(line + b"\n")
-    return n, digest.hexdigest()
 
 
 def join(base: str, *parts: str) -> str:
@@ -164,6 +189,35 @@ def open_append(uri: str) -> IO[bytes]:
     if not isinstance(fs, pafs.LocalFileSystem):
         raise ValueError("appending is only for local files")
     return open(path, "ab")
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Put folder ``src`` in the place of folder ``dst`` (which may not exist).
+
+    Local: two renames (``dst`` aside, ``src`` in), so ``dst`` is always either the old
+    folder or the new one, whole. Object stores have no rename: each object is copied on
+    the server side, then what the new folder lacks is deleted; a crash in between leaves a
+    mix, which is why callers write their summary (stats.json) only after this returns.
+    """
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if isinstance(fs, pafs.LocalFileSystem):
+        old = f"{dst_path}.old-{os.getpid()}"
+        if os.path.exists(dst_path):
+            os.rename(dst_path, old)
+        os.rename(src_path, dst_path)
+        if os.path.exists(old):
+            fs.delete_dir(old)
+        return
+    new = {i.path[len(src_path) + 1:] for i in fs.get_file_info(pafs.FileSelector(src_path, recursive=True))
+           if i.type == pafs.FileType.File}
+    fs.create_dir(dst_path, recursive=True)
+    for name in sorted(new):
+        fs.copy_file(f"{src_path}/{name}", f"{dst_path}/{name}")
+    for i in fs.get_file_info(pafs.FileSelector(dst_path, recursive=True, allow_not_found=True)):
+        if i.type == pafs.FileType.File and i.path[len(dst_path) + 1:] not in new:
+            fs.delete_file(i.path)
+    fs.delete_dir(src_path)
 
 
 def delete(uri: str) -> None:

@@ -12,22 +12,38 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable
 
-import orjson
 import pyarrow.compute as pc
 
 from sft_ray import io
 from sft_ray.config import RunConfig
-from sft_ray.resume import DriftError, carry_failures, count_failure, done_keys, prepare_run_dir, save_manifest
+from sft_ray.driver import (
+    EXIT_BUDGET,
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_PENDING,
+    EXIT_USAGE,
+    Budget,
+    Completion,
+    FolderState,
+    Progress,
+    Session,
+    Timing,
+    Writers,
+    recover_journal,
+)
+from sft_ray.journal import clear_journal
+from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
-from sft_ray.stages.finalize import FAILED, ROLLOUTS, finalize
-from sft_ray.stages.write import PartWriter
+from sft_ray.stages.finalize import finalize
+from sft_ray.stages.read import InputPlan
+from sft_ray.stages.score import verifier_payload
+from sft_ray.stall import StallWatch
 from sft_ray.stats import format_report
 
-EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
+__all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_USAGE", "RunError", "run"]
 BLOCK_BYTES = 1 << 20
 
 
@@ -37,50 +53,6 @@ class RunError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.code = code
-
-
-def stop_on_bad_input(failed_rows: list[dict[str, Any]]) -> None:
-    """Raise the first bad input line among failed rows (rows that never reached a model,
-    because their line is malformed: the read stage marks them instead of raising)."""
-    for row in failed_rows:
-        if (row.get("error") or {}).get("type") == "bad_input":
-            source, _, reason = row["error"]["message"].partition(": ")
-            raise InputError(source, reason)
-
-
-class Progress:
-    """A progress bar with rows/s on a terminal; a log line every few seconds otherwise
-    (so that `ray job logs` reads well)."""
-
-    def __init__(self, total: int, out=sys.stderr) -> None:
-        self.total, self.out = total, out
-        self.start = time.monotonic()
-        self.last_line = 0.0
-        self.bar = None
-        if out.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="rows", dynamic_ncols=True, file=out, smoothing=0.1)
-
-    def update(self, n: int, done: int, failed: int, mean_reward: float | None) -> None:
-        info = {"failed": failed}
-        if mean_reward is not None:
-            info["reward"] = f"{mean_reward:.3f}"
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(info, refresh=False)
-            return
-        now = time.monotonic()
-        if now - self.last_line >= 10 or done >= self.total:
-            self.last_line = now
-            rate = done / max(now - self.start, 1e-9)
-            pct = 100.0 * done / self.total if self.total else 100.0
-            print(f"[sft-ray] {done}/{self.total} samples ({pct:.1f}%), {rate:.1f} rows/s, "
-                  + ", ".join(f"{k} {v}" for k, v in info.items()), file=self.out, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def model_label(cfg: RunConfig) -> str:
@@ -130,6 +102,9 @@ def init_ray(cfg: RunConfig) -> None:
     # Small blocks keep rows streaming: a block is the unit the driver receives and
     # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.
     ctx.target_max_block_size = BLOCK_BYTES
+    from sft_ray.raynoise import quiet_ray
+
+    quiet_ray()  # [config] Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
 
 
 def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
@@ -165,15 +140,13 @@ def stages() -> list:
     return [generate.STAGE, score.STAGE]
 
 
-def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
-    """read -> repartition -> each stage of :func:`stages` (lazy; the driver pulls)."""
+def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int]):
+    """read (cut into blocks) -> each stage of :func:`stages` (lazy; the driver pulls)."""
     from sft_ray.stages import check_chain
     from sft_ray.stages.read import SCHEMA, make_dataset
 
-    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, cfg.read.limit)
-    # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
-    # then cuts its output into blocks small enough to spread over every actor.
-    ds = ds.repartition(target_num_rows_per_block=plan["block_rows"])
+    # One read task per file (ids are made per file), cut into blocks small enough to spread over every actor.
+    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, plan["block_rows"])
     chain = stages()
     check_chain(tuple(SCHEMA.names), chain)
     for stage in chain:
@@ -181,109 +154,90 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     return ds
 
 
-def scan_input(cfg: RunConfig) -> tuple[list[str], int, dict[str, str]]:
-    """Input files, their row count (after read.limit) and a content digest per file."""
+def scan_input(cfg: RunConfig) -> InputPlan:
+    """The input files, the rows a run uses (read.limit: the first N rows of the whole
+    input), their sample ids, content digests and skipped bad lines; a bad line without
+    read.skip_bad_lines stops here, before anything starts."""
+    from sft_ray.stages.read import scan_input as scan
+
     try:
         files = io.list_input_files(cfg.input)
     except FileNotFoundError as e:
         raise RunError(str(e), EXIT_INPUT) from None
-    rows, digests = 0, {}
-    for f in files:
-        n, digests[f] = io.scan_lines(f)
-        rows += min(n, cfg.read.limit) if cfg.read.limit else n
-    return files, rows, digests
+    try:
+        return scan(files, cfg.read.limit, cfg.read.skip_bad_lines)
+    except InputError as err:
+        raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines)",
+                       EXIT_INPUT) from None
 
 
-def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], rows: int,
-                   say: Callable[[str], None]) -> dict[str, Any]:
-    """Phase 1. Returns this session's record (also appended to the manifest)."""
-    done = done_keys(cfg.output)
-    session = len(manifest["sessions"])
-    final_failed, failed_runs = carry_failures(cfg.output, done, cfg.max_sample_attempts, session)
-    done |= final_failed
-    total = rows * cfg.num_repeats
-    todo = max(0, total - len(done))
+def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+                   say: Callable[[str], None]) -> Session:
+    """Phase 1: send every sample without a result (and failures with attempts left), write
+    what comes back; ``state`` follows. Returns this session (its record is also in the manifest)."""
+    session = Session(manifest, 0)
+    writers = Writers(cfg.output, session.number, state)
+    # What a killed run had generated but not written: scored from the journal, not sent again.
+    recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
+    start = Completion.count(inputs.ids, cfg.num_repeats, state)
+    todo = start.todo
+    session.record.update(planned=todo, recovered_from_journal=recovered)
     plan = plan_concurrency(cfg, todo)
-    say(f"found {rows} rows in {len(files)} file(s) -> {total} samples ({cfg.num_repeats} per row); "
-        f"{len(done)} already done, {todo} to generate"
-        + (f" ({len(failed_runs)} failed before and retried now, {len(final_failed)} failed for good)"
-           if failed_runs or final_failed else ""))
+    retried = start.failed - start.failed_final
+    say(f"found {inputs.rows} rows in {len(inputs.used())} file(s) -> {start.expected} samples "
+        f"({cfg.num_repeats} per row); {start.done} already done, {todo} to generate"
+        + (f" ({retried} failed before and retried now, {start.failed_final} failed for good)"
+           if start.failed else "")
+        + (f"; {recovered} recovered from the journal of a run that was killed" if recovered else "")
+        + (f"; {len(inputs.bad_lines)} bad line(s) skipped" if inputs.bad_lines else ""))
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
-
-    record: dict[str, Any] = {"session": session, "started_at": time.time(), "planned": todo,
-                              "written": 0, "failed": 0, "output_tokens": 0, "generate_wall_s": 0.0,
-                              "stopped": None}
-    manifest["sessions"].append(record)
     save_manifest(cfg.output, manifest)
     if todo == 0:
-        return record
+        writers.close()
+        clear_journal(cfg.output)
+        return session
 
     init_ray(cfg)
     warn_gpu_setup(cfg, say)
-    ok_writer = PartWriter(io.join(cfg.output, ROLLOUTS), session)
-    bad_writer = PartWriter(io.join(cfg.output, FAILED), session)
-    progress = Progress(todo)
-    t0 = time.monotonic()
-    reward_sum, reward_n = 0.0, 0
-    first_ready: float | None = None  # epoch seconds when the first actor's backend was ready
-    marks: dict[float, tuple[float, int]] = {}  # when 10% and 90% of the samples were done
+    budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+    # The folder's samples with a result, as this session adds to them (retries have none yet).
+    done, failed = start.done, start.failed_final
+    skip = state.skip()
+    progress, timing = Progress(todo), Timing(todo)
+    watch = StallWatch(cfg.resources.stall_warning_s, say)
+    finished = False
     try:
-        ds = build_dataset(cfg, files, done, plan)
+        ds = build_dataset(cfg, inputs.used(), skip, plan)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-            lines = batch.column("rollout").to_pylist()
-            failed = batch.column("failed").to_pylist()
-            rewards = batch.column("reward").to_pylist()
-            oks = [s.encode() for s, f in zip(lines, failed) if not f]
-            failed_rows = [orjson.loads(s) for s, f in zip(lines, failed) if f]
-            ok_writer.write(oks)
-            if failed_rows and not cfg.read.skip_bad_lines:
-                stop_on_bad_input(failed_rows)
-            bads = [count_failure(row, failed_runs) for row in failed_rows]
-            bad_writer.write(bads)
-            tokens = batch.column("output_tokens").to_pylist()
-            record["output_tokens"] += sum(tokens)
-            record["written"] += len(oks)
-            record["failed"] += len(bads)
-            rs = [r for r in rewards if r is not None]
-            reward_sum += sum(rs)
-            reward_n += len(rs)
-            n = len(lines)
-            done_prev = record["written"] + record["failed"] - n
-            now = time.monotonic()
-            ready = pc.min(batch.column("ready_at")).as_py()
-            if ready is not None and (first_ready is None or ready < first_ready):
-                first_ready = ready
-            if "first_rows_after_s" not in record:
-                record["first_rows_after_s"] = round(now - t0, 3)  # start-up: actors, engines, first answers
-            for q in (0.1, 0.9):
-                if done_prev < q * todo <= done_prev + n:
-                    marks[q] = (now, done_prev + n)
-            done_now = record["written"] + record["failed"]
-            progress.update(n, done_now, record["failed"], reward_sum / reward_n if reward_n else None)
-            if done_now >= cfg.min_rows_for_budget and record["failed"] / done_now > cfg.max_error_fraction:
-                record["stopped"] = "failure budget exceeded"
+            watch.touch()
+            finished_before = session.finished
+            keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
+            ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist())
+            session.add(ok, bad, sum(batch.column("output_tokens").to_pylist()), batch.column("reward").to_pylist())
+            done, failed = done + ok, failed + bad
+            timing.batch(ok + bad, finished_before, pc.min(batch.column("ready_at")).as_py())
+            progress.update(ok + bad, session.finished, session.record["failed"], session.mean_reward)
+            if budget.exceeded(done, failed):
+                session.record["stopped"] = "failure budget exceeded"
                 break
+        finished = True
     except InputError as err:
-        record["stopped"] = f"input error: {err}"
+        session.record["stopped"] = f"input error: {err}"
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
-                       f"the {record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
+                       f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
-        ok_writer.close()
-        bad_writer.close()
+        watch.close()
         progress.close()
-        end = time.monotonic()
-        record["generate_wall_s"] = round(end - t0, 3)
-        if first_ready is not None:
-            # Wall time once a backend could serve: excludes actor and engine start-up.
-            record["generate_after_ready_s"] = round(max(1e-3, time.time() - first_ready), 3)
-        if len(marks) == 2 and marks[0.9][0] > marks[0.1][0]:
-            # Rate between 10% and 90% done, without actor start-up and tail: what a long run sustains.
-            (t1, n1), (t2, n2) = marks[0.1], marks[0.9]
-            record["steady_samples_per_s"] = round((n2 - n1) / (t2 - t1), 2)
+        if finished:  # answers in flight at an early stop are in the journal: keep them
+            recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
+        writers.close()
+        session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
-    return record
+    clear_journal(cfg.output)  # all it held is written now
+    compact_failures(cfg.output, session.number, state.done)
+    return session
 
 
 def throughput(manifest: dict[str, Any]) -> dict[str, float]:
@@ -297,14 +251,22 @@ def throughput(manifest: dict[str, Any]) -> dict[str, float]:
 
 def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
                  manifest: dict[str, Any] | None, say: Callable[[str], None], write: bool = True) -> dict[str, Any]:
-    """Phase 2 plus the report; writes stats.json when ``write``."""
+    """Phase 2 plus the report; writes stats.json (and ``_SUCCESS`` when the run is complete) when
+    ``write``. Both are removed first: a crash while train/ is replaced never leaves a stats.json
+    or a marker that describe another train/."""
     t0 = time.monotonic()
+    if write:
+        io.delete(io.join(run_dir, SUCCESS))
+        io.delete(io.join(run_dir, "stats.json"))
     stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write)
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)
+        stats.update(manifest.get("completion") or {})
     if write:
         io.write_bytes(io.join(run_dir, "stats.json"), json.dumps(stats, indent=2).encode())
+        if stats.get("complete"):
+            io.write_bytes(io.join(run_dir, SUCCESS), b"")
     say(format_report(stats))
     say(json.dumps({k: round(v, 4) for k, v in stats["metrics"].items()}))
     return stats
@@ -312,21 +274,34 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
 
 def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
     """The whole job; returns the process exit code."""
+    from sft_ray.lock import LockError, RunLock
+
     check_plugins(cfg)
-    files, rows, digests = scan_input(cfg)
+    inputs = scan_input(cfg)
     try:
-        manifest = prepare_run_dir(cfg, restart, digests)
-    except DriftError as e:
+        lock = RunLock(cfg.output).acquire()
+    except LockError as e:
         raise RunError(str(e)) from None
-    record = generate_phase(cfg, manifest, files, rows, say)
-    stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
-                         manifest, say)
+    with lock:
+        try:
+            manifest = prepare_run_dir(cfg, restart, inputs.digests)
+        except DriftError as e:
+            raise RunError(str(e)) from None
+        state = FolderState(cfg.output, cfg.max_sample_attempts)
+        session = generate_phase(cfg, manifest, inputs, state, say)
+        # Counted sample by sample from what the folder holds now (not from this session's tallies).
+        completion = Completion.count(inputs.ids, cfg.num_repeats, state, len(inputs.bad_lines))
+        budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+        manifest["completion"] = completion.as_stats(budget)
+        if inputs.bad_lines:
+            manifest["completion"]["bad_line_examples"] = inputs.bad_lines[:5]
+        save_manifest(cfg.output, manifest)
+        stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
+                             manifest, say)
     say(f"run folder: {cfg.output}  (rollouts/, train/ {len(stats.get('shards', []))} shard(s), stats.json)")
-    samples = stats["samples"]
-    if record.get("stopped"):
-        say(f"stopped early: {record['stopped']}")
-    if samples and stats["failed"] / samples > cfg.max_error_fraction:
-        say(f"FAILED: {stats['failed']}/{samples} samples failed, over the budget max_error_fraction="
-            f"{cfg.max_error_fraction}; rerun the same command to retry them")
-        return EXIT_BUDGET
-    return EXIT_OK
+    if session.record.get("stopped"):
+        say(f"stopped early: {session.record['stopped']}")
+    code, reason = completion.verdict(budget)
+    if reason:
+        say(reason)
+    return code

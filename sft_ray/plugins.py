@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 def load_module(spec: str, what: str) -> ModuleType:
@@ -28,3 +29,14 @@ def load_module(spec: str, what: str) -> ModuleType:
         return importlib.import_module(spec)
     except ImportError as e:
         raise ValueError(f"{what}: cannot import {spec!r}: {e}") from None
+
+
+def registered(registry: dict[str, str], name: str, what: str) -> Any:
+    """The object a registry entry (``"package.module:attr"``) names; imported on first use so
+    that choosing one entry never imports another's dependencies."""
+    try:
+        target = registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)

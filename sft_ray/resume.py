@@ -14,9 +14,12 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig, config_fingerprint
+from sft_ray.journal import JOURNAL
 from sft_ray.stages.finalize import FAILED, ROLLOUTS, iter_jsonl
 
 MANIFEST = "run.json"
+SUCCESS = "_SUCCESS"  # written once every sample of the run is final (see sft_ray.driver.Completion)
+Key = tuple[str, int]
 
 
 class DriftError(ValueError):
@@ -41,19 +44,29 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
     io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
+def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The config settings that change a run's outputs, plus ``read.limit`` when set (which
+    samples the run has; absent when unset, as in folders made before it was part of this)."""
+    fp = config_fingerprint(cfg)
+    if cfg.read.limit is not None:
+        fp["read"] = {"limit": cfg.read.limit}
+    return fp
+
+
 def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> dict[str, Any]:
-    """Create or reopen the run folder; refuse a resume whose config or input content
-    changes the outputs (an edited input would leave stale rollouts in the run)."""
-    fingerprint = {**config_fingerprint(cfg), "input_files": input_digests}
+    """Create or reopen the run folder; refuse a resume whose config, ``read.limit`` or input
+    content changes the outputs (an edited input would leave stale rollouts in the run, a
+    changed limit would leave samples out of, or extra ones in, its completion count)."""
+    fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
     manifest = load_manifest(cfg.output)
     if manifest is not None and restart:
-        for sub in (ROLLOUTS, FAILED, "train", "stats.json", MANIFEST):
+        for sub in (ROLLOUTS, FAILED, JOURNAL, "train", "stats.json", SUCCESS, MANIFEST):
             io.delete(io.join(cfg.output, sub))
         manifest = None
     if manifest is not None:
         old = dict(manifest.get("fingerprint") or {})
         old_inputs = old.pop("input_files", {})
-        changes = _diff(old, config_fingerprint(cfg))
+        changes = _diff(old, run_fingerprint(cfg))
         for path in sorted(set(old_inputs) | set(input_digests)):
             if path not in input_digests:
                 changes.append(f"input file {path}: no longer part of the input")
@@ -90,42 +103,56 @@ def done_keys(run_dir: str) -> set[tuple[str, int]]:
     return keys
 
 
-def count_failure(row: dict[str, Any], failed_runs: dict[tuple[str, int], int]) -> bytes:
+def count_failure(row: dict[str, Any], failed_runs: dict[Key, int]) -> bytes:
     """A failed sample's record, with how many runs it has now failed in."""
     key = (str(row["id"]), int(row["sample_index"]))
     row["failed_runs"] = failed_runs.get(key, 0) + 1
     return orjson.dumps(row)
 
 
-def carry_failures(run_dir: str, done: set[tuple[str, int]], max_attempts: int,
-                   session: int) -> tuple[set[tuple[str, int]], dict[tuple[str, int], int]]:
-    """Decide which earlier failures a new run retries.
-
-    Returns the keys whose failure is final (failed in ``max_attempts`` runs: not sent
-    again) and, for the keys to retry, how many runs they failed in. ``failed/`` is
-    rewritten to hold only final failures; retried samples get a new record if they
-    fail again. The new file is written before the old ones go, so a crash in between
-    leaves duplicates (read back by key, latest wins), never a lost failure.
-    """
-    folder = io.join(run_dir, FAILED)
-    old = io.list_files(folder, ".jsonl")
-    latest: dict[tuple[str, int], bytes] = {}
-    runs: dict[tuple[str, int], int] = {}
-    for uri in old:
+def _failure_records(run_dir: str, done: set[Key]) -> tuple[list[str], int, dict[Key, tuple[int, bytes]]]:
+    """failed/'s files, the records they hold, and for each failed sample not done since:
+    (runs it failed in, its latest record). Files are read in name order, so a later
+    session's record wins."""
+    files = io.list_files(io.join(run_dir, FAILED), ".jsonl")
+    records = 0
+    latest: dict[Key, tuple[int, bytes]] = {}
+    for uri in files:
         for row, line in iter_jsonl(uri):
             if row is None:
                 continue
+            records += 1
             key = (str(row["id"]), int(row["sample_index"]))
             if key in done:  # succeeded in a later run
                 continue
-            latest[key] = line
-            runs[key] = max(runs.get(key, 0), int(row.get("failed_runs") or 1))
-    final = {k for k, n in runs.items() if n >= max_attempts}
-    if old:
-        if final:
-            io.write_bytes(io.join(folder, f"part-{session:03d}-final.jsonl"),
-                           b"".join(latest[k] + b"\n" for k in sorted(final)))
-        for uri in old:
-            if not uri.endswith(f"part-{session:03d}-final.jsonl"):
-                io.delete(uri)
-    return final, {k: n for k, n in runs.items() if k not in final}
+            runs = max(int(row.get("failed_runs") or 1), latest.get(key, (0, b""))[0])
+            latest[key] = (runs, line)
+    return files, records, latest
+
+
+def load_failures(run_dir: str, done: set[Key]) -> dict[Key, int]:
+    """How many runs each failed sample (not done since) has failed in.
+
+    Nothing is deleted here: a record stays in failed/ until its retry is written (as a
+    rollout, or as a new record with one more failed run), so a run stopped before it
+    retried a sample (a crash, Ctrl-C, the failure budget) loses no failure and no count.
+    """
+    return {k: runs for k, (runs, _) in _failure_records(run_dir, done)[2].items()}
+
+
+def compact_failures(run_dir: str, session: int, done: set[Key]) -> None:
+    """Rewrite failed/ as one file holding the latest record of each sample still failed.
+
+    Run after a session's writers are closed. The new file is complete before any old one
+    is deleted, so a crash in between leaves duplicates (read back by key: most runs and
+    latest record win), never a lost failure.
+    """
+    files, records, latest = _failure_records(run_dir, done)
+    if len(files) <= 1 and records == len(latest):
+        return  # already at most one file, holding exactly the live records
+    name = io.join(run_dir, FAILED, f"part-{session:03d}-compact.jsonl")
+    if latest:
+        io.write_bytes(name, b"".join(line + b"\n" for _, line in (latest[k] for k in sorted(latest))))
+    for uri in files:
+        if uri != name:
+            io.delete(uri)

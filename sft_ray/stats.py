@@ -12,7 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from sft_ray.curate import pass_at_k
+
 HIST_BINS = 10
+PERCENTILES = (50, 90, 99)
+# Report advice (the seed workflow's troubleshooting): few rows pass, or replies repeat.
+LOW_KEPT_FRACTION = 0.1
+REPETITIVE_SHARE = 0.25
 
 
 class StatsAccumulator:
@@ -25,19 +31,66 @@ class StatsAccumulator:
         self.errors: Counter[str] = Counter()
         self.failed = 0
         self.tokens = Counter()
+        self.judge_tokens = Counter()  # input_tokens, output_tokens of judge calls (apart from generation)
         self.finish = Counter()
         self.kept = 0
+        self.validation = 0
+        self.drops: Counter[str] = Counter()
+        # Agent episodes (rollouts with a `termination`).
+        self.episodes = 0
+        self.termination: Counter[str] = Counter()
+        self.model_calls: Counter[int] = Counter()
+        self.tool_calls: Counter[int] = Counter()
+        self.tool_totals: Counter[str] = Counter()
+        # Per task source: samples, failed, kept, reward sum.
+        self.sources: dict[str, Counter[str]] = {}
+        # Output tokens per sample, as value -> count (exact percentiles in bounded memory).
+        self.lengths: Counter[int] = Counter()
+        self.kept_lengths: Counter[int] = Counter()
+        # Per prompt (num_repeats > 1).
+        self.prompts = 0
+        self.prompt_sizes: Counter[int] = Counter()
+        self.pass_at: dict[int, float] = {}
+        self.pass_at_n: Counter[int] = Counter()
+        self.prompts_none_pass = 0
+        self.prompts_all_pass = 0
+        self.prompt_means: list[float] = []
+        self.identical = 0.0
+        self.distinct2: list[float] = []
+        self.repeat_prompts = 0
 
-    def add(self, rollout: dict[str, Any], failed: bool) -> None:
+    def add(self, rollout: dict[str, Any], failed: bool, source: str | None = None) -> None:
         err = rollout.get("error")
         if err:
             self.errors[err.get("type", "unknown")] += 1
         usage = rollout.get("usage") or {}
         for k in ("input_tokens", "output_tokens", "total_tokens"):
             self.tokens[k] += int(usage.get(k) or 0)
+        for name, value in (rollout.get("metrics") or {}).items():  # an LLM judge's, counted apart
+            if name.endswith(("judge_input_tokens", "judge_output_tokens")) and isinstance(value, (int, float)):
+                self.judge_tokens[name.rsplit("judge_", 1)[1]] += int(value)
+        src = None
+        if source is not None:
+            src = self.sources.get(source)
+            if src is None:
+                src = self.sources[source] = Counter()
+            src["samples"] += 1
+        if rollout.get("termination") is not None:
+            self.episodes += 1
+            self.termination[str(rollout["termination"])] += 1
+            self.model_calls[int(rollout.get("num_model_calls") or 0)] += 1
+            self.tool_calls[int(rollout.get("num_tool_calls") or 0)] += 1
+            for k in ("num_tool_calls", "num_tool_errors", "num_malformed_tool_calls"):
+                self.tool_totals[k] += int(rollout.get(k) or 0)
         if failed:
             self.failed += 1
+            if src is not None:
+                src["failed"] += 1
             return
+        self.lengths[int(usage.get("output_tokens") or 0)] += 1
+        if src is not None and rollout.get("reward") is not None:
+            src["rewarded"] += 1
+            src["reward_sum"] += float(rollout["reward"])
         self.finish[str(rollout.get("finish_reason"))] += 1
         reward = rollout.get("reward")
         if reward is not None:
@@ -46,6 +99,86 @@ class StatsAccumulator:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.metric_sums[k] = self.metric_sums.get(k, 0.0) + float(v)
                 self.metric_counts[k] += 1
+
+    def add_kept(self, source: str | None, output_tokens: int, validation: bool = False) -> None:
+        """A sample that passed every filter, bound for train/ or (``validation``) validation/."""
+        self.kept += 1
+        self.validation += validation
+        if source is not None:
+            self.sources[source]["kept"] += 1  # every source was seen by add()
+        self.kept_lengths[output_tokens] += 1
+
+    def add_prompt(self, rewards: list[float], pass_threshold: float, identical_share: float | None,
+                   distinct2: float | None) -> None:
+        """One prompt's successful samples: pass@k and repetition."""
+        n = len(rewards)
+        if not n:
+            return
+        self.prompts += 1
+        self.prompt_sizes[n] += 1
+        c = sum(r >= pass_threshold for r in rewards)
+        self.prompts_none_pass += c == 0
+        self.prompts_all_pass += c == n
+        self.prompt_means.append(sum(rewards) / n)
+        k = 1
+        while k <= n:
+            self.pass_at[k] = self.pass_at.get(k, 0.0) + pass_at_k(n, c, k)
+            self.pass_at_n[k] += 1
+            k *= 2
+        if n not in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            self.pass_at[n] = self.pass_at.get(n, 0.0) + pass_at_k(n, c, n)
+            self.pass_at_n[n] += 1
+        if identical_share is not None:
+            self.repeat_prompts += 1
+            self.identical += identical_share
+            if distinct2 is not None:
+                self.distinct2.append(distinct2)
+
+    def curation(self) -> dict[str, Any]:
+        """The curation part of stats.json: drops, episodes, sources, lengths, prompts, repetition."""
+        out: dict[str, Any] = {"drops_by_reason": dict(sorted(self.drops.items())), "validation": self.validation}
+        if self.episodes:
+            calls = self.tool_totals["num_tool_calls"]
+            out["episodes"] = {
+                "count": self.episodes,
+                "termination": dict(sorted(self.termination.items())),
+                "model_calls_histogram": {str(k): v for k, v in sorted(self.model_calls.items())},
+                "tool_calls_histogram": {str(k): v for k, v in sorted(self.tool_calls.items())},
+                "tool_calls": calls,
+                "tool_errors": self.tool_totals["num_tool_errors"],
+                "malformed_tool_calls": self.tool_totals["num_malformed_tool_calls"],
+                "tool_error_rate": self.tool_totals["num_tool_errors"] / calls if calls else 0.0,
+            }
+        out["sources"] = {
+            name: {"samples": c["samples"], "failed": c["failed"], "kept": c["kept"],
+                   "pass_rate": c["kept"] / (c["samples"] - c["failed"]) if c["samples"] > c["failed"] else 0.0,
+                   "mean_reward": c["reward_sum"] / c["rewarded"] if c["rewarded"] else None}
+            for name, c in sorted(self.sources.items())
+        }
+        out["lengths"] = {"output_tokens": _percentiles(self.lengths),
+                          "kept_output_tokens": _percentiles(self.kept_lengths),
+                          "output_tokens_histogram": _histogram(self.lengths)}
+        if self.prompts and max(self.prompt_sizes) > 1:
+            means = np.asarray(self.prompt_means)
+            counts, edges = np.histogram(np.clip(means, 0.0, 1.0), bins=HIST_BINS, range=(0.0, 1.0))
+            out["prompts"] = {
+                "count": self.prompts,
+                "samples_per_prompt": {str(k): v for k, v in sorted(self.prompt_sizes.items())},
+                "pass_at_k": {str(k): self.pass_at[k] / self.pass_at_n[k] for k in sorted(self.pass_at)},
+                "none_pass": self.prompts_none_pass,
+                "all_pass": self.prompts_all_pass,
+                "mean_reward_per_prompt": {
+                    "mean": float(means.mean()), "median": float(np.median(means)),
+                    "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts]},
+                },
+            }
+        if self.repeat_prompts:
+            out["repetition"] = {
+                "prompts": self.repeat_prompts,
+                "identical_share": self.identical / self.repeat_prompts,
+                "distinct_2": float(np.mean(self.distinct2)) if self.distinct2 else None,
+            }
+        return out
 
     def result(self) -> dict[str, Any]:
         r = np.asarray(self.rewards, dtype=np.float64)
@@ -71,6 +204,8 @@ class StatsAccumulator:
             "errors_by_type": dict(sorted(self.errors.items())),
             "finish_reasons": dict(sorted(self.finish.items())),
             "tokens": dict(self.tokens),
+            "judge_tokens": dict(self.judge_tokens),
+            **self.curation(),
         }
 
     def metric_means(self) -> dict[str, float]:
@@ -80,11 +215,63 @@ class StatsAccumulator:
         return means
 
 
+def _percentiles(counts: Counter[int]) -> dict[str, float]:
+    """p50/p90/p99/max/mean of values given as value -> count."""
+    n = sum(counts.values())
+    if not n:
+        return {}
+    out: dict[str, float] = {}
+    ranks = {p: math.ceil(p / 100 * n) for p in PERCENTILES}  # nearest-rank percentiles
+    seen, total = 0, 0
+    for value in sorted(counts):
+        seen += counts[value]
+        total += value * counts[value]
+        for p, rank in ranks.items():
+            if f"p{p}" not in out and seen >= rank:
+                out[f"p{p}"] = value
+    out["max"] = max(counts)
+    out["mean"] = total / n
+    return out
+
+
+def _histogram(counts: Counter[int]) -> dict[str, list[float]]:
+    """HIST_BINS equal bins from 0 to the largest value, of values given as value -> count."""
+    if not counts:
+        return {"edges": [], "counts": []}
+    values = np.fromiter(counts.keys(), dtype=np.float64)
+    weights = np.fromiter(counts.values(), dtype=np.float64)
+    hist, edges = np.histogram(values, bins=HIST_BINS, range=(0.0, max(1.0, float(values.max()))), weights=weights)
+    return {"edges": [round(float(e), 1) for e in edges], "counts": [int(c) for c in hist]}
+
+
+def advice(stats: dict[str, Any], temperature: float | None = None) -> list[str]:
+    """What to change, in the words of the seed workflow's troubleshooting."""
+    tips = []
+    temp = f" (now {temperature})" if temperature is not None else ""
+    if stats.get("succeeded") and stats.get("kept_fraction", 1.0) < LOW_KEPT_FRACTION:
+        tips.append(f"few samples pass ({100 * stats['kept_fraction']:.1f}% kept): lower filter.min_reward or "
+                    f"raise responses_create_params.temperature{temp}")
+    rep = stats.get("repetition") or {}
+    if rep.get("identical_share", 0.0) > REPETITIVE_SHARE:
+        tips.append(f"replies are repetitive ({100 * rep['identical_share']:.0f}% identical within a prompt): raise "
+                    f"responses_create_params.temperature{temp}, or set filter.dedup: exact")
+    return tips
+
+
+def _hist_lines(hist: dict[str, int], width: int = 30) -> list[str]:
+    peak = max(hist.values()) or 1
+    return [f"  {k:>4} {v:>9} {'#' * math.ceil(width * v / peak) if v else ''}" for k, v in hist.items()]
+
+
 def format_report(stats: dict[str, Any]) -> str:
     """The human-readable report printed at the end of a run and by `sft-ray stats`."""
     lines = []
     rw = stats["reward"]
     lines.append(f"samples: {stats['samples']}  succeeded: {stats['succeeded']}  failed: {stats['failed']}")
+    if "expected" in stats:
+        lines.append(f"expected: {stats['expected']}  done: {stats['done']}  pending: {stats['pending']}  "
+                     f"failed for good: {stats['failed_final']}  complete: {'yes' if stats['complete'] else 'no'}"
+                     + (f"  bad lines skipped: {stats['bad_lines']}" if stats.get("bad_lines") else ""))
     if rw.get("count"):
         lines.append(
             "reward: mean {mean:.4f}  median {median:.4f}  stdev {stdev:.4f}  min {min:.4f}  max {max:.4f}".format(**rw)
@@ -99,9 +286,48 @@ def format_report(stats: dict[str, Any]) -> str:
                      f"with {stats['filter']}")
     if stats["errors_by_type"]:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in stats["errors_by_type"].items()))
+    drops = stats.get("drops_by_reason") or {}
+    if drops:
+        lines.append("dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])))
+    if stats.get("validation"):
+        lines.append(f"validation: {stats['validation']} samples (split by prompt)")
+    ep = stats.get("episodes")
+    if ep:
+        lines.append(f"episodes: {ep['count']}  termination: "
+                     + ", ".join(f"{k}={v}" for k, v in ep["termination"].items())
+                     + f"  tool calls {ep['tool_calls']}, tool errors {ep['tool_errors']} "
+                     f"({100 * ep['tool_error_rate']:.1f}%), malformed {ep['malformed_tool_calls']}")
+        lines.append("model calls per episode:")
+        lines += _hist_lines(ep["model_calls_histogram"])
+        lines.append("tool calls per episode:")
+        lines += _hist_lines(ep["tool_calls_histogram"])
+    sources = stats.get("sources") or {}
+    if len(sources) > 1 or (sources and "all" not in sources):
+        for name, src in sources.items():
+            mean = f"{src['mean_reward']:.4f}" if src.get("mean_reward") is not None else "-"
+            lines.append(f"source {name}: samples {src['samples']}  kept {src['kept']} "
+                         f"({100 * src['pass_rate']:.1f}%)  mean reward {mean}")
+    pr = stats.get("prompts")
+    if pr:
+        lines.append(f"prompts: {pr['count']}  pass@k: "
+                     + ", ".join(f"@{k} {v:.3f}" for k, v in pr["pass_at_k"].items())
+                     + f"  none pass {pr['none_pass']}  all pass {pr['all_pass']}  "
+                     f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
+    rep = stats.get("repetition")
+    if rep:
+        d2 = f"{rep['distinct_2']:.3f}" if rep.get("distinct_2") is not None else "-"
+        lines.append(f"repetition: {100 * rep['identical_share']:.1f}% identical replies per prompt, distinct-2 {d2}")
+    ln = (stats.get("lengths") or {}).get("output_tokens")
+    if ln:
+        lines.append("output tokens: " + "  ".join(f"{k} {v:.0f}" for k, v in ln.items()))
+    for tip in stats.get("advice") or []:
+        lines.append(f"advice: {tip}")
     tok = stats.get("tokens") or {}
     if tok:
         lines.append(f"tokens: input {tok.get('input_tokens', 0)}  output {tok.get('output_tokens', 0)}")
+    judge = stats.get("judge_tokens") or {}
+    if judge:
+        lines.append(f"judge tokens: input {judge.get('input_tokens', 0)}  output {judge.get('output_tokens', 0)}")
     thr = stats.get("throughput")
     if thr:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "

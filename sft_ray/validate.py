@@ -47,6 +47,10 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):
             problems.append(f"model.api_key_env: environment variable {cfg.model.api_key_env} is not set")
+    try:
+        cfg.model.secret_headers()
+    except ValueError as e:  # ConfigError: names the variables, never a value
+        problems.append(str(e))
     summary = (f"config ok: model {cfg.model.backend}:{cfg.model.name or '(default)'}, verifier {cfg.verifier.type}; "
                f"input {len(files)} file(s), first {checked} row(s) parsed")
     return problems, summary

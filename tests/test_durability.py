@@ -84,7 +84,9 @@ def test_kill_9_then_resume_exactly_once(tmp_path, victim):
     # Rows written before the kill are never sent again; only those in flight at the kill are.
     assert all(served[p] == 1 for p in written)
     resent = sum(c - 1 for c in served.values())
-    assert resent < n // 4
+    # The generation journal holds every answer an actor received: only requests in flight at
+    # the kill (at most num_samples_in_parallel at the server, as many answered unseen) return.
+    assert resent <= 2 * 16
     print(f"\nkill -9 of the {victim} with {len(written)} rows written: {resent} samples sent a second time")
 
 

@@ -127,3 +127,17 @@ def test_torn_last_line_is_counted_not_fatal(tmp_path):
         f.write('{"id": "half", "rew')
     stats = finalize(str(tmp_path), {"min_reward": 0.0}, 0, TRAIN)
     assert stats["torn_lines"] == 1 and stats["succeeded"] == 1000
+
+
+def test_judge_tokens_are_counted_apart_from_generation_tokens():
+    from sft_ray.stats import StatsAccumulator
+
+    acc = StatsAccumulator()
+    for i in range(3):
+        acc.add({"id": str(i), "sample_index": 0, "reward": 1.0, "usage": {"input_tokens": 10, "output_tokens": 5},
+                 "metrics": {"judge_input_tokens": 100.0, "judge_output_tokens": 7.0, "accuracy": 1.0}}, failed=False)
+    acc.add({"id": "c", "sample_index": 0, "reward": 1.0, "usage": {"input_tokens": 1, "output_tokens": 1},
+             "metrics": {"equiv.judge_input_tokens": 50.0, "equiv.judge_output_tokens": 2.0}}, failed=False)
+    stats = acc.result()
+    assert stats["tokens"]["input_tokens"] == 31 and stats["tokens"]["output_tokens"] == 16
+    assert stats["judge_tokens"] == {"input_tokens": 350, "output_tokens": 23}

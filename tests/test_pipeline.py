@@ -128,15 +128,20 @@ def test_input_error_survives_pickling():
 
 
 def test_bad_lines_skipped_and_counted(tmp_path, mock_server):
+    """Skipped lines are counted apart: no failure, no failure budget, never retried (issue 9.5)."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "expected_answer": "a"}, '{"prompt": "b",',
                                               {"nothing": 1}, {"prompt": "c", "expected_answer": "c"}])
-    cfg = make_config(tmp_path, mock_server, inp, "read.skip_bad_lines=true", "max_error_fraction=1")
+    cfg = make_config(tmp_path, mock_server, inp, "read.skip_bad_lines=true", "max_error_fraction=0")
     code, out = run_quiet(cfg)
-    assert code == EXIT_OK, out
+    assert code == EXIT_OK, out  # 2 bad lines of 4 would be 50% failures: over a budget of 0
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
-    assert stats["errors_by_type"] == {"bad_input": 2} and stats["succeeded"] == 2
-    sources = sorted(f["error"]["message"].split(": ")[0] for f in read_rows(tmp_path / "run" / "failed"))
-    assert sources == [f"{inp}:2", f"{inp}:3"]
+    assert stats["errors_by_type"] == {} and stats["succeeded"] == 2 and stats["failed"] == 0
+    assert stats["bad_lines"] == 2 and stats["expected"] == 2 and stats["complete"]
+    assert [e.split(": ")[0] for e in stats["bad_line_examples"]] == [f"{inp}:2", f"{inp}:3"]
+    assert not read_rows(tmp_path / "run" / "failed")
+    sent = mock_server.state.requests
+    code, out = run_quiet(cfg)
+    assert code == EXIT_OK and "0 to generate" in out and mock_server.state.requests == sent
 
 
 def test_rerun_resumes_and_config_drift_is_refused(tmp_path, mock_server):

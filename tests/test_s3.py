@@ -13,6 +13,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 import uuid
 
 import boto3
@@ -70,17 +71,22 @@ def test_input_folder_and_glob_on_s3(s3, monkeypatch):
     put_jsonl(s3, "in/a.jsonl", [{"prompt": "a1"}, {"prompt": "a2"}])
     put_jsonl(s3, "in/sub/b.jsonl.gz", [{"prompt": "b1", "expected_answer": "007"}], gz=True)
     put_jsonl(s3, "in/c.json", [{"prompt": "c1"}])
+    put_jsonl(s3, "in/sub/d.jsonl", [{"prompt": "d1"}])
     s3.put_object(Bucket=s3.bucket, Key="in/README.txt", Body=b"not rows")
+    s3.put_object(Bucket=s3.bucket, Key="in/dataset_info.json", Body=b'{"features": {}}')
     root = f"s3://{s3.bucket}/in"
-    assert io.list_input_files(root + "/") == [f"{root}/a.jsonl", f"{root}/c.json", f"{root}/sub/b.jsonl.gz"]
-    assert io.list_input_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]
-    assert io.list_input_files(root + "/**.gz") == [f"{root}/sub/b.jsonl.gz"]
+    # A folder gives its JSONL files only (issue 9.20: dataset_info.json stopped the run).
+    assert io.list_input_files(root + "/") == [f"{root}/a.jsonl", f"{root}/sub/b.jsonl.gz", f"{root}/sub/d.jsonl"]
+    assert io.list_input_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]  # `*` does not cross `/`
+    assert io.list_input_files(root + "/*/*.jsonl") == [f"{root}/sub/d.jsonl"]
+    assert io.list_input_files(root + "/**/*.gz") == [f"{root}/sub/b.jsonl.gz"]
+    assert io.list_input_files(root + "/**/*.jsonl") == [f"{root}/a.jsonl", f"{root}/sub/d.jsonl"]
     with pytest.raises(FileNotFoundError):
         io.list_input_files(f"s3://{s3.bucket}/nothing-here/")
     # pyarrow also honours the service-independent variable.
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.meta.endpoint_url)
-    assert io.list_input_files(root + "/*.json") == [f"{root}/c.json"]
+    assert io.list_input_files(root + "/c*.json") == [f"{root}/c.json"]  # a glob names any file
     [cols] = list(read_samples(f"{root}/sub/b.jsonl.gz", num_repeats=2))
     assert cols["sample_index"] == [0, 1]
     assert json.loads(cols["row"][0])["expected_answer"] == "007"  # text kept, never coerced
@@ -158,7 +164,7 @@ def test_stats_and_filter_commands_on_an_s3_run_folder(s3, mock_server, tmp_path
     stats = subprocess.run(cli + ["stats", out], capture_output=True, text=True, timeout=120)
     assert stats.returncode == 0, stats.stderr
     assert "samples: 20" in stats.stdout and '"reward": 0.5' in stats.stdout
-    flt = subprocess.run(cli + ["filter", out, "--min-reward", "1", "--rows-per-shard", "4", "--format", "parquet"],
+    flt = subprocess.run(cli + ["filter", out, "--min-reward", "1", "--rows-per-shard", "4", "--file-format", "parquet"],
                          capture_output=True, text=True, timeout=120)
     assert flt.returncode == 0, flt.stderr
     fs = pafs.S3FileSystem(endpoint_override=s3.meta.endpoint_url, access_key="testing", secret_key="testing",
@@ -166,9 +172,27 @@ def test_stats_and_filter_commands_on_an_s3_run_folder(s3, mock_server, tmp_path
     names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{s3.bucket}/runs/r2/train")))
     assert names == [f"{s3.bucket}/runs/r2/train/part-0000{i}.parquet" for i in range(3)]  # 10 rows: 4, 3, 3
     table = pq.ParquetDataset(f"{s3.bucket}/runs/r2/train", filesystem=fs).read()
-    assert table.num_rows == 10 and table.column_names == ["messages"]
+    assert table.num_rows == 10 and table.column_names == ["messages", "tools"]
     saved = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r2/stats.json")["Body"].read())
     assert saved["kept"] == 10 and saved["filter"] == {"min_reward": 1.0}
     manifest = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r2/run.json")["Body"].read())
-    assert manifest["config"]["train"]["format"] == "parquet"
+    assert manifest["config"]["train"]["file_format"] == "parquet"
     assert mock_server.state.requests == served  # no model was called
+
+
+def test_s3_parts_are_flushed_on_a_timer_and_at_a_byte_limit(s3):
+    """Rows must not sit in the driver's memory while no batch arrives (issue 9.11)."""
+    from sft_ray.stages.write import PartWriter
+
+    w = PartWriter(f"s3://{s3.bucket}/runs/w/rollouts", 0, part_seconds=0.5, part_bytes=1000)
+    try:
+        w.write([b'{"a": 1}'])
+        deadline = time.time() + 10
+        while not get_jsonl(s3, "runs/w/rollouts/") and time.time() < deadline:
+            time.sleep(0.1)
+        assert get_jsonl(s3, "runs/w/rollouts/") == {"runs/w/rollouts/part-000-00000.jsonl": [{"a": 1}]}
+        w.part_seconds = 3600
+        w.write([b'{"b": "' + b"x" * 2000 + b'"}'])  # over the byte bound: uploaded at once
+        assert len(get_jsonl(s3, "runs/w/rollouts/")) == 2
+    finally:
+        w.close()

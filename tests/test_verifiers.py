@@ -6,6 +6,7 @@ import pytest
 
 from sft_ray.stages.score import ScoreStage, score_rollout
 from sft_ray.verifiers import build_verifier
+from sft_ray.verifiers.mcq import extract_letter
 
 
 def v(type_, **kw):
@@ -43,16 +44,33 @@ def test_exact_match_accepts_a_list_of_references():
     assert v("exact_match")({"expected_answer": ["NYC", "New York"]}, "new york")["reward"] == 1.0
 
 
-@pytest.mark.parametrize("response, expected, reward", [
-    ("Answer: B", "B", 1.0),
-    ("The correct option is (C).", "C", 1.0),
-    ("\\boxed{D}", "D", 1.0),
-    ("I think a good choice is B", "B", 1.0),
-    ("Answer: A", "B", 0.0),
-    ("none of these", "B", 0.0),
-])
-def test_mcq(response, expected, reward):
-    assert v("mcq")({"expected_answer": expected}, response)["reward"] == reward
+# Real-world phrasings of a multiple-choice answer (issue 9.10: "C. I'm confident." read as choice I).
+MCQ_PHRASINGS = [
+    ("Answer: B", "B"), ("The answer is (B)", "B"), ("**B**", "B"), ("Answer: B) Paris", "B"),
+    ("I think it's C", "C"), ("C. I'm confident.", "C"), ("B and not A", "B"), ("the answer is b", "B"),
+    ("answer: (d)", "D"), ("I'd go with D.", "D"), ("Option C is correct.", "C"), ("The correct option is (C).", "C"),
+    ("I think a good choice is B", "B"), ("\\boxed{D}", "D"), ("The answer is \\boxed{\\text{B}}", "B"),
+    ("Final answer: **A**", "A"), ("**Answer:** C", "C"), ("(A) 42", "A"), ("b) Paris", "B"), ("It is B.", "B"),
+    ("I am not sure, but I would pick E", "E"), ("Between A and C, C is correct.", "C"),
+    ("After eliminating A and D, I choose B.", "B"), ("I'm fairly sure the answer is A.", "A"),
+    ("Let me think.\nB\n", "B"), ("A good guess would be C", "C"), ("A", "A"), ("a", "A"),
+    ("Answer: I", "I"), ("My pick: (I)", "I"),
+    ("none of these", None), ("I don't know.", None), ("The answer is a bit unclear", None),
+]
+
+
+@pytest.mark.parametrize("response, letter", MCQ_PHRASINGS)
+def test_mcq_phrasings(response, letter):
+    assert extract_letter(response) == letter
+    mcq = v("mcq")
+    assert mcq({"expected_answer": letter or "B"}, response)["reward"] == float(letter is not None)
+    assert mcq({"expected_answer": "J"}, response)["reward"] == 0.0
+
+
+def test_mcq_letters_limited_to_the_rows_options():
+    row = {"expected_answer": "B", "options": ["x", "y", "z"]}
+    assert extract_letter("Answer: E", "ABC") is None
+    assert v("mcq")(row, "Option E, I mean B")["reward"] == 1.0
 
 
 def test_mcq_reference_given_as_option_text():
@@ -94,18 +112,20 @@ def test_python_function_from_module():
 
 def test_verifier_errors_become_row_errors_not_crashes():
     row = score_rollout(v("math"), {"response": "\\boxed{1}"})  # no expected_answer
-    assert row["reward"] == 0.0 and row["error"]["type"] == "verifier_error"
+    assert row["reward"] is None and row["error"]["type"] == "verifier_error"  # no verdict: never a reward of 0
     assert "expected_answer" in row["error"]["message"]
 
 
 def test_score_stage_callable_without_ray():
+    import asyncio
+
     import orjson
 
     stage = ScoreStage({"type": "exact_match", "answer_field": "expected_answer", "options": {}})
     batch = {"id": ["a", "b"], "sample_index": [0, 0], "failed": [False, True], "ready_at": [1.0, 1.0],
              "rollout": [orjson.dumps({"response": "yes", "expected_answer": "Yes", "usage": {"output_tokens": 3}}).decode(),
                          orjson.dumps({"response": None, "error": {"type": "timeout"}}).decode()]}
-    out = stage(batch)
+    out = asyncio.run(stage(batch))
     assert out["reward"] == [1.0, None]
     assert out["output_tokens"] == [3, 0]
     assert orjson.loads(out["rollout"][0])["accuracy"] == 1.0

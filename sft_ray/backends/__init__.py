@@ -5,9 +5,8 @@ Entries are import strings so that choosing ``openai`` never imports vLLM.
 
 from __future__ import annotations
 
-import importlib
-
 from sft_ray.backends.base import Backend
+from sft_ray.plugins import registered
 
 BACKENDS: dict[str, str] = {
     "openai": "sft_ray.backends.openai:OpenAIBackend",
@@ -17,9 +16,4 @@ BACKENDS: dict[str, str] = {
 
 def get_backend(name: str) -> type[Backend]:
     """The backend class registered under ``name``."""
-    try:
-        target = BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return registered(BACKENDS, name, "backend")

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from sft_ray.backends import retry
-from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, error_result
+from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Secret, error_result
 from sft_ray.messages import arguments_text, to_responses_input, tool_choice_to_responses, tool_to_responses
 
 # responses_create_params keys that Chat Completions understands under the same name.
@@ -128,11 +128,13 @@ class OpenAIBackend(Backend):
         self.url = model["base_url"].rstrip("/") + ("/chat/completions" if self.api == "chat" else "/responses")
         secret = model.get("api_key")  # a Secret read from api_key_env on the driver; never logged
         self._key = secret.get() if secret is not None else None
+        # [config] extra_headers_env values, read on the driver; sent, never logged (see _redact).
+        self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
 
     async def start(self) -> None:
-        headers = {"Content-Type": "application/json", **self.model.get("extra_headers", {})}
+        headers = {"Content-Type": "application/json", **self.model.get("extra_headers", {}), **self._secret_headers}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         timeout = aiohttp.ClientTimeout(total=self.model["timeout_s"], sock_connect=self.model["connect_timeout_s"])
@@ -154,7 +156,9 @@ class OpenAIBackend(Backend):
                 connector._close()
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        for secret in (self._key, *self._secret_headers.values()):
+            text = text.replace(secret, "***") if secret else text
+        return text
 
     def _body(self, req: GenerationRequest) -> bytes:
         if self.api == "chat":

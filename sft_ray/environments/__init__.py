@@ -7,10 +7,10 @@ interface.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from sft_ray.environments.base import Environment
+from sft_ray.plugins import registered
 
 ENVIRONMENTS: dict[str, str] = {
     "python": "sft_ray.environments.python:PythonEnvironment",
@@ -23,9 +23,4 @@ def build_environment(cfg: dict[str, Any]) -> Environment | None:
     kind = cfg.get("type", "none")
     if kind == "none":
         return None
-    try:
-        target = ENVIRONMENTS[kind]
-    except KeyError:
-        raise ValueError(f"unknown environment {kind!r}; known: none, {', '.join(sorted(ENVIRONMENTS))}") from None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
+    return registered(ENVIRONMENTS, kind, "environment")(cfg)

@@ -1,13 +1,24 @@
-"""Finalize stage (phase 2): filter by reward, shuffle globally, write balanced shards, report.
+"""Finalize stage (phase 2): filter, curate per prompt, shuffle globally, write balanced shards, report.
 
 It runs after the rollouts are durably written, reads only the run folder and
-calls no model, so ``sft-ray filter`` can re-run it with another threshold.
+calls no model, so ``sft-ray filter`` can re-run it with other settings.
+
+Two passes, each with bounded memory at 1M+ rows:
+
+1. Every rollout is counted in the statistics and checked by the row rules
+   (reward, truncation, length, how an agent episode ended; :mod:`sft_ray.curate`).
+   Each successful one goes into a *prompt bucket* chosen by a hash of its prompt
+   id, so all samples of a prompt land in the same bucket.
+2. One prompt bucket at a time is loaded and grouped by prompt: pass@k and
+   repetition are measured, the prompt rules (dedup, at most k per prompt) pick
+   the samples to keep, and the validation split is decided by prompt. Kept
+   rows go to the train (or validation) *shuffle buckets*.
 
 The global shuffle sorts kept rows by a keyed hash of ``(shuffle.seed, id,
 sample_index)``: the order depends only on the seed and the rows, never on
 the order in which rollouts happened to be written, so the same seed gives the
-same order on every run. Rows are spread over hash-range buckets first, so
-only one bucket is sorted in memory at a time (bounded memory at 1M+ rows).
+same order on every run. The shuffle buckets are hash ranges of that key, so
+only one bucket is sorted in memory at a time.
 """
 
 from __future__ import annotations
@@ -17,15 +28,32 @@ import io as _io
 import math
 import os
 import tempfile
+from collections import defaultdict
 from typing import Any, Iterator
 
 import orjson
 
 from sft_ray import io
-from sft_ray.stats import StatsAccumulator
+from sft_ray.config import FilterConfig, TrainConfig
+from sft_ray.curate import (
+    TEXT_CAP,
+    choose,
+    distinct_n,
+    drop_reason,
+    in_validation,
+    output_tokens,
+    reply_text,
+    source_of,
+)
+from sft_ray.formats import ShardFormat, dataset_card, parquet_schema, parquet_table, train_row
+from sft_ray.stats import StatsAccumulator, advice
 
-ROLLOUTS, FAILED, TRAIN = "rollouts", "failed", "train"
+ROLLOUTS, FAILED, TRAIN, VALIDATION = "rollouts", "failed", "train", "validation"
 BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
+# Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes
+# several times its bytes, so these buckets are smaller than the shuffle buckets.
+GROUP_BUCKET_BYTES = 64 << 20
+_MASK64 = (1 << 64) - 1
 
 
 def iter_jsonl(uri: str) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
@@ -44,28 +72,6 @@ def shuffle_key(seed: int, rid: str, sample_index: int) -> int:
     return int.from_bytes(h.digest(), "big")
 
 
-def keep(row: dict[str, Any], flt: dict[str, Any]) -> bool:
-    """The reward filter (the `jq 'select(.reward >= x)'` of the hand-written recipe)."""
-    if row.get("error") or row.get("reward") is None:
-        return False
-    r = float(row["reward"])
-    if r < flt.get("min_reward", 0.0):
-        return False
-    if flt.get("max_reward") is not None and r > flt["max_reward"]:
-        return False
-    if flt.get("drop_truncated") and row.get("finish_reason") == "length":
-        return False
-    return True
-
-
-def train_row(row: dict[str, Any], include_fields: list[str]) -> dict[str, Any]:
-    out = {"messages": row["messages"]}
-    for f in include_fields:
-        if f in row:
-            out[f] = row[f]
-    return out
-
-
 def shard_sizes(n: int, rows_per_shard: int) -> list[int]:
     """Balanced shard sizes: ceil(n / rows_per_shard) shards whose sizes differ by at most 1."""
     if n == 0:
@@ -76,7 +82,7 @@ def shard_sizes(n: int, rows_per_shard: int) -> list[int]:
 
 
 class _Buckets:
-    """Kept rows spread by key range; in memory when small, spilled to temp files when large."""
+    """Records spread by key range; in memory when small, spilled to temp files when large."""
 
     def __init__(self, n_buckets: int) -> None:
         self.n = n_buckets
@@ -92,11 +98,11 @@ class _Buckets:
         b = (key * self.n) >> 64
         self.files[b].write(key.to_bytes(8, "big") + len(line).to_bytes(4, "big") + line)
 
-    def ordered(self) -> Iterator[bytes]:
-        """All lines, sorted by key."""
+    def chunks(self) -> Iterator[list[tuple[int, bytes]]]:
+        """Each bucket's (key, line) records, one bucket in memory at a time, in key-range order."""
         if not self.tmp:
-            self.mem.sort()
-            yield from (line for _, line in self.mem)
+            yield self.mem
+            self.mem = []
             return
         for f in self.files:
             f.close()
@@ -109,28 +115,40 @@ class _Buckets:
                 recs.append((key, data[pos + 12:pos + 12 + n]))
                 pos += 12 + n
             del data
+            os.unlink(f.name)
+            yield recs
+        self.tmp.cleanup()
+
+    def ordered(self) -> Iterator[bytes]:
+        """All lines, sorted by key."""
+        for recs in self.chunks():
             recs.sort()
             yield from (line for _, line in recs)
-            os.unlink(f.name)
-        self.tmp.cleanup()
 
 
 def _write_shard(uri: str, lines: list[bytes], fmt: str) -> None:
     if fmt == "jsonl":
         io.write_bytes(uri, b"\n".join(lines) + b"\n")
         return
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([orjson.loads(line) for line in lines])
+    # Every shard gets the schema declared for the format (never one inferred from this shard's rows).
+    schema = getattr(fmt, "schema", None) or parquet_schema("messages")
+    table = parquet_table([orjson.loads(line) for line in lines], schema)
     buf = _io.BytesIO()
     pq.write_table(table, buf)
     io.write_bytes(uri, buf.getvalue())
 
 
+def _normalise(filter_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill in defaults (callers may pass partial dicts, e.g. from an older run.json)."""
+    return FilterConfig.model_validate(filter_cfg).model_dump(), TrainConfig.model_validate(train_cfg).model_dump()
+
+
 def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
              write: bool = True) -> dict[str, Any]:
-    """Scan the run folder, write train/ shards (unless ``write`` is False), return the stats."""
+    """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats."""
+    flt, tc = _normalise(filter_cfg, train_cfg)
     acc = StatsAccumulator()
     torn = 0
     # Latest failure per sample (a sample retried by a rerun may have several records).
@@ -144,42 +162,114 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
 
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
     total_bytes = sum(io.size(u) for u in rollout_files)
-    buckets = _Buckets(max(1, math.ceil(total_bytes / BUCKET_BYTES))) if write else None
-    include = list(train_cfg.get("include_fields") or [])
+    n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))
+    n_groups = max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES))
+    # Records for the per-prompt pass: kept as objects when one bucket holds them all, else spilled.
+    prompts = _Buckets(n_groups) if n_groups > 1 else None
+    in_memory: list[tuple[list[Any], bytes]] = []
+    fmt, include, reasoning = tc["format"], list(tc["include_fields"]), tc["reasoning"]
+    temperature = None
     for uri in rollout_files:
         for row, _ in iter_jsonl(uri):
             if row is None:
                 torn += 1
                 continue
-            acc.add(row, failed=False)
+            rid, k = str(row["id"]), int(row["sample_index"])
+            src = source_of(row)
+            acc.add(row, failed=False, source=src)
             if failures:
-                failures.pop((str(row["id"]), int(row["sample_index"])), None)  # it succeeded later
-            if keep(row, filter_cfg):
-                acc.kept += 1
-                if buckets is not None:
-                    buckets.add(shuffle_key(shuffle_seed, str(row["id"]), int(row["sample_index"])),
-                                orjson.dumps(train_row(row, include)))
+                failures.pop((rid, k), None)  # it succeeded later
+            if temperature is None:
+                temperature = (row.get("sampling_params") or {}).get("temperature")
+            reason = drop_reason(row, flt)
+            if reason is not None:
+                acc.drops[reason] += 1
+            reward = row.get("reward")
+            if reward is None or row.get("error"):
+                continue  # nothing to choose from, nothing to measure per prompt
+            text = reply_text(row)
+            # hash() is salted per process, and these records never leave this process: it only has to
+            # spread prompts over buckets and tell equal replies apart, and it is much cheaper than blake2b.
+            meta = [rid, shuffle_key(shuffle_seed, rid, k), float(reward), reason is None, hash(text),
+                    text[:TEXT_CAP], src, output_tokens(row)]
+            # the training row rides along, already in its format
+            row_bytes = orjson.dumps(train_row(row, fmt, include, reasoning)) if reason is None else b""
+            if prompts is None:
+                in_memory.append((meta, row_bytes))
+            else:
+                prompts.add(hash(rid) & _MASK64, orjson.dumps(meta) + b"\t" + row_bytes)
 
     for row in failures.values():
-        acc.add(row, failed=True)
+        acc.add(row, failed=True, source=source_of(row))
+
+    train = _Buckets(n_buckets) if write else None
+    val = _Buckets(n_buckets) if write and tc["validation_fraction"] > 0 else None
+    pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
+    for chunk in (prompts.chunks() if prompts is not None else [[]]):
+        groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
+        for _, line in chunk:
+            meta_bytes, _, row_bytes = line.partition(b"\t")
+            meta = orjson.loads(meta_bytes)
+            groups[meta[0]].append((meta, row_bytes))
+        for record in in_memory:
+            groups[record[0][0]].append(record)
+        del chunk
+        in_memory = []
+        for rid, samples in groups.items():
+            several = len(samples) > 1
+            acc.add_prompt([m[2] for m, _ in samples], pass_threshold,
+                           1.0 - len({m[4] for m, _ in samples}) / len(samples) if several else None,
+                           distinct_n([m[5] for m, _ in samples]) if several else None)
+            ok = [i for i, (m, _) in enumerate(samples) if m[3]]
+            dropped = (choose([{"k": samples[i][0][1], "r": samples[i][0][2], "h": samples[i][0][4],
+                                "t": samples[i][0][5]} for i in ok], flt, tc["max_per_prompt"])
+                       if several and ok and (flt["dedup"] != "none" or tc["max_per_prompt"]) else {})
+            to_val = in_validation(shuffle_seed, rid, tc["validation_fraction"])
+            target = val if to_val else train
+            for j, i in enumerate(ok):
+                if j in dropped:
+                    acc.drops[dropped[j]] += 1
+                    continue
+                meta, row_bytes = samples[i]
+                acc.add_kept(meta[6], meta[7], validation=to_val)
+                if target is not None:
+                    target.add(meta[1], row_bytes)
+        del groups
+
     stats = acc.result()
-    stats["filter"] = {k: v for k, v in filter_cfg.items() if v not in (None, False)}
+    stats["train_rows"] = acc.kept - acc.validation
+    # The settings that differ from the defaults (what this cut of the run chose).
+    stats["filter"] = {k: v for k, v in flt.items() if v != FilterConfig.model_fields[k].default}
+    stats["train"] = {k: v for k, v in tc.items() if k != "include_fields" and v != TrainConfig.model_fields[k].default}
     stats["shuffle_seed"] = shuffle_seed
+    stats["advice"] = advice(stats, temperature)
     if torn:
         stats["torn_lines"] = torn
-    if buckets is not None:
-        stats["shards"] = _write_train(run_dir, buckets, shard_sizes(acc.kept, train_cfg["rows_per_shard"]),
-                                       train_cfg.get("format", "jsonl"))
+    if train is not None:
+        schema = parquet_schema(fmt, include)
+        shard_fmt = ShardFormat(tc["file_format"], schema)
+        stats["shards"] = _write_train(run_dir, train, shard_sizes(stats["train_rows"], tc["rows_per_shard"]),
+                                       shard_fmt)
+        if val is not None:
+            stats["validation_shards"] = _write_train(run_dir, val, shard_sizes(acc.validation, tc["rows_per_shard"]),
+                                                      shard_fmt, VALIDATION)
+        else:
+            io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
+        splits = [TRAIN] + ([VALIDATION] if val is not None else [])
+        io.write_bytes(io.join(run_dir, "README.md"), dataset_card(schema, tc["file_format"], splits).encode())
     return stats
 
 
-def _write_train(run_dir: str, buckets: _Buckets, sizes: list[int], fmt: str) -> list[int]:
-    """Replace train/ with new shards part-00000.<fmt>, ... of the given sizes."""
-    train = io.join(run_dir, TRAIN)
-    io.delete(train)
-    io.makedirs(train)
+def _write_train(run_dir: str, buckets: _Buckets, sizes: list[int], fmt: str, name: str = TRAIN) -> list[int]:
+    """Replace ``name``/ (train/ or validation/) with new shards part-00000.<fmt>, ... of the given
+    sizes: written aside (<name>.new/), then swapped in, so a crash while writing leaves the old
+    folder whole."""
+    train, new = io.join(run_dir, name), io.join(run_dir, name + ".new")
+    io.delete(new)
+    io.makedirs(new)
     rows = buckets.ordered()
     for i, size in enumerate(sizes):
         lines = [next(rows) for _ in range(size)]
-        _write_shard(io.join(train, f"part-{i:05d}.{fmt}"), lines, fmt)
+        _write_shard(io.join(new, f"part-{i:05d}.{fmt}"), lines, fmt)
+    io.replace_dir(new, train)
     return sizes

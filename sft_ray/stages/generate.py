@@ -32,6 +32,7 @@ from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure
+from sft_ray.journal import JournalSpec
 from sft_ray.rows import InputError, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
 
@@ -103,8 +104,10 @@ class GenerateStage:
 
     def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
                  agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
-                 verify_in_episode: bool = False) -> None:
+                 verify_in_episode: bool = False, journal: JournalSpec | None = None) -> None:
         self.model = model
+        # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
+        self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
         self.max_in_flight = max_in_flight
         self.agent = agent or {"max_steps": 8, "timeout_s": 600.0}
@@ -171,7 +174,10 @@ class GenerateStage:
         else:
             rollout = await self._episode(row, rid, k, prompt, tools, params)
         rollout["latency_s"] = round(time.perf_counter() - t0, 4)
-        return orjson.dumps(rollout), rollout["error"] is not None
+        line = orjson.dumps(rollout)
+        if self.journal is not None and rollout["error"] is None:
+            self.journal.append(line)
+        return line, rollout["error"] is not None
 
     async def _episode(self, row: dict[str, Any], rid: str, k: int, prompt: list[dict[str, Any]],
                        tools: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +262,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
+    model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     tp = cfg.model.tensor_parallel_size
@@ -273,7 +280,8 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
         fn_constructor_kwargs={"model": model, "sampling": cfg.responses_create_params.model_dump(),
                                "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
                                "environment": environment,
-                               "verify_in_episode": cfg.verifier.type == "nemo_gym"},
+                               "verify_in_episode": cfg.verifier.type == "nemo_gym",
+                               "journal": JournalSpec(cfg.output)},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),

@@ -7,13 +7,19 @@ which fails on, or silently coerces, real NeMo Gym rows (mixed string/list
 and kept as its original JSON text, so nothing is coerced or dropped, and every
 row keeps its ``file:line`` for error messages.
 
+Before that, the driver scans the whole input once (:func:`scan_input`): row counts,
+content digests, the first bad line, and the ids, which must be unique across the
+whole input (see :class:`KeyMaker`).
+
 Each output row is one *sample*: ``id``, ``sample_index``, ``row`` (the input
-line, verbatim), ``source`` (``file:line``) and ``bad`` (an error text for a
-skipped malformed line, else null).
+line, verbatim), ``source`` (``file:line``) and ``bad`` (the reason, for a
+malformed line that stops the run, else null).
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -23,6 +29,7 @@ from sft_ray import io
 from sft_ray.rows import InputError, parse_line, row_id
 
 BLOCK_ROWS = 1024
+READ_NUM_CPUS = 0.1  # reading is light; a whole CPU per task could find no node on a small cluster
 
 SCHEMA = pa.schema(
     [
@@ -35,6 +42,110 @@ SCHEMA = pa.schema(
 )
 
 
+class KeyMaker:
+    """Sample ids for the rows of one file, unique within the whole input.
+
+    A row's id is its own ``id`` (else a hash of its content, see :func:`row_id`); a
+    repeat within the file gets ``-1``, ``-2``... (the first free one); and when the
+    driver found that the file's ids collide with an earlier file's (shards numbered
+    from 0 each), every id of the file is qualified by its path below the input
+    folder: ``shard-1.jsonl:17``. Both rules depend only on the input, so a rerun makes
+    the same ids.
+    """
+
+    def __init__(self, qualifier: str | None = None) -> None:
+        self.qualifier = qualifier
+        self.seen: set[str] = set()
+        self.repeats: dict[str, int] = {}
+
+    def __call__(self, row: dict[str, Any]) -> str:
+        rid = row_id(row)
+        key, n = rid, self.repeats.get(rid, 0)
+        while key in self.seen:
+            n += 1
+            key = f"{rid}-{n}"
+        self.repeats[rid] = n
+        self.seen.add(key)
+        return f"{self.qualifier}:{key}" if self.qualifier else key
+
+
+@dataclass
+class InputFile:
+    path: str
+    lines: int  # non-blank lines in the file
+    digest: str  # content digest (resume refuses an input that changed)
+    rows: int = 0  # lines used: the first ones, up to what read.limit leaves for this file
+    qualifier: str | None = None
+
+
+@dataclass
+class InputPlan:
+    """What the driver learnt from one pass over the input, before anything runs."""
+
+    files: list[InputFile]
+    ids: set[str] = field(default_factory=set)  # the sample ids of every usable row
+    bad_lines: list[str] = field(default_factory=list)  # "file:line: reason" of each skipped line
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return {f.path: f.digest for f in self.files}
+
+    def used(self) -> list[InputFile]:
+        return [f for f in self.files if f.rows]
+
+
+def _relative(paths: list[str]) -> list[str]:
+    """Each path below the folder the paths have in common (their stable short names)."""
+    split = [p.split("/") for p in paths]
+    common = 0
+    while all(len(s) > common + 1 and s[common] == split[0][common] for s in split):
+        common += 1
+    return ["/".join(s[common:]) for s in split]
+
+
+def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool) -> InputPlan:
+    """One streamed pass over every input file: its lines and digest, the ids of the rows a
+    run uses (the first ``limit`` rows of the whole input, in file order), and bad lines.
+
+    Without ``skip_bad_lines`` the first bad line raises :class:`InputError`, before any
+    work starts. Files whose ids collide with an earlier file's are given a qualifier
+    (see :class:`KeyMaker`). Ids are held as a set: memory grows with the input's rows,
+    as the set of done samples on resume does.
+    """
+    plan = InputPlan([])
+    left = limit
+    for path, rel in zip(files, _relative(files)):
+        digest = hashlib.blake2b(digest_size=16)
+        n = 0
+        keys, make = [], KeyMaker()
+        for lineno, line in enumerate(io.iter_lines(path), start=1):
+            if not line.strip():
+                continue
+            n += 1
+            digest.update(line + b"\n")
+            if left is not None and n > left:
+                continue
+            try:
+                keys.append(make(parse_line(line, f"{path}:{lineno}")))
+            except InputError as e:
+                if not skip_bad_lines:
+                    raise
+                plan.bad_lines.append(str(e))
+        f = InputFile(path, n, digest.hexdigest(), rows=n if left is None else min(n, left))
+        if left is not None:
+            left -= f.rows
+        if any(k in plan.ids for k in keys):
+            f.qualifier = rel
+            keys = [f"{rel}:{k}" for k in keys]
+        plan.ids.update(keys)
+        plan.files.append(f)
+    return plan
+
+
 def read_samples(
     path: str,
     num_repeats: int,
@@ -42,18 +153,20 @@ def read_samples(
     done: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
     limit: int | None = None,
     fs: pafs.FileSystem | None = None,
+    qualifier: str | None = None,
+    block_rows: int = BLOCK_ROWS,
 ) -> Iterable[dict[str, list[Any]]]:
-    """Yield column batches of samples from one file.
+    """Yield column batches of samples from the first ``limit`` rows of one file.
 
-    A malformed line becomes a sample whose ``bad`` column holds the reason; without
-    ``skip_bad_lines`` the file's reading stops there (the driver stops the run).
-    Samples whose ``(id, sample_index)`` is in ``done`` are not emitted (resume).
-    Rows with the same content and no ``id`` get ``-1``, ``-2``... suffixes so
-    that every sample key stays unique. ``fs``: the filesystem to read ``path``
-    from (see :func:`sft_ray.io.filesystem`), else resolved here.
+    A malformed line is dropped with ``skip_bad_lines`` (the driver counted it while
+    scanning); without, it becomes a sample whose ``bad`` column holds the reason and
+    the file's reading stops there (the driver stops the run). Samples whose
+    ``(id, sample_index)`` is in ``done`` are not emitted (resume). Ids come from
+    :class:`KeyMaker` with the ``qualifier`` the driver chose for this file. ``fs``: the
+    filesystem to read ``path`` from (see :func:`sft_ray.io.filesystem`), else resolved here.
     """
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    seen: dict[str, int] = {}
+    make = KeyMaker(qualifier)
     rows_read = 0
     for lineno, line in enumerate(io.iter_lines(path, fs), start=1):
         if not line.strip():
@@ -65,19 +178,17 @@ def read_samples(
         try:
             row = parse_line(line, source)
         except InputError as e:
+            if skip_bad_lines:
+                continue
             # The bad line travels as a row marked `bad` rather than as an exception: the
-            # driver then stops the run with a one-line message (or, when skipping, records
-            # it in failed/), and rows already written stay written.
+            # driver then stops the run with a one-line message, and rows already written
+            # stay written. (The driver's scan normally finds it first.)
             rid, text, bad = f"bad:{path}:{lineno}", line.decode("utf-8", "replace"), str(e)
             keys = [(rid, 0)]
-            stop = not skip_bad_lines
+            stop = True
         else:
             stop = False
-            rid, text, bad = row_id(row), line.decode("utf-8"), None
-            n = seen.get(rid, 0)
-            seen[rid] = n + 1
-            if n:
-                rid = f"{rid}-{n}"
+            rid, text, bad = make(row), line.decode("utf-8"), None
             keys = [(rid, k) for k in range(num_repeats)]
         for key in keys:
             if key in done:
@@ -89,7 +200,7 @@ def read_samples(
             cols["bad"].append(bad)
         if stop:
             break
-        if len(cols["id"]) >= BLOCK_ROWS:
+        if len(cols["id"]) >= block_rows:
             yield cols
             cols = {name: [] for name in SCHEMA.names}
     if cols["id"]:
@@ -97,20 +208,23 @@ def read_samples(
 
 
 def make_dataset(
-    files: list[str],
+    files: list[InputFile],
     num_repeats: int,
     skip_bad_lines: bool,
     done: set[tuple[str, int]] | None = None,
-    limit: int | None = None,
+    block_rows: int = BLOCK_ROWS,
 ):
-    """A lazy Ray dataset of the samples still to generate."""
+    """A lazy Ray dataset of the samples still to generate: one read task per file, each
+    reading the rows the scan gave it, with the file's id qualifier, cut into blocks of about
+    ``block_rows`` samples. Read and repartition tasks ask for ``READ_NUM_CPUS``: beside actors that leave
+    only part of a CPU free on each node, a whole-CPU task would wait forever."""
     import ray.data
     from ray.data.block import BlockMetadata
 
     done_keys = frozenset(done or ())
     # Resolved here, on the driver, so that read tasks on other nodes use the endpoint
     # and region the driver was configured with (one input URI: one filesystem).
-    fs = io.filesystem(files[0])[0] if files else None
+    fs = io.filesystem(files[0].path)[0] if files else None
 
     class _Source(ray.data.Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
@@ -121,14 +235,25 @@ def make_dataset(
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             tasks = []
-            for path in files:
+            for f in files:
 
-                def read_fn(path: str = path):
-                    for cols in read_samples(path, num_repeats, skip_bad_lines, done_keys, limit, fs):
+                def read_fn(f: InputFile = f):
+                    for cols in read_samples(f.path, num_repeats, skip_bad_lines, done_keys, f.rows, fs,
+                                             f.qualifier, block_rows):
                         yield pa.table(cols, schema=SCHEMA)
 
-                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,))
+                meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f.path,))
                 tasks.append(ray.data.ReadTask(read_fn, meta, schema=SCHEMA))
             return tasks
 
-    return ray.data.read_datasource(_Source(), override_num_blocks=len(files))
+    ds = ray.data.read_datasource(_Source(), override_num_blocks=max(1, len(files)), num_cpus=READ_NUM_CPUS)
+    # Ray Data merges a task's small outputs into blocks of up to target_max_block_size bytes:
+    # a streaming repartition cuts them to block_rows so that they spread over every actor.
+    ds = ds.repartition(target_num_rows_per_block=block_rows)
+    # Its tasks would ask for a whole CPU and repartition() takes no resources argument, so the
+    # logical operator's remote args are set here (a Ray Data internal: checked by
+    # tests/test_resume.py::test_reads_fit_beside_actors_that_leave_half_a_cpu).
+    op = ds._logical_plan.dag
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        op.ray_remote_args["num_cpus"] = READ_NUM_CPUS
+    return ds

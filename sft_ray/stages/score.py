@@ -1,34 +1,175 @@
 """Score stage: a CPU ``map_batches`` actor that adds ``reward`` and metrics to rollouts.
 
 Kept apart from generation so it scales on its own (verifiers such as
-math-verify are CPU-bound; generation actors mostly wait on the network or
-sit on a GPU). A verifier that raises gives the row reward 0 and an
-``error`` of type ``verifier_error``; the run goes on.
+math-verify are CPU-bound, a judge waits on the network, code runs in
+subprocesses; generation actors mostly wait on the network or sit on a GPU).
+
+``__call__`` is async: an async verifier (a judge, code execution) scores up to
+``verifier.concurrency`` rows of the actor at once. Whatever a verifier returns
+is cleaned into JSON-safe values (:func:`clean_result`). A verifier that raises,
+times out or returns something that is not a reward gives the row no reward and
+an ``error`` (``verifier_error``, or ``judge_error`` for a judge): the row is a
+failed sample (``failed/``, retried by a rerun), never a reward of 0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 from typing import Any
 
 import orjson
 
+from sft_ray import errors
+from sft_ray.rows import GENERATED_FIELDS, input_row
 from sft_ray.stages import Stage
-from sft_ray.verifiers import build_verifier
+from sft_ray.verifiers import build_verifier, call_verifier
+
+DEFAULT_CONCURRENCY = 32
+_DROP = object()
+
+
+class BadVerifierOutput(ValueError):
+    """A verifier returned something that is not a reward."""
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (np.float64, np.int64, np.bool_) as the Python values they hold."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def clean_metric(value: Any) -> Any:
+    """A metric value as JSON-safe data, or ``_DROP``: numbers become finite floats (NaN and
+    infinities are dropped), strings and None stay, lists, dicts and numpy arrays are kept when they
+    serialise (numpy inside included; NaN inside becomes null); anything else is dropped."""
+    value = _plain(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # an array
+        value = value.tolist()
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        value = float(value)
+        return value if math.isfinite(value) else _DROP
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        try:
+            return orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))
+        except (TypeError, orjson.JSONEncodeError):
+            return _DROP
+    return _DROP
+
+
+def clean_result(result: Any) -> tuple[float, dict[str, Any]]:
+    """(reward, metrics) from a verifier's return value, or :class:`BadVerifierOutput`."""
+    result = _plain(result)
+    if isinstance(result, (bool, int, float)):
+        result = {"reward": result}
+    if not isinstance(result, dict):
+        raise BadVerifierOutput(f"verifier returned {type(result).__name__}, not a number or a dict with 'reward'")
+    if "reward" not in result:
+        raise BadVerifierOutput(f"verifier result has no 'reward' (keys: {sorted(map(str, result))[:10]})")
+    reward = _plain(result["reward"])
+    if isinstance(reward, bool):
+        reward = float(reward)
+    if not isinstance(reward, (int, float)):
+        raise BadVerifierOutput(f"reward is {type(reward).__name__} {reward!r:.100}, not a number")
+    reward = float(reward)
+    if not math.isfinite(reward):
+        raise BadVerifierOutput(f"reward is {reward}")
+    metrics = {}
+    for k, v in result.items():
+        if k == "reward":
+            continue
+        v = clean_metric(v)
+        if v is not _DROP:
+            metrics[str(k)] = v
+    return reward, metrics
+
+
+def apply_result(rollout: dict[str, Any], result: Any) -> None:
+    """Put a verifier's result on the rollout (or its failure, when the result is unusable)."""
+    try:
+        reward, metrics = clean_result(result)
+    except BadVerifierOutput as e:
+        apply_failure(rollout, e)
+        return
+    # Metrics go to the top level too, as NeMo Gym rollouts carry them (`jq .accuracy`), unless
+    # the name is a rollout field or an input field: those are never overwritten.
+    rollout.update({k: v for k, v in metrics.items() if k not in GENERATED_FIELDS and k not in rollout})
+    rollout["reward"] = reward
+    rollout["metrics"] = metrics
+
+
+def apply_failure(rollout: dict[str, Any], exc: BaseException) -> None:
+    """No verdict: no reward, an infrastructure error class (the row is retried by a rerun)."""
+    kind = getattr(exc, "error_type", errors.VERIFIER_ERROR)
+    text = str(exc) if isinstance(exc, BadVerifierOutput) else f"{type(exc).__name__}: {exc}"
+    rollout["reward"] = None
+    rollout["error"] = errors.error(kind, text)
+
+
+async def _score(verifier, rollout: dict[str, Any], sem: asyncio.Semaphore) -> None:
+    async with sem:
+        try:
+            result = await call_verifier(verifier, input_row(rollout), rollout.get("response") or "", rollout)
+        except (Exception, SystemExit) as e:  # a verifier bug or a row it cannot score is data, not a crash
+            apply_failure(rollout, e)
+            return
+    apply_result(rollout, result)
+
+
+async def score_rollouts(verifier, rollouts: list[dict[str, Any]], sem: asyncio.Semaphore | None = None) -> None:
+    """Score successful rollouts in place: one batch call, or one call per row, at most
+    ``sem`` at once."""
+    if not rollouts:
+        return
+    if hasattr(verifier, "score_batch"):
+        items = [(input_row(r), r.get("response") or "", r) for r in rollouts]
+        try:
+            results = verifier.score_batch(items)
+            if asyncio.iscoroutine(results) or isinstance(results, asyncio.Future):
+                results = await results
+            results = list(results)
+            if len(results) != len(rollouts):
+                raise BadVerifierOutput(f"score_batch returned {len(results)} results for {len(rollouts)} rows")
+        except (Exception, SystemExit) as e:
+            for r in rollouts:
+                apply_failure(r, e)
+            return
+        for r, res in zip(rollouts, results):
+            if isinstance(res, BaseException):
+                apply_failure(r, res)
+            else:
+                apply_result(r, res)
+        return
+    sem = sem or asyncio.Semaphore(DEFAULT_CONCURRENCY)
+    await asyncio.gather(*(_score(verifier, r, sem) for r in rollouts))
 
 
 def score_rollout(verifier, rollout: dict[str, Any]) -> dict[str, Any]:
-    """Score one successful rollout in place and return it."""
-    try:
-        result = verifier(rollout, rollout.get("response") or "")
-        reward = float(result["reward"])
-        metrics = {k: v for k, v in result.items() if k != "reward"}
-        rollout.update(metrics)  # top level, as NeMo Gym rollouts carry them (`jq .accuracy`)
-        rollout["reward"] = reward
-        rollout["metrics"] = metrics
-    except Exception as e:  # a verifier bug or a row it cannot score is data, not a crash
-        rollout["reward"] = 0.0
-        rollout["error"] = {"type": "verifier_error", "message": f"{type(e).__name__}: {e}"[:500]}
+    """Score one successful rollout in place and return it (outside an event loop)."""
+    asyncio.run(score_rollouts(verifier, [rollout]))
     return rollout
+
+
+def verifier_payload(verifier) -> dict[str, Any]:
+    """The ``verifier`` config section as the plain dict ScoreStage takes, with each judge's API
+    key read on the driver (as the generation model's is) and carried as a Secret."""
+    from sft_ray.backends.base import Secret
+
+    def walk(section, data: dict[str, Any]) -> None:
+        if section.judge is not None:
+            data["judge"]["model"]["api_key"] = Secret(section.judge.model.api_key())
+            data["judge"]["model"]["secret_headers"] = Secret(section.judge.model.secret_headers())
+        for sub, sub_data in zip(section.components, data["components"]):
+            walk(sub, sub_data)
+
+    data = verifier.model_dump()
+    walk(verifier, data)
+    return data
 
 
 class ScoreStage:
@@ -36,21 +177,29 @@ class ScoreStage:
 
     def __init__(self, verifier: dict[str, Any]) -> None:
         self.verifier = build_verifier(verifier)
+        self.concurrency = int(verifier.get("concurrency") or DEFAULT_CONCURRENCY)
+        self._sem: asyncio.Semaphore | None = None
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rollouts, rewards, tokens = [], [], []
-        for text, failed in zip(batch["rollout"], batch["failed"]):
-            row = orjson.loads(text)
-            tokens.append(int((row.get("usage") or {}).get("output_tokens") or 0))
-            if failed:
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self._sem is None:  # asyncio objects are made inside the loop Ray Data runs us in
+            self._sem = asyncio.Semaphore(self.concurrency)
+        texts, failed_in = list(batch["rollout"]), [bool(f) for f in batch["failed"]]
+        rows = [None if f else orjson.loads(t) for t, f in zip(texts, failed_in)]
+        await score_rollouts(self.verifier, [r for r in rows if r is not None], self._sem)
+        rollouts, rewards, tokens, failed = [], [], [], []
+        for text, row in zip(texts, rows):
+            if row is None:  # failed in generation: passed through untouched
                 rollouts.append(text)
                 rewards.append(None)
+                failed.append(True)
+                tokens.append(int((orjson.loads(text).get("usage") or {}).get("output_tokens") or 0))
                 continue
-            score_rollout(self.verifier, row)
             rollouts.append(orjson.dumps(row).decode())
             rewards.append(row["reward"])
+            failed.append(row["reward"] is None)
+            tokens.append(int((row.get("usage") or {}).get("output_tokens") or 0))
         return {"id": list(batch["id"]), "sample_index": list(batch["sample_index"]), "rollout": rollouts,
-                "failed": list(batch["failed"]), "reward": rewards, "output_tokens": tokens,
+                "failed": failed, "reward": rewards, "output_tokens": tokens,
                 "ready_at": list(batch["ready_at"])}
 
 
@@ -61,8 +210,9 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     from sft_ray.pipeline import actor_range
 
     lo, hi = actor_range(cfg.resources.score_actors)
-    return dict(fn_constructor_kwargs={"verifier": cfg.verifier.model_dump()}, batch_size=None,
-                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), num_cpus=cfg.resources.score_num_cpus)
+    return dict(fn_constructor_kwargs={"verifier": verifier_payload(cfg.verifier)}, batch_size=None,
+                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=4),
+                num_cpus=cfg.resources.score_num_cpus)
 
 
 STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at"),

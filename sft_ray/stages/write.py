@@ -6,14 +6,16 @@ once a second), so a crash loses at most the rows in flight, never a written
 row, and no two processes ever write one file. Each run session writes new part files
 (``part-<session>-<n>.jsonl``), so a resumed run never rewrites what an
 earlier session wrote. On object stores a part is uploaded whole when it is
-closed (every ``part_rows`` rows or ``part_seconds`` seconds, by default 60 s
-there: a hard kill of the driver loses at most that much work, which a rerun
-regenerates).
+closed: every ``part_rows`` rows, ``part_bytes`` bytes, or ``part_seconds``
+seconds (60 s by default there), the last by a timer thread, so rows do not sit
+in memory while no batch arrives (an autoscaler waiting for GPUs). A hard kill of
+the driver loses at most that much work, which a rerun regenerates.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import IO
 
@@ -25,8 +27,10 @@ from sft_ray import io
 class PartWriter:
     """Appends JSON lines to rotating part files in one folder."""
 
-    def __init__(self, folder: str, session: int, part_rows: int = 100_000, part_seconds: float | None = None) -> None:
+    def __init__(self, folder: str, session: int, part_rows: int = 100_000, part_seconds: float | None = None,
+                 part_bytes: int = 64 << 20) -> None:
         self.folder = folder
+        self.part_bytes = part_bytes
         self.session = session
         self.part_rows = part_rows
         self.local = isinstance(io.filesystem(folder)[0], pafs.LocalFileSystem)
@@ -38,10 +42,24 @@ class PartWriter:
         self.opened_at = 0.0
         self.fh: IO[bytes] | None = None
         self.buffer: list[bytes] = []
+        self.buffered = 0
         self.rows = 0
         self.fsync_every_s = 1.0
         self.synced_at = 0.0
         io.makedirs(folder)
+        # write() runs on the driver's loop, the flush timer on its own thread.
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.timer: threading.Thread | None = None
+        if not self.local:
+            self.timer = threading.Thread(target=self._flush_when_due, name="sft-ray-part-timer", daemon=True)
+            self.timer.start()
+
+    def _flush_when_due(self) -> None:
+        while not self.closed.wait(min(1.0, self.part_seconds / 4)):
+            with self.lock:
+                if self.rows_in_part and time.monotonic() - self.opened_at >= self.part_seconds:
+                    self._close_part()
 
     def _name(self) -> str:
         return io.join(self.folder, f"part-{self.session:03d}-{self.part:05d}.jsonl")
@@ -49,6 +67,10 @@ class PartWriter:
     def write(self, lines: list[bytes]) -> None:
         if not lines:
             return
+        with self.lock:
+            self._write(lines)
+
+    def _write(self, lines: list[bytes]) -> None:
         if self.rows_in_part == 0:
             self.opened_at = time.monotonic()
             if self.local:
@@ -66,9 +88,11 @@ class PartWriter:
                 self.synced_at = now
         else:
             self.buffer.append(data)
+            self.buffered += len(data)
         self.rows_in_part += len(lines)
         self.rows += len(lines)
-        if self.rows_in_part >= self.part_rows or time.monotonic() - self.opened_at >= self.part_seconds:
+        if (self.rows_in_part >= self.part_rows or self.buffered >= self.part_bytes
+                or time.monotonic() - self.opened_at >= self.part_seconds):
             self._close_part()
 
     def _close_part(self) -> None:
@@ -82,9 +106,13 @@ class PartWriter:
             self.fh = None
         else:
             io.write_bytes(self._name(), b"".join(self.buffer))
-            self.buffer = []
+            self.buffer, self.buffered = [], 0
         self.part += 1
         self.rows_in_part = 0
 
     def close(self) -> None:
-        self._close_part()
+        self.closed.set()
+        if self.timer is not None:
+            self.timer.join()
+        with self.lock:
+            self._close_part()

@@ -15,13 +15,13 @@ from typing import Any
 
 
 class NemoGymVerify:
-    needs_rollout = True  # reads the rollout's verify_result, not the input row
+    wants_rollout = True  # reads the rollout's verify_result, beside the input row
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
 
-    def __call__(self, rollout: dict[str, Any], response: str) -> dict[str, Any]:
-        answer = rollout.get("verify_result")
+    def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer = (rollout or {}).get("verify_result")
         if not isinstance(answer, dict):
             raise ValueError("no verify_result on the rollout (the episode was not verified by its environment)")
         if answer.get("mask_sample"):

@@ -1,0 +1,156 @@
+"""Curation rules of the finalize stage: per-row quality filters, then per-prompt choices.
+
+Row rules look at one rollout (reward, truncation, length, how an agent episode ended).
+Prompt rules look at all samples of one prompt together (duplicates, at most k per prompt,
+the validation split, pass@k, repetition); finalize groups the samples of a prompt by
+bucketing on a hash of the prompt id, so one group is in memory at a time.
+A prompt is identified by the rollout ``id``: the samples of a prompt share it and differ
+in ``sample_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from sft_ray.formats import generated_start
+
+# Row drop reasons, in the order they are checked (a row is counted under the first that applies).
+ROW_REASONS = (
+    "error", "no_reward", "termination_max_steps", "termination_length", "termination_error",
+    "malformed_tool_calls", "tool_errors", "too_few_tool_calls", "too_many_tool_calls",
+    "truncated", "too_long", "below_min_reward", "above_max_reward",
+)
+# Prompt-level drop reasons.
+GROUP_REASONS = ("duplicate_exact", "duplicate_near", "over_max_per_prompt")
+NUM_PERM = 64  # MinHash permutations: error of the Jaccard estimate about 1/sqrt(64) = 0.125
+TEXT_CAP = 8192  # characters of a reply kept for near-dedup and distinct-n (whole reply hashed for exact)
+
+
+def drop_reason(row: dict[str, Any], flt: dict[str, Any]) -> str | None:
+    """Why a successful rollout does not reach train/, or None when it passes every row rule."""
+    if row.get("error"):
+        return "error"
+    if row.get("reward") is None:
+        return "no_reward"
+    term = row.get("termination")  # only agent episodes have it
+    if term is not None and term != "final" and flt.get("drop_unfinished", True):
+        return f"termination_{term}" if f"termination_{term}" in ROW_REASONS else "termination_error"
+    if flt.get("drop_malformed_tool_calls", True) and (row.get("num_malformed_tool_calls") or 0) > 0:
+        return "malformed_tool_calls"
+    if flt.get("drop_tool_errors") and (row.get("num_tool_errors") or 0) > 0:
+        return "tool_errors"
+    calls = row.get("num_tool_calls") or 0
+    if flt.get("min_tool_calls") is not None and calls < flt["min_tool_calls"]:
+        return "too_few_tool_calls"
+    if flt.get("max_tool_calls") is not None and calls > flt["max_tool_calls"]:
+        return "too_many_tool_calls"
+    if flt.get("drop_truncated", True) and row.get("finish_reason") == "length":
+        return "truncated"
+    if flt.get("max_tokens") is not None and output_tokens(row) > flt["max_tokens"]:
+        return "too_long"
+    r = float(row["reward"])
+    if r < flt.get("min_reward", 0.0):
+        return "below_min_reward"
+    if flt.get("max_reward") is not None and r > flt["max_reward"]:
+        return "above_max_reward"
+    return None
+
+
+def output_tokens(row: dict[str, Any]) -> int:
+    return int((row.get("usage") or {}).get("output_tokens") or 0)
+
+
+def source_of(row: dict[str, Any]) -> str:
+    """The task source a rollout is reported under: its ``task_source`` field, else its input file
+    (``source_file``, where the pipeline records it), else ``all``."""
+    src = row.get("task_source") or row.get("source_file")
+    return str(src) if src is not None and src != "" else "all"
+
+
+def reply_text(row: dict[str, Any]) -> str:
+    """What the model generated (every generated turn, tool calls and tool results included),
+    normalised for comparison: lower case, runs of whitespace as one space."""
+    if row.get("num_model_calls") is None and isinstance(row.get("response"), str):
+        return " ".join(row["response"].split()).lower()  # single-turn: the reply is the response
+    parts = []
+    for m in (row.get("messages") or [])[generated_start(row):]:
+        if m.get("content"):
+            parts.append(m["content"] if isinstance(m["content"], str) else str(m["content"]))
+        for c in m.get("tool_calls") or []:
+            f = c.get("function") or {}
+            parts.append(f"{f.get('name')}({f.get('arguments')})")
+    return " ".join("\n".join(parts).split()).lower()
+
+
+def keyed_hash(seed: int, *parts: Any) -> int:
+    """A 64-bit hash of ``parts`` keyed by the seed (stable across processes, unlike hash())."""
+    h = hashlib.blake2b("\x00".join(str(p) for p in parts).encode(), digest_size=8, key=str(seed).encode()[:64])
+    return int.from_bytes(h.digest(), "big")
+
+
+def in_validation(seed: int, rid: str, fraction: float) -> bool:
+    """The split of a prompt: decided by its id alone, so all its samples fall on one side."""
+    return fraction > 0 and keyed_hash(seed, "validation", rid) < fraction * 2.0**64
+
+
+def _shingles(text: str, n: int = 3) -> list[bytes]:
+    words = text.split()
+    if len(words) < n:
+        return [w.encode() for w in words] or [b""]
+    return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
+
+
+def choose(samples: list[dict[str, Any]], flt: dict[str, Any], max_per_prompt: int | None) -> dict[int, str]:
+    """Prompt rules over one prompt's samples that passed the row rules.
+
+    ``samples``: dicts with ``k`` (shuffle key), ``r`` (reward), ``h`` (reply hash), ``t`` (reply
+    text). Returns ``{index in samples: drop reason}``. Preference goes to the highest reward, ties
+    broken by the shuffle key (so the shuffle seed decides them).
+    """
+    order = sorted(range(len(samples)), key=lambda i: (-samples[i]["r"], samples[i]["k"]))
+    dropped: dict[int, str] = {}
+    dedup = flt.get("dedup", "none")
+    if dedup in ("exact", "near"):
+        seen: set[str] = set()
+        for i in order:
+            if samples[i]["h"] in seen:
+                dropped[i] = "duplicate_exact"
+            seen.add(samples[i]["h"])
+    if dedup == "near":
+        from datasketch import MinHash
+
+        rest = [i for i in order if i not in dropped]
+        hashes = MinHash.bulk([_shingles(samples[i]["t"]) for i in rest], num_perm=NUM_PERM)
+        kept: list[MinHash] = []
+        threshold = flt.get("near_dedup_threshold", 0.8)
+        # Pairwise within one prompt: groups are num_repeats samples, so an LSH index would not pay off.
+        for i, mh in zip(rest, hashes):
+            if any(mh.jaccard(other) >= threshold for other in kept):
+                dropped[i] = "duplicate_near"
+            else:
+                kept.append(mh)
+    if max_per_prompt is not None:
+        left = [i for i in order if i not in dropped]
+        for i in left[max_per_prompt:]:
+            dropped[i] = "over_max_per_prompt"
+    return dropped
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with n samples, c of them passing (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float | None:
+    """Distinct n-grams over all n-grams of a prompt's replies (1.0: no n-gram repeats)."""
+    total, seen = 0, set()
+    for t in texts:
+        words = t.split()
+        grams = list(zip(*(words[i:] for i in range(n))))
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else None

@@ -1,0 +1,85 @@
+"""Say what Ray is waiting for when a pipeline makes no progress.
+
+A job whose tasks or actors ask for resources no node has free waits forever without a
+word (Ray Data logs one warning, easily missed). The driver's :class:`StallWatch` notices
+that no batch arrived for ``resources.stall_warning_s`` and prints, from the autoscaler's
+cluster status (the data behind ``ray status``), the resource demands that cannot be
+placed, what each node has free, and what to change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+
+def _fmt(res: dict[str, float]) -> str:
+    keys = [k for k in ("CPU", "GPU", "memory") if k in res] + sorted(
+        k for k in res if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:"))
+    out = []
+    for k in keys:
+        v = res[k]
+        out.append(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}")
+    return ", ".join(out) or "nothing"
+
+
+def describe_wait() -> str:
+    """Pending resource demands against free resources per node, with a hint."""
+    import ray
+
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception as e:  # the status API is best effort: say so rather than fail the run
+        return f"(could not read the cluster status: {type(e).__name__}: {e})"
+    nodes = status.active_nodes + status.idle_nodes
+    demands = [b for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count]
+    demands += [b for d in status.resource_demands.placement_group_demand for b in d.bundles_by_count]
+    lines = []
+    if demands:
+        lines.append("waiting for: " + "; ".join(f"{b.count} x {{{_fmt(b.bundle)}}}" for b in demands))
+    else:
+        lines.append("no task or actor is waiting for resources (a model or endpoint may be slow to answer)")
+    for n in nodes:
+        lines.append(f"  node {n.ip_address} ({n.ray_node_type_name or n.instance_type_name or 'node'}): "
+                     f"free {_fmt(n.available_resources())} of {_fmt(n.total_resources())}")
+    if status.pending_nodes or status.pending_launches:
+        lines.append(f"  nodes starting: {len(status.pending_nodes) + len(status.pending_launches)}")
+    unplaceable = [b for b in demands if not any(
+        all(n.available_resources().get(k, 0) >= v for k, v in b.bundle.items()) for n in nodes)]
+    if unplaceable:
+        lines.append("no node has that free: lower resources.generate_num_cpus / score_num_cpus / generate_num_gpus "
+                     "(or the actor counts), or add nodes with those resources")
+    return "\n".join(lines)
+
+
+class StallWatch:
+    """Calls ``say`` with :func:`describe_wait` when :meth:`touch` was not called for ``after_s``
+    seconds (then again every ``after_s`` while it lasts). A thread; stop it with :meth:`close`."""
+
+    def __init__(self, after_s: float, say: Callable[[str], None],
+                 describe: Callable[[], str] = describe_wait) -> None:
+        self.after_s, self.say, self.describe = after_s, say, describe
+        self.last = time.monotonic()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if after_s > 0:
+            self.thread = threading.Thread(target=self._watch, name="sft-ray-stall-watch", daemon=True)
+            self.thread.start()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(min(5.0, self.after_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle >= self.after_s:
+                self.say(f"no progress for {idle:.0f} s. {self.describe()}")
+                self.last = time.monotonic()  # next report after another after_s
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()

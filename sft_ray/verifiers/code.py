@@ -1,0 +1,90 @@
+"""Code execution: the program in the reply, run against the row's tests in a sandbox.
+
+Two test forms, as the common data sets have them:
+
+- HumanEval style: ``test`` (source defining ``check(candidate)``) and ``entry_point`` (the
+  function's name); the program, the test and ``check(<entry_point>)`` run as one script,
+  which passes when it exits 0 (one test per row);
+- stdin/stdout pairs: ``inputs`` and ``outputs`` (lists of strings); each input is one run,
+  passed when the output equals the expected one (trailing white space ignored per line).
+
+Reward: the share of tests passed (``verifier.code.mode: share``) or 1 only when all pass
+(``all``). A program that fails, loops, forks, eats memory or floods its output fails its
+tests; only a sandbox that cannot run at all is a ``verifier_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from sft_ray.verifiers.sandbox import Limits, run_python
+
+_FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_OPEN_FENCE = re.compile(r"```[ \t]*[\w+#.-]*[^\n]*\n")
+_PYTHON_TAGS = {"", "python", "py", "python3"}
+
+
+def extract_program(text: str) -> str:
+    """The last fenced code block (a Python-tagged or untagged one first), the code after an
+    unclosed fence (a reply cut by the token limit), else the whole reply."""
+    blocks = _FENCE.findall(text)
+    if blocks:
+        python = [code for lang, code in blocks if lang.lower() in _PYTHON_TAGS]
+        return (python or [code for _, code in blocks])[-1]
+    opened = list(_OPEN_FENCE.finditer(text))
+    if opened:
+        return text[opened[-1].end():]
+    return text
+
+
+def _same_output(got: bytes, want: str) -> bool:
+    def norm(s: str) -> list[str]:
+        return [ln.rstrip() for ln in s.rstrip().splitlines()]
+
+    return norm(got.decode("utf-8", "replace")) == norm(want)
+
+
+class CodeExecution:
+    """Reward from running the reply's program against the row's tests (see the module doc)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        code = cfg.get("code") or {}
+        self.mode = code.get("mode", "share")
+        self.prepend_field = code.get("prepend_field")
+        self.workers = code.get("workers")
+        self.limits = Limits(cpu_s=float(code.get("timeout_s", 10)), memory_mb=int(code.get("memory_mb", 1024)),
+                             file_mb=int(code.get("file_mb", 16)),
+                             max_output_bytes=int(code.get("max_output_bytes", 1 << 20)))
+
+    def program(self, row: dict[str, Any], response: str) -> str:
+        program = extract_program(response)
+        prefix = row.get(self.prepend_field) if self.prepend_field else None
+        entry = row.get("entry_point")
+        # A completion that only continues the prompt (HumanEval's canonical form) needs the prompt first.
+        if isinstance(prefix, str) and not (entry and re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", program, re.M)):
+            program = prefix + program
+        return program
+
+    async def __call__(self, row: dict[str, Any], response: str) -> dict[str, Any]:
+        program = self.program(row, response)
+        if isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
+            script = f"{program}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+            results = [await run_python(script, None, self.limits, self.workers)]
+            passed = [r.ok for r in results]
+        elif isinstance(row.get("inputs"), list) and isinstance(row.get("outputs"), list):
+            ins, outs = row["inputs"], row["outputs"]
+            if len(ins) != len(outs) or not ins:
+                raise ValueError(f"row has {len(ins)} inputs and {len(outs)} outputs; expected equal, non-zero counts")
+            results = await asyncio.gather(*(run_python(program, str(i).encode(), self.limits, self.workers)
+                                             for i in ins))
+            passed = [r.ok and _same_output(r.stdout, str(o)) for r, o in zip(results, outs)]
+        else:
+            raise ValueError("row has no tests: expected `test` and `entry_point` (HumanEval style) "
+                             "or `inputs` and `outputs` lists")
+        share = sum(passed) / len(passed)
+        return {"reward": share if self.mode == "share" else float(all(passed)),
+                "tests_passed": float(sum(passed)), "tests_total": float(len(passed)), "pass_rate": share,
+                "timeouts": float(sum(r.timed_out for r in results)),
+                "exec_s": round(max(r.wall_s for r in results), 4)}

@@ -1,0 +1,226 @@
+"""An LLM judge through an OpenAI-compatible endpoint (``verifier.judge``).
+
+Templates (``verifier.judge.template``):
+
+- ``equivalence``: question, reference answer and candidate; the judge ends with
+  ``[[A=B]]`` (equivalent) or ``[[A!=B]]``, as NeMo Gym's ``equivalence_llm_judge``;
+  ``check_twice_swap`` asks again with the two answers swapped, and only two
+  "equal" verdicts give reward 1;
+- ``score``: a rubric (row field ``rubric_field``); the judge ends with ``Rating: [[N]]``,
+  N in 1..10, reward (N - 1) / 9;
+- a file: ``{field}`` placeholders filled from the row, plus ``{question}``, ``{reference}``
+  and ``{response}``; ``judge.verdict`` says which of the two verdict forms it asks for.
+
+A verdict that cannot be read is asked for again (``max_parse_retries``, each with a new
+seed), then the row is a ``judge_error``, as is a judge call that fails after the
+backend's own retries: no verdict is never a reward of 0. The raw verdict, the judge's
+tokens and latency are kept as metrics (``judge_*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sft_ray.errors import JUDGE_ERROR
+from sft_ray.verifiers import VerifierFailure, require_reference
+
+EQUIVALENCE = """You are checking whether a candidate answer to a question is equivalent to the reference answer.
+Compare what the two answers mean, not their wording or format: the same number, expression, entity or choice
+in a different form is equivalent; an answer that is wrong, incomplete, or hedges between options is not.
+
+<question>
+{question}
+</question>
+
+<reference>
+{reference}
+</reference>
+
+<candidate>
+{response}
+</candidate>
+
+Explain briefly, then end with your verdict on its own line: [[A=B]] if the candidate is equivalent to the
+reference, [[A!=B]] if it is not."""
+
+SCORE = """You are grading a response to a question against a rubric.
+
+<question>
+{question}
+</question>
+
+<rubric>
+{rubric}
+</rubric>
+
+<response>
+{response}
+</response>
+
+Explain briefly how well the response meets the rubric, then end with your rating on its own line, in exactly
+this form: Rating: [[N]], where N is an integer from 1 (fails the rubric) to 10 (meets it fully)."""
+
+_EQ = re.compile(r"\[\[\s*A\s*(!=|=)\s*B\s*\]\]")
+_RATING = re.compile(r"Rating:?\s*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
+
+
+def parse_equivalence(text: str) -> float | None:
+    """1.0 for [[A=B]], 0.0 for [[A!=B]] (the last one written wins), None when neither is there."""
+    found = _EQ.findall(text or "")
+    return None if not found else float(found[-1] == "=")
+
+
+def parse_rating(text: str) -> float | None:
+    """Rating: [[N]] with N in 1..10, as a reward in [0, 1]; None when absent or out of range."""
+    found = _RATING.findall(text or "")
+    if not found:
+        return None
+    n = float(found[-1])
+    return (n - 1) / 9 if 1 <= n <= 10 else None
+
+
+class _RowFields(dict):
+    def __missing__(self, key: str) -> Any:
+        raise ValueError(f"judge template placeholder {{{key}}} is not a field of the row")
+
+
+class Judge:
+    """Reward from an LLM judge (see the module doc)."""
+
+    wants_rollout = True  # the question is the prompt the episode was given
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from sft_ray.backends.base import Secret
+
+        jc = cfg["judge"]
+        self.cfg = cfg
+        self.jc = jc
+        self.model = dict(jc["model"])
+        if not isinstance(self.model.get("api_key"), Secret):  # built outside the pipeline: the env var, here
+            env = self.model.get("api_key_env")
+            self.model["api_key"] = Secret(os.environ.get(env) if env else None)
+        template = jc.get("template", "equivalence")
+        if template == "equivalence":
+            self.template, self.kind = EQUIVALENCE, "equivalence"
+        elif template == "score":
+            self.template, self.kind = SCORE, "score"
+        else:
+            self.template, self.kind = Path(template).read_text(), jc.get("verdict", "equivalence")
+        self.parse = parse_equivalence if self.kind == "equivalence" else parse_rating
+        self.swap = bool(jc.get("check_twice_swap")) and self.kind == "equivalence"
+        self.retries = int(jc.get("max_parse_retries", 2))
+        self.params = dict(jc.get("responses_create_params") or {})
+        self.concurrency = int(cfg.get("concurrency") or 32)
+        self._backend = None
+        self._loop = None
+        self._starting: asyncio.Future | None = None
+
+    async def _backend_for_loop(self):
+        """The backend, started in the running loop (a new loop, e.g. in tests, gets a new session)."""
+        from sft_ray.backends.openai import OpenAIBackend
+
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._backend = OpenAIBackend(self.model, self.concurrency)
+            self._starting = asyncio.ensure_future(self._backend.start())
+        assert self._starting is not None
+        await self._starting
+        return self._backend
+
+    def _fields(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None) -> dict[str, Any]:
+        from sft_ray.rows import prompt_messages
+
+        qf = self.jc.get("question_field")
+        if qf:
+            question = row.get(qf)
+        else:  # the last user turn of the episode (or of the row's prompt, outside the pipeline)
+            messages = (rollout or {}).get("messages") or prompt_messages(row)
+            users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+            question = users[-1] if users else ""
+        fields = _RowFields({k: v for k, v in row.items()})
+        fields.update(question=question, response=response)
+        if self.template is SCORE:
+            fields["rubric"] = row.get(self.jc.get("rubric_field", "rubric"), "")
+        if "{reference}" in self.template:
+            ref = require_reference(row, self.cfg)
+            fields["reference"] = ref if isinstance(ref, str) else str(ref)
+        return fields
+
+    async def _verdict(self, prompt: str, stats: dict[str, float]) -> tuple[float, str]:
+        from sft_ray.backends.base import GenerationRequest
+
+        backend = await self._backend_for_loop()
+        text = ""
+        for attempt in range(1 + self.retries):
+            params = dict(self.params, seed=int(self.params.get("seed") or 0) + attempt)
+            t0 = time.perf_counter()
+            result = await backend.generate(GenerationRequest([{"role": "user", "content": prompt}], params))
+            stats["judge_latency_s"] += time.perf_counter() - t0
+            stats["judge_calls"] += 1
+            if result.error:
+                raise VerifierFailure(f"judge call failed ({result.error['type']}): {result.error['message']}",
+                                      JUDGE_ERROR)
+            stats["judge_input_tokens"] += result.usage.get("input_tokens", 0)
+            stats["judge_output_tokens"] += result.usage.get("output_tokens", 0)
+            text = result.text or ""
+            verdict = self.parse(text)
+            if verdict is not None:
+                return verdict, text
+        raise VerifierFailure(f"judge verdict unreadable after {1 + self.retries} calls; last: {text[-200:]!r}",
+                              JUDGE_ERROR)
+
+    async def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict:
+        fields = self._fields(row, response, rollout)
+        try:
+            prompt = self.template.format_map(fields)
+        except (IndexError, AttributeError) as e:
+            raise ValueError(f"judge template: {e} (write literal braces as {{{{ and }}}})") from None
+        stats = {"judge_calls": 0.0, "judge_input_tokens": 0.0, "judge_output_tokens": 0.0, "judge_latency_s": 0.0}
+        asks = [self._verdict(prompt, stats)]
+        if self.swap:
+            swapped = dict(fields, reference=fields["response"], response=fields["reference"])
+            asks.append(self._verdict(self.template.format_map(_RowFields(swapped)), stats))
+        verdicts = await asyncio.gather(*asks)
+        reward = min(v for v, _ in verdicts)
+        out: dict[str, Any] = {"reward": reward, "judge_verdict": verdicts[0][1][-500:]}
+        if self.swap:
+            out["judge_verdict_swapped"] = verdicts[1][1][-500:]
+            out["judge_swap_agrees"] = float(verdicts[0][0] == verdicts[1][0])
+        stats["judge_latency_s"] = round(stats["judge_latency_s"], 4)
+        out.update(stats)
+        return out
+
+    def __del__(self) -> None:
+        # Ray Data has no teardown hook for map_batches classes; release sockets here.
+        try:
+            if self._backend is not None:
+                self._backend.close_now()
+        except Exception:
+            pass
+
+
+class MathWithJudge:
+    """``type: math`` with ``verifier.judge``: math-verify first; when it finds no match, the
+    judge decides (as NeMo Gym's ``math_with_judge``). ``decided_by`` names which did."""
+
+    wants_rollout = True
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        from sft_ray.verifiers.math import MathVerify
+
+        self.math = MathVerify(cfg)
+        self.judge = Judge(cfg)
+
+    async def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict:
+        mv = await asyncio.to_thread(self.math, row, response)  # the worker-process round trip, off the loop
+        if mv["reward"] >= 1.0:
+            return {**mv, "math_verify_reward": mv["reward"], "judge_used": 0.0, "decided_by": "math_verify"}
+        judged = await self.judge(row, response, rollout)
+        return {**judged, "accuracy": judged["reward"], "answer_found": mv["answer_found"],
+                "math_verify_reward": mv["reward"], "judge_used": 1.0, "decided_by": "judge"}

@@ -1,0 +1,308 @@
+"""Training-row formats: what TRL, Hugging Face chat templates, `datasets` and OpenAI fine-tuning take.
+
+Rows are written by the real finalize stage from hand-made run folders holding agent episodes
+(tool calls, tool results, parallel calls, input history) and single-turn rows, then loaded with
+`datasets`, rendered with TRL's own data utilities and with a real tool-capable chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from sft_ray.formats import generated_start, train_row
+from sft_ray.stages.finalize import finalize
+
+QWEN_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen2_5_tool_template.jinja").read_text()
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                      "parameters": {"type": "object", "properties": {"a": {"type": "number"},
+                                                                                     "b": {"type": "number"}}}}},
+]
+
+
+def agent_rollout(i: int, sample_index: int = 0, reward: float = 1.0, history: bool = False, **extra):
+    """An agent episode as the episode loop writes it: two model calls, two parallel tool calls."""
+    city = f"city{i}"
+    msgs = [{"role": "system", "content": "You are helpful."}]
+    if history:  # an input conversation that already used a tool
+        msgs += [{"role": "user", "content": "earlier question"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": f"h{i}", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+                 {"role": "tool", "tool_call_id": f"h{i}", "name": "add", "content": "3"},
+                 {"role": "assistant", "content": "It is 3."}]
+    msgs += [
+        {"role": "user", "content": f"Weather in {city}, and {i} + 1?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{i}a", "type": "function",
+             "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}},
+            {"id": f"c{i}b", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": i, "b": 1})}},
+        ]},
+        {"role": "tool", "tool_call_id": f"c{i}a", "name": "get_weather", "content": f"cold in {city}"},
+        {"role": "tool", "tool_call_id": f"c{i}b", "name": "add", "content": str(i + 1)},
+        {"role": "assistant", "content": f"It is cold in {city}; {i} + 1 = {i + 1}."},
+    ]
+    row = {"id": f"p{i}", "sample_index": sample_index, "messages": msgs, "tools": TOOLS,
+           "parallel_tool_calls": True, "response": msgs[-1]["content"], "reward": reward, "error": None,
+           "finish_reason": "stop", "termination": "final", "num_model_calls": 2, "num_tool_calls": 2,
+           "num_tool_errors": 0, "num_malformed_tool_calls": 0,
+           "usage": {"input_tokens": 50, "output_tokens": 20 + i % 7, "total_tokens": 70 + i % 7},
+           "metrics": {"accuracy": reward}}
+    row.update(extra)
+    return row
+
+
+def single_rollout(i: int, sample_index: int = 0, reward: float = 1.0, response: str | None = None, **extra):
+    text = response if response is not None else f"answer {i}"
+    row = {"id": f"s{i}", "sample_index": sample_index,
+           "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": text}],
+           "response": text, "reward": reward, "error": None, "finish_reason": "stop",
+           "usage": {"input_tokens": 5, "output_tokens": 3 + len(text.split()), "total_tokens": 8},
+           "metrics": {}}
+    row.update(extra)
+    return row
+
+
+def write_run(path: Path, rows: list[dict], files: int = 2, failed: list[dict] | None = None) -> Path:
+    (path / "rollouts").mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        (path / "rollouts" / f"part-000-{k:05d}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows[k::files]))
+    if failed:
+        (path / "failed").mkdir(exist_ok=True)
+        (path / "failed" / "part-000-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in failed))
+    return path
+
+
+def read_rows(folder: Path) -> list[dict]:
+    out = []
+    for f in sorted(folder.glob("part-*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines()]
+    for f in sorted(folder.glob("part-*.parquet")):
+        out += pq.read_table(f).to_pylist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from sft_ray.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(None))
+
+
+def mixed_rows(n=12):
+    return [agent_rollout(i, history=(i % 3 == 0)) if i % 2 else single_rollout(i) for i in range(n)]
+
+
+# --- the rows themselves ----------------------------------------------------------------------------
+
+def test_messages_format_has_object_arguments_and_nested_tools():
+    row = train_row(agent_rollout(4), "messages")
+    assert set(row) == {"messages", "tools"}
+    assert row["tools"] == TOOLS
+    calls = row["messages"][2]["tool_calls"]
+    assert [c["function"]["arguments"] for c in calls] == [{"city": "city4"}, {"a": 4, "b": 1}]
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "tool", "tool", "assistant"]
+    assert row["messages"][3] == {"role": "tool", "content": "cold in city4", "tool_call_id": "c4a",
+                                  "name": "get_weather"}
+
+
+def test_prompt_completion_splits_at_the_first_generated_turn():
+    ro = agent_rollout(3, history=True)  # input history holds an assistant turn and a tool call
+    assert generated_start(ro) == 6
+    row = train_row(ro, "prompt_completion")
+    assert [m["role"] for m in row["prompt"]] == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert [m["role"] for m in row["completion"]] == ["assistant", "tool", "tool", "assistant"]
+    assert row["completion"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "city3"}
+    single = train_row(single_rollout(1), "prompt_completion")
+    assert single == {"prompt": [{"role": "user", "content": "question 1"}],
+                      "completion": [{"role": "assistant", "content": "answer 1"}]}
+
+
+def test_openai_format_keeps_string_arguments_and_weights_history():
+    row = train_row(agent_rollout(3, history=True), "openai")
+    assert row["parallel_tool_calls"] is True and row["tools"] == TOOLS
+    calls = [c for m in row["messages"] for c in m.get("tool_calls", [])]
+    assert all(isinstance(c["function"]["arguments"], str) for c in calls)
+    assert json.loads(calls[1]["function"]["arguments"]) == {"city": "city3"}
+    weights = [(m["role"], m.get("weight")) for m in row["messages"] if m["role"] == "assistant"]
+    assert weights == [("assistant", 0), ("assistant", 0), ("assistant", None), ("assistant", None)]
+    assert all("name" not in m for m in row["messages"] if m["role"] == "tool")
+
+
+def test_include_fields_take_nested_paths():
+    ro = agent_rollout(2, input_fields={"response": "reference"})
+    row = train_row(ro, "messages", ["id", "metrics.accuracy", "input_fields.response", "usage.missing"])
+    assert row["id"] == "p2" and row["metrics"] == {"accuracy": 1.0}
+    assert row["input_fields"] == {"response": "reference"} and "usage" not in row
+
+
+def test_include_fields_may_not_name_the_format_keys():
+    from sft_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.include_fields: messages, tools belong to the training format"):
+        load_config(None, ["input=x", "output=y", "model.name=m", "train.include_fields=[id,messages,tools.x]"])
+    legacy = load_config(None, ["input=x", "output=y", "model.name=m", "train.format=parquet"]).train
+    assert legacy.file_format == "parquet" and legacy.format == "messages"  # run.json written before file_format
+
+
+@pytest.mark.parametrize("mode, want_content, want_rc", [
+    ("keep", "The answer is 4.", "2 + 2 = 4"),
+    ("drop", "The answer is 4.", None),
+    ("think_tags", "<think>\n2 + 2 = 4\n</think>\n\nThe answer is 4.", None),
+])
+def test_reasoning_modes(mode, want_content, want_rc):
+    ro = single_rollout(1, response="The answer is 4.", reasoning="2 + 2 = 4")
+    last = train_row(ro, "messages", reasoning=mode)["messages"][-1]
+    assert last["content"] == want_content and last.get("reasoning_content") == want_rc
+    # <think> blocks written in the text are removed by `drop`, left by the others
+    ro = single_rollout(1, response="<think>hmm</think>\nThe answer is 4.")
+    assert train_row(ro, "messages", reasoning="drop")["messages"][-1]["content"] == "The answer is 4."
+    assert "<think>hmm</think>" in train_row(ro, "messages", reasoning="keep")["messages"][-1]["content"]
+
+
+def test_reasoning_content_on_episode_turns_is_kept_per_turn():
+    ro = agent_rollout(1)
+    ro["messages"][2]["reasoning_content"] = "I need the weather"
+    row = train_row(ro, "messages", reasoning="keep")
+    assert row["messages"][2]["reasoning_content"] == "I need the weather"
+    tagged = train_row(ro, "openai", reasoning="think_tags")
+    assert tagged["messages"][2]["content"].startswith("<think>\nI need the weather\n</think>")
+    assert "reasoning_content" not in train_row(ro, "openai", reasoning="keep")["messages"][2]
+
+
+# --- loaders and templates ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "openai"])
+@pytest.mark.parametrize("file_format", ["jsonl", "parquet"])
+def test_every_format_loads_with_datasets(tmp_path, fmt, file_format):
+    import datasets
+
+    write_run(tmp_path, mixed_rows())
+    finalize(str(tmp_path), {"min_reward": 0.0}, 0,
+             {"rows_per_shard": 5, "format": fmt, "file_format": file_format, "include_fields": ["id"]})
+    # the run folder's dataset card declares the splits and one schema for every shard
+    ds = datasets.load_dataset(str(tmp_path), split="train")
+    assert len(ds) == 12
+    by_id = {r["id"]: r for r in ds}
+    conv = by_id["p5"]["messages"] if fmt != "prompt_completion" else by_id["p5"]["completion"]
+    call = next(m for m in conv if m.get("tool_calls"))["tool_calls"][0]["function"]
+    if fmt == "openai":
+        assert json.loads(call["arguments"]) == {"city": "city5"}
+    else:
+        assert call["arguments"] == {"city": "city5"}  # an object again after the round trip
+    tools = by_id["p5"]["tools"]
+    assert (json.loads(tools) if isinstance(tools, str) else tools) == TOOLS
+    assert not by_id["s4"].get("tools")  # a row without tools has none (null in the shared schema)
+
+
+def test_parquet_shards_share_one_schema_with_null_and_mixed_fields(tmp_path):
+    import datasets
+
+    rows = []
+    for i in range(20):
+        # `extra` is all-null in the first shard's rows and changes type later; `flag` is bool or absent
+        extra = None if i < 10 else (i if i % 2 else f"text{i}")
+        rows.append(single_rollout(i, reward=1.0, extra=extra, flag=True if i == 15 else None))
+    write_run(tmp_path, rows, files=1)
+    stats = finalize(str(tmp_path), {"min_reward": 0.0}, 0,
+                     {"rows_per_shard": 4, "file_format": "parquet", "include_fields": ["id", "reward", "extra", "flag"]})
+    files = sorted((tmp_path / "train").glob("*.parquet"))
+    assert len(files) == len(stats["shards"]) == 5
+    schemas = {pq.read_schema(f) for f in files}
+    assert len(schemas) == 1
+    ds = datasets.load_dataset("parquet", data_dir=str(tmp_path / "train"), split="train")  # no card needed
+    got = {r["id"]: r["extra"] for r in ds}
+    assert got["s3"] is None and got["s11"] == 11 and got["s12"] == "text12"
+    assert {r["id"] for r in ds if r["flag"]} == {"s15"}
+
+
+def test_trl_renders_messages_and_prompt_completion_on_the_embedded_tokenizer(tmp_path, tokenizer):
+    from trl import apply_chat_template, is_conversational
+
+    # single-turn rows through the embedded model's own template
+    for fmt in ("messages", "prompt_completion"):
+        out = tmp_path / fmt
+        write_run(out, [single_rollout(i) for i in range(4)])
+        finalize(str(out), {"min_reward": 0.0}, 0, {"rows_per_shard": 10, "format": fmt})
+        for row in read_rows(out / "train"):
+            assert is_conversational(row)
+            text = apply_chat_template(row, tokenizer)
+            i = int(row[next(iter(row))][0]["content"].split()[-1])
+            if fmt == "messages":
+                assert f"question {i}" in text["text"] and f"answer {i}" in text["text"]
+            else:
+                assert f"question {i}" in text["prompt"] and text["completion"].startswith(f"answer {i}")
+    # agent rows through a tool-capable template, with the tools passed as TRL passes them
+    for fmt in ("messages", "prompt_completion"):
+        out = tmp_path / f"agent-{fmt}"
+        write_run(out, [agent_rollout(i) for i in range(3)])
+        finalize(str(out), {"min_reward": 0.0}, 0, {"rows_per_shard": 10, "format": fmt})
+        for row in read_rows(out / "train"):
+            tools = row.pop("tools")
+            text = apply_chat_template(row, tokenizer, tools=tools, chat_template=QWEN_TEMPLATE)
+            rendered = text["text"] if fmt == "messages" else text["completion"]
+            i = int(json.dumps(row).split("city")[1][0])
+            assert f'{{"name": "get_weather", "arguments": {{"city": "city{i}"}}}}' in rendered
+            assert f"<tool_response>\ncold in city{i}\n</tool_response>" in rendered
+            if fmt == "prompt_completion":  # the completion is exactly the generated part
+                assert "Weather in" not in rendered and "Weather in" in text["prompt"]
+
+
+def test_tool_calls_and_results_render_through_a_qwen2_5_template(tmp_path, tokenizer):
+    write_run(tmp_path, [agent_rollout(i, history=(i == 0)) for i in range(4)])
+    finalize(str(tmp_path), {"min_reward": 0.0}, 0, {"rows_per_shard": 10, "file_format": "jsonl"})
+    rows = read_rows(tmp_path / "train")
+    assert len(rows) == 4
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["messages"], tools=row["tools"], chat_template=QWEN_TEMPLATE,
+                                             tokenize=False)
+        for tool in row["tools"]:
+            assert json.dumps(tool) in text  # the tool schemas, once
+        for m in row["messages"]:
+            for c in m.get("tool_calls") or []:
+                f = c["function"]
+                # arguments rendered as a JSON object, never a double-encoded string
+                assert f'{{"name": "{f["name"]}", "arguments": {json.dumps(f["arguments"])}}}' in text
+            if m["role"] == "tool":
+                assert f"<tool_response>\n{m['content']}\n</tool_response>" in text
+        assert '"arguments": "{' not in text
+        assert text.count('<tool_call>\n{"name": "') == sum(len(m.get("tool_calls") or []) for m in row["messages"])
+
+
+@pytest.mark.parametrize("fmt, file_format", [("prompt_completion", "parquet"), ("messages", "jsonl")])
+def test_sft_trainer_prepares_the_rows_unchanged(tmp_path, tokenizer, fmt, file_format):
+    """TRL's SFTTrainer on the embedded model takes the folder as `datasets` loads it, tools included;
+    with prompt/completion rows its loss covers exactly the generated turns."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from sft_ray.models import resolve_model
+
+    write_run(tmp_path, [agent_rollout(i) for i in range(3)] + [single_rollout(i) for i in range(3)])
+    finalize(str(tmp_path), {}, 0, {"rows_per_shard": 4, "format": fmt, "file_format": file_format,
+                                    "include_fields": ["id"]})
+    ds = datasets.load_dataset(str(tmp_path), split="train")
+    tok = tokenizer.__class__.from_pretrained(resolve_model(None))
+    tok.chat_template = QWEN_TEMPLATE  # SmolLM2's own template ignores tools
+    trainer = SFTTrainer(model=resolve_model(None), train_dataset=ds, processing_class=tok,
+                         args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True))
+    rows = {r["id"]: r for r in trainer.train_dataset}
+    assert set(rows) == {"p0", "p1", "p2", "s0", "s1", "s2"}
+    ex = rows["p1"]
+    text = tok.decode(ex["input_ids"])
+    assert '{"name": "get_weather", "arguments": {"city": "city1"}}' in text
+    assert "<tool_response>\ncold in city1\n</tool_response>" in text and "It is cold in city1" in text
+    if fmt == "prompt_completion":
+        trained = tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+        assert trained.startswith("<tool_call>\n") and "Weather in city1" not in trained
+        assert "<tool_response>\ncold in city1\n</tool_response>" in trained
+        assert trained.rstrip().endswith("It is cold in city1; 1 + 1 = 2.<|im_end|>")

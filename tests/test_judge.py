@@ -1,0 +1,187 @@
+"""`type: judge`, `math` with a judge fallback, `json_schema` and `composite`: real judge calls
+against the mock server acting as a judge (model `mock-judge`), over real sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_config, read_rows, write_jsonl
+
+from sft_ray.config import ConfigError, load_config
+from sft_ray.devserver import MockConfig, MockServer
+from sft_ray.stages.score import score_rollout
+from sft_ray.verifiers import build_verifier
+from sft_ray.verifiers.judge import parse_equivalence, parse_rating
+
+
+@pytest.fixture
+def judge_server():
+    with MockServer(MockConfig(hang_s=3.0)) as server:
+        server.state.keep_bodies = 50
+        yield server
+
+
+def judge_cfg(server, type_="judge", **judge):
+    model = {"name": "mock-judge", "base_url": server.url, "timeout_s": 2, "max_retries": 2,
+             "base_retry_wait_s": 0.01, "api_key_env": None}
+    cfg = {"input": "x", "output": "y", "model": {"name": "m"},
+           "verifier": {"type": type_, "judge": {"model": model, **judge}}}
+    from sft_ray.config import RunConfig
+    from sft_ray.stages.score import verifier_payload
+
+    return verifier_payload(RunConfig.model_validate(cfg).verifier)
+
+
+def judged(verifier, response, **row):
+    return score_rollout(verifier, {"prompt": "What is the capital of France?", **row, "response": response})
+
+
+def test_verdict_parsers():
+    assert parse_equivalence("reasoning [[A!=B]] ... no wait [[A=B]]") == 1.0
+    assert parse_equivalence("[[ A != B ]]") == 0.0 and parse_equivalence("A equals B") is None
+    assert parse_rating("Rating: [[10]]") == 1.0 and parse_rating("rating [[1]]") == 0.0
+    assert parse_rating("Rating: [[5.5]]") == 0.5 and parse_rating("Rating: [[11]]") is None
+    assert parse_rating("no rating") is None
+
+
+def test_equivalence_judge(judge_server):
+    v = build_verifier(judge_cfg(judge_server))
+    yes = judged(v, "  paris ", expected_answer="Paris")
+    assert yes["reward"] == 1.0 and yes["metrics"]["judge_verdict"].endswith("[[A=B]]")
+    assert yes["metrics"]["judge_calls"] == 1.0 and yes["metrics"]["judge_output_tokens"] > 0
+    assert yes["metrics"]["judge_input_tokens"] > 0 and yes["metrics"]["judge_latency_s"] > 0
+    no = judged(v, "Lyon", expected_answer="Paris")
+    assert no["reward"] == 0.0 and "error" not in no
+    prompt = judge_server.state.bodies[-1]["messages"][0]["content"]
+    assert "What is the capital of France?" in prompt and "<reference>\nParis\n</reference>" in prompt
+    assert judge_server.state.bodies[-1]["temperature"] == 0.0
+
+
+def test_swap_check_asks_twice_with_the_answers_swapped(judge_server):
+    v = build_verifier(judge_cfg(judge_server, check_twice_swap=True))
+    out = judged(v, "Paris", expected_answer="Paris")
+    assert out["reward"] == 1.0 and out["metrics"]["judge_calls"] == 2.0 and out["metrics"]["judge_swap_agrees"] == 1.0
+    v2 = judged(v, "Marseille", expected_answer="Paris")
+    swapped = [b["messages"][0]["content"] for b in judge_server.state.bodies[-2:]]
+    assert any("<reference>\nMarseille\n</reference>" in p for p in swapped)
+    assert any("<candidate>\nMarseille\n</candidate>" in p for p in swapped)
+    assert v2["reward"] == 0.0
+
+
+def test_score_template_with_rubric(judge_server):
+    v = build_verifier(judge_cfg(judge_server, template="score"))
+    assert judged(v, "A fine answer rate=7", rubric="Names the city.")["reward"] == pytest.approx(6 / 9)
+    assert judged(v, "Paris", rubric="Names the city.")["reward"] == 1.0
+    assert "<rubric>\nNames the city.\n</rubric>" in judge_server.state.bodies[-1]["messages"][0]["content"]
+
+
+def test_template_file_with_row_placeholders(judge_server, tmp_path):
+    tpl = tmp_path / "judge.txt"
+    tpl.write_text("Topic {topic}. Is the answer right?\n<reference>\n{gold}\n</reference>\n"
+                   "<candidate>\n{response}\n</candidate>\nSay [[A=B]] or [[A!=B]]; JSON like {{\"a\": 1}} is literal.")
+    v = build_verifier(judge_cfg(judge_server, template=str(tpl)))
+    assert judged(v, "42", topic="maths", gold="42")["reward"] == 1.0
+    assert 'Topic maths.' in judge_server.state.bodies[-1]["messages"][0]["content"]
+    missing = judged(v, "42", gold="42")  # no `topic` in this row
+    assert missing["reward"] is None and "{topic}" in missing["error"]["message"]
+    with pytest.raises(ConfigError, match="judge.template"):
+        load_config(None, ["input=x", "output=y", "model.name=m", "verifier.type=judge",
+                           "verifier.judge.model.name=j", f"verifier.judge.template={tmp_path}/nope.txt"])
+
+
+def test_unreadable_verdict_is_retried_then_a_judge_error(judge_server):
+    v = build_verifier(judge_cfg(judge_server, max_parse_retries=2))
+    before = judge_server.state.requests
+    out = judged(v, "[[judge:garbage]]", expected_answer="Paris")
+    assert judge_server.state.requests - before == 3
+    assert out["reward"] is None and out["error"]["type"] == "judge_error"  # never a reward of 0
+    assert "unreadable after 3 calls" in out["error"]["message"]
+    seeds = [b["seed"] for b in judge_server.state.bodies[-3:]]
+    assert len(set(seeds)) == 3  # each retry is a new sample
+
+
+def test_judge_that_is_down_is_a_judge_error(judge_server):
+    cfg = judge_cfg(judge_server)
+    cfg["judge"]["model"]["base_url"] = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    out = judged(build_verifier(cfg), "Paris", expected_answer="Paris")
+    assert out["reward"] is None and out["error"]["type"] == "judge_error"
+    assert "connection_error" in out["error"]["message"]
+    # an HTTP 500 that outlives the backend's retries, too
+    out = judged(build_verifier(judge_cfg(judge_server)), "Paris [[fail:500:9]]", expected_answer="Paris")
+    assert out["reward"] is None and out["error"]["type"] == "judge_error" and "server_error" in out["error"]["message"]
+
+
+def test_math_with_judge_fallback_records_who_decided(judge_server):
+    v = build_verifier(judge_cfg(judge_server, type_="math"))
+    by_math = judged(v, "\\boxed{\\frac{1}{2}}", expected_answer="0.5")
+    assert by_math["reward"] == 1.0 and by_math["metrics"]["decided_by"] == "math_verify"
+    assert by_math["metrics"]["judge_used"] == 0.0
+    n = judge_server.state.requests
+    by_judge = judged(v, "one half", expected_answer="One half")  # math-verify cannot read words
+    assert judge_server.state.requests == n + 1
+    assert by_judge["reward"] == 1.0 and by_judge["metrics"]["decided_by"] == "judge"
+    assert by_judge["metrics"]["math_verify_reward"] == 0.0 and by_judge["metrics"]["judge_used"] == 1.0
+    assert judged(v, "\\boxed{3}", expected_answer="0.5")["reward"] == 0.0  # both say no
+
+
+def test_json_schema():
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+              "required": ["name", "age"], "additionalProperties": False}
+    v = build_verifier({"type": "json_schema", "json_schema": schema})
+    good = score_rollout(v, {"response": 'Sure:\n```json\n{"name": "Ada", "age": 36}\n```'})
+    assert good["reward"] == 1.0 and good["metrics"]["schema_errors"] == 0.0
+    bad = score_rollout(v, {"response": '{"name": "Ada", "age": -1, "extra": true}'})
+    assert bad["reward"] == 0.0 and bad["metrics"] == {"json_valid": 1.0, "schema_valid": 0.0, "schema_errors": 2.0}
+    assert score_rollout(v, {"response": "{name: Ada}"})["metrics"]["json_valid"] == 0.0
+    row_schema = score_rollout(v, {"schema": json.dumps({"type": "array"}), "response": "[1, 2]"})
+    assert row_schema["reward"] == 1.0  # the row's own schema wins over the config's
+    broken = score_rollout(v, {"schema": {"type": "nonsense"}, "response": "[]"})
+    assert broken["reward"] is None and broken["error"]["type"] == "verifier_error"
+    with pytest.raises(ConfigError, match="not a valid JSON Schema"):
+        load_config(None, ["input=x", "output=y", "model.name=m", "verifier.type=json_schema",
+                           "verifier.json_schema={type: 12}"])
+
+
+def test_composite_combines_and_keeps_each_component(judge_server):
+    cfg = judge_cfg(judge_server)
+    judge_part = {**cfg, "weight": 2.0, "name": "judge"}
+    comps = [{"type": "regex", "pattern": "^Answer:", "weight": 1.0}, judge_part]
+    for combine, want in (("mean", 2 / 3), ("min", 0.0), ("all", 0.0)):
+        v = build_verifier({"type": "composite", "combine": combine, "components": comps})
+        out = score_rollout(v, {"prompt": "q", "expected_answer": "Paris", "response": "Paris"})
+        assert out["reward"] == pytest.approx(want), combine
+        assert out["metrics"]["reward_components"] == {"regex": 0.0, "judge": 1.0}
+        assert out["metrics"]["judge.reward"] == 1.0 and out["metrics"]["regex.format_ok"] == 0.0
+        assert out["metrics"]["judge.judge_calls"] == 1.0
+    # a component without a verdict fails the row (a partial reward would be a wrong one)
+    failing = score_rollout(v, {"prompt": "q", "expected_answer": "Paris", "response": "[[judge:garbage]]"})
+    assert failing["reward"] is None and failing["error"]["type"] == "judge_error"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_judge_and_composite_through_the_pipeline(tmp_path, judge_server):
+    """Generation by the echo model, scoring by a composite of math-verify and the judge; the
+    statistics carry the mean of every component."""
+    rows = [{"prompt": "\\boxed{4}", "expected_answer": "4"}, {"prompt": "four", "expected_answer": "Four"},
+            {"prompt": "five", "expected_answer": "4"}, {"prompt": "[[judge:garbage]]", "expected_answer": "4"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    judge_model = {"name": "mock-judge", "base_url": judge_server.url, "timeout_s": 2, "max_retries": 1,
+                   "api_key_env": None}
+    comps = json.dumps([{"type": "math"}, {"type": "judge", "judge": {"model": judge_model, "max_parse_retries": 0}}])
+    cfg = make_config(tmp_path, judge_server, inp, "verifier.type=composite", f"verifier.components={comps}",
+                      "max_error_fraction=0.5")
+    from sft_ray.pipeline import run
+
+    assert run(cfg, say=lambda s: None) == 0
+    ok = {r["prompt"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
+    [failed] = read_rows(tmp_path / "run" / "failed")
+    assert failed["error"]["type"] == "judge_error" and failed["reward"] is None
+    assert ok["\\boxed{4}"]["reward_components"] == {"math": 1.0, "judge": 0.0}  # the judge compares whole texts
+    assert ok["four"]["reward_components"] == {"math": 0.0, "judge": 1.0}
+    assert ok["five"]["reward"] == 0.0
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["metrics"]["math.reward"] == pytest.approx(1 / 3)
+    assert stats["metrics"]["judge.reward"] == pytest.approx(1 / 3)
+    assert stats["metrics"]["judge.judge_calls"] == 1.0
+    assert stats["errors_by_type"] == {"judge_error": 1}

@@ -1,0 +1,116 @@
+"""Credentials in headers: read from the environment, sent to the server, and found nowhere else:
+not in the run folder, not in Ray's session folder (worker logs included), not in what the
+commands print. Also: a normal run prints none of Ray's own noise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import read_rows, write_jsonl
+
+from sft_ray.config import ConfigError, load_config
+from sft_ray.devserver import MockConfig, MockServer
+
+AZURE_KEY = "azk-DO-NOT-LEAK-7f3e9a"
+BEARER_KEY = "sk-DO-NOT-LEAK-b41c"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_credential_in_extra_headers_is_refused_without_echoing_it():
+    for name in ("api-key", "x-api-key", "Authorization", "X-Auth-Token", "Ocp-Apim-Subscription-Key"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, ["input=x", "output=y", "model.name=m", f"model.extra_headers.{name}={AZURE_KEY}"])
+        assert "extra_headers_env" in str(e.value) and AZURE_KEY not in str(e.value), str(e.value)
+    with pytest.raises(ConfigError) as e:  # a type error on a header value: the value is not shown
+        load_config(None, ["input=x", "output=y", "model.name=m", "model.extra_headers.x-trace=[1234567]"])
+    assert "model.extra_headers.x-trace" in str(e.value) and "1234567" not in str(e.value)
+    # Plain headers stay allowed.
+    cfg = load_config(None, ["input=x", "output=y", "model.name=m", "model.extra_headers.x-team=research"])
+    assert cfg.model.extra_headers == {"x-team": "research"}
+
+
+def test_unset_header_variable_names_the_variable(monkeypatch):
+    monkeypatch.delenv("SFT_NO_SUCH_VAR", raising=False)
+    cfg = load_config(None, ["input=x", "output=y", "model.name=m", "model.extra_headers_env.api-key=SFT_NO_SUCH_VAR"])
+    with pytest.raises(ConfigError, match="api-key \\(from SFT_NO_SUCH_VAR\\)"):
+        cfg.model.secret_headers()
+    monkeypatch.setenv("SFT_NO_SUCH_VAR", AZURE_KEY)
+    assert cfg.model.secret_headers() == {"api-key": AZURE_KEY}
+
+
+def _grep_tree(root: Path, needles: list[bytes]) -> tuple[list[str], int]:
+    """Files under root that contain any needle, and how many files were read."""
+    hits, read = [], 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if not p.is_file() or p.is_symlink():
+                continue  # sockets, fifos
+            try:
+                data = p.read_bytes()
+            except OSError:
+                continue
+            read += 1
+            if any(n in data for n in needles):
+                hits.append(str(p))
+    return hits, read
+
+
+def test_header_secrets_reach_the_server_and_nothing_else(tmp_path):
+    rows = [{"prompt": f"\\boxed{{{i}}}", "expected_answer": str(i)} for i in range(20)]
+    rows.append({"prompt": "careless server [[echo_auth]]", "expected_answer": "x"})
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    # A short private temp dir for the job's own local Ray cluster (socket paths stay short),
+    # so that its whole session folder, worker logs included, can be searched afterwards.
+    ray_tmp = tempfile.mkdtemp(prefix="sr-sec-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_raylet_start_wait_time_s="180",  # a loaded machine starts slowly
+               SFT_AZURE_KEY=AZURE_KEY, SFT_BEARER_KEY=BEARER_KEY,
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    try:
+        with MockServer(MockConfig()) as server:
+            cfg = {"input": str(inp), "output": str(tmp_path / "run"),
+                   "model": {"name": "mock", "base_url": server.url, "api_key_env": "SFT_BEARER_KEY",
+                             "extra_headers": {"x-team": "research"},
+                             "extra_headers_env": {"api-key": "SFT_AZURE_KEY"},
+                             "timeout_s": 5, "base_retry_wait_s": 0.01},
+                   "num_samples_in_parallel": 8, "verifier": {"type": "math"}, "max_error_fraction": 0.5,
+                   "resources": {"ray_address": "local"}}
+            path = tmp_path / "job.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            cli = [sys.executable, "-m", "sft_ray.cli"]
+            val = subprocess.run(cli + ["validate", str(path)], env=env, capture_output=True, text=True, timeout=120)
+            run = subprocess.run(cli + ["run", str(path)], env=env, capture_output=True, text=True, timeout=300,
+                                 cwd=tmp_path)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert server.state.api_key_headers == {AZURE_KEY}  # the secret did reach the server
+            assert server.state.auth_headers == {f"Bearer {BEARER_KEY}"}
+        printed = val.stdout + val.stderr + run.stdout + run.stderr
+        assert val.returncode == 0 and "ok" in val.stdout, printed
+        for key in (AZURE_KEY, BEARER_KEY):
+            assert key not in printed
+        # The careless server echoed both keys into its error body; the row keeps it, redacted.
+        [failed] = read_rows(tmp_path / "run" / "failed")
+        assert failed["error"]["type"] == "auth_error" and failed["error"]["message"].count("***") == 2
+        needles = [AZURE_KEY.encode(), BEARER_KEY.encode()]
+        hits, n_run = _grep_tree(tmp_path / "run", needles)
+        assert not hits and n_run >= 4, hits  # run.json, rollouts, failed, train, stats.json
+        sessions = list(Path(ray_tmp, "ray").glob("session_2*"))
+        assert len(sessions) == 1, sessions
+        logs = list((sessions[0] / "logs").glob("worker-*.out")) + list((sessions[0] / "logs").glob("*.log"))
+        assert logs, "the job's Ray session left no logs to search"
+        hits, n_ray = _grep_tree(sessions[0], needles)
+        assert not hits and n_ray >= 10, hits
+        # No Ray noise on a normal run (issue 9, item 16): the constructor-arguments false
+        # alarm and Ray Data's INFO lines are silenced at their source.
+        assert "core_worker.cc" not in printed and "constructor arguments" not in printed, printed
+        assert "streaming_executor" not in printed, printed
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
