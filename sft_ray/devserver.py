@@ -12,6 +12,13 @@ request through markers in the prompt:
 - ``[[echo_auth]]``: 401 whose body repeats the request's Authorization and ``api-key``
   headers (a careless server: the client must keep the keys out of its error text).
 
+With ``requests_per_minute`` / ``tokens_per_minute`` set it enforces real limits, as
+hosted APIs do: a token bucket per limit that refills continuously and holds
+``limit_window_s`` seconds of refill; a request that finds a bucket short is answered
+429 with ``Retry-After`` (seconds until it would fit) and every answer carries
+``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` headers.
+A request's tokens are its prompt words plus its output limit (``max_tokens``).
+
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
 """
@@ -42,6 +49,32 @@ class MockConfig:
     retry_after_s: float = 0.05
     hang_s: float = 30.0
     seed: int = 0
+    requests_per_minute: float = 0.0  # 0: no limit
+    tokens_per_minute: float = 0.0  # 0: no limit
+    limit_window_s: float = 60.0  # bucket capacity, in seconds of refill
+
+
+class Bucket:
+    """A token bucket: ``per_minute`` refill, ``window_s`` seconds of it as capacity (starts full)."""
+
+    def __init__(self, per_minute: float, window_s: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * window_s)
+        self.level = self.capacity
+        self.at = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self, amount: float) -> float:
+        """Take ``amount`` if it fits and return 0, else return the seconds until it would fit."""
+        self._refill()
+        if amount <= self.level:
+            self.level -= amount
+            return 0.0
+        return (min(amount, self.capacity) - self.level) / self.rate
 
 
 @dataclass
@@ -54,6 +87,7 @@ class MockState:
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
+    rate_limited: int = 0  # 429s answered by the token buckets
     api_key_headers: set = field(default_factory=set)  # `api-key` header values seen (Azure-style keys)
     served: Counter = field(default_factory=Counter)  # successful answers per prompt, for tests
     busy_s: float = 0.0  # integral of in_flight over time: busy_s / wall = mean concurrency
@@ -81,6 +115,28 @@ def _last_user_text(messages) -> str:
 
 def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     rng = random.Random(cfg.seed)
+    buckets = {name: Bucket(limit, cfg.limit_window_s) for name, limit in
+               (("requests", cfg.requests_per_minute), ("tokens", cfg.tokens_per_minute)) if limit}
+
+    def rate_limited(tokens: float) -> tuple[web.Response | None, dict[str, str]]:
+        """Take this request's share of every bucket: (a 429 or None, the x-ratelimit-* headers)."""
+        need = {"requests": 1.0, "tokens": tokens}
+        waits = {name: b.take(need[name]) for name, b in buckets.items()}
+        if any(waits.values()):  # give back what was taken: the request is refused whole
+            for name, b in buckets.items():
+                if not waits[name]:
+                    b.level += need[name]
+        headers = {}
+        for name, b in buckets.items():
+            headers[f"x-ratelimit-limit-{name}"] = f"{b.capacity:.0f}"
+            headers[f"x-ratelimit-remaining-{name}"] = f"{max(0.0, b.level):.0f}"
+            headers[f"x-ratelimit-reset-{name}"] = f"{(b.capacity - b.level) / b.rate:.3f}s"
+        wait = max(waits.values(), default=0.0)
+        if not wait:
+            return None, headers
+        state.rate_limited += 1
+        return web.json_response({"error": {"message": "rate limit reached", "type": "rate_limit_error"}},
+                                 status=429, headers={**headers, "Retry-After": f"{wait:.3f}"}), headers
 
     async def failure(text: str, key: str, auth: str) -> web.Response | None:
         """A simulated failure for this attempt, or None to answer normally."""
@@ -130,12 +186,19 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             state.auth_headers.add(auth)
             state.api_key_headers.add(request.headers.get("api-key", ""))
             auth += " " + request.headers.get("api-key", "")
+            limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
+            limit_headers: dict[str, str] = {}
+            if buckets:
+                n_prompt = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else 0
+                refused, limit_headers = rate_limited(n_prompt + (limit or 0))
+                if refused is not None:
+                    state.by_status[429] += 1
+                    return refused
             failed = await failure(text, f"{text}|{body.get('seed')}|{body.get('temperature')}", auth)
             if failed is not None:
                 state.by_status[failed.status] += 1
                 return failed
             words = text.split()
-            limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
             truncated = bool(limit) and len(words) > limit
             reply = " ".join(words[:limit]) if truncated else text
             n_in = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else len(words)
@@ -155,7 +218,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                        "output": [{"type": "message", "role": "assistant",
                                    "content": [{"type": "output_text", "text": reply}]}],
                        "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
-            return web.Response(body=orjson.dumps(out), content_type="application/json")
+            return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
         finally:
             state.track(-1)
 
@@ -169,7 +232,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
         span = state.last_change - state.first_at
         return web.json_response({"requests": state.requests, "max_in_flight": state.max_in_flight,
                                   "mean_in_flight": state.busy_s / span if span > 0 else 0.0,
-                                  "by_status": {str(k): v for k, v in state.by_status.items()}})
+                                  "by_status": {str(k): v for k, v in state.by_status.items()},
+                                  "rate_limited": state.rate_limited, "span_s": span})
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "mock-echo", "object": "model"}]})

@@ -19,8 +19,10 @@ from typing import Any, Callable
 import orjson
 import pyarrow.compute as pc
 
-from sft_ray import io
+from sft_ray import io, ratelimit
 from sft_ray.config import RunConfig
+from sft_ray.cost import spend_summary
+from sft_ray.placement import placement_group_fn, release_placement_groups  # noqa: F401 - [config]
 from sft_ray.resume import DriftError, carry_failures, count_failure, done_keys, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import FAILED, ROLLOUTS, finalize
@@ -28,6 +30,7 @@ from sft_ray.stages.write import PartWriter
 from sft_ray.stats import format_report
 
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
+EXIT_SPENT = 4  # [config] stopped by budget.* (spending), resumable with a raised budget
 BLOCK_BYTES = 1 << 20
 
 
@@ -66,6 +69,7 @@ class Progress:
         info = {"failed": failed}
         if mean_reward is not None:
             info["reward"] = f"{mean_reward:.3f}"
+        info.update(ratelimit.progress_info(done, self.total))  # [config] concurrency, 429s, cost
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(info, refresh=False)
@@ -102,9 +106,9 @@ def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
     the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
     """
     lo, hi = actor_range(cfg.resources.generate_actors)
-    hi = max(1, min(hi, cfg.num_samples_in_parallel))
+    hi = max(1, min(hi, cfg.max_in_flight))  # [config] max_in_flight: num_samples_in_parallel, or auto's ceiling
     lo = max(1, min(lo, hi))
-    per_actor = max(1, cfg.num_samples_in_parallel // hi)
+    per_actor = max(1, cfg.max_in_flight // hi)
     batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
     # A block is one actor task: at least 4 per actor, but a few batches each at most.
     block_rows = max(batch, min(8 * batch, todo // (4 * hi)))
@@ -147,20 +151,6 @@ def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
                 "set resources.generate_num_gpus=1 to run each engine on a GPU")
 
 
-def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
-    """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
-
-    def fn() -> dict[str, Any]:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            pg, placement_group_capture_child_tasks=True)}
-
-    return fn
-
-
 def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], plan: dict[str, int]):
     """read -> repartition -> generate actors -> score actors (lazy; the driver pulls)."""
     import ray.data
@@ -173,6 +163,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())  # [config] extra_headers_env values
+    model["limits"] = ratelimit.actor_spec()  # [config] shared rate limits / auto concurrency / budget
     sampling = cfg.responses_create_params.model_dump()
     ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, cfg.read.limit)
     # One read task per file keeps duplicate-id suffixes consistent; streaming repartition
@@ -195,6 +186,7 @@ def build_dataset(cfg: RunConfig, files: list[str], done: set[tuple[str, int]], 
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
         num_cpus=cfg.resources.generate_num_cpus,
         num_gpus=num_gpus,
+        resources=cfg.resources.generate_resources or None,  # [config] e.g. cluster.yaml's cpu_node
         **remote_args,
     )
     s_lo, s_hi = actor_range(cfg.resources.score_actors)
@@ -248,6 +240,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], r
         return record
 
     init_ray(cfg)
+    ratelimit.start_session(cfg, manifest)  # [config]
     warn_gpu_setup(cfg, say)
     ok_writer = PartWriter(io.join(cfg.output, ROLLOUTS), session)
     bad_writer = PartWriter(io.join(cfg.output, FAILED), session)
@@ -300,6 +293,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], r
         ok_writer.close()
         bad_writer.close()
         progress.close()
+        release_placement_groups()  # [config] tensor-parallel groups of actors that never ran their teardown
+        ratelimit.end_session(record)  # [config] this run's spend; "budget" when the budget stopped it
         end = time.monotonic()
         record["generate_wall_s"] = round(end - t0, 3)
         if first_ready is not None:
@@ -330,6 +325,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)
+        stats["spend"] = spend_summary(stats, manifest)  # [config]
     if write:
         io.write_bytes(io.join(run_dir, "stats.json"), json.dumps(stats, indent=2).encode())
     say(format_report(stats))
@@ -351,6 +347,10 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
     samples = stats["samples"]
     if record.get("stopped"):
         say(f"stopped early: {record['stopped']}")
+    if record.get("stopped") == "budget":  # [config]
+        say("stopped: budget; what was generated is finalized. Raise budget.* and rerun the same command "
+            "to continue")
+        return EXIT_SPENT
     if samples and stats["failed"] / samples > cfg.max_error_fraction:
         say(f"FAILED: {stats['failed']}/{samples} samples failed, over the budget max_error_fraction="
             f"{cfg.max_error_fraction}; rerun the same command to retry them")

@@ -222,3 +222,21 @@ def test_hosted_job_starts_cpu_workers_only_and_vllm_job_gpu_workers():
     lo, hi = vllm.generate_actors if isinstance(vllm.generate_actors, tuple) else (1, vllm.generate_actors)
     demands = [{"CPU": vllm.generate_num_cpus, "GPU": vllm.generate_num_gpus}] * hi
     assert set(_nodes_to_launch(demands)) == {"gpu_worker"}
+
+
+def test_rate_limit_holds_across_both_nodes(cluster, tmp_path):
+    """One request budget for the generation actors of both nodes (issue 12): 10 requests per
+    second against a server whose two-second bucket answers 429 beyond it."""
+    rows = [{"prompt": f"q{i}", "expected_answer": f"q{i}"} for i in range(60)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with MockServer(MockConfig(latency_ms=20, requests_per_minute=600, limit_window_s=2.0)) as server:
+        path = write_config(tmp_path, server, inp, rate_limit={"requests_per_minute": 600}, num_repeats=1,
+                            verifier={"type": "exact_match"}, filter={"min_reward": 0.0})
+        status, logs, _ = cluster.run_job(path)
+        assert status == "SUCCEEDED", logs
+        assert server.state.requests == 60 and server.state.rate_limited == 0, server.state.by_status
+        span = server.state.last_change - server.state.first_at
+    assert span >= (60 - 6) / 10 * 0.9, span  # paced at 10/s after the burst
+    rollouts = read_rows(tmp_path / "run" / "rollouts")
+    assert set(r["node_id"] for r in rollouts) == set(cluster.node_ids())  # both nodes sent requests
+    assert "429 0.0%" in logs, logs  # the progress line reports the 429 share

@@ -16,6 +16,8 @@ import orjson
 
 from sft_ray.backends import retry
 from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.errors import BUDGET_EXHAUSTED
+from sft_ray.ratelimit import Limiter, Permit
 
 # responses_create_params keys that Chat Completions understands under the same name.
 _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_penalty", "logit_bias",
@@ -86,6 +88,7 @@ class OpenAIBackend(Backend):
         # [config] extra_headers_env values, read on the driver; sent, never logged (see _redact).
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
         self._session: aiohttp.ClientSession | None = None
+        self.limiter = Limiter.from_model(model, max_in_flight)  # [config] rate limits, auto concurrency, budget
         self._rng = random.Random()
 
     async def start(self) -> None:
@@ -123,12 +126,15 @@ class OpenAIBackend(Backend):
         body.update(self.model.get("extra_body") or {})
         return orjson.dumps(body)
 
-    async def _attempt(self, payload: bytes) -> tuple[GenerationResult | None, str | None, str, float | None]:
+    async def _attempt(self, payload: bytes, permit: Permit | None = None,
+                       ) -> tuple[GenerationResult | None, str | None, str, float | None]:
         """One HTTP attempt: (result, error class, message, Retry-After seconds)."""
         assert self._session is not None, "start() was not called"
         try:
             async with self._session.post(self.url, data=payload) as resp:
                 raw = await resp.read()
+                if permit is not None:
+                    permit.headers = resp.headers  # [config] x-ratelimit-* for the limiter
                 if resp.status >= 400:
                     text = raw[:300].decode("utf-8", "replace")
                     return (None, retry.classify_status(resp.status, text), f"HTTP {resp.status}: {text}",
@@ -153,7 +159,14 @@ class OpenAIBackend(Backend):
         payload = self._body(request)
         max_attempts = 1 + int(self.model.get("max_retries", 6))
         for attempt in range(1, max_attempts + 1):
-            result, kind, message, retry_after = await self._attempt(payload)
+            permit = None
+            if self.limiter is not None:  # [config] waits for shared permits and a slot; refused: budget spent
+                permit = await self.limiter.acquire(len(payload) / 4, request.params.get("max_output_tokens") or 1024)
+                if permit.refused:
+                    return error_result(BUDGET_EXHAUSTED, permit.refused, attempts=attempt)
+            result, kind, message, retry_after = await self._attempt(payload, permit)
+            if permit is not None:  # [config]
+                self.limiter.report(permit, kind, result.usage if result else None, retry_after)
             if result is not None:
                 result.attempts = attempt
                 return result

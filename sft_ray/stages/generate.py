@@ -24,6 +24,8 @@ import orjson
 
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
+from sft_ray.errors import BUDGET_EXHAUSTED
+from sft_ray.placement import release_own_placement_group
 from sft_ray.rows import InputError, prompt_messages, sampling_params
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class GenerateStage:
             self.backend.close_now()
         except Exception:
             pass
+        release_own_placement_group()  # [config] a tensor-parallel replica's GPUs go with it
 
     async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool]:
         row = orjson.loads(text) if bad is None else {"line": text}
@@ -112,6 +115,8 @@ class GenerateStage:
             except Exception as e:  # a backend bug must not lose the batch: record it on the row
                 result = error_result("internal_error", f"{type(e).__name__}: {e}")
             latency = time.perf_counter() - t0
+        if result.error is not None and result.error["type"] == BUDGET_EXHAUSTED:
+            return None  # [config] never started: not written, so it stays pending for a rerun
         rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
         rollout["latency_s"] = round(latency, 4)
         return orjson.dumps(rollout), result.error is not None
@@ -123,6 +128,9 @@ class GenerateStage:
             self._one(rid, k, text, source, bad)
             for rid, k, text, source, bad in zip(ids, idx, batch["row"], batch["source"], batch["bad"])
         ))
+        if any(o is None for o in outs):  # [config] samples the budget refused
+            keep = [i for i, o in enumerate(outs) if o is not None]
+            ids, idx, outs = [ids[i] for i in keep], [idx[i] for i in keep], [outs[i] for i in keep]
         if getattr(self.backend, "dead", False):
             # The engine died (e.g. a crashed vLLM engine core). Nothing of this batch has
             # been handed back yet, so exiting the process loses no written row: Ray restarts
