@@ -258,3 +258,23 @@ def test_budget_stops_cleanly_and_a_raised_budget_resumes(tmp_path, ray_cluster)
         assert code == EXIT_OK, out
         assert server.state.requests == 40
     assert len(read_rows(tmp_path / "run" / "rollouts")) == 40
+
+
+def test_dry_run_plans_from_a_pilot_without_touching_the_run_folder(tmp_path, ray_cluster):
+    from sft_ray.dryrun import dry_run
+
+    rows = [{"prompt": f"word {i}", "expected_answer": f"word {i}"} for i in range(40)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with MockServer(MockConfig()) as server:
+        cfg = make_config(tmp_path, server, inp, "num_repeats=2", "verifier.type=exact_match",
+                          "pricing.input_per_mtok=1000", "pricing.output_per_mtok=2000", "budget.max_cost_usd=0.1",
+                          "rate_limit.requests_per_minute=60")
+        lines: list[str] = []
+        plan = dry_run(cfg, 10, lines.append)
+        assert server.state.requests == 10  # the pilot only
+    assert not (tmp_path / "run").exists()
+    assert plan["samples_planned"] == 80 and plan["pilot_samples"] == 10 and plan["requests_planned"] == 80
+    assert plan["cost_usd_planned"] == pytest.approx(80 * (2 * 1000 + 2 * 2000) / 1e6)  # 2 words in, 2 out
+    assert plan["minutes_at_rate_limits"] == pytest.approx(80 / 60, abs=0.1)
+    text = "\n".join(lines)
+    assert "planned: 80 requests" in text and "about $0.48" in text and "budget.max_cost_usd=0.1 stops" in text
