@@ -19,8 +19,8 @@ def spend_summary(stats: dict[str, Any], manifest: dict[str, Any] | None) -> dic
     pricing = ((manifest or {}).get("config") or {}).get("pricing") or {}
     tok = stats.get("tokens") or {}
     inp, out = int(tok.get("input_tokens") or 0), int(tok.get("output_tokens") or 0)
-    spend: dict[str, Any] = {"input_tokens": inp, "output_tokens": out, "cost_usd": round(cost_usd(inp, out, pricing), 6),
-                             "pricing": pricing}
+    spend: dict[str, Any] = {"input_tokens": inp, "output_tokens": out,
+                             "cost_usd": round(cost_usd(inp, out, pricing), 6), "pricing": pricing}
     sessions = [s.get("spend") for s in (manifest or {}).get("sessions", []) if s.get("spend")]
     for k in ("requests", "rate_limited", "timeouts", "reasoning_tokens"):
         if sessions:

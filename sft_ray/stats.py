@@ -104,9 +104,12 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append(f"tokens: input {tok.get('input_tokens', 0)}  output {tok.get('output_tokens', 0)}")
     sp = stats.get("spend") or {}  # [config] cost and requests (sft_ray/cost.py)
     if sp.get("cost_usd") or sp.get("requests"):
-        lines.append(f"spend: ${sp['cost_usd']:.4f}" + (f" (projected for the whole input ${sp['projected_cost_usd']:.2f})"
-                     if "projected_cost_usd" in sp else "") + (f"; {sp['requests']} requests, {sp.get('rate_limited', 0)}"
-                     " answered 429" if sp.get("requests") else ""))
+        line = f"spend: ${sp['cost_usd']:.4f}"
+        if "projected_cost_usd" in sp:
+            line += f" (projected for the whole input ${sp['projected_cost_usd']:.2f})"
+        if sp.get("requests"):
+            line += f"; {sp['requests']} requests, {sp.get('rate_limited', 0)} answered 429"
+        lines.append(line)
     thr = stats.get("throughput")
     if thr:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "
