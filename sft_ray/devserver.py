@@ -128,7 +128,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                     b.level += need[name]
         headers = {}
         for name, b in buckets.items():
-            headers[f"x-ratelimit-limit-{name}"] = f"{b.capacity:.0f}"
+            headers[f"x-ratelimit-limit-{name}"] = f"{b.rate * 60:.0f}"  # per minute, as OpenAI sends it
             headers[f"x-ratelimit-remaining-{name}"] = f"{max(0.0, b.level):.0f}"
             headers[f"x-ratelimit-reset-{name}"] = f"{(b.capacity - b.level) / b.rate:.3f}s"
         wait = max(waits.values(), default=0.0)

@@ -240,21 +240,44 @@ def parse_reset(value: str | None) -> float | None:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def pause_from_headers(headers: Any, est_tokens: float) -> float:
-    """Seconds to hold new requests that the server's ``x-ratelimit-*`` headers ask for: until a
-    limit resets when nothing (no request, or fewer tokens than a request needs) remains."""
+    """Seconds to hold new requests that the server's ``x-ratelimit-*`` headers ask for, when less
+    than one request (or fewer tokens than a request needs) remains: the time the per-minute
+    ``x-ratelimit-limit-*`` takes to refill what is missing, else until ``x-ratelimit-reset-*``
+    (which OpenAI gives as the time to refill the whole limit: longer than needed)."""
     if not headers:
         return 0.0
     wait = 0.0
     for kind, need in (("requests", 1.0), ("tokens", est_tokens)):
-        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-        try:
-            left = float(remaining) if remaining is not None else None
-        except ValueError:
-            left = None
-        if left is not None and left < need:
+        left = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
+        if left is None or left >= need:
+            continue
+        per_minute = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+        if per_minute:
+            wait = max(wait, (need - left) * 60.0 / per_minute)
+        else:
             wait = max(wait, parse_reset(headers.get(f"x-ratelimit-reset-{kind}")) or 0.0)
     return wait
+
+
+def pace_from_headers(headers: Any, current: float) -> float:
+    """Seconds between requests while the server's request limit is nearly used up (less than 5%
+    of its per-minute ``x-ratelimit-limit-requests`` remains): its own rate; 0 once it recovers.
+    Used when no limits are configured, so `auto` alone also settles at the server's rate."""
+    if not headers:
+        return current
+    left = _number(headers.get("x-ratelimit-remaining-requests"))
+    per_minute = _number(headers.get("x-ratelimit-limit-requests"))
+    if left is None or not per_minute:
+        return current
+    return 60.0 / per_minute if left < max(2.0, 0.05 * per_minute) else 0.0
 
 
 class Limiter:
@@ -270,6 +293,9 @@ class Limiter:
         self._settled: Counter = Counter()
         self._pump: asyncio.Task | None = None
         self._last_report = 0.0
+        self._pause_until = 0.0  # without a shared actor: Retry-After and x-ratelimit-* held here
+        self._pace_s = 0.0
+        self._next_send = 0.0
 
     @classmethod
     def from_model(cls, model: dict[str, Any], max_in_flight: int) -> "Limiter | None":
@@ -292,6 +318,14 @@ class Limiter:
             return permit
         if self.aimd is not None:
             await self.aimd.enter()
+        while (wait := self._pause_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        if self._pace_s:  # the server said it is at its request limit: one request per its interval
+            now = time.monotonic()
+            send = max(now, self._next_send)
+            self._next_send = send + self._pace_s
+            if send > now:
+                await asyncio.sleep(send - now)
         if self.shared is not None:
             fut = asyncio.get_running_loop().create_future()
             self._waiting.append((permit, fut))
@@ -344,7 +378,11 @@ class Limiter:
         congested = kind in (RATE_LIMIT, TIMEOUT)
         if self.aimd is not None:
             self.aimd.leave(congested, kind is None, latency)
-        if self.shared is None:
+        pause = max((retry_after or 0.0) if kind == RATE_LIMIT else 0.0,
+                    pause_from_headers(permit.headers, permit.est_input_tokens + permit.est_output_tokens))
+        if self.shared is None:  # no shared limits: this actor follows what the server says
+            self._pause_until = max(self._pause_until, time.monotonic() + pause)
+            self._pace_s = pace_from_headers(permit.headers, self._pace_s)
             return
         s = self._settled
         s.update({"est_requests": 1, "est_input_tokens": permit.est_input_tokens,
@@ -360,8 +398,6 @@ class Limiter:
             s["rate_limited"] += 1
         elif kind == TIMEOUT:
             s["timeouts"] += 1
-        pause = max((retry_after or 0.0) if kind == RATE_LIMIT else 0.0,
-                    pause_from_headers(permit.headers, permit.est_input_tokens + permit.est_output_tokens))
         if pause:
             s["pause_s"] = max(s.get("pause_s", 0.0), pause)
         # With nothing waiting, no reservation will carry this soon: settle now (the totals
