@@ -38,6 +38,9 @@ def run(
     config: str = typer.Argument(..., help="YAML config file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. num_repeats=4"),
     restart: bool = typer.Option(False, "--restart", help="Discard what the run folder holds and start over."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run a small pilot in a temporary folder and print the "
+                                 "planned requests, tokens and cost; the run folder is not touched."),
+    pilot: int = typer.Option(20, "--pilot", min=1, help="Samples in the --dry-run pilot."),
 ) -> None:
     """Run the whole job: generate, score, filter, shuffle, shard, report. Rerun to resume."""
     cfg = _load(config, overrides or [])
@@ -47,6 +50,11 @@ def run(
 
     try:
         cfg.model.secret_headers()  # an unset variable stops the run before Ray starts
+        if dry_run:
+            from sft_ray.dryrun import dry_run as plan
+
+            plan(cfg, pilot, typer.echo)
+            raise typer.Exit(0)
         code = run_job(cfg, restart=restart)
     except ConfigError as e:
         _fail(str(e))
@@ -205,13 +213,18 @@ def serve_mock(
     rate_limit_rate: float = typer.Option(0.0, help="Share of requests answered 429 with Retry-After."),
     tool_malformed_rate: float = typer.Option(0.0, help="Share of tool calls whose arguments are not JSON."),
     tool_unknown_rate: float = typer.Option(0.0, help="Share of tool calls naming a tool that does not exist."),
+    requests_per_minute: float = typer.Option(0.0, help="Enforce a request rate limit (token bucket; 0: none)."),
+    tokens_per_minute: float = typer.Option(0.0, help="Enforce a token rate limit (prompt words + max_tokens)."),
+    limit_window_s: float = typer.Option(60.0, help="Bucket capacity of those limits, in seconds of refill."),
 ) -> None:
     """A local OpenAI-compatible server (chat + responses) that echoes prompts, or acts as an agent when a
     request carries tools (calls one, then answers with its output): for trials, tests and benchmarks."""
     from sft_ray.devserver import MockConfig, serve
 
     serve(MockConfig(latency_ms=latency_ms, error_rate=error_rate, rate_limit_rate=rate_limit_rate,
-                     tool_malformed_rate=tool_malformed_rate, tool_unknown_rate=tool_unknown_rate), host, port)
+                     tool_malformed_rate=tool_malformed_rate, tool_unknown_rate=tool_unknown_rate,
+                     requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
+                     limit_window_s=limit_window_s), host, port)
 
 
 def main() -> None:

@@ -479,6 +479,11 @@ class ResourcesConfig(_Strict):
     )
     generate_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per generation actor.")
     generate_num_gpus: float = Field(0, ge=0, description="GPUs per generation actor (vllm).")
+    generate_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each generation actor asks for, e.g. `{cpu_node: 1}` keeps "
+        "hosted-API actors on cluster.yaml's CPU worker type.",
+    )
     score_actors: int | tuple[int, int] = Field(1, description="Scoring actors: a count or [min, max].")
     score_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per scoring actor.")
     batch_size: int | None = Field(
@@ -494,6 +499,48 @@ class ResourcesConfig(_Strict):
     )
 
 
+class RateLimitConfig(_Strict):
+    """Provider limits, held together by every generation actor on every node (a shared Ray actor
+    hands out permits); empty: no pacing. Token use is estimated before each request (prompt bytes / 4
+    for input, the request's `max_output_tokens` for output, as providers count it) and corrected with
+    the usage the server reports."""
+
+    requests_per_minute: float | None = Field(None, gt=0, description="Most requests started per minute.")
+    input_tokens_per_minute: float | None = Field(None, gt=0, description="Most input tokens per minute.")
+    output_tokens_per_minute: float | None = Field(None, gt=0, description="Most output tokens per minute.")
+    tokens_per_minute: float | None = Field(None, gt=0, description="Most input + output tokens per minute.")
+    max_concurrency: int = Field(
+        1024, ge=1, description="With `num_samples_in_parallel: auto`: the most requests in flight across all "
+        "generation actors that the adaptive controller may reach.")
+
+    def per_minute(self) -> dict[str, float]:
+        """The configured limits by permit kind (requests, input_tokens, output_tokens, tokens)."""
+        limits = {"requests": self.requests_per_minute, "input_tokens": self.input_tokens_per_minute,
+                  "output_tokens": self.output_tokens_per_minute, "tokens": self.tokens_per_minute}
+        return {k: float(v) for k, v in limits.items() if v}
+
+
+class PricingConfig(_Strict):
+    """Prices of the generation model, for the cost in stats.json, the progress line and budgets."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
+    output_per_mtok: float = Field(
+        0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
+
+
+class BudgetConfig(_Strict):
+    """Spending limits for the whole run folder, all runs together: once the next request could pass
+    one, no new request starts, what is in flight finishes, the run finalizes what it has, reports
+    `stopped: budget` and exits with code 5; a rerun with a raised budget continues."""
+
+    max_cost_usd: float | None = Field(None, gt=0, description="Most USD spent (needs `pricing`).")
+    max_output_tokens: int | None = Field(None, ge=1, description="Most output tokens generated.")
+    max_requests: int | None = Field(None, ge=1, description="Most HTTP requests sent (retries count).")
+
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_cost_usd, self.max_output_tokens, self.max_requests))
+
+
 class RunConfig(_Strict):
     """A whole `sft-ray run`."""
 
@@ -507,8 +554,10 @@ class RunConfig(_Strict):
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     responses_create_params: SamplingConfig = Field(default_factory=SamplingConfig)
-    num_samples_in_parallel: int = Field(
-        64, ge=1, description="Requests in flight across all generation actors together."
+    num_samples_in_parallel: int | Literal["auto"] = Field(
+        64, description="Requests in flight across all generation actors together; `auto`: adapted while the "
+        "run goes (grows while latency and errors stay flat, halves on 429s and timeouts), up to "
+        "`rate_limit.max_concurrency`."
     )
     num_repeats: int = Field(1, ge=1, description="Samples per prompt, each with its own sample_index and seed.")
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
@@ -519,6 +568,9 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     read: ReadConfig = Field(default_factory=ReadConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     max_error_fraction: float = Field(
         0.05,
         ge=0,
@@ -538,7 +590,24 @@ class RunConfig(_Strict):
         if self.verifier.type == "nemo_gym" and self.environment.type != "nemo_gym":
             raise ValueError("verifier.type nemo_gym asks the episode's resources server for the reward: "
                              "set environment.type=nemo_gym and environment.base_url")
+        if isinstance(self.num_samples_in_parallel, int) and self.num_samples_in_parallel < 1:
+            raise ValueError("num_samples_in_parallel must be a positive integer or 'auto'")
+        if self.budget.max_cost_usd is not None and not (self.pricing.input_per_mtok or self.pricing.output_per_mtok):
+            raise ValueError("budget.max_cost_usd needs pricing.input_per_mtok / pricing.output_per_mtok")
+        if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
+                                             or self.num_samples_in_parallel == "auto"):
+            raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the openai backend")
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether concurrency is adapted at run time (`num_samples_in_parallel: auto`)."""
+        return self.num_samples_in_parallel == "auto"
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests in flight across all generation actors (the ceiling with `auto`)."""
+        return self.rate_limit.max_concurrency if self.adaptive else int(self.num_samples_in_parallel)
 
 
 def _parse_value(raw: str) -> Any:

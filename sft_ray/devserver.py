@@ -32,6 +32,13 @@ the ``[[fail:...]]`` markers count attempts per model call of the episode.
 
 A request for model ``mock-judge`` is answered as an LLM judge would (:func:`judge_reply`).
 
+With ``requests_per_minute`` / ``tokens_per_minute`` set it enforces real limits, as
+hosted APIs do: a token bucket per limit that refills continuously and holds
+``limit_window_s`` seconds of refill; a request that finds a bucket short is answered
+429 with ``Retry-After`` (seconds until it would fit) and every answer carries
+``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` headers.
+A request's tokens are its prompt words plus its output limit (``max_tokens``).
+
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
 """
@@ -69,6 +76,32 @@ class MockConfig:
     retry_after_s: float = 0.05
     hang_s: float = 30.0
     seed: int = 0
+    requests_per_minute: float = 0.0  # 0: no limit
+    tokens_per_minute: float = 0.0  # 0: no limit
+    limit_window_s: float = 60.0  # bucket capacity, in seconds of refill
+
+
+class Bucket:
+    """A token bucket: ``per_minute`` refill, ``window_s`` seconds of it as capacity (starts full)."""
+
+    def __init__(self, per_minute: float, window_s: float) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * window_s)
+        self.level = self.capacity
+        self.at = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self, amount: float) -> float:
+        """Take ``amount`` if it fits and return 0, else return the seconds until it would fit."""
+        self._refill()
+        if amount <= self.level:
+            self.level -= amount
+            return 0.0
+        return (min(amount, self.capacity) - self.level) / self.rate
 
 
 @dataclass
@@ -81,6 +114,7 @@ class MockState:
     bodies: list = field(default_factory=list)  # last few request bodies, for tests
     keep_bodies: int = 0
     auth_headers: set = field(default_factory=set)
+    rate_limited: int = 0  # 429s answered by the token buckets
     api_key_headers: set = field(default_factory=set)  # `api-key` header values seen (Azure-style keys)
     served: Counter = field(default_factory=Counter)  # successful answers per prompt, for tests
     tool_call_turns: int = 0  # answers that called tools
@@ -259,6 +293,28 @@ def judge_reply(text: str) -> str:
 
 def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     rng = random.Random(cfg.seed)
+    buckets = {name: Bucket(limit, cfg.limit_window_s) for name, limit in
+               (("requests", cfg.requests_per_minute), ("tokens", cfg.tokens_per_minute)) if limit}
+
+    def rate_limited(tokens: float) -> tuple[web.Response | None, dict[str, str]]:
+        """Take this request's share of every bucket: (a 429 or None, the x-ratelimit-* headers)."""
+        need = {"requests": 1.0, "tokens": tokens}
+        waits = {name: b.take(need[name]) for name, b in buckets.items()}
+        if any(waits.values()):  # give back what was taken: the request is refused whole
+            for name, b in buckets.items():
+                if not waits[name]:
+                    b.level += need[name]
+        headers = {}
+        for name, b in buckets.items():
+            headers[f"x-ratelimit-limit-{name}"] = f"{b.rate * 60:.0f}"  # per minute, as OpenAI sends it
+            headers[f"x-ratelimit-remaining-{name}"] = f"{max(0.0, b.level):.0f}"
+            headers[f"x-ratelimit-reset-{name}"] = f"{(b.capacity - b.level) / b.rate:.3f}s"
+        wait = max(waits.values(), default=0.0)
+        if not wait:
+            return None, headers
+        state.rate_limited += 1
+        return web.json_response({"error": {"message": "rate limit reached", "type": "rate_limit_error"}},
+                                 status=429, headers={**headers, "Retry-After": f"{wait:.3f}"}), headers
 
     async def failure(text: str, key: str, auth: str) -> web.Response | None:
         """A simulated failure for this attempt, or None to answer normally."""
@@ -311,6 +367,15 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             state.api_key_headers.add(request.headers.get("api-key", ""))
             auth += " " + request.headers.get("api-key", "")
             key = f"{text}|{body.get('seed')}|{body.get('temperature')}"
+            limit = (body.get("max_tokens") or body.get("max_completion_tokens")) if api == "chat" \
+                else body.get("max_output_tokens")
+            limit_headers: dict[str, str] = {}
+            if buckets:
+                n_prompt = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else 0
+                refused, limit_headers = rate_limited(n_prompt + (limit or 0))
+                if refused is not None:
+                    state.by_status[429] += 1
+                    return refused
             failed = await failure(text, key if turn is None else f"{key}|step{turn.step}", auth)
             if failed is not None:
                 state.by_status[failed.status] += 1
@@ -322,12 +387,11 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 state.tool_call_turns += 1
                 state.tool_calls += len(turn.calls)
                 out = tool_call_answer(api, body, turn.calls, call_no, n_in)
-                return web.Response(body=orjson.dumps(out), content_type="application/json")
+                return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
             source = turn.final if turn is not None else text
             if str(body.get("model", "")).startswith("mock-judge"):
                 source = judge_reply(text)
             words = source.split()
-            limit = body.get("max_tokens") if api == "chat" else body.get("max_output_tokens")
             truncated = bool(limit) and len(words) > limit
             reply = " ".join(words[:limit]) if truncated else source
             n_out = min(len(words), limit or len(words))
@@ -344,7 +408,7 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                        "output": [{"type": "message", "role": "assistant",
                                    "content": [{"type": "output_text", "text": reply}]}],
                        "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
-            return web.Response(body=orjson.dumps(out), content_type="application/json")
+            return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
         finally:
             state.track(-1)
 
@@ -359,7 +423,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
         return web.json_response({"requests": state.requests, "max_in_flight": state.max_in_flight,
                                   "mean_in_flight": state.busy_s / span if span > 0 else 0.0,
                                   "tool_call_turns": state.tool_call_turns, "tool_calls": state.tool_calls,
-                                  "by_status": {str(k): v for k, v in state.by_status.items()}})
+                                  "by_status": {str(k): v for k, v in state.by_status.items()},
+                                  "rate_limited": state.rate_limited, "span_s": span})
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "mock-echo", "object": "model"}]})

@@ -24,6 +24,7 @@ from sft_ray.stages.finalize import FAILED, ROLLOUTS
 from sft_ray.stages.write import PartWriter
 
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET, EXIT_PENDING = 0, 1, 2, 3, 4
+EXIT_SPENT = 5  # a spending budget (budget.*) stopped the run; resumable with a raised budget
 
 
 class FolderState:

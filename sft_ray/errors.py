@@ -27,6 +27,8 @@ EPISODE_TIMEOUT = "episode_timeout"
 ENVIRONMENT_ERROR = "environment_error"
 VERIFIER_ERROR = "verifier_error"
 JUDGE_ERROR = "judge_error"
+# Not a failure: the run's spending budget refused the request; the sample is not written and stays pending.
+BUDGET_EXHAUSTED = "budget_exhausted"
 
 RETRYABLE = frozenset({TIMEOUT, RATE_LIMIT, SERVER_ERROR, CONNECTION_ERROR, BAD_RESPONSE})
 

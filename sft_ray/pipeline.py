@@ -17,13 +17,15 @@ from typing import Any, Callable
 
 import pyarrow.compute as pc
 
-from sft_ray import io
+from sft_ray import io, ratelimit
 from sft_ray.config import RunConfig
+from sft_ray.cost import spend_summary
 from sft_ray.driver import (
     EXIT_BUDGET,
     EXIT_INPUT,
     EXIT_OK,
     EXIT_PENDING,
+    EXIT_SPENT,
     EXIT_USAGE,
     Budget,
     Completion,
@@ -35,6 +37,7 @@ from sft_ray.driver import (
     recover_journal,
 )
 from sft_ray.journal import clear_journal
+from sft_ray.placement import release_placement_groups
 from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
@@ -43,7 +46,7 @@ from sft_ray.stages.score import verifier_payload
 from sft_ray.stall import StallWatch
 from sft_ray.stats import format_report
 
-__all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_USAGE", "RunError", "run"]
+__all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
 BLOCK_BYTES = 1 << 20
 
 
@@ -74,9 +77,9 @@ def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
     the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
     """
     lo, hi = actor_range(cfg.resources.generate_actors)
-    hi = max(1, min(hi, cfg.num_samples_in_parallel))
+    hi = max(1, min(hi, cfg.max_in_flight))  # max_in_flight: num_samples_in_parallel, or auto's ceiling
     lo = max(1, min(lo, hi))
-    per_actor = max(1, cfg.num_samples_in_parallel // hi)
+    per_actor = max(1, cfg.max_in_flight // hi)
     batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
     # A block is one actor task: at least 4 per actor, but a few batches each at most.
     block_rows = max(batch, min(8 * batch, todo // (4 * hi)))
@@ -104,7 +107,7 @@ def init_ray(cfg: RunConfig) -> None:
     ctx.target_max_block_size = BLOCK_BYTES
     from sft_ray.raynoise import quiet_ray
 
-    quiet_ray()  # [config] Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
+    quiet_ray()  # Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
 
 
 def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
@@ -200,6 +203,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         return session
 
     init_ray(cfg)
+    ratelimit.start_session(cfg, manifest)  
     warn_gpu_setup(cfg, say)
     budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
     # The folder's samples with a result, as this session adds to them (retries have none yet).
@@ -233,6 +237,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         if finished:  # answers in flight at an early stop are in the journal: keep them
             recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
         writers.close()
+        release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
+        ratelimit.end_session(session.record)  # this run's spend; "budget" when the budget stopped it
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
     clear_journal(cfg.output)  # all it held is written now
@@ -263,6 +269,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     if manifest:
         stats["throughput"] = throughput(manifest)
         stats.update(manifest.get("completion") or {})
+        stats["spend"] = spend_summary(stats, manifest)
     if write:
         io.write_bytes(io.join(run_dir, "stats.json"), json.dumps(stats, indent=2).encode())
         if stats.get("complete"):
@@ -301,6 +308,10 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
     say(f"run folder: {cfg.output}  (rollouts/, train/ {len(stats.get('shards', []))} shard(s), stats.json)")
     if session.record.get("stopped"):
         say(f"stopped early: {session.record['stopped']}")
+    if session.record.get("stopped") == "budget":
+        say("stopped: budget; what was generated is finalized. Raise budget.* and rerun the same command "
+            "to continue")
+        return EXIT_SPENT
     code, reason = completion.verdict(budget)
     if reason:
         say(reason)

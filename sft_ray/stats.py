@@ -328,6 +328,14 @@ def format_report(stats: dict[str, Any]) -> str:
     judge = stats.get("judge_tokens") or {}
     if judge:
         lines.append(f"judge tokens: input {judge.get('input_tokens', 0)}  output {judge.get('output_tokens', 0)}")
+    sp = stats.get("spend") or {}  # cost and requests (sft_ray/cost.py)
+    if sp.get("cost_usd") or sp.get("requests"):
+        line = f"spend: ${sp['cost_usd']:.4f}"
+        if "projected_cost_usd" in sp:
+            line += f" (projected for the whole input ${sp['projected_cost_usd']:.2f})"
+        if sp.get("requests"):
+            line += f"; {sp['requests']} requests, {sp.get('rate_limited', 0)} answered 429"
+        lines.append(line)
     thr = stats.get("throughput")
     if thr:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "

@@ -184,3 +184,59 @@ def test_failing_job_ends_failed_with_the_reason_in_its_logs(cluster, tmp_path):
         status, logs, _ = cluster.run_job(write_config(tmp_path, server, inp))
     assert status == "FAILED"
     assert f"bad input line: {inp}:2" in logs and "not valid JSON" in logs, logs
+
+
+def _node_types_with_resources() -> dict:
+    """cluster.yaml's node types with the CPU/GPU counts the AWS provider fills in from the instance types."""
+    counts = {"m6i.2xlarge": {"CPU": 8}, "m6i.4xlarge": {"CPU": 16}, "g6e.xlarge": {"CPU": 4, "GPU": 1},
+              "p4de.24xlarge": {"CPU": 96, "GPU": 8}}
+    types = yaml.safe_load((ROOT / "cluster.yaml").read_text())["available_node_types"]
+    for t in types.values():
+        t["resources"] = {**counts[t["node_config"]["InstanceType"]], **t.get("resources", {})}
+    return types
+
+
+def _nodes_to_launch(demands: list[dict]) -> dict:
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+
+    scorer = partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
+    added, residual = get_nodes_for(_node_types_with_resources(), {}, "head", 20, demands, scorer)
+    assert not residual, residual
+    return dict(added)
+
+
+def test_hosted_job_starts_cpu_workers_only_and_vllm_job_gpu_workers():
+    """Ray's own autoscaler scheduler, fed cluster.yaml's node types and the demands each job's
+    actors make: the hosted-API job (jobs/hosted.yaml) needs no GPU node (issue 9, item 21)."""
+    from sft_ray.config import load_config
+
+    hosted = load_config(ROOT / "jobs" / "hosted.yaml")
+    r = hosted.resources
+    gen = {"CPU": r.generate_num_cpus, **r.generate_resources}
+    demands = [gen] * r.generate_actors + [{"CPU": r.score_num_cpus}] + [{"CPU": 0.25}] * 8  # + read tasks
+    assert set(_nodes_to_launch(demands)) == {"cpu_worker"}
+    vllm = load_config(ROOT / "jobs" / "vllm-8b.yaml").resources
+    lo, hi = vllm.generate_actors if isinstance(vllm.generate_actors, tuple) else (1, vllm.generate_actors)
+    demands = [{"CPU": vllm.generate_num_cpus, "GPU": vllm.generate_num_gpus}] * hi
+    assert set(_nodes_to_launch(demands)) == {"gpu_worker"}
+
+
+def test_rate_limit_holds_across_both_nodes(cluster, tmp_path):
+    """One request budget for the generation actors of both nodes (issue 12): 10 requests per
+    second against a server whose two-second bucket answers 429 beyond it."""
+    rows = [{"prompt": f"q{i}", "expected_answer": f"q{i}"} for i in range(60)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with MockServer(MockConfig(latency_ms=20, requests_per_minute=600, limit_window_s=2.0)) as server:
+        path = write_config(tmp_path, server, inp, rate_limit={"requests_per_minute": 600}, num_repeats=1,
+                            verifier={"type": "exact_match"}, filter={"min_reward": 0.0})
+        status, logs, _ = cluster.run_job(path)
+        assert status == "SUCCEEDED", logs
+        assert server.state.requests == 60 and server.state.rate_limited == 0, server.state.by_status
+        span = server.state.last_change - server.state.first_at
+    assert span >= (60 - 6) / 10 * 0.9, span  # paced at 10/s after the burst
+    rollouts = read_rows(tmp_path / "run" / "rollouts")
+    assert set(r["node_id"] for r in rollouts) == set(cluster.node_ids())  # both nodes sent requests
+    assert "429 0.0%" in logs, logs  # the progress line reports the 429 share

@@ -71,8 +71,7 @@ def test_header_secrets_reach_the_server_and_nothing_else(tmp_path):
     # so that its whole session folder, worker logs included, can be searched afterwards.
     ray_tmp = tempfile.mkdtemp(prefix="sr-sec-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_TMPDIR=ray_tmp, RAY_raylet_start_wait_time_s="180",  # a loaded machine starts slowly
-               SFT_AZURE_KEY=AZURE_KEY, SFT_BEARER_KEY=BEARER_KEY,
+    env.update(RAY_TMPDIR=ray_tmp, SFT_AZURE_KEY=AZURE_KEY, SFT_BEARER_KEY=BEARER_KEY,
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     try:
         with MockServer(MockConfig()) as server:

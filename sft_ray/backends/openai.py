@@ -16,7 +16,9 @@ import orjson
 
 from sft_ray.backends import retry
 from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.errors import BUDGET_EXHAUSTED
 from sft_ray.messages import arguments_text, to_responses_input, tool_choice_to_responses, tool_to_responses
+from sft_ray.ratelimit import Limiter, Permit
 
 # responses_create_params keys that Chat Completions understands under the same name.
 _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_penalty", "logit_bias",
@@ -128,9 +130,10 @@ class OpenAIBackend(Backend):
         self.url = model["base_url"].rstrip("/") + ("/chat/completions" if self.api == "chat" else "/responses")
         secret = model.get("api_key")  # a Secret read from api_key_env on the driver; never logged
         self._key = secret.get() if secret is not None else None
-        # [config] extra_headers_env values, read on the driver; sent, never logged (see _redact).
+        # extra_headers_env values, read on the driver; sent, never logged (see _redact).
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
         self._session: aiohttp.ClientSession | None = None
+        self.limiter = Limiter.from_model(model, max_in_flight)  # rate limits, auto concurrency, budget
         self._rng = random.Random()
 
     async def start(self) -> None:
@@ -169,12 +172,15 @@ class OpenAIBackend(Backend):
         body.update(self.model.get("extra_body") or {})
         return orjson.dumps(body)
 
-    async def _attempt(self, payload: bytes) -> tuple[GenerationResult | None, str | None, str, float | None]:
+    async def _attempt(self, payload: bytes, permit: Permit | None = None,
+                       ) -> tuple[GenerationResult | None, str | None, str, float | None]:
         """One HTTP attempt: (result, error class, message, Retry-After seconds)."""
         assert self._session is not None, "start() was not called"
         try:
             async with self._session.post(self.url, data=payload) as resp:
                 raw = await resp.read()
+                if permit is not None:
+                    permit.headers = resp.headers  # x-ratelimit-* for the limiter
                 if resp.status >= 400:
                     text = raw[:300].decode("utf-8", "replace")
                     return (None, retry.classify_status(resp.status, text), f"HTTP {resp.status}: {text}",
@@ -199,7 +205,14 @@ class OpenAIBackend(Backend):
         payload = self._body(request)
         max_attempts = 1 + int(self.model.get("max_retries", 6))
         for attempt in range(1, max_attempts + 1):
-            result, kind, message, retry_after = await self._attempt(payload)
+            permit = None
+            if self.limiter is not None:  # waits for shared permits and a slot; refused: budget spent
+                permit = await self.limiter.acquire(len(payload) / 4, request.params.get("max_output_tokens") or 1024)
+                if permit.refused:
+                    return error_result(BUDGET_EXHAUSTED, permit.refused, attempts=attempt)
+            result, kind, message, retry_after = await self._attempt(payload, permit)
+            if permit is not None:  
+                self.limiter.report(permit, kind, result.usage if result else None, retry_after)
             if result is not None:
                 result.attempts = attempt
                 return result

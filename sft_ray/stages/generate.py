@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -33,6 +33,7 @@ from sft_ray.backends.base import GenerationRequest, GenerationResult, error_res
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure
 from sft_ray.journal import JournalSpec
+from sft_ray.placement import placement_group_fn, release_own_placement_group
 from sft_ray.rows import InputError, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
 
@@ -143,6 +144,7 @@ class GenerateStage:
             self.backend.close_now()
         except Exception:
             pass
+        release_own_placement_group()  # a tensor-parallel replica's GPUs go with it
 
     async def _call_model(self, request: GenerationRequest) -> GenerationResult:
         """One model call, holding a concurrency permit only while it is in flight."""
@@ -173,6 +175,8 @@ class GenerateStage:
             rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
         else:
             rollout = await self._episode(row, rid, k, prompt, tools, params)
+        if (rollout["error"] or {}).get("type") == errors.BUDGET_EXHAUSTED:
+            return None  # never started: not written, so it stays pending for a rerun with a raised budget
         rollout["latency_s"] = round(time.perf_counter() - t0, 4)
         line = orjson.dumps(rollout)
         if self.journal is not None and rollout["error"] is None:
@@ -225,6 +229,9 @@ class GenerateStage:
             self._one(rid, k, text, source, bad)
             for rid, k, text, source, bad in zip(ids, idx, batch["row"], batch["source"], batch["bad"])
         ))
+        if any(o is None for o in outs):  # samples the budget refused
+            keep = [i for i, o in enumerate(outs) if o is not None]
+            ids, idx, outs = [ids[i] for i in keep], [idx[i] for i in keep], [outs[i] for i in keep]
         if getattr(self.backend, "dead", False):
             # The engine died (e.g. a crashed vLLM engine core). Nothing of this batch has
             # been handed back yet, so exiting the process loses no written row: Ray restarts
@@ -240,29 +247,17 @@ class GenerateStage:
         }
 
 
-def placement_group_fn(tp: int) -> Callable[[], dict[str, Any]]:
-    """Remote args giving each generation actor its own placement group of ``tp`` GPU bundles."""
-
-    def fn() -> dict[str, Any]:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="STRICT_PACK")
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            pg, placement_group_capture_child_tasks=True)}
-
-    return fn
-
-
 def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     """``map_batches`` arguments: an autoscaling actor pool, several batches in flight per actor."""
     import ray.data
 
+    from sft_ray import ratelimit
     from sft_ray.backends.base import Secret
 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
+    model["limits"] = ratelimit.actor_spec()  # shared rate limits, auto concurrency, budget
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     tp = cfg.model.tensor_parallel_size
@@ -287,6 +282,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
         num_cpus=cfg.resources.generate_num_cpus,
         num_gpus=num_gpus,
+        resources=cfg.resources.generate_resources or None,  # e.g. cluster.yaml's CPU worker type
         **remote_args,
     )
 

@@ -1,0 +1,34 @@
+"""Tokens and money: the cost arithmetic and the `spend` section of stats.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def cost_usd(input_tokens: float, output_tokens: float, pricing: dict[str, float] | None) -> float:
+    """USD for these tokens at ``pricing`` (`input_per_mtok`, `output_per_mtok`: USD per million)."""
+    p = pricing or {}
+    return (input_tokens * float(p.get("input_per_mtok") or 0)
+            + output_tokens * float(p.get("output_per_mtok") or 0)) / 1e6
+
+
+def spend_summary(stats: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """stats.json's ``spend``: the tokens of every rollout (failed ones too) at the run's prices,
+    what each run sent (HTTP requests with retries, 429s, reasoning tokens) from the run records,
+    and, while samples are pending, the cost projected to the whole input."""
+    pricing = ((manifest or {}).get("config") or {}).get("pricing") or {}
+    tok = stats.get("tokens") or {}
+    inp, out = int(tok.get("input_tokens") or 0), int(tok.get("output_tokens") or 0)
+    spend: dict[str, Any] = {"input_tokens": inp, "output_tokens": out,
+                             "cost_usd": round(cost_usd(inp, out, pricing), 6), "pricing": pricing}
+    sessions = [s.get("spend") for s in (manifest or {}).get("sessions", []) if s.get("spend")]
+    for k in ("requests", "rate_limited", "timeouts", "reasoning_tokens"):
+        if sessions:
+            spend[k] = int(sum(s.get(k, 0) for s in sessions))
+    if sessions:
+        # What the runs paid for, including requests that failed or whose samples were redone.
+        spend["billed_usd"] = round(sum(s.get("cost_usd", 0.0) for s in sessions), 6)
+    expected, samples = stats.get("expected"), stats.get("samples") or 0
+    if expected and samples and samples < expected:
+        spend["projected_cost_usd"] = round(spend["cost_usd"] * expected / samples, 4)
+    return spend

@@ -1,0 +1,75 @@
+"""`sft-ray run --dry-run`: the planned requests and their cost, from a small pilot.
+
+The pilot is a real run of the first few samples into a temporary folder (the run
+folder is not touched); its tokens per sample, requests per sample (retries
+included) and throughput are scaled to the samples the real run would generate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from sft_ray.config import RunConfig
+from sft_ray.cost import cost_usd
+
+
+def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = print) -> dict:
+    """Run the pilot, print the plan, return it (as the numbers printed)."""
+    from sft_ray import io
+    from sft_ray.pipeline import run, scan_input
+    from sft_ray.resume import done_keys
+
+    files, rows, _ = scan_input(cfg)
+    total = rows * cfg.num_repeats
+    done = len(done_keys(cfg.output)) if io.exists(cfg.output) else 0
+    todo = max(0, total - done)
+    per_file = max(1, math.ceil(pilot_samples / (cfg.num_repeats * max(1, len(files)))))
+    tmp = tempfile.mkdtemp(prefix="sft-ray-pilot-")
+    try:
+        pilot = cfg.model_copy(deep=True)
+        pilot.output = str(Path(tmp) / "run")
+        pilot.read.limit = min(per_file, cfg.read.limit or per_file)
+        pilot.budget = type(cfg.budget)()  # the pilot is small; the real run's budget stays for the real run
+        run(pilot, say=lambda s: None)
+        stats = json.loads((Path(tmp) / "run" / "stats.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = max(1, stats["samples"])
+    tok = stats.get("tokens") or {}
+    spend = stats.get("spend") or {}
+    per_in, per_out = tok.get("input_tokens", 0) / n, tok.get("output_tokens", 0) / n
+    per_req = spend.get("requests", n) / n  # without a shared limiter the pilot does not count retries
+    pricing = cfg.pricing.model_dump()
+    plan = {
+        "samples_total": total, "samples_done": done, "samples_planned": todo, "pilot_samples": stats["samples"],
+        "pilot_failed": stats["failed"], "pilot_cost_usd": round(cost_usd(tok.get("input_tokens", 0),
+                                                                        tok.get("output_tokens", 0), pricing), 6),
+        "requests_planned": math.ceil(todo * per_req),
+        "input_tokens_planned": round(todo * per_in), "output_tokens_planned": round(todo * per_out),
+        "cost_usd_planned": round(cost_usd(todo * per_in, todo * per_out, pricing), 4),
+    }
+    limits = cfg.rate_limit.per_minute()
+    needs = {"requests": plan["requests_planned"], "input_tokens": plan["input_tokens_planned"],
+             "output_tokens": plan["output_tokens_planned"],
+             "tokens": plan["input_tokens_planned"] + plan["output_tokens_planned"]}
+    if limits:
+        plan["minutes_at_rate_limits"] = round(max(needs[k] / v for k, v in limits.items()), 1)
+    say(f"dry run: {total} samples in the input, {done} already done, {todo} to generate")
+    say(f"pilot: {stats['samples']} samples ({stats['failed']} failed), {per_in:.0f} input and {per_out:.0f} output "
+        f"tokens per sample, {per_req:.2f} requests per sample; it cost ${plan['pilot_cost_usd']:.4f}")
+    say(f"planned: {plan['requests_planned']} requests, {plan['input_tokens_planned']} input and "
+        f"{plan['output_tokens_planned']} output tokens"
+        + (f", about ${plan['cost_usd_planned']:.2f}" if pricing["input_per_mtok"] or pricing["output_per_mtok"]
+           else " (set pricing.* for a cost estimate)"))
+    if limits:
+        say(f"at the configured rate limits: at least {plan['minutes_at_rate_limits']} minutes")
+    b = cfg.budget
+    if b.max_cost_usd is not None and plan["cost_usd_planned"] > b.max_cost_usd:
+        say(f"note: budget.max_cost_usd={b.max_cost_usd} stops the run before it is done")
+    say("nothing was written to the run folder; run without --dry-run to generate")
+    return plan

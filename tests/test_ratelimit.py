@@ -1,0 +1,307 @@
+"""Rate limits, adaptive concurrency, cost and budgets (issue 12), against the mock server's real limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import make_config, read_rows, write_jsonl
+
+from sft_ray.backends.base import GenerationRequest, Secret
+from sft_ray.backends.openai import OpenAIBackend
+from sft_ray.config import ConfigError, ModelConfig, load_config
+from sft_ray.cost import cost_usd, spend_summary
+from sft_ray.devserver import MockConfig, MockServer
+from sft_ray.pipeline import EXIT_OK, EXIT_SPENT, run
+from sft_ray.ratelimit import Aimd, SharedLimits, parse_reset, pause_from_headers
+
+# -- the arithmetic, alone ---------------------------------------------------------------------
+
+def test_reservations_pace_requests_at_the_limit():
+    shared = SharedLimits({"requests": 600}, {}, {})  # 10 per second, half a second of burst
+    delays = [shared.reserve("a", 1, 10, 10, {}, {})[0][0] for _ in range(100)]
+    assert delays[0] == 0 and delays[5] == 0 and delays[6] > 0  # the burst: half a second's worth
+    assert delays[99] == pytest.approx(99 / 10 - 0.5, abs=0.05)  # then 10 per second
+    assert all(b >= a for a, b in zip(delays, delays[1:]))
+    # A batch of requests from one actor is spread the same way, not sent at once.
+    batch = SharedLimits({"requests": 600}, {}, {}).reserve("a", 100, 1000, 1000, {}, {})[0]
+    assert batch == pytest.approx(delays, abs=0.01)
+
+
+def test_reported_usage_corrects_the_token_estimate():
+    shared = SharedLimits({"output_tokens": 60_000}, {}, {})  # 1000 per second
+    assert shared.reserve("a", 1, 0, 3000, {}, {})[0] == [0]
+    # The next request waits for the 3 s those 3000 tokens cost (minus the burst)...
+    assert shared.reserve("a", 1, 0, 3000, {}, {})[0][0] == pytest.approx(2.5, abs=0.05)
+    # ... unless the first reported using 100 of its 3000: no wait for the 2900 it did not use.
+    shared = SharedLimits({"output_tokens": 60_000}, {}, {})
+    shared.reserve("a", 1, 0, 3000, {}, {})
+    settled = {"est_requests": 1, "est_output_tokens": 3000, "output_tokens": 100, "requests": 1}
+    assert shared.reserve("a", 1, 0, 3000, settled, {})[0] == [0]
+    assert shared.stats()["output_tokens"] == 100 and shared.stats()["requests"] == 1
+
+
+def test_budget_admits_what_fits_and_then_stops():
+    shared = SharedLimits({}, {"max_requests": 10}, {})
+    assert shared.reserve("a", 4, 40, 40, {}, {})[1:] == (4, None)
+    assert shared.reserve("b", 4, 40, 40, {}, {})[1:] == (4, None)
+    assert shared.reserve("a", 4, 40, 40, {}, {})[1:] == (2, "budget")
+    assert shared.reserve("b", 1, 10, 10, {}, {})[1:] == (0, "budget")
+    cost = SharedLimits({}, {"max_cost_usd": 1.0}, {"input_per_mtok": 0, "output_per_mtok": 10.0})
+    # Each request may produce 10,000 output tokens ($0.10): ten fit in a dollar, counting those in flight.
+    assert cost.reserve("a", 20, 0, 200_000, {}, {})[1] == 10
+
+
+def test_cost_arithmetic_and_stats_section():
+    assert cost_usd(1_000_000, 2_000_000, {"input_per_mtok": 0.15, "output_per_mtok": 0.60}) == pytest.approx(1.35)
+    manifest = {"config": {"pricing": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}},
+                "sessions": [{"spend": {"requests": 12, "rate_limited": 2, "cost_usd": 0.5}},
+                             {"spend": {"requests": 8, "rate_limited": 0, "cost_usd": 0.25}}]}
+    spend = spend_summary({"tokens": {"input_tokens": 500_000, "output_tokens": 250_000}, "samples": 10,
+                           "expected": 40}, manifest)
+    assert spend["cost_usd"] == pytest.approx(1.5) and spend["projected_cost_usd"] == pytest.approx(6.0)
+    assert spend["requests"] == 20 and spend["rate_limited"] == 2 and spend["billed_usd"] == pytest.approx(0.75)
+
+
+def test_ratelimit_headers():
+    assert parse_reset("6m0s") == 360 and parse_reset("20ms") == pytest.approx(0.02)
+    assert parse_reset("1.5s") == 1.5 and parse_reset("2") == 2 and parse_reset("soon") is None
+    assert pause_from_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.2s"}, 10) == 1.2
+    assert pause_from_headers({"x-ratelimit-remaining-tokens": "5", "x-ratelimit-reset-tokens": "3s"}, 10) == 3
+    # With the per-minute limit known: only the time to refill what is missing (not the whole limit).
+    assert pause_from_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-limit-requests": "600",
+                               "x-ratelimit-reset-requests": "6s"}, 10) == pytest.approx(0.1)
+    assert pause_from_headers({"x-ratelimit-remaining-requests": "7"}, 10) == 0
+
+
+def test_config_sections_and_their_errors():
+    base = ["input=x", "output=y", "model.name=m"]
+    cfg = load_config(None, base + ["num_samples_in_parallel=auto", "rate_limit.requests_per_minute=30000",
+                                    "rate_limit.max_concurrency=256"])
+    assert cfg.adaptive and cfg.max_in_flight == 256 and cfg.rate_limit.per_minute() == {"requests": 30000.0}
+    with pytest.raises(ConfigError, match="budget.max_cost_usd needs pricing"):
+        load_config(None, base + ["budget.max_cost_usd=5"])
+    with pytest.raises(ConfigError, match="num_samples_in_parallel"):
+        load_config(None, base + ["num_samples_in_parallel=0"])
+    with pytest.raises(ConfigError, match="rate_limit.requests_per_minut: unknown key"):
+        load_config(None, base + ["rate_limit.requests_per_minut=5"])
+
+
+# -- the mock server's limits --------------------------------------------------------------------
+
+def _post(url: str, prompt: str) -> tuple[int, dict]:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}).encode()
+    req = urllib.request.Request(url + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+
+
+def test_mock_server_enforces_a_token_bucket():
+    # 1 per second, 10 at once (slow enough that the bucket barely refills during the burst)
+    with MockServer(MockConfig(requests_per_minute=60, limit_window_s=10.0)) as server:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: _post(server.url, f"p{i}"), range(16)))
+        codes = sorted(c for c, _ in answers)
+        assert codes.count(200) == 10 and codes.count(429) == 6, codes
+        refused = next(h for c, h in answers if c == 429)
+        assert 0 < float(refused["Retry-After"]) <= 1.0
+        assert refused["x-ratelimit-limit-requests"] == "60" and refused["x-ratelimit-remaining-requests"] == "0"
+        time.sleep(float(refused["Retry-After"]) + 0.1)
+        assert _post(server.url, "later")[0] == 200  # refilled
+
+
+# -- adaptive concurrency, one actor's backend against the mock ---------------------------------
+
+def _backend(url: str, ceiling: int) -> OpenAIBackend:
+    model = ModelConfig(name="m", base_url=url, timeout_s=5, max_retries=8, base_retry_wait_s=0.01,
+                        max_retry_wait_s=0.5).model_dump()
+    model["api_key"] = Secret(None)
+    model["limits"] = {"shared": None, "adaptive": True}
+    return OpenAIBackend(model, ceiling)
+
+
+def _drive(backend: OpenAIBackend, n: int, ceiling: int) -> list:
+    async def main():
+        await backend.start()
+        sem = asyncio.Semaphore(ceiling)  # the generate stage's cap: the ceiling
+
+        async def one(i):
+            async with sem:
+                return await backend.generate(GenerationRequest([{"role": "user", "content": f"q {i}"}],
+                                                                {"max_output_tokens": 8}))
+        try:
+            return await asyncio.gather(*(one(i) for i in range(n)))
+        finally:
+            await backend.close()
+    return asyncio.run(main())
+
+
+def test_adaptive_concurrency_grows_to_the_ceiling_when_nothing_pushes_back():
+    with MockServer(MockConfig(latency_ms=20)) as server:
+        backend = _backend(server.url, 64)
+        results = _drive(backend, 600, 64)
+        assert all(r.error is None for r in results)
+        assert backend.limiter.aimd.limit == 64 and server.state.max_in_flight > 32
+
+
+def test_aimd_halves_once_per_round_trip_and_grows_back():
+    a = Aimd(4, 64)
+
+    def done(congested=False, latency=0.1):
+        a.in_flight += 1
+        a.leave(congested, not congested, latency)
+
+    for _ in range(20):
+        done()
+    assert a.limit == 24  # slow start: +1 per success, doubling per round trip
+    done(congested=True)
+    assert a.limit == 12
+    done(congested=True)  # the same burst of 429s: one signal
+    assert a.limit == 12
+    time.sleep(0.12)
+    done(congested=True)
+    assert a.limit == 6 and a.cuts == 2
+    for _ in range(6):
+        done()
+    assert a.limit == pytest.approx(7, abs=0.1)  # after the first cut: +1 per round trip
+    before = a.limit
+    done(latency=5.0)  # latency far above the best seen: the server is queueing, no growth
+    assert a.limit == before
+
+
+def test_auto_without_configured_limits_settles_at_the_servers_rate():
+    # 1200 requests per minute (20/s) with one second of burst; 100 ms per answer. No limits are
+    # configured: the 429s (AIMD) and the x-ratelimit-* headers (pacing) are all the client knows.
+    with MockServer(MockConfig(latency_ms=100, requests_per_minute=1200, limit_window_s=1.0)) as server:
+        backend = _backend(server.url, 128)
+        t0 = time.monotonic()
+        results = _drive(backend, 300, 128)
+        wall = time.monotonic() - t0
+    assert all(r.error is None for r in results)
+    assert 300 / wall >= 0.8 * 20, wall  # most of the allowed rate
+    assert server.state.rate_limited <= 0.05 * server.state.requests, server.state.by_status
+
+
+# -- across actors: the whole pipeline on the local Ray cluster ---------------------------------
+
+def _quiet_run(cfg):
+    lines: list[str] = []
+    return run(cfg, say=lines.append), "\n".join(lines)
+
+
+class MockProcess:
+    """`sft-ray serve-mock` in its own process: its clock and its buckets do not share a GIL with
+    the Ray driver of the test (which would make the server see requests in bunches)."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.args = ["--port", str(self.port), *args]
+
+    def __enter__(self) -> "MockProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", *self.args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.stats()
+                return self
+            except OSError:
+                assert time.monotonic() < deadline and self.proc.poll() is None, "serve-mock did not start"
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_limit_holds_across_two_generation_actors(tmp_path, ray_cluster):
+    rows = [{"prompt": f"q{i}", "expected_answer": f"q{i}"} for i in range(60)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    # 300 per minute = 5 per second, with a two-second bucket: two actors each pacing alone at the
+    # full rate (10/s together) would draw about 20 429s over this run; held together, none.
+    with MockProcess("--latency-ms", "10", "--requests-per-minute", "300", "--limit-window-s", "2") as server:
+        cfg = make_config(tmp_path, server, inp, "rate_limit.requests_per_minute=300", "resources.generate_actors=2",
+                          "num_samples_in_parallel=32", "verifier.type=exact_match")
+        code, out = _quiet_run(cfg)
+        assert code == EXIT_OK, out
+        st = server.stats()
+    assert st["requests"] == 60 and st["rate_limited"] == 0, st
+    assert st["span_s"] >= (60 - 3.5) / 5 * 0.95, st  # paced: 5/s after a half-second burst
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["spend"]["requests"] == 60 and stats["spend"]["rate_limited"] == 0
+    assert len({r["node_id"] for r in read_rows(tmp_path / "run" / "rollouts")}) == 1  # one node here
+
+
+def test_budget_stops_cleanly_and_a_raised_budget_resumes(tmp_path, ray_cluster):
+    rows = [{"prompt": f"word {i}", "expected_answer": f"word {i}"} for i in range(40)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with MockServer(MockConfig(latency_ms=20)) as server:
+        args = ["num_samples_in_parallel=4", "verifier.type=exact_match", "pricing.input_per_mtok=1000",
+                "pricing.output_per_mtok=2000"]
+        cfg = make_config(tmp_path, server, inp, *args, "budget.max_requests=15")
+        code, out = _quiet_run(cfg)
+        assert code == EXIT_SPENT, out
+        assert "stopped: budget" in out
+        done = read_rows(tmp_path / "run" / "rollouts")
+        assert 0 < len(done) <= 15 and server.state.requests == len(done)
+        assert not (tmp_path / "run" / "failed").exists() or not read_rows(tmp_path / "run" / "failed")
+        stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+        assert stats["samples"] == len(done) and stats["spend"]["requests"] == len(done)
+        # mock tokens: 2 words in, 2 out, at $1000 and $2000 per million
+        assert stats["spend"]["cost_usd"] == pytest.approx(len(done) * (2 * 1000 + 2 * 2000) / 1e6)
+        assert len(json.loads((tmp_path / "run" / "train").joinpath(
+            sorted(p.name for p in (tmp_path / "run" / "train").iterdir())[0]).read_text().splitlines()[0]))
+        # The same budget again: nothing more may be spent.
+        code, out = _quiet_run(cfg)
+        assert code == EXIT_SPENT and server.state.requests == len(done), out
+        # A raised budget continues where it stopped; no sample is asked twice.
+        cfg = make_config(tmp_path, server, inp, *args, "budget.max_requests=100")
+        code, out = _quiet_run(cfg)
+        assert code == EXIT_OK, out
+        assert server.state.requests == 40
+    assert len(read_rows(tmp_path / "run" / "rollouts")) == 40
+
+
+def test_dry_run_plans_from_a_pilot_without_touching_the_run_folder(tmp_path, ray_cluster):
+    from sft_ray.dryrun import dry_run
+
+    rows = [{"prompt": f"word {i}", "expected_answer": f"word {i}"} for i in range(40)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with MockServer(MockConfig()) as server:
+        cfg = make_config(tmp_path, server, inp, "num_repeats=2", "verifier.type=exact_match",
+                          "pricing.input_per_mtok=1000", "pricing.output_per_mtok=2000", "budget.max_cost_usd=0.1",
+                          "rate_limit.requests_per_minute=60")
+        lines: list[str] = []
+        plan = dry_run(cfg, 10, lines.append)
+        assert server.state.requests == 10  # the pilot only
+    assert not (tmp_path / "run").exists()
+    assert plan["samples_planned"] == 80 and plan["pilot_samples"] == 10 and plan["requests_planned"] == 80
+    assert plan["cost_usd_planned"] == pytest.approx(80 * (2 * 1000 + 2 * 2000) / 1e6)  # 2 words in, 2 out
+    assert plan["minutes_at_rate_limits"] == pytest.approx(80 / 60, abs=0.1)
+    text = "\n".join(lines)
+    assert "planned: 80 requests" in text and "about $0.48" in text and "budget.max_cost_usd=0.1 stops" in text
