@@ -48,6 +48,7 @@ def test_episodes_in_both_apis(tmp_path, api):
         i = int(r["id"][1:])
         assert r["termination"] == "final" and r["num_model_calls"] == 2 and r["num_tool_calls"] == 1
         assert r["num_tool_errors"] == 0 and r["num_malformed_tool_calls"] == 0
+        assert r["attempts"] == 1  # nothing retried (not one per model call)
         system, user, call, result, final = r["messages"]
         assert system == {"role": "system", "content": "You are a helpful assistant."}  # developer -> system
         assert call["role"] == "assistant" and call["content"] is None

@@ -56,3 +56,6 @@ class Environment:
 
     async def close(self) -> None:
         """Release connections."""
+
+    def close_now(self) -> None:
+        """Best-effort synchronous release, for when the actor is torn down without a loop."""

@@ -155,3 +155,10 @@ class NemoGymEnvironment(Environment):
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    def close_now(self) -> None:
+        if self.session is not None and not self.session.closed:
+            connector = self.session.connector
+            self.session.detach()
+            if connector is not None:
+                connector._close()  # synchronous: no loop is left to await close() at actor teardown

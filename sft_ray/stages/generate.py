@@ -79,8 +79,9 @@ def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: Epi
                     tools: dict[str, Any], params: dict[str, Any], model_name: str | None,
                     node_id: str | None) -> dict[str, Any]:
     """A rollout row for an agent episode: the whole transcript plus the episode's counters."""
+    # attempts: 1 + every retry of every model call of the episode (1: nothing was retried)
     result = GenerationResult(text=state.final_text(), finish_reason=state.finish_reason, usage=state.usage,
-                              error=state.error, attempts=state.attempts,
+                              error=state.error, attempts=1 + state.attempts - state.num_model_calls,
                               reasoning="\n".join(state.reasoning) or None)
     out = build_rollout(row, rid, sample_index, [], params, model_name, result, node_id)
     out["messages"] = state.messages
@@ -140,10 +141,12 @@ class GenerateStage:
 
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes; release sockets here.
-        try:
-            self.backend.close_now()
-        except Exception:
-            pass
+        for part in (self.backend, self.environment):
+            try:
+                if part is not None:
+                    part.close_now()
+            except Exception:
+                pass
         release_own_placement_group()  # a tensor-parallel replica's GPUs go with it
 
     async def _call_model(self, request: GenerationRequest) -> GenerationResult:
