@@ -227,7 +227,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], files: list[str], r
         f"{len(done)} already done, {todo} to generate"
         + (f" ({len(failed_runs)} failed before and retried now, {len(final_failed)} failed for good)"
            if failed_runs or final_failed else ""))
-    say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
+    say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: {'auto, up to ' if cfg.adaptive else ''}"
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
 
