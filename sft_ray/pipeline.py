@@ -193,7 +193,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
            if start.failed else "")
         + (f"; {recovered} recovered from the journal of a run that was killed" if recovered else "")
         + (f"; {len(inputs.bad_lines)} bad line(s) skipped" if inputs.bad_lines else ""))
-    say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: "
+    say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: {'auto, up to ' if cfg.adaptive else ''}"
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
     save_manifest(cfg.output, manifest)
