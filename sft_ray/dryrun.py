@@ -24,16 +24,16 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     from sft_ray.pipeline import run, scan_input
     from sft_ray.resume import done_keys
 
-    files, rows, _ = scan_input(cfg)
-    total = rows * cfg.num_repeats
+    inputs = scan_input(cfg)
+    total = inputs.rows * cfg.num_repeats
     done = len(done_keys(cfg.output)) if io.exists(cfg.output) else 0
     todo = max(0, total - done)
-    per_file = max(1, math.ceil(pilot_samples / (cfg.num_repeats * max(1, len(files)))))
+    pilot_rows = max(1, math.ceil(pilot_samples / cfg.num_repeats))  # read.limit: the first rows of the input
     tmp = tempfile.mkdtemp(prefix="sft-ray-pilot-")
     try:
         pilot = cfg.model_copy(deep=True)
         pilot.output = str(Path(tmp) / "run")
-        pilot.read.limit = min(per_file, cfg.read.limit or per_file)
+        pilot.read.limit = min(pilot_rows, cfg.read.limit or pilot_rows)
         pilot.budget = type(cfg.budget)()  # the pilot is small; the real run's budget stays for the real run
         run(pilot, say=lambda s: None)
         stats = json.loads((Path(tmp) / "run" / "stats.json").read_text())
