@@ -152,3 +152,29 @@ def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
     keys = [(r["id"], r["sample_index"]) for r in rollouts]
     assert len(keys) == len(set(keys)) == n
     assert not (tmp_path / "run" / "failed").exists() or not read_rows(tmp_path / "run" / "failed")
+
+
+def test_agent_episodes_on_the_embedded_model(tmp_path):
+    """The episode loop on a local engine: the tools rendered by the shipped template, the model's
+    text parsed into calls by vLLM's own hermes parser, the tool run, its result sent back."""
+    weather = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    rows = [{"id": f"w{i}", "responses_create_params": {
+        "input": [{"role": "user", "content": f"What is the weather in {city}?"}],
+        "tools": [weather], "tool_choice": "required"}} for i, city in enumerate(["Paris", "Tokyo"])]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.backend=vllm",
+                             "model.tool_parser=hermes", "model.engine_kwargs.max_model_len=1024",
+                             "responses_create_params.temperature=0", "responses_create_params.max_output_tokens=48",
+                             "environment.type=python", "environment.module=examples/tools_weather.py",
+                             "agent.max_steps=2", "verifier.type=none", "num_samples_in_parallel=4"])
+    assert run(cfg, say=lambda s: None) == EXIT_OK
+    out = read_rows(tmp_path / "run" / "rollouts")
+    assert len(out) == 2
+    for r in out:
+        # tool_choice required: every model call is a (schema-constrained, so well-formed) tool call
+        assert r["num_model_calls"] == 2 and r["termination"] == "max_steps" and r["num_malformed_tool_calls"] == 0
+        call, result = r["messages"][1], r["messages"][2]
+        (tc,) = call["tool_calls"]
+        assert tc["function"]["name"] == "get_weather" and "city" in json.loads(tc["function"]["arguments"])
+        assert result["role"] == "tool" and result["tool_call_id"] == tc["id"] and "is cold" in result["content"]
