@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import orjson
 
-from sft_ray import io
+from sft_ray import io, ratelimit
 from sft_ray.resume import Key, count_failure, done_keys, load_failures
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import FAILED, ROLLOUTS
@@ -192,6 +192,7 @@ class Progress:
         info = {"failed": failed}
         if mean_reward is not None:
             info["reward"] = f"{mean_reward:.3f}"
+        info.update(ratelimit.progress_info(done, self.total))  # concurrency, share of 429s, cost
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(info, refresh=False)

@@ -78,7 +78,7 @@ def test_hostile_programs_fail_their_tests_and_leave_nothing_behind():
     for r in rows:
         assert r["reward"] == 0.0 and "error" not in r, r["name"]  # the program's failure, not the verifier's
     timeouts = {r["name"] for r in rows if r["metrics"]["timeouts"]}
-    assert {"loops", "sleeps", "forks_via_libc"} <= timeouts
+    assert {"sleeps", "forks_via_libc"} <= timeouts  # a busy loop may meet its CPU-time limit before the deadline
     assert not {p.pid for p in me.children(recursive=True)} - before  # every descendant is gone
     assert not {f for f in set(os.listdir("/tmp")) - tmp_before if f.startswith("sft-ray-code-")}
     # and the machine still scores a good program afterwards

@@ -161,7 +161,7 @@ def test_agent_episodes_on_the_embedded_model(tmp_path):
                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
     rows = [{"id": f"w{i}", "responses_create_params": {
         "input": [{"role": "user", "content": f"What is the weather in {city}?"}],
-        "tools": [weather], "tool_choice": "required"}} for i, city in enumerate(["Paris", "Tokyo"])]
+        "tools": [weather], "tool_choice": {"type": "function", "name": "get_weather"}}} for i, city in enumerate(["Paris", "Tokyo"])]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.backend=vllm",
                              "model.tool_parser=hermes", "model.engine_kwargs.max_model_len=1024",
@@ -172,9 +172,11 @@ def test_agent_episodes_on_the_embedded_model(tmp_path):
     out = read_rows(tmp_path / "run" / "rollouts")
     assert len(out) == 2
     for r in out:
-        # tool_choice required: every model call is a (schema-constrained, so well-formed) tool call
+        # a named tool_choice: every model call is one (schema-constrained, so well-formed) call of it
         assert r["num_model_calls"] == 2 and r["termination"] == "max_steps" and r["num_malformed_tool_calls"] == 0
         call, result = r["messages"][1], r["messages"][2]
         (tc,) = call["tool_calls"]
         assert tc["function"]["name"] == "get_weather" and "city" in json.loads(tc["function"]["arguments"])
+        # the transcript keeps arguments as JSON strings after later turns were rendered from it
+        assert all(isinstance(c["function"]["arguments"], str) for m in r["messages"] for c in m.get("tool_calls", []))
         assert result["role"] == "tool" and result["tool_call_id"] == tc["id"] and "is cold" in result["content"]

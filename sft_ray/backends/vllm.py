@@ -19,6 +19,7 @@ names all come through :mod:`sft_ray.backends.vllm_compat`. vLLM is imported onl
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -81,6 +82,9 @@ def prepare_messages(messages: list[dict[str, Any]], template: str) -> list[dict
     """Messages as the chat template expects them: ``developer`` (OpenAI's newer name for
     the system prompt, which NeMo Gym rows use) becomes ``system`` when the template does
     not know the role; ChatML templates would otherwise render an unknown turn."""
+    # A deep copy: vLLM's renderer turns tool-call arguments into objects in place, and the
+    # caller's messages are the episode's transcript (arguments stay JSON strings there).
+    messages = copy.deepcopy(messages)
     if "developer" in template or not any(m.get("role") == "developer" for m in messages):
         return messages
     return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
