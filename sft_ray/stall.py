@@ -25,7 +25,8 @@ def _fmt(res: dict[str, float]) -> str:
 
 
 def describe_wait() -> str:
-    """Pending resource demands against free resources per node, with a hint."""
+    """Pending resource demands against free resources per node, with a hint; empty when
+    nothing waits for resources."""
     import ray
 
     try:
@@ -37,11 +38,13 @@ def describe_wait() -> str:
     nodes = status.active_nodes + status.idle_nodes
     demands = [b for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count]
     demands += [b for d in status.resource_demands.placement_group_demand for b in d.bundles_by_count]
+    if not demands and not (status.pending_nodes or status.pending_launches):
+        # Nothing waits on Ray: a model loading or a slow endpoint, which is no stall to report
+        # (the embedded model's first start takes longer than stall_warning_s on 2 cores).
+        return ""
     lines = []
     if demands:
         lines.append("waiting for: " + "; ".join(f"{b.count} x {{{_fmt(b.bundle)}}}" for b in demands))
-    else:
-        lines.append("no task or actor is waiting for resources (a model or endpoint may be slow to answer)")
     for n in nodes:
         lines.append(f"  node {n.ip_address} ({n.ray_node_type_name or n.instance_type_name or 'node'}): "
                      f"free {_fmt(n.available_resources())} of {_fmt(n.total_resources())}")
@@ -76,8 +79,10 @@ class StallWatch:
         while not self.stop.wait(min(5.0, self.after_s / 4)):
             idle = time.monotonic() - self.last
             if idle >= self.after_s:
-                self.say(f"no progress for {idle:.0f} s. {self.describe()}")
-                self.last = time.monotonic()  # next report after another after_s
+                text = self.describe()
+                if text:
+                    self.say(f"no progress for {idle:.0f} s. {text}")
+                self.last = time.monotonic()  # next look after another after_s
 
     def close(self) -> None:
         self.stop.set()

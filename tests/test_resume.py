@@ -307,3 +307,16 @@ def test_restart_discards_the_journal(tmp_path):
     (tmp_path / "run" / "journal" / "a.jsonl").write_text('{"id": "x", "sample_index": 0}\n')
     prepare_run_dir(cfg, True, {})
     assert not (tmp_path / "run" / "journal").exists()  # answers made under the old config
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_slow_model_is_no_stall_to_report():
+    """Nothing waits for resources (an engine loading, a slow endpoint): the watch stays quiet
+    (the README's first run, whose engine start outlasts stall_warning_s, printed two such lines)."""
+    from sft_ray.stall import StallWatch
+
+    said: list[str] = []
+    watch = StallWatch(0.2, said.append)
+    time.sleep(1.5)
+    watch.close()
+    assert said == []
