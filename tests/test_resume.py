@@ -313,8 +313,12 @@ def test_restart_discards_the_journal(tmp_path):
 def test_a_slow_model_is_no_stall_to_report():
     """Nothing waits for resources (an engine loading, a slow endpoint): the watch stays quiet
     (the README's first run, whose engine start outlasts stall_warning_s, printed two such lines)."""
-    from sft_ray.stall import StallWatch
+    from sft_ray.stall import StallWatch, describe_wait
 
+    deadline = time.time() + 60  # an earlier test's cancelled demand may linger in the status a little
+    while describe_wait() != "" and time.time() < deadline:
+        time.sleep(0.5)
+    assert describe_wait() == ""
     said: list[str] = []
     watch = StallWatch(0.2, said.append)
     time.sleep(1.5)
