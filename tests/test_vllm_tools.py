@@ -203,8 +203,19 @@ def test_developer_messages_become_system_for_templates_without_the_role():
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert prepare_messages(messages, "{{ message.role }}")[0] == {"role": "system", "content": "Be brief."}
     knows = "{% if message.role == 'developer' %}...{% endif %}"
-    assert prepare_messages(messages, knows) is messages
+    assert prepare_messages(messages, knows) == messages
     assert messages[0]["role"] == "developer"  # the caller's list is left alone
+
+
+def test_rendering_never_changes_the_callers_transcript():
+    """vLLM's renderer turns tool-call arguments into objects in place; the episode's transcript
+    must keep them as JSON strings, so the backend renders from a deep copy."""
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]
+    prepared = prepare_messages(messages, "{{ message.role }}")
+    prepared[1]["tool_calls"][0]["function"]["arguments"] = {"a": 1}  # what the renderer does
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
 
 
 # --- the supported vLLM line ----------------------------------------------------------
