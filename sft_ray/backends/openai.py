@@ -27,6 +27,16 @@ _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_pen
 _RESPONSES_DROP = {"seed", "reasoning_effort"}
 
 
+def close_session_now(session: aiohttp.ClientSession | None) -> None:
+    """Shut an aiohttp session's sockets synchronously: at actor teardown Ray Data leaves no
+    loop to await ``close()`` on (``connector._close()`` is the synchronous half of it)."""
+    if session is not None and not session.closed:
+        connector = session.connector
+        session.detach()
+        if connector is not None:
+            connector._close()
+
+
 class BadResponse(Exception):
     """The server answered 2xx with a body we cannot read."""
 
@@ -150,13 +160,7 @@ class OpenAIBackend(Backend):
             await self._session.close()
 
     def close_now(self) -> None:
-        if self._session is not None and not self._session.closed:
-            connector = self._session.connector
-            self._session.detach()
-            if connector is not None:
-                # _close() shuts the sockets synchronously; close() would return an awaitable
-                # that nobody is left to await when Ray Data tears the actor down.
-                connector._close()
+        close_session_now(self._session)
 
     def _redact(self, text: str) -> str:
         for secret in (self._key, *self._secret_headers.values()):

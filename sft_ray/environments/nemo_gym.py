@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 
 from sft_ray.backends import retry
+from sft_ray.backends.openai import close_session_now
 from sft_ray.environments.base import Environment, EnvironmentFailure, Episode, ToolOutput
 from sft_ray.messages import to_responses_output, tool_choice_to_responses, tool_to_responses
 
@@ -157,8 +158,4 @@ class NemoGymEnvironment(Environment):
             await self.session.close()
 
     def close_now(self) -> None:
-        if self.session is not None and not self.session.closed:
-            connector = self.session.connector
-            self.session.detach()
-            if connector is not None:
-                connector._close()  # synchronous: no loop is left to await close() at actor teardown
+        close_session_now(self.session)
