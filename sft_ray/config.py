@@ -407,6 +407,34 @@ class FilterConfig(_Strict):
     )
 
 
+class RejectionConfig(_Strict):
+    """Rejection sampling: draw samples of a prompt until `target_passing` of them pass (reward >=
+    `filter.min_reward`) or `max_samples` were drawn, then stop asking for that prompt. Samples of a
+    prompt are drawn together up to what is still needed, so the overshoot past the target is at most
+    the samples in flight for it. A rerun continues each prompt where it stopped (raising either
+    number and rerunning continues too)."""
+
+    target_passing: int | None = Field(
+        None, ge=1, description="Passing samples wanted per prompt; empty: no rejection sampling (`num_repeats` "
+        "samples per prompt)."
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Most samples drawn for one prompt (required with `target_passing`)."
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.target_passing is not None
+
+    @model_validator(mode="after")
+    def _both(self) -> "RejectionConfig":
+        if (self.target_passing is None) != (self.max_samples is None):
+            raise ValueError("rejection.target_passing and rejection.max_samples go together")
+        if self.active and self.max_samples < self.target_passing:
+            raise ValueError("rejection.max_samples must be at least rejection.target_passing")
+        return self
+
+
 class ShuffleConfig(_Strict):
     seed: int = Field(0, description="Seed of the global shuffle: same seed, same order.")
 
@@ -564,6 +592,7 @@ class RunConfig(_Strict):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    rejection: RejectionConfig = Field(default_factory=RejectionConfig)
     shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     read: ReadConfig = Field(default_factory=ReadConfig)
@@ -594,6 +623,16 @@ class RunConfig(_Strict):
             raise ValueError("num_samples_in_parallel must be a positive integer or 'auto'")
         if self.budget.max_cost_usd is not None and not (self.pricing.input_per_mtok or self.pricing.output_per_mtok):
             raise ValueError("budget.max_cost_usd needs pricing.input_per_mtok / pricing.output_per_mtok")
+        if self.rejection.active:
+            if self.num_repeats != 1:
+                raise ValueError("num_repeats and rejection.* both set how many samples a prompt gets: "
+                                 "with rejection sampling leave num_repeats at 1")
+            if self.verifier.type == "none":
+                raise ValueError("rejection sampling keeps drawing until samples pass: it needs a verifier "
+                                 "(verifier.type is none)")
+            if "min_reward" not in self.filter.model_fields_set:
+                raise ValueError("rejection sampling counts samples with reward >= filter.min_reward as passing: "
+                                 "set filter.min_reward (e.g. 1.0)")
         if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
                                              or self.num_samples_in_parallel == "auto"):
             raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the openai backend")

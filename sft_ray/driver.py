@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
@@ -30,8 +31,12 @@ EXIT_SPENT = 5  # a spending budget (budget.*) stopped the run; resumable with a
 class FolderState:
     """What the run folder says about each sample: done (a rollout), or failed in N runs."""
 
-    def __init__(self, run_dir: str, max_attempts: int) -> None:
-        self.done: set[Key] = done_keys(run_dir)
+    def __init__(self, run_dir: str, max_attempts: int, pass_threshold: float | None = None) -> None:
+        # With rejection sampling, the passing samples of each prompt (reward >= pass_threshold).
+        self.pass_threshold = pass_threshold
+        self.passing: Counter[str] = Counter()
+        self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
+                                        pass_threshold or 0.0)
         self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done)
         self.max_attempts = max_attempts
 
@@ -124,7 +129,8 @@ class Writers:
         self.bad = PartWriter(io.join(run_dir, FAILED), session)
         self.state = state
 
-    def write(self, keys: list[Key], lines: list[str], failed: list[bool]) -> tuple[int, int]:
+    def write(self, keys: list[Key], lines: list[str], failed: list[bool],
+              rewards: list[float | None] | None = None) -> tuple[int, int]:
         """Write one scored batch; raises :class:`InputError` for a bad input line (rows that never
         reached a model because their line is malformed: the read stage marks them)."""
         oks = [s.encode() for s, f in zip(lines, failed) if not f]
@@ -136,12 +142,16 @@ class Writers:
                 raise InputError(source, reason)
         runs = self.state.failed_runs
         self.bad.write([count_failure(row, runs) for row in bad_rows])
-        for key, f in zip(keys, failed):
+        threshold = self.state.pass_threshold
+        for i, (key, f) in enumerate(zip(keys, failed)):
             if f:
                 runs[key] = runs.get(key, 0) + 1
             else:
                 self.state.done.add(key)
                 runs.pop(key, None)
+                reward = rewards[i] if rewards is not None else None
+                if threshold is not None and reward is not None and reward >= threshold:
+                    self.state.passing[key[0]] += 1
         return len(oks), len(bad_rows)
 
     def close(self) -> None:
@@ -168,7 +178,8 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
             out = await scorer({"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
                                 "rollout": [orjson.dumps(r).decode() for r in chunk],
                                 "failed": [False] * len(chunk), "ready_at": [None] * len(chunk)})
-            writers.write([(str(r["id"]), int(r["sample_index"])) for r in chunk], out["rollout"], out["failed"])
+            writers.write([(str(r["id"]), int(r["sample_index"])) for r in chunk], out["rollout"], out["failed"],
+                          out["reward"])
 
     asyncio.run(score_all())
     return len(rows)

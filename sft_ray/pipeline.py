@@ -38,6 +38,7 @@ from sft_ray.driver import (
 )
 from sft_ray.journal import clear_journal
 from sft_ray.placement import release_placement_groups
+from sft_ray.rejection import DrawPlan, count_completion
 from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
@@ -143,13 +144,14 @@ def stages() -> list:
     return [generate.STAGE, score.STAGE]
 
 
-def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int]):
+def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int],
+                  draws: DrawPlan | None = None):
     """read (cut into blocks) -> each stage of :func:`stages` (lazy; the driver pulls)."""
     from sft_ray.stages import check_chain
     from sft_ray.stages.read import SCHEMA, make_dataset
 
     # One read task per file (ids are made per file), cut into blocks small enough to spread over every actor.
-    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, plan["block_rows"])
+    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, plan["block_rows"], draws)
     chain = stages()
     check_chain(tuple(SCHEMA.names), chain)
     for stage in chain:
@@ -174,6 +176,14 @@ def scan_input(cfg: RunConfig) -> InputPlan:
                        EXIT_INPUT) from None
 
 
+def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState) -> Completion:
+    """Every expected sample (or, with rejection sampling, every prompt) counted by its state."""
+    if cfg.rejection.active:
+        return count_completion(inputs.ids, state, cfg.rejection.target_passing, cfg.rejection.max_samples,
+                                len(inputs.bad_lines))
+    return Completion.count(inputs.ids, cfg.num_repeats, state, len(inputs.bad_lines))
+
+
 def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
                    say: Callable[[str], None]) -> Session:
     """Phase 1: send every sample without a result (and failures with attempts left), write
@@ -182,15 +192,25 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     writers = Writers(cfg.output, session.number, state)
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
-    start = Completion.count(inputs.ids, cfg.num_repeats, state)
+    start = completion(cfg, inputs, state)
     todo = start.todo
+    draws = None
+    retried = start.failed - start.failed_final
+    if cfg.rejection.active:
+        rej = cfg.rejection
+        draws = DrawPlan.make(inputs.ids, state, rej.target_passing, rej.max_samples)
+        todo = draws.open_prompts(inputs.ids)  # progress counts prompts: how many samples each takes is open
+        say(f"found {inputs.rows} rows in {len(inputs.used())} file(s); rejection sampling: up to "
+            f"{rej.max_samples} samples per prompt until {rej.target_passing} pass (reward >= "
+            f"{cfg.filter.min_reward:g}); {start.done} samples already done, {todo} prompt(s) to sample"
+            + (f" ({retried} failed sample(s) retried first)" if retried else ""))
     session.record.update(planned=todo, recovered_from_journal=recovered)
     plan = plan_concurrency(cfg, todo)
-    retried = start.failed - start.failed_final
-    say(f"found {inputs.rows} rows in {len(inputs.used())} file(s) -> {start.expected} samples "
-        f"({cfg.num_repeats} per row); {start.done} already done, {todo} to generate"
-        + (f" ({retried} failed before and retried now, {start.failed_final} failed for good)"
-           if start.failed else "")
+    if draws is None:
+        say(f"found {inputs.rows} rows in {len(inputs.used())} file(s) -> {start.expected} samples "
+            f"({cfg.num_repeats} per row); {start.done} already done, {todo} to generate"
+            + (f" ({retried} failed before and retried now, {start.failed_final} failed for good)"
+               if start.failed else "")
         + (f"; {recovered} recovered from the journal of a run that was killed" if recovered else "")
         + (f"; {len(inputs.bad_lines)} bad line(s) skipped" if inputs.bad_lines else ""))
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: {'auto, up to ' if cfg.adaptive else ''}"
@@ -213,16 +233,20 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     watch = StallWatch(cfg.resources.stall_warning_s, say)
     finished = False
     try:
-        ds = build_dataset(cfg, inputs.used(), skip, plan)
+        ds = build_dataset(cfg, inputs.used(), skip, plan, draws)
+        units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
-            finished_before = session.finished
             keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
-            ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist())
-            session.add(ok, bad, sum(batch.column("output_tokens").to_pylist()), batch.column("reward").to_pylist())
+            rewards = batch.column("reward").to_pylist()
+            ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist(),
+                                    rewards)
+            session.add(ok, bad, sum(batch.column("output_tokens").to_pylist()), rewards)
             done, failed = done + ok, failed + bad
-            timing.batch(ok + bad, finished_before, pc.min(batch.column("ready_at")).as_py())
-            progress.update(ok + bad, session.finished, session.record["failed"], session.mean_reward)
+            n = len({rid for rid, _ in keys}) if draws is not None else ok + bad
+            timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
+            units += n
+            progress.update(n, units, session.record["failed"], session.mean_reward)
             if budget.exceeded(done, failed):
                 session.record["stopped"] = "failure budget exceeded"
                 break
@@ -264,7 +288,8 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     if write:
         io.delete(io.join(run_dir, SUCCESS))
         io.delete(io.join(run_dir, "stats.json"))
-    stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write)
+    rejection = ((manifest or {}).get("config") or {}).get("rejection")
+    stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write, rejection=rejection)
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)
@@ -294,12 +319,13 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
             manifest = prepare_run_dir(cfg, restart, inputs.digests)
         except DriftError as e:
             raise RunError(str(e)) from None
-        state = FolderState(cfg.output, cfg.max_sample_attempts)
+        state = FolderState(cfg.output, cfg.max_sample_attempts,
+                            cfg.filter.min_reward if cfg.rejection.active else None)
         session = generate_phase(cfg, manifest, inputs, state, say)
         # Counted sample by sample from what the folder holds now (not from this session's tallies).
-        completion = Completion.count(inputs.ids, cfg.num_repeats, state, len(inputs.bad_lines))
+        done = completion(cfg, inputs, state)
         budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
-        manifest["completion"] = completion.as_stats(budget)
+        manifest["completion"] = done.as_stats(budget)
         if inputs.bad_lines:
             manifest["completion"]["bad_line_examples"] = inputs.bad_lines[:5]
         save_manifest(cfg.output, manifest)
@@ -312,7 +338,7 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
         say("stopped: budget; what was generated is finalized. Raise budget.* and rerun the same command "
             "to continue")
         return EXIT_SPENT
-    code, reason = completion.verdict(budget)
+    code, reason = done.verdict(budget)
     if reason:
         say(reason)
     return code

@@ -8,6 +8,7 @@ A run folder is resumable because everything a rerun needs is on disk: ``run.jso
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -85,8 +86,9 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     return manifest
 
 
-def done_keys(run_dir: str) -> set[tuple[str, int]]:
-    """(id, sample_index) of every rollout already written; torn last lines are cut off."""
+def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0) -> set[tuple[str, int]]:
+    """(id, sample_index) of every rollout already written; torn last lines are cut off. With
+    ``passing``, also counts per prompt id the rollouts whose reward is >= ``threshold``."""
     keys: set[tuple[str, int]] = set()
     for uri in io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl"):
         good_bytes, torn = 0, False
@@ -95,6 +97,8 @@ def done_keys(run_dir: str) -> set[tuple[str, int]]:
                 torn = True
                 break
             keys.add((str(row["id"]), int(row["sample_index"])))
+            if passing is not None and row.get("reward") is not None and row["reward"] >= threshold:
+                passing[str(row["id"])] += 1
             good_bytes += len(line) + 1
         if torn and "://" not in uri:
             # A kill in the middle of a write leaves at most one partial line at the end.

@@ -302,7 +302,7 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append("tool calls per episode:")
         lines += _hist_lines(ep["tool_calls_histogram"])
     sources = stats.get("sources") or {}
-    if len(sources) > 1 or (sources and "all" not in sources):
+    if len(sources) > 1:
         for name, src in sources.items():
             mean = f"{src['mean_reward']:.4f}" if src.get("mean_reward") is not None else "-"
             lines.append(f"source {name}: samples {src['samples']}  kept {src['kept']} "
@@ -313,6 +313,17 @@ def format_report(stats: dict[str, Any]) -> str:
                      + ", ".join(f"@{k} {v:.3f}" for k, v in pr["pass_at_k"].items())
                      + f"  none pass {pr['none_pass']}  all pass {pr['all_pass']}  "
                      f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
+    rej = stats.get("rejection")
+    if rej:
+        lines.append(f"rejection sampling: {rej['reached_target']}/{rej['prompts']} prompts reached "
+                     f"{rej['target_passing']} passing (reward >= {rej['min_reward']:g}), "
+                     f"{rej['finished_below_target']} used all {rej['max_samples']} samples "
+                     f"({rej['never_passed']} never passed"
+                     + (f", listed in {rej['never_passed_file']}" if rej.get("never_passed_file") and
+                        rej["never_passed"] else "") + ")"
+                     + (f", {rej['unfinished']} unfinished" if rej["unfinished"] else ""))
+        lines.append(f"  samples drawn: {rej['samples_drawn']} of {rej['samples_at_max']} at max_samples: "
+                     f"{rej['samples_saved']} saved ({100 * rej['saved_fraction']:.1f}%)")
     rep = stats.get("repetition")
     if rep:
         d2 = f"{rep['distinct_2']:.3f}" if rep.get("distinct_2") is not None else "-"

@@ -28,7 +28,7 @@ import io as _io
 import math
 import os
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Iterator
 
 import orjson
@@ -46,9 +46,11 @@ from sft_ray.curate import (
     source_of,
 )
 from sft_ray.formats import ShardFormat, dataset_card, parquet_schema, parquet_table, train_row
+from sft_ray.rejection import Tally
 from sft_ray.stats import StatsAccumulator, advice
 
 ROLLOUTS, FAILED, TRAIN, VALIDATION = "rollouts", "failed", "train", "validation"
+NEVER_PASSED = "never_passed.jsonl"  # rejection sampling: prompts that used every sample and never passed
 BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
 # Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes
 # several times its bytes, so these buckets are smaller than the shuffle buckets.
@@ -126,6 +128,13 @@ class _Buckets:
             yield from (line for _, line in recs)
 
 
+def _where(row: dict[str, Any]) -> str | None:
+    """The input line a rollout's prompt came from, as ``file:line``."""
+    if not row.get("source_file"):
+        return None
+    return f"{row['source_file']}:{row['source_line']}" if row.get("source_line") else row["source_file"]
+
+
 def _write_shard(uri: str, lines: list[bytes], fmt: str) -> None:
     if fmt == "jsonl":
         io.write_bytes(uri, b"\n".join(lines) + b"\n")
@@ -146,8 +155,10 @@ def _normalise(filter_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> tuple[d
 
 
 def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
-             write: bool = True) -> dict[str, Any]:
-    """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats."""
+             write: bool = True, rejection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
+    ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
+    ``never_passed.jsonl``."""
     flt, tc = _normalise(filter_cfg, train_cfg)
     acc = StatsAccumulator()
     torn = 0
@@ -191,7 +202,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             # hash() is salted per process, and these records never leave this process: it only has to
             # spread prompts over buckets and tell equal replies apart, and it is much cheaper than blake2b.
             meta = [rid, shuffle_key(shuffle_seed, rid, k), float(reward), reason is None, hash(text),
-                    text[:TEXT_CAP], src, output_tokens(row)]
+                    text[:TEXT_CAP], src, output_tokens(row), _where(row)]
             # the training row rides along, already in its format
             row_bytes = orjson.dumps(train_row(row, fmt, include, reasoning)) if reason is None else b""
             if prompts is None:
@@ -205,6 +216,10 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     train = _Buckets(n_buckets) if write else None
     val = _Buckets(n_buckets) if write and tc["validation_fraction"] > 0 else None
     pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
+    tally = None
+    if rejection and rejection.get("target_passing"):
+        tally = Tally(rejection["target_passing"], rejection["max_samples"], flt["min_reward"])
+        failed_per_prompt = Counter(rid for rid, _ in failures)
     for chunk in (prompts.chunks() if prompts is not None else [[]]):
         groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
         for _, line in chunk:
@@ -217,6 +232,8 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         in_memory = []
         for rid, samples in groups.items():
             several = len(samples) > 1
+            if tally is not None:
+                tally.add(rid, [m[2] for m, _ in samples], failed_per_prompt.pop(rid, 0), samples[0][0][8])
             acc.add_prompt([m[2] for m, _ in samples], pass_threshold,
                            1.0 - len({m[4] for m, _ in samples}) / len(samples) if several else None,
                            distinct_n([m[5] for m, _ in samples]) if several else None)
@@ -236,7 +253,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                     target.add(meta[1], row_bytes)
         del groups
 
+    if tally is not None:
+        for rid, n in failed_per_prompt.items():  # prompts without a single scored sample
+            tally.add(rid, [], n, next((_where(r) for (i, _), r in failures.items() if i == rid), None))
     stats = acc.result()
+    if tally is not None:
+        stats["rejection"] = tally.result()
+        if write:
+            never = io.join(run_dir, NEVER_PASSED)
+            io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
+            stats["rejection"]["never_passed_file"] = never
     stats["train_rows"] = acc.kept - acc.validation
     # The settings that differ from the defaults (what this cut of the run chose).
     stats["filter"] = {k: v for k, v in flt.items() if v != FilterConfig.model_fields[k].default}

@@ -8,9 +8,11 @@ own batch. A semaphore caps the model calls in flight per actor; the driver sets
 cap so that all actors together never exceed ``num_samples_in_parallel``.
 
 A sample is one model call, or, when its row offers tools (or an environment is
-configured), an episode of model calls and tool calls (:mod:`sft_ray.agent`).
+configured), an episode of model calls and tool calls (:mod:`sft_ray.agent`). With
+rejection sampling an input row is a prompt: the actor draws and scores its samples
+until enough pass (:func:`sft_ray.rejection.draw_prompt`) and returns all of them.
 
-Reads ``id``, ``sample_index``, ``row`` (the input line), ``source``, ``bad``; writes
+Reads ``id``, ``sample_index``, ``row`` (the input line), ``source``, ``bad``, ``draw``; writes
 ``id``, ``sample_index``, ``rollout`` (the rollout row as JSON text), ``failed`` (true
 when generation failed: the row goes to ``failed/`` and a rerun retries it) and
 ``ready_at``.
@@ -34,8 +36,10 @@ from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure
 from sft_ray.journal import JournalSpec
 from sft_ray.placement import placement_group_fn, release_own_placement_group
+from sft_ray.rejection import PromptDraws, draw_prompt
 from sft_ray.rows import InputError, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
+from sft_ray.stages.score import ScoreStage
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,8 @@ class GenerateStage:
 
     def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
                  agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
-                 verify_in_episode: bool = False, journal: JournalSpec | None = None) -> None:
+                 verify_in_episode: bool = False, journal: JournalSpec | None = None,
+                 rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None) -> None:
         self.model = model
         # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
@@ -124,6 +129,9 @@ class GenerateStage:
         self._sem: asyncio.Semaphore | None = None
         self._ready_at: float | None = None
         self.node_id = _node_id()
+        # Rejection sampling: the samples of a prompt are scored here, as they come back.
+        self.rejection = rejection
+        self.scorer = ScoreStage(verifier) if rejection is not None else None
 
     async def _start(self) -> None:
         await self.backend.start()
@@ -162,15 +170,42 @@ class GenerateStage:
         return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, error_result(kind, message),
                                           self.node_id)), True
 
-    async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool]:
+    async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool] | None:
         if bad is not None:
             return self._failed({"line": text}, rid, k, errors.BAD_INPUT, bad)
         row = orjson.loads(text)
+        rollout = await self._rollout(row, rid, k, source)
+        if rollout is None:
+            return None
+        return orjson.dumps(rollout), rollout["error"] is not None
+
+    async def _prompt(self, rid: str, text: str, source: str, bad: str | None,
+                      draw: str) -> list[tuple[int, bytes, bool]]:
+        """Rejection sampling: every sample drawn for one prompt, scored."""
+        assert self.rejection is not None and self.scorer is not None
+        if bad is not None:
+            return [(0, *self._failed({"line": text}, rid, 0, errors.BAD_INPUT, bad))]
+        row = orjson.loads(text)
+
+        async def sample(k: int) -> dict[str, Any] | None:
+            rollout = await self._rollout(row, rid, k, source)
+            if rollout is not None and rollout["error"] is None:
+                await self.scorer.score(rollout)
+            return rollout
+
+        drawn = await draw_prompt(sample, PromptDraws.from_json(draw), self.rejection["target_passing"],
+                                  self.rejection["max_samples"], self.rejection["min_reward"])
+        return [(k, orjson.dumps(r), r["error"] is not None or r["reward"] is None) for k, r in drawn]
+
+    async def _rollout(self, row: dict[str, Any], rid: str, k: int, source: str) -> dict[str, Any] | None:
+        """One sample's rollout (journaled when it succeeded), or None when the spending budget
+        refused to start it."""
         try:
             prompt = prompt_messages(row, source)
             tools = prompt_tools(row, source)
         except InputError as e:  # cannot happen for rows that passed the read stage
-            return self._failed(row, rid, k, errors.BAD_INPUT, str(e))
+            return build_rollout(row, rid, k, [], {}, self.model_name, error_result(errors.BAD_INPUT, str(e)),
+                                 self.node_id)
         params = sampling_params(row, self.sampling, rid, k)
         t0 = time.perf_counter()
         if not tools.get("tools") and self.environment is None:
@@ -181,10 +216,11 @@ class GenerateStage:
         if (rollout["error"] or {}).get("type") == errors.BUDGET_EXHAUSTED:
             return None  # never started: not written, so it stays pending for a rerun with a raised budget
         rollout["latency_s"] = round(time.perf_counter() - t0, 4)
-        line = orjson.dumps(rollout)
+        path, _, line = source.rpartition(":")  # where the prompt came from: the report's per-file counts
+        rollout["source_file"], rollout["source_line"] = path, int(line) if line.isdigit() else None
         if self.journal is not None and rollout["error"] is None:
-            self.journal.append(line)
-        return line, rollout["error"] is not None
+            self.journal.append(orjson.dumps(rollout))
+        return rollout
 
     async def _episode(self, row: dict[str, Any], rid: str, k: int, prompt: list[dict[str, Any]],
                        tools: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -228,10 +264,20 @@ class GenerateStage:
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         await self._ensure_started()
         ids, idx = list(batch["id"]), [int(i) for i in batch["sample_index"]]
-        outs = await asyncio.gather(*(
-            self._one(rid, k, text, source, bad)
-            for rid, k, text, source, bad in zip(ids, idx, batch["row"], batch["source"], batch["bad"])
-        ))
+        if self.rejection is not None:
+            prompts = await asyncio.gather(*(
+                self._prompt(rid, text, source, bad, draw)
+                for rid, text, source, bad, draw in zip(ids, batch["row"], batch["source"], batch["bad"],
+                                                        batch["draw"])
+            ))
+            ids = [rid for rid, samples in zip(ids, prompts) for _ in samples]
+            idx = [k for samples in prompts for k, _, _ in samples]
+            outs = [(line, failed) for samples in prompts for _, line, failed in samples]
+        else:
+            outs = await asyncio.gather(*(
+                self._one(rid, k, text, source, bad)
+                for rid, k, text, source, bad in zip(ids, idx, batch["row"], batch["source"], batch["bad"])
+            ))
         if any(o is None for o in outs):  # samples the budget refused
             keep = [i for i, o in enumerate(outs) if o is not None]
             ids, idx, outs = [ids[i] for i in keep], [idx[i] for i in keep], [outs[i] for i in keep]
@@ -279,7 +325,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
                                "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
                                "environment": environment,
                                "verify_in_episode": cfg.verifier.type == "nemo_gym",
-                               "journal": JournalSpec(cfg.output)},
+                               "journal": JournalSpec(cfg.output), **rejection_kwargs(cfg)},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),
@@ -290,5 +336,15 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-STAGE = Stage("generate", GenerateStage, reads=("id", "sample_index", "row", "source", "bad"),
+def rejection_kwargs(cfg: Any) -> dict[str, Any]:
+    """With rejection sampling: its settings and the verifier that scores samples in the actor."""
+    if not cfg.rejection.active:
+        return {}
+    from sft_ray.stages.score import verifier_payload
+
+    return {"rejection": {**cfg.rejection.model_dump(), "min_reward": cfg.filter.min_reward},
+            "verifier": verifier_payload(cfg.verifier)}
+
+
+STAGE = Stage("generate", GenerateStage, reads=("id", "sample_index", "row", "source", "bad", "draw"),
               writes=("id", "sample_index", "rollout", "failed", "ready_at"), wiring=wiring)

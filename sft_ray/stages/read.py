@@ -12,8 +12,10 @@ content digests, the first bad line, and the ids, which must be unique across th
 whole input (see :class:`KeyMaker`).
 
 Each output row is one *sample*: ``id``, ``sample_index``, ``row`` (the input
-line, verbatim), ``source`` (``file:line``) and ``bad`` (the reason, for a
-malformed line that stops the run, else null).
+line, verbatim), ``source`` (``file:line``), ``bad`` (the reason, for a
+malformed line that stops the run, else null) and ``draw`` (null). With rejection
+sampling a row is one *prompt* instead: ``draw`` says where it stands
+(:class:`sft_ray.rejection.PromptDraws` as JSON) and the generation actor draws its samples.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sft_ray import io
+from sft_ray.rejection import DrawPlan, PromptDraws
 from sft_ray.rows import InputError, parse_line, row_id
 
 BLOCK_ROWS = 1024
+EMPTY_DRAW = PromptDraws().to_json()  # a prompt with no sample yet
 READ_NUM_CPUS = 0.1  # reading is light; a whole CPU per task could find no node on a small cluster
 
 SCHEMA = pa.schema(
@@ -38,6 +42,7 @@ SCHEMA = pa.schema(
         ("row", pa.string()),
         ("source", pa.string()),
         ("bad", pa.string()),
+        ("draw", pa.string()),
     ]
 )
 
@@ -155,6 +160,7 @@ def read_samples(
     fs: pafs.FileSystem | None = None,
     qualifier: str | None = None,
     block_rows: int = BLOCK_ROWS,
+    draws: DrawPlan | None = None,
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from the first ``limit`` rows of one file.
 
@@ -164,6 +170,8 @@ def read_samples(
     ``(id, sample_index)`` is in ``done`` are not emitted (resume). Ids come from
     :class:`KeyMaker` with the ``qualifier`` the driver chose for this file. ``fs``: the
     filesystem to read ``path`` from (see :func:`sft_ray.io.filesystem`), else resolved here.
+    With ``draws`` (rejection sampling), one row per prompt that is not finished, with its
+    ``draw`` state, instead of one per sample.
     """
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     make = KeyMaker(qualifier)
@@ -184,12 +192,18 @@ def read_samples(
             # driver then stops the run with a one-line message, and rows already written
             # stay written. (The driver's scan normally finds it first.)
             rid, text, bad = f"bad:{path}:{lineno}", line.decode("utf-8", "replace"), str(e)
-            keys = [(rid, 0)]
+            keys, draw = [(rid, 0)], None
             stop = True
         else:
             stop = False
             rid, text, bad = make(row), line.decode("utf-8"), None
-            keys = [(rid, k) for k in range(num_repeats)]
+            if draws is None:
+                keys, draw = [(rid, k) for k in range(num_repeats)], None
+            elif rid in draws.finished:
+                keys = []
+            else:
+                draw = draws.started.get(rid) or EMPTY_DRAW
+                keys = [(rid, PromptDraws.from_json(draw).next)]
         for key in keys:
             if key in done:
                 continue
@@ -198,6 +212,7 @@ def read_samples(
             cols["row"].append(text)
             cols["source"].append(source)
             cols["bad"].append(bad)
+            cols["draw"].append(draw)
         if stop:
             break
         if len(cols["id"]) >= block_rows:
@@ -213,6 +228,7 @@ def make_dataset(
     skip_bad_lines: bool,
     done: set[tuple[str, int]] | None = None,
     block_rows: int = BLOCK_ROWS,
+    draws: DrawPlan | None = None,
 ):
     """A lazy Ray dataset of the samples still to generate: one read task per file, each
     reading the rows the scan gave it, with the file's id qualifier, cut into blocks of about
@@ -239,7 +255,7 @@ def make_dataset(
 
                 def read_fn(f: InputFile = f):
                     for cols in read_samples(f.path, num_repeats, skip_bad_lines, done_keys, f.rows, fs,
-                                             f.qualifier, block_rows):
+                                             f.qualifier, block_rows, draws):
                         yield pa.table(cols, schema=SCHEMA)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f.path,))

@@ -180,12 +180,21 @@ class ScoreStage:
         self.concurrency = int(verifier.get("concurrency") or DEFAULT_CONCURRENCY)
         self._sem: asyncio.Semaphore | None = None
 
-    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def _semaphore(self) -> asyncio.Semaphore:
         if self._sem is None:  # asyncio objects are made inside the loop Ray Data runs us in
             self._sem = asyncio.Semaphore(self.concurrency)
+        return self._sem
+
+    async def score(self, rollout: dict[str, Any]) -> None:
+        """Score one successful rollout in place (rejection sampling scores as samples come back)."""
+        await score_rollouts(self.verifier, [rollout], self._semaphore())
+
+    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         texts, failed_in = list(batch["rollout"]), [bool(f) for f in batch["failed"]]
         rows = [None if f else orjson.loads(t) for t, f in zip(texts, failed_in)]
-        await score_rollouts(self.verifier, [r for r in rows if r is not None], self._sem)
+        # Rows that come scored (rejection sampling scores in the generation actor) keep their verdict.
+        await score_rollouts(self.verifier, [r for r in rows if r is not None and r.get("reward") is None],
+                             self._semaphore())
         rollouts, rewards, tokens, failed = [], [], [], []
         for text, row in zip(texts, rows):
             if row is None:  # failed in generation: passed through untouched
