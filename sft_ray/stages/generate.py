@@ -34,7 +34,7 @@ from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure
 from sft_ray.journal import JournalSpec
 from sft_ray.placement import placement_group_fn, release_own_placement_group
-from sft_ray.rows import InputError, prompt_messages, prompt_tools, sampling_params, split_input
+from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class GenerateStage:
             tools = prompt_tools(row, source)
         except InputError as e:  # cannot happen for rows that passed the read stage
             return self._failed(row, rid, k, errors.BAD_INPUT, str(e))
-        params = sampling_params(row, self.sampling, rid, k)
+        params = drop_params(sampling_params(row, self.sampling, rid, k), self.model.get("omit_params"))
         t0 = time.perf_counter()
         if not tools.get("tools") and self.environment is None:
             result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))
