@@ -39,6 +39,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PricingConfig(_Strict):
+    """Prices of a model, in USD per million tokens. At the top level, the generation model's: the cost in
+    stats.json, the progress line and `budget.max_cost_usd`; under `verifier.judge`, the judge's: its cost
+    in stats.json's `spend`, apart and in the total."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
+    output_per_mtok: float = Field(
+        0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
+
+
 class ModelConfig(_Strict):
     """Which model answers, and how to reach it."""
 
@@ -276,6 +286,11 @@ class JudgeConfig(_Strict):
         None, description="Row field holding the question (default: the row's prompt, its last user message)."
     )
     rubric_field: str = Field("rubric", description="`score` template: row field holding the rubric.")
+    pricing: PricingConfig = Field(
+        default_factory=PricingConfig,
+        description="The judge model's prices: stats.json's `spend` shows the judge's cost apart and in "
+        "`total_cost_usd` (`budget.max_cost_usd` bounds the generation spend only).",
+    )
 
     @model_validator(mode="after")
     def _judge_model(self) -> "JudgeConfig":
@@ -543,14 +558,6 @@ class RateLimitConfig(_Strict):
         return {k: float(v) for k, v in limits.items() if v}
 
 
-class PricingConfig(_Strict):
-    """Prices of the generation model, for the cost in stats.json, the progress line and budgets."""
-
-    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
-    output_per_mtok: float = Field(
-        0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
-
-
 class BudgetConfig(_Strict):
     """Spending limits for the whole run folder, all runs together: once the next request could pass
     one, no new request starts, what is in flight finishes, the run finalizes what it has, reports
@@ -708,10 +715,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
 # `omit_params` fixes requests a server refuses (as `model.max_tokens_field` does for the generation model,
-# whose fingerprint names its keys one by one).
+# whose fingerprint names its keys one by one); `pricing` changes the reported cost only.
 _OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
                 "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes",
-                "timeout_per_1k_output_tokens_s", "omit_params"}
+                "timeout_per_1k_output_tokens_s", "omit_params", "pricing"}
 
 
 def _verifier_fingerprint(data: Any) -> Any:

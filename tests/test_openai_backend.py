@@ -170,11 +170,11 @@ def test_omit_params_names_sampling_keys_and_leaves_the_fingerprint_alone():
         load_config(None, base + ["model.omit_params=[temprature]"])
     with pytest.raises(ConfigError, match="omit_params applies to the openai backend"):
         load_config(None, ["input=x", "output=y", "model.backend=vllm", "model.omit_params=[top_p]"])
-    # A judge's server-compatibility keys may change on a resume (they are not what it produces).
+    # A judge's server-compatibility and price keys may change on a resume (they are not what it produces).
     judge = ["verifier.type=judge", "verifier.judge.model.name=j"]
     plain = config_fingerprint(load_config(None, base + judge))
     tuned = config_fingerprint(load_config(None, base + judge + [
-        "verifier.judge.model.omit_params=[temperature]",
+        "verifier.judge.model.omit_params=[temperature]", "verifier.judge.pricing.input_per_mtok=3",
         "verifier.judge.model.timeout_per_1k_output_tokens_s=60"]))
     assert plain == tuned
     assert plain != config_fingerprint(load_config(None, base + judge + ["verifier.judge.template=score"]))
