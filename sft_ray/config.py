@@ -39,6 +39,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PricingConfig(_Strict):
+    """Prices of a model, in USD per million tokens. At the top level, the generation model's: the cost in
+    stats.json, the progress line and `budget.max_cost_usd`; under `verifier.judge`, the judge's: its cost
+    in stats.json's `spend`, apart and in the total."""
+
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
+    output_per_mtok: float = Field(
+        0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
+
+
 class ModelConfig(_Strict):
     """Which model answers, and how to reach it."""
 
@@ -61,7 +71,14 @@ class ModelConfig(_Strict):
         description="Name of the environment variable that holds the API key. The key itself never "
         "goes into the config, logs or outputs. Unset variable: no Authorization header.",
     )
-    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds (whole request).")
+    timeout_s: float = Field(
+        120.0, gt=0, description="Per-request timeout in seconds (whole request), for a request that asks for up "
+        "to 1024 output tokens; longer ones get more: see `timeout_per_1k_output_tokens_s`.")
+    timeout_per_1k_output_tokens_s: float = Field(
+        20.0, ge=0, description="Seconds added to `timeout_s` per 1000 output tokens a request asks for "
+        "(its `max_output_tokens`, a row's own value included) beyond the first 1024, so a long reasoning "
+        "answer is not cut at one fixed total: 32,768 tokens get 120 + 20 x 31.7 = 755 s. 0: every request "
+        "gets `timeout_s`.")
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP/TLS connect timeout in seconds.")
     max_retries: int = Field(
         6, ge=0, le=100, description="Retries after the first attempt on connection errors, timeouts, 408, 429 and 5xx."
@@ -74,6 +91,13 @@ class ModelConfig(_Strict):
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
         "max_tokens", description="Chat Completions: the body field that carries `max_output_tokens` "
         "(OpenAI's reasoning models want `max_completion_tokens`)."
+    )
+    omit_params: list[str] = Field(
+        default_factory=list,
+        description="Sampling keys never sent to this model, for models that refuse them: e.g. `[temperature, "
+        "top_p]` for OpenAI's reasoning models (o1, o3, o4-mini, gpt-5). Names are `responses_create_params` "
+        "keys (`max_output_tokens` covers `model.max_tokens_field`; `reasoning` and `reasoning_effort` go "
+        "together); rollouts record the parameters without them. `extra_body` is still sent as written.",
     )
     extra_headers: dict[str, str] = Field(
         default_factory=dict,
@@ -130,6 +154,15 @@ class ModelConfig(_Strict):
         if not isinstance(tp, int) or tp < 1:
             raise ValueError("model.engine_kwargs.tensor_parallel_size must be a positive integer")
         return self
+
+    @field_validator("omit_params")
+    @classmethod
+    def _known_params(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in SamplingConfig.model_fields]
+        if unknown:
+            raise ValueError(f"not a responses_create_params key: {', '.join(unknown)} (one of "
+                             f"{', '.join(SamplingConfig.model_fields)})")
+        return list(dict.fromkeys(names))
 
     @model_validator(mode="after")
     def _no_literal_credentials(self) -> "ModelConfig":
@@ -253,6 +286,11 @@ class JudgeConfig(_Strict):
         None, description="Row field holding the question (default: the row's prompt, its last user message)."
     )
     rubric_field: str = Field("rubric", description="`score` template: row field holding the rubric.")
+    pricing: PricingConfig = Field(
+        default_factory=PricingConfig,
+        description="The judge model's prices: stats.json's `spend` shows the judge's cost apart and in "
+        "`total_cost_usd` (`budget.max_cost_usd` bounds the generation spend only).",
+    )
 
     @model_validator(mode="after")
     def _judge_model(self) -> "JudgeConfig":
@@ -548,14 +586,6 @@ class RateLimitConfig(_Strict):
         return {k: float(v) for k, v in limits.items() if v}
 
 
-class PricingConfig(_Strict):
-    """Prices of the generation model, for the cost in stats.json, the progress line and budgets."""
-
-    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
-    output_per_mtok: float = Field(
-        0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
-
-
 class BudgetConfig(_Strict):
     """Spending limits for the whole run folder, all runs together: once the next request could pass
     one, no new request starts, what is in flight finishes, the run finalizes what it has, reports
@@ -636,6 +666,8 @@ class RunConfig(_Strict):
         if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
                                              or self.num_samples_in_parallel == "auto"):
             raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the openai backend")
+        if self.model.backend == "vllm" and self.model.omit_params:
+            raise ValueError("model.omit_params applies to the openai backend (vllm takes every sampling key)")
         return self
 
     @property
@@ -721,8 +753,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
+# `omit_params` fixes requests a server refuses (as `model.max_tokens_field` does for the generation model,
+# whose fingerprint names its keys one by one); `pricing` changes the reported cost only.
 _OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
-                "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes"}
+                "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes",
+                "timeout_per_1k_output_tokens_s", "omit_params", "pricing"}
 
 
 def _verifier_fingerprint(data: Any) -> Any:

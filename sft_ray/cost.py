@@ -15,7 +15,9 @@ def cost_usd(input_tokens: float, output_tokens: float, pricing: dict[str, float
 def spend_summary(stats: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
     """stats.json's ``spend``: the tokens of every rollout (failed ones too) at the run's prices,
     what each run sent (HTTP requests with retries, 429s, reasoning tokens) from the run records,
-    and, while samples are pending, the cost projected to the whole input."""
+    the judge's tokens and, with ``verifier.judge.pricing``, its cost (summed from the rows'
+    ``judge_cost_usd``), their total, and, while samples are pending, the total projected to
+    the whole input. ``billed_usd`` and the budget cover the generation model only."""
     pricing = ((manifest or {}).get("config") or {}).get("pricing") or {}
     tok = stats.get("tokens") or {}
     inp, out = int(tok.get("input_tokens") or 0), int(tok.get("output_tokens") or 0)
@@ -28,7 +30,16 @@ def spend_summary(stats: dict[str, Any], manifest: dict[str, Any] | None) -> dic
     if sessions:
         # What the runs paid for, including requests that failed or whose samples were redone.
         spend["billed_usd"] = round(sum(s.get("cost_usd", 0.0) for s in sessions), 6)
+    judge = stats.get("judge_tokens") or {}
+    if judge:
+        spend["judge_input_tokens"] = int(judge.get("input_tokens") or 0)
+        spend["judge_output_tokens"] = int(judge.get("output_tokens") or 0)
+    total = spend["cost_usd"]
+    if "judge_cost_usd" in stats:
+        spend["judge_cost_usd"] = round(float(stats["judge_cost_usd"]), 6)
+        total += spend["judge_cost_usd"]
+    spend["total_cost_usd"] = round(total, 6)
     expected, samples = stats.get("expected"), stats.get("samples") or 0
     if expected and samples and samples < expected:
-        spend["projected_cost_usd"] = round(spend["cost_usd"] * expected / samples, 4)
+        spend["projected_cost_usd"] = round(total * expected / samples, 4)
     return spend

@@ -10,7 +10,13 @@ request through markers in the prompt:
   the first N attempts of this prompt fail that way, later ones succeed;
 - ``[[status:400]]``: always 400 (context length exceeded);
 - ``[[echo_auth]]``: 401 whose body repeats the request's Authorization and ``api-key``
-  headers (a careless server: the client must keep the keys out of its error text).
+  headers (a careless server: the client must keep the keys out of its error text);
+- ``[[sleep:S]]``: answer after S more seconds (a long generation, for scaled timeouts).
+
+A model whose name contains ``reasoning`` (``mock-reasoning``, ``mock-judge-reasoning``)
+refuses what OpenAI's reasoning models refuse, with OpenAI's 400 body
+(``code: unsupported_parameter``, ``param``): ``temperature`` and ``top_p``, and
+``max_tokens`` in Chat Completions (it wants ``max_completion_tokens``).
 
 As an agent model: a request that carries ``tools`` (Chat Completions nests them
 under ``"function"``, Responses has them flat; both forms are read in both APIs)
@@ -61,6 +67,7 @@ _TOOL_MARK = re.compile(r"\[\[tool:([^\s\]]+)\s*(\{.*?\})?\]\]", re.S)
 _PARALLEL = re.compile(r"\[\[parallel:(\d+)\]\]")
 _STEPS = re.compile(r"\[\[steps:(\d+)\]\]")
 _ANY_MARK = re.compile(r"\[\[.*?\]\]", re.S)
+_SLEEP = re.compile(r"\[\[sleep:(\d+(?:\.\d+)?)\]\]")
 UNKNOWN_TOOL = "no_such_tool"
 
 
@@ -266,6 +273,22 @@ def tool_call_answer(api: str, body: dict, calls: list[dict], call_no: int, n_in
 
 
 
+# --- a reasoning model's refusals ------------------------------------------------------------
+
+
+def refused_by_reasoning_model(api: str, body: dict) -> web.Response | None:
+    """OpenAI's 400 for a field its reasoning models do not take, or None (other models take all)."""
+    if "reasoning" not in str(body.get("model", "")):
+        return None
+    for param in ("temperature", "top_p") + (("max_tokens",) if api == "chat" else ()):
+        if param in body:
+            hint = " Use 'max_completion_tokens' instead." if param == "max_tokens" else ""
+            return web.json_response({"error": {
+                "message": f"Unsupported parameter: '{param}' is not supported with this model.{hint}",
+                "type": "invalid_request_error", "param": param, "code": "unsupported_parameter"}}, status=400)
+    return None
+
+
 # --- the mock judge --------------------------------------------------------------------------
 
 
@@ -356,12 +379,18 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
             body = orjson.loads(await request.read())
             if state.keep_bodies:
                 state.bodies = (state.bodies + [body])[-state.keep_bodies:]
+            refused = refused_by_reasoning_model(api, body)
+            if refused is not None:
+                state.by_status[400] += 1
+                return refused
             msgs = body.get("messages") if api == "chat" else body.get("input")
             text = _last_user_text(msgs)
             call_no = state.requests
             turn = agent_turn(body, msgs, text, cfg, rng, call_no)
             if cfg.latency_ms:
                 await asyncio.sleep(cfg.latency_ms / 1000)
+            if m := _SLEEP.search(text):
+                await asyncio.sleep(float(m.group(1)))
             auth = request.headers.get("Authorization", "")
             state.auth_headers.add(auth)
             state.api_key_headers.add(request.headers.get("api-key", ""))

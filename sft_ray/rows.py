@@ -157,6 +157,19 @@ def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sam
     return params
 
 
+# Names of one setting: omitting one omits the other (model.omit_params).
+_PARAM_ALIASES = {"reasoning": "reasoning_effort", "reasoning_effort": "reasoning"}
+
+
+def drop_params(params: dict[str, Any], omit: list[str] | set[str] | None) -> dict[str, Any]:
+    """``params`` without the keys ``model.omit_params`` names (and their aliases): what is neither
+    sent to the model nor recorded as used."""
+    if not omit:
+        return params
+    names = set(omit) | {_PARAM_ALIASES[n] for n in omit if n in _PARAM_ALIASES}
+    return {k: v for k, v in params.items() if k not in names}
+
+
 # Fields a rollout row gets from the pipeline. An input field of the same name is not lost:
 # build_rollout moves it to ``input_fields`` and :func:`input_row` gives it back.
 GENERATED_FIELDS = frozenset({

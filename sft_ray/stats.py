@@ -32,6 +32,8 @@ class StatsAccumulator:
         self.failed = 0
         self.tokens = Counter()
         self.judge_tokens = Counter()  # input_tokens, output_tokens of judge calls (apart from generation)
+        self.judge_cost = 0.0  # USD of judge calls at verifier.judge.pricing (their judge_cost_usd metrics)
+        self.judge_priced = False
         self.finish = Counter()
         self.kept = 0
         self.validation = 0
@@ -69,6 +71,9 @@ class StatsAccumulator:
         for name, value in (rollout.get("metrics") or {}).items():  # an LLM judge's, counted apart
             if name.endswith(("judge_input_tokens", "judge_output_tokens")) and isinstance(value, (int, float)):
                 self.judge_tokens[name.rsplit("judge_", 1)[1]] += int(value)
+            elif name.endswith("judge_cost_usd") and isinstance(value, (int, float)):
+                self.judge_cost += float(value)
+                self.judge_priced = True
         src = None
         if source is not None:
             src = self.sources.get(source)
@@ -205,6 +210,7 @@ class StatsAccumulator:
             "finish_reasons": dict(sorted(self.finish.items())),
             "tokens": dict(self.tokens),
             "judge_tokens": dict(self.judge_tokens),
+            **({"judge_cost_usd": round(self.judge_cost, 6)} if self.judge_priced else {}),
             **self.curation(),
         }
 
@@ -340,8 +346,10 @@ def format_report(stats: dict[str, Any]) -> str:
     if judge:
         lines.append(f"judge tokens: input {judge.get('input_tokens', 0)}  output {judge.get('output_tokens', 0)}")
     sp = stats.get("spend") or {}  # cost and requests (sft_ray/cost.py)
-    if sp.get("cost_usd") or sp.get("requests"):
-        line = f"spend: ${sp['cost_usd']:.4f}"
+    if sp.get("cost_usd") or sp.get("requests") or sp.get("judge_cost_usd"):
+        line = f"spend: ${sp.get('total_cost_usd', sp['cost_usd']):.4f}"
+        if sp.get("judge_cost_usd"):
+            line += f" (generation ${sp['cost_usd']:.4f}, judge ${sp['judge_cost_usd']:.4f})"
         if "projected_cost_usd" in sp:
             line += f" (projected for the whole input ${sp['projected_cost_usd']:.2f})"
         if sp.get("requests"):

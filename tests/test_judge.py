@@ -22,9 +22,9 @@ def judge_server():
         yield server
 
 
-def judge_cfg(server, type_="judge", **judge):
+def judge_cfg(server, type_="judge", model_keys=None, **judge):
     model = {"name": "mock-judge", "base_url": server.url, "timeout_s": 2, "max_retries": 2,
-             "base_retry_wait_s": 0.01, "api_key_env": None}
+             "base_retry_wait_s": 0.01, "api_key_env": None, **(model_keys or {})}
     cfg = {"input": "x", "output": "y", "model": {"name": "m"},
            "verifier": {"type": type_, "judge": {"model": model, **judge}}}
     from sft_ray.config import RunConfig
@@ -185,3 +185,82 @@ def test_judge_and_composite_through_the_pipeline(tmp_path, judge_server):
     assert stats["metrics"]["judge.reward"] == pytest.approx(1 / 3)
     assert stats["metrics"]["judge.judge_calls"] == 1.0
     assert stats["errors_by_type"] == {"judge_error": 1}
+
+
+# -- a reasoning model as the judge, and the judge's price (issue 12) ---------------------------------
+
+def test_a_judge_that_refuses_temperature_names_its_own_key_and_omit_params_fixes_it(judge_server):
+    refusing = build_verifier(judge_cfg(judge_server, model_keys={"name": "mock-judge-reasoning"}))
+    out = judged(refusing, "Paris", expected_answer="Paris")
+    assert out["reward"] is None and out["error"]["type"] == "judge_error"
+    assert "set verifier.judge.model.omit_params: [temperature]" in out["error"]["message"]
+    fixed = build_verifier(judge_cfg(judge_server, model_keys={
+        "name": "mock-judge-reasoning", "omit_params": ["temperature"], "max_tokens_field": "max_completion_tokens"}))
+    out = judged(fixed, "Paris", expected_answer="Paris")
+    assert out["reward"] == 1.0, out
+    body = judge_server.state.bodies[-1]
+    assert "temperature" not in body and body["max_completion_tokens"] == 1024
+
+
+def test_judge_pricing_gives_each_row_its_judge_cost(judge_server):
+    plain = judged(build_verifier(judge_cfg(judge_server)), "Paris", expected_answer="Paris")
+    assert "judge_cost_usd" not in plain["metrics"]  # no pricing: no cost metric
+    priced = build_verifier(judge_cfg(judge_server, pricing={"input_per_mtok": 2.0, "output_per_mtok": 8.0},
+                                      check_twice_swap=True))
+    m = judged(priced, "Paris", expected_answer="Paris")["metrics"]
+    assert m["judge_calls"] == 2 and m["judge_output_tokens"] == 8  # "Checked both answers. [[A=B]]" twice
+    assert m["judge_cost_usd"] == pytest.approx((m["judge_input_tokens"] * 2.0 + 8 * 8.0) / 1e6)
+
+
+def test_spend_shows_the_judge_apart_and_in_the_total():
+    from sft_ray.cost import spend_summary
+    from sft_ray.stats import StatsAccumulator, format_report
+
+    acc = StatsAccumulator()
+    for i in range(4):
+        acc.add({"id": str(i), "sample_index": 0, "reward": 1.0, "usage": {"input_tokens": 100, "output_tokens": 50},
+                 "metrics": {"judge.judge_input_tokens": 300, "judge.judge_output_tokens": 4,
+                             "judge.judge_cost_usd": 0.25}}, failed=False)
+    stats = {**acc.result(), "expected": 8}
+    manifest = {"config": {"pricing": {"input_per_mtok": 1000.0, "output_per_mtok": 4000.0}}}
+    spend = spend_summary(stats, manifest)
+    assert spend["cost_usd"] == pytest.approx(4 * (100 * 1000 + 50 * 4000) / 1e6)  # generation: 1.2
+    assert spend["judge_cost_usd"] == pytest.approx(1.0)
+    assert spend["judge_input_tokens"] == 1200 and spend["judge_output_tokens"] == 16
+    assert spend["total_cost_usd"] == pytest.approx(2.2)
+    assert spend["projected_cost_usd"] == pytest.approx(4.4)  # half the samples done: the total, doubled
+    assert "spend: $2.2000 (generation $1.2000, judge $1.0000)" in format_report({**acc.result(), "spend": spend})
+    unpriced = StatsAccumulator()
+    unpriced.add({"id": "a", "sample_index": 0, "reward": 1.0, "metrics": {"judge_input_tokens": 3}}, failed=False)
+    spend = spend_summary(unpriced.result(), manifest)
+    assert "judge_cost_usd" not in spend and spend["total_cost_usd"] == spend["cost_usd"] == 0
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_reasoning_models_and_judge_cost_through_the_pipeline(tmp_path, judge_server):
+    """Generation and judge both refuse temperature; omit_params keeps them out of every request
+    and out of the rollouts' sampling_params; stats.json prices the judge apart and in the total."""
+    rows = [{"prompt": "Paris", "expected_answer": "Paris"}, {"prompt": "Lyon", "expected_answer": "Paris"},
+            {"prompt": "four", "expected_answer": "four"}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    judge_model = {"name": "mock-judge-reasoning", "base_url": judge_server.url, "timeout_s": 2, "max_retries": 1,
+                   "api_key_env": None, "omit_params": ["temperature"], "max_tokens_field": "max_completion_tokens"}
+    cfg = make_config(tmp_path, judge_server, inp, "model.name=mock-reasoning", "model.omit_params=[temperature,top_p]",
+                      "model.max_tokens_field=max_completion_tokens", "verifier.type=judge",
+                      f"verifier.judge={json.dumps({'model': judge_model})}",
+                      "verifier.judge.pricing.input_per_mtok=100", "verifier.judge.pricing.output_per_mtok=1000",
+                      "pricing.input_per_mtok=10", "pricing.output_per_mtok=20")
+    from sft_ray.pipeline import run
+
+    assert run(cfg, say=lambda s: None) == 0
+    assert judge_server.state.by_status == {200: 6}  # 3 generations, 3 verdicts, no 400
+    done = read_rows(tmp_path / "run" / "rollouts")
+    assert sorted(r["reward"] for r in done) == [0.0, 1.0, 1.0]
+    assert all("temperature" not in r["sampling_params"] and "top_p" not in r["sampling_params"] for r in done)
+    assert all(r["sampling_params"]["max_output_tokens"] == 1024 for r in done)
+    spend = json.loads((tmp_path / "run" / "stats.json").read_text())["spend"]
+    judge_in = sum(r["metrics"]["judge_input_tokens"] for r in done)
+    assert spend["judge_input_tokens"] == judge_in and spend["judge_output_tokens"] == 3 * 4
+    assert spend["judge_cost_usd"] == pytest.approx((judge_in * 100 + 12 * 1000) / 1e6)
+    assert spend["cost_usd"] == pytest.approx(3 * (1 * 10 + 1 * 20) / 1e6)  # one word in, one out per row
+    assert spend["total_cost_usd"] == pytest.approx(spend["cost_usd"] + spend["judge_cost_usd"])

@@ -8,13 +8,13 @@ import time
 import pytest
 
 from sft_ray.backends.base import GenerationRequest, Secret
-from sft_ray.backends.openai import OpenAIBackend
-from sft_ray.config import ModelConfig
+from sft_ray.backends.openai import OpenAIBackend, refused_param, request_timeout_s
+from sft_ray.config import ConfigError, ModelConfig, config_fingerprint, load_config
 from sft_ray.devserver import MockConfig, MockServer
 
 
 def backend(server, **kw):
-    model = ModelConfig(name="mock", base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
+    model = ModelConfig(name=kw.pop("name", "mock"), base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
                         base_retry_wait_s=0.01, max_retry_wait_s=kw.pop("max_retry_wait_s", 0.5), **kw).model_dump()
     model["api_key"] = Secret("sk-test-SECRET-123")
     return OpenAIBackend(model, max_in_flight=8)
@@ -105,3 +105,104 @@ def test_in_flight_limit_per_backend(mock_server):
         results = gen(b, [f"p{i}" for i in range(20)])
         assert all(r.error is None for r in results)
         assert slow.state.max_in_flight <= 4
+
+
+# -- reasoning models (issue 12, item 5) ------------------------------------------------------------
+
+REASONING_PARAMS = {"temperature": 0.7, "top_p": 0.9, "max_output_tokens": 5, "seed": 3}
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_refused_parameter_fails_once_with_the_config_key_to_set(api, mock_server):
+    """A reasoning model answers 400 naming temperature (as OpenAI does): not retried, and the
+    row's error says which key stops sending it."""
+    [r] = gen(backend(mock_server, name="mock-reasoning", api=api), ["two plus two"], REASONING_PARAMS)
+    assert r.error["type"] == "client_error" and r.attempts == 1
+    assert r.error["message"].startswith("the model refuses 'temperature': set model.omit_params: [temperature] ")
+    assert "Unsupported parameter: 'temperature'" in r.error["message"]  # the server's own words follow
+    assert mock_server.state.by_status[400] == 1
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_omit_params_never_sends_them(api, mock_server):
+    mock_server.state.keep_bodies = 5
+    b = backend(mock_server, name="mock-reasoning", api=api, omit_params=["temperature", "top_p"],
+                max_tokens_field="max_completion_tokens")
+    [r] = gen(b, ["one two three four five six"], REASONING_PARAMS)
+    assert r.error is None, r.error
+    assert r.text == "one two three four five" and r.finish_reason == "length"
+    body = mock_server.state.bodies[-1]
+    assert "temperature" not in body and "top_p" not in body
+    limit = "max_completion_tokens" if api == "chat" else "max_output_tokens"
+    assert body[limit] == 5 and "max_tokens" not in body
+    assert mock_server.state.by_status == {200: 1}
+
+
+def test_a_refused_max_tokens_points_at_max_tokens_field(mock_server):
+    b = backend(mock_server, name="mock-reasoning", omit_params=["temperature", "top_p"])
+    [r] = gen(b, ["x"], REASONING_PARAMS)
+    assert r.error["type"] == "client_error"
+    assert r.error["message"].startswith("the model refuses 'max_tokens': set model.max_tokens_field: "
+                                         "max_completion_tokens")
+
+
+def test_the_advice_keeps_what_is_already_omitted(mock_server):
+    b = backend(mock_server, name="mock-reasoning", omit_params=["temperature"], api="responses")
+    [r] = gen(b, ["x"], REASONING_PARAMS)
+    assert r.error["message"].startswith("the model refuses 'top_p': set model.omit_params: [temperature, top_p]")
+
+
+def test_refused_parameter_is_read_from_code_and_from_words():
+    body = b'{"error": {"message": "x", "param": "top_p", "code": "unsupported_parameter"}}'
+    assert refused_param(body) == "top_p"
+    words = (b'{"error": {"message": "Unsupported value: \'temperature\' does not support 0.7 with this model. '
+             b'Only the default (1) value is supported.", "code": null}}')
+    assert refused_param(words) == "temperature"
+    assert refused_param(b'{"error": {"message": "This model\'s maximum context length is 8 tokens"}}') is None
+    assert refused_param(b"not json") is None
+
+
+def test_omit_params_names_sampling_keys_and_leaves_the_fingerprint_alone():
+    base = ["input=x", "output=y", "model.name=o3"]
+    cfg = load_config(None, base + ["model.omit_params=[temperature, top_p, temperature]"])
+    assert cfg.model.omit_params == ["temperature", "top_p"]
+    with pytest.raises(ConfigError, match="model.omit_params: .*not a responses_create_params key: temprature"):
+        load_config(None, base + ["model.omit_params=[temprature]"])
+    with pytest.raises(ConfigError, match="omit_params applies to the openai backend"):
+        load_config(None, ["input=x", "output=y", "model.backend=vllm", "model.omit_params=[top_p]"])
+    # A judge's server-compatibility and price keys may change on a resume (they are not what it produces).
+    judge = ["verifier.type=judge", "verifier.judge.model.name=j"]
+    plain = config_fingerprint(load_config(None, base + judge))
+    tuned = config_fingerprint(load_config(None, base + judge + [
+        "verifier.judge.model.omit_params=[temperature]", "verifier.judge.pricing.input_per_mtok=3",
+        "verifier.judge.model.timeout_per_1k_output_tokens_s=60"]))
+    assert plain == tuned
+    assert plain != config_fingerprint(load_config(None, base + judge + ["verifier.judge.template=score"]))
+
+
+def test_request_timeout_scales_with_the_requested_output_tokens():
+    model = ModelConfig(name="m", timeout_s=120).model_dump()
+    assert request_timeout_s(model, {}) == 120  # no limit asked: the base
+    assert request_timeout_s(model, {"max_output_tokens": 1024}) == 120  # small requests: as before
+    assert request_timeout_s(model, {"max_output_tokens": 32768}) == pytest.approx(120 + 20 * 31.744)
+    model["timeout_per_1k_output_tokens_s"] = 0
+    assert request_timeout_s(model, {"max_output_tokens": 32768}) == 120
+
+
+def test_a_long_answer_outlives_the_fixed_timeout_with_a_scaled_one(mock_server):
+    """0.8 s to answer: a fixed 0.3 s times out; 0.3 s + 1 s per 1000 tokens past 1024 (for 2024
+    asked: 1.3 s) lets it finish; a scale too small fails with the computed deadline in the message."""
+    params = {"max_output_tokens": 2024, "seed": 1}
+    fixed = backend(mock_server, timeout_s=0.3, max_retries=0, timeout_per_1k_output_tokens_s=0)
+    [r] = gen(fixed, ["slow [[sleep:0.8]]"], params)
+    assert r.error["type"] == "timeout" and r.error["message"] == "no complete response within 0.3 s (model.timeout_s)"
+    t0 = time.perf_counter()
+    scaled = backend(mock_server, timeout_s=0.3, max_retries=0, timeout_per_1k_output_tokens_s=1.0)
+    [r] = gen(scaled, ["slow [[sleep:0.8]]"], params)
+    assert r.error is None, r.error
+    assert r.text == "slow [[sleep:0.8]]" and time.perf_counter() - t0 >= 0.8
+    short = backend(mock_server, timeout_s=0.3, max_retries=0, timeout_per_1k_output_tokens_s=0.2)
+    [r] = gen(short, ["slow [[sleep:0.8]]"], params)
+    assert r.error["type"] == "timeout"
+    assert r.error["message"] == ("no complete response within 0.5 s (model.timeout_s 0.3 + 0.2 s per 1000 of "
+                                  "the 2024 requested output tokens beyond 1024)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from typing import Any
 
 import aiohttp
@@ -16,15 +17,64 @@ import orjson
 
 from sft_ray.backends import retry
 from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.config import SamplingConfig
 from sft_ray.errors import BUDGET_EXHAUSTED
 from sft_ray.messages import arguments_text, to_responses_input, tool_choice_to_responses, tool_to_responses
 from sft_ray.ratelimit import Limiter, Permit
+from sft_ray.rows import drop_params
 
 # responses_create_params keys that Chat Completions understands under the same name.
 _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_penalty", "logit_bias",
               "logprobs", "top_logprobs", "user", "reasoning_effort", "service_tier", "metadata", "store"}
 # Responses API has no seed; everything else in responses_create_params is passed through.
 _RESPONSES_DROP = {"seed", "reasoning_effort"}
+# What model.omit_params may name: the keys of responses_create_params.
+_OMITTABLE = frozenset(SamplingConfig.model_fields)
+# Requested output tokens that model.timeout_s covers alone; past them, timeout_per_1k_output_tokens_s adds time.
+TIMEOUT_BASE_TOKENS = 1024
+# OpenAI's words for a body field a model refuses: "Unsupported parameter: 'temperature' is not supported
+# with this model." / "Unsupported value: 'temperature' does not support 0.7 with this model."
+_UNSUPPORTED = re.compile(r"unsupported (?:parameter|value):?\s*'([A-Za-z_.]+)'", re.IGNORECASE)
+
+
+def request_timeout_s(model: dict[str, Any], params: dict[str, Any]) -> float:
+    """The whole-request deadline: ``timeout_s``, plus ``timeout_per_1k_output_tokens_s`` for every
+    1000 output tokens the request asks for beyond :data:`TIMEOUT_BASE_TOKENS`."""
+    base = float(model["timeout_s"])
+    asked = params.get("max_output_tokens")
+    per_1k = float(model.get("timeout_per_1k_output_tokens_s") or 0.0)
+    if not isinstance(asked, int) or not per_1k:
+        return base
+    return base + per_1k * max(0, asked - TIMEOUT_BASE_TOKENS) / 1000
+
+
+def refused_param(body: bytes) -> str | None:
+    """The request field a 400 says the model does not support (OpenAI's ``param`` with code
+    ``unsupported_parameter`` / ``unsupported_value``, or those words in the message), or None."""
+    try:
+        err = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        err = None
+    if isinstance(err, dict) and str(err.get("code")) in ("unsupported_parameter", "unsupported_value") \
+            and isinstance(err.get("param"), str) and err["param"]:
+        return err["param"]
+    m = _UNSUPPORTED.search(body[:2000].decode("utf-8", "replace"))
+    return m.group(1) if m else None
+
+
+def refused_param_advice(param: str, model: dict[str, Any]) -> str:
+    """What to set when the server refuses the body field ``param``, naming the config key."""
+    section = model.get("config_key") or "model"
+    if param in ("max_tokens", "max_completion_tokens"):
+        other = "max_completion_tokens" if param == "max_tokens" else "max_tokens"
+        return f"the model refuses '{param}': set {section}.max_tokens_field: {other}"
+    if param in (model.get("extra_body") or {}):
+        return f"the model refuses '{param}': remove it from {section}.extra_body"
+    if param not in _OMITTABLE:
+        return f"the model refuses the request field '{param}'"
+    omit = list(dict.fromkeys([*(model.get("omit_params") or []), param]))
+    return (f"the model refuses '{param}': set {section}.omit_params: [{', '.join(omit)}] "
+            f"so it is never sent")
 
 
 def close_session_now(session: aiohttp.ClientSession | None) -> None:
@@ -167,6 +217,15 @@ class OpenAIBackend(Backend):
             text = text.replace(secret, "***") if secret else text
         return text
 
+    def _omit(self, req: GenerationRequest) -> GenerationRequest:
+        """The request without the keys ``omit_params`` names (tool_choice and parallel_tool_calls too)."""
+        omit = self.model.get("omit_params")
+        if not omit:
+            return req
+        return GenerationRequest(req.messages, drop_params(req.params, omit), req.request_id, req.tools,
+                                 None if "tool_choice" in omit else req.tool_choice,
+                                 None if "parallel_tool_calls" in omit else req.parallel_tool_calls)
+
     def _body(self, req: GenerationRequest) -> bytes:
         if self.api == "chat":
             body = chat_body(self.model.get("name"), req, self.model.get("send_seed", True),
@@ -176,18 +235,32 @@ class OpenAIBackend(Backend):
         body.update(self.model.get("extra_body") or {})
         return orjson.dumps(body)
 
-    async def _attempt(self, payload: bytes, permit: Permit | None = None,
-                       ) -> tuple[GenerationResult | None, str | None, str, float | None]:
+    def _timeout_words(self, deadline: float, params: dict[str, Any]) -> str:
+        section = self.model.get("config_key") or "model"
+        if deadline == self.model["timeout_s"]:
+            return f"{section}.timeout_s"
+        return (f"{section}.timeout_s {self.model['timeout_s']:g} + "
+                f"{self.model['timeout_per_1k_output_tokens_s']:g} s per 1000 of the "
+                f"{params['max_output_tokens']} requested output tokens beyond {TIMEOUT_BASE_TOKENS}")
+
+    async def _attempt(self, payload: bytes, permit: Permit | None = None, timeout_s: float | None = None,
+                       timeout_words: str = "") -> tuple[GenerationResult | None, str | None, str, float | None]:
         """One HTTP attempt: (result, error class, message, Retry-After seconds)."""
         assert self._session is not None, "start() was not called"
+        deadline = float(timeout_s if timeout_s is not None else self.model["timeout_s"])
+        timeout = aiohttp.ClientTimeout(total=deadline, sock_connect=self.model["connect_timeout_s"])
         try:
-            async with self._session.post(self.url, data=payload) as resp:
+            async with self._session.post(self.url, data=payload, timeout=timeout) as resp:
                 raw = await resp.read()
                 if permit is not None:
                     permit.headers = resp.headers  # x-ratelimit-* for the limiter
                 if resp.status >= 400:
                     text = raw[:300].decode("utf-8", "replace")
-                    return (None, retry.classify_status(resp.status, text), f"HTTP {resp.status}: {text}",
+                    message = f"HTTP {resp.status}: {text}"
+                    param = refused_param(raw) if resp.status in (400, 422) else None
+                    if param:  # the advice first: row error messages are capped
+                        message = f"{refused_param_advice(param, self.model)} ({message})"
+                    return (None, retry.classify_status(resp.status, text), message,
                             retry.parse_retry_after(resp.headers.get("Retry-After")))
                 try:
                     data = orjson.loads(raw)
@@ -199,14 +272,18 @@ class OpenAIBackend(Backend):
                     return None, retry.BAD_RESPONSE, str(e), None
                 return result, None, "", None
         except asyncio.TimeoutError:
-            return None, retry.TIMEOUT, f"no complete response within {self.model['timeout_s']} s", None
+            return (None, retry.TIMEOUT, f"no complete response within {deadline:g} s"
+                    + (f" ({timeout_words})" if timeout_words else ""), None)
         except aiohttp.ClientConnectionError as e:
             return None, retry.CONNECTION_ERROR, f"{type(e).__name__}: {e}", None
         except aiohttp.ClientError as e:
             return None, retry.BAD_RESPONSE, f"{type(e).__name__}: {e}", None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        request = self._omit(request)
         payload = self._body(request)
+        deadline = request_timeout_s(self.model, request.params)
+        words = self._timeout_words(deadline, request.params)
         max_attempts = 1 + int(self.model.get("max_retries", 6))
         for attempt in range(1, max_attempts + 1):
             permit = None
@@ -214,7 +291,7 @@ class OpenAIBackend(Backend):
                 permit = await self.limiter.acquire(len(payload) / 4, request.params.get("max_output_tokens") or 1024)
                 if permit.refused:
                     return error_result(BUDGET_EXHAUSTED, permit.refused, attempts=attempt)
-            result, kind, message, retry_after = await self._attempt(payload, permit)
+            result, kind, message, retry_after = await self._attempt(payload, permit, deadline, words)
             if permit is not None:  
                 self.limiter.report(permit, kind, result.usage if result else None, retry_after)
             if result is not None:

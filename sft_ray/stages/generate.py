@@ -37,7 +37,7 @@ from sft_ray.environments.base import EnvironmentFailure
 from sft_ray.journal import JournalSpec
 from sft_ray.placement import placement_group_fn, release_own_placement_group
 from sft_ray.rejection import PromptDraws, draw_prompt
-from sft_ray.rows import InputError, prompt_messages, prompt_tools, sampling_params, split_input
+from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
 from sft_ray.stages.score import ScoreStage
 
@@ -206,7 +206,7 @@ class GenerateStage:
         except InputError as e:  # cannot happen for rows that passed the read stage
             return build_rollout(row, rid, k, [], {}, self.model_name, error_result(errors.BAD_INPUT, str(e)),
                                  self.node_id)
-        params = sampling_params(row, self.sampling, rid, k)
+        params = drop_params(sampling_params(row, self.sampling, rid, k), self.model.get("omit_params"))
         t0 = time.perf_counter()
         if not tools.get("tools") and self.environment is None:
             result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))

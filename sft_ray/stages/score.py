@@ -160,15 +160,16 @@ def verifier_payload(verifier) -> dict[str, Any]:
     key read on the driver (as the generation model's is) and carried as a Secret."""
     from sft_ray.backends.base import Secret
 
-    def walk(section, data: dict[str, Any]) -> None:
+    def walk(section, data: dict[str, Any], path: str) -> None:
         if section.judge is not None:
             data["judge"]["model"]["api_key"] = Secret(section.judge.model.api_key())
             data["judge"]["model"]["secret_headers"] = Secret(section.judge.model.secret_headers())
-        for sub, sub_data in zip(section.components, data["components"]):
-            walk(sub, sub_data)
+            data["judge"]["model"]["config_key"] = f"{path}.judge.model"  # for error advice
+        for i, (sub, sub_data) in enumerate(zip(section.components, data["components"])):
+            walk(sub, sub_data, f"{path}.components.{i}")
 
     data = verifier.model_dump()
-    walk(verifier, data)
+    walk(verifier, data, "verifier")
     return data
 
 

@@ -14,7 +14,8 @@ Templates (``verifier.judge.template``):
 A verdict that cannot be read is asked for again (``max_parse_retries``, each with a new
 seed), then the row is a ``judge_error``, as is a judge call that fails after the
 backend's own retries: no verdict is never a reward of 0. The raw verdict, the judge's
-tokens and latency are kept as metrics (``judge_*``).
+tokens and latency are kept as metrics (``judge_*``), and with ``verifier.judge.pricing``
+the cost of the row's judge calls (``judge_cost_usd``), which stats.json's ``spend`` sums.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class Judge:
         self.cfg = cfg
         self.jc = jc
         self.model = dict(jc["model"])
+        self.model.setdefault("config_key", "verifier.judge.model")  # named in advice on a refused parameter
+        self.pricing = {k: float(v or 0) for k, v in (jc.get("pricing") or {}).items()}
         if not isinstance(self.model.get("api_key"), Secret):  # built outside the pipeline: the env var, here
             env = self.model.get("api_key_env")
             self.model["api_key"] = Secret(os.environ.get(env) if env else None)
@@ -193,6 +196,11 @@ class Judge:
             out["judge_verdict_swapped"] = verdicts[1][1][-500:]
             out["judge_swap_agrees"] = float(verdicts[0][0] == verdicts[1][0])
         stats["judge_latency_s"] = round(stats["judge_latency_s"], 4)
+        if any(self.pricing.values()):  # verifier.judge.pricing: summed into stats.json's spend
+            from sft_ray.cost import cost_usd
+
+            stats["judge_cost_usd"] = cost_usd(stats["judge_input_tokens"], stats["judge_output_tokens"],
+                                               self.pricing)
         out.update(stats)
         return out
 
