@@ -25,10 +25,11 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     from sft_ray.resume import done_keys
 
     inputs = scan_input(cfg)
-    total = inputs.rows * cfg.num_repeats
+    rej = cfg.rejection
+    # Samples per prompt: fixed, or with rejection sampling as many as the pilot's prompts took.
+    per_prompt = float(cfg.num_repeats)
     done = len(done_keys(cfg.output)) if io.exists(cfg.output) else 0
-    todo = max(0, total - done)
-    pilot_rows = max(1, math.ceil(pilot_samples / cfg.num_repeats))  # read.limit: the first rows of the input
+    pilot_rows = max(1, math.ceil(pilot_samples / (rej.target_passing if rej.active else cfg.num_repeats)))
     tmp = tempfile.mkdtemp(prefix="sft-ray-pilot-")
     try:
         pilot = cfg.model_copy(deep=True)
@@ -40,6 +41,10 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = max(1, stats["samples"])
+    if rej.active:
+        per_prompt = stats["samples"] / max(1, (stats.get("rejection") or {}).get("prompts") or 1)
+    total = math.ceil(inputs.rows * per_prompt)
+    todo = max(0, total - done)
     tok = stats.get("tokens") or {}
     spend = stats.get("spend") or {}
     per_in, per_out = tok.get("input_tokens", 0) / n, tok.get("output_tokens", 0) / n
@@ -59,7 +64,12 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
              "tokens": plan["input_tokens_planned"] + plan["output_tokens_planned"]}
     if limits:
         plan["minutes_at_rate_limits"] = round(max(needs[k] / v for k, v in limits.items()), 1)
-    say(f"dry run: {total} samples in the input, {done} already done, {todo} to generate")
+    if rej.active:
+        say(f"dry run: rejection sampling took {per_prompt:.2f} samples per prompt in the pilot (at most "
+            f"{rej.max_samples}): about {total} samples for {inputs.rows} prompts, {done} already done, "
+            f"{todo} to generate")
+    else:
+        say(f"dry run: {total} samples in the input, {done} already done, {todo} to generate")
     say(f"pilot: {stats['samples']} samples ({stats['failed']} failed), {per_in:.0f} input and {per_out:.0f} output "
         f"tokens per sample, {per_req:.2f} requests per sample; it cost ${plan['pilot_cost_usd']:.4f}")
     say(f"planned: {plan['requests_planned']} requests, {plan['input_tokens_planned']} input and "

@@ -16,7 +16,7 @@ from tests.conftest import make_config, read_rows, write_jsonl
 
 # Which sample indices pass, per prompt text (the mock echoes the prompt).
 VERIFIER = '''
-PASS = {"always": set(range(99)), "late": {3, 4, 5, 6}, "never": set(), "flaky [[fail:500:1]]": set(range(99))}
+PASS = {"always": set(range(99)), "always-2": set(range(99)), "late": {3, 4, 5, 6}, "never": set(), "flaky [[fail:500:1]]": set(range(99))}
 
 def score(row, response, rollout):
     return float(rollout["sample_index"] in PASS[response])
@@ -147,3 +147,42 @@ def test_draw_prompt_bounds():
     # A failure stops the prompt (what was in flight still comes back).
     ks, _ = _draw(lambda k: False, PromptDraws(), 2, 10, fail={0})
     assert 0 in ks and len(ks) <= 2
+
+
+def test_dry_run_scales_the_samples_per_prompt_the_pilot_took(tmp_path, ray_cluster, mock_server):
+    from sft_ray.dryrun import dry_run
+
+    cfg = _setup(tmp_path, mock_server, ["always", "late", "never", "always-2"],
+                 "rejection.target_passing=2", "rejection.max_samples=5")
+    lines: list[str] = []
+    plan = dry_run(cfg, 4, lines.append)  # a pilot of 2 prompts: always (2 samples) and late (5)
+    assert plan["pilot_samples"] == 7 and plan["samples_total"] == 14
+    assert "3.50 samples per prompt" in "\n".join(lines)
+    assert not (tmp_path / "run").exists()
+
+
+def test_answers_a_killed_run_journaled_count_as_drawn(tmp_path, ray_cluster, mock_server):
+    from sft_ray.journal import JournalSpec
+
+    cfg = _setup(tmp_path, mock_server, ["late"], "rejection.target_passing=1", "rejection.max_samples=3")
+    assert run(cfg, say=lambda s: None) == EXIT_OK
+    run_dir = tmp_path / "run"
+    # As if killed after sample 2's answer came back but before it was written: only in the journal.
+    journal = JournalSpec(str(run_dir)).open()
+    for part in (run_dir / "rollouts").glob("*.jsonl"):
+        kept = []
+        for line in part.read_text().splitlines():
+            row = json.loads(line)
+            if row["sample_index"] == 2:
+                row["reward"] = None
+                row.pop("metrics", None)
+                journal.append(json.dumps(row).encode())
+            else:
+                kept.append(line)
+        part.write_text("".join(k + "\n" for k in kept))
+    journal.close()
+    before = mock_server.state.requests
+    cfg = _setup(tmp_path, mock_server, ["late"], "rejection.target_passing=1", "rejection.max_samples=5")
+    assert run(cfg, say=lambda s: None) == EXIT_OK
+    assert _samples(run_dir) == {"late": [0, 1, 2, 3]}
+    assert mock_server.state.requests - before == 1  # sample 2 came from the journal, scored; only 3 was drawn
