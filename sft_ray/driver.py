@@ -186,18 +186,18 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
 
 
 class Progress:
-    """A progress bar with rows/s on a terminal; a log line every few seconds otherwise
+    """A progress bar with samples/s (prompts/s with rejection sampling) on a terminal; a log line every few seconds otherwise
     (so that `ray job logs` reads well)."""
 
-    def __init__(self, total: int, out=sys.stderr) -> None:
-        self.total, self.out = total, out
+    def __init__(self, total: int, out=sys.stderr, unit: str = "samples") -> None:
+        self.total, self.out, self.unit = total, out, unit
         self.start = time.monotonic()
         self.last_line = 0.0
         self.bar = None
         if out.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="rows", dynamic_ncols=True, file=out, smoothing=0.1)
+            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=out, smoothing=0.1)
 
     def update(self, n: int, done: int, failed: int, mean_reward: float | None) -> None:
         info = {"failed": failed}
@@ -213,7 +213,7 @@ class Progress:
             self.last_line = now
             rate = done / max(now - self.start, 1e-9)
             pct = 100.0 * done / self.total if self.total else 100.0
-            print(f"[sft-ray] {done}/{self.total} samples ({pct:.1f}%), {rate:.1f} rows/s, "
+            print(f"[sft-ray] {done}/{self.total} {self.unit} ({pct:.1f}%), {rate:.1f} {self.unit}/s, "
                   + ", ".join(f"{k} {v}" for k, v in info.items()), file=self.out, flush=True)
 
     def close(self) -> None:

@@ -229,7 +229,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = start.done, start.failed_final
     skip = state.skip()
-    progress, timing = Progress(todo), Timing(todo)
+    progress, timing = Progress(todo, unit="prompts" if draws is not None else "samples"), Timing(todo)
     watch = StallWatch(cfg.resources.stall_warning_s, say)
     finished = False
     try:
