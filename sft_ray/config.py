@@ -35,6 +35,11 @@ def _env_name(header: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in header).upper()
 
 
+# vLLM's StructuredOutputsParams (0.32): the constraint kinds (exactly one is given) and the options.
+_STRUCTURED_KINDS = frozenset({"choice", "regex", "json", "grammar", "json_object", "structural_tag"})
+_STRUCTURED_OPTIONS = frozenset({"disable_any_whitespace", "disable_additional_properties", "whitespace_pattern"})
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -111,7 +116,10 @@ class ModelConfig(_Strict):
         "run folder, logs or error messages.",
     )
     extra_body: dict[str, Any] = Field(
-        default_factory=dict, description="Extra JSON fields merged into every request body."
+        default_factory=dict, description="Extra JSON fields merged into every request body (openai). With vllm "
+        "only `structured_outputs` is read: vLLM's structured output, as its server takes it in a request body "
+        "(one of `choice`, `regex`, `json`, `grammar`, `json_object`, `structural_tag`), e.g. "
+        "`{structured_outputs: {choice: [yes, no]}}`."
     )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -163,6 +171,22 @@ class ModelConfig(_Strict):
             raise ValueError(f"not a responses_create_params key: {', '.join(unknown)} (one of "
                              f"{', '.join(SamplingConfig.model_fields)})")
         return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _vllm_body(self) -> "ModelConfig":
+        if self.backend != "vllm" or not self.extra_body:
+            return self
+        other = sorted(set(self.extra_body) - {"structured_outputs"})
+        if other:
+            raise ValueError(f"extra_body.{other[0]}: with backend vllm, extra_body holds only `structured_outputs` "
+                             "(other keys are HTTP request fields of the openai backend)")
+        so = self.extra_body["structured_outputs"]
+        kinds = [k for k in _STRUCTURED_KINDS if isinstance(so, dict) and so.get(k) not in (None, False)]
+        if not isinstance(so, dict) or len(kinds) != 1 or set(so) - _STRUCTURED_KINDS - _STRUCTURED_OPTIONS:
+            raise ValueError("extra_body.structured_outputs: a mapping with exactly one of "
+                             + ", ".join(sorted(_STRUCTURED_KINDS)) + " (plus vLLM's options "
+                             + ", ".join(sorted(_STRUCTURED_OPTIONS)) + ")")
+        return self
 
     @model_validator(mode="after")
     def _no_literal_credentials(self) -> "ModelConfig":
@@ -262,7 +286,10 @@ class CodeConfig(_Strict):
 class JudgeConfig(_Strict):
     """An LLM judge (`type: judge`, or `type: math` falling back to it)."""
 
-    model: ModelConfig = Field(description="The judge model, with the same keys as the top-level `model` section.")
+    model: ModelConfig = Field(
+        description="The judge model, with the same keys as the top-level `model` section: `backend: openai` (an "
+        "OpenAI-compatible endpoint; `name` required) or `backend: vllm` (an engine in each scoring actor; `name` "
+        "empty: the embedded default model; GPUs: `resources.score_num_gpus`).")
     template: str = Field(
         "equivalence",
         description="`equivalence` (question, reference, candidate -> [[A=B]] / [[A!=B]]), `score` (a rubric -> "
@@ -294,11 +321,9 @@ class JudgeConfig(_Strict):
 
     @model_validator(mode="after")
     def _judge_model(self) -> "JudgeConfig":
-        if self.model.backend != "openai":
-            raise ValueError("verifier.judge.model.backend: only `openai` (any OpenAI-compatible endpoint) is "
-                             "supported for judges")
-        if not self.model.name:
-            raise ValueError("verifier.judge.model.name is required (the name the judge's API serves)")
+        if self.model.backend == "openai" and not self.model.name:
+            raise ValueError("verifier.judge.model.name is required with the openai backend (the name the judge's "
+                             "API serves; backend vllm with no name runs the embedded default model)")
         if self.template not in ("equivalence", "score") and not Path(self.template).is_file():
             raise ValueError(f"verifier.judge.template: not `equivalence`, `score` or an existing file: "
                              f"{self.template}")
@@ -347,6 +372,11 @@ class VerifierConfig(_Strict):
     weight: float = Field(1.0, ge=0, description="composite component: its weight in the mean.")
     name: str | None = Field(None, description="composite component: its metric prefix (default: its type).")
 
+    def vllm_judges(self) -> list[JudgeConfig]:
+        """The judges of this section and its components that run a vLLM engine in the scoring actors."""
+        own = [self.judge] if self.judge is not None and self.judge.model.backend == "vllm" else []
+        return own + [j for c in self.components for j in c.vllm_judges()]
+
     @model_validator(mode="after")
     def _needs(self) -> "VerifierConfig":
         if self.type == "regex" and not self.pattern:
@@ -361,6 +391,9 @@ class VerifierConfig(_Strict):
             raise ValueError("verifier.components: the weights sum to 0")
         if self.judge is not None and self.type not in ("judge", "math"):
             raise ValueError("verifier.judge is used only by the judge and math verifiers")
+        if len(self.vllm_judges()) > 1:
+            raise ValueError("verifier: at most one judge with backend vllm (each would start its own engine in "
+                             "every scoring actor); give the others backend openai, e.g. a vLLM server")
         if self.pattern:
             import re
 
@@ -552,6 +585,10 @@ class ResourcesConfig(_Strict):
     )
     score_actors: int | tuple[int, int] = Field(1, description="Scoring actors: a count or [min, max].")
     score_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per scoring actor.")
+    score_num_gpus: float = Field(
+        0, ge=0, description="GPUs per scoring actor, for a judge with backend vllm (its engine runs in each scoring "
+        "actor; with the judge's tensor_parallel_size > 1 the actor takes none and its engine gets a placement "
+        "group of that many GPUs, as generation does).")
     batch_size: int | None = Field(
         None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
     )
@@ -660,6 +697,10 @@ class RunConfig(_Strict):
             if self.verifier.type == "none":
                 raise ValueError("rejection sampling keeps drawing until samples pass: it needs a verifier "
                                  "(verifier.type is none)")
+            if self.verifier.vllm_judges():
+                raise ValueError("rejection sampling scores each sample in the generation actor, where a vLLM "
+                                 "judge's engine has no place: use a hosted judge (verifier.judge.model.backend: "
+                                 "openai, e.g. a vLLM server)")
             if "min_reward" not in self.filter.model_fields_set:
                 raise ValueError("rejection sampling counts samples with reward >= filter.min_reward as passing: "
                                  "set filter.min_reward (e.g. 1.0)")

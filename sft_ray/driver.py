@@ -14,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 
@@ -159,10 +159,17 @@ class Writers:
         self.bad.close()
 
 
+ScoreBatches = Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]]
+
+
 def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state: FolderState,
-                    writers: Writers) -> int:
+                    writers: Writers, remote: ScoreBatches | None = None) -> int:
     """Score and write what the generation journal holds beyond the folder's results (what a
-    killed run had generated but not yet written), calling no model. Returns how many."""
+    killed run had generated but not yet written), calling no model. Returns how many.
+
+    Scored here, in this process, unless ``remote`` is given: a function that takes the
+    score stage's input batches and yields its output batches elsewhere (the pipeline's score
+    actors, for a judge that runs an engine: :func:`sft_ray.pipeline.remote_scorer`)."""
     from sft_ray.journal import read_journal
     from sft_ray.stages.score import ScoreStage
 
@@ -170,16 +177,27 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
     rows = [r for r in read_journal(run_dir, skip) if str(r["id"]) in ids]
     if not rows:
         return 0
+    batches = [{"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
+                "rollout": [orjson.dumps(r).decode() for r in chunk], "failed": [False] * len(chunk),
+                "ready_at": [0.0] * len(chunk)}
+               for chunk in (rows[i:i + 256] for i in range(0, len(rows), 256))]
+
+    def write(out: dict[str, Any]) -> None:
+        keys = [(str(rid), int(k)) for rid, k in zip(out["id"], out["sample_index"])]
+        writers.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]))
+
+    if remote is not None:
+        for out in remote(batches):
+            write(out)
+        return len(rows)
     scorer = ScoreStage(verifier)
 
     async def score_all() -> None:  # one event loop for every chunk: the stage's semaphore lives in it
-        for i in range(0, len(rows), 256):
-            chunk = rows[i:i + 256]
-            out = await scorer({"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
-                                "rollout": [orjson.dumps(r).decode() for r in chunk],
-                                "failed": [False] * len(chunk), "ready_at": [None] * len(chunk)})
-            writers.write([(str(r["id"]), int(r["sample_index"])) for r in chunk], out["rollout"], out["failed"],
-                          out["reward"])
+        try:
+            for batch in batches:
+                write(await scorer(batch))
+        finally:
+            await scorer.close()  # the judge's connections, in the loop they belong to
 
     asyncio.run(score_all())
     return len(rows)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pyarrow.compute as pc
 
@@ -116,11 +116,15 @@ def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
     certainly a forgotten `resources.generate_num_gpus` (the engine would see no GPU)."""
     import ray
 
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        return
     if cfg.model.backend == "vllm" and cfg.model.tensor_parallel_size == 1 and not cfg.resources.generate_num_gpus:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus:
-            say(f"warning: the cluster has {gpus:g} GPU(s) but generation actors ask for none; "
-                "set resources.generate_num_gpus=1 to run each engine on a GPU")
+        say(f"warning: the cluster has {gpus:g} GPU(s) but generation actors ask for none; "
+            "set resources.generate_num_gpus=1 to run each engine on a GPU")
+    if any(j.model.tensor_parallel_size == 1 for j in cfg.verifier.vllm_judges()) and not cfg.resources.score_num_gpus:
+        say(f"warning: the cluster has {gpus:g} GPU(s) but scoring actors ask for none; "
+            "set resources.score_num_gpus=1 to run the judge's engine on a GPU")
 
 
 def check_plugins(cfg: RunConfig) -> None:
@@ -135,6 +139,30 @@ def check_plugins(cfg: RunConfig) -> None:
             build(section)
         except Exception as e:
             raise RunError(f"{what}: {e}") from None
+
+
+def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]] | None:
+    """For a judge with its own vLLM engine: score the journal's rollouts in the score stage's
+    actors (their GPUs or placement group; one engine each, gone with the actor) rather than
+    on the driver, which may have no GPU. None otherwise (the driver scores them itself)."""
+    if not cfg.verifier.vllm_judges():
+        return None
+
+    def score(batches: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        import ray.data
+
+        from sft_ray.stages import score as score_stage
+
+        init_ray(cfg)
+        rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
+        ds = score_stage.STAGE.apply(ray.data.from_items(rows), cfg, {})
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield {k: out.column(k).to_pylist() for k in ("id", "sample_index", "rollout", "failed")}
+        finally:
+            release_placement_groups()  # a tensor-parallel judge's groups
+
+    return score
 
 
 def stages() -> list:
@@ -191,7 +219,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     session = Session(manifest, 0)
     writers = Writers(cfg.output, session.number, state)
     # What a killed run had generated but not written: scored from the journal, not sent again.
-    recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
+    recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
+                                remote_scorer(cfg))
     start = completion(cfg, inputs, state)
     todo = start.todo
     draws = None
@@ -259,7 +288,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         watch.close()
         progress.close()
         if finished:  # answers in flight at an early stop are in the journal: keep them
-            recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers)
+            recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
+                            remote_scorer(cfg))
         writers.close()
         release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
         ratelimit.end_session(session.record)  # this run's spend; "budget" when the budget stopped it

@@ -1,8 +1,9 @@
 """Placement groups for tensor-parallel replicas, made with their actor and removed with it.
 
 A vLLM replica with ``tensor_parallel_size > 1`` spans several GPUs: Ray Data calls
-:func:`placement_group_fn`'s function once per generation actor it creates, and the
-actor (and vLLM's workers, through ``placement_group_capture_child_tasks``) run in
+:func:`placement_group_fn`'s function once per actor it creates (generation actors, and
+scoring actors of a vLLM judge; :func:`replica_args` gives both stages their wiring), and
+the actor (and vLLM's workers, through ``placement_group_capture_child_tasks``) run in
 that group. Ray removes a job's placement groups only when the job ends, so when an
 elastic pool shrinks, the group of a released actor would keep its GPUs reserved (and
 the autoscaler would keep their node) for the rest of the run. Ray Data releases an
@@ -41,6 +42,18 @@ def placement_group_fn(tp: int, bundle: dict[str, float] | None = None) -> Calla
             pg, placement_group_capture_child_tasks=True)}
 
     return fn
+
+
+def replica_args(model: dict[str, Any], num_gpus: float | None) -> tuple[dict[str, Any], float | None, dict[str, Any]]:
+    """A vLLM engine's actor resources: (model section for the actor, ``num_gpus`` of the actor,
+    extra ``map_batches`` arguments). With ``tensor_parallel_size`` 1 the actor takes ``num_gpus``;
+    above, one replica spans tp GPUs: the actor itself takes none, and vLLM's Ray executor places
+    its tp workers in a placement group made for this actor (as ray.data.llm does)."""
+    tp = int((model.get("engine_kwargs") or {}).get("tensor_parallel_size") or 1)
+    if tp <= 1:
+        return model, num_gpus or None, {}
+    model = {**model, "engine_kwargs": {**model["engine_kwargs"], "distributed_executor_backend": "ray"}}
+    return model, None, {"ray_remote_args_fn": placement_group_fn(tp)}
 
 
 def release_own_placement_group() -> bool:

@@ -54,7 +54,7 @@ def describe_wait() -> str:
         all(n.available_resources().get(k, 0) >= v for k, v in b.bundle.items()) for n in nodes)]
     if unplaceable:
         lines.append("no node has that free: lower resources.generate_num_cpus / score_num_cpus / generate_num_gpus "
-                     "(or the actor counts), or add nodes with those resources")
+                     "/ score_num_gpus (or the actor counts), or add nodes with those resources")
     return "\n".join(lines)
 
 

@@ -116,3 +116,65 @@ def test_validate_command_reports_bad_rows_and_verifier(tmp_path):
     assert f"{inp}:3: field expected_answer: missing" not in proc.stderr  # python verifier needs none
     assert "verifier: verifier.function: cannot import 'no_such_mod_q'" in proc.stderr
     assert not (tmp_path / "out").exists()  # validate writes nothing
+
+
+JUDGE = ["input=x", "output=o", "model.name=m", "verifier.type=judge"]
+
+
+def test_vllm_judge_takes_the_model_sections_keys(tmp_path):
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    cfg = load_config(None, JUDGE + ["verifier.judge.model.backend=vllm", f"verifier.judge.model.chat_template={tpl}",
+                                     "verifier.judge.model.engine_kwargs={max_model_len: 1024, dtype: float32}",
+                                     "verifier.judge.model.extra_body={structured_outputs: {choice: ['[[A=B]]', "
+                                     "'[[A!=B]]']}}", "resources.score_num_gpus=1"])
+    judge = cfg.verifier.judge
+    assert judge.model.name is None  # the embedded default model
+    assert judge.model.chat_template.startswith("{% for m")  # read from the file, as for `model`
+    assert cfg.verifier.vllm_judges() == [judge] and cfg.resources.score_num_gpus == 1
+    # math with a vLLM judge fallback, and one vLLM judge beside openai ones in a composite
+    load_config(None, ["input=x", "output=o", "model.name=m", "verifier.type=math",
+                       "verifier.judge.model.backend=vllm"])
+    comps = ('[{type: judge, judge: {model: {backend: vllm}}}, '
+             '{type: judge, judge: {model: {name: j, base_url: "http://h/v1"}}}]')
+    mixed = load_config(None, ["input=x", "output=o", "model.name=m", "verifier.type=composite",
+                               f"verifier.components={comps}"])
+    assert len(mixed.verifier.vllm_judges()) == 1
+    assert load_config(None, JUDGE + ["verifier.judge.model.name=j"]).verifier.vllm_judges() == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["verifier.judge.model.base_url=http://h/v1"], "verifier.judge.model.name is required with the openai backend"),
+        (["verifier.judge.model.backend=vllm", "verifier.judge.model.extra_body={temperature: 0}"],
+         "extra_body.temperature: with backend vllm, extra_body holds only `structured_outputs`"),
+        (["verifier.judge.model.backend=vllm",
+          "verifier.judge.model.extra_body={structured_outputs: {choice: [a], regex: b}}"], "exactly one of"),
+        (["verifier.judge.model.backend=vllm", "verifier.judge.model.extra_body={structured_outputs: {chose: [a]}}"],
+         "exactly one of"),
+        (["verifier.judge.model.backend=vllm", "verifier.judge.model.engine_kwargs.tensor_parallel_size=0"],
+         "tensor_parallel_size must be a positive integer"),
+        (["verifier.judge.model.backend=llama"], "verifier.judge.model.backend"),
+        (["resources.score_num_gpus=-1"], "resources.score_num_gpus"),
+    ],
+)
+def test_judge_model_combinations_that_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, JUDGE + overrides)
+    assert message in str(e.value)
+
+
+def test_two_vllm_judges_are_refused():
+    two = '[{type: judge, judge: {model: {backend: vllm}}}, {type: math, judge: {model: {backend: vllm}}}]'
+    with pytest.raises(ConfigError, match="at most one judge with backend vllm"):
+        load_config(None, ["input=x", "output=o", "model.name=m", "verifier.type=composite",
+                           f"verifier.components={two}"])
+
+
+def test_generation_model_structured_outputs_with_vllm():
+    cfg = load_config(None, ["input=x", "output=o", "model.backend=vllm",
+                             "model.extra_body={structured_outputs: {regex: '[0-9]+'}}"])
+    assert cfg.model.extra_body == {"structured_outputs": {"regex": "[0-9]+"}}
+    # openai: extra_body is the request body's, passed as written
+    assert load_config(None, ["input=x", "output=o", "model.name=m", "model.extra_body={x: 1}"]).model.extra_body

@@ -3,6 +3,7 @@ against the mock server acting as a judge (model `mock-judge`), over real socket
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -264,3 +265,86 @@ def test_reasoning_models_and_judge_cost_through_the_pipeline(tmp_path, judge_se
     assert spend["judge_cost_usd"] == pytest.approx((judge_in * 100 + 12 * 1000) / 1e6)
     assert spend["cost_usd"] == pytest.approx(3 * (1 * 10 + 1 * 20) / 1e6)  # one word in, one out per row
     assert spend["total_cost_usd"] == pytest.approx(spend["cost_usd"] + spend["judge_cost_usd"])
+
+
+class FakeEngine:
+    """Stands in for the vllm backend (registered under `vllm` by the test): counts engines."""
+
+    alive: list["FakeEngine"] = []
+    started = 0
+
+    def __init__(self, model, max_in_flight):
+        self.model, self.dead = model, False
+
+    async def start(self):
+        FakeEngine.started += 1
+        FakeEngine.alive.append(self)
+        assert len(FakeEngine.alive) == 1, "a second engine started while one runs"
+
+    async def generate(self, request):
+        from sft_ray.backends.base import GenerationResult
+
+        return GenerationResult(text="[[A=B]]", finish_reason="stop",
+                                usage={"input_tokens": 5, "output_tokens": 3, "total_tokens": 8})
+
+    async def close(self):
+        FakeEngine.alive.remove(self)
+
+    def close_now(self):
+        pass
+
+
+def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judge_server):
+    """backend vllm goes through the backend registry; outside the pipeline each asyncio.run is a
+    new loop, whose engine replaces (never joins) the one before; close() releases it; a dead
+    engine marks the verifier dead (the scoring actor then restarts)."""
+    from sft_ray.backends import BACKENDS
+    from sft_ray.stages.score import ScoreStage
+    from sft_ray.verifiers import verifier_dead
+
+    monkeypatch.setitem(BACKENDS, "vllm", f"{__name__}:FakeEngine")
+    monkeypatch.setattr(FakeEngine, "alive", [])
+    monkeypatch.setattr(FakeEngine, "started", 0)
+    cfg = judge_cfg(judge_server)
+    cfg["judge"]["model"]["backend"] = "vllm"
+    v = build_verifier(cfg)
+    for _ in range(2):
+        out = judged(v, "Paris", expected_answer="Paris")
+        assert out["reward"] == 1.0 and out["metrics"]["judge_output_tokens"] == 3.0
+    assert FakeEngine.started == 2 and len(FakeEngine.alive) == 1
+    asyncio.run(v.close())
+    assert FakeEngine.alive == []
+    # the scoring stage: one engine for every batch of its loop, closed with the stage
+    stage = ScoreStage({"type": "math", "judge": cfg["judge"], "options": {}})
+
+    async def two_batches():
+        for i in range(2):
+            rollout = {"id": str(i), "sample_index": 0, "prompt": "q", "expected_answer": "One half",
+                       "response": "one half"}
+            out = await stage({"id": [str(i)], "sample_index": [0], "rollout": [json.dumps(rollout)],
+                               "failed": [False], "ready_at": [0.0]})
+            assert out["reward"] == [1.0]
+        assert not verifier_dead(stage.verifier)
+        stage.verifier.judge._backend.dead = True
+        assert verifier_dead(stage.verifier)
+        await stage.close()
+
+    asyncio.run(two_batches())
+    assert FakeEngine.started == 3 and FakeEngine.alive == []
+
+
+def test_score_wiring_gives_a_vllm_judge_its_gpus():
+    from sft_ray.stages.score import wiring
+
+    base = ["input=x", "output=o", "model.name=m", "verifier.type=judge", "verifier.judge.model.backend=vllm",
+            "resources.score_num_gpus=1"]
+    one = wiring(load_config(None, base), {})
+    assert one["num_gpus"] == 1 and "ray_remote_args_fn" not in one
+    assert one["fn_constructor_kwargs"]["verifier"]["judge"]["model"]["backend"] == "vllm"
+    tp = wiring(load_config(None, base + ["verifier.judge.model.engine_kwargs.tensor_parallel_size=2"]), {})
+    assert tp["num_gpus"] is None and callable(tp["ray_remote_args_fn"])  # a placement group per actor
+    assert tp["fn_constructor_kwargs"]["verifier"]["judge"]["model"]["engine_kwargs"] == {
+        "tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+    hosted = wiring(load_config(None, ["input=x", "output=o", "model.name=m", "verifier.type=judge",
+                                       "verifier.judge.model.name=j"]), {})
+    assert hosted["num_gpus"] is None

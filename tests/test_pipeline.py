@@ -210,7 +210,7 @@ def test_tensor_parallel_replica_gets_a_placement_group_of_gpu_bundles(ray_clust
     tensor_parallel_size 4 (it stays pending here; the gpu-marked test in test_vllm.py runs one)."""
     from ray.util import remove_placement_group
 
-    from sft_ray.stages.generate import placement_group_fn
+    from sft_ray.placement import placement_group_fn
 
     args = placement_group_fn(4)()
     strategy = args["scheduling_strategy"]

@@ -112,6 +112,9 @@ def test_config_rules(tmp_path):
     with pytest.raises(ConfigError, match="needs a verifier"):
         load_config(None, base + ["rejection.target_passing=1", "rejection.max_samples=2", "filter.min_reward=1",
                                   "verifier.type=none"])
+    with pytest.raises(ConfigError, match="use a hosted judge"):
+        load_config(None, base + ["rejection.target_passing=1", "rejection.max_samples=2", "filter.min_reward=1",
+                                  "verifier.type=judge", "verifier.judge.model.backend=vllm"])
     load_config(None, base + ["rejection.target_passing=1", "rejection.max_samples=2", "filter.min_reward=1"])
 
 

@@ -180,3 +180,61 @@ def test_agent_episodes_on_the_embedded_model(tmp_path):
         # the transcript keeps arguments as JSON strings after later turns were rendered from it
         assert all(isinstance(c["function"]["arguments"], str) for m in r["messages"] for c in m.get("tool_calls", []))
         assert result["role"] == "tool" and result["tool_call_id"] == tc["id"] and "is cold" in result["content"]
+
+
+def test_judge_on_the_embedded_model(tmp_path, mock_server):
+    """Generation by the hosted mock (it echoes each prompt), the judge the embedded model in the
+    scoring actors through vLLM (a template file; its verdict constrained by structured output to
+    the two verdict strings, so every row gets a 0/1 reward); judge tokens counted apart from
+    generation's. A journal left by a killed run is scored by a scoring actor's engine too, not
+    on the driver (which never imports vLLM)."""
+    import sys
+
+    from conftest import make_config
+
+    from sft_ray.backends.base import GenerationResult
+    from sft_ray.stages.generate import build_rollout
+
+    vllm_on_driver = "vllm" in sys.modules  # an earlier test in this session may have imported it
+    tpl = tmp_path / "judge.txt"
+    tpl.write_text("Question: {question}\nReference answer: {reference}\nCandidate answer: {response}\n"
+                   "Is the candidate answer the same as the reference answer? Reply [[A=B]] if it is, "
+                   "[[A!=B]] if it is not.")
+    rows = [{"id": f"q{i}", "prompt": p, "expected_answer": a}
+            for i, (p, a) in enumerate([("5", "5"), ("Paris", "Paris"), ("7", "12"), ("blue", "red")])]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    # The killed run's journal: q0's answer came back but was never written.
+    prompt = [{"role": "user", "content": "5"}]
+    journaled = build_rollout(rows[0], "q0", 0, prompt, {"seed": 1}, "mock", GenerationResult(
+        text="5", finish_reason="stop", usage={"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}))
+    (tmp_path / "run" / "journal").mkdir(parents=True)
+    (tmp_path / "run" / "journal" / "killed.jsonl").write_text(json.dumps(journaled) + "\n")
+    choice = "{structured_outputs: {choice: ['[[A=B]]', '[[A!=B]]']}}"
+    cfg = make_config(tmp_path, mock_server, inp, "verifier.type=judge", "verifier.judge.model.backend=vllm",
+                      f"verifier.judge.template={tpl}", "verifier.judge.verdict=equivalence",
+                      "verifier.judge.model.engine_kwargs.max_model_len=512", f"verifier.judge.model.extra_body={choice}",
+                      "verifier.judge.responses_create_params={temperature: 0, max_output_tokens: 16}",
+                      "verifier.judge.max_parse_retries=0", "filter.min_reward=0")
+    lines: list[str] = []
+    assert run(cfg, say=lines.append) == EXIT_OK, "\n".join(lines)
+    out = "\n".join(lines)
+    assert "1 recovered from the journal" in out
+    assert mock_server.state.requests == 3  # q0 came from the journal: not generated again
+    assert not (tmp_path / "run" / "failed").exists() or not read_rows(tmp_path / "run" / "failed")
+    rollouts = read_rows(tmp_path / "run" / "rollouts")
+    assert sorted(r["id"] for r in rollouts) == ["q0", "q1", "q2", "q3"]
+    for r in rollouts:
+        assert r["error"] is None, r["error"]
+        assert isinstance(r["reward"], float) and r["reward"] in (0.0, 1.0)
+        assert r["judge_verdict"] in ("[[A=B]]", "[[A!=B]]")  # nothing else could be decoded
+        assert r["reward"] == float(r["judge_verdict"] == "[[A=B]]")
+        assert r["metrics"]["judge_calls"] == 1.0 and r["metrics"]["judge_output_tokens"] > 0
+        assert r["metrics"]["judge_input_tokens"] > 20 and r["metrics"]["judge_latency_s"] > 0
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["errors_by_type"] == {}
+    assert stats["judge_tokens"]["output_tokens"] == sum(r["metrics"]["judge_output_tokens"] for r in rollouts)
+    assert stats["judge_tokens"]["input_tokens"] == sum(r["metrics"]["judge_input_tokens"] for r in rollouts)
+    assert stats["tokens"]["output_tokens"] == sum(r["usage"]["output_tokens"] for r in rollouts)  # generation's only
+    assert stats["tokens"]["input_tokens"] < stats["judge_tokens"]["input_tokens"]
+    if not vllm_on_driver:
+        assert "vllm" not in sys.modules  # both engines ran in scoring actors

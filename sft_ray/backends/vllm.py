@@ -170,7 +170,9 @@ class VLLMBackend(Backend):
     """``model`` keys: ``name`` (hub id, local path, or the embedded default),
     ``engine_kwargs`` (passed to ``AsyncEngineArgs``: max_model_len, max_num_seqs,
     gpu_memory_utilization, enable_prefix_caching, dtype, tensor_parallel_size, ...),
-    ``tool_parser`` (a vLLM tool parser name) and ``chat_template`` (template text)."""
+    ``tool_parser`` (a vLLM tool parser name), ``chat_template`` (template text) and
+    ``extra_body.structured_outputs`` (vLLM's structured output for every request, as its
+    server reads it from a request body; a forced tool choice's schema takes its place)."""
 
     def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
         super().__init__(model, max_in_flight)
@@ -183,6 +185,7 @@ class VLLMBackend(Backend):
         self._parser_cls: Any = None
         self._parser_error: str | None = None
         self._defaults: dict[str, Any] = {}
+        self._structured = dict((model.get("extra_body") or {}).get("structured_outputs") or {})
         self.dead = False  # set once the engine core died: every later request fails
         self._in_flight = 0
         from ..models import display_name, is_default
@@ -292,6 +295,8 @@ class VLLMBackend(Backend):
                     schema = self._v.get_json_schema_from_tools(
                         tool_request.tool_choice, tool_request.tools, tool_request.parallel_tool_calls)
                     extra["structured_outputs"] = self._v.StructuredOutputsParams(json=schema)
+                elif self._structured:  # a new object per request: vLLM records its backend on it
+                    extra["structured_outputs"] = self._v.StructuredOutputsParams(**self._structured)
                 if parse:  # tool-call markers are special tokens in many models
                     extra["skip_special_tokens"] = False
                 sampling = self._sampling(request.params, **extra)

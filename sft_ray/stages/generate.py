@@ -35,7 +35,7 @@ from sft_ray.backends.base import GenerationRequest, GenerationResult, error_res
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure
 from sft_ray.journal import JournalSpec
-from sft_ray.placement import placement_group_fn, release_own_placement_group
+from sft_ray.placement import release_own_placement_group, replica_args
 from sft_ray.rejection import PromptDraws, draw_prompt
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
@@ -309,13 +309,8 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     model["limits"] = ratelimit.actor_spec()  # shared rate limits, auto concurrency, budget
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
-    tp = cfg.model.tensor_parallel_size
-    if cfg.model.backend == "vllm" and tp > 1:
-        # One replica spans tp GPUs: the actor itself takes none, and vLLM's Ray executor
-        # places its tp workers in a placement group made for this actor (as ray.data.llm does).
-        model["engine_kwargs"] = {**model["engine_kwargs"], "distributed_executor_backend": "ray"}
-        num_gpus = None
-        remote_args["ray_remote_args_fn"] = placement_group_fn(tp)
+    if cfg.model.backend == "vllm":  # tensor-parallel: a placement group per actor (sft_ray/placement.py)
+        model, num_gpus, remote_args = replica_args(model, num_gpus)
     environment = cfg.environment.model_dump()
     module = environment.get("module") or ""
     if module.endswith(".py") and os.path.isfile(module):

@@ -4,6 +4,10 @@ Kept apart from generation so it scales on its own (verifiers such as
 math-verify are CPU-bound, a judge waits on the network, code runs in
 subprocesses; generation actors mostly wait on the network or sit on a GPU).
 
+A judge with ``backend: vllm`` runs its engine here, one per scoring actor (started on the
+first batch, on ``resources.score_num_gpus`` GPUs, or a placement group when its
+tensor_parallel_size is above 1); it goes with the actor, as a generation actor's does.
+
 ``__call__`` is async: an async verifier (a judge, code execution) scores up to
 ``verifier.concurrency`` rows of the actor at once. Whatever a verifier returns
 is cleaned into JSON-safe values (:func:`clean_result`). A verifier that raises,
@@ -15,15 +19,20 @@ failed sample (``failed/``, retried by a rerun), never a reward of 0.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import os
 from typing import Any
 
 import orjson
 
 from sft_ray import errors
+from sft_ray.placement import release_own_placement_group, replica_args
 from sft_ray.rows import GENERATED_FIELDS, input_row
 from sft_ray.stages import Stage
-from sft_ray.verifiers import build_verifier, call_verifier
+from sft_ray.verifiers import build_verifier, call_verifier, close_verifier, close_verifier_now, verifier_dead
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 32
 _DROP = object()
@@ -196,6 +205,12 @@ class ScoreStage:
         # Rows that come scored (rejection sampling scores in the generation actor) keep their verdict.
         await score_rollouts(self.verifier, [r for r in rows if r is not None and r.get("reward") is None],
                              self._semaphore())
+        if verifier_dead(self.verifier):
+            # A judge's vLLM engine died: its rows carry judge_errors. Nothing of this batch has
+            # been handed back yet, so exiting loses no row: Ray restarts the actor with a new
+            # engine and retries its batches (as the generation stage does).
+            log.error("the judge's engine died; restarting this scoring actor so its rows are scored again")
+            os._exit(1)
         rollouts, rewards, tokens, failed = [], [], [], []
         for text, row in zip(texts, rows):
             if row is None:  # failed in generation: passed through untouched
@@ -212,17 +227,46 @@ class ScoreStage:
                 "failed": failed, "reward": rewards, "output_tokens": tokens,
                 "ready_at": list(batch["ready_at"])}
 
+    async def close(self) -> None:
+        """Release the verifier's connections and engine in the running loop (outside Ray Data:
+        the driver's journal recovery, tests)."""
+        await close_verifier(self.verifier)
+
+    def __del__(self) -> None:
+        # Ray Data has no teardown hook for map_batches classes: release sockets here. A vLLM
+        # judge's engine core stops with this process; a tensor-parallel judge's GPUs go with
+        # its placement group (as GenerateStage.__del__ does).
+        try:
+            close_verifier_now(self.verifier)
+        except Exception:
+            pass
+        release_own_placement_group()
+
+
+def _judge_sections(data: dict[str, Any]):
+    """The judge sections of a verifier payload, components included."""
+    if data.get("judge"):
+        yield data["judge"]
+    for comp in data.get("components") or []:
+        yield from _judge_sections(comp)
+
 
 def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """A CPU actor pool of its own size, whole blocks per call."""
+    """An actor pool of its own size, whole blocks per call; with a vLLM judge, each actor holds
+    its engine (``resources.score_num_gpus`` GPUs, or a placement group for tensor parallelism)."""
     import ray.data
 
     from sft_ray.pipeline import actor_range
 
     lo, hi = actor_range(cfg.resources.score_actors)
-    return dict(fn_constructor_kwargs={"verifier": verifier_payload(cfg.verifier)}, batch_size=None,
+    payload = verifier_payload(cfg.verifier)
+    num_gpus, remote_args = cfg.resources.score_num_gpus or None, {}
+    for judge in _judge_sections(payload):  # config allows one vLLM judge per run
+        if judge["model"]["backend"] == "vllm":
+            judge["model"], num_gpus, remote_args = replica_args(judge["model"], num_gpus)
+    return dict(fn_constructor_kwargs={"verifier": payload}, batch_size=None,
                 compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=4),
-                num_cpus=cfg.resources.score_num_cpus)
+                num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus, **remote_args)
 
 
 STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at"),

@@ -18,7 +18,11 @@ The interface, beyond that plain call:
   list) to score a whole batch at once;
 - a verifier that cannot give a verdict raises: :class:`VerifierFailure` (or any
   exception) makes the row a failed sample (``verifier_error``, or the failure's
-  ``error_type``), never a reward of 0.
+  ``error_type``), never a reward of 0;
+- a verifier that holds resources (a judge's connections or engine) may define
+  ``close()`` (async, in the loop it ran in), ``close_now()`` (synchronous, at actor
+  teardown) and ``dead`` (true once it can never give a verdict again: the scoring actor
+  is then restarted); one that holds other verifiers lists them in ``subverifiers``.
 """
 
 from __future__ import annotations
@@ -88,3 +92,35 @@ def require_reference(row: dict[str, Any], cfg: dict[str, Any]) -> Any:
     if ref is None:
         raise ValueError(f"row has no reference answer in field {cfg.get('answer_field', 'expected_answer')!r}")
     return ref
+
+
+def _tree(verifier: Verifier):
+    yield verifier
+    for sub in getattr(verifier, "subverifiers", ()):
+        yield from _tree(sub)
+
+
+async def close_verifier(verifier: Verifier) -> None:
+    """Await every ``close()`` of the verifier and the verifiers it holds."""
+    for v in _tree(verifier):
+        close = getattr(v, "close", None)
+        if callable(close):
+            out = close()
+            if inspect.isawaitable(out):
+                await out
+
+
+def close_verifier_now(verifier: Verifier) -> None:
+    """Call every ``close_now()`` of the verifier and the verifiers it holds (never raises)."""
+    for v in _tree(verifier):
+        try:
+            close_now = getattr(v, "close_now", None)
+            if callable(close_now):
+                close_now()
+        except Exception:  # teardown: nothing to raise to
+            pass
+
+
+def verifier_dead(verifier: Verifier) -> bool:
+    """Whether the verifier, or one it holds, can never give a verdict again (a dead engine)."""
+    return any(getattr(v, "dead", False) is True for v in _tree(verifier))

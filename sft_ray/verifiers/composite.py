@@ -40,6 +40,7 @@ class Composite:
             seen[base] = seen.get(base, 0) + 1
             name = base if seen[base] == 1 else f"{base}_{seen[base]}"
             self.parts.append((name, float(comp.get("weight", 1.0)), build_verifier(comp)))
+        self.subverifiers = [v for _, _, v in self.parts]  # closed with this one (a judge's engine)
 
     async def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict:
         results = await asyncio.gather(*(call_verifier(v, row, response, rollout) for _, _, v in self.parts))

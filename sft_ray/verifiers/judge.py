@@ -1,4 +1,6 @@
-"""An LLM judge through an OpenAI-compatible endpoint (``verifier.judge``).
+"""An LLM judge (``verifier.judge``): an OpenAI-compatible endpoint (``backend: openai``), or
+a vLLM engine of its own in each scoring actor (``backend: vllm``), through the backend
+registry (:func:`sft_ray.backends.get_backend`), as generation uses it.
 
 Templates (``verifier.judge.template``):
 
@@ -16,6 +18,14 @@ seed), then the row is a ``judge_error``, as is a judge call that fails after th
 backend's own retries: no verdict is never a reward of 0. The raw verdict, the judge's
 tokens and latency are kept as metrics (``judge_*``), and with ``verifier.judge.pricing``
 the cost of the row's judge calls (``judge_cost_usd``), which stats.json's ``spend`` sums.
+
+The backend is started on the first call, in the running event loop. A vLLM engine serves
+the loop it started in only: a call from another loop (outside the pipeline, where each
+``asyncio.run`` is a new loop) shuts the old engine down before a new one starts, so there
+is never more than one. ``close()`` releases it in the loop; ``close_now()``, at actor
+teardown, leaves a vLLM engine to stop with the process (as the generation stage does).
+A verdict the structured output of ``model.extra_body.structured_outputs`` constrains
+(vLLM: a ``choice`` of the verdict strings, say) is always readable.
 """
 
 from __future__ import annotations
@@ -123,18 +133,49 @@ class Judge:
         self._loop = None
         self._starting: asyncio.Future | None = None
 
-    async def _backend_for_loop(self):
-        """The backend, started in the running loop (a new loop, e.g. in tests, gets a new session)."""
-        from sft_ray.backends.openai import OpenAIBackend
+    @property
+    def local_engine(self) -> bool:
+        """Whether the judge runs a model engine in this process (backend vllm)."""
+        return self.model.get("backend", "openai") == "vllm"
 
+    @property
+    def dead(self) -> bool:
+        """True once the judge's engine died: no later call can succeed in this process."""
+        return bool(getattr(self._backend, "dead", False))
+
+    async def _backend_for_loop(self):
+        """The backend, started once in the running loop (a new loop gets a new one; see the module doc)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop = loop
-            self._backend = OpenAIBackend(self.model, self.concurrency)
-            self._starting = asyncio.ensure_future(self._backend.start())
+            self._starting = asyncio.ensure_future(self._start(self._backend))
         assert self._starting is not None
         await self._starting
         return self._backend
+
+    async def _start(self, old) -> None:
+        from sft_ray.backends import get_backend
+
+        self._backend = None
+        if old is not None:  # made in a loop that is gone
+            if self.local_engine:
+                await old.close()  # its engine served that loop only: stop it before another starts
+            else:
+                old.close_now()  # sockets of the old loop
+        backend = get_backend(self.model.get("backend", "openai"))(self.model, self.concurrency)
+        self._backend = backend
+        await backend.start()
+
+    async def close(self) -> None:
+        """Release the backend (connections, or the engine) in the running loop."""
+        backend, self._backend, self._loop, self._starting = self._backend, None, None, None
+        if backend is not None:
+            await backend.close()
+
+    def close_now(self) -> None:
+        """Synchronous release at actor teardown (a vLLM engine core stops with the process)."""
+        if self._backend is not None:
+            self._backend.close_now()
 
     def _fields(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None) -> dict[str, Any]:
         from sft_ray.rows import prompt_messages
@@ -158,7 +199,10 @@ class Judge:
     async def _verdict(self, prompt: str, stats: dict[str, float]) -> tuple[float, str]:
         from sft_ray.backends.base import GenerationRequest
 
-        backend = await self._backend_for_loop()
+        try:
+            backend = await self._backend_for_loop()
+        except Exception as e:  # e.g. an engine that cannot load: every row's verdict is missing
+            raise VerifierFailure(f"judge backend did not start: {type(e).__name__}: {e}", JUDGE_ERROR) from None
         text = ""
         for attempt in range(1 + self.retries):
             params = dict(self.params, seed=int(self.params.get("seed") or 0) + attempt)
@@ -207,8 +251,7 @@ class Judge:
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes; release sockets here.
         try:
-            if self._backend is not None:
-                self._backend.close_now()
+            self.close_now()
         except Exception:
             pass
 
@@ -224,6 +267,7 @@ class MathWithJudge:
 
         self.math = MathVerify(cfg)
         self.judge = Judge(cfg)
+        self.subverifiers = [self.judge]  # closed with this one (a vLLM judge's engine)
 
     async def __call__(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> dict:
         mv = await asyncio.to_thread(self.math, row, response)  # the worker-process round trip, off the loop
