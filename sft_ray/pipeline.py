@@ -158,7 +158,7 @@ def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[d
         ds = score_stage.STAGE.apply(ray.data.from_items(rows), cfg, {})
         try:
             for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                yield {k: out.column(k).to_pylist() for k in ("id", "sample_index", "rollout", "failed")}
+                yield {k: out.column(k).to_pylist() for k in ("id", "sample_index", "rollout", "failed", "reward")}
         finally:
             release_placement_groups()  # a tensor-parallel judge's groups
 
