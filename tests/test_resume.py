@@ -258,6 +258,21 @@ def test_reads_fit_beside_actors_that_leave_half_a_cpu(tmp_path, mock_server):
     assert result.get("code") == EXIT_OK
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_read_tasks_run_one_at_a_time(tmp_path):
+    """At 0.1 CPU, Ray Data would run several read and repartition tasks at once, each extra one
+    in a new worker process that imports Ray Data: seconds of start-up on a small machine."""
+    from sft_ray.stages.read import READ_CONCURRENCY, READ_NUM_CPUS, make_dataset
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(20)])
+    ds = make_dataset(scan_input([str(inp)], None, False).used(), 1, False, block_rows=8)
+    repartition = ds._logical_plan.dag
+    [read] = repartition.input_dependencies
+    for op in (read, repartition):
+        assert op.compute.size == READ_CONCURRENCY == 1, type(op).__name__
+        assert op.ray_remote_args["num_cpus"] == READ_NUM_CPUS, type(op).__name__
+
+
 def test_journal_appends_and_reads_back_each_sample_once(tmp_path):
     from sft_ray.journal import Journal, clear_journal, read_journal
 

@@ -34,6 +34,10 @@ from sft_ray.rows import InputError, parse_line, row_id
 BLOCK_ROWS = 1024
 EMPTY_DRAW = PromptDraws().to_json()  # a prompt with no sample yet
 READ_NUM_CPUS = 0.1  # reading is light; a whole CPU per task could find no node on a small cluster
+# Read and repartition tasks at once (each): at 0.1 CPU Ray Data would run up to ten of each, and
+# every task beyond the first needs a new worker process that imports Ray Data and pandas
+# (1.5-3 s of CPU each, beside the actors starting up). One keeps far ahead of generation.
+READ_CONCURRENCY = 1
 
 SCHEMA = pa.schema(
     [
@@ -235,6 +239,7 @@ def make_dataset(
     ``block_rows`` samples. Read and repartition tasks ask for ``READ_NUM_CPUS``: beside actors that leave
     only part of a CPU free on each node, a whole-CPU task would wait forever."""
     import ray.data
+    from ray.data._internal.compute import TaskPoolStrategy
     from ray.data.block import BlockMetadata
 
     done_keys = frozenset(done or ())
@@ -262,14 +267,18 @@ def make_dataset(
                 tasks.append(ray.data.ReadTask(read_fn, meta, schema=SCHEMA))
             return tasks
 
-    ds = ray.data.read_datasource(_Source(), override_num_blocks=max(1, len(files)), num_cpus=READ_NUM_CPUS)
+    ds = ray.data.read_datasource(_Source(), override_num_blocks=max(1, len(files)), num_cpus=READ_NUM_CPUS,
+                                  concurrency=READ_CONCURRENCY)
     # Ray Data merges a task's small outputs into blocks of up to target_max_block_size bytes:
     # a streaming repartition cuts them to block_rows so that they spread over every actor.
     ds = ds.repartition(target_num_rows_per_block=block_rows)
-    # Its tasks would ask for a whole CPU and repartition() takes no resources argument, so the
-    # logical operator's remote args are set here (a Ray Data internal: checked by
-    # tests/test_resume.py::test_reads_fit_beside_actors_that_leave_half_a_cpu).
+    # Its tasks would ask for a whole CPU, without a bound on how many run at once, and
+    # repartition() takes neither argument, so the logical operator's remote args and compute
+    # strategy are set here (Ray Data internals: checked by tests/test_resume.py::
+    # test_reads_fit_beside_actors_that_leave_half_a_cpu and test_read_tasks_run_one_at_a_time).
     op = ds._logical_plan.dag
     if isinstance(getattr(op, "ray_remote_args", None), dict):
         op.ray_remote_args["num_cpus"] = READ_NUM_CPUS
+    if isinstance(getattr(op, "compute", None), TaskPoolStrategy):
+        object.__setattr__(op, "compute", TaskPoolStrategy(size=READ_CONCURRENCY))  # a frozen dataclass
     return ds
