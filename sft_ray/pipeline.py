@@ -38,7 +38,7 @@ from sft_ray.driver import (
 )
 from sft_ray.journal import clear_journal
 from sft_ray.placement import release_placement_groups
-from sft_ray.rejection import DrawPlan, count_completion
+from sft_ray.rejection import DrawPlan, PromptDraws, count_completion, prompt_draws
 from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
@@ -204,11 +204,14 @@ def scan_input(cfg: RunConfig) -> InputPlan:
                        EXIT_INPUT) from None
 
 
-def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState) -> Completion:
-    """Every expected sample (or, with rejection sampling, every prompt) counted by its state."""
+def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState,
+               draws: dict[str, PromptDraws] | None = None) -> Completion:
+    """Every expected sample (or, with rejection sampling, every prompt) counted by its state;
+    ``draws``: :func:`prompt_draws` of ``state``, when the caller has it already."""
     if cfg.rejection.active:
-        return count_completion(inputs.ids, state, cfg.rejection.target_passing, cfg.rejection.max_samples,
-                                len(inputs.bad_lines))
+        rej = cfg.rejection
+        return count_completion(inputs.ids, draws if draws is not None else prompt_draws(inputs.ids, state),
+                                rej.target_passing, rej.max_samples, len(inputs.bad_lines))
     return Completion.count(inputs.ids, cfg.num_repeats, state, len(inputs.bad_lines))
 
 
@@ -221,13 +224,14 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
                                 remote_scorer(cfg))
-    start = completion(cfg, inputs, state)
+    per_prompt = prompt_draws(inputs.ids, state) if cfg.rejection.active else None
+    start = completion(cfg, inputs, state, per_prompt)
     todo = start.todo
     draws = None
     retried = start.failed - start.failed_final
-    if cfg.rejection.active:
+    if per_prompt is not None:
         rej = cfg.rejection
-        draws = DrawPlan.make(inputs.ids, state, rej.target_passing, rej.max_samples)
+        draws = DrawPlan.make(per_prompt, rej.target_passing, rej.max_samples)
         todo = draws.open_prompts(inputs.ids)  # progress counts prompts: how many samples each takes is open
         say(f"found {inputs.rows} rows in {len(inputs.used())} file(s); rejection sampling: up to "
             f"{rej.max_samples} samples per prompt until {rej.target_passing} pass (reward >= "

@@ -87,32 +87,28 @@ def prompt_draws(ids: set[str], state: "FolderState") -> dict[str, PromptDraws]:
 class DrawPlan:
     """What the read stage needs: which prompts to send, and where each started one stands."""
 
-    target: int
-    max_samples: int
     started: dict[str, str]  # id -> PromptDraws JSON, for unfinished prompts that have samples
     finished: frozenset[str]
 
     @classmethod
-    def make(cls, ids: set[str], state: "FolderState", target: int, max_samples: int) -> "DrawPlan":
-        draws = prompt_draws(ids, state)
+    def make(cls, draws: dict[str, PromptDraws], target: int, max_samples: int) -> "DrawPlan":
+        """From :func:`prompt_draws`."""
         finished = frozenset(r for r, d in draws.items() if d.finished(target, max_samples))
         started = {r: d.to_json() for r, d in draws.items() if r not in finished}
-        return cls(target, max_samples, started, finished)
+        return cls(started, finished)
 
     def open_prompts(self, ids: Iterable[str]) -> int:
         return sum(1 for r in ids if r not in self.finished)
 
 
-def count_completion(ids: Iterable[str], state: "FolderState", target: int, max_samples: int,
+def count_completion(ids: Iterable[str], draws: dict[str, PromptDraws], target: int, max_samples: int,
                      bad_lines: int = 0) -> "Completion":
     """The run's completion counted by prompt: ``pending`` is the prompts neither finished nor
     waiting on a failed sample's retry (work a stopped run left undone); ``failed`` the failed
     samples of unfinished prompts plus every final failure. A failure of a prompt that finished
-    anyway is not needed and not counted."""
+    anyway is not needed and not counted. ``draws``: from :func:`prompt_draws`."""
     from sft_ray.driver import Completion
 
-    ids = set(ids)
-    draws = prompt_draws(ids, state)
     c = Completion(bad_lines=bad_lines)
     for rid in ids:
         d = draws.get(rid) or PromptDraws()

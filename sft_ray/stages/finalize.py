@@ -220,6 +220,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     if rejection and rejection.get("target_passing"):
         tally = Tally(rejection["target_passing"], rejection["max_samples"], flt["min_reward"])
         failed_per_prompt = Counter(rid for rid, _ in failures)
+        failed_where = {rid: _where(row) for (rid, _), row in failures.items()}  # a prompt's input line
     for chunk in (prompts.chunks() if prompts is not None else [[]]):
         groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
         for _, line in chunk:
@@ -255,7 +256,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
 
     if tally is not None:
         for rid, n in failed_per_prompt.items():  # prompts without a single scored sample
-            tally.add(rid, [], n, next((_where(r) for (i, _), r in failures.items() if i == rid), None))
+            tally.add(rid, [], n, failed_where[rid])
     stats = acc.result()
     if tally is not None:
         stats["rejection"] = tally.result()
