@@ -10,6 +10,7 @@ in ``sample_index``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Any
@@ -28,34 +29,50 @@ NUM_PERM = 64  # MinHash permutations: error of the Jaccard estimate about 1/sqr
 TEXT_CAP = 8192  # characters of a reply kept for near-dedup and distinct-n (whole reply hashed for exact)
 
 
-def drop_reason(row: dict[str, Any], flt: dict[str, Any]) -> str | None:
-    """Why a successful rollout does not reach train/, or None when it passes every row rule."""
-    if row.get("error"):
-        return "error"
-    if row.get("reward") is None:
-        return "no_reward"
-    term = row.get("termination")  # only agent episodes have it
-    if term is not None and term != "final" and flt.get("drop_unfinished", True):
-        return f"termination_{term}" if f"termination_{term}" in ROW_REASONS else "termination_error"
-    if flt.get("drop_malformed_tool_calls", True) and (row.get("num_malformed_tool_calls") or 0) > 0:
-        return "malformed_tool_calls"
-    if flt.get("drop_tool_errors") and (row.get("num_tool_errors") or 0) > 0:
-        return "tool_errors"
-    calls = row.get("num_tool_calls") or 0
-    if flt.get("min_tool_calls") is not None and calls < flt["min_tool_calls"]:
-        return "too_few_tool_calls"
-    if flt.get("max_tool_calls") is not None and calls > flt["max_tool_calls"]:
-        return "too_many_tool_calls"
-    if flt.get("drop_truncated", True) and row.get("finish_reason") == "length":
-        return "truncated"
-    if flt.get("max_tokens") is not None and output_tokens(row) > flt["max_tokens"]:
-        return "too_long"
-    r = float(row["reward"])
-    if r < flt.get("min_reward", 0.0):
-        return "below_min_reward"
-    if flt.get("max_reward") is not None and r > flt["max_reward"]:
-        return "above_max_reward"
-    return None
+class RowRules:
+    """The row rules of a filter config: ``rules(row)`` says why a successful rollout does not reach
+    train/, or None when it passes every one. The settings are read once, not per row (finalize
+    calls this a million times on a large run)."""
+
+    def __init__(self, flt: dict[str, Any]) -> None:
+        self.drop_unfinished = flt.get("drop_unfinished", True)
+        self.drop_malformed = flt.get("drop_malformed_tool_calls", True)
+        self.drop_tool_errors = flt.get("drop_tool_errors")
+        self.min_calls, self.max_calls = flt.get("min_tool_calls"), flt.get("max_tool_calls")
+        self.drop_truncated = flt.get("drop_truncated", True)
+        self.max_tokens = flt.get("max_tokens")
+        self.min_reward, self.max_reward = flt.get("min_reward", 0.0), flt.get("max_reward")
+
+    def __call__(self, row: dict[str, Any]) -> str | None:
+        get = row.get
+        if get("error"):
+            return "error"
+        reward = get("reward")
+        if reward is None:
+            return "no_reward"
+        term = get("termination")  # only agent episodes have it
+        if term is not None and term != "final" and self.drop_unfinished:
+            return f"termination_{term}" if f"termination_{term}" in ROW_REASONS else "termination_error"
+        if self.drop_malformed and (get("num_malformed_tool_calls") or 0) > 0:
+            return "malformed_tool_calls"
+        if self.drop_tool_errors and (get("num_tool_errors") or 0) > 0:
+            return "tool_errors"
+        if self.min_calls is not None or self.max_calls is not None:
+            calls = get("num_tool_calls") or 0
+            if self.min_calls is not None and calls < self.min_calls:
+                return "too_few_tool_calls"
+            if self.max_calls is not None and calls > self.max_calls:
+                return "too_many_tool_calls"
+        if self.drop_truncated and get("finish_reason") == "length":
+            return "truncated"
+        if self.max_tokens is not None and output_tokens(row) > self.max_tokens:
+            return "too_long"
+        r = float(reward)
+        if r < self.min_reward:
+            return "below_min_reward"
+        if self.max_reward is not None and r > self.max_reward:
+            return "above_max_reward"
+        return None
 
 
 def output_tokens(row: dict[str, Any]) -> int:
@@ -84,15 +101,26 @@ def reply_text(row: dict[str, Any]) -> str:
     return " ".join("\n".join(parts).split()).lower()
 
 
-def keyed_hash(seed: int, *parts: Any) -> int:
-    """A 64-bit hash of ``parts`` keyed by the seed (stable across processes, unlike hash())."""
-    h = hashlib.blake2b("\x00".join(str(p) for p in parts).encode(), digest_size=8, key=str(seed).encode()[:64])
-    return int.from_bytes(h.digest(), "big")
+@functools.lru_cache(maxsize=8)
+def _keyer(seed: int) -> Any:
+    # Keying a blake2b costs as much as hashing a short string: key once per seed, copy per use.
+    return hashlib.blake2b(digest_size=8, key=str(seed).encode()[:64])
+
+
+def shuffle_key(seed: int, rid: str, sample_index: int) -> str:
+    """A sample's place in the global shuffle: 16 hex digits (so sorting the text sorts the keys)."""
+    h = _keyer(seed).copy()
+    h.update(f"{rid}\x00{sample_index}".encode())
+    return h.hexdigest()
 
 
 def in_validation(seed: int, rid: str, fraction: float) -> bool:
     """The split of a prompt: decided by its id alone, so all its samples fall on one side."""
-    return fraction > 0 and keyed_hash(seed, "validation", rid) < fraction * 2.0**64
+    if fraction <= 0:
+        return False
+    h = _keyer(seed).copy()
+    h.update(f"validation\x00{rid}".encode())
+    return int.from_bytes(h.digest(), "big") < fraction * 2.0**64
 
 
 def _shingles(text: str, n: int = 3) -> list[bytes]:
@@ -102,27 +130,27 @@ def _shingles(text: str, n: int = 3) -> list[bytes]:
     return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
 
 
-def choose(samples: list[dict[str, Any]], flt: dict[str, Any], max_per_prompt: int | None) -> dict[int, str]:
+def choose(samples: list[tuple[str, float, str, str]], flt: dict[str, Any], max_per_prompt: int | None) -> dict[int, str]:
     """Prompt rules over one prompt's samples that passed the row rules.
 
-    ``samples``: dicts with ``k`` (shuffle key), ``r`` (reward), ``h`` (reply hash), ``t`` (reply
-    text). Returns ``{index in samples: drop reason}``. Preference goes to the highest reward, ties
-    broken by the shuffle key (so the shuffle seed decides them).
+    ``samples``: ``(shuffle key, reward, exact-duplicate key, reply text)`` tuples. Returns
+    ``{index in samples: drop reason}``. Preference goes to the highest reward, ties broken by
+    the shuffle key (so the shuffle seed decides them).
     """
-    order = sorted(range(len(samples)), key=lambda i: (-samples[i]["r"], samples[i]["k"]))
+    order = sorted(range(len(samples)), key=lambda i: (-samples[i][1], samples[i][0]))
     dropped: dict[int, str] = {}
     dedup = flt.get("dedup", "none")
     if dedup in ("exact", "near"):
         seen: set[str] = set()
         for i in order:
-            if samples[i]["h"] in seen:
+            if samples[i][2] in seen:
                 dropped[i] = "duplicate_exact"
-            seen.add(samples[i]["h"])
+            seen.add(samples[i][2])
     if dedup == "near":
         from datasketch import MinHash
 
         rest = [i for i in order if i not in dropped]
-        hashes = MinHash.bulk([_shingles(samples[i]["t"]) for i in rest], num_perm=NUM_PERM)
+        hashes = MinHash.bulk([_shingles(samples[i][3]) for i in rest], num_perm=NUM_PERM)
         kept: list[MinHash] = []
         threshold = flt.get("near_dedup_threshold", 0.8)
         # Pairwise within one prompt: groups are num_repeats samples, so an LSH index would not pay off.
@@ -150,7 +178,7 @@ def distinct_n(texts: list[str], n: int = 2) -> float | None:
     total, seen = 0, set()
     for t in texts:
         words = t.split()
-        grams = list(zip(*(words[i:] for i in range(n))))
-        total += len(grams)
-        seen.update(grams)
+        if len(words) >= n:
+            total += len(words) - n + 1
+            seen.update(zip(words, words[1:]) if n == 2 else zip(*(words[i:] for i in range(n))))
     return len(seen) / total if total else None

@@ -25,6 +25,7 @@ import orjson
 FORMATS = ("messages", "prompt_completion", "openai")
 # Keys a training row's format owns; include_fields may not name them.
 FORMAT_KEYS = frozenset({"messages", "prompt", "completion", "tools", "parallel_tool_calls"})
+_PLAIN_ROLES = ("user", "system", "assistant")
 _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
@@ -124,7 +125,9 @@ def train_row(rollout: dict[str, Any], fmt: str = "messages", include_fields: li
               reasoning: str = "keep") -> dict[str, Any]:
     """One training row of format ``fmt`` from a rollout."""
     msgs = list(rollout.get("messages") or [])
-    start = generated_start(rollout)
+    # Where the generated turns start matters to the prompt/completion split and to OpenAI's
+    # weights only (finalize converts every kept rollout, so the plain format skips the search).
+    start = generated_start(rollout) if fmt != "messages" else 0
     top = rollout.get("reasoning")
     if top and reasoning != "drop":
         # The rollout's reasoning belongs to its final assistant turn (unless that turn carries its own).
@@ -133,7 +136,12 @@ def train_row(rollout: dict[str, Any], fmt: str = "messages", include_fields: li
                 if not msgs[i].get("reasoning_content"):
                     msgs[i] = {**msgs[i], "reasoning_content": top}
                 break
-    conv = [_message(m, fmt, reasoning, i < start) for i, m in enumerate(msgs)]
+    if fmt == "messages" and reasoning == "keep":
+        # The common case, inlined (finalize converts every kept rollout): plain text turns pass as they are.
+        conv = [m if len(m) == 2 and type(m.get("content")) is str and m.get("role") in _PLAIN_ROLES
+                else _message(m, fmt, reasoning, False) for m in msgs]
+    else:
+        conv = [_message(m, fmt, reasoning, i < start) for i, m in enumerate(msgs)]
     out: dict[str, Any] = (
         {"prompt": conv[:start], "completion": conv[start:]} if fmt == "prompt_completion" else {"messages": conv}
     )

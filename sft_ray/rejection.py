@@ -189,6 +189,15 @@ class Tally:
         else:
             self.unfinished += 1
 
+    def merge(self, other: "Tally") -> None:
+        """Add another tally's prompts (one finalize worker's share)."""
+        self.prompts += other.prompts
+        self.reached += other.reached
+        self.below += other.below
+        self.unfinished += other.unfinished
+        self.drawn += other.drawn
+        self.never.extend(other.never)
+
     def result(self) -> dict[str, Any]:
         most = self.prompts * self.max_samples
         return {"target_passing": self.target, "max_samples": self.max_samples, "min_reward": self.threshold,

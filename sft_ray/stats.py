@@ -7,7 +7,7 @@ plus one JSON line with the mean of every numeric metric, as NeMo Gym prints.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -21,39 +21,45 @@ LOW_KEPT_FRACTION = 0.1
 REPETITIVE_SHARE = 0.25
 
 
+def _counts() -> defaultdict[Any, int]:
+    # defaultdict(int), not Counter: ``c[k] += 1`` on a Counter costs four times as much, and
+    # finalize does it about twenty times per rollout.
+    return defaultdict(int)
+
+
 class StatsAccumulator:
     """Feed it every rollout (successful or failed) once; ``result()`` gives stats.json."""
 
     def __init__(self) -> None:
         self.rewards: list[float] = []
         self.metric_sums: dict[str, float] = {}
-        self.metric_counts: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
+        self.metric_counts: defaultdict[str, int] = _counts()
+        self.errors: defaultdict[str, int] = _counts()
         self.failed = 0
-        self.tokens = Counter()
-        self.judge_tokens = Counter()  # input_tokens, output_tokens of judge calls (apart from generation)
+        self.tokens = _counts()
+        self.judge_tokens = _counts()  # input_tokens, output_tokens of judge calls (apart from generation)
         self.judge_cost = 0.0  # USD of judge calls at verifier.judge.pricing (their judge_cost_usd metrics)
         self.judge_priced = False
-        self.finish = Counter()
+        self.finish = _counts()
         self.kept = 0
         self.validation = 0
-        self.drops: Counter[str] = Counter()
+        self.drops: defaultdict[str, int] = _counts()
         # Agent episodes (rollouts with a `termination`).
         self.episodes = 0
-        self.termination: Counter[str] = Counter()
-        self.model_calls: Counter[int] = Counter()
-        self.tool_calls: Counter[int] = Counter()
-        self.tool_totals: Counter[str] = Counter()
+        self.termination: defaultdict[str, int] = _counts()
+        self.model_calls: defaultdict[int, int] = _counts()
+        self.tool_calls: defaultdict[int, int] = _counts()
+        self.tool_totals: defaultdict[str, int] = _counts()
         # Per task source: samples, failed, kept, reward sum.
-        self.sources: dict[str, Counter[str]] = {}
+        self.sources: dict[str, defaultdict[str, Any]] = {}
         # Output tokens per sample, as value -> count (exact percentiles in bounded memory).
-        self.lengths: Counter[int] = Counter()
-        self.kept_lengths: Counter[int] = Counter()
+        self.lengths: defaultdict[int, int] = _counts()
+        self.kept_lengths: defaultdict[int, int] = _counts()
         # Per prompt (num_repeats > 1).
         self.prompts = 0
-        self.prompt_sizes: Counter[int] = Counter()
+        self.prompt_sizes: defaultdict[int, int] = _counts()
         self.pass_at: dict[int, float] = {}
-        self.pass_at_n: Counter[int] = Counter()
+        self.pass_at_n: defaultdict[int, int] = _counts()
         self.prompts_none_pass = 0
         self.prompts_all_pass = 0
         self.prompt_means: list[float] = []
@@ -62,45 +68,58 @@ class StatsAccumulator:
         self.repeat_prompts = 0
 
     def add(self, rollout: dict[str, Any], failed: bool, source: str | None = None) -> None:
-        err = rollout.get("error")
+        # Called once per rollout (a million times on a large run): kept lean, fields read once.
+        get = rollout.get
+        err = get("error")
         if err:
             self.errors[err.get("type", "unknown")] += 1
-        usage = rollout.get("usage") or {}
-        for k in ("input_tokens", "output_tokens", "total_tokens"):
-            self.tokens[k] += int(usage.get(k) or 0)
-        for name, value in (rollout.get("metrics") or {}).items():  # an LLM judge's, counted apart
-            if name.endswith(("judge_input_tokens", "judge_output_tokens")) and isinstance(value, (int, float)):
-                self.judge_tokens[name.rsplit("judge_", 1)[1]] += int(value)
-            elif name.endswith("judge_cost_usd") and isinstance(value, (int, float)):
-                self.judge_cost += float(value)
-                self.judge_priced = True
+        usage = get("usage") or {}
+        out_tokens = int(usage.get("output_tokens") or 0)
+        tokens = self.tokens
+        tokens["input_tokens"] += int(usage.get("input_tokens") or 0)
+        tokens["output_tokens"] += out_tokens
+        tokens["total_tokens"] += int(usage.get("total_tokens") or 0)
+        metrics = get("metrics")
+        if metrics:
+            self._add_metrics(metrics, failed)
         src = None
         if source is not None:
             src = self.sources.get(source)
             if src is None:
-                src = self.sources[source] = Counter()
+                src = self.sources[source] = _counts()
             src["samples"] += 1
-        if rollout.get("termination") is not None:
+        if get("termination") is not None:
             self.episodes += 1
             self.termination[str(rollout["termination"])] += 1
-            self.model_calls[int(rollout.get("num_model_calls") or 0)] += 1
-            self.tool_calls[int(rollout.get("num_tool_calls") or 0)] += 1
+            self.model_calls[int(get("num_model_calls") or 0)] += 1
+            self.tool_calls[int(get("num_tool_calls") or 0)] += 1
             for k in ("num_tool_calls", "num_tool_errors", "num_malformed_tool_calls"):
-                self.tool_totals[k] += int(rollout.get(k) or 0)
+                self.tool_totals[k] += int(get(k) or 0)
         if failed:
             self.failed += 1
             if src is not None:
                 src["failed"] += 1
             return
-        self.lengths[int(usage.get("output_tokens") or 0)] += 1
-        if src is not None and rollout.get("reward") is not None:
-            src["rewarded"] += 1
-            src["reward_sum"] += float(rollout["reward"])
-        self.finish[str(rollout.get("finish_reason"))] += 1
-        reward = rollout.get("reward")
+        self.lengths[out_tokens] += 1
+        reward = get("reward")
         if reward is not None:
-            self.rewards.append(float(reward))
-        for k, v in (rollout.get("metrics") or {}).items():
+            reward = float(reward)
+            self.rewards.append(reward)
+            if src is not None:
+                src["rewarded"] += 1
+                src["reward_sum"] += reward
+        self.finish[str(get("finish_reason"))] += 1
+
+    def _add_metrics(self, metrics: dict[str, Any], failed: bool) -> None:
+        for name, value in metrics.items():  # an LLM judge's, counted apart
+            if name.endswith(("judge_input_tokens", "judge_output_tokens")) and isinstance(value, (int, float)):
+                self.judge_tokens[name.rsplit("judge_", 1)[1]] += int(value)
+            elif name.endswith("judge_cost_usd") and isinstance(value, (int, float)):
+                self.judge_cost += float(value)
+                self.judge_priced = True
+        if failed:
+            return
+        for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.metric_sums[k] = self.metric_sums.get(k, 0.0) + float(v)
                 self.metric_counts[k] += 1
@@ -110,8 +129,31 @@ class StatsAccumulator:
         self.kept += 1
         self.validation += validation
         if source is not None:
-            self.sources[source]["kept"] += 1  # every source was seen by add()
+            src = self.sources.get(source)
+            if src is None:  # a partial accumulator (one worker's share) may not have seen the source
+                src = self.sources[source] = _counts()
+            src["kept"] += 1
         self.kept_lengths[output_tokens] += 1
+
+    def merge(self, other: "StatsAccumulator") -> None:
+        """Add another accumulator's counts (one finalize worker's share) to this one. Every
+        attribute is an accumulator: counts and sums add up, lists extend, flags combine."""
+        for name, theirs in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(mine, bool):
+                setattr(self, name, mine or theirs)
+            elif isinstance(mine, (int, float)):
+                setattr(self, name, mine + theirs)
+            elif isinstance(mine, list):
+                mine.extend(theirs)
+            else:  # counts or sums by key, or (sources) such dicts by key
+                for key, value in theirs.items():
+                    if isinstance(value, dict):
+                        into = mine.setdefault(key, _counts())
+                        for k, v in value.items():
+                            into[k] += v
+                    else:
+                        mine[key] = mine.get(key, 0) + value
 
     def add_prompt(self, rewards: list[float], pass_threshold: float, identical_share: float | None,
                    distinct2: float | None) -> None:
@@ -221,7 +263,7 @@ class StatsAccumulator:
         return means
 
 
-def _percentiles(counts: Counter[int]) -> dict[str, float]:
+def _percentiles(counts: dict[int, int]) -> dict[str, float]:
     """p50/p90/p99/max/mean of values given as value -> count."""
     n = sum(counts.values())
     if not n:
@@ -240,7 +282,7 @@ def _percentiles(counts: Counter[int]) -> dict[str, float]:
     return out
 
 
-def _histogram(counts: Counter[int]) -> dict[str, list[float]]:
+def _histogram(counts: dict[int, int]) -> dict[str, list[float]]:
     """HIST_BINS equal bins from 0 to the largest value, of values given as value -> count."""
     if not counts:
         return {"edges": [], "counts": []}

@@ -9,6 +9,7 @@ import statistics
 import pyarrow.parquet as pq
 import pytest
 
+from sft_ray import io
 from sft_ray.stages import finalize as fin
 from sft_ray.stages.finalize import finalize, shard_sizes
 
@@ -141,3 +142,51 @@ def test_judge_tokens_are_counted_apart_from_generation_tokens():
     stats = acc.result()
     assert stats["tokens"]["input_tokens"] == 31 and stats["tokens"]["output_tokens"] == 16
     assert stats["judge_tokens"] == {"input_tokens": 350, "output_tokens": 23}
+
+
+def _ranges_read_every_line_once(uri, data, rng):
+    want = data.split(b"\n")
+    if want[-1] == b"":
+        want.pop()
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 12)))
+        bounds = [0, *cuts, None]
+        got = [line for a, b in zip(bounds, bounds[1:]) for line in io.iter_range(uri, a, b)]
+        assert got == want, cuts
+
+
+def test_byte_ranges_cut_at_any_offset_read_every_line_once(tmp_path):
+    rng = random.Random(5)
+    for tail in (b"", b"last line without an end", b"\n\n"):
+        data = b"".join(f"line {i} {'x' * rng.randint(0, 40)}\r\n".encode() for i in range(300)) + tail
+        path = tmp_path / "f.jsonl"
+        path.write_bytes(data)
+        _ranges_read_every_line_once(str(path), data.replace(b"\r\n", b"\n"), rng)
+
+
+def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch):
+    """Files cut into many byte ranges, many prompt and shuffle buckets, two worker processes (spawned
+    for real): train/, validation/ and the statistics are exactly those of a single process."""
+    runs = {}
+    for workers in (1, 2):
+        run = tmp_path / f"w{workers}"
+        make_run(run, n=3000, failed=5)
+        with open(run / "rollouts" / "part-000-00001.jsonl", "a") as f:
+            f.write('{"id": "torn", "rew')  # a torn last line
+        with open(run / "failed" / "part-000-00000.jsonl", "a") as f:  # failed once, succeeded on a rerun
+            f.write(json.dumps({"id": "r0", "sample_index": 0, "error": {"type": "timeout"}}) + "\n")
+        monkeypatch.setattr(fin, "PIECE_BYTES", 20_000)
+        monkeypatch.setattr(fin, "GROUP_BUCKET_BYTES", 50_000)
+        monkeypatch.setattr(fin, "BUCKET_BYTES", 100_000)
+        stats = finalize(str(run), {"min_reward": 0.25, "dedup": "exact"}, 7,
+                         {**TRAIN, "max_per_prompt": 1, "validation_fraction": 0.2}, workers=workers)
+        val = [json.loads(line) for f in sorted((run / "validation").glob("*.jsonl"))
+               for line in f.read_text().splitlines()]
+        runs[workers] = (stats, train_rows(run), val)
+    (one, train1, val1), (two, train2, val2) = runs[1], runs[2]
+    files = sorted((tmp_path / "w1" / "rollouts").glob("*.jsonl"))
+    assert len(fin._pieces([str(f) for f in files], [f.stat().st_size for f in files], 20_000)) > 2 * len(files)
+    assert one == two and train1 == train2 and val1 == val2
+    assert one["failed"] == 5 and one["torn_lines"] == 1 and one["succeeded"] == 3000
+    assert len(train1) == one["train_rows"] > 0 and len(val1) == one["validation"] > 0
+    assert one["prompts"]["count"] == 1500 and one["drops_by_reason"]["over_max_per_prompt"] > 0

@@ -3,46 +3,56 @@
 It runs after the rollouts are durably written, reads only the run folder and
 calls no model, so ``sft-ray filter`` can re-run it with other settings.
 
-Two passes, each with bounded memory at 1M+ rows:
+Two passes, each with bounded memory at 1M+ rows, each spread over worker processes
+(one per CPU; in this process when the run is small):
 
-1. Every rollout is counted in the statistics and checked by the row rules
-   (reward, truncation, length, how an agent episode ended; :mod:`sft_ray.curate`).
-   Each successful one goes into a *prompt bucket* chosen by a hash of its prompt
-   id, so all samples of a prompt land in the same bucket.
-2. One prompt bucket at a time is loaded and grouped by prompt: pass@k and
-   repetition are measured, the prompt rules (dedup, at most k per prompt) pick
-   the samples to keep, and the validation split is decided by prompt. Kept
-   rows go to the train (or validation) *shuffle buckets*.
+1. *Scan*: the rollout files, cut into byte ranges at line ends, are read one range per
+   task. Every rollout is counted in the statistics and checked by the row rules (reward,
+   truncation, length, how an agent episode ended; :mod:`sft_ray.curate`). Each successful
+   one goes to a *prompt bucket* file chosen by a hash of its prompt id, so all samples of a
+   prompt land in the same bucket, with its training row already in the chosen format.
+2. *Group*: one prompt bucket per task is loaded and grouped by prompt: pass@k and
+   repetition are measured, the prompt rules (dedup, at most k per prompt) pick the samples
+   to keep, and the validation split is decided by prompt. Kept rows go to the train (or
+   validation) *shuffle bucket* files.
 
-The global shuffle sorts kept rows by a keyed hash of ``(shuffle.seed, id,
-sample_index)``: the order depends only on the seed and the rows, never on
-the order in which rollouts happened to be written, so the same seed gives the
-same order on every run. The shuffle buckets are hash ranges of that key, so
-only one bucket is sorted in memory at a time.
+The workers' statistics are merged in a fixed order, so the result does not depend on how
+many there were. The global shuffle sorts kept rows by a keyed hash of ``(shuffle.seed, id,
+sample_index)``: the order depends only on the seed and the rows, never on the order in
+which rollouts happened to be written, so the same seed gives the same order on every run.
+The shuffle buckets are hash ranges of that key, so only one bucket is sorted in memory at
+a time while the shards are written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io as _io
+import itertools
 import math
 import os
 import tempfile
-from collections import Counter, defaultdict
-from typing import Any, Iterator
+import zlib
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import orjson
+from orjson import JSONDecodeError
 
 from sft_ray import io
-from sft_ray.config import FilterConfig, TrainConfig
 from sft_ray.curate import (
     TEXT_CAP,
+    RowRules,
     choose,
     distinct_n,
-    drop_reason,
     in_validation,
     output_tokens,
     reply_text,
+    shuffle_key,
     source_of,
 )
 from sft_ray.formats import ShardFormat, dataset_card, parquet_schema, parquet_table, train_row
@@ -55,23 +65,23 @@ BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of
 # Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes
 # several times its bytes, so these buckets are smaller than the shuffle buckets.
 GROUP_BUCKET_BYTES = 64 << 20
-_MASK64 = (1 << 64) - 1
+PIECE_BYTES = 32 << 20  # rollout bytes per scan task (a larger file is cut into ranges at line ends)
+# Below this many rollout bytes finalize runs in this process: starting workers (each imports
+# this module, ~0.5 s) would cost more than they save.
+PARALLEL_BYTES = 64 << 20
+KEY_HEX = 16  # shuffle keys are 64-bit, written as 16 hex digits: sorting the text sorts the keys
 
 
-def iter_jsonl(uri: str) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
-    """(row, line) for each line of a rollout file; row is None for a torn line."""
-    for line in io.iter_lines(uri):
+def iter_jsonl(uri: str, start: int = 0, end: int | None = None) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
+    """(row, line) for each line of a rollout file (or of its byte range ``[start, end)``);
+    row is None for a torn line."""
+    for line in io.iter_range(uri, start, end):
         if not line.strip():
             continue
         try:
             yield orjson.loads(line), line
         except orjson.JSONDecodeError:
             yield None, line
-
-
-def shuffle_key(seed: int, rid: str, sample_index: int) -> int:
-    h = hashlib.blake2b(f"{rid}\x00{sample_index}".encode(), digest_size=8, key=str(seed).encode()[:64])
-    return int.from_bytes(h.digest(), "big")
 
 
 def shard_sizes(n: int, rows_per_shard: int) -> list[int]:
@@ -83,50 +93,62 @@ def shard_sizes(n: int, rows_per_shard: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(k)]
 
 
-class _Buckets:
-    """Records spread by key range; in memory when small, spilled to temp files when large."""
+def _pieces(files: list[str], sizes: list[int], piece_bytes: int) -> list[tuple[str, int, int | None]]:
+    """The scan tasks: (file, start, end) byte ranges of about ``piece_bytes`` each."""
+    out: list[tuple[str, int, int | None]] = []
+    for uri, size in zip(files, sizes):
+        n = 1 if uri.endswith(".gz") else max(1, math.ceil(size / piece_bytes))
+        bounds = [size * i // n for i in range(n)] + [None]  # the last range reads to the end of the file
+        out += [(uri, bounds[i], bounds[i + 1]) for i in range(n)]
+    return out
 
-    def __init__(self, n_buckets: int) -> None:
-        self.n = n_buckets
-        self.mem: list[tuple[int, bytes]] = []  # the single bucket, when small enough to stay in memory
-        self.tmp = tempfile.TemporaryDirectory(prefix="sft-ray-shuffle-") if n_buckets > 1 else None
-        self.files = ([open(os.path.join(self.tmp.name, f"b{i}"), "wb") for i in range(n_buckets)]
-                      if self.tmp else [])
 
-    def add(self, key: int, line: bytes) -> None:
-        if not self.tmp:
-            self.mem.append((key, line))
-            return
-        b = (key * self.n) >> 64
-        self.files[b].write(key.to_bytes(8, "big") + len(line).to_bytes(4, "big") + line)
+def _workers(requested: int | None, total_bytes: int, tasks: int) -> int:
+    if requested is None:
+        if total_bytes < PARALLEL_BYTES:
+            return 1
+        try:
+            requested = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            requested = os.cpu_count() or 1
+    return max(1, min(requested, tasks))
 
-    def chunks(self) -> Iterator[list[tuple[int, bytes]]]:
-        """Each bucket's (key, line) records, one bucket in memory at a time, in key-range order."""
-        if not self.tmp:
-            yield self.mem
-            self.mem = []
-            return
-        for f in self.files:
-            f.close()
-            with open(f.name, "rb") as fh:
-                data = fh.read()
-            recs, pos = [], 0
-            while pos < len(data):
-                key = int.from_bytes(data[pos:pos + 8], "big")
-                n = int.from_bytes(data[pos + 8:pos + 12], "big")
-                recs.append((key, data[pos + 12:pos + 12 + n]))
-                pos += 12 + n
-            del data
-            os.unlink(f.name)
-            yield recs
-        self.tmp.cleanup()
 
-    def ordered(self) -> Iterator[bytes]:
-        """All lines, sorted by key."""
-        for recs in self.chunks():
-            recs.sort()
-            yield from (line for _, line in recs)
+class _Inline:
+    """What a process pool offers finalize (``map``), run in this process."""
 
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def map(self, fn: Any, *iterables: Iterable[Any]) -> Iterator[Any]:
+        return map(fn, *iterables)
+
+
+def _executor(workers: int) -> Any:
+    if workers == 1:
+        return _Inline()
+    import multiprocessing
+
+    # spawn, not fork: finalize may run in a Ray driver, whose threads a fork would copy half-way.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every finalize task needs (sent to each worker)."""
+
+    tmp: str  # the folder of the bucket files
+    flt: dict[str, Any]
+    tc: dict[str, Any]
+    seed: int
+    n_groups: int
+    n_buckets: int
+    succeeded_wanted: frozenset[tuple[str, int]]  # failed samples: report those that succeeded later
+    where: bool  # record each prompt's input line (rejection sampling's never_passed.jsonl)
+    tally: tuple[int, int, float] | None  # rejection sampling: target, max samples, threshold
 
 def _where(row: dict[str, Any]) -> str | None:
     """The input line a rollout's prompt came from, as ``file:line``."""
@@ -151,16 +173,20 @@ def _write_shard(uri: str, lines: list[bytes], fmt: str) -> None:
 
 def _normalise(filter_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fill in defaults (callers may pass partial dicts, e.g. from an older run.json)."""
+    # Imported here, not at the top: the worker processes import this module and never need pydantic.
+    from sft_ray.config import FilterConfig, TrainConfig
+
     return FilterConfig.model_validate(filter_cfg).model_dump(), TrainConfig.model_validate(train_cfg).model_dump()
 
 
 def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
-             write: bool = True, rejection: dict[str, Any] | None = None) -> dict[str, Any]:
+             write: bool = True, rejection: dict[str, Any] | None = None,
+             workers: int | None = None) -> dict[str, Any]:
     """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
-    ``never_passed.jsonl``."""
+    ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU
+    for a large run, none beside this one for a small one)."""
     flt, tc = _normalise(filter_cfg, train_cfg)
-    acc = StatsAccumulator()
     torn = 0
     # Latest failure per sample (a sample retried by a rerun may have several records).
     failures: dict[tuple[str, int], dict[str, Any]] = {}
@@ -172,131 +198,218 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 failures[(str(row["id"]), int(row["sample_index"]))] = row
 
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
-    total_bytes = sum(io.size(u) for u in rollout_files)
-    n_buckets = max(1, math.ceil(total_bytes / BUCKET_BYTES))
+    sizes = [io.size(u) for u in rollout_files]
+    total_bytes = sum(sizes)
+    pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
+    tally_on = bool(rejection and rejection.get("target_passing"))
     n_groups = max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES))
-    # Records for the per-prompt pass: kept as objects when one bucket holds them all, else spilled.
-    prompts = _Buckets(n_groups) if n_groups > 1 else None
-    in_memory: list[tuple[list[Any], bytes]] = []
-    fmt, include, reasoning = tc["format"], list(tc["include_fields"]), tc["reasoning"]
+    acc = StatsAccumulator()
     temperature = None
-    for uri in rollout_files:
-        for row, _ in iter_jsonl(uri):
-            if row is None:
-                torn += 1
+    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, \
+            _executor(_workers(workers, total_bytes, max(len(pieces), n_groups))) as pool:
+        job = _Job(tmp=tmp, flt=flt, tc=tc, seed=shuffle_seed, n_groups=n_groups,
+                   n_buckets=max(1, math.ceil(total_bytes / BUCKET_BYTES)) if write else 0,
+                   succeeded_wanted=frozenset(failures), where=tally_on,
+                   tally=(rejection["target_passing"], rejection["max_samples"], flt["min_reward"])
+                   if tally_on else None)
+        for part, part_torn, succeeded, temp in pool.map(_scan, itertools.repeat(job), range(len(pieces)), pieces):
+            acc.merge(part)
+            torn += part_torn
+            for key in succeeded:
+                failures.pop(key, None)  # it succeeded later
+            if temperature is None:
+                temperature = temp
+        for row in failures.values():
+            acc.add(row, failed=True, source=source_of(row))
+        # Failed samples per prompt, for rejection sampling's count of samples drawn.
+        failed: list[dict[str, list[Any]]] = [{} for _ in range(n_groups)]
+        if tally_on:
+            for (rid, _), row in failures.items():
+                entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _where(row)])
+                entry[0] += 1
+        tally = Tally(*job.tally) if job.tally else None
+        for part, part_tally in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
+            acc.merge(part)
+            if tally is not None:
+                tally.merge(part_tally)
+
+        stats = acc.result()
+        if tally is not None:
+            stats["rejection"] = tally.result()
+            if write:
+                never = io.join(run_dir, NEVER_PASSED)
+                io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
+                stats["rejection"]["never_passed_file"] = never
+        stats["train_rows"] = acc.kept - acc.validation
+        # The settings that differ from the defaults (what this cut of the run chose).
+        from sft_ray.config import FilterConfig, TrainConfig
+
+        stats["filter"] = {k: v for k, v in flt.items() if v != FilterConfig.model_fields[k].default}
+        stats["train"] = {k: v for k, v in tc.items()
+                          if k != "include_fields" and v != TrainConfig.model_fields[k].default}
+        stats["shuffle_seed"] = shuffle_seed
+        stats["advice"] = advice(stats, temperature)
+        if torn:
+            stats["torn_lines"] = torn
+        if write:
+            fmt, include = tc["format"], list(tc["include_fields"])
+            schema = parquet_schema(fmt, include)
+            shard_fmt = ShardFormat(tc["file_format"], schema)
+            stats["shards"] = _write_split(run_dir, job, "t", shard_sizes(stats["train_rows"], tc["rows_per_shard"]),
+                                           shard_fmt, TRAIN)
+            if tc["validation_fraction"] > 0:
+                stats["validation_shards"] = _write_split(
+                    run_dir, job, "v", shard_sizes(acc.validation, tc["rows_per_shard"]), shard_fmt, VALIDATION)
+            else:
+                io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
+            splits = [TRAIN] + ([VALIDATION] if tc["validation_fraction"] > 0 else [])
+            io.write_bytes(io.join(run_dir, "README.md"), dataset_card(schema, tc["file_format"], splits).encode())
+    return stats
+
+
+def _group_of(rid: str, n_groups: int) -> int:
+    """A prompt's bucket: the same in every process (unlike hash(), which is salted per process)."""
+    return zlib.crc32(rid.encode()) % n_groups
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused: the passes make millions of small containers (and hold
+    a bucket of them) but no cycles, and its rescans of what is held cost up to a third of the time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[StatsAccumulator, int, list[Any], Any]:
+    """Pass 1 over one byte range of a rollout file: statistics, row rules, and the prompt-bucket
+    records (``meta <tab> training row``) of every rollout with a reward. Returns the statistics,
+    the torn lines, the failed samples seen succeeding here, and the first sampling temperature."""
+    flt, tc, n_groups = job.flt, job.tc, job.n_groups
+    fmt, include, reasoning = tc["format"], list(tc["include_fields"]), tc["reasoning"]
+    acc = StatsAccumulator()
+    add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
+    torn, succeeded, temperature = 0, [], None
+    rules = RowRules(flt)
+    with contextlib.ExitStack() as files, _no_gc():
+        outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb")) for g in range(n_groups)]
+        for line in io.iter_range(*piece):
+            try:
+                row = loads(line)
+            except JSONDecodeError:
+                torn += line.strip() != b""
                 continue
             rid, k = str(row["id"]), int(row["sample_index"])
             src = source_of(row)
-            acc.add(row, failed=False, source=src)
-            if failures:
-                failures.pop((rid, k), None)  # it succeeded later
+            add(row, False, src)
+            if job.succeeded_wanted and (rid, k) in job.succeeded_wanted:
+                succeeded.append((rid, k))
             if temperature is None:
                 temperature = (row.get("sampling_params") or {}).get("temperature")
-            reason = drop_reason(row, flt)
+            reason = rules(row)
             if reason is not None:
-                acc.drops[reason] += 1
-            reward = row.get("reward")
-            if reward is None or row.get("error"):
-                continue  # nothing to choose from, nothing to measure per prompt
+                drops[reason] += 1
+                if reason == "error" or reason == "no_reward":
+                    continue  # nothing to choose from, nothing to measure per prompt
             text = reply_text(row)
-            # hash() is salted per process, and these records never leave this process: it only has to
-            # spread prompts over buckets and tell equal replies apart, and it is much cheaper than blake2b.
-            meta = [rid, shuffle_key(shuffle_seed, rid, k), float(reward), reason is None, hash(text),
-                    text[:TEXT_CAP], src, output_tokens(row), _where(row)]
+            # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
+            # is longer than the capped text that rides along (for near duplicates and distinct-n).
+            digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
+            meta = [rid, shuffle_key(seed, rid, k), float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src,
+                    output_tokens(row), _where(row) if job.where else None]
             # the training row rides along, already in its format
-            row_bytes = orjson.dumps(train_row(row, fmt, include, reasoning)) if reason is None else b""
-            if prompts is None:
-                in_memory.append((meta, row_bytes))
-            else:
-                prompts.add(hash(rid) & _MASK64, orjson.dumps(meta) + b"\t" + row_bytes)
+            row_bytes = dumps(train_row(row, fmt, include, reasoning)) if reason is None else b""
+            outs[zlib.crc32(rid.encode()) % n_groups].write(dumps(meta) + b"\t" + row_bytes + b"\n")
+    return acc, torn, succeeded, temperature
 
-    for row in failures.values():
-        acc.add(row, failed=True, source=source_of(row))
 
-    train = _Buckets(n_buckets) if write else None
-    val = _Buckets(n_buckets) if write and tc["validation_fraction"] > 0 else None
+def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumulator, Tally | None]:
+    """Pass 2 over prompt bucket ``g``: per prompt, pass@k and repetition, the prompt rules, the
+    split; kept training rows go to the shuffle-bucket files (``t``: train, ``v``: validation) as
+    ``key row`` lines. ``failed``: {prompt id: [failed samples, input line]} of this bucket's
+    prompts (rejection sampling)."""
+    flt, tc, seed = job.flt, job.tc, job.seed
+    acc = StatsAccumulator()
+    tally = Tally(*job.tally) if job.tally else None
+    groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
+    with _no_gc():
+        prefix = f"p{g}."
+        for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
+            path = os.path.join(job.tmp, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            os.unlink(path)
+            for line in data.split(b"\n"):
+                if line:
+                    meta_bytes, _, row_bytes = line.partition(b"\t")
+                    meta = orjson.loads(meta_bytes)
+                    groups[meta[0]].append((meta, row_bytes))
+            del data
     pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
-    tally = None
-    if rejection and rejection.get("target_passing"):
-        tally = Tally(rejection["target_passing"], rejection["max_samples"], flt["min_reward"])
-        failed_per_prompt = Counter(rid for rid, _ in failures)
-        failed_where = {rid: _where(row) for (rid, _), row in failures.items()}  # a prompt's input line
-    for chunk in (prompts.chunks() if prompts is not None else [[]]):
-        groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
-        for _, line in chunk:
-            meta_bytes, _, row_bytes = line.partition(b"\t")
-            meta = orjson.loads(meta_bytes)
-            groups[meta[0]].append((meta, row_bytes))
-        for record in in_memory:
-            groups[record[0][0]].append(record)
-        del chunk
-        in_memory = []
+    prompt_rules = flt["dedup"] != "none" or tc["max_per_prompt"]
+    with contextlib.ExitStack() as files, _no_gc():
+        outs: dict[tuple[str, int], Any] = {}
         for rid, samples in groups.items():
             several = len(samples) > 1
+            rewards = [m[2] for m, _ in samples]
             if tally is not None:
-                tally.add(rid, [m[2] for m, _ in samples], failed_per_prompt.pop(rid, 0), samples[0][0][8])
-            acc.add_prompt([m[2] for m, _ in samples], pass_threshold,
-                           1.0 - len({m[4] for m, _ in samples}) / len(samples) if several else None,
+                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0][0][8])
+            texts = [m[4] or m[5] for m, _ in samples] if several else None
+            acc.add_prompt(rewards, pass_threshold, 1.0 - len(set(texts)) / len(samples) if texts else None,
                            distinct_n([m[5] for m, _ in samples]) if several else None)
             ok = [i for i, (m, _) in enumerate(samples) if m[3]]
-            dropped = (choose([{"k": samples[i][0][1], "r": samples[i][0][2], "h": samples[i][0][4],
-                                "t": samples[i][0][5]} for i in ok], flt, tc["max_per_prompt"])
-                       if several and ok and (flt["dedup"] != "none" or tc["max_per_prompt"]) else {})
-            to_val = in_validation(shuffle_seed, rid, tc["validation_fraction"])
-            target = val if to_val else train
+            dropped = (choose([(samples[i][0][1], samples[i][0][2], texts[i], samples[i][0][5]) for i in ok],
+                              flt, tc["max_per_prompt"])
+                       if several and ok and prompt_rules else {})
+            to_val = in_validation(seed, rid, tc["validation_fraction"])
             for j, i in enumerate(ok):
                 if j in dropped:
                     acc.drops[dropped[j]] += 1
                     continue
                 meta, row_bytes = samples[i]
                 acc.add_kept(meta[6], meta[7], validation=to_val)
-                if target is not None:
-                    target.add(meta[1], row_bytes)
-        del groups
-
+                if job.n_buckets:
+                    bucket = ("v" if to_val else "t", (int(meta[1], 16) * job.n_buckets) >> 64)
+                    out = outs.get(bucket)
+                    if out is None:
+                        out = outs[bucket] = files.enter_context(
+                            open(os.path.join(job.tmp, f"{bucket[0]}{bucket[1]}.{g:06d}"), "wb"))
+                    out.write(meta[1].encode() + row_bytes + b"\n")
     if tally is not None:
-        for rid, n in failed_per_prompt.items():  # prompts without a single scored sample
-            tally.add(rid, [], n, failed_where[rid])
-    stats = acc.result()
-    if tally is not None:
-        stats["rejection"] = tally.result()
-        if write:
-            never = io.join(run_dir, NEVER_PASSED)
-            io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
-            stats["rejection"]["never_passed_file"] = never
-    stats["train_rows"] = acc.kept - acc.validation
-    # The settings that differ from the defaults (what this cut of the run chose).
-    stats["filter"] = {k: v for k, v in flt.items() if v != FilterConfig.model_fields[k].default}
-    stats["train"] = {k: v for k, v in tc.items() if k != "include_fields" and v != TrainConfig.model_fields[k].default}
-    stats["shuffle_seed"] = shuffle_seed
-    stats["advice"] = advice(stats, temperature)
-    if torn:
-        stats["torn_lines"] = torn
-    if train is not None:
-        schema = parquet_schema(fmt, include)
-        shard_fmt = ShardFormat(tc["file_format"], schema)
-        stats["shards"] = _write_train(run_dir, train, shard_sizes(stats["train_rows"], tc["rows_per_shard"]),
-                                       shard_fmt)
-        if val is not None:
-            stats["validation_shards"] = _write_train(run_dir, val, shard_sizes(acc.validation, tc["rows_per_shard"]),
-                                                      shard_fmt, VALIDATION)
-        else:
-            io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
-        splits = [TRAIN] + ([VALIDATION] if val is not None else [])
-        io.write_bytes(io.join(run_dir, "README.md"), dataset_card(schema, tc["file_format"], splits).encode())
-    return stats
+        for rid, (n, where) in failed.items():  # prompts without a single scored sample
+            tally.add(rid, [], n, where)
+    return acc, tally
 
 
-def _write_train(run_dir: str, buckets: _Buckets, sizes: list[int], fmt: str, name: str = TRAIN) -> list[int]:
+def _sorted_rows(tmp: str, split: str, n_buckets: int) -> Iterator[bytes]:
+    """The kept training rows of one split, in shuffle-key order: one bucket sorted in memory at a time."""
+    names = sorted(os.listdir(tmp))
+    for b in range(n_buckets):
+        prefix = f"{split}{b}."
+        lines: list[bytes] = []
+        for name in names:
+            if name.startswith(prefix):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    lines += f.read().split(b"\n")[:-1]  # each line ends with a line end
+                os.unlink(os.path.join(tmp, name))
+        lines.sort()  # by the key in front of each row
+        for line in lines:
+            yield line[KEY_HEX:]
+
+
+def _write_split(run_dir: str, job: _Job, split: str, sizes: list[int], fmt: str, name: str) -> list[int]:
     """Replace ``name``/ (train/ or validation/) with new shards part-00000.<fmt>, ... of the given
     sizes: written aside (<name>.new/), then swapped in, so a crash while writing leaves the old
     folder whole."""
-    train, new = io.join(run_dir, name), io.join(run_dir, name + ".new")
+    final, new = io.join(run_dir, name), io.join(run_dir, name + ".new")
     io.delete(new)
     io.makedirs(new)
-    rows = buckets.ordered()
+    rows = _sorted_rows(job.tmp, split, job.n_buckets)
     for i, size in enumerate(sizes):
-        lines = [next(rows) for _ in range(size)]
-        _write_shard(io.join(new, f"part-{i:05d}.{fmt}"), lines, fmt)
-    io.replace_dir(new, train)
+        _write_shard(io.join(new, f"part-{i:05d}.{fmt}"), list(itertools.islice(rows, size)), fmt)
+    io.replace_dir(new, final)
     return sizes
