@@ -166,6 +166,7 @@ def choose(samples: list[tuple[str, float, str, str]], flt: dict[str, Any], max_
     return dropped
 
 
+@functools.lru_cache(maxsize=4096)  # few distinct (n, c, k), asked once per prompt
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of one prompt with n samples, c of them passing (Chen et al., 2021)."""
     if n - c < k:

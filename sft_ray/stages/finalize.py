@@ -27,6 +27,7 @@ a time while the shards are written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import io as _io
@@ -228,10 +229,13 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _where(row)])
                 entry[0] += 1
         tally = Tally(*job.tally) if job.tally else None
-        for part, part_tally in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
+        in_bucket = {"t": [0] * job.n_buckets, "v": [0] * job.n_buckets}  # rows per shuffle bucket
+        for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
             acc.merge(part)
             if tally is not None:
                 tally.merge(part_tally)
+            for split, per_bucket in counts.items():
+                in_bucket[split] = [a + b for a, b in zip(in_bucket[split], per_bucket)]
 
         stats = acc.result()
         if tally is not None:
@@ -252,17 +256,13 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         if torn:
             stats["torn_lines"] = torn
         if write:
-            fmt, include = tc["format"], list(tc["include_fields"])
-            schema = parquet_schema(fmt, include)
-            shard_fmt = ShardFormat(tc["file_format"], schema)
-            stats["shards"] = _write_split(run_dir, job, "t", shard_sizes(stats["train_rows"], tc["rows_per_shard"]),
-                                           shard_fmt, TRAIN)
+            stats["shards"] = _write_split(run_dir, job, pool, "t", in_bucket["t"], TRAIN)
             if tc["validation_fraction"] > 0:
-                stats["validation_shards"] = _write_split(
-                    run_dir, job, "v", shard_sizes(acc.validation, tc["rows_per_shard"]), shard_fmt, VALIDATION)
+                stats["validation_shards"] = _write_split(run_dir, job, pool, "v", in_bucket["v"], VALIDATION)
             else:
                 io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
             splits = [TRAIN] + ([VALIDATION] if tc["validation_fraction"] > 0 else [])
+            schema = parquet_schema(tc["format"], list(tc["include_fields"]))
             io.write_bytes(io.join(run_dir, "README.md"), dataset_card(schema, tc["file_format"], splits).encode())
     return stats
 
@@ -272,19 +272,26 @@ def _group_of(rid: str, n_groups: int) -> int:
     return zlib.crc32(rid.encode()) % n_groups
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """The cyclic garbage collector paused: the passes make millions of small containers (and hold
-    a bucket of them) but no cycles, and its rescans of what is held cost up to a third of the time."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+def _without_gc(fn: Any) -> Any:
+    """Run ``fn`` with the cyclic garbage collector paused: the passes make millions of small
+    containers (and hold a bucket of them) but no cycles, and its rescans of what is held cost up
+    to a third of the time. Paused for the whole call, so that what the call held is freed (by
+    reference counting) before the collector runs again."""
+
+    @functools.wraps(fn)
+    def paused(*args: Any) -> Any:
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args)
+        finally:
+            if was:
+                gc.enable()
+
+    return paused
 
 
+@_without_gc
 def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[StatsAccumulator, int, list[Any], Any]:
     """Pass 1 over one byte range of a rollout file: statistics, row rules, and the prompt-bucket
     records (``meta <tab> training row``) of every rollout with a reward. Returns the statistics,
@@ -295,7 +302,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[St
     add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
     torn, succeeded, temperature = 0, [], None
     rules = RowRules(flt)
-    with contextlib.ExitStack() as files, _no_gc():
+    with contextlib.ExitStack() as files:
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb")) for g in range(n_groups)]
         for line in io.iter_range(*piece):
             try:
@@ -319,39 +326,45 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[St
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
-            meta = [rid, shuffle_key(seed, rid, k), float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src,
-                    output_tokens(row), _where(row) if job.where else None]
-            # the training row rides along, already in its format
-            row_bytes = dumps(train_row(row, fmt, include, reasoning)) if reason is None else b""
+            if reason is None:  # a candidate for train/: its shuffle key, and its training row in its format
+                meta = [rid, shuffle_key(seed, rid, k), float(row["reward"]), True, digest, text[:TEXT_CAP], src,
+                        output_tokens(row), _where(row) if job.where else None]
+                row_bytes = dumps(train_row(row, fmt, include, reasoning))
+            else:  # measured per prompt only
+                meta = [rid, "", float(row["reward"]), False, digest, text[:TEXT_CAP], src, 0,
+                        _where(row) if job.where else None]
+                row_bytes = b""
             outs[zlib.crc32(rid.encode()) % n_groups].write(dumps(meta) + b"\t" + row_bytes + b"\n")
     return acc, torn, succeeded, temperature
 
 
-def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumulator, Tally | None]:
+@_without_gc
+def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumulator, Tally | None, dict[str, list[int]]]:
     """Pass 2 over prompt bucket ``g``: per prompt, pass@k and repetition, the prompt rules, the
     split; kept training rows go to the shuffle-bucket files (``t``: train, ``v``: validation) as
     ``key row`` lines. ``failed``: {prompt id: [failed samples, input line]} of this bucket's
-    prompts (rejection sampling)."""
+    prompts (rejection sampling). Returns the statistics, the tally and the rows written to each
+    shuffle bucket of each split."""
     flt, tc, seed = job.flt, job.tc, job.seed
     acc = StatsAccumulator()
     tally = Tally(*job.tally) if job.tally else None
     groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
-    with _no_gc():
-        prefix = f"p{g}."
-        for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
-            path = os.path.join(job.tmp, name)
-            with open(path, "rb") as f:
-                data = f.read()
-            os.unlink(path)
-            for line in data.split(b"\n"):
-                if line:
-                    meta_bytes, _, row_bytes = line.partition(b"\t")
-                    meta = orjson.loads(meta_bytes)
-                    groups[meta[0]].append((meta, row_bytes))
-            del data
+    prefix = f"p{g}."
+    for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
+        path = os.path.join(job.tmp, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+        for line in data.split(b"\n"):
+            if line:
+                meta_bytes, _, row_bytes = line.partition(b"\t")
+                meta = orjson.loads(meta_bytes)
+                groups[meta[0]].append((meta, row_bytes))
+        del data
     pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
     prompt_rules = flt["dedup"] != "none" or tc["max_per_prompt"]
-    with contextlib.ExitStack() as files, _no_gc():
+    counts = {"t": [0] * job.n_buckets, "v": [0] * job.n_buckets}
+    with contextlib.ExitStack() as files:
         outs: dict[tuple[str, int], Any] = {}
         for rid, samples in groups.items():
             several = len(samples) > 1
@@ -373,43 +386,60 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
                 meta, row_bytes = samples[i]
                 acc.add_kept(meta[6], meta[7], validation=to_val)
                 if job.n_buckets:
-                    bucket = ("v" if to_val else "t", (int(meta[1], 16) * job.n_buckets) >> 64)
+                    # Buckets are ranges of the key (its top 32 bits are enough to choose one).
+                    bucket = ("v" if to_val else "t", (int(meta[1][:8], 16) * job.n_buckets) >> 32)
                     out = outs.get(bucket)
                     if out is None:
                         out = outs[bucket] = files.enter_context(
                             open(os.path.join(job.tmp, f"{bucket[0]}{bucket[1]}.{g:06d}"), "wb"))
                     out.write(meta[1].encode() + row_bytes + b"\n")
+                    counts[bucket[0]][bucket[1]] += 1
     if tally is not None:
         for rid, (n, where) in failed.items():  # prompts without a single scored sample
             tally.add(rid, [], n, where)
-    return acc, tally
+    return acc, tally, counts
 
 
-def _sorted_rows(tmp: str, split: str, n_buckets: int) -> Iterator[bytes]:
-    """The kept training rows of one split, in shuffle-key order: one bucket sorted in memory at a time."""
-    names = sorted(os.listdir(tmp))
-    for b in range(n_buckets):
-        prefix = f"{split}{b}."
-        lines: list[bytes] = []
-        for name in names:
-            if name.startswith(prefix):
-                with open(os.path.join(tmp, name), "rb") as f:
-                    lines += f.read().split(b"\n")[:-1]  # each line ends with a line end
-                os.unlink(os.path.join(tmp, name))
-        lines.sort()  # by the key in front of each row
-        for line in lines:
-            yield line[KEY_HEX:]
+@_without_gc
+def _sort_bucket(job: _Job, split: str, b: int) -> None:
+    """Shuffle bucket ``b`` of a split, sorted by key (keys dropped): one file, ``s<split><b>``."""
+    prefix = f"{split}{b}."
+    lines: list[bytes] = []
+    for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
+        with open(os.path.join(job.tmp, name), "rb") as f:
+            lines += f.read().split(b"\n")[:-1]  # each line ends with a line end
+        os.unlink(os.path.join(job.tmp, name))
+    lines.sort()  # by the key in front of each row
+    with open(os.path.join(job.tmp, f"s{split}{b}"), "wb") as f:
+        f.writelines(line[KEY_HEX:] + b"\n" for line in lines)
 
 
-def _write_split(run_dir: str, job: _Job, split: str, sizes: list[int], fmt: str, name: str) -> list[int]:
-    """Replace ``name``/ (train/ or validation/) with new shards part-00000.<fmt>, ... of the given
-    sizes: written aside (<name>.new/), then swapped in, so a crash while writing leaves the old
-    folder whole."""
+def _write_part(job: _Job, split: str, in_bucket: list[int], start: int, size: int, uri: str) -> None:
+    """One shard: rows ``[start, start + size)`` of the split's global order, from the sorted buckets."""
+    lines: list[bytes] = []
+    first = 0  # global position of bucket b's first row
+    for b, n in enumerate(in_bucket):
+        lo, hi = max(start, first), min(start + size, first + n)
+        if lo < hi:
+            with open(os.path.join(job.tmp, f"s{split}{b}"), "rb") as f:
+                lines += f.read().split(b"\n")[lo - first:hi - first]
+        first += n
+    tc = job.tc
+    _write_shard(uri, lines, ShardFormat(tc["file_format"], parquet_schema(tc["format"], list(tc["include_fields"]))))
+
+
+def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: list[int], name: str) -> list[int]:
+    """Replace ``name``/ (train/ or validation/) with balanced shards part-00000.<fmt>, ...: the
+    buckets are sorted, then the shards written, each step in parallel. Written aside (<name>.new/),
+    then swapped in, so a crash while writing leaves the old folder whole."""
     final, new = io.join(run_dir, name), io.join(run_dir, name + ".new")
     io.delete(new)
     io.makedirs(new)
-    rows = _sorted_rows(job.tmp, split, job.n_buckets)
-    for i, size in enumerate(sizes):
-        _write_shard(io.join(new, f"part-{i:05d}.{fmt}"), list(itertools.islice(rows, size)), fmt)
+    list(pool.map(_sort_bucket, itertools.repeat(job), itertools.repeat(split), range(job.n_buckets)))
+    sizes = shard_sizes(sum(in_bucket), job.tc["rows_per_shard"])
+    starts = list(itertools.accumulate(sizes, initial=0))[:-1]
+    fmt = job.tc["file_format"]
+    list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(split), itertools.repeat(in_bucket),
+                  starts, sizes, [io.join(new, f"part-{i:05d}.{fmt}") for i in range(len(sizes))]))
     io.replace_dir(new, final)
     return sizes
