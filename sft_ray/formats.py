@@ -222,17 +222,6 @@ def parquet_table(rows: list[dict[str, Any]], schema):
     return pa.Table.from_pylist(encoded, schema=storage).cast(schema)
 
 
-class ShardFormat(str):
-    """The shard file format ("jsonl" or "parquet": also the file extension), carrying the Parquet schema."""
-
-    schema: Any = None
-
-    def __new__(cls, file_format: str, schema: Any = None) -> "ShardFormat":
-        obj = super().__new__(cls, file_format)
-        obj.schema = schema
-        return obj
-
-
 def _feature_yaml(t) -> dict[str, Any]:
     import pyarrow as pa
 

@@ -164,9 +164,11 @@ def test_byte_ranges_cut_at_any_offset_read_every_line_once(tmp_path):
         _ranges_read_every_line_once(str(path), data.replace(b"\r\n", b"\n"), rng)
 
 
-def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("curated", [True, False], ids=["prompt-rules", "kept-from-the-scan"])
+def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch, curated):
     """Files cut into many byte ranges, many prompt and shuffle buckets, two worker processes (spawned
-    for real): train/, validation/ and the statistics are exactly those of a single process."""
+    for real): train/, validation/ and the statistics are exactly those of a single process. With
+    no prompt rule, rows go to the shuffle from the scan; with one, from the per-prompt pass."""
     runs = {}
     for workers in (1, 2):
         run = tmp_path / f"w{workers}"
@@ -178,8 +180,9 @@ def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch):
         monkeypatch.setattr(fin, "PIECE_BYTES", 20_000)
         monkeypatch.setattr(fin, "GROUP_BUCKET_BYTES", 50_000)
         monkeypatch.setattr(fin, "BUCKET_BYTES", 100_000)
-        stats = finalize(str(run), {"min_reward": 0.25, "dedup": "exact"}, 7,
-                         {**TRAIN, "max_per_prompt": 1, "validation_fraction": 0.2}, workers=workers)
+        flt = {"min_reward": 0.25, "dedup": "exact" if curated else "none"}
+        train = {**TRAIN, "max_per_prompt": 1 if curated else None, "validation_fraction": 0.2}
+        stats = finalize(str(run), flt, 7, train, workers=workers)
         val = [json.loads(line) for f in sorted((run / "validation").glob("*.jsonl"))
                for line in f.read_text().splitlines()]
         runs[workers] = (stats, train_rows(run), val)
@@ -189,4 +192,5 @@ def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch):
     assert one == two and train1 == train2 and val1 == val2
     assert one["failed"] == 5 and one["torn_lines"] == 1 and one["succeeded"] == 3000
     assert len(train1) == one["train_rows"] > 0 and len(val1) == one["validation"] > 0
-    assert one["prompts"]["count"] == 1500 and one["drops_by_reason"]["over_max_per_prompt"] > 0
+    assert one["prompts"]["count"] == 1500
+    assert (one["drops_by_reason"].get("over_max_per_prompt", 0) > 0) == curated

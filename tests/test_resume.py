@@ -135,13 +135,13 @@ def test_train_is_swapped_in_whole(tmp_path, monkeypatch):
     assert len(before) == 3
     calls = []
 
-    def failing(uri, lines, fmt, real=fin._write_shard):
+    def failing(job, split, i, uri, real=fin._write_part):
         calls.append(uri)
         if len(calls) == 2:
             raise OSError("disk full")
-        real(uri, lines, fmt)
+        real(job, split, i, uri)
 
-    monkeypatch.setattr(fin, "_write_shard", failing)
+    monkeypatch.setattr(fin, "_write_part", failing)
     with pytest.raises(OSError):
         fin.finalize(str(run_dir), {"min_reward": 0.0}, 7, {**train_cfg, "rows_per_shard": 3})
     assert {p.name: p.read_bytes() for p in (run_dir / "train").iterdir()} == before  # old train/ whole

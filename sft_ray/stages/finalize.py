@@ -56,7 +56,7 @@ from sft_ray.curate import (
     shuffle_key,
     source_of,
 )
-from sft_ray.formats import ShardFormat, dataset_card, parquet_schema, parquet_table, train_row
+from sft_ray.formats import dataset_card, parquet_schema, parquet_table, train_row
 from sft_ray.rejection import Tally
 from sft_ray.stats import StatsAccumulator, advice
 
@@ -146,10 +146,17 @@ class _Job:
     tc: dict[str, Any]
     seed: int
     n_groups: int
-    n_buckets: int
+    n_buckets: int  # shuffle buckets per split (0: nothing is written)
     succeeded_wanted: frozenset[tuple[str, int]]  # failed samples: report those that succeeded later
     where: bool  # record each prompt's input line (rejection sampling's never_passed.jsonl)
     tally: tuple[int, int, float] | None  # rejection sampling: target, max samples, threshold
+
+    @property
+    def direct(self) -> bool:
+        """No prompt rule chooses among a prompt's samples: whatever passes the row rules is kept,
+        and goes to its shuffle bucket from the scan (the split is decided by the prompt id alone)."""
+        return self.flt["dedup"] == "none" and not self.tc["max_per_prompt"]
+
 
 def _where(row: dict[str, Any]) -> str | None:
     """The input line a rollout's prompt came from, as ``file:line``."""
@@ -158,26 +165,16 @@ def _where(row: dict[str, Any]) -> str | None:
     return f"{row['source_file']}:{row['source_line']}" if row.get("source_line") else row["source_file"]
 
 
-def _write_shard(uri: str, lines: list[bytes], fmt: str) -> None:
-    if fmt == "jsonl":
-        io.write_bytes(uri, b"\n".join(lines) + b"\n")
-        return
-    import pyarrow.parquet as pq
-
-    # Every shard gets the schema declared for the format (never one inferred from this shard's rows).
-    schema = getattr(fmt, "schema", None) or parquet_schema("messages")
-    table = parquet_table([orjson.loads(line) for line in lines], schema)
-    buf = _io.BytesIO()
-    pq.write_table(table, buf)
-    io.write_bytes(uri, buf.getvalue())
-
-
 def _normalise(filter_cfg: dict[str, Any], train_cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fill in defaults (callers may pass partial dicts, e.g. from an older run.json)."""
     # Imported here, not at the top: the worker processes import this module and never need pydantic.
     from sft_ray.config import FilterConfig, TrainConfig
 
     return FilterConfig.model_validate(filter_cfg).model_dump(), TrainConfig.model_validate(train_cfg).model_dump()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
@@ -202,24 +199,33 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     sizes = [io.size(u) for u in rollout_files]
     total_bytes = sum(sizes)
     pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
+    n_workers = _workers(workers, total_bytes, len(pieces))
     tally_on = bool(rejection and rejection.get("target_passing"))
-    n_groups = max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES))
+    # Bucket counts in multiples of the workers, so that no worker is left alone with the last one.
+    n_groups = _round_up(max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES)), n_workers)
+    n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
     acc = StatsAccumulator()
     temperature = None
-    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, \
-            _executor(_workers(workers, total_bytes, max(len(pieces), n_groups))) as pool:
-        job = _Job(tmp=tmp, flt=flt, tc=tc, seed=shuffle_seed, n_groups=n_groups,
-                   n_buckets=max(1, math.ceil(total_bytes / BUCKET_BYTES)) if write else 0,
+    in_bucket = {"t": [0] * n_buckets, "v": [0] * n_buckets}  # rows per shuffle bucket and split
+
+    def count(counts: dict[str, list[int]]) -> None:
+        for split, per_bucket in counts.items():
+            in_bucket[split] = [a + b for a, b in zip(in_bucket[split], per_bucket)]
+
+    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
+        job = _Job(tmp=tmp, flt=flt, tc=tc, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
                    succeeded_wanted=frozenset(failures), where=tally_on,
                    tally=(rejection["target_passing"], rejection["max_samples"], flt["min_reward"])
                    if tally_on else None)
-        for part, part_torn, succeeded, temp in pool.map(_scan, itertools.repeat(job), range(len(pieces)), pieces):
+        for part, part_torn, succeeded, temp, counts in pool.map(_scan, itertools.repeat(job), range(len(pieces)),
+                                                                 pieces):
             acc.merge(part)
             torn += part_torn
             for key in succeeded:
                 failures.pop(key, None)  # it succeeded later
             if temperature is None:
                 temperature = temp
+            count(counts)
         for row in failures.values():
             acc.add(row, failed=True, source=source_of(row))
         # Failed samples per prompt, for rejection sampling's count of samples drawn.
@@ -229,13 +235,11 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _where(row)])
                 entry[0] += 1
         tally = Tally(*job.tally) if job.tally else None
-        in_bucket = {"t": [0] * job.n_buckets, "v": [0] * job.n_buckets}  # rows per shuffle bucket
         for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
             acc.merge(part)
             if tally is not None:
                 tally.merge(part_tally)
-            for split, per_bucket in counts.items():
-                in_bucket[split] = [a + b for a, b in zip(in_bucket[split], per_bucket)]
+            count(counts)
 
         stats = acc.result()
         if tally is not None:
@@ -291,19 +295,45 @@ def _without_gc(fn: Any) -> Any:
     return paused
 
 
+class _ShuffleOut:
+    """Kept training rows into the shuffle-bucket files of their split (``t``: train, ``v``:
+    validation), as ``key row`` lines, counted per bucket. Buckets are ranges of the key (its top
+    32 bits are enough to choose one), so the buckets sorted one by one give the global order."""
+
+    def __init__(self, job: _Job, tag: str, files: contextlib.ExitStack) -> None:
+        self.job, self.tag, self.files = job, tag, files
+        self.outs: dict[tuple[str, int], Any] = {}
+        self.counts = {"t": [0] * job.n_buckets, "v": [0] * job.n_buckets}
+
+    def add(self, validation: bool, key: str, row_bytes: bytes) -> None:
+        if not self.job.n_buckets:
+            return
+        split = "v" if validation else "t"
+        b = (int(key[:8], 16) * self.job.n_buckets) >> 32
+        out = self.outs.get((split, b))
+        if out is None:
+            out = self.outs[split, b] = self.files.enter_context(
+                open(os.path.join(self.job.tmp, f"{split}{b}.{self.tag}"), "wb"))
+        out.write(key.encode() + row_bytes + b"\n")
+        self.counts[split][b] += 1
+
+
 @_without_gc
-def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[StatsAccumulator, int, list[Any], Any]:
+def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[Any, ...]:
     """Pass 1 over one byte range of a rollout file: statistics, row rules, and the prompt-bucket
     records (``meta <tab> training row``) of every rollout with a reward. Returns the statistics,
-    the torn lines, the failed samples seen succeeding here, and the first sampling temperature."""
-    flt, tc, n_groups = job.flt, job.tc, job.n_groups
-    fmt, include, reasoning = tc["format"], list(tc["include_fields"]), tc["reasoning"]
+    the torn lines, the failed samples seen succeeding here, the first sampling temperature, and
+    the rows put in each shuffle bucket (when no prompt rule applies, kept rows go there from here)."""
+    flt, tc, n_groups, direct = job.flt, job.tc, job.n_groups, job.direct
+    fmt, include, reasoning, fraction = tc["format"], list(tc["include_fields"]), tc["reasoning"], \
+        tc["validation_fraction"]
     acc = StatsAccumulator()
     add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
     torn, succeeded, temperature = 0, [], None
     rules = RowRules(flt)
     with contextlib.ExitStack() as files:
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb")) for g in range(n_groups)]
+        shuffled = _ShuffleOut(job, f"s{index:06d}", files)
         for line in io.iter_range(*piece):
             try:
                 row = loads(line)
@@ -326,25 +356,29 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[St
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
-            if reason is None:  # a candidate for train/: its shuffle key, and its training row in its format
-                meta = [rid, shuffle_key(seed, rid, k), float(row["reward"]), True, digest, text[:TEXT_CAP], src,
-                        output_tokens(row), _where(row) if job.where else None]
-                row_bytes = dumps(train_row(row, fmt, include, reasoning))
-            else:  # measured per prompt only
-                meta = [rid, "", float(row["reward"]), False, digest, text[:TEXT_CAP], src, 0,
-                        _where(row) if job.where else None]
-                row_bytes = b""
+            # meta: prompt, shuffle key, reward, passed the row rules, digest, text, source, output tokens, input line
+            meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
+                    _where(row) if job.where else None]
+            row_bytes = b""
+            if reason is None:  # a candidate for train/: its training row in its format
+                key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
+                if direct:
+                    validation = in_validation(seed, rid, fraction)
+                    acc.add_kept(src, tokens, validation=validation)
+                    shuffled.add(validation, key, dumps(train_row(row, fmt, include, reasoning)))
+                else:
+                    meta[1], meta[7] = key, tokens
+                    row_bytes = dumps(train_row(row, fmt, include, reasoning))
             outs[zlib.crc32(rid.encode()) % n_groups].write(dumps(meta) + b"\t" + row_bytes + b"\n")
-    return acc, torn, succeeded, temperature
+    return acc, torn, succeeded, temperature, shuffled.counts
 
 
 @_without_gc
 def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumulator, Tally | None, dict[str, list[int]]]:
-    """Pass 2 over prompt bucket ``g``: per prompt, pass@k and repetition, the prompt rules, the
-    split; kept training rows go to the shuffle-bucket files (``t``: train, ``v``: validation) as
-    ``key row`` lines. ``failed``: {prompt id: [failed samples, input line]} of this bucket's
-    prompts (rejection sampling). Returns the statistics, the tally and the rows written to each
-    shuffle bucket of each split."""
+    """Pass 2 over prompt bucket ``g``: per prompt, pass@k and repetition, then (unless the scan
+    kept rows directly) the prompt rules and the split; kept training rows go to the shuffle
+    buckets. ``failed``: {prompt id: [failed samples, input line]} of this bucket's prompts
+    (rejection sampling). Returns the statistics, the tally and the rows put in each shuffle bucket."""
     flt, tc, seed = job.flt, job.tc, job.seed
     acc = StatsAccumulator()
     tally = Tally(*job.tally) if job.tally else None
@@ -362,10 +396,8 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
                 groups[meta[0]].append((meta, row_bytes))
         del data
     pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
-    prompt_rules = flt["dedup"] != "none" or tc["max_per_prompt"]
-    counts = {"t": [0] * job.n_buckets, "v": [0] * job.n_buckets}
     with contextlib.ExitStack() as files:
-        outs: dict[tuple[str, int], Any] = {}
+        shuffled = _ShuffleOut(job, f"{g:06d}", files)
         for rid, samples in groups.items():
             several = len(samples) > 1
             rewards = [m[2] for m, _ in samples]
@@ -374,35 +406,29 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
             texts = [m[4] or m[5] for m, _ in samples] if several else None
             acc.add_prompt(rewards, pass_threshold, 1.0 - len(set(texts)) / len(samples) if texts else None,
                            distinct_n([m[5] for m, _ in samples]) if several else None)
+            if job.direct:
+                continue  # the scan kept this prompt's rows already
             ok = [i for i, (m, _) in enumerate(samples) if m[3]]
             dropped = (choose([(samples[i][0][1], samples[i][0][2], texts[i], samples[i][0][5]) for i in ok],
-                              flt, tc["max_per_prompt"])
-                       if several and ok and prompt_rules else {})
-            to_val = in_validation(seed, rid, tc["validation_fraction"])
+                              flt, tc["max_per_prompt"]) if several and ok else {})
+            validation = in_validation(seed, rid, tc["validation_fraction"])
             for j, i in enumerate(ok):
                 if j in dropped:
                     acc.drops[dropped[j]] += 1
                     continue
                 meta, row_bytes = samples[i]
-                acc.add_kept(meta[6], meta[7], validation=to_val)
-                if job.n_buckets:
-                    # Buckets are ranges of the key (its top 32 bits are enough to choose one).
-                    bucket = ("v" if to_val else "t", (int(meta[1][:8], 16) * job.n_buckets) >> 32)
-                    out = outs.get(bucket)
-                    if out is None:
-                        out = outs[bucket] = files.enter_context(
-                            open(os.path.join(job.tmp, f"{bucket[0]}{bucket[1]}.{g:06d}"), "wb"))
-                    out.write(meta[1].encode() + row_bytes + b"\n")
-                    counts[bucket[0]][bucket[1]] += 1
+                acc.add_kept(meta[6], meta[7], validation=validation)
+                shuffled.add(validation, meta[1], row_bytes)
     if tally is not None:
         for rid, (n, where) in failed.items():  # prompts without a single scored sample
             tally.add(rid, [], n, where)
-    return acc, tally, counts
+    return acc, tally, shuffled.counts
 
 
 @_without_gc
-def _sort_bucket(job: _Job, split: str, b: int) -> None:
-    """Shuffle bucket ``b`` of a split, sorted by key (keys dropped): one file, ``s<split><b>``."""
+def _sort_bucket(job: _Job, split: str, b: int, first: int, starts: list[int], sizes: list[int]) -> None:
+    """Shuffle bucket ``b`` of a split (rows ``first``... of the split's global order), sorted by key;
+    its rows (keys dropped) are cut at the shard boundaries, one segment file per shard it spans."""
     prefix = f"{split}{b}."
     lines: list[bytes] = []
     for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
@@ -410,36 +436,50 @@ def _sort_bucket(job: _Job, split: str, b: int) -> None:
             lines += f.read().split(b"\n")[:-1]  # each line ends with a line end
         os.unlink(os.path.join(job.tmp, name))
     lines.sort()  # by the key in front of each row
-    with open(os.path.join(job.tmp, f"s{split}{b}"), "wb") as f:
-        f.writelines(line[KEY_HEX:] + b"\n" for line in lines)
-
-
-def _write_part(job: _Job, split: str, in_bucket: list[int], start: int, size: int, uri: str) -> None:
-    """One shard: rows ``[start, start + size)`` of the split's global order, from the sorted buckets."""
-    lines: list[bytes] = []
-    first = 0  # global position of bucket b's first row
-    for b, n in enumerate(in_bucket):
-        lo, hi = max(start, first), min(start + size, first + n)
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        lo, hi = max(start, first), min(start + size, first + len(lines))
         if lo < hi:
-            with open(os.path.join(job.tmp, f"s{split}{b}"), "rb") as f:
-                lines += f.read().split(b"\n")[lo - first:hi - first]
-        first += n
+            with open(os.path.join(job.tmp, f"w{split}{i:06d}.{b:06d}"), "wb") as f:
+                f.writelines(line[KEY_HEX:] + b"\n" for line in lines[lo - first:hi - first])
+
+
+def _write_part(job: _Job, split: str, i: int, uri: str) -> None:
+    """Shard ``i`` of a split, from its segments (in bucket order)."""
+    prefix = f"w{split}{i:06d}."
+    data = b""
+    for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
+        with open(os.path.join(job.tmp, name), "rb") as f:
+            data += f.read()
+        os.unlink(os.path.join(job.tmp, name))
     tc = job.tc
-    _write_shard(uri, lines, ShardFormat(tc["file_format"], parquet_schema(tc["format"], list(tc["include_fields"]))))
+    if tc["file_format"] == "jsonl":
+        io.write_bytes(uri, data)
+        return
+    import pyarrow.parquet as pq
+
+    # Every shard gets the schema declared for the format (never one inferred from this shard's rows).
+    schema = parquet_schema(tc["format"], list(tc["include_fields"]))
+    table = parquet_table([orjson.loads(line) for line in data.split(b"\n")[:-1]], schema)
+    buf = _io.BytesIO()
+    pq.write_table(table, buf)
+    io.write_bytes(uri, buf.getvalue())
 
 
 def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: list[int], name: str) -> list[int]:
     """Replace ``name``/ (train/ or validation/) with balanced shards part-00000.<fmt>, ...: the
-    buckets are sorted, then the shards written, each step in parallel. Written aside (<name>.new/),
-    then swapped in, so a crash while writing leaves the old folder whole."""
+    buckets are sorted and cut into segments, then the shards written from them, each step spread
+    over the workers. Written aside (<name>.new/), then swapped in, so a crash while writing leaves
+    the old folder whole."""
     final, new = io.join(run_dir, name), io.join(run_dir, name + ".new")
     io.delete(new)
     io.makedirs(new)
-    list(pool.map(_sort_bucket, itertools.repeat(job), itertools.repeat(split), range(job.n_buckets)))
     sizes = shard_sizes(sum(in_bucket), job.tc["rows_per_shard"])
     starts = list(itertools.accumulate(sizes, initial=0))[:-1]
+    firsts = list(itertools.accumulate(in_bucket, initial=0))[:-1]
+    list(pool.map(_sort_bucket, itertools.repeat(job), itertools.repeat(split), range(job.n_buckets), firsts,
+                  itertools.repeat(starts), itertools.repeat(sizes)))
     fmt = job.tc["file_format"]
-    list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(split), itertools.repeat(in_bucket),
-                  starts, sizes, [io.join(new, f"part-{i:05d}.{fmt}") for i in range(len(sizes))]))
+    list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(split), range(len(sizes)),
+                  [io.join(new, f"part-{i:05d}.{fmt}") for i in range(len(sizes))]))
     io.replace_dir(new, final)
     return sizes
