@@ -67,9 +67,9 @@ BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of
 # several times its bytes, so these buckets are smaller than the shuffle buckets.
 GROUP_BUCKET_BYTES = 64 << 20
 PIECE_BYTES = 32 << 20  # rollout bytes per scan task (a larger file is cut into ranges at line ends)
-# Below this many rollout bytes finalize runs in this process: starting workers (each imports
-# this module, ~0.5 s) would cost more than they save.
-PARALLEL_BYTES = 64 << 20
+# Below this many rollout bytes (about 25,000 single-turn rows) finalize runs in this process:
+# starting workers (each imports this module, ~0.5 s) would cost more than they save.
+PARALLEL_BYTES = 16 << 20
 KEY_HEX = 16  # shuffle keys are 64-bit, written as 16 hex digits: sorting the text sorts the keys
 
 
