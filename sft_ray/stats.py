@@ -56,12 +56,8 @@ class StatsAccumulator:
         self.lengths: defaultdict[int, int] = _counts()
         self.kept_lengths: defaultdict[int, int] = _counts()
         # Per prompt (num_repeats > 1).
-        self.prompts = 0
-        self.prompt_sizes: defaultdict[int, int] = _counts()
-        self.pass_at: dict[int, float] = {}
-        self.pass_at_n: defaultdict[int, int] = _counts()
-        self.prompts_none_pass = 0
-        self.prompts_all_pass = 0
+        # Prompts by (samples, passing samples): pass@k, sizes and none/all pass follow from these.
+        self.pass_counts: defaultdict[tuple[int, int], int] = _counts()
         self.prompt_means: list[float] = []
         self.identical = 0.0
         self.distinct2: list[float] = []
@@ -161,20 +157,8 @@ class StatsAccumulator:
         n = len(rewards)
         if not n:
             return
-        self.prompts += 1
-        self.prompt_sizes[n] += 1
-        c = sum(r >= pass_threshold for r in rewards)
-        self.prompts_none_pass += c == 0
-        self.prompts_all_pass += c == n
+        self.pass_counts[n, sum(r >= pass_threshold for r in rewards)] += 1
         self.prompt_means.append(sum(rewards) / n)
-        k = 1
-        while k <= n:
-            self.pass_at[k] = self.pass_at.get(k, 0.0) + pass_at_k(n, c, k)
-            self.pass_at_n[k] += 1
-            k *= 2
-        if n not in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-            self.pass_at[n] = self.pass_at.get(n, 0.0) + pass_at_k(n, c, n)
-            self.pass_at_n[n] += 1
         if identical_share is not None:
             self.repeat_prompts += 1
             self.identical += identical_share
@@ -205,15 +189,25 @@ class StatsAccumulator:
         out["lengths"] = {"output_tokens": _percentiles(self.lengths),
                           "kept_output_tokens": _percentiles(self.kept_lengths),
                           "output_tokens_histogram": _histogram(self.lengths)}
-        if self.prompts and max(self.prompt_sizes) > 1:
+        sizes: defaultdict[int, int] = _counts()
+        pass_at: dict[int, float] = {}  # k -> sum over prompts with at least k samples
+        pass_at_n: defaultdict[int, int] = _counts()
+        for (n, c), count in self.pass_counts.items():
+            sizes[n] += count
+            ks = [2**i for i in range(n.bit_length())]  # 1, 2, 4, ... up to n, and n itself
+            for k in ks + ([n] if n not in ks else []):
+                pass_at[k] = pass_at.get(k, 0.0) + count * pass_at_k(n, c, k)
+                pass_at_n[k] += count
+        prompts = sum(sizes.values())
+        if prompts and max(sizes) > 1:
             means = np.asarray(self.prompt_means)
             counts, edges = np.histogram(np.clip(means, 0.0, 1.0), bins=HIST_BINS, range=(0.0, 1.0))
             out["prompts"] = {
-                "count": self.prompts,
-                "samples_per_prompt": {str(k): v for k, v in sorted(self.prompt_sizes.items())},
-                "pass_at_k": {str(k): self.pass_at[k] / self.pass_at_n[k] for k in sorted(self.pass_at)},
-                "none_pass": self.prompts_none_pass,
-                "all_pass": self.prompts_all_pass,
+                "count": prompts,
+                "samples_per_prompt": {str(k): v for k, v in sorted(sizes.items())},
+                "pass_at_k": {str(k): pass_at[k] / pass_at_n[k] for k in sorted(pass_at)},
+                "none_pass": sum(count for (_, c), count in self.pass_counts.items() if c == 0),
+                "all_pass": sum(count for (n, c), count in self.pass_counts.items() if c == n),
                 "mean_reward_per_prompt": {
                     "mean": float(means.mean()), "median": float(np.median(means)),
                     "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in counts]},

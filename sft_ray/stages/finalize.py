@@ -382,7 +382,8 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
     flt, tc, seed = job.flt, job.tc, job.seed
     acc = StatsAccumulator()
     tally = Tally(*job.tally) if job.tally else None
-    groups: dict[str, list[tuple[list[Any], bytes]]] = defaultdict(list)
+    # Each prompt's records: the meta fields (see _scan), then the training row.
+    groups: dict[str, list[list[Any]]] = defaultdict(list)
     prefix = f"p{g}."
     for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
         path = os.path.join(job.tmp, name)
@@ -393,32 +394,37 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
             if line:
                 meta_bytes, _, row_bytes = line.partition(b"\t")
                 meta = orjson.loads(meta_bytes)
-                groups[meta[0]].append((meta, row_bytes))
+                meta.append(row_bytes)
+                groups[meta[0]].append(meta)
         del data
-    pass_threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
+    threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
+    fraction, max_per_prompt = tc["validation_fraction"], tc["max_per_prompt"]
+    add_prompt, add_kept, drops = acc.add_prompt, acc.add_kept, acc.drops
     with contextlib.ExitStack() as files:
         shuffled = _ShuffleOut(job, f"{g:06d}", files)
         for rid, samples in groups.items():
-            several = len(samples) > 1
-            rewards = [m[2] for m, _ in samples]
+            rewards = [m[2] for m in samples]
             if tally is not None:
-                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0][0][8])
-            texts = [m[4] or m[5] for m, _ in samples] if several else None
-            acc.add_prompt(rewards, pass_threshold, 1.0 - len(set(texts)) / len(samples) if texts else None,
-                           distinct_n([m[5] for m, _ in samples]) if several else None)
+                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0][8])
+            texts = [m[4] or m[5] for m in samples]  # exact-duplicate keys
+            if len(samples) > 1:
+                add_prompt(rewards, threshold, 1.0 - len(set(texts)) / len(samples),
+                           distinct_n([m[5] for m in samples]))
+            else:
+                add_prompt(rewards, threshold, None, None)
             if job.direct:
                 continue  # the scan kept this prompt's rows already
-            ok = [i for i, (m, _) in enumerate(samples) if m[3]]
-            dropped = (choose([(samples[i][0][1], samples[i][0][2], texts[i], samples[i][0][5]) for i in ok],
-                              flt, tc["max_per_prompt"]) if several and ok else {})
-            validation = in_validation(seed, rid, tc["validation_fraction"])
+            ok = [i for i, m in enumerate(samples) if m[3]]
+            dropped = (choose([(samples[i][1], samples[i][2], texts[i], samples[i][5]) for i in ok],
+                              flt, max_per_prompt) if len(samples) > 1 and ok else {})
+            validation = in_validation(seed, rid, fraction)
             for j, i in enumerate(ok):
                 if j in dropped:
-                    acc.drops[dropped[j]] += 1
+                    drops[dropped[j]] += 1
                     continue
-                meta, row_bytes = samples[i]
-                acc.add_kept(meta[6], meta[7], validation=validation)
-                shuffled.add(validation, meta[1], row_bytes)
+                m = samples[i]
+                add_kept(m[6], m[7], validation=validation)
+                shuffled.add(validation, m[1], m[9])
     if tally is not None:
         for rid, (n, where) in failed.items():  # prompts without a single scored sample
             tally.add(rid, [], n, where)
