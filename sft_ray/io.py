@@ -146,7 +146,7 @@ def iter_range(uri: str, start: int = 0, end: int | None = None) -> Iterator[byt
         return
     if isinstance(fs, pafs.LocalFileSystem):
         # Python's own line reader: several times cheaper per line than splitting chunks here.
-        with open(path, "rb") as lf:
+        with open(path, "rb", buffering=1 << 20) as lf:  # large reads: half the cost per line of 8 KB ones
             pos = 0
             if start:
                 lf.seek(start - 1)  # the bytes up to the first line end finish the previous range's line
