@@ -7,6 +7,7 @@ plus one JSON line with the mean of every numeric metric, as NeMo Gym prints.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import defaultdict
 from typing import Any
 
@@ -31,7 +32,8 @@ class StatsAccumulator:
     """Feed it every rollout (successful or failed) once; ``result()`` gives stats.json."""
 
     def __init__(self) -> None:
-        self.rewards: list[float] = []
+        # Per-sample and per-prompt values kept whole (exact medians): 8 bytes each, not a list's 32.
+        self.rewards = array("d")
         self.metric_sums: dict[str, float] = {}
         self.metric_counts: defaultdict[str, int] = _counts()
         self.errors: defaultdict[str, int] = _counts()
@@ -58,9 +60,9 @@ class StatsAccumulator:
         # Per prompt (num_repeats > 1).
         # Prompts by (samples, passing samples): pass@k, sizes and none/all pass follow from these.
         self.pass_counts: defaultdict[tuple[int, int], int] = _counts()
-        self.prompt_means: list[float] = []
+        self.prompt_means = array("d")
         self.identical = 0.0
-        self.distinct2: list[float] = []
+        self.distinct2 = array("d")
         self.repeat_prompts = 0
 
     def add(self, rollout: dict[str, Any], failed: bool, source: str | None = None) -> None:
@@ -140,7 +142,7 @@ class StatsAccumulator:
                 setattr(self, name, mine or theirs)
             elif isinstance(mine, (int, float)):
                 setattr(self, name, mine + theirs)
-            elif isinstance(mine, list):
+            elif isinstance(mine, array):
                 mine.extend(theirs)
             else:  # counts or sums by key, or (sources) such dicts by key
                 for key, value in theirs.items():
@@ -200,7 +202,7 @@ class StatsAccumulator:
                 pass_at_n[k] += count
         prompts = sum(sizes.values())
         if prompts and max(sizes) > 1:
-            means = np.asarray(self.prompt_means)
+            means = np.frombuffer(self.prompt_means, dtype=np.float64)
             counts, edges = np.histogram(np.clip(means, 0.0, 1.0), bins=HIST_BINS, range=(0.0, 1.0))
             out["prompts"] = {
                 "count": prompts,
@@ -222,7 +224,7 @@ class StatsAccumulator:
         return out
 
     def result(self) -> dict[str, Any]:
-        r = np.asarray(self.rewards, dtype=np.float64)
+        r = np.frombuffer(self.rewards, dtype=np.float64)
         n_ok = len(self.rewards)
         total = n_ok + self.failed
         reward: dict[str, Any] = {"count": n_ok}
