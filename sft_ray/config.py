@@ -319,6 +319,14 @@ class JudgeConfig(_Strict):
         "`total_cost_usd` (`budget.max_cost_usd` bounds the generation spend only).",
     )
 
+    @field_validator("responses_create_params")
+    @classmethod
+    def _judge_sampling(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # Checked as the run's own sampling is (a typo such as `temprature` would otherwise be
+        # dropped without a word), but kept as given: the judge's defaults are not the run's.
+        SamplingConfig.model_validate(params)
+        return params
+
     @model_validator(mode="after")
     def _judge_model(self) -> "JudgeConfig":
         if self.model.backend == "openai" and not self.model.name:

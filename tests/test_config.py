@@ -46,11 +46,15 @@ def test_sampling_passthrough_keys_allowed():
         ("shuffle.sed=3", "shuffle.sed: unknown key"),
         ("model.name=", "model.name is required"),
         ("model.engine_kwargs.tensor_parallel_size=0", "tensor_parallel_size"),
+        ("verifier.type=judge verifier.judge.model.name=j verifier.judge.responses_create_params.temprature=0",
+         "verifier.judge.responses_create_params.temprature"),
+        ("verifier.type=judge verifier.judge.model.name=j verifier.judge.responses_create_params.temperature=5",
+         "verifier.judge.responses_create_params.temperature"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["input=x", "output=o", "model.name=m", override])
+        load_config(None, ["input=x", "output=o", "model.name=m", *override.split()])
     assert field in str(e.value)
 
 
