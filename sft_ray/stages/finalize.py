@@ -272,6 +272,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     return stats
 
 
+def _take(tmp: str, prefix: str) -> Iterator[bytes]:
+    """The contents of the temporary files named ``prefix...``, in name order, each deleted once read."""
+    for name in sorted(n for n in os.listdir(tmp) if n.startswith(prefix)):
+        path = os.path.join(tmp, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+        yield data
+
+
 def _group_of(rid: str, n_groups: int) -> int:
     """A prompt's bucket: the same in every process (unlike hash(), which is salted per process)."""
     return zlib.crc32(rid.encode()) % n_groups
@@ -386,12 +396,7 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
     tally = Tally(*job.tally) if job.tally else None
     # Each prompt's records: the meta fields (see _scan), then the training row.
     groups: dict[str, list[list[Any]]] = defaultdict(list)
-    prefix = f"p{g}."
-    for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
-        path = os.path.join(job.tmp, name)
-        with open(path, "rb") as f:
-            data = f.read()
-        os.unlink(path)
+    for data in _take(job.tmp, f"p{g}."):
         for line in data.split(b"\n"):
             if line:
                 meta_bytes, _, row_bytes = line.partition(b"\t")
@@ -437,12 +442,9 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
 def _sort_bucket(job: _Job, split: str, b: int, first: int, starts: list[int], sizes: list[int]) -> None:
     """Shuffle bucket ``b`` of a split (rows ``first``... of the split's global order), sorted by key;
     its rows (keys dropped) are cut at the shard boundaries, one segment file per shard it spans."""
-    prefix = f"{split}{b}."
     lines: list[bytes] = []
-    for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
-        with open(os.path.join(job.tmp, name), "rb") as f:
-            lines += f.read().split(b"\n")[:-1]  # each line ends with a line end
-        os.unlink(os.path.join(job.tmp, name))
+    for data in _take(job.tmp, f"{split}{b}."):
+        lines += data.split(b"\n")[:-1]  # each line ends with a line end
     lines.sort()  # by the key in front of each row
     for i, (start, size) in enumerate(zip(starts, sizes)):
         lo, hi = max(start, first), min(start + size, first + len(lines))
@@ -453,12 +455,7 @@ def _sort_bucket(job: _Job, split: str, b: int, first: int, starts: list[int], s
 
 def _write_part(job: _Job, split: str, i: int, uri: str) -> None:
     """Shard ``i`` of a split, from its segments (in bucket order)."""
-    prefix = f"w{split}{i:06d}."
-    data = b""
-    for name in sorted(n for n in os.listdir(job.tmp) if n.startswith(prefix)):
-        with open(os.path.join(job.tmp, name), "rb") as f:
-            data += f.read()
-        os.unlink(os.path.join(job.tmp, name))
+    data = b"".join(_take(job.tmp, f"w{split}{i:06d}."))
     tc = job.tc
     if tc["file_format"] == "jsonl":
         io.write_bytes(uri, data)
