@@ -4,7 +4,7 @@ It runs after the rollouts are durably written, reads only the run folder and
 calls no model, so ``sft-ray filter`` can re-run it with other settings.
 
 Two passes, each with bounded memory at 1M+ rows, each spread over worker processes
-(one per CPU; in this process when the run is small):
+(one per CPU, at most 8; in this process when the run is small):
 
 1. *Scan*: the rollout files, cut into byte ranges at line ends, are read one range per
    task. Every rollout is counted in the statistics and checked by the row rules (reward,
@@ -70,6 +70,9 @@ PIECE_BYTES = 32 << 20  # rollout bytes per scan task (a larger file is cut into
 # Below this many rollout bytes (about 25,000 single-turn rows) finalize runs in this process:
 # starting workers (each imports this module, ~0.5 s) would cost more than they save.
 PARALLEL_BYTES = 16 << 20
+# At most this many workers by default: each holds a bucket (a few hundred MB at most), and a
+# cluster's head node, where `sft-ray run` finalizes, also hosts Ray's own services.
+MAX_WORKERS = 8
 WRITE_BUFFER = 256 << 10  # per temporary file: 8 KB buffers make a system call every ~25 rows
 KEY_HEX = 16  # shuffle keys are 64-bit, written as 16 hex digits: sorting the text sorts the keys
 
@@ -110,9 +113,9 @@ def _workers(requested: int | None, total_bytes: int, tasks: int) -> int:
         if total_bytes < PARALLEL_BYTES:
             return 1
         try:
-            requested = len(os.sched_getaffinity(0))
+            requested = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
         except AttributeError:  # not Linux
-            requested = os.cpu_count() or 1
+            requested = min(os.cpu_count() or 1, MAX_WORKERS)
     return max(1, min(requested, tasks))
 
 
@@ -183,7 +186,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
              workers: int | None = None) -> dict[str, Any]:
     """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
-    ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU
+    ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU, at most 8,
     for a large run, none beside this one for a small one)."""
     flt, tc = _normalise(filter_cfg, train_cfg)
     torn = 0
