@@ -194,3 +194,11 @@ def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch, 
     assert len(train1) == one["train_rows"] > 0 and len(val1) == one["validation"] > 0
     assert one["prompts"]["count"] == 1500
     assert (one["drops_by_reason"].get("over_max_per_prompt", 0) > 0) == curated
+
+
+def test_workers_one_per_cpu_at_most_eight_none_for_a_small_run(monkeypatch):
+    monkeypatch.setattr(fin.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert fin._workers(None, fin.PARALLEL_BYTES, 100) == fin.MAX_WORKERS == 8
+    assert fin._workers(None, fin.PARALLEL_BYTES, 3) == 3  # no more than there are tasks
+    assert fin._workers(None, fin.PARALLEL_BYTES - 1, 100) == 1  # small: in this process
+    assert fin._workers(16, 1, 100) == 16  # asked for explicitly
