@@ -10,18 +10,21 @@ Two passes, each with bounded memory at 1M+ rows, each spread over worker proces
    task. Every rollout is counted in the statistics and checked by the row rules (reward,
    truncation, length, how an agent episode ended; :mod:`sft_ray.curate`). Each successful
    one goes to a *prompt bucket* file chosen by a hash of its prompt id, so all samples of a
-   prompt land in the same bucket, with its training row already in the chosen format.
+   prompt land in the same bucket, with its training row already in the chosen format. When
+   no prompt rule applies (no dedup, no ``max_per_prompt``), kept rows go straight to their
+   *shuffle bucket* file instead.
 2. *Group*: one prompt bucket per task is loaded and grouped by prompt: pass@k and
    repetition are measured, the prompt rules (dedup, at most k per prompt) pick the samples
    to keep, and the validation split is decided by prompt. Kept rows go to the train (or
-   validation) *shuffle bucket* files.
+   validation) shuffle bucket files.
 
 The workers' statistics are merged in a fixed order, so the result does not depend on how
 many there were. The global shuffle sorts kept rows by a keyed hash of ``(shuffle.seed, id,
 sample_index)``: the order depends only on the seed and the rows, never on the order in
 which rollouts happened to be written, so the same seed gives the same order on every run.
-The shuffle buckets are hash ranges of that key, so only one bucket is sorted in memory at
-a time while the shards are written.
+The shuffle buckets are hash ranges of that key: each is sorted by one task (one bucket in
+memory per worker) and cut into segments at the shard boundaries, then each shard is written
+by one task from its segments.
 """
 
 from __future__ import annotations
