@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -89,3 +90,23 @@ def test_first_use_build_of_the_embedded_model_prints_only_our_lines(tmp_path, m
     assert [s.split(" ")[0] for s in said] == ["Downloading", "Converting", "Cached"], said
     out, err = capfd.readouterr()
     assert not out.strip() and not err.strip(), out + err
+
+
+def test_ci_runs_the_readme_test_command_which_collects_as_written():
+    """`.ci/run` runs the README's own test command (so the two cannot drift), and that
+    command's `pytest`, run as written from the checkout (not `python -m pytest`, which puts
+    the cwd on sys.path), collects every test module: `from tests.conftest import ...` included."""
+    import shutil
+    import subprocess
+
+    cmd = subprocess.run(["awk", r'/<!-- test-command/{m=1; next} m && /^```/{if (b) exit; b=1; next} b{print}',
+                          "README.md"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    assert cmd.endswith("&& pytest") and "pip install -e '.[cpu,test]'" in cmd
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    pytest_exe = shutil.which("pytest")
+    assert pytest_exe
+    out = subprocess.run([pytest_exe, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "error" not in out.stdout.lower().split("\n")[-2], out.stdout[-2000:]
