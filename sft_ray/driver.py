@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable
 import orjson
 
 from sft_ray import io, ratelimit
-from sft_ray.resume import Key, count_failure, done_keys, load_failures
+from sft_ray.runfolder.state import Key, count_failure, done_keys, load_failures
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import FAILED, ROLLOUTS
-from sft_ray.stages.write import PartWriter
+from sft_ray.runfolder.parts import PartWriter
 
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET, EXIT_PENDING = 0, 1, 2, 3, 4
 EXIT_SPENT = 5  # a spending budget (budget.*) stopped the run; resumable with a raised budget
@@ -170,7 +170,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
     Scored here, in this process, unless ``remote`` is given: a function that takes the
     score stage's input batches and yields its output batches elsewhere (the pipeline's score
     actors, for a judge that runs an engine: :func:`sft_ray.pipeline.remote_scorer`)."""
-    from sft_ray.journal import read_journal
+    from sft_ray.runfolder.journal import read_journal
     from sft_ray.stages.score import ScoreStage
 
     skip = state.skip()

@@ -22,7 +22,7 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     """Run the pilot, print the plan, return it (as the numbers printed)."""
     from sft_ray import io
     from sft_ray.pipeline import run, scan_input
-    from sft_ray.resume import done_keys
+    from sft_ray.runfolder.state import done_keys
 
     inputs = scan_input(cfg)
     rej = cfg.rejection

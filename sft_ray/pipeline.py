@@ -36,10 +36,10 @@ from sft_ray.driver import (
     Writers,
     recover_journal,
 )
-from sft_ray.journal import clear_journal
+from sft_ray.runfolder.journal import clear_journal
 from sft_ray.placement import release_placement_groups
 from sft_ray.rejection import DrawPlan, PromptDraws, count_completion, prompt_draws
-from sft_ray.resume import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
+from sft_ray.runfolder.state import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
 from sft_ray.rows import InputError
 from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
@@ -340,7 +340,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
 
 def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
     """The whole job; returns the process exit code."""
-    from sft_ray.lock import LockError, RunLock
+    from sft_ray.runfolder.lock import LockError, RunLock
 
     check_plugins(cfg)
     inputs = scan_input(cfg)

@@ -12,8 +12,8 @@ import time
 import pytest
 from test_s3 import moto_url, s3  # noqa: F401, F811  (the moto S3 fixtures)
 
-from sft_ray import lock as lockmod
-from sft_ray.lock import LockError, RunLock
+from sft_ray.runfolder import lock as lockmod
+from sft_ray.runfolder.lock import LockError, RunLock
 
 
 def test_second_run_is_refused_naming_the_holder_and_the_lock_is_released(tmp_path):

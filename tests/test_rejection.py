@@ -165,7 +165,7 @@ def test_dry_run_scales_the_samples_per_prompt_the_pilot_took(tmp_path, ray_clus
 
 
 def test_answers_a_killed_run_journaled_count_as_drawn(tmp_path, ray_cluster, mock_server):
-    from sft_ray.journal import JournalSpec
+    from sft_ray.runfolder.journal import JournalSpec
 
     cfg = _setup(tmp_path, mock_server, ["late"], "rejection.target_passing=1", "rejection.max_samples=3")
     assert run(cfg, say=lambda s: None) == EXIT_OK

@@ -14,7 +14,7 @@ from sft_ray import io
 from sft_ray.config import load_config
 from sft_ray.driver import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Budget, Completion, FolderState, Writers
 from sft_ray.pipeline import RunError, run
-from sft_ray.resume import compact_failures, load_failures, prepare_run_dir, save_manifest
+from sft_ray.runfolder.state import compact_failures, load_failures, prepare_run_dir, save_manifest
 from sft_ray.stages import finalize as fin
 from sft_ray.stages.read import read_samples, scan_input
 
@@ -274,7 +274,7 @@ def test_read_tasks_run_one_at_a_time(tmp_path):
 
 
 def test_journal_appends_and_reads_back_each_sample_once(tmp_path):
-    from sft_ray.journal import Journal, clear_journal, read_journal
+    from sft_ray.runfolder.journal import Journal, clear_journal, read_journal
 
     a, b = Journal(str(tmp_path), "a"), Journal(str(tmp_path), "b")
     a.append(orjson.dumps({"id": "x", "sample_index": 0, "response": "1"}))

@@ -182,7 +182,7 @@ def test_stats_and_filter_commands_on_an_s3_run_folder(s3, mock_server, tmp_path
 
 def test_s3_parts_are_flushed_on_a_timer_and_at_a_byte_limit(s3):
     """Rows must not sit in the driver's memory while no batch arrives (issue 9.11)."""
-    from sft_ray.stages.write import PartWriter
+    from sft_ray.runfolder.parts import PartWriter
 
     w = PartWriter(f"s3://{s3.bucket}/runs/w/rollouts", 0, part_seconds=0.5, part_bytes=1000)
     try:

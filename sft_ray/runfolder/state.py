@@ -15,7 +15,7 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig, config_fingerprint
-from sft_ray.journal import JOURNAL
+from sft_ray.runfolder.journal import JOURNAL
 from sft_ray.stages.finalize import FAILED, ROLLOUTS, iter_jsonl
 
 MANIFEST = "run.json"

@@ -1,0 +1,1 @@
+"""The run folder: its layout, manifest, state, part writer, journal and lock."""
