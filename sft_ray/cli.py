@@ -88,7 +88,7 @@ _RECUT_SECTIONS = ("filter", "train", "shuffle")
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
     from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig, apply_overrides
-    from sft_ray.runfolder.state import load_manifest
+    from sft_ray.runfolder.manifest import load_manifest
 
     manifest = load_manifest(run_dir)
     if manifest is None:
@@ -152,10 +152,11 @@ def stats(
 
         from sft_ray import io
         from sft_ray.report_html import render
+        from sft_ray.runfolder.layout import REPORT_HTML
 
-        target = io.join(run_dir, "report.html") if html == "-" else html
+        target = io.join(run_dir, REPORT_HTML) if html == "-" else html
         if html != "-" and Path(html).is_dir():
-            target = str(Path(html) / "report.html")
+            target = str(Path(html) / REPORT_HTML)
         io.write_bytes(target, render(result, f"sft-ray run {run_dir}").encode())
         typer.echo(f"report: {target}")
 
@@ -176,7 +177,7 @@ def filter_(
 ) -> None:
     """Re-cut an existing run: rewrite train/, validation/ and stats.json with new settings (calls no model)."""
     from sft_ray.pipeline import finalize_run
-    from sft_ray.runfolder.state import save_manifest
+    from sft_ray.runfolder.manifest import save_manifest
 
     manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))

@@ -800,45 +800,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-# Keys that change how a run works, not what it produces: left out of the fingerprint, so a
-# rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
-# `omit_params` fixes requests a server refuses (as `model.max_tokens_field` does for the generation model,
-# whose fingerprint names its keys one by one); `pricing` changes the reported cost only.
-_OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
-                "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes",
-                "timeout_per_1k_output_tokens_s", "omit_params", "pricing"}
-
-
-def _verifier_fingerprint(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _verifier_fingerprint(v) for k, v in data.items() if k not in _OPERATIONAL}
-    if isinstance(data, list):
-        return [_verifier_fingerprint(v) for v in data]
-    return data
-
-
-def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The settings that change what a run produces (used to refuse resuming with a different config)."""
-    return {
-        "input": cfg.input,
-        "model": {
-            "backend": cfg.model.backend,
-            "name": cfg.model.name,
-            "base_url": cfg.model.base_url,
-            "api": cfg.model.api,
-            "engine_kwargs": cfg.model.engine_kwargs,
-            "tool_parser": cfg.model.tool_parser,
-            "chat_template": cfg.model.chat_template,
-            "extra_body": cfg.model.extra_body,
-        },
-        "responses_create_params": cfg.responses_create_params.model_dump(),
-        "num_repeats": cfg.num_repeats,
-        "verifier": _verifier_fingerprint(cfg.verifier.model_dump()),
-        "agent": {"max_steps": cfg.agent.max_steps},
-        "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
-    }
-
-
 def reference_markdown() -> str:
     """The config reference as a Markdown table, generated from the field descriptions
     (the README embeds it; a test keeps the two in step)."""

@@ -1,10 +1,7 @@
-"""The driver loop's parts: what a run folder holds, the failure budget, completion,
-progress, timing and the session record.
+"""The driver loop's parts: journal recovery, progress, timing and the session record.
 
-``pipeline.generate_phase`` composes them; each does one job and is tested on its own.
-One rule (:meth:`Budget.exceeded`) decides both the early stop and the exit code, and
-one count (:class:`Completion`) decides the exit code, ``complete`` in stats.json and
-the ``_SUCCESS`` marker.
+:mod:`sft_ray.job` composes them; each does one job and is tested on its own. What the
+run folder holds, completion and the failure budget are :mod:`sft_ray.runfolder`'s.
 """
 
 from __future__ import annotations
@@ -12,152 +9,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import orjson
 
-from sft_ray import io, ratelimit
-from sft_ray.runfolder.state import Key, count_failure, done_keys, load_failures
-from sft_ray.rows import InputError
-from sft_ray.stages.finalize import FAILED, ROLLOUTS
-from sft_ray.runfolder.parts import PartWriter
-
-EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_BUDGET, EXIT_PENDING = 0, 1, 2, 3, 4
-EXIT_SPENT = 5  # a spending budget (budget.*) stopped the run; resumable with a raised budget
-
-
-class FolderState:
-    """What the run folder says about each sample: done (a rollout), or failed in N runs."""
-
-    def __init__(self, run_dir: str, max_attempts: int, pass_threshold: float | None = None) -> None:
-        # With rejection sampling, the passing samples of each prompt (reward >= pass_threshold).
-        self.pass_threshold = pass_threshold
-        self.passing: Counter[str] = Counter()
-        self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
-                                        pass_threshold or 0.0)
-        self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done)
-        self.max_attempts = max_attempts
-
-    def is_final(self, key: Key) -> bool:
-        """Done, or failed in ``max_attempts`` runs: not sent again."""
-        return key in self.done or self.failed_runs.get(key, 0) >= self.max_attempts
-
-    def skip(self) -> set[Key]:
-        """Keys the read stage leaves out."""
-        return self.done | {k for k, n in self.failed_runs.items() if n >= self.max_attempts}
-
-
-def sample_keys(ids: Iterable[str], num_repeats: int) -> Iterable[Key]:
-    for rid in ids:
-        for k in range(num_repeats):
-            yield (rid, k)
-
-
-@dataclass
-class Completion:
-    """Every expected sample counted by its state in the run folder (never by subtraction).
-
-    ``pending``: samples without a result (neither a rollout nor a failure record): work
-    a stopped or killed run left undone. A failed sample has a result; ``failed_final``
-    of them failed in ``max_sample_attempts`` runs, the others a rerun tries again.
-    """
-
-    expected: int = 0
-    done: int = 0
-    failed: int = 0
-    failed_final: int = 0
-    pending: int = 0
-    bad_lines: int = 0
-
-    @classmethod
-    def count(cls, ids: Iterable[str], num_repeats: int, state: FolderState, bad_lines: int = 0) -> "Completion":
-        c = cls(bad_lines=bad_lines)
-        for key in sample_keys(ids, num_repeats):
-            c.expected += 1
-            if key in state.done:
-                c.done += 1
-            elif key in state.failed_runs:
-                c.failed += 1
-                c.failed_final += state.failed_runs[key] >= state.max_attempts
-            else:
-                c.pending += 1
-        return c
-
-    def verdict(self, budget: "Budget") -> tuple[int, str | None]:
-        """(exit code, reason when not 0): the one rule for the exit code, ``complete`` and ``_SUCCESS``."""
-        if self.pending:
-            return EXIT_PENDING, (f"INCOMPLETE: {self.pending}/{self.expected} samples pending (not generated yet); "
-                                  "rerun the same command to finish")
-        if budget.exceeded(self.done, self.failed, final=True):
-            return EXIT_BUDGET, (f"FAILED: {self.failed}/{self.expected} samples failed, over the budget "
-                                 f"max_error_fraction={budget.max_fraction}; rerun the same command to retry them")
-        return EXIT_OK, None
-
-    @property
-    def todo(self) -> int:
-        """What a session sends: samples without a result, and failures with attempts left."""
-        return self.pending + self.failed - self.failed_final
-
-    def as_stats(self, budget: "Budget") -> dict[str, Any]:
-        return {**asdict(self), "complete": self.verdict(budget)[0] == EXIT_OK}
-
-
-@dataclass
-class Budget:
-    """The failure budget: the share of failed samples among those with a result, over the
-    whole run folder. The same rule stops a session early (once ``min_rows`` samples have a
-    result) and sets the exit code at the end."""
-
-    max_fraction: float
-    min_rows: int
-
-    def exceeded(self, done: int, failed: int, final: bool = False) -> bool:
-        n = done + failed
-        if not n or (not final and n < self.min_rows):
-            return False
-        return failed / n > self.max_fraction
-
-
-class Writers:
-    """rollouts/ and failed/ part writers for one session. A failure record carries the runs
-    it failed in; ``state`` follows what is written, so it stays the folder's state."""
-
-    def __init__(self, run_dir: str, session: int, state: FolderState) -> None:
-        self.ok = PartWriter(io.join(run_dir, ROLLOUTS), session)
-        self.bad = PartWriter(io.join(run_dir, FAILED), session)
-        self.state = state
-
-    def write(self, keys: list[Key], lines: list[str], failed: list[bool],
-              rewards: list[float | None] | None = None) -> tuple[int, int]:
-        """Write one scored batch; raises :class:`InputError` for a bad input line (rows that never
-        reached a model because their line is malformed: the read stage marks them)."""
-        oks = [s.encode() for s, f in zip(lines, failed) if not f]
-        bad_rows = [orjson.loads(s) for s, f in zip(lines, failed) if f]
-        self.ok.write(oks)
-        for row in bad_rows:
-            if (row.get("error") or {}).get("type") == "bad_input":
-                source, _, reason = row["error"]["message"].partition(": ")
-                raise InputError(source, reason)
-        runs = self.state.failed_runs
-        self.bad.write([count_failure(row, runs) for row in bad_rows])
-        threshold = self.state.pass_threshold
-        for i, (key, f) in enumerate(zip(keys, failed)):
-            if f:
-                runs[key] = runs.get(key, 0) + 1
-            else:
-                self.state.done.add(key)
-                runs.pop(key, None)
-                reward = rewards[i] if rewards is not None else None
-                if threshold is not None and reward is not None and reward >= threshold:
-                    self.state.passing[key[0]] += 1
-        return len(oks), len(bad_rows)
-
-    def close(self) -> None:
-        self.ok.close()
-        self.bad.close()
-
+from sft_ray import ratelimit
+from sft_ray.runfolder.parts import Writers
+from sft_ray.runfolder.state import FolderState
 
 ScoreBatches = Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]]
 
@@ -282,10 +140,6 @@ class Session:
                                        "stopped": None}
         manifest["sessions"].append(self.record)
         self.reward_sum, self.reward_n = 0.0, 0
-
-    @property
-    def finished(self) -> int:
-        return self.record["written"] + self.record["failed"]
 
     def add(self, ok: int, failed: int, tokens: int, rewards: list[float | None]) -> None:
         self.record["written"] += ok

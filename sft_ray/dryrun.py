@@ -22,6 +22,7 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     """Run the pilot, print the plan, return it (as the numbers printed)."""
     from sft_ray import io
     from sft_ray.pipeline import run, scan_input
+    from sft_ray.runfolder.layout import STATS
     from sft_ray.runfolder.state import done_keys
 
     inputs = scan_input(cfg)
@@ -37,7 +38,7 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
         pilot.read.limit = min(pilot_rows, cfg.read.limit or pilot_rows)
         pilot.budget = type(cfg.budget)()  # the pilot is small; the real run's budget stays for the real run
         run(pilot, say=lambda s: None)
-        stats = json.loads((Path(tmp) / "run" / "stats.json").read_text())
+        stats = json.loads((Path(tmp) / "run" / STATS).read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = max(1, stats["samples"])

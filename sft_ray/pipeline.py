@@ -20,7 +20,10 @@ import pyarrow.compute as pc
 from sft_ray import io, ratelimit
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
-from sft_ray.driver import (
+from sft_ray.driver import Progress, Session, Timing, recover_journal
+from sft_ray.placement import release_placement_groups
+from sft_ray.rows import InputError
+from sft_ray.runfolder.completion import (
     EXIT_BUDGET,
     EXIT_INPUT,
     EXIT_OK,
@@ -29,18 +32,15 @@ from sft_ray.driver import (
     EXIT_USAGE,
     Budget,
     Completion,
-    FolderState,
-    Progress,
-    Session,
-    Timing,
-    Writers,
-    recover_journal,
+    DrawPlan,
+    PromptDraws,
+    prompt_draws,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.placement import release_placement_groups
-from sft_ray.rejection import DrawPlan, PromptDraws, count_completion, prompt_draws
-from sft_ray.runfolder.state import SUCCESS, DriftError, compact_failures, prepare_run_dir, save_manifest
-from sft_ray.rows import InputError
+from sft_ray.runfolder.layout import STATS, SUCCESS
+from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
+from sft_ray.runfolder.parts import Writers
+from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
 from sft_ray.stages.score import verifier_payload
@@ -208,11 +208,8 @@ def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState,
                draws: dict[str, PromptDraws] | None = None) -> Completion:
     """Every expected sample (or, with rejection sampling, every prompt) counted by its state;
     ``draws``: :func:`prompt_draws` of ``state``, when the caller has it already."""
-    if cfg.rejection.active:
-        rej = cfg.rejection
-        return count_completion(inputs.ids, draws if draws is not None else prompt_draws(inputs.ids, state),
-                                rej.target_passing, rej.max_samples, len(inputs.bad_lines))
-    return Completion.count(inputs.ids, cfg.num_repeats, state, len(inputs.bad_lines))
+    rejection = (cfg.rejection.target_passing, cfg.rejection.max_samples) if cfg.rejection.active else None
+    return Completion.of(inputs.ids, state, cfg.num_repeats, rejection, len(inputs.bad_lines), draws)
 
 
 def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
@@ -321,7 +318,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     t0 = time.monotonic()
     if write:
         io.delete(io.join(run_dir, SUCCESS))
-        io.delete(io.join(run_dir, "stats.json"))
+        io.delete(io.join(run_dir, STATS))
     rejection = ((manifest or {}).get("config") or {}).get("rejection")
     stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write, rejection=rejection)
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
@@ -330,7 +327,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
         stats.update(manifest.get("completion") or {})
         stats["spend"] = spend_summary(stats, manifest)
     if write:
-        io.write_bytes(io.join(run_dir, "stats.json"), json.dumps(stats, indent=2).encode())
+        io.write_bytes(io.join(run_dir, STATS), json.dumps(stats, indent=2).encode())
         if stats.get("complete"):
             io.write_bytes(io.join(run_dir, SUCCESS), b"")
     say(format_report(stats))

@@ -5,7 +5,7 @@ A prompt is sampled until ``target_passing`` of its samples pass (reward >=
 sample's reward as soon as it exists, so the generation actor that owns a prompt
 scores its samples itself (:func:`draw_prompt`) and hands back all of them at once;
 the score stage passes such rows through. The driver works out, from the run folder
-alone, where each prompt stands (:func:`prompt_draws`), so a rerun continues every
+alone, where each prompt stands (:func:`sft_ray.runfolder.completion.prompt_draws`), so a rerun continues every
 prompt where it stopped and draws no sample twice: finished samples are in
 ``rollouts/``, answers that were not written yet in the journal.
 
@@ -17,110 +17,9 @@ final (``max_sample_attempts``) counts as drawn, so a prompt that always fails e
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable
 
-import orjson
-
-if TYPE_CHECKING:
-    from sft_ray.driver import Completion, FolderState
-
-
-@dataclass
-class PromptDraws:
-    """Where one prompt stands: its passing and drawn samples, the next unused sample index,
-    and the failed samples a rerun tries again."""
-
-    passing: int = 0
-    done: int = 0  # samples with a rollout
-    failed_final: int = 0  # samples whose failure is final
-    next: int = 0  # first sample index never used
-    retry: list[int] = field(default_factory=list)
-
-    @property
-    def drawn(self) -> int:
-        return self.done + self.failed_final
-
-    def finished(self, target: int, max_samples: int) -> bool:
-        return self.passing >= target or self.drawn >= max_samples
-
-    def to_json(self) -> str:
-        return orjson.dumps({"passing": self.passing, "done": self.done, "failed_final": self.failed_final,
-                             "next": self.next, "retry": self.retry}).decode()
-
-    @classmethod
-    def from_json(cls, text: str | None) -> "PromptDraws":
-        return cls(**orjson.loads(text)) if text else cls()
-
-
-def prompt_draws(ids: set[str], state: "FolderState") -> dict[str, PromptDraws]:
-    """Each prompt of ``ids`` that has a sample in the run folder, and where it stands."""
-    out: dict[str, PromptDraws] = {}
-
-    def get(rid: str) -> PromptDraws | None:
-        if rid not in ids:
-            return None
-        d = out.get(rid)
-        if d is None:
-            d = out[rid] = PromptDraws(passing=state.passing.get(rid, 0))
-        return d
-
-    for rid, k in state.done:
-        d = get(rid)
-        if d is not None:
-            d.done += 1
-            d.next = max(d.next, k + 1)
-    for (rid, k), runs in state.failed_runs.items():
-        d = get(rid)
-        if d is not None:
-            d.next = max(d.next, k + 1)
-            if runs >= state.max_attempts:
-                d.failed_final += 1
-            else:
-                d.retry.append(k)
-    for d in out.values():
-        d.retry.sort()
-    return out
-
-
-@dataclass
-class DrawPlan:
-    """What the read stage needs: which prompts to send, and where each started one stands."""
-
-    started: dict[str, str]  # id -> PromptDraws JSON, for unfinished prompts that have samples
-    finished: frozenset[str]
-
-    @classmethod
-    def make(cls, draws: dict[str, PromptDraws], target: int, max_samples: int) -> "DrawPlan":
-        """From :func:`prompt_draws`."""
-        finished = frozenset(r for r, d in draws.items() if d.finished(target, max_samples))
-        started = {r: d.to_json() for r, d in draws.items() if r not in finished}
-        return cls(started, finished)
-
-    def open_prompts(self, ids: Iterable[str]) -> int:
-        return sum(1 for r in ids if r not in self.finished)
-
-
-def count_completion(ids: Iterable[str], draws: dict[str, PromptDraws], target: int, max_samples: int,
-                     bad_lines: int = 0) -> "Completion":
-    """The run's completion counted by prompt: ``pending`` is the prompts neither finished nor
-    waiting on a failed sample's retry (work a stopped run left undone); ``failed`` the failed
-    samples of unfinished prompts plus every final failure. A failure of a prompt that finished
-    anyway is not needed and not counted. ``draws``: from :func:`prompt_draws`."""
-    from sft_ray.driver import Completion
-
-    c = Completion(bad_lines=bad_lines)
-    for rid in ids:
-        d = draws.get(rid) or PromptDraws()
-        c.done += d.done
-        c.failed += d.failed_final
-        c.failed_final += d.failed_final
-        if not d.finished(target, max_samples):
-            c.failed += len(d.retry)
-            c.pending += not d.retry
-    c.expected = c.done + c.failed + c.pending
-    return c
-
+from sft_ray.runfolder.completion import PromptDraws
 
 Sample = Callable[[int], Awaitable["dict[str, Any] | None"]]
 

@@ -212,7 +212,7 @@ def test_grouping_survives_many_spilled_buckets(tmp_path, monkeypatch):
 
 
 def make_run_folder(tmp_path, rows):
-    from sft_ray.runfolder.state import save_manifest
+    from sft_ray.runfolder.manifest import save_manifest
 
     write_run(tmp_path, rows)
     save_manifest(str(tmp_path), {"config": {"filter": {"min_reward": 0.0}, "train": {"rows_per_shard": 50},

@@ -9,8 +9,9 @@ import pytest
 
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.backends.openai import OpenAIBackend, refused_param, request_timeout_s
-from sft_ray.config import ConfigError, ModelConfig, config_fingerprint, load_config
+from sft_ray.config import ConfigError, ModelConfig, load_config
 from sft_ray.devserver import MockConfig, MockServer
+from sft_ray.runfolder.manifest import config_fingerprint
 
 
 def backend(server, **kw):

@@ -12,9 +12,11 @@ from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray import io
 from sft_ray.config import load_config
-from sft_ray.driver import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Budget, Completion, FolderState, Writers
 from sft_ray.pipeline import RunError, run
-from sft_ray.runfolder.state import compact_failures, load_failures, prepare_run_dir, save_manifest
+from sft_ray.runfolder.completion import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Budget, Completion
+from sft_ray.runfolder.manifest import prepare_run_dir, save_manifest
+from sft_ray.runfolder.parts import Writers
+from sft_ray.runfolder.state import FolderState, compact_failures, load_failures
 from sft_ray.stages import finalize as fin
 from sft_ray.stages.read import read_samples, scan_input
 
@@ -113,11 +115,11 @@ def test_completion_counts_each_sample_and_one_rule_sets_the_exit_code(tmp_path)
                    + orjson.dumps({"id": "stale", "sample_index": 0}) + b"\n")  # not an expected sample
     io.write_bytes(io.join(run_dir, "failed", "part-000-00000.jsonl"), _failed_row("i", 2) + b"\n")
     state = FolderState(run_dir, 2)
-    c = Completion.count(list("abcdefghij"), 1, state)
+    c = Completion.of(set("abcdefghij"), state, 1)
     assert (c.expected, c.done, c.failed, c.failed_final, c.pending) == (10, 8, 1, 1, 1)
     budget = Budget(max_fraction=0.5, min_rows=1)
     assert c.verdict(budget)[0] == EXIT_PENDING and not c.as_stats(budget)["complete"]
-    c = Completion.count(list("abcdefghi"), 1, state)
+    c = Completion.of(set("abcdefghi"), state, 1)
     assert c.verdict(budget) == (EXIT_OK, None) and c.as_stats(budget)["complete"]
     assert c.verdict(Budget(max_fraction=0.1, min_rows=1))[0] == EXIT_BUDGET
     # The early stop applies the same rule, once min_rows samples have a result.

@@ -28,10 +28,10 @@ import orjson
 import pyarrow.fs as pafs
 
 from sft_ray import io
+from sft_ray.runfolder.layout import JOURNAL
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "journal"
 OBJECT_STORE_FLUSH_S = 10.0
 
 

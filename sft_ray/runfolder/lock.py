@@ -30,8 +30,8 @@ from typing import Any
 import psutil
 
 from sft_ray import io
+from sft_ray.runfolder.layout import LOCK
 
-LOCK = "run.lock"
 LEASE_TTL_S = 300.0
 LEASE_RENEW_S = 60.0
 

@@ -1,4 +1,4 @@
-"""Write stage: the driver appends scored rollouts to the run folder as they arrive.
+"""The part writers: the driver appends scored rollouts to the run folder as they arrive.
 
 The driver is the single writer: rows stream to it from the actors, and each
 block is appended and flushed before the next is asked for (and fsync'd at most
@@ -19,9 +19,13 @@ import threading
 import time
 from typing import IO
 
+import orjson
 import pyarrow.fs as pafs
 
 from sft_ray import io
+from sft_ray.rows import InputError
+from sft_ray.runfolder.layout import FAILED, ROLLOUTS, Key, part_name
+from sft_ray.runfolder.state import FolderState, count_failure
 
 
 class PartWriter:
@@ -62,7 +66,7 @@ class PartWriter:
                     self._close_part()
 
     def _name(self) -> str:
-        return io.join(self.folder, f"part-{self.session:03d}-{self.part:05d}.jsonl")
+        return io.join(self.folder, part_name(self.session, self.part))
 
     def write(self, lines: list[bytes]) -> None:
         if not lines:
@@ -116,3 +120,42 @@ class PartWriter:
             self.timer.join()
         with self.lock:
             self._close_part()
+
+
+class Writers:
+    """rollouts/ and failed/ part writers for one session. A failure record carries the runs
+    it failed in; ``state`` follows what is written, so it stays the folder's state."""
+
+    def __init__(self, run_dir: str, session: int, state: FolderState) -> None:
+        self.ok = PartWriter(io.join(run_dir, ROLLOUTS), session)
+        self.bad = PartWriter(io.join(run_dir, FAILED), session)
+        self.state = state
+
+    def write(self, keys: list[Key], lines: list[str], failed: list[bool],
+              rewards: list[float | None] | None = None) -> tuple[int, int]:
+        """Write one scored batch; raises :class:`InputError` for a bad input line (rows that never
+        reached a model because their line is malformed: the read stage marks them)."""
+        oks = [s.encode() for s, f in zip(lines, failed) if not f]
+        bad_rows = [orjson.loads(s) for s, f in zip(lines, failed) if f]
+        self.ok.write(oks)
+        for row in bad_rows:
+            if (row.get("error") or {}).get("type") == "bad_input":
+                source, _, reason = row["error"]["message"].partition(": ")
+                raise InputError(source, reason)
+        runs = self.state.failed_runs
+        self.bad.write([count_failure(row, runs) for row in bad_rows])
+        threshold = self.state.pass_threshold
+        for i, (key, f) in enumerate(zip(keys, failed)):
+            if f:
+                runs[key] = runs.get(key, 0) + 1
+            else:
+                self.state.done.add(key)
+                runs.pop(key, None)
+                reward = rewards[i] if rewards is not None else None
+                if threshold is not None and reward is not None and reward >= threshold:
+                    self.state.passing[key[0]] += 1
+        return len(oks), len(bad_rows)
+
+    def close(self) -> None:
+        self.ok.close()
+        self.bad.close()

@@ -1,89 +1,38 @@
-"""The run folder's state across runs: the manifest, what is done, and failures to retry.
+"""What a run folder holds: the samples done, the failures to retry, and per prompt where
+rejection sampling stands, all read from disk.
 
-A run folder is resumable because everything a rerun needs is on disk: ``run.json``
-(the config fingerprint and each run's counts), ``rollouts/`` (samples done) and
-``failed/`` (samples that failed, with the number of runs they failed in).
+A run folder is resumable because everything a rerun needs is on disk: ``rollouts/``
+(samples done) and ``failed/`` (samples that failed, with the number of runs they failed
+in); the journal holds what a killed run had generated but not yet written
+(:mod:`sft_ray.runfolder.journal`).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
 import orjson
 
 from sft_ray import io
-from sft_ray.config import RunConfig, config_fingerprint
-from sft_ray.runfolder.journal import JOURNAL
-from sft_ray.stages.finalize import FAILED, ROLLOUTS, iter_jsonl
-
-MANIFEST = "run.json"
-SUCCESS = "_SUCCESS"  # written once every sample of the run is final (see sft_ray.driver.Completion)
-Key = tuple[str, int]
+from sft_ray.runfolder.layout import FAILED, ROLLOUTS, Key, compact_name, iter_jsonl
 
 
-class DriftError(ValueError):
-    """The run folder was made with a config that changes the outputs."""
+class FolderState:
+    """What the run folder says about each sample: done (a rollout), or failed in N runs."""
 
+    def __init__(self, run_dir: str, max_attempts: int, pass_threshold: float | None = None) -> None:
+        # With rejection sampling, the passing samples of each prompt (reward >= pass_threshold).
+        self.pass_threshold = pass_threshold
+        self.passing: Counter[str] = Counter()
+        self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
+                                        pass_threshold or 0.0)
+        self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done)
+        self.max_attempts = max_attempts
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def load_manifest(run_dir: str) -> dict[str, Any] | None:
-    uri = io.join(run_dir, MANIFEST)
-    return orjson.loads(io.read_bytes(uri)) if io.exists(uri) else None
-
-
-def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
-    io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
-
-
-def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The config settings that change a run's outputs, plus ``read.limit`` when set (which
-    samples the run has; absent when unset, as in folders made before it was part of this)."""
-    fp = config_fingerprint(cfg)
-    if cfg.read.limit is not None:
-        fp["read"] = {"limit": cfg.read.limit}
-    return fp
-
-
-def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> dict[str, Any]:
-    """Create or reopen the run folder; refuse a resume whose config, ``read.limit`` or input
-    content changes the outputs (an edited input would leave stale rollouts in the run, a
-    changed limit would leave samples out of, or extra ones in, its completion count)."""
-    fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
-    manifest = load_manifest(cfg.output)
-    if manifest is not None and restart:
-        for sub in (ROLLOUTS, FAILED, JOURNAL, "train", "stats.json", SUCCESS, MANIFEST):
-            io.delete(io.join(cfg.output, sub))
-        manifest = None
-    if manifest is not None:
-        old = dict(manifest.get("fingerprint") or {})
-        old_inputs = old.pop("input_files", {})
-        changes = _diff(old, run_fingerprint(cfg))
-        for path in sorted(set(old_inputs) | set(input_digests)):
-            if path not in input_digests:
-                changes.append(f"input file {path}: no longer part of the input")
-            elif path not in old_inputs:
-                changes.append(f"input file {path}: new")
-            elif old_inputs[path] != input_digests[path]:
-                changes.append(f"input file {path}: content changed")
-        if changes:
-            raise DriftError(
-                f"{cfg.output} holds a run made with a different configuration:\n  " + "\n  ".join(changes)
-                + "\nUse --restart to start over in this folder, or choose another output folder.")
-    io.makedirs(cfg.output)
-    if manifest is None:
-        manifest = {"fingerprint": fingerprint, "sessions": []}
-    manifest["config"] = cfg.model_dump(mode="json", by_alias=False)
-    return manifest
+    def skip(self) -> set[Key]:
+        """Keys the read stage leaves out: done, or failed in ``max_attempts`` runs."""
+        return self.done | {k for k, n in self.failed_runs.items() if n >= self.max_attempts}
 
 
 def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0) -> set[tuple[str, int]]:
@@ -154,7 +103,7 @@ def compact_failures(run_dir: str, session: int, done: set[Key]) -> None:
     files, records, latest = _failure_records(run_dir, done)
     if len(files) <= 1 and records == len(latest):
         return  # already at most one file, holding exactly the live records
-    name = io.join(run_dir, FAILED, f"part-{session:03d}-compact.jsonl")
+    name = io.join(run_dir, FAILED, compact_name(session))
     if latest:
         io.write_bytes(name, b"".join(line + b"\n" for _, line in (latest[k] for k in sorted(latest))))
     for uri in files:

@@ -61,10 +61,18 @@ from sft_ray.curate import (
 )
 from sft_ray.formats import dataset_card, parquet_schema, parquet_table, train_row
 from sft_ray.rejection import Tally
+from sft_ray.runfolder.layout import (
+    DATASET_CARD,
+    FAILED,
+    NEVER_PASSED,
+    ROLLOUTS,
+    TRAIN,
+    VALIDATION,
+    iter_jsonl,
+    shard_name,
+)
 from sft_ray.stats import StatsAccumulator, advice
 
-ROLLOUTS, FAILED, TRAIN, VALIDATION = "rollouts", "failed", "train", "validation"
-NEVER_PASSED = "never_passed.jsonl"  # rejection sampling: prompts that used every sample and never passed
 BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
 # Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes
 # several times its bytes, so these buckets are smaller than the shuffle buckets.
@@ -78,18 +86,6 @@ PARALLEL_BYTES = 16 << 20
 MAX_WORKERS = 8
 WRITE_BUFFER = 256 << 10  # per temporary file: 8 KB buffers make a system call every ~25 rows
 KEY_HEX = 16  # shuffle keys are 64-bit, written as 16 hex digits: sorting the text sorts the keys
-
-
-def iter_jsonl(uri: str, start: int = 0, end: int | None = None) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
-    """(row, line) for each line of a rollout file (or of its byte range ``[start, end)``);
-    row is None for a torn line."""
-    for line in io.iter_range(uri, start, end):
-        if not line.strip():
-            continue
-        try:
-            yield orjson.loads(line), line
-        except orjson.JSONDecodeError:
-            yield None, line
 
 
 def shard_sizes(n: int, rows_per_shard: int) -> list[int]:
@@ -274,7 +270,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
             splits = [TRAIN] + ([VALIDATION] if tc["validation_fraction"] > 0 else [])
             schema = parquet_schema(tc["format"], list(tc["include_fields"]))
-            io.write_bytes(io.join(run_dir, "README.md"), dataset_card(schema, tc["file_format"], splits).encode())
+            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schema, tc["file_format"], splits).encode())
     return stats
 
 
@@ -491,6 +487,6 @@ def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: list
                   itertools.repeat(starts), itertools.repeat(sizes)))
     fmt = job.tc["file_format"]
     list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(split), range(len(sizes)),
-                  [io.join(new, f"part-{i:05d}.{fmt}") for i in range(len(sizes))]))
+                  [io.join(new, shard_name(i, fmt)) for i in range(len(sizes))]))
     io.replace_dir(new, final)
     return sizes

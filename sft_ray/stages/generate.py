@@ -34,10 +34,11 @@ from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure
-from sft_ray.runfolder.journal import JournalSpec
 from sft_ray.placement import release_own_placement_group, replica_args
-from sft_ray.rejection import PromptDraws, draw_prompt
+from sft_ray.rejection import draw_prompt
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
+from sft_ray.runfolder.completion import PromptDraws
+from sft_ray.runfolder.journal import JournalSpec
 from sft_ray.stages import Stage
 from sft_ray.stages.score import ScoreStage
 

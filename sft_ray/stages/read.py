@@ -15,7 +15,7 @@ Each output row is one *sample*: ``id``, ``sample_index``, ``row`` (the input
 line, verbatim), ``source`` (``file:line``), ``bad`` (the reason, for a
 malformed line that stops the run, else null) and ``draw`` (null). With rejection
 sampling a row is one *prompt* instead: ``draw`` says where it stands
-(:class:`sft_ray.rejection.PromptDraws` as JSON) and the generation actor draws its samples.
+(:class:`sft_ray.runfolder.completion.PromptDraws` as JSON) and the generation actor draws its samples.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sft_ray import io
-from sft_ray.rejection import DrawPlan, PromptDraws
 from sft_ray.rows import InputError, parse_line, row_id
+from sft_ray.runfolder.completion import DrawPlan, PromptDraws
 
 BLOCK_ROWS = 1024
 EMPTY_DRAW = PromptDraws().to_json()  # a prompt with no sample yet

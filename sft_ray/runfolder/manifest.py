@@ -1,0 +1,120 @@
+"""The run folder's manifest (``run.json``) and its fingerprint.
+
+The fingerprint is every setting that changes what a run produces (the config's, plus
+``read.limit`` and a digest of each input file): a rerun in the same folder resumes only when
+its fingerprint matches the one in ``run.json``; otherwise it is refused (or, with
+``--restart``, the folder is emptied first). ``run.json`` also keeps the config as given and
+each session's record.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+from sft_ray import io
+from sft_ray.config import RunConfig
+from sft_ray.runfolder.layout import MANIFEST, RUN_OUTPUTS
+
+# Keys that change how a run works, not what it produces: left out of the fingerprint, so a
+# rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
+# `omit_params` fixes requests a server refuses (as `model.max_tokens_field` does for the generation model,
+# whose fingerprint names its keys one by one); `pricing` changes the reported cost only.
+_OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
+                "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes",
+                "timeout_per_1k_output_tokens_s", "omit_params", "pricing"}
+
+
+def _verifier_fingerprint(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _verifier_fingerprint(v) for k, v in data.items() if k not in _OPERATIONAL}
+    if isinstance(data, list):
+        return [_verifier_fingerprint(v) for v in data]
+    return data
+
+
+def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that change what a run produces (used to refuse resuming with a different config)."""
+    return {
+        "input": cfg.input,
+        "model": {
+            "backend": cfg.model.backend,
+            "name": cfg.model.name,
+            "base_url": cfg.model.base_url,
+            "api": cfg.model.api,
+            "engine_kwargs": cfg.model.engine_kwargs,
+            "tool_parser": cfg.model.tool_parser,
+            "chat_template": cfg.model.chat_template,
+            "extra_body": cfg.model.extra_body,
+        },
+        "responses_create_params": cfg.responses_create_params.model_dump(),
+        "num_repeats": cfg.num_repeats,
+        "verifier": _verifier_fingerprint(cfg.verifier.model_dump()),
+        "agent": {"max_steps": cfg.agent.max_steps},
+        "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
+    }
+
+
+class DriftError(ValueError):
+    """The run folder was made with a config that changes the outputs."""
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def load_manifest(run_dir: str) -> dict[str, Any] | None:
+    uri = io.join(run_dir, MANIFEST)
+    return orjson.loads(io.read_bytes(uri)) if io.exists(uri) else None
+
+
+def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
+    io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The config settings that change a run's outputs, plus ``read.limit`` when set (which
+    samples the run has; absent when unset, as in folders made before it was part of this)."""
+    fp = config_fingerprint(cfg)
+    if cfg.read.limit is not None:
+        fp["read"] = {"limit": cfg.read.limit}
+    return fp
+
+
+def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> dict[str, Any]:
+    """Create or reopen the run folder; refuse a resume whose config, ``read.limit`` or input
+    content changes the outputs (an edited input would leave stale rollouts in the run, a
+    changed limit would leave samples out of, or extra ones in, its completion count)."""
+    fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
+    manifest = load_manifest(cfg.output)
+    if manifest is not None and restart:
+        for sub in RUN_OUTPUTS:
+            io.delete(io.join(cfg.output, sub))
+        manifest = None
+    if manifest is not None:
+        old = dict(manifest.get("fingerprint") or {})
+        old_inputs = old.pop("input_files", {})
+        changes = _diff(old, run_fingerprint(cfg))
+        for path in sorted(set(old_inputs) | set(input_digests)):
+            if path not in input_digests:
+                changes.append(f"input file {path}: no longer part of the input")
+            elif path not in old_inputs:
+                changes.append(f"input file {path}: new")
+            elif old_inputs[path] != input_digests[path]:
+                changes.append(f"input file {path}: content changed")
+        if changes:
+            raise DriftError(
+                f"{cfg.output} holds a run made with a different configuration:\n  " + "\n  ".join(changes)
+                + "\nUse --restart to start over in this folder, or choose another output folder.")
+    io.makedirs(cfg.output)
+    if manifest is None:
+        manifest = {"fingerprint": fingerprint, "sessions": []}
+    manifest["config"] = cfg.model_dump(mode="json", by_alias=False)
+    return manifest
