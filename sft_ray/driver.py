@@ -29,7 +29,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
     score stage's input batches and yields its output batches elsewhere (the pipeline's score
     actors, for a judge that runs an engine: :func:`sft_ray.pipeline.remote_scorer`)."""
     from sft_ray.runfolder.journal import read_journal
-    from sft_ray.stages.score import ScoreStage
+    from sft_ray.scoring import ScoreStage
 
     skip = state.skip()
     rows = [r for r in read_journal(run_dir, skip) if str(r["id"]) in ids]

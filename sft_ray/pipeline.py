@@ -41,9 +41,9 @@ from sft_ray.runfolder.layout import STATS, SUCCESS
 from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures
+from sft_ray.scoring import verifier_payload
 from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
-from sft_ray.stages.score import verifier_payload
 from sft_ray.stall import StallWatch
 from sft_ray.stats import format_report
 
@@ -151,7 +151,7 @@ def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[d
     def score(batches: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
         import ray.data
 
-        from sft_ray.stages import score as score_stage
+        from sft_ray import scoring as score_stage
 
         init_ray(cfg)
         rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
@@ -167,7 +167,8 @@ def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[d
 
 def stages() -> list:
     """The map_batches stages, in order (each module declares its own wiring)."""
-    from sft_ray.stages import generate, score
+    from sft_ray import scoring as score
+    from sft_ray.stages import generate
 
     return [generate.STAGE, score.STAGE]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sft_ray.stages.score import score_rollout, score_rollouts
+from sft_ray.scoring import score_rollout, score_rollouts
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.code import extract_program
 

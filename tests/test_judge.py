@@ -11,7 +11,7 @@ from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray.config import ConfigError, load_config
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.stages.score import score_rollout
+from sft_ray.scoring import score_rollout
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.judge import parse_equivalence, parse_rating
 
@@ -29,7 +29,7 @@ def judge_cfg(server, type_="judge", model_keys=None, **judge):
     cfg = {"input": "x", "output": "y", "model": {"name": "m"},
            "verifier": {"type": type_, "judge": {"model": model, **judge}}}
     from sft_ray.config import RunConfig
-    from sft_ray.stages.score import verifier_payload
+    from sft_ray.scoring import verifier_payload
 
     return verifier_payload(RunConfig.model_validate(cfg).verifier)
 
@@ -299,7 +299,7 @@ def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judg
     new loop, whose engine replaces (never joins) the one before; close() releases it; a dead
     engine marks the verifier dead (the scoring actor then restarts)."""
     from sft_ray.backends import BACKENDS
-    from sft_ray.stages.score import ScoreStage
+    from sft_ray.scoring import ScoreStage
     from sft_ray.verifiers import verifier_dead
 
     monkeypatch.setitem(BACKENDS, "vllm", f"{__name__}:FakeEngine")
@@ -334,7 +334,7 @@ def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judg
 
 
 def test_score_wiring_gives_a_vllm_judge_its_gpus():
-    from sft_ray.stages.score import wiring
+    from sft_ray.scoring import wiring
 
     base = ["input=x", "output=o", "model.name=m", "verifier.type=judge", "verifier.judge.model.backend=vllm",
             "resources.score_num_gpus=1"]

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from conftest import make_config, read_rows, write_jsonl
 
-from sft_ray.stages.score import ScoreStage, clean_result, score_rollout
+from sft_ray.scoring import ScoreStage, clean_result, score_rollout
 from sft_ray.verifiers import build_verifier
 
 VERIFIER_SRC = '''
@@ -157,7 +157,7 @@ def test_score_batch_verifier(tmp_path):
 
     b = Batchy()
     rows = [{"response": "a", "want": "a"}, {"response": "b", "want": "a"}, {"response": "", "want": "a"}]
-    from sft_ray.stages.score import score_rollouts
+    from sft_ray.scoring import score_rollouts
 
     asyncio.run(score_rollouts(b, rows))
     assert b.calls == 1 and [r["reward"] for r in rows] == [1.0, 0.0, None]

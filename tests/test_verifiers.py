@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft_ray.stages.score import ScoreStage, score_rollout
+from sft_ray.scoring import ScoreStage, score_rollout
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.mcq import extract_letter
 

@@ -39,8 +39,8 @@ from sft_ray.rejection import draw_prompt
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.runfolder.completion import PromptDraws
 from sft_ray.runfolder.journal import JournalSpec
+from sft_ray.scoring import ScoreStage
 from sft_ray.stages import Stage
-from sft_ray.stages.score import ScoreStage
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def rejection_kwargs(cfg: Any) -> dict[str, Any]:
     """With rejection sampling: its settings and the verifier that scores samples in the actor."""
     if not cfg.rejection.active:
         return {}
-    from sft_ray.stages.score import verifier_payload
+    from sft_ray.scoring import verifier_payload
 
     return {"rejection": {**cfg.rejection.model_dump(), "min_reward": cfg.filter.min_reward},
             "verifier": verifier_payload(cfg.verifier)}
