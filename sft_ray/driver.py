@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
-from sft_ray import ratelimit
+from sft_ray.ratelimit import RunLimits
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 
@@ -29,7 +29,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
     score stage's input batches and yields its output batches elsewhere (the pipeline's score
     actors, for a judge that runs an engine: :func:`sft_ray.pipeline.remote_scorer`)."""
     from sft_ray.runfolder.journal import read_journal
-    from sft_ray.scoring import ScoreStage
+    from sft_ray.stages.score import ScoreStage
 
     skip = state.skip()
     rows = [r for r in read_journal(run_dir, skip) if str(r["id"]) in ids]
@@ -65,8 +65,8 @@ class Progress:
     """A progress bar with samples/s (prompts/s with rejection sampling) on a terminal; a log line every few seconds otherwise
     (so that `ray job logs` reads well)."""
 
-    def __init__(self, total: int, out=sys.stderr, unit: str = "samples") -> None:
-        self.total, self.out, self.unit = total, out, unit
+    def __init__(self, total: int, out=sys.stderr, unit: str = "samples", limits: RunLimits | None = None) -> None:
+        self.total, self.out, self.unit, self.limits = total, out, unit, limits
         self.start = time.monotonic()
         self.last_line = 0.0
         self.bar = None
@@ -79,7 +79,8 @@ class Progress:
         info = {"failed": failed}
         if mean_reward is not None:
             info["reward"] = f"{mean_reward:.3f}"
-        info.update(ratelimit.progress_info(done, self.total))  # concurrency, share of 429s, cost
+        if self.limits is not None:
+            info.update(self.limits.progress_info(done, self.total))  # concurrency, share of 429s, cost
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(info, refresh=False)

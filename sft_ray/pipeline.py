@@ -22,6 +22,7 @@ from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import Progress, Session, Timing, recover_journal
 from sft_ray.placement import release_placement_groups
+from sft_ray.ratelimit import RunLimits
 from sft_ray.rows import InputError
 from sft_ray.runfolder.completion import (
     EXIT_BUDGET,
@@ -42,6 +43,7 @@ from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifes
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.scoring import verifier_payload
+from sft_ray.stages import actor_range
 from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
 from sft_ray.stall import StallWatch
@@ -65,10 +67,6 @@ def model_label(cfg: RunConfig) -> str:
 
         return display_name(cfg.model.name) + (" (embedded default)" if is_default(cfg.model.name) else "")
     return cfg.model.name or ""
-
-
-def actor_range(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
@@ -151,7 +149,7 @@ def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[d
     def score(batches: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
         import ray.data
 
-        from sft_ray import scoring as score_stage
+        from sft_ray.stages import score as score_stage
 
         init_ray(cfg)
         rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
@@ -165,27 +163,15 @@ def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[d
     return score
 
 
-def stages() -> list:
-    """The map_batches stages, in order (each module declares its own wiring)."""
-    from sft_ray import scoring as score
-    from sft_ray.stages import generate
-
-    return [generate.STAGE, score.STAGE]
-
-
 def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int],
-                  draws: DrawPlan | None = None):
-    """read (cut into blocks) -> each stage of :func:`stages` (lazy; the driver pulls)."""
-    from sft_ray.stages import check_chain
-    from sft_ray.stages.read import SCHEMA, make_dataset
+                  draws: DrawPlan | None, limits: RunLimits):
+    """read -> generate -> score, each stage given what it needs (lazy; the driver pulls)."""
+    from sft_ray.stages import check_chain, generate, read, score
 
-    # One read task per file (ids are made per file), cut into blocks small enough to spread over every actor.
-    ds = make_dataset(files, cfg.num_repeats, cfg.read.skip_bad_lines, done, plan["block_rows"], draws)
-    chain = stages()
-    check_chain(tuple(SCHEMA.names), chain)
-    for stage in chain:
-        ds = stage.apply(ds, cfg, plan)
-    return ds
+    check_chain([read.STAGE, generate.STAGE, score.STAGE])
+    ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
+    ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec())
+    return score.STAGE.apply(ds, cfg, plan)
 
 
 def scan_input(cfg: RunConfig) -> InputPlan:
@@ -254,17 +240,17 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         return session
 
     init_ray(cfg)
-    ratelimit.start_session(cfg, manifest)  
+    limits = ratelimit.start_session(cfg, manifest)
     warn_gpu_setup(cfg, say)
     budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = start.done, start.failed_final
     skip = state.skip()
-    progress, timing = Progress(todo, unit="prompts" if draws is not None else "samples"), Timing(todo)
+    progress, timing = Progress(todo, unit="prompts" if draws is not None else "samples", limits=limits), Timing(todo)
     watch = StallWatch(cfg.resources.stall_warning_s, say)
     finished = False
     try:
-        ds = build_dataset(cfg, inputs.used(), skip, plan, draws)
+        ds = build_dataset(cfg, inputs.used(), skip, plan, draws, limits)
         units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
@@ -294,7 +280,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
                             remote_scorer(cfg))
         writers.close()
         release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
-        ratelimit.end_session(session.record)  # this run's spend; "budget" when the budget stopped it
+        limits.end(session.record)  # this run's spend; "budget" when the budget stopped it
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
     clear_journal(cfg.output)  # all it held is written now

@@ -424,9 +424,6 @@ def _release(futs: list[asyncio.Future]) -> None:
 
 # -- the driver's side -----------------------------------------------------------------------
 
-_session: dict[str, Any] = {}
-
-
 def needs_shared(cfg: Any) -> bool:
     return bool(cfg.rate_limit.per_minute() or cfg.budget.active()
                 or cfg.pricing.input_per_mtok or cfg.pricing.output_per_mtok)
@@ -441,83 +438,83 @@ def spent_before(manifest: dict[str, Any]) -> dict[str, float]:
     return dict(total)
 
 
-def start_session(cfg: Any, manifest: dict[str, Any]) -> None:
+def start_session(cfg: Any, manifest: dict[str, Any]) -> "RunLimits":
     """Make this run's shared limits actor (driver, after ``ray.init``), when anything needs it."""
-    _session.clear()
-    _session["adaptive"] = cfg.adaptive
     if cfg.model.backend != "openai" or not needs_shared(cfg):
-        _session["shared"] = None
-        return
+        return RunLimits(None, cfg.adaptive)
     import ray
 
     actor = ray.remote(num_cpus=0, max_restarts=0)(SharedLimits).options(
         name=f"sft-ray-limits-{uuid.uuid4().hex[:8]}", max_concurrency=1)
-    _session["shared"] = actor.remote(cfg.rate_limit.per_minute(), cfg.budget.model_dump(),
-                                      cfg.pricing.model_dump(), spent_before(manifest))
-    _session["last"] = {}
-    _session["polled"] = 0.0
+    return RunLimits(actor.remote(cfg.rate_limit.per_minute(), cfg.budget.model_dump(), cfg.pricing.model_dump(),
+                                  spent_before(manifest)), cfg.adaptive)
 
 
-def actor_spec() -> dict[str, Any] | None:
-    """What the generation actors get as ``model["limits"]`` (None: no limiter)."""
-    if not _session or (_session.get("shared") is None and not _session.get("adaptive")):
-        return None
-    return {"shared": _session.get("shared"), "adaptive": _session.get("adaptive", False)}
+class RunLimits:
+    """One run's limits on the driver: the shared actor (None when nothing needs it) and whether
+    concurrency is adaptive. The orchestrator hands :meth:`actor_spec` to the generate stage and
+    the object to the progress line, and calls :meth:`end` when the session ends."""
 
+    def __init__(self, shared: Any = None, adaptive: bool = False) -> None:
+        self.shared, self.adaptive = shared, adaptive
+        self.last: dict[str, Any] = {}
+        self.polled = 0.0
 
-def poll(timeout_s: float = 0.5) -> dict[str, Any]:
-    """The shared stats, asked at most every few seconds (the last answer otherwise)."""
-    shared = _session.get("shared")
-    if shared is None:
-        return {}
-    now = time.monotonic()
-    if now - _session.get("polled", 0.0) >= STATS_EVERY_S:
-        _session["polled"] = now
-        try:
-            import ray
+    def actor_spec(self) -> dict[str, Any] | None:
+        """What the generation actors get as ``model["limits"]`` (None: no limiter)."""
+        if self.shared is None and not self.adaptive:
+            return None
+        return {"shared": self.shared, "adaptive": self.adaptive}
 
-            _session["last"] = ray.get(shared.stats.remote(), timeout=timeout_s)
-        except Exception:  # slow answer: show the last one
-            pass
-    return _session.get("last", {})
+    def poll(self, timeout_s: float = 0.5) -> dict[str, Any]:
+        """The shared stats, asked at most every few seconds (the last answer otherwise)."""
+        if self.shared is None:
+            return {}
+        now = time.monotonic()
+        if now - self.polled >= STATS_EVERY_S:
+            self.polled = now
+            try:
+                import ray
 
+                self.last = ray.get(self.shared.stats.remote(), timeout=timeout_s)
+            except Exception:  # slow answer: show the last one
+                pass
+        return self.last
 
-def progress_info(done: int, total: int) -> dict[str, str]:
-    """Extra fields for the progress line: concurrency, 429 share, cost and its projection."""
-    st = poll()
-    info: dict[str, str] = {}
-    if not st:
+    def progress_info(self, done: int, total: int) -> dict[str, str]:
+        """Extra fields for the progress line: concurrency, 429 share, cost and its projection."""
+        st = self.poll()
+        info: dict[str, str] = {}
+        if not st:
+            return info
+        if self.adaptive:
+            info["concurrency"] = str(st["concurrency"])
+        if st["requests"]:
+            info["429"] = f"{100 * st['rate_limited_share']:.1f}%"
+        if st["cost_usd"]:
+            info["cost"] = f"${st['cost_usd']:.4f}"
+            if 0 < done < total:
+                info["projected"] = f"${st['cost_usd'] * total / done:.2f}"
         return info
-    if _session.get("adaptive"):
-        info["concurrency"] = str(st["concurrency"])
-    if st["requests"]:
-        info["429"] = f"{100 * st['rate_limited_share']:.1f}%"
-    if st["cost_usd"]:
-        info["cost"] = f"${st['cost_usd']:.4f}"
-        if 0 < done < total:
-            info["projected"] = f"${st['cost_usd'] * total / done:.2f}"
-    return info
 
+    def end(self, record: dict[str, Any]) -> None:
+        """Put this run's spend (and a budget stop) in its session record; drop the shared actor."""
+        shared, self.shared = self.shared, None
+        if shared is None:
+            return
+        import ray
 
-def end_session(record: dict[str, Any]) -> None:
-    """Put this run's spend (and a budget stop) in its session record; drop the shared actor."""
-    shared = _session.get("shared")
-    if shared is None:
-        return
-    import ray
-
-    try:
-        st = ray.get(shared.stats.remote(), timeout=30)
-    except Exception as e:
-        log.warning("could not read the run's spend from the rate limiter: %s", e)
-        st = _session.get("last") or {}
-    if st:
-        record["spend"] = {k: st[k] for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
-                                               "rate_limited", "timeouts", "cost_usd") if k in st}
-        if st.get("stopped") and not record.get("stopped"):
-            record["stopped"] = st["stopped"]
-    try:
-        ray.kill(shared)
-    except Exception:
-        pass
-    _session.clear()
+        try:
+            st = ray.get(shared.stats.remote(), timeout=30)
+        except Exception as e:
+            log.warning("could not read the run's spend from the rate limiter: %s", e)
+            st = self.last
+        if st:
+            record["spend"] = {k: st[k] for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
+                                                   "rate_limited", "timeouts", "cost_usd") if k in st}
+            if st.get("stopped") and not record.get("stopped"):
+                record["stopped"] = st["stopped"]
+        try:
+            ray.kill(shared)
+        except Exception:
+            pass

@@ -1,16 +1,10 @@
-"""Score stage: a CPU ``map_batches`` actor that adds ``reward`` and metrics to rollouts.
+"""Scoring: a verifier's verdict on rollouts, the one implementation that the score stage
+(:mod:`sft_ray.stages.score`), rejection sampling in the generate stage and the driver's
+journal recovery all call.
 
-Kept apart from generation so it scales on its own (verifiers such as
-math-verify are CPU-bound, a judge waits on the network, code runs in
-subprocesses; generation actors mostly wait on the network or sit on a GPU).
-
-A judge with ``backend: vllm`` runs its engine here, one per scoring actor (started on the
-first batch, on ``resources.score_num_gpus`` GPUs, or a placement group when its
-tensor_parallel_size is above 1); it goes with the actor, as a generation actor's does.
-
-``__call__`` is async: an async verifier (a judge, code execution) scores up to
-``verifier.concurrency`` rows of the actor at once. Whatever a verifier returns
-is cleaned into JSON-safe values (:func:`clean_result`). A verifier that raises,
+:func:`score_rollouts` scores up to ``verifier.concurrency`` rows at once with an async
+verifier (a judge, code execution), or hands them to a verifier's ``score_batch``.
+Whatever a verifier returns is cleaned into JSON-safe values (:func:`clean_result`). A verifier that raises,
 times out or returns something that is not a reward gives the row no reward and
 an ``error`` (``verifier_error``, or ``judge_error`` for a judge): the row is a
 failed sample (``failed/``, retried by a rerun), never a reward of 0.
@@ -21,15 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from typing import Any
 
 import orjson
 
 from sft_ray import errors
-from sft_ray.placement import release_own_placement_group, replica_args
 from sft_ray.rows import GENERATED_FIELDS, input_row
-from sft_ray.stages import Stage
 from sft_ray.verifiers import build_verifier, call_verifier, close_verifier, close_verifier_now, verifier_dead
 
 log = logging.getLogger(__name__)
@@ -158,12 +149,6 @@ async def score_rollouts(verifier, rollouts: list[dict[str, Any]], sem: asyncio.
     await asyncio.gather(*(_score(verifier, r, sem) for r in rollouts))
 
 
-def score_rollout(verifier, rollout: dict[str, Any]) -> dict[str, Any]:
-    """Score one successful rollout in place and return it (outside an event loop)."""
-    asyncio.run(score_rollouts(verifier, [rollout]))
-    return rollout
-
-
 def verifier_payload(verifier) -> dict[str, Any]:
     """The ``verifier`` config section as the plain dict ScoreStage takes, with each judge's API
     key read on the driver (as the generation model's is) and carried as a Secret."""
@@ -182,8 +167,10 @@ def verifier_payload(verifier) -> dict[str, Any]:
     return data
 
 
-class ScoreStage:
-    """Callable class for ``Dataset.map_batches``: rollouts in, scored rollouts out."""
+class Scorer:
+    """A verifier built from its config section, scoring rollouts at most ``verifier.concurrency``
+    at a time: what the score stage, rejection sampling (in a generation actor) and journal
+    recovery (on the driver) each hold."""
 
     def __init__(self, verifier: dict[str, Any]) -> None:
         self.verifier = build_verifier(verifier)
@@ -195,79 +182,23 @@ class ScoreStage:
             self._sem = asyncio.Semaphore(self.concurrency)
         return self._sem
 
-    async def score(self, rollout: dict[str, Any]) -> None:
-        """Score one successful rollout in place (rejection sampling scores as samples come back)."""
-        await score_rollouts(self.verifier, [rollout], self._semaphore())
+    async def score(self, rollouts: list[dict[str, Any]]) -> None:
+        """Score successful rollouts in place."""
+        await score_rollouts(self.verifier, rollouts, self._semaphore())
 
-    async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        texts, failed_in = list(batch["rollout"]), [bool(f) for f in batch["failed"]]
-        rows = [None if f else orjson.loads(t) for t, f in zip(texts, failed_in)]
-        # Rows that come scored (rejection sampling scores in the generation actor) keep their verdict.
-        await score_rollouts(self.verifier, [r for r in rows if r is not None and r.get("reward") is None],
-                             self._semaphore())
-        if verifier_dead(self.verifier):
-            # A judge's vLLM engine died: its rows carry judge_errors. Nothing of this batch has
-            # been handed back yet, so exiting loses no row: Ray restarts the actor with a new
-            # engine and retries its batches (as the generation stage does).
-            log.error("the judge's engine died; restarting this scoring actor so its rows are scored again")
-            os._exit(1)
-        rollouts, rewards, tokens, failed = [], [], [], []
-        for text, row in zip(texts, rows):
-            if row is None:  # failed in generation: passed through untouched
-                rollouts.append(text)
-                rewards.append(None)
-                failed.append(True)
-                tokens.append(int((orjson.loads(text).get("usage") or {}).get("output_tokens") or 0))
-                continue
-            rollouts.append(orjson.dumps(row).decode())
-            rewards.append(row["reward"])
-            failed.append(row["reward"] is None)
-            tokens.append(int((row.get("usage") or {}).get("output_tokens") or 0))
-        return {"id": list(batch["id"]), "sample_index": list(batch["sample_index"]), "rollout": rollouts,
-                "failed": failed, "reward": rewards, "output_tokens": tokens,
-                "ready_at": list(batch["ready_at"])}
+    @property
+    def dead(self) -> bool:
+        """A judge's vLLM engine died (its rows carry judge_errors)."""
+        return verifier_dead(self.verifier)
 
     async def close(self) -> None:
-        """Release the verifier's connections and engine in the running loop (outside Ray Data:
-        the driver's journal recovery, tests)."""
+        """Release the verifier's connections and engine in the running loop."""
         await close_verifier(self.verifier)
 
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes: release sockets here. A vLLM
-        # judge's engine core stops with this process; a tensor-parallel judge's GPUs go with
-        # its placement group (as GenerateStage.__del__ does).
+        # judge's engine core stops with this process.
         try:
             close_verifier_now(self.verifier)
         except Exception:
             pass
-        release_own_placement_group()
-
-
-def _judge_sections(data: dict[str, Any]):
-    """The judge sections of a verifier payload, components included."""
-    if data.get("judge"):
-        yield data["judge"]
-    for comp in data.get("components") or []:
-        yield from _judge_sections(comp)
-
-
-def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """An actor pool of its own size, whole blocks per call; with a vLLM judge, each actor holds
-    its engine (``resources.score_num_gpus`` GPUs, or a placement group for tensor parallelism)."""
-    import ray.data
-
-    from sft_ray.pipeline import actor_range
-
-    lo, hi = actor_range(cfg.resources.score_actors)
-    payload = verifier_payload(cfg.verifier)
-    num_gpus, remote_args = cfg.resources.score_num_gpus or None, {}
-    for judge in _judge_sections(payload):  # config allows one vLLM judge per run
-        if judge["model"]["backend"] == "vllm":
-            judge["model"], num_gpus, remote_args = replica_args(judge["model"], num_gpus)
-    return dict(fn_constructor_kwargs={"verifier": payload}, batch_size=None,
-                compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=4),
-                num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus, **remote_args)
-
-
-STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at"),
-              writes=("id", "sample_index", "rollout", "failed", "reward", "output_tokens", "ready_at"), wiring=wiring)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from sft_ray.config import load_config
 from sft_ray.devserver import MockConfig, MockServer
+from sft_ray.scoring import score_rollouts
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,12 @@ def ray_cluster():
 def mock_server():
     with MockServer(MockConfig(retry_after_s=0.05, hang_s=3.0)) as server:
         yield server
+
+
+def score_one(verifier, rollout: dict) -> dict:
+    """Score one successful rollout in place, as the score stage does (outside an event loop)."""
+    asyncio.run(score_rollouts(verifier, [rollout]))
+    return rollout
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -7,8 +7,9 @@ import os
 import time
 
 import pytest
+from conftest import score_one
 
-from sft_ray.scoring import score_rollout, score_rollouts
+from sft_ray.scoring import score_rollouts
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.code import extract_program
 
@@ -18,7 +19,7 @@ def code_verifier(**code):
 
 
 def score(verifier, row: dict, response: str) -> dict:
-    return score_rollout(verifier, {**row, "response": response})
+    return score_one(verifier, {**row, "response": response})
 
 
 def test_extract_program():

@@ -7,11 +7,10 @@ import asyncio
 import json
 
 import pytest
-from conftest import make_config, read_rows, write_jsonl
+from conftest import make_config, read_rows, score_one, write_jsonl
 
 from sft_ray.config import ConfigError, load_config
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.scoring import score_rollout
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.judge import parse_equivalence, parse_rating
 
@@ -35,7 +34,7 @@ def judge_cfg(server, type_="judge", model_keys=None, **judge):
 
 
 def judged(verifier, response, **row):
-    return score_rollout(verifier, {"prompt": "What is the capital of France?", **row, "response": response})
+    return score_one(verifier, {"prompt": "What is the capital of France?", **row, "response": response})
 
 
 def test_verdict_parsers():
@@ -130,14 +129,14 @@ def test_json_schema():
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
               "required": ["name", "age"], "additionalProperties": False}
     v = build_verifier({"type": "json_schema", "json_schema": schema})
-    good = score_rollout(v, {"response": 'Sure:\n```json\n{"name": "Ada", "age": 36}\n```'})
+    good = score_one(v, {"response": 'Sure:\n```json\n{"name": "Ada", "age": 36}\n```'})
     assert good["reward"] == 1.0 and good["metrics"]["schema_errors"] == 0.0
-    bad = score_rollout(v, {"response": '{"name": "Ada", "age": -1, "extra": true}'})
+    bad = score_one(v, {"response": '{"name": "Ada", "age": -1, "extra": true}'})
     assert bad["reward"] == 0.0 and bad["metrics"] == {"json_valid": 1.0, "schema_valid": 0.0, "schema_errors": 2.0}
-    assert score_rollout(v, {"response": "{name: Ada}"})["metrics"]["json_valid"] == 0.0
-    row_schema = score_rollout(v, {"schema": json.dumps({"type": "array"}), "response": "[1, 2]"})
+    assert score_one(v, {"response": "{name: Ada}"})["metrics"]["json_valid"] == 0.0
+    row_schema = score_one(v, {"schema": json.dumps({"type": "array"}), "response": "[1, 2]"})
     assert row_schema["reward"] == 1.0  # the row's own schema wins over the config's
-    broken = score_rollout(v, {"schema": {"type": "nonsense"}, "response": "[]"})
+    broken = score_one(v, {"schema": {"type": "nonsense"}, "response": "[]"})
     assert broken["reward"] is None and broken["error"]["type"] == "verifier_error"
     with pytest.raises(ConfigError, match="not a valid JSON Schema"):
         load_config(None, ["input=x", "output=y", "model.name=m", "verifier.type=json_schema",
@@ -150,13 +149,13 @@ def test_composite_combines_and_keeps_each_component(judge_server):
     comps = [{"type": "regex", "pattern": "^Answer:", "weight": 1.0}, judge_part]
     for combine, want in (("mean", 2 / 3), ("min", 0.0), ("all", 0.0)):
         v = build_verifier({"type": "composite", "combine": combine, "components": comps})
-        out = score_rollout(v, {"prompt": "q", "expected_answer": "Paris", "response": "Paris"})
+        out = score_one(v, {"prompt": "q", "expected_answer": "Paris", "response": "Paris"})
         assert out["reward"] == pytest.approx(want), combine
         assert out["metrics"]["reward_components"] == {"regex": 0.0, "judge": 1.0}
         assert out["metrics"]["judge.reward"] == 1.0 and out["metrics"]["regex.format_ok"] == 0.0
         assert out["metrics"]["judge.judge_calls"] == 1.0
     # a component without a verdict fails the row (a partial reward would be a wrong one)
-    failing = score_rollout(v, {"prompt": "q", "expected_answer": "Paris", "response": "[[judge:garbage]]"})
+    failing = score_one(v, {"prompt": "q", "expected_answer": "Paris", "response": "[[judge:garbage]]"})
     assert failing["reward"] is None and failing["error"]["type"] == "judge_error"
 
 
@@ -299,7 +298,7 @@ def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judg
     new loop, whose engine replaces (never joins) the one before; close() releases it; a dead
     engine marks the verifier dead (the scoring actor then restarts)."""
     from sft_ray.backends import BACKENDS
-    from sft_ray.scoring import ScoreStage
+    from sft_ray.stages.score import ScoreStage
     from sft_ray.verifiers import verifier_dead
 
     monkeypatch.setitem(BACKENDS, "vllm", f"{__name__}:FakeEngine")
@@ -324,9 +323,9 @@ def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judg
             out = await stage({"id": [str(i)], "sample_index": [0], "rollout": [json.dumps(rollout)],
                                "failed": [False], "ready_at": [0.0]})
             assert out["reward"] == [1.0]
-        assert not verifier_dead(stage.verifier)
-        stage.verifier.judge._backend.dead = True
-        assert verifier_dead(stage.verifier)
+        assert not verifier_dead(stage.scorer.verifier)
+        stage.scorer.verifier.judge._backend.dead = True
+        assert verifier_dead(stage.scorer.verifier)
         await stage.close()
 
     asyncio.run(two_batches())
@@ -334,7 +333,7 @@ def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judg
 
 
 def test_score_wiring_gives_a_vllm_judge_its_gpus():
-    from sft_ray.scoring import wiring
+    from sft_ray.stages.score import wiring
 
     base = ["input=x", "output=o", "model.name=m", "verifier.type=judge", "verifier.judge.model.backend=vllm",
             "resources.score_num_gpus=1"]

@@ -9,9 +9,10 @@ import json
 import numpy as np
 import orjson
 import pytest
-from conftest import make_config, read_rows, write_jsonl
+from conftest import make_config, read_rows, score_one, write_jsonl
 
-from sft_ray.scoring import ScoreStage, clean_result, score_rollout
+from sft_ray.scoring import clean_result
+from sft_ray.stages.score import ScoreStage
 from sft_ray.verifiers import build_verifier
 
 VERIFIER_SRC = '''
@@ -112,10 +113,10 @@ def test_score_stage_marks_verifier_failures_failed_and_reads_the_input_row(tmp_
 
 def test_math_verify_that_hangs_is_bounded():
     mv = build_verifier({"type": "math", "options": {"timeout_s": 2}})
-    row = score_rollout(mv, {"response": "\\boxed{9^{9^{9^{9}}}}", "expected_answer": "1"})  # sympy spins for ages
+    row = score_one(mv, {"response": "\\boxed{9^{9^{9^{9}}}}", "expected_answer": "1"})  # sympy spins for ages
     assert row["reward"] is None and row["error"]["type"] == "verifier_error"
     assert "within 2 s" in row["error"]["message"]
-    assert score_rollout(mv, {"response": "\\boxed{1}", "expected_answer": "1"})["reward"] == 1.0  # restarted
+    assert score_one(mv, {"response": "\\boxed{1}", "expected_answer": "1"})["reward"] == 1.0  # restarted
 
 
 def test_async_verifier_runs_concurrently_and_python_gets_the_episode(tmp_path):
@@ -141,7 +142,7 @@ def test_async_verifier_runs_concurrently_and_python_gets_the_episode(tmp_path):
                                 {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                             {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "1"},
                             {"role": "assistant", "content": "done"}]}
-    scored = score_rollout(ep, rollout)
+    scored = score_one(ep, rollout)
     assert scored["reward"] == 0.5 and scored["metrics"] == {"turns": 4.0}
 
 
@@ -178,4 +179,4 @@ def test_python_verifier_object_with_score_batch(tmp_path):
              "rollout": [orjson.dumps(r).decode() for r in rows]}
     out = asyncio.run(stage(batch))
     assert out["reward"] == [0.5, 0.0] and orjson.loads(out["rollout"][0])["metrics"] == {"n": 2.0}
-    assert stage.verifier.fn.calls == 1
+    assert stage.scorer.verifier.fn.calls == 1

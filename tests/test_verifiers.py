@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import score_one
 
-from sft_ray.scoring import ScoreStage, score_rollout
+from sft_ray.stages.score import ScoreStage
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.mcq import extract_letter
 
@@ -111,7 +112,7 @@ def test_python_function_from_module():
 
 
 def test_verifier_errors_become_row_errors_not_crashes():
-    row = score_rollout(v("math"), {"response": "\\boxed{1}"})  # no expected_answer
+    row = score_one(v("math"), {"response": "\\boxed{1}"})  # no expected_answer
     assert row["reward"] is None and row["error"]["type"] == "verifier_error"  # no verdict: never a reward of 0
     assert "expected_answer" in row["error"]["message"]
 

@@ -39,7 +39,7 @@ from sft_ray.rejection import draw_prompt
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.runfolder.completion import PromptDraws
 from sft_ray.runfolder.journal import JournalSpec
-from sft_ray.scoring import ScoreStage
+from sft_ray.scoring import Scorer, verifier_payload
 from sft_ray.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class GenerateStage:
         self.node_id = _node_id()
         # Rejection sampling: the samples of a prompt are scored here, as they come back.
         self.rejection = rejection
-        self.scorer = ScoreStage(verifier) if rejection is not None else None
+        self.scorer = Scorer(verifier) if rejection is not None else None
 
     async def _start(self) -> None:
         await self.backend.start()
@@ -191,7 +191,7 @@ class GenerateStage:
         async def sample(k: int) -> dict[str, Any] | None:
             rollout = await self._rollout(row, rid, k, source)
             if rollout is not None and rollout["error"] is None:
-                await self.scorer.score(rollout)
+                await self.scorer.score([rollout])
             return rollout
 
         drawn = await draw_prompt(sample, PromptDraws.from_json(draw), self.rejection["target_passing"],
@@ -297,17 +297,18 @@ class GenerateStage:
         }
 
 
-def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """``map_batches`` arguments: an autoscaling actor pool, several batches in flight per actor."""
+def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``map_batches`` arguments: an autoscaling actor pool, several batches in flight per actor.
+    ``limits``: the run's shared rate limits, auto concurrency and budget
+    (:meth:`sft_ray.ratelimit.RunLimits.actor_spec`; None: no limiter)."""
     import ray.data
 
-    from sft_ray import ratelimit
     from sft_ray.backends.base import Secret
 
     model = cfg.model.model_dump()
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
-    model["limits"] = ratelimit.actor_spec()  # shared rate limits, auto concurrency, budget
+    model["limits"] = limits
     remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     if cfg.model.backend == "vllm":  # tensor-parallel: a placement group per actor (sft_ray/placement.py)
@@ -336,8 +337,6 @@ def rejection_kwargs(cfg: Any) -> dict[str, Any]:
     """With rejection sampling: its settings and the verifier that scores samples in the actor."""
     if not cfg.rejection.active:
         return {}
-    from sft_ray.scoring import verifier_payload
-
     return {"rejection": {**cfg.rejection.model_dump(), "min_reward": cfg.filter.min_reward},
             "verifier": verifier_payload(cfg.verifier)}
 

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 from sft_ray import io
 from sft_ray.rows import InputError, parse_line, row_id
 from sft_ray.runfolder.completion import DrawPlan, PromptDraws
+from sft_ray.stages import Stage
 
 BLOCK_ROWS = 1024
 EMPTY_DRAW = PromptDraws().to_json()  # a prompt with no sample yet
@@ -282,3 +283,14 @@ def make_dataset(
     if isinstance(getattr(op, "compute", None), TaskPoolStrategy):
         object.__setattr__(op, "compute", TaskPoolStrategy(size=READ_CONCURRENCY))  # a frozen dataclass
     return ds
+
+
+def wiring(cfg: Any, plan: dict[str, Any], files: list[InputFile], done: set[tuple[str, int]],
+           draws: DrawPlan | None = None) -> dict[str, Any]:
+    """:func:`make_dataset`'s arguments: one read task per file (ids are made per file), cut into
+    blocks small enough to spread over every actor; ``done``: the samples not to send again."""
+    return dict(files=files, num_repeats=cfg.num_repeats, skip_bad_lines=cfg.read.skip_bad_lines, done=done,
+                block_rows=plan["block_rows"], draws=draws)
+
+
+STAGE = Stage("read", make_dataset, reads=(), writes=tuple(SCHEMA.names), wiring=wiring)
