@@ -175,7 +175,7 @@ def finalize_cmd(run_dir: str, bucket_mb: float, curated: bool) -> list[str]:
     larger does with the default ones (256 MB shuffle, 64 MB prompt buckets)."""
     flt = {"min_reward": 0.8, **({"dedup": "exact"} if curated else {})}
     train = {"rows_per_shard": 100_000, **({"max_per_prompt": 2, "validation_fraction": 0.05} if curated else {})}
-    code = (f"from sft_ray.stages import finalize as f; f.BUCKET_BYTES = int({bucket_mb} * 2**20); "
+    code = (f"from sft_ray.finalize import passes as f; f.BUCKET_BYTES = int({bucket_mb} * 2**20); "
             f"f.GROUP_BUCKET_BYTES = int({bucket_mb} * 2**18); f.finalize({run_dir!r}, {flt!r}, 0, {train!r})")
     return [sys.executable, "-c", code]
 

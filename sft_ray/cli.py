@@ -151,7 +151,7 @@ def stats(
         from pathlib import Path
 
         from sft_ray import io
-        from sft_ray.report_html import render
+        from sft_ray.finalize.report_html import render
         from sft_ray.runfolder.layout import REPORT_HTML
 
         target = io.join(run_dir, REPORT_HTML) if html == "-" else html

@@ -550,7 +550,7 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _include(self) -> "TrainConfig":
-        from sft_ray.formats import FORMAT_KEYS
+        from sft_ray.finalize.formats import FORMAT_KEYS
 
         clash = sorted({p.split(".")[0] for p in self.include_fields} & FORMAT_KEYS)
         if clash:

@@ -21,6 +21,8 @@ from sft_ray import io, ratelimit
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import Progress, Session, Timing, recover_journal
+from sft_ray.finalize.passes import finalize
+from sft_ray.finalize.stats import format_report
 from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
 from sft_ray.rows import InputError
@@ -44,10 +46,8 @@ from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.scoring import verifier_payload
 from sft_ray.stages import actor_range
-from sft_ray.stages.finalize import finalize
 from sft_ray.stages.read import InputPlan
 from sft_ray.stall import StallWatch
-from sft_ray.stats import format_report
 
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
 BLOCK_BYTES = 1 << 20

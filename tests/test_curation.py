@@ -11,9 +11,9 @@ import sys
 import pytest
 from test_formats import agent_rollout, read_rows, single_rollout, write_run
 
-from sft_ray.stages import finalize as fin
-from sft_ray.stages.finalize import finalize
-from sft_ray.stats import format_report
+from sft_ray.finalize import passes as fin
+from sft_ray.finalize.passes import finalize
+from sft_ray.finalize.stats import format_report
 
 TRAIN = {"rows_per_shard": 1000, "include_fields": ["id", "sample_index", "reward"]}
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sft_ray import io
-from sft_ray.stages import finalize as fin
-from sft_ray.stages.finalize import finalize, shard_sizes
+from sft_ray.finalize import passes as fin
+from sft_ray.finalize.passes import finalize, shard_sizes
 
 
 def make_run(tmp_path, n=1000, files=3, seed=0, failed=7):
@@ -131,7 +131,7 @@ def test_torn_last_line_is_counted_not_fatal(tmp_path):
 
 
 def test_judge_tokens_are_counted_apart_from_generation_tokens():
-    from sft_ray.stats import StatsAccumulator
+    from sft_ray.finalize.stats import StatsAccumulator
 
     acc = StatsAccumulator()
     for i in range(3):

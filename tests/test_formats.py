@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from sft_ray.formats import generated_start, train_row
-from sft_ray.stages.finalize import finalize
+from sft_ray.finalize.formats import generated_start, train_row
+from sft_ray.finalize.passes import finalize
 
 QWEN_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen2_5_tool_template.jinja").read_text()
 TOOLS = [

@@ -214,7 +214,7 @@ def test_judge_pricing_gives_each_row_its_judge_cost(judge_server):
 
 def test_spend_shows_the_judge_apart_and_in_the_total():
     from sft_ray.cost import spend_summary
-    from sft_ray.stats import StatsAccumulator, format_report
+    from sft_ray.finalize.stats import StatsAccumulator, format_report
 
     acc = StatsAccumulator()
     for i in range(4):

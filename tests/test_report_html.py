@@ -8,7 +8,7 @@ import sys
 
 from test_curation import episodes, make_run_folder, prompt_samples
 
-from sft_ray.report_html import COLOURS
+from sft_ray.finalize.report_html import COLOURS
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

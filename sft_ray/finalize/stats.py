@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sft_ray.curate import pass_at_k
+from sft_ray.finalize.curate import pass_at_k
 
 HIST_BINS = 10
 PERCENTILES = (50, 90, 99)

@@ -8,7 +8,7 @@ Two passes, each with bounded memory at 1M+ rows, each spread over worker proces
 
 1. *Scan*: the rollout files, cut into byte ranges at line ends, are read one range per
    task. Every rollout is counted in the statistics and checked by the row rules (reward,
-   truncation, length, how an agent episode ended; :mod:`sft_ray.curate`). Each successful
+   truncation, length, how an agent episode ended; :mod:`sft_ray.finalize.curate`). Each successful
    one goes to a *prompt bucket* file chosen by a hash of its prompt id, so all samples of a
    prompt land in the same bucket, with its training row already in the chosen format. When
    no prompt rule applies (no dedup, no ``max_per_prompt``), kept rows go straight to their
@@ -48,7 +48,7 @@ import orjson
 from orjson import JSONDecodeError
 
 from sft_ray import io
-from sft_ray.curate import (
+from sft_ray.finalize.curate import (
     TEXT_CAP,
     RowRules,
     choose,
@@ -59,7 +59,8 @@ from sft_ray.curate import (
     shuffle_key,
     source_of,
 )
-from sft_ray.formats import dataset_card, parquet_schema, parquet_table, train_row
+from sft_ray.finalize.formats import dataset_card, parquet_schema, parquet_table, train_row
+from sft_ray.finalize.stats import StatsAccumulator, advice
 from sft_ray.rejection import Tally
 from sft_ray.runfolder.layout import (
     DATASET_CARD,
@@ -71,7 +72,6 @@ from sft_ray.runfolder.layout import (
     iter_jsonl,
     shard_name,
 )
-from sft_ray.stats import StatsAccumulator, advice
 
 BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
 # Rollout bytes per prompt bucket: a record held as Python objects in the per-prompt pass takes

@@ -15,7 +15,7 @@ import hashlib
 import math
 from typing import Any
 
-from sft_ray.formats import generated_start
+from sft_ray.finalize.formats import generated_start
 
 # Row drop reasons, in the order they are checked (a row is counted under the first that applies).
 ROW_REASONS = (

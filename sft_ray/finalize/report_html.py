@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from sft_ray.stats import format_report
+from sft_ray.finalize.stats import format_report
 
 # One colour per plot (a test finds each in a screenshot taken by a real browser).
 COLOURS = {"reward": "#1f77b4", "sources": "#2ca02c", "lengths": "#ff7f0e", "drops": "#d62728",
