@@ -518,6 +518,10 @@ class ShuffleConfig(_Strict):
     seed: int = Field(0, description="Seed of the global shuffle: same seed, same order.")
 
 
+# Keys a training row's format owns (sft_ray/finalize/formats.py); include_fields may not name them.
+FORMAT_KEYS = frozenset({"messages", "prompt", "completion", "tools", "parallel_tool_calls"})
+
+
 class TrainConfig(_Strict):
     format: Literal["messages", "prompt_completion", "openai"] = Field(
         "messages",
@@ -550,8 +554,6 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _include(self) -> "TrainConfig":
-        from sft_ray.finalize.formats import FORMAT_KEYS
-
         clash = sorted({p.split(".")[0] for p in self.include_fields} & FORMAT_KEYS)
         if clash:
             raise ValueError(f"train.include_fields: {', '.join(clash)} belong to the training format; "

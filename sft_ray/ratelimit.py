@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 BURST_S = 0.5  # seconds of each limit that may go out at once (keeps under a server's burst)
 START_CONCURRENCY = 4  # per actor, with num_samples_in_parallel: auto
 STATS_EVERY_S = 2.0
-KINDS = ("requests", "input_tokens", "output_tokens", "tokens")
 
 
 class BudgetExhausted(Exception):

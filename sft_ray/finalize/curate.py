@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from sft_ray.finalize.formats import generated_start
 
@@ -24,7 +24,6 @@ ROW_REASONS = (
     "truncated", "too_long", "below_min_reward", "above_max_reward",
 )
 # Prompt-level drop reasons.
-GROUP_REASONS = ("duplicate_exact", "duplicate_near", "over_max_per_prompt")
 NUM_PERM = 64  # MinHash permutations: error of the Jaccard estimate about 1/sqrt(64) = 0.125
 TEXT_CAP = 8192  # characters of a reply kept for near-dedup and distinct-n (whole reply hashed for exact)
 
@@ -34,14 +33,14 @@ class RowRules:
     train/, or None when it passes every one. The settings are read once, not per row (finalize
     calls this a million times on a large run)."""
 
-    def __init__(self, flt: dict[str, Any]) -> None:
-        self.drop_unfinished = flt.get("drop_unfinished", True)
-        self.drop_malformed = flt.get("drop_malformed_tool_calls", True)
-        self.drop_tool_errors = flt.get("drop_tool_errors")
-        self.min_calls, self.max_calls = flt.get("min_tool_calls"), flt.get("max_tool_calls")
-        self.drop_truncated = flt.get("drop_truncated", True)
-        self.max_tokens = flt.get("max_tokens")
-        self.min_reward, self.max_reward = flt.get("min_reward", 0.0), flt.get("max_reward")
+    def __init__(self, filter_cfg: dict[str, Any]) -> None:
+        self.drop_unfinished = filter_cfg.get("drop_unfinished", True)
+        self.drop_malformed = filter_cfg.get("drop_malformed_tool_calls", True)
+        self.drop_tool_errors = filter_cfg.get("drop_tool_errors")
+        self.min_calls, self.max_calls = filter_cfg.get("min_tool_calls"), filter_cfg.get("max_tool_calls")
+        self.drop_truncated = filter_cfg.get("drop_truncated", True)
+        self.max_tokens = filter_cfg.get("max_tokens")
+        self.min_reward, self.max_reward = filter_cfg.get("min_reward", 0.0), filter_cfg.get("max_reward")
 
     def __call__(self, row: dict[str, Any]) -> str | None:
         get = row.get
@@ -130,29 +129,50 @@ def _shingles(text: str, n: int = 3) -> list[bytes]:
     return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
 
 
-def choose(samples: list[tuple[str, float, str, str]], flt: dict[str, Any], max_per_prompt: int | None) -> dict[int, str]:
+class Scored(NamedTuple):
+    """A scored rollout in a prompt bucket, as the per-prompt pass needs it. The scan writes
+    all fields but the last as a JSON array, a tab, then the training row's bytes."""
+
+    prompt_id: str
+    shuffle_key: str  # "" unless the rollout passed the row rules
+    reward: float
+    passed_rules: bool  # passed the row rules: a candidate for train/
+    digest: str  # blake2b of the normalised reply when longer than ``text`` ("" otherwise)
+    text: str  # the normalised reply, capped at TEXT_CAP
+    source: str | None
+    output_tokens: int
+    input_line: str | None  # "file:line" of the prompt, when the job keeps it
+    train_row: bytes  # the training row in its format (b"" unless the rollout passed the row rules)
+
+    @property
+    def duplicate_key(self) -> str:
+        """What exact duplicates compare: the digest of a long reply, else the reply itself."""
+        return self.digest or self.text
+
+
+def choose(samples: list[Scored], filter_cfg: dict[str, Any], max_per_prompt: int | None) -> dict[int, str]:
     """Prompt rules over one prompt's samples that passed the row rules.
 
-    ``samples``: ``(shuffle key, reward, exact-duplicate key, reply text)`` tuples. Returns
-    ``{index in samples: drop reason}``. Preference goes to the highest reward, ties broken by
-    the shuffle key (so the shuffle seed decides them).
+    Returns ``{index in samples: drop reason}``. Preference goes to the highest reward, ties
+    broken by the shuffle key (so the shuffle seed decides them).
     """
-    order = sorted(range(len(samples)), key=lambda i: (-samples[i][1], samples[i][0]))
+    order = sorted(range(len(samples)), key=lambda i: (-samples[i].reward, samples[i].shuffle_key))
     dropped: dict[int, str] = {}
-    dedup = flt.get("dedup", "none")
+    dedup = filter_cfg.get("dedup", "none")
     if dedup in ("exact", "near"):
         seen: set[str] = set()
         for i in order:
-            if samples[i][2] in seen:
+            key = samples[i].duplicate_key
+            if key in seen:
                 dropped[i] = "duplicate_exact"
-            seen.add(samples[i][2])
+            seen.add(key)
     if dedup == "near":
         from datasketch import MinHash
 
         rest = [i for i in order if i not in dropped]
-        hashes = MinHash.bulk([_shingles(samples[i][3]) for i in rest], num_perm=NUM_PERM)
+        hashes = MinHash.bulk([_shingles(samples[i].text) for i in rest], num_perm=NUM_PERM)
         kept: list[MinHash] = []
-        threshold = flt.get("near_dedup_threshold", 0.8)
+        threshold = filter_cfg.get("near_dedup_threshold", 0.8)
         # Pairwise within one prompt: groups are num_repeats samples, so an LSH index would not pay off.
         for i, mh in zip(rest, hashes):
             if any(mh.jaccard(other) >= threshold for other in kept):

@@ -22,9 +22,6 @@ from typing import Any
 
 import orjson
 
-FORMATS = ("messages", "prompt_completion", "openai")
-# Keys a training row's format owns; include_fields may not name them.
-FORMAT_KEYS = frozenset({"messages", "prompt", "completion", "tools", "parallel_tool_calls"})
 _PLAIN_ROLES = ("user", "system", "assistant")
 _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 

@@ -51,6 +51,7 @@ from sft_ray import io
 from sft_ray.finalize.curate import (
     TEXT_CAP,
     RowRules,
+    Scored,
     choose,
     distinct_n,
     in_validation,
@@ -60,8 +61,7 @@ from sft_ray.finalize.curate import (
     source_of,
 )
 from sft_ray.finalize.formats import dataset_card, parquet_schema, parquet_table, train_row
-from sft_ray.finalize.stats import StatsAccumulator, advice
-from sft_ray.rejection import Tally
+from sft_ray.finalize.stats import StatsAccumulator, Tally, advice
 from sft_ray.runfolder.layout import (
     DATASET_CARD,
     FAILED,
@@ -145,23 +145,23 @@ class _Job:
     """What every finalize task needs (sent to each worker)."""
 
     tmp: str  # the folder of the bucket files
-    flt: dict[str, Any]
-    tc: dict[str, Any]
+    filter: dict[str, Any]  # the filter section (row and prompt rules)
+    train: dict[str, Any]  # the train section (format, split, shards)
     seed: int
     n_groups: int
     n_buckets: int  # shuffle buckets per split (0: nothing is written)
     succeeded_wanted: frozenset[tuple[str, int]]  # failed samples: report those that succeeded later
-    where: bool  # record each prompt's input line (rejection sampling's never_passed.jsonl)
+    keep_input_line: bool  # record each prompt's input line (rejection sampling's never_passed.jsonl)
     tally: tuple[int, int, float] | None  # rejection sampling: target, max samples, threshold
 
     @property
     def direct(self) -> bool:
         """No prompt rule chooses among a prompt's samples: whatever passes the row rules is kept,
         and goes to its shuffle bucket from the scan (the split is decided by the prompt id alone)."""
-        return self.flt["dedup"] == "none" and not self.tc["max_per_prompt"]
+        return self.filter["dedup"] == "none" and not self.train["max_per_prompt"]
 
 
-def _where(row: dict[str, Any]) -> str | None:
+def _input_line(row: dict[str, Any]) -> str | None:
     """The input line a rollout's prompt came from, as ``file:line``."""
     if not row.get("source_file"):
         return None
@@ -187,7 +187,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
     ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU, at most 8,
     for a large run, none beside this one for a small one)."""
-    flt, tc = _normalise(filter_cfg, train_cfg)
+    filter_, train = _normalise(filter_cfg, train_cfg)
     torn = 0
     # Latest failure per sample (a sample retried by a rerun may have several records).
     failures: dict[tuple[str, int], dict[str, Any]] = {}
@@ -209,16 +209,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
     acc = StatsAccumulator()
     temperature = None
-    in_bucket = {"t": [0] * n_buckets, "v": [0] * n_buckets}  # rows per shuffle bucket and split
+    in_bucket = {TRAIN: [0] * n_buckets, VALIDATION: [0] * n_buckets}  # rows per shuffle bucket and split
 
     def count(counts: dict[str, list[int]]) -> None:
         for split, per_bucket in counts.items():
             in_bucket[split] = [a + b for a, b in zip(in_bucket[split], per_bucket)]
 
     with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
-        job = _Job(tmp=tmp, flt=flt, tc=tc, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
-                   succeeded_wanted=frozenset(failures), where=tally_on,
-                   tally=(rejection["target_passing"], rejection["max_samples"], flt["min_reward"])
+        job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
+                   succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
+                   tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
                    if tally_on else None)
         for part, part_torn, succeeded, temp, counts in pool.map(_scan, itertools.repeat(job), range(len(pieces)),
                                                                  pieces):
@@ -235,7 +235,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         failed: list[dict[str, list[Any]]] = [{} for _ in range(n_groups)]
         if tally_on:
             for (rid, _), row in failures.items():
-                entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _where(row)])
+                entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _input_line(row)])
                 entry[0] += 1
         tally = Tally(*job.tally) if job.tally else None
         for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
@@ -255,22 +255,22 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         # The settings that differ from the defaults (what this cut of the run chose).
         from sft_ray.config import FilterConfig, TrainConfig
 
-        stats["filter"] = {k: v for k, v in flt.items() if v != FilterConfig.model_fields[k].default}
-        stats["train"] = {k: v for k, v in tc.items()
+        stats["filter"] = {k: v for k, v in filter_.items() if v != FilterConfig.model_fields[k].default}
+        stats["train"] = {k: v for k, v in train.items()
                           if k != "include_fields" and v != TrainConfig.model_fields[k].default}
         stats["shuffle_seed"] = shuffle_seed
         stats["advice"] = advice(stats, temperature)
         if torn:
             stats["torn_lines"] = torn
         if write:
-            stats["shards"] = _write_split(run_dir, job, pool, "t", in_bucket["t"], TRAIN)
-            if tc["validation_fraction"] > 0:
-                stats["validation_shards"] = _write_split(run_dir, job, pool, "v", in_bucket["v"], VALIDATION)
+            stats["shards"] = _write_split(run_dir, job, pool, TRAIN, in_bucket[TRAIN])
+            if train["validation_fraction"] > 0:
+                stats["validation_shards"] = _write_split(run_dir, job, pool, VALIDATION, in_bucket[VALIDATION])
             else:
                 io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
-            splits = [TRAIN] + ([VALIDATION] if tc["validation_fraction"] > 0 else [])
-            schema = parquet_schema(tc["format"], list(tc["include_fields"]))
-            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schema, tc["file_format"], splits).encode())
+            splits = [TRAIN] + ([VALIDATION] if train["validation_fraction"] > 0 else [])
+            schema = parquet_schema(train["format"], list(train["include_fields"]))
+            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schema, train["file_format"], splits).encode())
     return stats
 
 
@@ -309,19 +309,19 @@ def _without_gc(fn: Any) -> Any:
 
 
 class _ShuffleOut:
-    """Kept training rows into the shuffle-bucket files of their split (``t``: train, ``v``:
-    validation), as ``key row`` lines, counted per bucket. Buckets are ranges of the key (its top
+    """Kept training rows into the shuffle-bucket files of their split (train or validation),
+    as ``key row`` lines, counted per bucket. Buckets are ranges of the key (its top
     32 bits are enough to choose one), so the buckets sorted one by one give the global order."""
 
     def __init__(self, job: _Job, tag: str, files: contextlib.ExitStack) -> None:
         self.job, self.tag, self.files = job, tag, files
         self.outs: dict[tuple[str, int], Any] = {}
-        self.counts = {"t": [0] * job.n_buckets, "v": [0] * job.n_buckets}
+        self.counts = {TRAIN: [0] * job.n_buckets, VALIDATION: [0] * job.n_buckets}
 
     def add(self, validation: bool, key: str, row_bytes: bytes) -> None:
         if not self.job.n_buckets:
             return
-        split = "v" if validation else "t"
+        split = VALIDATION if validation else TRAIN
         b = (int(key[:8], 16) * self.job.n_buckets) >> 32
         out = self.outs.get((split, b))
         if out is None:
@@ -337,13 +337,13 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
     records (``meta <tab> training row``) of every rollout with a reward. Returns the statistics,
     the torn lines, the failed samples seen succeeding here, the first sampling temperature, and
     the rows put in each shuffle bucket (when no prompt rule applies, kept rows go there from here)."""
-    flt, tc, n_groups, direct = job.flt, job.tc, job.n_groups, job.direct
-    fmt, include, reasoning, fraction = tc["format"], list(tc["include_fields"]), tc["reasoning"], \
-        tc["validation_fraction"]
+    train, n_groups, direct = job.train, job.n_groups, job.direct
+    fmt, include, reasoning, fraction = train["format"], list(train["include_fields"]), train["reasoning"], \
+        train["validation_fraction"]
     acc = StatsAccumulator()
     add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
     torn, succeeded, temperature = 0, [], None
-    rules = RowRules(flt)
+    rules = RowRules(job.filter)
     with contextlib.ExitStack() as files:
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb", buffering=WRITE_BUFFER))
                 for g in range(n_groups)]
@@ -370,9 +370,9 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
-            # meta: prompt, shuffle key, reward, passed the row rules, digest, text, source, output tokens, input line
+            # A Scored record but its training row (which follows it on the line, as bytes).
             meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
-                    _where(row) if job.where else None]
+                    _input_line(row) if job.keep_input_line else None]
             row_bytes = b""
             if reason is None:  # a candidate for train/: its training row in its format
                 key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
@@ -381,7 +381,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
                     acc.add_kept(src, tokens, validation=validation)
                     shuffled.add(validation, key, dumps(train_row(row, fmt, include, reasoning)))
                 else:
-                    meta[1], meta[7] = key, tokens
+                    meta[1], meta[7] = key, tokens  # Scored.shuffle_key, Scored.output_tokens
                     row_bytes = dumps(train_row(row, fmt, include, reasoning))
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
     return acc, torn, succeeded, temperature, shuffled.counts
@@ -393,50 +393,49 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
     kept rows directly) the prompt rules and the split; kept training rows go to the shuffle
     buckets. ``failed``: {prompt id: [failed samples, input line]} of this bucket's prompts
     (rejection sampling). Returns the statistics, the tally and the rows put in each shuffle bucket."""
-    flt, tc, seed = job.flt, job.tc, job.seed
+    filter_, seed = job.filter, job.seed
     acc = StatsAccumulator()
     tally = Tally(*job.tally) if job.tally else None
-    # Each prompt's records: the meta fields (see _scan), then the training row.
-    groups: dict[str, list[list[Any]]] = defaultdict(list)
+    groups: dict[str, list[Scored]] = defaultdict(list)  # each prompt's records
+    loads = orjson.loads
     for data in _take(job.tmp, f"p{g}."):
         for line in data.split(b"\n"):
             if line:
                 meta_bytes, _, row_bytes = line.partition(b"\t")
-                meta = orjson.loads(meta_bytes)
-                meta.append(row_bytes)
-                groups[meta[0]].append(meta)
+                sample = Scored(*loads(meta_bytes), row_bytes)
+                groups[sample.prompt_id].append(sample)
         del data
-    threshold = flt["min_reward"] if flt["min_reward"] > 0 else 1.0
-    fraction, max_per_prompt = tc["validation_fraction"], tc["max_per_prompt"]
+    threshold = filter_["min_reward"] if filter_["min_reward"] > 0 else 1.0
+    fraction, max_per_prompt = job.train["validation_fraction"], job.train["max_per_prompt"]
     add_prompt, add_kept, drops = acc.add_prompt, acc.add_kept, acc.drops
     with contextlib.ExitStack() as files:
         shuffled = _ShuffleOut(job, f"{g:06d}", files)
         for rid, samples in groups.items():
-            rewards = [m[2] for m in samples]
+            rewards = [s.reward for s in samples]
             if tally is not None:
-                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0][8])
-            texts = [m[4] or m[5] for m in samples]  # exact-duplicate keys
+                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0].input_line)
+            keys = [s.duplicate_key for s in samples]
             if len(samples) > 1:
-                add_prompt(rewards, threshold, 1.0 - len(set(texts)) / len(samples),
-                           distinct_n([m[5] for m in samples]))
+                add_prompt(rewards, threshold, 1.0 - len(set(keys)) / len(samples),
+                           distinct_n([s.text for s in samples]))
             else:
                 add_prompt(rewards, threshold, None, None)
             if job.direct:
                 continue  # the scan kept this prompt's rows already
-            ok = [i for i, m in enumerate(samples) if m[3]]
-            dropped = (choose([(samples[i][1], samples[i][2], texts[i], samples[i][5]) for i in ok],
-                              flt, max_per_prompt) if len(samples) > 1 and ok else {})
+            ok = [i for i, s in enumerate(samples) if s.passed_rules]
+            dropped = (choose([samples[i] for i in ok], filter_, max_per_prompt)
+                       if len(samples) > 1 and ok else {})
             validation = in_validation(seed, rid, fraction)
             for j, i in enumerate(ok):
                 if j in dropped:
                     drops[dropped[j]] += 1
                     continue
-                m = samples[i]
-                add_kept(m[6], m[7], validation=validation)
-                shuffled.add(validation, m[1], m[9])
+                s = samples[i]
+                add_kept(s.source, s.output_tokens, validation=validation)
+                shuffled.add(validation, s.shuffle_key, s.train_row)
     if tally is not None:
-        for rid, (n, where) in failed.items():  # prompts without a single scored sample
-            tally.add(rid, [], n, where)
+        for rid, (n, input_line) in failed.items():  # prompts without a single scored sample
+            tally.add(rid, [], n, input_line)
     return acc, tally, shuffled.counts
 
 
@@ -458,34 +457,34 @@ def _sort_bucket(job: _Job, split: str, b: int, first: int, starts: list[int], s
 def _write_part(job: _Job, split: str, i: int, uri: str) -> None:
     """Shard ``i`` of a split, from its segments (in bucket order)."""
     data = b"".join(_take(job.tmp, f"w{split}{i:06d}."))
-    tc = job.tc
-    if tc["file_format"] == "jsonl":
+    train = job.train
+    if train["file_format"] == "jsonl":
         io.write_bytes(uri, data)
         return
     import pyarrow.parquet as pq
 
     # Every shard gets the schema declared for the format (never one inferred from this shard's rows).
-    schema = parquet_schema(tc["format"], list(tc["include_fields"]))
+    schema = parquet_schema(train["format"], list(train["include_fields"]))
     table = parquet_table([orjson.loads(line) for line in data.split(b"\n")[:-1]], schema)
     buf = _io.BytesIO()
     pq.write_table(table, buf)
     io.write_bytes(uri, buf.getvalue())
 
 
-def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: list[int], name: str) -> list[int]:
-    """Replace ``name``/ (train/ or validation/) with balanced shards part-00000.<fmt>, ...: the
-    buckets are sorted and cut into segments, then the shards written from them, each step spread
-    over the workers. Written aside (<name>.new/), then swapped in, so a crash while writing leaves
-    the old folder whole."""
-    final, new = io.join(run_dir, name), io.join(run_dir, name + ".new")
+def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: list[int]) -> list[int]:
+    """Replace the ``split`` folder (train/ or validation/) with balanced shards part-00000.<fmt>, ...:
+    the buckets are sorted and cut into segments, then the shards written from them, each step
+    spread over the workers. Written aside (<split>.new/), then swapped in, so a crash while
+    writing leaves the old folder whole."""
+    final, new = io.join(run_dir, split), io.join(run_dir, split + ".new")
     io.delete(new)
     io.makedirs(new)
-    sizes = shard_sizes(sum(in_bucket), job.tc["rows_per_shard"])
+    sizes = shard_sizes(sum(in_bucket), job.train["rows_per_shard"])
     starts = list(itertools.accumulate(sizes, initial=0))[:-1]
     firsts = list(itertools.accumulate(in_bucket, initial=0))[:-1]
     list(pool.map(_sort_bucket, itertools.repeat(job), itertools.repeat(split), range(job.n_buckets), firsts,
                   itertools.repeat(starts), itertools.repeat(sizes)))
-    fmt = job.tc["file_format"]
+    fmt = job.train["file_format"]
     list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(split), range(len(sizes)),
                   [io.join(new, shard_name(i, fmt)) for i in range(len(sizes))]))
     io.replace_dir(new, final)

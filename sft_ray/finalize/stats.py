@@ -398,3 +398,46 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "
                      f"output tokens/s over {thr['generate_wall_s']:.1f} s")
     return "\n".join(lines)
+
+
+class Tally:
+    """The report's rejection section, counted prompt by prompt in finalize (streamed: only the
+    prompts that never passed are kept, for ``never_passed.jsonl``)."""
+
+    def __init__(self, target: int, max_samples: int, threshold: float) -> None:
+        self.target, self.max_samples, self.threshold = target, max_samples, threshold
+        self.prompts = self.reached = self.below = self.unfinished = self.drawn = 0
+        self.never: list[dict[str, Any]] = []
+
+    def add(self, rid: str, rewards: list[float], failures: int, source: str | None) -> None:
+        """One prompt: the rewards of its samples, and its failed samples (drawn, without a reward)."""
+        n = len(rewards) + failures
+        passing = sum(r >= self.threshold for r in rewards)
+        self.prompts += 1
+        self.drawn += n
+        if passing >= self.target:
+            self.reached += 1
+        elif n >= self.max_samples:
+            self.below += 1
+            if not passing:
+                self.never.append({"id": rid, "source": source, "samples": n,
+                                   "best_reward": max(rewards) if rewards else None})
+        else:
+            self.unfinished += 1
+
+    def merge(self, other: "Tally") -> None:
+        """Add another tally's prompts (one finalize worker's share)."""
+        self.prompts += other.prompts
+        self.reached += other.reached
+        self.below += other.below
+        self.unfinished += other.unfinished
+        self.drawn += other.drawn
+        self.never.extend(other.never)
+
+    def result(self) -> dict[str, Any]:
+        most = self.prompts * self.max_samples
+        return {"target_passing": self.target, "max_samples": self.max_samples, "min_reward": self.threshold,
+                "prompts": self.prompts, "reached_target": self.reached, "finished_below_target": self.below,
+                "never_passed": len(self.never), "unfinished": self.unfinished, "samples_drawn": self.drawn,
+                "samples_at_max": most, "samples_saved": most - self.drawn,
+                "saved_fraction": round((most - self.drawn) / most, 4) if most else 0.0}
