@@ -45,8 +45,8 @@ def run(
     """Run the whole job: generate, score, filter, shuffle, shard, report. Rerun to resume."""
     cfg = _load(config, overrides or [])
     from sft_ray.config import ConfigError
-    from sft_ray.pipeline import RunError
-    from sft_ray.pipeline import run as run_job
+    from sft_ray.job import RunError
+    from sft_ray.job import run as run_job
 
     try:
         cfg.model.secret_headers()  # an unset variable stops the run before Ray starts
@@ -142,7 +142,7 @@ def stats(
 ) -> None:
     """Print the statistics of a run folder, under its settings or the ones given (calls no model, writes
     nothing but the --html report)."""
-    from sft_ray.pipeline import finalize_run
+    from sft_ray.job import finalize_run
 
     manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
@@ -176,7 +176,7 @@ def filter_(
     seed: Optional[int] = typer.Option(None, help="Shuffle seed (default: the run's shuffle.seed)."),
 ) -> None:
     """Re-cut an existing run: rewrite train/, validation/ and stats.json with new settings (calls no model)."""
-    from sft_ray.pipeline import finalize_run
+    from sft_ray.job import finalize_run
     from sft_ray.runfolder.manifest import save_manifest
 
     manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(

@@ -27,7 +27,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
 
     Scored here, in this process, unless ``remote`` is given: a function that takes the
     score stage's input batches and yields its output batches elsewhere (the pipeline's score
-    actors, for a judge that runs an engine: :func:`sft_ray.pipeline.remote_scorer`)."""
+    actors, for a judge that runs an engine: :func:`sft_ray.job.remote_scorer`)."""
     from sft_ray.runfolder.journal import read_journal
     from sft_ray.stages.score import ScoreStage
 

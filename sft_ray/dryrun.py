@@ -21,7 +21,7 @@ from sft_ray.cost import cost_usd
 def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = print) -> dict:
     """Run the pilot, print the plan, return it (as the numbers printed)."""
     from sft_ray import io
-    from sft_ray.pipeline import run, scan_input
+    from sft_ray.job import run, scan_input
     from sft_ray.runfolder.layout import STATS
     from sft_ray.runfolder.state import done_keys
 

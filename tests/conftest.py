@@ -85,7 +85,7 @@ def start_run(cfg):
     Returns the thread and a dict that receives the exit code as "code"."""
     import threading
 
-    from sft_ray.pipeline import run
+    from sft_ray.job import run
 
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))

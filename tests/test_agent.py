@@ -11,7 +11,7 @@ from conftest import make_config, read_rows, write_jsonl
 from nemo_gym_server import NemoGymServer
 
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.pipeline import EXIT_OK, run
+from sft_ray.job import EXIT_OK, run
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -135,7 +135,7 @@ def test_rows_with_tools_need_an_environment(tmp_path):
 
 
 def test_bad_tool_module_is_one_clear_error(tmp_path):
-    from sft_ray.pipeline import RunError
+    from sft_ray.job import RunError
 
     with MockServer(MockConfig()) as server:
         inp = write_jsonl(tmp_path / "in.jsonl", [nemo_row(0, "sf?")])

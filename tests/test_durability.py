@@ -14,7 +14,7 @@ import pytest
 from conftest import count_rows, find_process, make_config, read_rows, start_run, write_jsonl
 
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.pipeline import EXIT_OK, run
+from sft_ray.job import EXIT_OK, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

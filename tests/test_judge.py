@@ -171,7 +171,7 @@ def test_judge_and_composite_through_the_pipeline(tmp_path, judge_server):
     comps = json.dumps([{"type": "math"}, {"type": "judge", "judge": {"model": judge_model, "max_parse_retries": 0}}])
     cfg = make_config(tmp_path, judge_server, inp, "verifier.type=composite", f"verifier.components={comps}",
                       "max_error_fraction=0.5")
-    from sft_ray.pipeline import run
+    from sft_ray.job import run
 
     assert run(cfg, say=lambda s: None) == 0
     ok = {r["prompt"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
@@ -250,7 +250,7 @@ def test_reasoning_models_and_judge_cost_through_the_pipeline(tmp_path, judge_se
                       f"verifier.judge={json.dumps({'model': judge_model})}",
                       "verifier.judge.pricing.input_per_mtok=100", "verifier.judge.pricing.output_per_mtok=1000",
                       "pricing.input_per_mtok=10", "pricing.output_per_mtok=20")
-    from sft_ray.pipeline import run
+    from sft_ray.job import run
 
     assert run(cfg, say=lambda s: None) == 0
     assert judge_server.state.by_status == {200: 6}  # 3 generations, 3 verdicts, no 400

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.pipeline import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, RunError, run
+from sft_ray.job import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, RunError, run
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -20,7 +20,7 @@ from sft_ray.backends.openai import OpenAIBackend
 from sft_ray.config import ConfigError, ModelConfig, load_config
 from sft_ray.cost import cost_usd, spend_summary
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.pipeline import EXIT_OK, EXIT_SPENT, run
+from sft_ray.job import EXIT_OK, EXIT_SPENT, run
 from sft_ray.ratelimit import Aimd, SharedLimits, parse_reset, pause_from_headers
 
 # -- the arithmetic, alone ---------------------------------------------------------------------

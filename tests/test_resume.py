@@ -13,7 +13,7 @@ from conftest import make_config, read_rows, write_jsonl
 from sft_ray import io
 from sft_ray.config import load_config
 from sft_ray.finalize import passes as fin
-from sft_ray.pipeline import RunError, run
+from sft_ray.job import RunError, run
 from sft_ray.runfolder.completion import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Budget, Completion
 from sft_ray.runfolder.manifest import prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers

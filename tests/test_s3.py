@@ -24,7 +24,7 @@ from conftest import make_config
 from moto.server import ThreadedMotoServer
 
 from sft_ray import io
-from sft_ray.pipeline import EXIT_OK, run
+from sft_ray.job import EXIT_OK, run
 from sft_ray.stages.read import read_samples
 
 

@@ -55,7 +55,7 @@ def test_clean_result_rules():
 def test_any_python_verifier_output_through_the_pipeline(tmp_path, mock_server):
     """Before the fix: np.int64 metrics crashed the job with a Ray traceback, a NaN reward or a
     verifier exception became reward 0, and metrics named `error` / `id` overwrote the row."""
-    from sft_ray.pipeline import EXIT_BUDGET, run
+    from sft_ray.job import EXIT_BUDGET, run
 
     (tmp_path / "verif.py").write_text(VERIFIER_SRC)
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"row {k}", "kind": k, "id": f"r-{k}"} for k in KINDS])

@@ -12,7 +12,7 @@ import pytest
 from conftest import count_rows, find_process, read_rows, start_run, write_jsonl
 
 from sft_ray.config import load_config
-from sft_ray.pipeline import EXIT_OK, run
+from sft_ray.job import EXIT_OK, run
 
 # Not importorskip: without the cpu extra these tests must fail, not vanish as skips.
 assert importlib.util.find_spec("vllm"), "vllm is not installed: pip install -e '.[cpu,test]' (see README)"
