@@ -1,4 +1,5 @@
-"""The driver loop's parts: journal recovery, progress, timing and the session record.
+"""Phase 1's driver-side parts: Ray's set-up, the concurrency plan, journal recovery,
+progress, timing and the session record.
 
 :mod:`sft_ray.job` composes them; each does one job and is tested on its own. What the
 run folder holds, completion and the failure budget are :mod:`sft_ray.runfolder`'s.
@@ -7,15 +8,86 @@ run folder holds, completion and the failure budget are :mod:`sft_ray.runfolder`
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sys
 import time
 from typing import Any, Callable, Iterable
 
 import orjson
 
+from sft_ray.config import RunConfig
+from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
+from sft_ray.stages import actor_range
+
+BLOCK_BYTES = 1 << 20
+
+def model_label(cfg: RunConfig) -> str:
+    if cfg.model.backend == "vllm":
+        from sft_ray.models import display_name, is_default
+
+        return display_name(cfg.model.name) + (" (embedded default)" if is_default(cfg.model.name) else "")
+    return cfg.model.name or ""
+
+
+def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
+    """Actors, requests in flight per actor, batch size and rows per block.
+
+    Each actor may hold ``num_samples_in_parallel // max_actors`` requests, so
+    the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
+    """
+    lo, hi = actor_range(cfg.resources.generate_actors)
+    hi = max(1, min(hi, cfg.max_in_flight))  # max_in_flight: num_samples_in_parallel, or auto's ceiling
+    lo = max(1, min(lo, hi))
+    per_actor = max(1, cfg.max_in_flight // hi)
+    batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
+    # A block is one actor task: at least 4 per actor, but a few batches each at most.
+    block_rows = max(batch, min(8 * batch, todo // (4 * hi)))
+    return {"min_actors": lo, "max_actors": hi, "per_actor": per_actor, "batch_size": batch,
+            "block_rows": block_rows}
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    # Ray 2.60 announces its (default, wanted) token authentication with a WARNING that
+    # suggests turning it off; sft-ray keeps it on, so the line is only noise in our output.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own bar reports rows/s; two would garble the terminal
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
+    ctx.print_on_execution_start = False
+    # Small blocks keep rows streaming: a block is the unit the driver receives and
+    # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.
+    ctx.target_max_block_size = BLOCK_BYTES
+    from sft_ray.raynoise import quiet_ray
+
+    quiet_ray()  # Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
+
+
+def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
+    """A vllm run on a cluster that has GPUs while its actors ask for none is almost
+    certainly a forgotten `resources.generate_num_gpus` (the engine would see no GPU)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        return
+    if cfg.model.backend == "vllm" and cfg.model.tensor_parallel_size == 1 and not cfg.resources.generate_num_gpus:
+        say(f"warning: the cluster has {gpus:g} GPU(s) but generation actors ask for none; "
+            "set resources.generate_num_gpus=1 to run each engine on a GPU")
+    if any(j.model.tensor_parallel_size == 1 for j in cfg.verifier.vllm_judges()) and not cfg.resources.score_num_gpus:
+        say(f"warning: the cluster has {gpus:g} GPU(s) but scoring actors ask for none; "
+            "set resources.score_num_gpus=1 to run the judge's engine on a GPU")
+
 
 ScoreBatches = Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]]
 
@@ -27,7 +99,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
 
     Scored here, in this process, unless ``remote`` is given: a function that takes the
     score stage's input batches and yields its output batches elsewhere (the pipeline's score
-    actors, for a judge that runs an engine: :func:`sft_ray.job.remote_scorer`)."""
+    actors, for a judge that runs an engine: :func:`remote_scorer`)."""
     from sft_ray.runfolder.journal import read_journal
     from sft_ray.stages.score import ScoreStage
 
@@ -59,6 +131,30 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
 
     asyncio.run(score_all())
     return len(rows)
+
+
+def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]] | None:
+    """For a judge with its own vLLM engine: score the journal's rollouts in the score stage's
+    actors (their GPUs or placement group; one engine each, gone with the actor) rather than
+    on the driver, which may have no GPU. None otherwise (the driver scores them itself)."""
+    if not cfg.verifier.vllm_judges():
+        return None
+
+    def score(batches: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        import ray.data
+
+        from sft_ray.stages import score as score_stage
+
+        init_ray(cfg)
+        rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
+        ds = score_stage.STAGE.apply(ray.data.from_items(rows), cfg, {})
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield {k: out.column(k).to_pylist() for k in ("id", "sample_index", "rollout", "failed", "reward")}
+        finally:
+            release_placement_groups()  # a tensor-parallel judge's groups
+
+    return score
 
 
 class Progress:
@@ -153,3 +249,12 @@ class Session:
     @property
     def mean_reward(self) -> float | None:
         return self.reward_sum / self.reward_n if self.reward_n else None
+
+
+def throughput(manifest: dict[str, Any]) -> dict[str, float]:
+    sessions = [s for s in manifest.get("sessions", []) if s.get("generate_wall_s")]
+    wall = sum(s["generate_wall_s"] for s in sessions)
+    samples = sum(s["written"] + s["failed"] for s in sessions)
+    tokens = sum(s["output_tokens"] for s in sessions)
+    return {"generate_wall_s": wall, "samples_per_s": samples / wall if wall else 0.0,
+            "output_tokens_per_s": tokens / wall if wall else 0.0}

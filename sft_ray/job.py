@@ -1,26 +1,43 @@
-"""`sft-ray run`: the two-phase job.
+"""`sft-ray run`: the two-phase job, read top to bottom.
 
-Phase 1 streams samples through Ray Data (read -> generate actors -> score
-actors) and the driver appends each scored batch to ``rollouts/`` (or
-``failed/``) as it arrives. Phase 2 (``finalize``) filters, shuffles globally and
-writes the training shards from those durable files. A rerun of the same
-command resumes: samples already in ``rollouts/`` are not generated again.
+:func:`run` is the whole job: check the user's code and the input, lock and prepare the run
+folder, then phase 1 (:func:`generate_phase`: recover the journal, plan the session, stream
+samples through the stages and write what comes back, close the session) and phase 2
+(:func:`finalize_run`: curate, shuffle, write the shards and the report). Phase 1 streams
+samples through Ray Data (read -> generate actors -> score actors) and the driver appends
+each scored batch to ``rollouts/`` (or ``failed/``) as it arrives; phase 2 reads only
+those durable files. A rerun of the same command resumes: samples already in
+``rollouts/`` are not generated again.
+
+The parts live where their concept does: the run folder in :mod:`sft_ray.runfolder`, the
+stages in :mod:`sft_ray.stages`, the driver's loop parts in :mod:`sft_ray.driver`, phase 2
+in :mod:`sft_ray.finalize`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pyarrow.compute as pc
 
 from sft_ray import io, ratelimit
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
-from sft_ray.driver import Progress, Session, Timing, recover_journal
+from sft_ray.driver import (
+    Progress,
+    Session,
+    Timing,
+    init_ray,
+    model_label,
+    plan_concurrency,
+    recover_journal,
+    remote_scorer,
+    throughput,
+    warn_gpu_setup,
+)
 from sft_ray.finalize.passes import finalize
 from sft_ray.finalize.stats import format_report
 from sft_ray.placement import release_placement_groups
@@ -41,16 +58,34 @@ from sft_ray.runfolder.completion import (
 )
 from sft_ray.runfolder.journal import clear_journal
 from sft_ray.runfolder.layout import STATS, SUCCESS
+from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.scoring import verifier_payload
-from sft_ray.stages import actor_range
 from sft_ray.stages.read import InputPlan
 from sft_ray.stall import StallWatch
+from sft_ray.validate import plugin_problems
 
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
-BLOCK_BYTES = 1 << 20
+
+
+def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
+    """The whole job; returns the process exit code."""
+    check_plugins(cfg)
+    inputs = scan_input(cfg)
+    with lock_folder(cfg.output):
+        manifest = prepare_folder(cfg, restart, inputs)
+        state = FolderState(cfg.output, cfg.max_sample_attempts,
+                            cfg.filter.min_reward if cfg.rejection.active else None)
+        session = generate_phase(cfg, manifest, inputs, state, say)
+        done, budget = record_completion(cfg, manifest, inputs, state)
+        stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
+                             manifest, say)
+    return verdict(cfg, session, done, budget, stats, say)
+
+
+# -- before anything runs ------------------------------------------------------------------
 
 
 class RunError(Exception):
@@ -61,117 +96,12 @@ class RunError(Exception):
         self.code = code
 
 
-def model_label(cfg: RunConfig) -> str:
-    if cfg.model.backend == "vllm":
-        from sft_ray.models import display_name, is_default
-
-        return display_name(cfg.model.name) + (" (embedded default)" if is_default(cfg.model.name) else "")
-    return cfg.model.name or ""
-
-
-def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
-    """Actors, requests in flight per actor, batch size and rows per block.
-
-    Each actor may hold ``num_samples_in_parallel // max_actors`` requests, so
-    the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
-    """
-    lo, hi = actor_range(cfg.resources.generate_actors)
-    hi = max(1, min(hi, cfg.max_in_flight))  # max_in_flight: num_samples_in_parallel, or auto's ceiling
-    lo = max(1, min(lo, hi))
-    per_actor = max(1, cfg.max_in_flight // hi)
-    batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
-    # A block is one actor task: at least 4 per actor, but a few batches each at most.
-    block_rows = max(batch, min(8 * batch, todo // (4 * hi)))
-    return {"min_actors": lo, "max_actors": hi, "per_actor": per_actor, "batch_size": batch,
-            "block_rows": block_rows}
-
-
-def init_ray(cfg: RunConfig) -> None:
-    import ray
-
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    # Ray 2.60 announces its (default, wanted) token authentication with a WARNING that
-    # suggests turning it off; sft-ray keeps it on, so the line is only noise in our output.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own bar reports rows/s; two would garble the terminal
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
-    ctx.print_on_execution_start = False
-    # Small blocks keep rows streaming: a block is the unit the driver receives and
-    # writes, so with Ray Data's 128 MiB default a whole run could arrive at once.
-    ctx.target_max_block_size = BLOCK_BYTES
-    from sft_ray.raynoise import quiet_ray
-
-    quiet_ray()  # Ray's false alarm and Ray Data's INFO lines, see sft_ray/raynoise.py
-
-
-def warn_gpu_setup(cfg: RunConfig, say: Callable[[str], None]) -> None:
-    """A vllm run on a cluster that has GPUs while its actors ask for none is almost
-    certainly a forgotten `resources.generate_num_gpus` (the engine would see no GPU)."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if not gpus:
-        return
-    if cfg.model.backend == "vllm" and cfg.model.tensor_parallel_size == 1 and not cfg.resources.generate_num_gpus:
-        say(f"warning: the cluster has {gpus:g} GPU(s) but generation actors ask for none; "
-            "set resources.generate_num_gpus=1 to run each engine on a GPU")
-    if any(j.model.tensor_parallel_size == 1 for j in cfg.verifier.vllm_judges()) and not cfg.resources.score_num_gpus:
-        say(f"warning: the cluster has {gpus:g} GPU(s) but scoring actors ask for none; "
-            "set resources.score_num_gpus=1 to run the judge's engine on a GPU")
-
-
 def check_plugins(cfg: RunConfig) -> None:
     """Build the user's code (tool module, verifier) once on the driver, before any actor:
     a module that does not import is one clear error here, not an actor that fails to start."""
-    from sft_ray.environments import build_environment
-    from sft_ray.verifiers import build_verifier
-
-    for what, build, section in (("environment", build_environment, cfg.environment.model_dump()),
-                                 ("verifier", build_verifier, cfg.verifier.model_dump())):
-        try:
-            build(section)
-        except Exception as e:
-            raise RunError(f"{what}: {e}") from None
-
-
-def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]] | None:
-    """For a judge with its own vLLM engine: score the journal's rollouts in the score stage's
-    actors (their GPUs or placement group; one engine each, gone with the actor) rather than
-    on the driver, which may have no GPU. None otherwise (the driver scores them itself)."""
-    if not cfg.verifier.vllm_judges():
-        return None
-
-    def score(batches: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
-        import ray.data
-
-        from sft_ray.stages import score as score_stage
-
-        init_ray(cfg)
-        rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
-        ds = score_stage.STAGE.apply(ray.data.from_items(rows), cfg, {})
-        try:
-            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                yield {k: out.column(k).to_pylist() for k in ("id", "sample_index", "rollout", "failed", "reward")}
-        finally:
-            release_placement_groups()  # a tensor-parallel judge's groups
-
-    return score
-
-
-def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int],
-                  draws: DrawPlan | None, limits: RunLimits):
-    """read -> generate -> score, each stage given what it needs (lazy; the driver pulls)."""
-    from sft_ray.stages import check_chain, generate, read, score
-
-    check_chain([read.STAGE, generate.STAGE, score.STAGE])
-    ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
-    ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec())
-    return score.STAGE.apply(ds, cfg, plan)
+    problems = plugin_problems(cfg)
+    if problems:
+        raise RunError(problems[0])
 
 
 def scan_input(cfg: RunConfig) -> InputPlan:
@@ -191,12 +121,31 @@ def scan_input(cfg: RunConfig) -> InputPlan:
                        EXIT_INPUT) from None
 
 
+def lock_folder(run_dir: str) -> RunLock:
+    """The run folder's lock (one process runs in a folder at a time), held for the ``with`` block."""
+    try:
+        return RunLock(run_dir).acquire()
+    except LockError as e:
+        raise RunError(str(e)) from None
+
+
+def prepare_folder(cfg: RunConfig, restart: bool, inputs: InputPlan) -> dict[str, Any]:
+    """Create or reopen the run folder (emptied first with ``restart``); its manifest."""
+    try:
+        return prepare_run_dir(cfg, restart, inputs.digests)
+    except DriftError as e:
+        raise RunError(str(e)) from None
+
+
 def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState,
                draws: dict[str, PromptDraws] | None = None) -> Completion:
     """Every expected sample (or, with rejection sampling, every prompt) counted by its state;
     ``draws``: :func:`prompt_draws` of ``state``, when the caller has it already."""
     rejection = (cfg.rejection.target_passing, cfg.rejection.max_samples) if cfg.rejection.active else None
     return Completion.of(inputs.ids, state, cfg.num_repeats, rejection, len(inputs.bad_lines), draws)
+
+
+# -- phase 1: generate ---------------------------------------------------------------------
 
 
 def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
@@ -208,6 +157,33 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
                                 remote_scorer(cfg))
+    work = plan_session(cfg, inputs, state, recovered, say)
+    session.record.update(planned=work.todo, recovered_from_journal=recovered)
+    save_manifest(cfg.output, manifest)
+    if work.todo == 0:
+        writers.close()
+        clear_journal(cfg.output)
+        return session
+    stream_and_write(cfg, manifest, inputs, state, session, writers, work, say)
+    clear_journal(cfg.output)  # all it held is written now
+    compact_failures(cfg.output, session.number, state.done)
+    return session
+
+
+@dataclass
+class SessionPlan:
+    """What a session sends: ``todo`` samples (prompts with rejection sampling), the folder's
+    completion when it starts, the prompts' draws (rejection sampling) and the concurrency plan."""
+
+    todo: int
+    start: Completion
+    draws: DrawPlan | None
+    concurrency: dict[str, int]
+
+
+def plan_session(cfg: RunConfig, inputs: InputPlan, state: FolderState, recovered: int,
+                 say: Callable[[str], None]) -> SessionPlan:
+    """Count what the folder holds, decide what to send, and say so."""
     per_prompt = prompt_draws(inputs.ids, state) if cfg.rejection.active else None
     start = completion(cfg, inputs, state, per_prompt)
     todo = start.todo
@@ -221,7 +197,6 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
             f"{rej.max_samples} samples per prompt until {rej.target_passing} pass (reward >= "
             f"{cfg.filter.min_reward:g}); {start.done} samples already done, {todo} prompt(s) to sample"
             + (f" ({retried} failed sample(s) retried first)" if retried else ""))
-    session.record.update(planned=todo, recovered_from_journal=recovered)
     plan = plan_concurrency(cfg, todo)
     if draws is None:
         say(f"found {inputs.rows} rows in {len(inputs.used())} file(s) -> {start.expected} samples "
@@ -233,24 +208,38 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: {'auto, up to ' if cfg.adaptive else ''}"
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
-    save_manifest(cfg.output, manifest)
-    if todo == 0:
-        writers.close()
-        clear_journal(cfg.output)
-        return session
+    return SessionPlan(todo, start, draws, plan)
 
+
+def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int],
+                  draws: DrawPlan | None, limits: RunLimits):
+    """read -> generate -> score, each stage given what it needs (lazy; the driver pulls)."""
+    from sft_ray.stages import check_chain, generate, read, score
+
+    check_chain([read.STAGE, generate.STAGE, score.STAGE])
+    ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
+    ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec())
+    return score.STAGE.apply(ds, cfg, plan)
+
+
+def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+                     session: Session, writers: Writers, work: SessionPlan, say: Callable[[str], None]) -> None:
+    """Start Ray and the run's limits, pull scored batches through the stages and write each as it
+    arrives, until done or the failure budget stops the session; then close the session (what an
+    early stop left in the journal is written, the writers, placement groups and limits closed)."""
     init_ray(cfg)
     limits = ratelimit.start_session(cfg, manifest)
     warn_gpu_setup(cfg, say)
     budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+    draws, todo = work.draws, work.todo
     # The folder's samples with a result, as this session adds to them (retries have none yet).
-    done, failed = start.done, start.failed_final
-    skip = state.skip()
-    progress, timing = Progress(todo, unit="prompts" if draws is not None else "samples", limits=limits), Timing(todo)
+    done, failed = work.start.done, work.start.failed_final
+    progress = Progress(todo, unit="prompts" if draws is not None else "samples", limits=limits)
+    timing = Timing(todo)
     watch = StallWatch(cfg.resources.stall_warning_s, say)
     finished = False
     try:
-        ds = build_dataset(cfg, inputs.used(), skip, plan, draws, limits)
+        ds = build_dataset(cfg, inputs.used(), state.skip(), work.concurrency, draws, limits)
         units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
@@ -283,18 +272,22 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         limits.end(session.record)  # this run's spend; "budget" when the budget stopped it
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
-    clear_journal(cfg.output)  # all it held is written now
-    compact_failures(cfg.output, session.number, state.done)
-    return session
 
 
-def throughput(manifest: dict[str, Any]) -> dict[str, float]:
-    sessions = [s for s in manifest.get("sessions", []) if s.get("generate_wall_s")]
-    wall = sum(s["generate_wall_s"] for s in sessions)
-    samples = sum(s["written"] + s["failed"] for s in sessions)
-    tokens = sum(s["output_tokens"] for s in sessions)
-    return {"generate_wall_s": wall, "samples_per_s": samples / wall if wall else 0.0,
-            "output_tokens_per_s": tokens / wall if wall else 0.0}
+def record_completion(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan,
+                      state: FolderState) -> tuple[Completion, Budget]:
+    """The folder's completion, counted sample by sample from what it holds now (not from this
+    session's tallies), saved in the manifest."""
+    done = completion(cfg, inputs, state)
+    budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+    manifest["completion"] = done.as_stats(budget)
+    if inputs.bad_lines:
+        manifest["completion"]["bad_line_examples"] = inputs.bad_lines[:5]
+    save_manifest(cfg.output, manifest)
+    return done, budget
+
+
+# -- phase 2: finalize ---------------------------------------------------------------------
 
 
 def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
@@ -322,33 +315,9 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     return stats
 
 
-def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
-    """The whole job; returns the process exit code."""
-    from sft_ray.runfolder.lock import LockError, RunLock
-
-    check_plugins(cfg)
-    inputs = scan_input(cfg)
-    try:
-        lock = RunLock(cfg.output).acquire()
-    except LockError as e:
-        raise RunError(str(e)) from None
-    with lock:
-        try:
-            manifest = prepare_run_dir(cfg, restart, inputs.digests)
-        except DriftError as e:
-            raise RunError(str(e)) from None
-        state = FolderState(cfg.output, cfg.max_sample_attempts,
-                            cfg.filter.min_reward if cfg.rejection.active else None)
-        session = generate_phase(cfg, manifest, inputs, state, say)
-        # Counted sample by sample from what the folder holds now (not from this session's tallies).
-        done = completion(cfg, inputs, state)
-        budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
-        manifest["completion"] = done.as_stats(budget)
-        if inputs.bad_lines:
-            manifest["completion"]["bad_line_examples"] = inputs.bad_lines[:5]
-        save_manifest(cfg.output, manifest)
-        stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
-                             manifest, say)
+def verdict(cfg: RunConfig, session: Session, done: Completion, budget: Budget, stats: dict[str, Any],
+            say: Callable[[str], None]) -> int:
+    """Say where the run folder stands; the exit code."""
     say(f"run folder: {cfg.output}  (rollouts/, train/ {len(stats.get('shards', []))} shard(s), stats.json)")
     if session.record.get("stopped"):
         say(f"stopped early: {session.record['stopped']}")

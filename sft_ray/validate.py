@@ -31,18 +31,7 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
             answer = cfg.verifier.answer_field
             if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
                 problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
-    try:  # a python verifier that does not import fails here, not after the first batch
-        from sft_ray.verifiers import build_verifier
-
-        build_verifier(cfg.verifier.model_dump())
-    except Exception as e:
-        problems.append(f"verifier: {e}")
-    try:  # likewise a tool module
-        from sft_ray.environments import build_environment
-
-        build_environment(cfg.environment.model_dump())
-    except Exception as e:
-        problems.append(f"environment: {e}")
+    problems += plugin_problems(cfg)
     if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):
@@ -54,3 +43,19 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
     summary = (f"config ok: model {cfg.model.backend}:{cfg.model.name or '(default)'}, verifier {cfg.verifier.type}; "
                f"input {len(files)} file(s), first {checked} row(s) parsed")
     return problems, summary
+
+
+def plugin_problems(cfg: RunConfig) -> list[str]:
+    """Build the user's code (tool module, verifier) once, here: a module that does not import is
+    one clear problem before anything runs, not an actor that fails to start."""
+    from sft_ray.environments import build_environment
+    from sft_ray.verifiers import build_verifier
+
+    problems = []
+    for what, build, section in (("environment", build_environment, cfg.environment.model_dump()),
+                                 ("verifier", build_verifier, cfg.verifier.model_dump())):
+        try:
+            build(section)
+        except Exception as e:
+            problems.append(f"{what}: {e}")
+    return problems

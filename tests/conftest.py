@@ -81,7 +81,7 @@ def find_process(fragment: str, other_than: int | None = None):
 
 
 def start_run(cfg):
-    """`pipeline.run(cfg)` in a thread, so a test can hurt the job while it runs.
+    """`job.run(cfg)` in a thread, so a test can hurt the job while it runs.
     Returns the thread and a dict that receives the exit code as "code"."""
     import threading
 
