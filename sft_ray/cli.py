@@ -25,7 +25,8 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _load(config: Optional[str], overrides: List[str]):
-    from sft_ray.config import ConfigError, load_config
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
 
     try:
         return load_config(config, overrides)
@@ -87,7 +88,8 @@ _RECUT_SECTIONS = ("filter", "train", "shuffle")
 
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
-    from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig, apply_overrides
+    from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig
+    from sft_ray.configload import apply_overrides
     from sft_ray.runfolder.manifest import load_manifest
 
     manifest = load_manifest(run_dir)

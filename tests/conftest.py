@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_ray.config import load_config
+from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.scoring import score_rollouts
 

@@ -211,7 +211,7 @@ def _nodes_to_launch(demands: list[dict]) -> dict:
 def test_hosted_job_starts_cpu_workers_only_and_vllm_job_gpu_workers():
     """Ray's own autoscaler scheduler, fed cluster.yaml's node types and the demands each job's
     actors make: the hosted-API job (jobs/hosted.yaml) needs no GPU node (issue 9, item 21)."""
-    from sft_ray.config import load_config
+    from sft_ray.configload import load_config
 
     hosted = load_config(ROOT / "jobs" / "hosted.yaml")
     r = hosted.resources

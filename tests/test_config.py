@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from sft_ray.config import ConfigError, load_config
+from sft_ray.config import ConfigError
+from sft_ray.configload import load_config
 
 
 def test_minimal_config_and_overrides(tmp_path):

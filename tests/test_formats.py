@@ -146,7 +146,8 @@ def test_include_fields_take_nested_paths():
 
 
 def test_include_fields_may_not_name_the_format_keys():
-    from sft_ray.config import ConfigError, load_config
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
 
     with pytest.raises(ConfigError, match="train.include_fields: messages, tools belong to the training format"):
         load_config(None, ["input=x", "output=y", "model.name=m", "train.include_fields=[id,messages,tools.x]"])

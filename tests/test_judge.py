@@ -9,7 +9,8 @@ import json
 import pytest
 from conftest import make_config, read_rows, score_one, write_jsonl
 
-from sft_ray.config import ConfigError, load_config
+from sft_ray.config import ConfigError
+from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.verifiers import build_verifier
 from sft_ray.verifiers.judge import parse_equivalence, parse_rating

@@ -55,7 +55,7 @@ def test_lock_held_by_a_live_process_or_another_host_is_not_taken(tmp_path):
 
 
 def test_run_refuses_a_folder_in_use(tmp_path):
-    from sft_ray.config import load_config
+    from sft_ray.configload import load_config
     from sft_ray.job import RunError, run
 
     inp = tmp_path / "in.jsonl"

@@ -9,7 +9,8 @@ import pytest
 
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.backends.openai import OpenAIBackend, refused_param, request_timeout_s
-from sft_ray.config import ConfigError, ModelConfig, load_config
+from sft_ray.config import ConfigError, ModelConfig
+from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.runfolder.manifest import config_fingerprint
 

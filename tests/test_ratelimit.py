@@ -17,7 +17,8 @@ from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.backends.openai import OpenAIBackend
-from sft_ray.config import ConfigError, ModelConfig, load_config
+from sft_ray.config import ConfigError, ModelConfig
+from sft_ray.configload import load_config
 from sft_ray.cost import cost_usd, spend_summary
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.job import EXIT_OK, EXIT_SPENT, run

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sft_ray.config import ConfigError, load_config
+from sft_ray.config import ConfigError
+from sft_ray.configload import load_config
 from sft_ray.job import EXIT_OK, run
 from sft_ray.rejection import PromptDraws, draw_prompt
 from tests.conftest import make_config, read_rows, write_jsonl

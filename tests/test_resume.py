@@ -11,7 +11,7 @@ import pytest
 from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray import io
-from sft_ray.config import load_config
+from sft_ray.configload import load_config
 from sft_ray.finalize import passes as fin
 from sft_ray.job import RunError, run
 from sft_ray.runfolder.completion import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Budget, Completion

@@ -66,7 +66,8 @@ def test_sampling_params_row_wins_and_seeds_differ_per_sample():
 
 
 def test_unknown_sampling_keys_are_refused_in_rows_and_config():
-    from sft_ray.config import ConfigError, load_config
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
 
     with pytest.raises(InputError) as e:
         parse_line('{"responses_create_params": {"input": "q", "temprature": 0.2}}', "in.jsonl:3")

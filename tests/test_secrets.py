@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import read_rows, write_jsonl
 
-from sft_ray.config import ConfigError, load_config
+from sft_ray.config import ConfigError
+from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 
 AZURE_KEY = "azk-DO-NOT-LEAK-7f3e9a"

@@ -11,7 +11,7 @@ import json
 import pytest
 from conftest import count_rows, find_process, read_rows, start_run, write_jsonl
 
-from sft_ray.config import load_config
+from sft_ray.configload import load_config
 from sft_ray.job import EXIT_OK, run
 
 # Not importorskip: without the cpu extra these tests must fail, not vanish as skips.

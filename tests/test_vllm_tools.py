@@ -245,7 +245,8 @@ def test_backend_imports_vllm_only_through_the_compat_module():
 # --- config ---------------------------------------------------------------------------
 
 def test_chat_template_config_takes_a_file_or_the_text(tmp_path):
-    from sft_ray.config import ConfigError, load_config
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
     from sft_ray.runfolder.manifest import config_fingerprint
 
     base = ["input=x.jsonl", f"output={tmp_path / 'run'}", "model.backend=vllm", "model.tool_parser=hermes"]

@@ -1,0 +1,82 @@
+"""Loading a run config: YAML file, ``dotted.key=value`` overrides, validation into
+:class:`sft_ray.config.RunConfig`, with errors that name each field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sft_ray.config import ConfigError, RunConfig
+
+
+def _parse_value(raw: str) -> Any:
+    """`key=value` overrides take YAML scalars/flow values: 4 -> int, true -> bool, [1,2] -> list."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place, and returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted field."""
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+            continue
+        got = e.get("input")
+        # Header values may be credentials: never echo them.
+        hidden = isinstance(got, dict) or e["type"] == "missing" or "extra_headers" in e["loc"]
+        shown = "" if hidden else f" (got {got!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}{shown}" if loc != "<root>" else f"  {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (optional), apply overrides, validate. Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
