@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sft_ray import errors
+
 
 @dataclass
 class GenerationRequest:
@@ -53,7 +55,7 @@ class GenerationResult:
 
 def error_result(kind: str, message: str, attempts: int = 1) -> GenerationResult:
     """A failed generation, with its error class (``timeout``, ``rate_limit``, ...)."""
-    return GenerationResult(error={"type": kind, "message": message[:500]}, attempts=attempts)
+    return GenerationResult(error=errors.error(kind, message), attempts=attempts)
 
 
 class Backend:
