@@ -2,7 +2,8 @@
 
 Input rows stay opaque JSON values end to end: we parse each line ourselves
 (orjson) and never let Arrow infer a schema for them, because Ray Data's JSON
-readers fail on or silently coerce real NeMo Gym rows (see the brief).
+readers fail on or silently coerce real NeMo Gym rows (mixed string/list ``content``,
+extra fields of varying types: see :mod:`sft_ray.stages.read`).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ HOSTILE = {
     "loops": "while True:\n    pass",
     "sleeps": "import time\ntime.sleep(600)",
     "forks": "import os\nwhile True:\n    os.fork()",
-    # past the Python guard (bounded here: as root RLIMIT_NPROC does not apply, see README)
+    # past the Python guard (bounded here: as root RLIMIT_NPROC does not apply, see docs/verifiers.md)
     "forks_via_libc": "import ctypes, time\nfor _ in range(20):\n    if ctypes.CDLL(None).fork() == 0:\n"
                       "        break\ntime.sleep(600)",
     "eats_memory": "x = []\nwhile True:\n    x.append(bytearray(1 << 26))",

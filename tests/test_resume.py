@@ -329,7 +329,7 @@ def test_restart_discards_the_journal(tmp_path):
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_slow_model_is_no_stall_to_report():
     """Nothing waits for resources (an engine loading, a slow endpoint): the watch stays quiet
-    (the README's first run, whose engine start outlasts stall_warning_s, printed two such lines)."""
+    (the README's main job, whose engine start outlasts stall_warning_s, printed two such lines)."""
     from sft_ray.stall import StallWatch, describe_wait
 
     deadline = time.time() + 60  # an earlier test's cancelled demand may linger in the status a little

@@ -114,7 +114,7 @@ class GenerateStage:
                  verify_in_episode: bool = False, journal: JournalSpec | None = None,
                  rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None) -> None:
         self.model = model
-        # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
+        # Each answer is made durable the moment it returns (sft_ray/runfolder/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
         self.max_in_flight = max_in_flight
