@@ -90,11 +90,12 @@ def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
     from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig
     from sft_ray.configload import apply_overrides
+    from sft_ray.runfolder.layout import MANIFEST
     from sft_ray.runfolder.manifest import load_manifest
 
     manifest = load_manifest(run_dir)
     if manifest is None:
-        _fail(f"{run_dir} is not a run folder (no run.json)")
+        _fail(f"{run_dir} is not a run folder (no {MANIFEST})")
     cfg = manifest.setdefault("config", {})
     data = {k: dict(cfg.get(k) or {}) for k in _RECUT_SECTIONS}
     data["train"] = TrainConfig.model_validate(data["train"]).model_dump()  # older run.json: file format as `format`
@@ -107,11 +108,11 @@ def _recut(run_dir: str, overrides: List[str], options: dict):
             if item.split("=", 1)[0].split(".")[0] not in _RECUT_SECTIONS:
                 raise ConfigError(f"override {item!r}: only filter.*, train.* and shuffle.* apply to an existing run")
         apply_overrides(data, overrides)
-        flt, train, shuffle = (FilterConfig.model_validate(data["filter"]), TrainConfig.model_validate(data["train"]),
-                               ShuffleConfig.model_validate(data["shuffle"]))
+        filter_cfg = FilterConfig.model_validate(data["filter"])
+        train, shuffle = TrainConfig.model_validate(data["train"]), ShuffleConfig.model_validate(data["shuffle"])
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    return manifest, flt.model_dump(), train.model_dump(), shuffle.seed
+    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed
 
 
 def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format,
@@ -146,9 +147,9 @@ def stats(
     nothing but the --html report)."""
     from sft_ray.job import finalize_run
 
-    manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+    manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
-    result = finalize_run(run_dir, flt, shuffle_seed, train, manifest, typer.echo, write=False)
+    result = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, write=False)
     if html:
         from pathlib import Path
 
@@ -181,11 +182,11 @@ def filter_(
     from sft_ray.job import finalize_run
     from sft_ray.runfolder.manifest import save_manifest
 
-    manifest, flt, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+    manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
-    finalize_run(run_dir, flt, shuffle_seed, train, manifest, typer.echo)
+    finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
     cfg = manifest["config"]
-    cfg["filter"], cfg["train"], cfg["shuffle"] = flt, train, {"seed": shuffle_seed}
+    cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
     save_manifest(run_dir, manifest)
 
 

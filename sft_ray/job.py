@@ -57,7 +57,7 @@ from sft_ray.runfolder.completion import (
     prompt_draws,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.runfolder.layout import STATS, SUCCESS
+from sft_ray.runfolder.layout import ROLLOUTS, STATS, SUCCESS, TRAIN
 from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
@@ -318,7 +318,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
 def verdict(cfg: RunConfig, session: Session, done: Completion, budget: Budget, stats: dict[str, Any],
             say: Callable[[str], None]) -> int:
     """Say where the run folder stands; the exit code."""
-    say(f"run folder: {cfg.output}  (rollouts/, train/ {len(stats.get('shards', []))} shard(s), stats.json)")
+    say(f"run folder: {cfg.output}  ({ROLLOUTS}/, {TRAIN}/ {len(stats.get('shards', []))} shard(s), {STATS})")
     if session.record.get("stopped"):
         say(f"stopped early: {session.record['stopped']}")
     if session.record.get("stopped") == "budget":

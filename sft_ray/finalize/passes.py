@@ -1,4 +1,4 @@
-"""Finalize stage (phase 2): filter, curate per prompt, shuffle globally, write balanced shards, report.
+"""Phase 2's passes: filter, curate per prompt, shuffle globally, write balanced shards, report.
 
 It runs after the rollouts are durably written, reads only the run folder and
 calls no model, so ``sft-ray filter`` can re-run it with other settings.
