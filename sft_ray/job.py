@@ -64,6 +64,7 @@ from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.scoring import verifier_payload
 from sft_ray.stages.read import InputPlan
+from sft_ray.stages.read import scan_input as scan_files
 from sft_ray.stall import StallWatch
 from sft_ray.validate import plugin_problems
 
@@ -108,14 +109,12 @@ def scan_input(cfg: RunConfig) -> InputPlan:
     """The input files, the rows a run uses (read.limit: the first N rows of the whole
     input), their sample ids, content digests and skipped bad lines; a bad line without
     read.skip_bad_lines stops here, before anything starts."""
-    from sft_ray.stages.read import scan_input as scan
-
     try:
         files = io.list_input_files(cfg.input)
     except FileNotFoundError as e:
         raise RunError(str(e), EXIT_INPUT) from None
     try:
-        return scan(files, cfg.read.limit, cfg.read.skip_bad_lines)
+        return scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines)
     except InputError as err:
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines)",
                        EXIT_INPUT) from None

@@ -99,7 +99,8 @@ def test_help_does_not_import_heavy_modules():
 
 def test_driver_side_modules_do_not_import_vllm_or_torch():
     code = ("import sys\n"
-            "import sft_ray.job, sft_ray.stages.generate, sft_ray.scoring, sft_ray.backends.vllm\n"
+            "import sft_ray.job, sft_ray.driver, sft_ray.stages.generate, sft_ray.stages.score, sft_ray.scoring\n"
+            "import sft_ray.backends.vllm\n"
             "import sft_ray.models, sft_ray.backends.openai\n"
             "from sft_ray.backends import get_backend\n"
             "get_backend('vllm')\n"
