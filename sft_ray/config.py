@@ -440,6 +440,11 @@ class EnvironmentConfig(_Strict):
     episode_class: str | None = Field(None, description="python: a class of the module made per episode (with the "
                                       "row if its constructor takes one); its public methods are the tools and its "
                                       "`close()` runs after the episode.")
+    isolation: Literal["thread", "process"] = Field(
+        "thread", description="python: where sync tools run. `thread`: a thread per call, off the event loop (a "
+        "tool that never returns is abandoned when `agent.timeout_s` ends its episode); `process`: a worker "
+        "process per episode runs every tool, killed when the episode ends or times out (for tools that may "
+        "hang, crash or `os._exit`).")
     base_url: str | None = Field(None, description="nemo_gym: the resources server, e.g. http://127.0.0.1:8001.")
     timeout_s: float = Field(60.0, gt=0, description="nemo_gym: per-request timeout.")
     max_retries: int = Field(4, ge=0, description="nemo_gym: retries of a request that got no answer (and of 5xx "

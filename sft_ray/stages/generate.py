@@ -33,7 +33,7 @@ from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
-from sft_ray.environments.base import EnvironmentFailure
+from sft_ray.environments.base import EnvironmentFailure, cancelled_from_outside
 from sft_ray.journal import JournalSpec
 from sft_ray.placement import release_own_placement_group, replica_args
 from sft_ray.rejection import PromptDraws, draw_prompt
@@ -174,7 +174,16 @@ class GenerateStage:
         if bad is not None:
             return self._failed({"line": text}, rid, k, errors.BAD_INPUT, bad)
         row = orjson.loads(text)
-        rollout = await self._rollout(row, rid, k, source)
+        try:
+            rollout = await self._rollout(row, rid, k, source)
+        except BaseException as e:
+            # Whatever escapes a sample (a bug, an exception type nobody expected) is that sample's failure
+            # record, counted toward max_sample_attempts like any other, never the batch's crash: a crashed
+            # batch is retried and crashes again, and a rerun would replay the same crash.
+            if cancelled_from_outside():
+                raise
+            log.warning("sample %s#%d failed: %s: %s", rid, k, type(e).__name__, e)
+            return self._failed(row, rid, k, errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
         if rollout is None:
             return None
         return orjson.dumps(rollout), rollout["error"] is not None
@@ -188,7 +197,14 @@ class GenerateStage:
         row = orjson.loads(text)
 
         async def sample(k: int) -> dict[str, Any] | None:
-            rollout = await self._rollout(row, rid, k, source)
+            try:
+                rollout = await self._rollout(row, rid, k, source)
+            except BaseException as e:  # that sample's failure record, as in _one
+                if cancelled_from_outside():
+                    raise
+                log.warning("sample %s#%d failed: %s: %s", rid, k, type(e).__name__, e)
+                return build_rollout(row, rid, k, [], {}, self.model_name,
+                                     error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}"), self.node_id)
             if rollout is not None and rollout["error"] is None:
                 await self.scorer.score(rollout)
             return rollout
@@ -247,14 +263,18 @@ class GenerateStage:
         except EnvironmentFailure as e:
             state.termination = ERROR
             state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
-        except Exception as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+        except BaseException as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+            if cancelled_from_outside():
+                raise  # the batch is being torn down
             state.termination = ERROR
             state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
         finally:
             if episode is not None:
                 try:
                     await asyncio.wait_for(episode.close(), 30)
-                except Exception as e:  # the episode is done; a failed close is logged, not fatal
+                except BaseException as e:  # the episode is done; a failed close is logged, not fatal
+                    if cancelled_from_outside():
+                        raise
                     log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
         rollout = episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
         if state.verify is not None:
