@@ -9,6 +9,7 @@ exists (``responses_create_params``, ``num_repeats``, ``num_samples_in_parallel`
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -361,6 +362,11 @@ class VerifierConfig(_Strict):
         "float or a dict with `reward` and other metrics.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the verifier.")
+    reward_range: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0], min_length=2, max_length=2, description="The rewards a verifier may give, [low, high]. A reward outside it, or one that is "
+        "not a finite number (NaN, inf, a string; a bool from nemo_gym's `/verify`), is a `verifier_error` naming the "
+        "value (the sample fails and a rerun retries it), never clipped. Checked on the final reward (a composite's "
+        "combination).")
     concurrency: int = Field(
         32, ge=1, description="Rows scored at once per scoring actor by an async verifier (judge, code, async python)."
     )
@@ -387,6 +393,9 @@ class VerifierConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> "VerifierConfig":
+        lo, hi = self.reward_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"verifier.reward_range: [{lo:g}, {hi:g}] is not a range of finite numbers, low <= high")
         if self.type == "regex" and not self.pattern:
             raise ValueError("verifier.pattern is required when verifier.type is 'regex'")
         if self.type == "python" and (not self.function or ":" not in self.function):
