@@ -295,6 +295,11 @@ def refused_by_reasoning_model(api: str, body: dict) -> web.Response | None:
 
 
 def _tag(text: str, name: str) -> str | None:
+    """The text of the first ``<name>`` block; with sft-ray's built-in judge templates, whose tags
+    carry a per-call nonce (announced before any untrusted text), only ``<name-nonce>`` counts."""
+    nonce = re.search(r"names end in -([0-9a-f]+)", text)
+    if nonce:
+        name = f"{name}-{nonce.group(1)}"
     m = re.search(rf"<{name}>\n?(.*?)\n?</{name}>", text, re.DOTALL)
     return m.group(1) if m else None
 
