@@ -35,7 +35,7 @@ from sft_ray.backends.base import GenerationRequest, GenerationResult, error_res
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure, cancelled_from_outside
 from sft_ray.journal import JournalSpec
-from sft_ray.placement import release_own_placement_group, replica_args
+from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.rejection import PromptDraws, draw_prompt
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.stages import Stage
@@ -119,6 +119,9 @@ class GenerateStage:
         self.max_in_flight = max_in_flight
         self.agent = agent or {"max_steps": 8, "timeout_s": 600.0}
         self.verify_in_episode = verify_in_episode
+        group = acquire_replica_group(model)  # a tensor-parallel vLLM replica's GPUs (sft_ray/placement.py)
+        if group is not None:
+            model = {**model, "placement_group": group}
         self.backend = get_backend(model["backend"])(model, max_in_flight)
         self.environment = build_environment(environment or {"type": "none"})
         if self.environment is not None:
@@ -327,10 +330,9 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
     model["limits"] = ratelimit.actor_spec()  # shared rate limits, auto concurrency, budget
-    remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     if cfg.model.backend == "vllm":  # tensor-parallel: a placement group per actor (sft_ray/placement.py)
-        model, num_gpus, remote_args = replica_args(model, num_gpus)
+        model, num_gpus, _ = replica_args(model, num_gpus)
     environment = cfg.environment.model_dump()
     module = environment.get("module") or ""
     if module.endswith(".py") and os.path.isfile(module):
@@ -347,7 +349,6 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
         num_cpus=cfg.resources.generate_num_cpus,
         num_gpus=num_gpus,
         resources=cfg.resources.generate_resources or None,  # e.g. cluster.yaml's CPU worker type
-        **remote_args,
     )
 
 
