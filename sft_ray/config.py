@@ -615,8 +615,10 @@ class ResourcesConfig(_Strict):
         None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
     )
     stall_warning_s: float = Field(
-        60.0, ge=0, description="Seconds without a finished sample after which the run prints what Ray is waiting "
-        "for (pending resource demands against free resources per node) and how to fix it; 0 turns it off."
+        60.0, ge=0, description="Seconds without a finished sample after which the run prints what is going on, "
+        "again every as many seconds while it lasts: what each generation actor has in flight (an engine loading, "
+        "model calls, tool calls by name, with their age) and what Ray is waiting for (pending resource demands "
+        "against free resources per node, and how to fix it); 0 turns it off."
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join: an address, `auto`, or `local` for a new local cluster "

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import pyarrow.compute as pc
 
-from sft_ray import io, ratelimit
+from sft_ray import activity, io, ratelimit
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import (
@@ -257,6 +257,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
 
     init_ray(cfg)
     ratelimit.start_session(cfg, manifest)  
+    activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
     budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
     # The folder's samples with a result, as this session adds to them (retries have none yet).
@@ -297,6 +298,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         writers.close()
         release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
         ratelimit.end_session(session.record)  # this run's spend; "budget" when the budget stopped it
+        activity.end_board()
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
     clear_journal(cfg.output)  # all it held is written now

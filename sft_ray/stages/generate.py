@@ -29,11 +29,12 @@ from typing import Any
 import orjson
 
 from sft_ray import errors
+from sft_ray.activity import Tracker
 from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
-from sft_ray.environments.base import EnvironmentFailure, cancelled_from_outside
+from sft_ray.environments.base import Episode, EnvironmentFailure, ToolOutput, cancelled_from_outside
 from sft_ray.journal import JournalSpec
 from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.rejection import PromptDraws, draw_prompt
@@ -105,14 +106,35 @@ def _node_id() -> str | None:
         return None
 
 
+class TrackedEpisode(Episode):
+    """An episode whose tool calls count as in flight on the actor's :class:`Tracker`."""
+
+    def __init__(self, inner: Episode, tracker: Tracker) -> None:
+        self.inner, self.tracker = inner, tracker
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
+        with self.tracker.track("tool", name):
+            return await self.inner.call(name, arguments)
+
+    async def verify(self, row, messages, tools):
+        with self.tracker.track("tool", "verify"):
+            return await self.inner.verify(row, messages, tools)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
     def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
                  agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
                  verify_in_episode: bool = False, journal: JournalSpec | None = None,
-                 rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None) -> None:
+                 rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None,
+                 activity: str | None = None) -> None:
         self.model = model
+        # What is in flight here, reported to the driver's stall warning (sft_ray/activity.py).
+        self.tracker = Tracker(activity, "generation actor")
         # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
@@ -137,13 +159,17 @@ class GenerateStage:
         self.scorer = ScoreStage(verifier) if rejection is not None else None
 
     async def _start(self) -> None:
-        await self.backend.start()
+        what = (f"loading the vLLM engine ({self.model.get('name') or 'the embedded default model'})"
+                if self.model.get("backend") == "vllm" else "starting the model client")
+        with self.tracker.in_phase(what):
+            await self.backend.start()
         if self.environment is not None:
             await self.environment.start()
 
     async def _ensure_started(self) -> None:
         # asyncio objects must be made inside the loop that Ray Data runs us in.
         if self._ready is None:
+            self.tracker.start()
             self._sem = asyncio.Semaphore(self.max_in_flight)
             self._ready = asyncio.ensure_future(self._start())
         await self._ready
@@ -152,6 +178,10 @@ class GenerateStage:
 
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes; release sockets here.
+        try:
+            self.tracker.close()
+        except Exception:
+            pass
         for part in (self.backend, self.environment):
             try:
                 if part is not None:
@@ -165,7 +195,8 @@ class GenerateStage:
         assert self._sem is not None
         async with self._sem:
             try:
-                return await self.backend.generate(request)
+                with self.tracker.track("model"):
+                    return await self.backend.generate(request)
             except Exception as e:  # a backend bug must not lose the batch: record it on the row
                 return error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
 
@@ -254,7 +285,7 @@ class GenerateStage:
         episode = None
         try:
             async with asyncio.timeout(self.agent["timeout_s"]):
-                episode = await self.environment.open(row, f"{rid}.{k}")
+                episode = TrackedEpisode(await self.environment.open(row, f"{rid}.{k}"), self.tracker)
                 await run_episode(self._call_model, episode, state, params, tools, self.agent["max_steps"],
                                   f"{rid}#{k}")
                 if self.verify_in_episode and state.error is None:
@@ -323,7 +354,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     """``map_batches`` arguments: an autoscaling actor pool, several batches in flight per actor."""
     import ray.data
 
-    from sft_ray import ratelimit
+    from sft_ray import activity, ratelimit
     from sft_ray.backends.base import Secret
 
     model = cfg.model.model_dump()
@@ -342,6 +373,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
                                "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
                                "environment": environment,
                                "verify_in_episode": cfg.verifier.type == "nemo_gym",
+                               "activity": activity.board_name(),
                                "journal": JournalSpec(cfg.output), **rejection_kwargs(cfg)},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
