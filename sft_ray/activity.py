@@ -34,11 +34,35 @@ STALE_AFTER_S = 3 * REPORT_EVERY_S + 5  # a report older than this: the actor's 
 _session: dict[str, Any] = {}
 
 
+CRASH_LIMIT = 2  # a sample in flight when its actor died this many times is not run again in this run
+CRASHED = object()  # what SampleGuard.run returns instead of running such a sample
+
+
 class Board:
-    """The run's collection point (a Ray actor): the last snapshot of each generation actor."""
+    """The run's collection point (a Ray actor): the last snapshot of each generation actor,
+    and for each sample in flight how many times it was begun and not ended. A sample whose
+    actor died while running it (a tool's ``os._exit``, a segfault, the OOM killer) stays
+    "begun" here, since the board outlives the actors: see :class:`SampleGuard`."""
 
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, Any]] = {}
+        self.unfinished: dict[str, int] = {}
+
+    def begin(self, key: str) -> int:
+        """Mark ``key`` as running; returns how many earlier runs of it never ended."""
+        prior = self.unfinished.get(key, 0)
+        self.unfinished[key] = prior + 1
+        return prior
+
+    def end(self, key: str) -> None:
+        n = self.unfinished.get(key, 0) - 1
+        if n > 0:
+            self.unfinished[key] = n
+        else:
+            self.unfinished.pop(key, None)
+
+    def unfinished_of(self, key: str) -> int:
+        return self.unfinished.get(key, 0)
 
     def report(self, key: str, snapshot: dict[str, Any]) -> None:
         self.reports[key] = snapshot
@@ -228,4 +252,69 @@ class Tracker:
             try:
                 board.drop.remote(self.key)
             except Exception:  # teardown: nothing to raise to
+                pass
+
+
+class SampleGuard:
+    """In a generation actor: makes a sample that keeps killing its actor a failure record
+    instead of a crash loop.
+
+    Ray Data restarts a dead actor and retries its batch without limit, so a sample that
+    ends its process (a tool calling ``os._exit`` without ``environment.isolation: process``,
+    a crash in native code) would crash the new actor too, for ever, and take its batch's
+    other samples with it. Each sample is marked begun on the run's :class:`Board` before it
+    runs and ended after; one that was in flight when an actor died is a suspect, and suspects
+    run one at a time per actor (so the next crash points at one of them); a sample in flight
+    at :data:`CRASH_LIMIT` deaths is not run again: :meth:`run` returns :data:`CRASHED` and the caller
+    writes its failure record (``internal_error``), which counts toward
+    ``max_sample_attempts`` like any failure. Without a board (the stage used outside the
+    pipeline) samples just run."""
+
+    def __init__(self, board: str | None) -> None:
+        self.board_name = board
+        self._board: Any = None
+        self._quarantine: asyncio.Lock | None = None
+
+    async def _handle(self) -> Any:
+        if self._board is None and self.board_name is not None:
+            import ray
+
+            try:
+                self._board = ray.get_actor(self.board_name)
+            except Exception as e:  # no board: no guard
+                log.debug("no activity board %s: %s", self.board_name, e)
+                self.board_name = None
+        return self._board
+
+    async def run(self, key: str, make: Any) -> Any:
+        """``await make()`` under the guard; :data:`CRASHED` (without running it) when ``key``
+        already was in flight at CRASH_LIMIT actor deaths."""
+        board = await self._handle()
+        if board is None:
+            return await make()
+        try:
+            prior = await board.unfinished_of.remote(key)
+        except Exception as e:  # the board is gone (the run is ending): no guard
+            log.debug("activity board did not answer: %s", e)
+            return await make()
+        if prior >= CRASH_LIMIT:
+            return CRASHED
+        if prior == 0:
+            return await self._run(board, key, make)
+        if self._quarantine is None:
+            self._quarantine = asyncio.Lock()
+        async with self._quarantine:  # a suspect runs alone among suspects
+            if await board.unfinished_of.remote(key) >= CRASH_LIMIT:
+                return CRASHED
+            return await self._run(board, key, make)
+
+    @staticmethod
+    async def _run(board: Any, key: str, make: Any) -> Any:
+        await board.begin.remote(key)
+        try:
+            return await make()
+        finally:
+            try:
+                board.end.remote(key)  # fire and forget
+            except Exception:  # the board is gone: nothing to tell
                 pass

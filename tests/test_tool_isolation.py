@@ -87,3 +87,23 @@ def test_process_isolation_kills_hung_and_survives_dying_tools(tmp_path):
     assert all(out[f"fine{i}"]["termination"] == "final" for i in range(6))
     pids = {int(tool_result(out[f"pid{i}"])) for i in range(3)}
     assert len(pids) == 3  # a process per episode
+
+
+def test_a_sample_that_keeps_killing_its_actor_is_a_failure_record_not_a_crash_loop(tmp_path):
+    """Without process isolation a tool's os._exit ends the actor; Ray Data restarts it and retries
+    the batch without limit, so before the fix the run never ended (nor did the batch's other
+    samples). Now the sample in flight at 2 actor deaths is a failure record, and the others,
+    suspects after the first death, run one at a time and finish."""
+    rows = [{"id": "die", "prompt": '[[tool:dies {"code": 3}]]'}] + FINE
+    with MockServer(MockConfig()) as server:
+        inp = write_jsonl(tmp_path / "in.jsonl", rows)
+        cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={HOSTILE}",
+                          "verifier.type=none", "max_error_fraction=1")
+        code, took = run_bounded(cfg, 240)
+    assert code is not None, "crash loop: the run did not end"
+    out = {r["id"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
+    failed = {r["id"]: r for r in read_rows(tmp_path / "run" / "failed")}
+    assert set(failed) == {"die"} and set(out) == {f"fine{i}" for i in range(6)}
+    err = failed["die"]["error"]
+    assert err["type"] == "internal_error" and "died 2 times while this sample was in flight" in err["message"]
+    assert "environment.isolation: process" in err["message"]

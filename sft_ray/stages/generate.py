@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from sft_ray import errors
-from sft_ray.activity import Tracker
+from sft_ray.activity import CRASH_LIMIT, CRASHED, SampleGuard, Tracker
 from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
@@ -96,6 +96,11 @@ def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: Epi
     return out
 
 
+_CRASHED = (f"its generation actor died {CRASH_LIMIT} times while this sample was in flight (a tool or the engine "
+            "ends the process: os._exit, a crash in native code, out of memory); not run again in this run. "
+            "environment.isolation: process keeps a tool's crash inside its episode")
+
+
 def _node_id() -> str | None:
     """The Ray node this actor runs on (asked once per actor): which machine made a rollout."""
     try:
@@ -135,6 +140,7 @@ class GenerateStage:
         self.model = model
         # What is in flight here, reported to the driver's stall warning (sft_ray/activity.py).
         self.tracker = Tracker(activity, "generation actor")
+        self.guard = SampleGuard(activity)  # a sample that keeps killing its actor ends as a failure record
         # Each answer is made durable the moment it returns (sft_ray/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
@@ -209,7 +215,9 @@ class GenerateStage:
             return self._failed({"line": text}, rid, k, errors.BAD_INPUT, bad)
         row = orjson.loads(text)
         try:
-            rollout = await self._rollout(row, rid, k, source)
+            rollout = await self.guard.run(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+            if rollout is CRASHED:
+                return self._failed(row, rid, k, errors.INTERNAL_ERROR, _CRASHED)
         except BaseException as e:
             # Whatever escapes a sample (a bug, an exception type nobody expected) is that sample's failure
             # record, counted toward max_sample_attempts like any other, never the batch's crash: a crashed
@@ -232,7 +240,10 @@ class GenerateStage:
 
         async def sample(k: int) -> dict[str, Any] | None:
             try:
-                rollout = await self._rollout(row, rid, k, source)
+                rollout = await self.guard.run(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+                if rollout is CRASHED:
+                    return build_rollout(row, rid, k, [], {}, self.model_name,
+                                         error_result(errors.INTERNAL_ERROR, _CRASHED), self.node_id)
             except BaseException as e:  # that sample's failure record, as in _one
                 if cancelled_from_outside():
                     raise
