@@ -76,7 +76,7 @@ class StallWatch:
     def __init__(self, after_s: float, say: Callable[[str], None],
                  describe: Callable[[], str] = describe_stall) -> None:
         self.after_s, self.say, self.describe = after_s, say, describe
-        self.last = time.monotonic()
+        self.last = self.progress = time.monotonic()  # last warning or progress; last progress
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         if after_s > 0:
@@ -84,15 +84,15 @@ class StallWatch:
             self.thread.start()
 
     def touch(self) -> None:
-        self.last = time.monotonic()
+        self.last = self.progress = time.monotonic()
 
     def _watch(self) -> None:
         while not self.stop.wait(min(5.0, self.after_s / 4)):
-            idle = time.monotonic() - self.last
-            if idle >= self.after_s:
+            now = time.monotonic()
+            if now - self.last >= self.after_s:
                 text = self.describe()
-                if text:
-                    self.say(f"no progress for {idle:.0f} s. {text}")
+                if text:  # the age of the stall itself, not of the last warning
+                    self.say(f"no progress for {time.monotonic() - self.progress:.0f} s. {text}")
                 self.last = time.monotonic()  # next look after another after_s
 
     def close(self) -> None:

@@ -80,6 +80,8 @@ def test_an_engine_loading_is_named_with_its_age():
         activity.end_board()
     assert any("generation actor (pid" in s and "loading the vLLM engine (Qwen/Qwen2.5-0.5B-Instruct) for" in s
                for s in said), said
+    ages = [int(s.split()[3]) for s in said]  # "no progress for N s": the stall's age, growing
+    assert ages == sorted(ages) and (len(ages) < 2 or ages[-1] > ages[0]), said
 
 
 def test_the_watch_speaks_even_when_nothing_waits_for_resources():
