@@ -9,6 +9,7 @@ exists (``responses_create_params``, ``num_repeats``, ``num_samples_in_parallel`
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -360,6 +361,11 @@ class VerifierConfig(_Strict):
         "float or a dict with `reward` and other metrics.",
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the verifier.")
+    reward_range: list[float] = Field(
+        default_factory=lambda: [0.0, 1.0], min_length=2, max_length=2, description="The rewards a verifier may give, [low, high]. A reward outside it, or one that is "
+        "not a finite number (NaN, inf, a string; a bool from nemo_gym's `/verify`), is a `verifier_error` naming the "
+        "value (the sample fails and a rerun retries it), never clipped. Checked on the final reward (a composite's "
+        "combination).")
     concurrency: int = Field(
         32, ge=1, description="Rows scored at once per scoring actor by an async verifier (judge, code, async python)."
     )
@@ -386,6 +392,9 @@ class VerifierConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> "VerifierConfig":
+        lo, hi = self.reward_range
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"verifier.reward_range: [{lo:g}, {hi:g}] is not a range of finite numbers, low <= high")
         if self.type == "regex" and not self.pattern:
             raise ValueError("verifier.pattern is required when verifier.type is 'regex'")
         if self.type == "python" and (not self.function or ":" not in self.function):
@@ -439,6 +448,11 @@ class EnvironmentConfig(_Strict):
     episode_class: str | None = Field(None, description="python: a class of the module made per episode (with the "
                                       "row if its constructor takes one); its public methods are the tools and its "
                                       "`close()` runs after the episode.")
+    isolation: Literal["thread", "process"] = Field(
+        "thread", description="python: where sync tools run. `thread`: a thread per call, off the event loop (a "
+        "tool that never returns is abandoned when `agent.timeout_s` ends its episode); `process`: a worker "
+        "process per episode runs every tool, killed when the episode ends or times out (for tools that may "
+        "hang, crash or `os._exit`).")
     base_url: str | None = Field(None, description="nemo_gym: the resources server, e.g. http://127.0.0.1:8001.")
     timeout_s: float = Field(60.0, gt=0, description="nemo_gym: per-request timeout.")
     max_retries: int = Field(4, ge=0, description="nemo_gym: retries of a request that got no answer (and of 5xx "
@@ -602,8 +616,10 @@ class ResourcesConfig(_Strict):
         None, ge=1, description="Rows per batch sent to a generation actor (default: derived from concurrency)."
     )
     stall_warning_s: float = Field(
-        60.0, ge=0, description="Seconds without a finished sample after which the run prints what Ray is waiting "
-        "for (pending resource demands against free resources per node) and how to fix it; 0 turns it off."
+        60.0, ge=0, description="Seconds without a finished sample after which the run prints what is going on, "
+        "again every as many seconds while it lasts: what each generation actor has in flight (an engine loading, "
+        "model calls, tool calls by name, with their age) and what Ray is waiting for (pending resource demands "
+        "against free resources per node, and how to fix it); 0 turns it off."
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join: an address, `auto`, or `local` for a new local cluster "

@@ -11,6 +11,8 @@ request through markers in the prompt:
 - ``[[status:400]]``: always 400 (context length exceeded);
 - ``[[echo_auth]]``: 401 whose body repeats the request's Authorization and ``api-key``
   headers (a careless server: the client must keep the keys out of its error text);
+- ``[[echo_key_prefix]]``: 401 whose body quotes the first 24 characters of each of those
+  headers' keys (as providers quote part of a wrong key);
 - ``[[sleep:S]]``: answer after S more seconds (a long generation, for scaled timeouts).
 
 A model whose name contains ``reasoning`` (``mock-reasoning``, ``mock-judge-reasoning``)
@@ -293,6 +295,11 @@ def refused_by_reasoning_model(api: str, body: dict) -> web.Response | None:
 
 
 def _tag(text: str, name: str) -> str | None:
+    """The text of the first ``<name>`` block; with sft-ray's built-in judge templates, whose tags
+    carry a per-call nonce (announced before any untrusted text), only ``<name-nonce>`` counts."""
+    nonce = re.search(r"names end in -([0-9a-f]+)", text)
+    if nonce:
+        name = f"{name}-{nonce.group(1)}"
     m = re.search(rf"<{name}>\n?(.*?)\n?</{name}>", text, re.DOTALL)
     return m.group(1) if m else None
 
@@ -349,6 +356,9 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
                 kind = m.group(1)
         if "[[echo_auth]]" in text:
             return web.json_response({"error": {"message": f"invalid key in header: {auth}"}}, status=401)
+        if "[[echo_key_prefix]]" in text:
+            quoted = ", ".join(f"{part[:24]}..." for part in auth.split() if part != "Bearer")
+            return web.json_response({"error": {"message": f"Incorrect API key provided: {quoted}"}}, status=401)
         if "[[status:400]]" in text:
             return web.json_response({"error": {"message": "This model's maximum context length is 8 tokens",
                                                 "type": "invalid_request_error"}}, status=400)

@@ -59,9 +59,9 @@ def init_ray(cfg: RunConfig) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
-    import ray.data
+    from sft_ray.raynoise import data_context
 
-    ctx = ray.data.DataContext.get_current()
+    ctx = data_context()  # made without Ray's warnings about flags it sets itself
     ctx.enable_progress_bars = False  # our own bar reports rows/s; two would garble the terminal
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     ctx.print_on_execution_start = False

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import pyarrow.compute as pc
 
-from sft_ray import io, ratelimit
+from sft_ray import activity, io, ratelimit
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import (
@@ -65,7 +65,7 @@ from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.scoring import verifier_payload
 from sft_ray.stages.read import InputPlan
 from sft_ray.stages.read import scan_input as scan_files
-from sft_ray.stall import StallWatch
+from sft_ray.stall import StallWatch, describe_stall
 from sft_ray.validate import plugin_problems
 
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
@@ -211,13 +211,13 @@ def plan_session(cfg: RunConfig, inputs: InputPlan, state: FolderState, recovere
 
 
 def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan: dict[str, int],
-                  draws: DrawPlan | None, limits: RunLimits):
+                  draws: DrawPlan | None, limits: RunLimits, activity_board: str | None = None):
     """read -> generate -> score, each stage given what it needs (lazy; the driver pulls)."""
     from sft_ray.stages import check_chain, generate, read, score
 
     check_chain([read.STAGE, generate.STAGE, score.STAGE])
     ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
-    ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec())
+    ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec(), activity=activity_board)
     return score.STAGE.apply(ds, cfg, plan)
 
 
@@ -228,6 +228,7 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
     early stop left in the journal is written, the writers, placement groups and limits closed)."""
     init_ray(cfg)
     limits = ratelimit.start_session(cfg, manifest)
+    board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
     budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
     draws, todo = work.draws, work.todo
@@ -235,10 +236,10 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
     done, failed = work.start.done, work.start.failed_final
     progress = Progress(todo, unit="prompts" if draws is not None else "samples", limits=limits)
     timing = Timing(todo)
-    watch = StallWatch(cfg.resources.stall_warning_s, say)
+    watch = StallWatch(cfg.resources.stall_warning_s, say, lambda: describe_stall(board))
     finished = False
     try:
-        ds = build_dataset(cfg, inputs.used(), state.skip(), work.concurrency, draws, limits)
+        ds = build_dataset(cfg, inputs.used(), state.skip(), work.concurrency, draws, limits, board.name)
         units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
@@ -269,6 +270,7 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
         writers.close()
         release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
         limits.end(session.record)  # this run's spend; "budget" when the budget stopped it
+        board.end()
         session.record.update(timing.record())
         save_manifest(cfg.output, manifest)
 

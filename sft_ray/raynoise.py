@@ -29,10 +29,15 @@ console in about one run in two (`ray.init` then `quiet_ray()`, 4 of 8 runs; pin
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 
 NOTICE = b"has constructor arguments in the object store"
+# Ray 2.60's DataContext() assigns every field through its own __setattr__, which warns about
+# the deprecated ones (use_push_based_shuffle, use_polars, use_arrow_tensor_v2) though nobody
+# set them: three DeprecationWarnings per process that names no setting of ours.
+_CONTEXT_FLAGS = re.compile(r"`(use_push_based_shuffle|use_polars|use_arrow_tensor_v2)` is deprecated")
 _done = False
 
 
@@ -79,3 +84,16 @@ def _absorb_actor_restart_notice() -> None:
         others = [line for line in captured.read().splitlines(keepends=True) if NOTICE not in line]
     if others:
         os.write(2, b"".join(others))
+
+
+def data_context():
+    """Ray Data's ``DataContext`` of this process, made (on first use) without the deprecation
+    warnings Ray 2.60 gives for flags its own constructor sets (see ``_CONTEXT_FLAGS``). A
+    flag that someone does set later still warns."""
+    import warnings
+
+    from ray.data import DataContext
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CONTEXT_FLAGS.pattern, category=DeprecationWarning)
+        return DataContext.get_current()

@@ -46,7 +46,39 @@ def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
             if key not in ROW_PARAM_KEYS:
                 raise InputError(source, f"field responses_create_params.{key}: unknown key (a typo? fields an "
                                  "API has beyond the known ones go in model.extra_body)")
+        row_sampling(rcp, source)
     return row
+
+
+_MAX_ALIASES = ("max_completion_tokens", "max_tokens")  # a row's own output limit, under any API's name
+
+
+def row_sampling(rcp: dict[str, Any], source: str = "<row>") -> dict[str, Any]:
+    """The sampling keys of a row's ``responses_create_params``, checked by the model that checks
+    the config's (:class:`sft_ray.config.SamplingConfig`: types, ranges, allowed values) and
+    with its coercions applied (1024.0 -> 1024); :class:`InputError` naming the field otherwise.
+    Prompt and tool keys and null values are left out (tool keys are read by :func:`prompt_tools`)."""
+    from pydantic import ValidationError
+
+    from sft_ray.config import SamplingConfig
+
+    given = {k: v for k, v in rcp.items() if k in SamplingConfig.model_fields and k not in TOOL_KEYS
+             and v is not None}
+    aliases = {k: rcp[k] for k in _MAX_ALIASES if rcp.get(k) is not None}
+    checks = [(given, None)] + [({"max_output_tokens": v}, k) for k, v in aliases.items()]
+    out: dict[str, Any] = {}
+    for data, alias in checks:
+        try:
+            checked = SamplingConfig.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            # loc: the field, then union member names ("str") and list positions: keep the positions
+            field = alias or str(err["loc"][0]) + "".join(f"[{p}]" for p in err["loc"][1:] if isinstance(p, int))
+            raise InputError(source, f"field responses_create_params.{field}: {err['msg']} "
+                             f"(got {err.get('input')!r:.100})") from None
+        values = checked.model_dump(include=set(data))
+        out.update({alias: values["max_output_tokens"]} if alias else values)
+    return out
 
 
 def prompt_messages(row: dict[str, Any], source: str = "<row>") -> list[dict[str, Any]]:
@@ -138,18 +170,13 @@ def sample_seed(base: int | None, rid: str, sample_index: int) -> int:
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
-# Keys of responses_create_params that describe the prompt, not the sampling.
-_PROMPT_KEYS = {"input", "instructions", "model"}
-
-
 def sampling_params(row: dict[str, Any], defaults: dict[str, Any], rid: str, sample_index: int) -> dict[str, Any]:
     """Config defaults, overridden by the row's own ``responses_create_params``, plus the sample seed."""
     params = {k: v for k, v in defaults.items() if v is not None}
     rcp = row.get("responses_create_params")
     if isinstance(rcp, dict):
-        params.update({k: v for k, v in rcp.items()
-                       if k not in _PROMPT_KEYS and k not in TOOL_KEYS and v is not None})
-        for alias in ("max_completion_tokens", "max_tokens"):  # a row's own limit wins, under any name
+        params.update(row_sampling(rcp))  # checked when the row was read; here for the coerced values
+        for alias in _MAX_ALIASES:  # a row's own limit wins, under any name
             if alias in params:
                 value = params.pop(alias)
                 if rcp.get("max_output_tokens") is None:

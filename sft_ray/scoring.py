@@ -62,8 +62,9 @@ def clean_metric(value: Any) -> Any:
     return _DROP
 
 
-def clean_result(result: Any) -> tuple[float, dict[str, Any]]:
-    """(reward, metrics) from a verifier's return value, or :class:`BadVerifierOutput`."""
+def clean_result(result: Any, reward_range: tuple[float, float] | None = None) -> tuple[float, dict[str, Any]]:
+    """(reward, metrics) from a verifier's return value, or :class:`BadVerifierOutput` (also for
+    a reward outside ``reward_range``, ``verifier.reward_range``: never clipped)."""
     result = _plain(result)
     if isinstance(result, (bool, int, float)):
         result = {"reward": result}
@@ -79,6 +80,9 @@ def clean_result(result: Any) -> tuple[float, dict[str, Any]]:
     reward = float(reward)
     if not math.isfinite(reward):
         raise BadVerifierOutput(f"reward is {reward}")
+    if reward_range is not None and not reward_range[0] <= reward <= reward_range[1]:
+        raise BadVerifierOutput(f"reward {reward:g} is outside verifier.reward_range "
+                                f"[{reward_range[0]:g}, {reward_range[1]:g}]")
     metrics = {}
     for k, v in result.items():
         if k == "reward":
@@ -89,10 +93,10 @@ def clean_result(result: Any) -> tuple[float, dict[str, Any]]:
     return reward, metrics
 
 
-def apply_result(rollout: dict[str, Any], result: Any) -> None:
+def apply_result(rollout: dict[str, Any], result: Any, reward_range: tuple[float, float] | None = None) -> None:
     """Put a verifier's result on the rollout (or its failure, when the result is unusable)."""
     try:
-        reward, metrics = clean_result(result)
+        reward, metrics = clean_result(result, reward_range)
     except BadVerifierOutput as e:
         apply_failure(rollout, e)
         return
@@ -111,19 +115,21 @@ def apply_failure(rollout: dict[str, Any], exc: BaseException) -> None:
     rollout["error"] = errors.error(kind, text)
 
 
-async def _score(verifier, rollout: dict[str, Any], sem: asyncio.Semaphore) -> None:
+async def _score(verifier, rollout: dict[str, Any], sem: asyncio.Semaphore,
+                 reward_range: tuple[float, float] | None) -> None:
     async with sem:
         try:
             result = await call_verifier(verifier, input_row(rollout), rollout.get("response") or "", rollout)
         except (Exception, SystemExit) as e:  # a verifier bug or a row it cannot score is data, not a crash
             apply_failure(rollout, e)
             return
-    apply_result(rollout, result)
+    apply_result(rollout, result, reward_range)
 
 
-async def score_rollouts(verifier, rollouts: list[dict[str, Any]], sem: asyncio.Semaphore | None = None) -> None:
+async def score_rollouts(verifier, rollouts: list[dict[str, Any]], sem: asyncio.Semaphore | None = None,
+                         reward_range: tuple[float, float] | None = None) -> None:
     """Score successful rollouts in place: one batch call, or one call per row, at most
-    ``sem`` at once."""
+    ``sem`` at once; a reward outside ``reward_range`` is a verifier error."""
     if not rollouts:
         return
     if hasattr(verifier, "score_batch"):
@@ -143,10 +149,10 @@ async def score_rollouts(verifier, rollouts: list[dict[str, Any]], sem: asyncio.
             if isinstance(res, BaseException):
                 apply_failure(r, res)
             else:
-                apply_result(r, res)
+                apply_result(r, res, reward_range)
         return
     sem = sem or asyncio.Semaphore(DEFAULT_CONCURRENCY)
-    await asyncio.gather(*(_score(verifier, r, sem) for r in rollouts))
+    await asyncio.gather(*(_score(verifier, r, sem, reward_range) for r in rollouts))
 
 
 def verifier_payload(verifier) -> dict[str, Any]:
@@ -175,6 +181,8 @@ class Scorer:
     def __init__(self, verifier: dict[str, Any]) -> None:
         self.verifier = build_verifier(verifier)
         self.concurrency = int(verifier.get("concurrency") or DEFAULT_CONCURRENCY)
+        lo, hi = verifier.get("reward_range") or (0.0, 1.0)
+        self.reward_range = (float(lo), float(hi))
         self._sem: asyncio.Semaphore | None = None
 
     def _semaphore(self) -> asyncio.Semaphore:
@@ -184,7 +192,7 @@ class Scorer:
 
     async def score(self, rollouts: list[dict[str, Any]]) -> None:
         """Score successful rollouts in place."""
-        await score_rollouts(self.verifier, rollouts, self._semaphore())
+        await score_rollouts(self.verifier, rollouts, self._semaphore(), self.reward_range)
 
     @property
     def dead(self) -> bool:

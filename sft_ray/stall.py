@@ -1,10 +1,13 @@
-"""Say what Ray is waiting for when a pipeline makes no progress.
+"""Say what a run is waiting for when it makes no progress.
 
-A job whose tasks or actors ask for resources no node has free waits forever without a
-word (Ray Data logs one warning, easily missed). The driver's :class:`StallWatch` notices
-that no batch arrived for ``resources.stall_warning_s`` and prints, from the autoscaler's
-cluster status (the data behind ``ray status``), the resource demands that cannot be
-placed, what each node has free, and what to change.
+The driver's :class:`StallWatch` notices that no batch arrived for
+``resources.stall_warning_s`` and then says, whatever the cause, what is going on:
+what each generation actor has in flight (model calls, tool calls by name, an engine
+loading, each with its age, from :mod:`sft_ray.activity`), and, from the autoscaler's
+cluster status (the data behind ``ray status``), the resource demands that cannot be placed,
+what each node has free, and what to change. A job whose tasks or actors ask for resources
+no node has free would otherwise wait forever without a word (Ray Data logs one warning,
+easily missed); an engine that loads for minutes, a hung tool or a slow endpoint would too.
 """
 
 from __future__ import annotations
@@ -39,9 +42,7 @@ def describe_wait() -> str:
     demands = [b for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count]
     demands += [b for d in status.resource_demands.placement_group_demand for b in d.bundles_by_count]
     if not demands and not (status.pending_nodes or status.pending_launches):
-        # Nothing waits on Ray: a model loading or a slow endpoint, which is no stall to report
-        # (the embedded model's first start takes longer than stall_warning_s on 2 cores).
-        return ""
+        return ""  # nothing waits on Ray's resources (what is in flight says what the run waits on)
     lines = []
     if demands:
         lines.append("waiting for: " + "; ".join(f"{b.count} x {{{_fmt(b.bundle)}}}" for b in demands))
@@ -58,14 +59,22 @@ def describe_wait() -> str:
     return "\n".join(lines)
 
 
+def describe_stall(board=None) -> str:
+    """What is in flight (``board``: the run's :class:`sft_ray.activity.BoardHandle`) and what
+    waits for resources (:func:`describe_wait`); never empty."""
+    text = "\n".join(part for part in (board.describe() if board is not None else "", describe_wait()) if part)
+    return text or "nothing is reported in flight and nothing waits for resources"
+
+
 class StallWatch:
-    """Calls ``say`` with :func:`describe_wait` when :meth:`touch` was not called for ``after_s``
-    seconds (then again every ``after_s`` while it lasts). A thread; stop it with :meth:`close`."""
+    """Calls ``say`` with ``describe()`` (:func:`describe_stall`) when :meth:`touch` was not
+    called for ``after_s`` seconds (then again every ``after_s`` while it lasts). A thread;
+    stop it with :meth:`close`."""
 
     def __init__(self, after_s: float, say: Callable[[str], None],
-                 describe: Callable[[], str] = describe_wait) -> None:
+                 describe: Callable[[], str] = describe_stall) -> None:
         self.after_s, self.say, self.describe = after_s, say, describe
-        self.last = time.monotonic()
+        self.last = self.progress = time.monotonic()  # last warning or progress; last progress
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         if after_s > 0:
@@ -73,15 +82,15 @@ class StallWatch:
             self.thread.start()
 
     def touch(self) -> None:
-        self.last = time.monotonic()
+        self.last = self.progress = time.monotonic()
 
     def _watch(self) -> None:
         while not self.stop.wait(min(5.0, self.after_s / 4)):
-            idle = time.monotonic() - self.last
-            if idle >= self.after_s:
+            now = time.monotonic()
+            if now - self.last >= self.after_s:
                 text = self.describe()
-                if text:
-                    self.say(f"no progress for {idle:.0f} s. {text}")
+                if text:  # the age of the stall itself, not of the last warning
+                    self.say(f"no progress for {time.monotonic() - self.progress:.0f} s. {text}")
                 self.last = time.monotonic()  # next look after another after_s
 
     def close(self) -> None:

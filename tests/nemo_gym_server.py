@@ -14,7 +14,7 @@ It behaves as /work/shared/AGENT_ROLLOUTS.md measures the real nemo-gym 0.7.0 se
 - ``POST /broken_tool``: 500 with a JSON string body (an exception in the server);
 - any other tool: 404 ``{"detail": "Not Found"}``;
 - ``POST /verify``: the row + ``response`` (validated as the real server does: 422
-  ``{"detail": [...]}`` otherwise) -> the same + ``reward`` (1.0 when any ``function_call``
+  ``{"detail": [...]}`` otherwise) -> the same + ``reward`` (a row's ``force_reward`` as is; else 1.0 when any ``function_call``
   named ``get_weather`` is in ``response.output``), ``mask_sample``, ``failure_kind``,
   ``failure_reason`` and numeric metrics. Test knob (not NeMo Gym's): a row with
   ``"force_mask_sample": true`` is answered ``mask_sample: true`` (an infrastructure failure);
@@ -274,7 +274,8 @@ class NemoGymServer:
             weather = sum(c["name"] == "get_weather" for c in calls)
             self.verified.append(body)
             masked = bool(body.get("force_mask_sample"))
-            return {**body, "reward": 1.0 if weather else 0.0, "mask_sample": masked,
+            reward = body["force_reward"] if "force_reward" in body else (1.0 if weather else 0.0)  # a broken server
+            return {**body, "reward": reward, "mask_sample": masked,
                     "failure_kind": "infrastructure" if masked else None,
                     "failure_reason": "forced by the row" if masked else None,
                     "num_function_calls": len(calls), "num_get_weather_calls": weather,

@@ -206,17 +206,16 @@ def test_stats_and_filter_commands_on_a_run_folder(tmp_path, mock_server):
 
 
 def test_tensor_parallel_replica_gets_a_placement_group_of_gpu_bundles(ray_cluster):
-    """What can be checked without GPUs: the placement group asked for one replica with
+    """What can be checked without GPUs: the placement group the actor asks for one replica with
     tensor_parallel_size 4 (it stays pending here; the gpu-marked test in test_vllm.py runs one)."""
-    from ray.util import remove_placement_group
+    from sft_ray import placement
 
-    from sft_ray.placement import placement_group_fn
-
-    args = placement_group_fn(4)()
-    strategy = args["scheduling_strategy"]
-    pg = strategy.placement_group
+    model, num_gpus, extra = placement.replica_args({"engine_kwargs": {"tensor_parallel_size": 4}}, 1)
+    assert num_gpus is None and extra == {}  # the actor takes none: its engine's workers take the group's
+    assert model["engine_kwargs"]["distributed_executor_backend"] == "ray"
+    pg = placement.acquire_replica_group(model)
     try:
         assert pg.bundle_specs == [{"GPU": 1, "CPU": 1}] * 4
-        assert strategy.placement_group_capture_child_tasks  # vLLM's workers land in it
+        assert placement.acquire_replica_group(model) is pg  # one per process
     finally:
-        remove_placement_group(pg)
+        assert placement.release_own_placement_group()

@@ -327,9 +327,9 @@ def test_restart_discards_the_journal(tmp_path):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_slow_model_is_no_stall_to_report():
-    """Nothing waits for resources (an engine loading, a slow endpoint): the watch stays quiet
-    (the README's main job, whose engine start outlasts stall_warning_s, printed two such lines)."""
+def test_a_stall_with_nothing_waiting_for_resources_still_speaks():
+    """Nothing waits for resources (an engine loading, a slow endpoint): the watch still says so
+    rather than nothing (issue 22 item 5; tests/test_stall.py has what actors report)."""
     from sft_ray.stall import StallWatch, describe_wait
 
     deadline = time.time() + 60  # an earlier test's cancelled demand may linger in the status a little
@@ -340,4 +340,4 @@ def test_a_slow_model_is_no_stall_to_report():
     watch = StallWatch(0.2, said.append)
     time.sleep(1.5)
     watch.close()
-    assert said == []
+    assert said and "nothing is reported in flight and nothing waits for resources" in said[0]

@@ -117,3 +117,57 @@ def test_header_secrets_reach_the_server_and_nothing_else(tmp_path):
         assert "gcs_actor_scheduler" not in printed and "Failed to kill actor" not in printed, printed
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_long_and_partial_keys_are_redacted_before_any_cut(tmp_path, monkeypatch, capfd, ray_cluster):
+    """Issue 22 item 6: the error body was cut to 300 characters before redaction, so a long
+    key, cut, was not matched (82 characters of a 164-character key reached failed/). Keys
+    longer than every cut, and servers that quote only a prefix of a key."""
+    import random
+    import string
+
+    from conftest import make_config
+
+    from sft_ray.job import run
+
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits
+    bearer = "sk-" + "".join(rng.choice(alphabet) for _ in range(5000))  # longer than any cut or cap
+    azure = "az-" + "".join(rng.choice(alphabet) for _ in range(161))  # 164 characters
+    monkeypatch.setenv("SFT_LONG_BEARER", bearer)
+    monkeypatch.setenv("SFT_LONG_AZURE", azure)
+    rows = [{"id": "echo", "prompt": "careless [[echo_auth]]"},
+            {"id": "prefix", "prompt": "careless [[echo_key_prefix]]"},
+            {"id": "ok", "prompt": "fine"}]
+    printed = []
+    with MockServer(MockConfig()) as server:
+        inp = write_jsonl(tmp_path / "in.jsonl", rows)
+        cfg = make_config(tmp_path, server, inp, "model.api_key_env=SFT_LONG_BEARER",
+                          "model.extra_headers_env.api-key=SFT_LONG_AZURE", "verifier.type=none",
+                          "max_error_fraction=1")
+        run(cfg, say=printed.append)
+        assert server.state.api_key_headers == {azure}  # the keys did reach the server
+    failed = {r["id"]: r for r in read_rows(tmp_path / "run" / "failed")}
+    assert failed["echo"]["error"]["type"] == "auth_error" and "***" in failed["echo"]["error"]["message"]
+    assert "Incorrect API key provided: ***" in failed["prefix"]["error"]["message"]
+    out, err = capfd.readouterr()
+    texts = ["\n".join(printed), out, err]
+    for dirpath, _, files in os.walk(tmp_path / "run"):
+        texts += [(Path(dirpath) / f).read_bytes().decode("utf-8", "replace") for f in files]
+    for key in (bearer, azure):
+        grams = {key[i:i + 20] for i in range(len(key) - 19)}  # no 20 characters of a key, anywhere
+        for text in texts:
+            assert not any(text[i:i + 20] in grams for i in range(len(text) - 19))
+
+
+def test_redactor_whole_cut_and_partial_secrets():
+    from sft_ray.backends.base import Redactor
+
+    key = "k" * 3 + "0123456789abcdefghijklmnopqrstuvwxyz" * 3
+    r = Redactor([key, None, "short"])
+    assert r(f"a {key} b") == "a *** b"
+    assert r(f"a {key[:40]}") == "a ***"  # a cut key
+    assert r(f"x{key[10:60]}y") == "x***y"  # a piece from the middle
+    assert r("a short one") == "a *** one"  # a short secret: whole matches only
+    assert r(f"{key[:15]} kept") == f"{key[:15]} kept"  # fewer than 16 characters: too short to mean a key
+    assert r("nothing here") == "nothing here"

@@ -99,8 +99,8 @@ def test_python_function_from_file(tmp_path):
     fn = v("python", function=f"{f}:score")
     assert fn({"target": "x"}, "x") == {"reward": 1.0, "length": 1}
     assert v("python", function=f"{f}:half")({}, "y") == {"reward": 0.5}
-    clipped = build_verifier({"type": "python", "function": f"{f}:score", "options": {"bonus": 5}})
-    assert clipped({"target": "x"}, "x")["reward"] == 1.0
+    big = build_verifier({"type": "python", "function": f"{f}:score", "options": {"bonus": 5}})
+    assert big({"target": "x"}, "x")["reward"] == 6.0  # not clipped: the scoring stage refuses it (reward_range)
 
 
 def test_python_function_from_module():

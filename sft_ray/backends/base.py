@@ -97,3 +97,41 @@ class Secret:
         return "Secret(***)"
 
     __str__ = __repr__
+
+
+REDACT_MIN_RUN = 16  # a run this long of a secret's characters is redacted, wherever it appears
+
+
+class Redactor:
+    """Replaces secrets in text with ``***``: each whole secret, and any run of at least
+    :data:`REDACT_MIN_RUN` characters of one (a server that echoes a cut or partial key, a
+    body cut in the middle of a key). Apply it to the whole text before cutting it: a cut
+    made first can split a key so that no whole copy is left to match.
+
+    Hand-written (no library redacts substrings of known secrets): the secrets' n-grams
+    are hashed once, and a scan extends a match while every window is one of them, so a
+    call is linear in the text's length whatever the secrets' lengths."""
+
+    def __init__(self, secrets: "list[str | None] | tuple[str | None, ...]") -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        n = REDACT_MIN_RUN
+        self.grams = {s[i:i + n] for s in self.secrets if len(s) >= n for i in range(len(s) - n + 1)}
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        if not self.grams:
+            return text
+        n, out, start, i = REDACT_MIN_RUN, [], 0, 0
+        while i + n <= len(text):
+            if text[i:i + n] not in self.grams:
+                i += 1
+                continue
+            j = i + n
+            while j < len(text) and text[j - n + 1:j + 1] in self.grams:
+                j += 1
+            out.append(text[start:i])
+            out.append("***")
+            start = i = j
+        out.append(text[start:])
+        return "".join(out)

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from sft_ray.backends import retry
-from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Redactor, Secret, error_result
 from sft_ray.config import SamplingConfig
 from sft_ray.errors import BUDGET_EXHAUSTED
 from sft_ray.messages import arguments_text, to_responses_input, tool_choice_to_responses, tool_to_responses
@@ -192,6 +192,7 @@ class OpenAIBackend(Backend):
         self._key = secret.get() if secret is not None else None
         # extra_headers_env values, read on the driver; sent, never logged (see _redact).
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
+        self._redact = Redactor([self._key, *self._secret_headers.values()])
         self._session: aiohttp.ClientSession | None = None
         self.limiter = Limiter.from_model(model, max_in_flight)  # rate limits, auto concurrency, budget
         self._rng = random.Random()
@@ -211,11 +212,6 @@ class OpenAIBackend(Backend):
 
     def close_now(self) -> None:
         close_session_now(self._session)
-
-    def _redact(self, text: str) -> str:
-        for secret in (self._key, *self._secret_headers.values()):
-            text = text.replace(secret, "***") if secret else text
-        return text
 
     def _omit(self, req: GenerationRequest) -> GenerationRequest:
         """The request without the keys ``omit_params`` names (tool_choice and parallel_tool_calls too)."""
@@ -255,7 +251,8 @@ class OpenAIBackend(Backend):
                 if permit is not None:
                     permit.headers = resp.headers  # x-ratelimit-* for the limiter
                 if resp.status >= 400:
-                    text = raw[:300].decode("utf-8", "replace")
+                    # Redact the whole body, then cut: a key cut in two would no longer match.
+                    text = self._redact(raw.decode("utf-8", "replace"))[:300]
                     message = f"HTTP {resp.status}: {text}"
                     param = refused_param(raw) if resp.status in (400, 422) else None
                     if param:  # the advice first: row error messages are capped

@@ -210,9 +210,20 @@ class VLLMBackend(Backend):
         kwargs.setdefault("disable_log_stats", True)
         kwargs.setdefault("use_tqdm_on_load", False)  # a progress bar per engine start otherwise
         args = v.AsyncEngineArgs(model=path, **kwargs)
+        group = self.model.get("placement_group")  # a tensor-parallel replica's, made by this actor
+        if group is not None:
+            await group.ready()  # waits while the cluster has no tp GPUs free (the stall watch says so)
+
+            def build():
+                config = args.create_engine_config()
+                config.parallel_config.placement_group = group  # vLLM's Ray executor places its workers here
+                return v.AsyncLLMEngine.from_vllm_config(config, disable_log_stats=args.disable_log_stats)
+        else:
+            def build():
+                return v.AsyncLLMEngine.from_engine_args(args)
         # Building takes 20-80 s; a worker thread keeps the actor's loop responsive
         # (the engine starts its output handler lazily on the first request).
-        self.engine = await asyncio.to_thread(v.AsyncLLMEngine.from_engine_args, args)
+        self.engine = await asyncio.to_thread(build)
         for handler in logging.getLogger("vllm").handlers:  # child loggers propagate to these
             handler.addFilter(self._quiet_teardown)
         # Sampling defaults the model ships in generation_config.json, as vLLM's server applies.

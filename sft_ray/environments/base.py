@@ -13,6 +13,7 @@ rerun retries it; it is never scored.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,31 @@ class ToolOutput:
 
 class EnvironmentFailure(Exception):
     """The environment could not serve the episode (not the model's fault)."""
+
+
+def cancelled_from_outside() -> bool:
+    """Whether the running task has been asked to stop (``task.cancel()``: the episode timeout,
+    or the batch being torn down), as opposed to code it runs raising ``CancelledError`` itself.
+
+    A tool that raises ``asyncio.CancelledError`` (or swallows the cancellation) must not be able
+    to end or outlive its episode: callers catch ``BaseException`` from tools, and re-raise only
+    when this says the cancellation is real."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return False
+    return task is not None and task.cancelling() > 0
+
+
+def exception_text(e: BaseException, limit: int = 2000) -> str:
+    """``{"error": "Type: message"}``, the tool-error output the model reads."""
+    import orjson
+
+    try:
+        message = str(e)
+    except BaseException:  # a hostile __str__ is the tool's problem, not the episode's
+        message = "(unprintable)"
+    return orjson.dumps({"error": f"{type(e).__name__}: {message}"[:limit]}).decode()
 
 
 class Episode:

@@ -29,12 +29,13 @@ from typing import Any
 import orjson
 
 from sft_ray import errors
+from sft_ray.activity import CRASH_LIMIT, CRASHED, SampleGuard, Tracker
 from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
-from sft_ray.environments.base import EnvironmentFailure
-from sft_ray.placement import release_own_placement_group, replica_args
+from sft_ray.environments.base import EnvironmentFailure, Episode, ToolOutput, cancelled_from_outside
+from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.rejection import draw_prompt
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.runfolder.completion import PromptDraws
@@ -96,6 +97,11 @@ def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: Epi
     return out
 
 
+_CRASHED = (f"its generation actor died {CRASH_LIMIT} times while this sample was in flight (a tool or the engine "
+            "ends the process: os._exit, a crash in native code, out of memory); not run again in this run. "
+            "environment.isolation: process keeps a tool's crash inside its episode")
+
+
 def _node_id() -> str | None:
     """The Ray node this actor runs on (asked once per actor): which machine made a rollout."""
     try:
@@ -106,20 +112,45 @@ def _node_id() -> str | None:
         return None
 
 
+class TrackedEpisode(Episode):
+    """An episode whose tool calls count as in flight on the actor's :class:`Tracker`."""
+
+    def __init__(self, inner: Episode, tracker: Tracker) -> None:
+        self.inner, self.tracker = inner, tracker
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
+        with self.tracker.track("tool", name):
+            return await self.inner.call(name, arguments)
+
+    async def verify(self, row, messages, tools):
+        with self.tracker.track("tool", "verify"):
+            return await self.inner.verify(row, messages, tools)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
     def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
                  agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
                  verify_in_episode: bool = False, journal: JournalSpec | None = None,
-                 rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None) -> None:
+                 rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None,
+                 activity: str | None = None) -> None:
         self.model = model
+        # What is in flight here, reported to the driver's stall warning (sft_ray/activity.py).
+        self.tracker = Tracker(activity, "generation actor")
+        self.guard = SampleGuard(activity)  # a sample that keeps killing its actor ends as a failure record
         # Each answer is made durable the moment it returns (sft_ray/runfolder/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
         self.max_in_flight = max_in_flight
         self.agent = agent or {"max_steps": 8, "timeout_s": 600.0}
         self.verify_in_episode = verify_in_episode
+        group = acquire_replica_group(model)  # a tensor-parallel vLLM replica's GPUs (sft_ray/placement.py)
+        if group is not None:
+            model = {**model, "placement_group": group}
         self.backend = get_backend(model["backend"])(model, max_in_flight)
         self.environment = build_environment(environment or {"type": "none"})
         if self.environment is not None:
@@ -135,13 +166,17 @@ class GenerateStage:
         self.scorer = Scorer(verifier) if rejection is not None else None
 
     async def _start(self) -> None:
-        await self.backend.start()
+        what = (f"loading the vLLM engine ({self.model.get('name') or 'the embedded default model'})"
+                if self.model.get("backend") == "vllm" else "starting the model client")
+        with self.tracker.in_phase(what):
+            await self.backend.start()
         if self.environment is not None:
             await self.environment.start()
 
     async def _ensure_started(self) -> None:
         # asyncio objects must be made inside the loop that Ray Data runs us in.
         if self._ready is None:
+            self.tracker.start()
             self._sem = asyncio.Semaphore(self.max_in_flight)
             self._ready = asyncio.ensure_future(self._start())
         await self._ready
@@ -150,6 +185,10 @@ class GenerateStage:
 
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes; release sockets here.
+        try:
+            self.tracker.close()
+        except Exception:
+            pass
         for part in (self.backend, self.environment):
             try:
                 if part is not None:
@@ -163,7 +202,8 @@ class GenerateStage:
         assert self._sem is not None
         async with self._sem:
             try:
-                return await self.backend.generate(request)
+                with self.tracker.track("model"):
+                    return await self.backend.generate(request)
             except Exception as e:  # a backend bug must not lose the batch: record it on the row
                 return error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
 
@@ -175,7 +215,18 @@ class GenerateStage:
         if bad is not None:
             return self._failed({"line": text}, rid, k, errors.BAD_INPUT, bad)
         row = orjson.loads(text)
-        rollout = await self._rollout(row, rid, k, source)
+        try:
+            rollout = await self.guard.run(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+            if rollout is CRASHED:
+                return self._failed(row, rid, k, errors.INTERNAL_ERROR, _CRASHED)
+        except BaseException as e:
+            # Whatever escapes a sample (a bug, an exception type nobody expected) is that sample's failure
+            # record, counted toward max_sample_attempts like any other, never the batch's crash: a crashed
+            # batch is retried and crashes again, and a rerun would replay the same crash.
+            if cancelled_from_outside():
+                raise
+            log.warning("sample %s#%d failed: %s: %s", rid, k, type(e).__name__, e)
+            return self._failed(row, rid, k, errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
         if rollout is None:
             return None
         return orjson.dumps(rollout), rollout["error"] is not None
@@ -189,7 +240,17 @@ class GenerateStage:
         row = orjson.loads(text)
 
         async def sample(k: int) -> dict[str, Any] | None:
-            rollout = await self._rollout(row, rid, k, source)
+            try:
+                rollout = await self.guard.run(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+                if rollout is CRASHED:
+                    return build_rollout(row, rid, k, [], {}, self.model_name,
+                                         error_result(errors.INTERNAL_ERROR, _CRASHED), self.node_id)
+            except BaseException as e:  # that sample's failure record, as in _one
+                if cancelled_from_outside():
+                    raise
+                log.warning("sample %s#%d failed: %s: %s", rid, k, type(e).__name__, e)
+                return build_rollout(row, rid, k, [], {}, self.model_name,
+                                     error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}"), self.node_id)
             if rollout is not None and rollout["error"] is None:
                 await self.scorer.score([rollout])
             return rollout
@@ -236,7 +297,7 @@ class GenerateStage:
         episode = None
         try:
             async with asyncio.timeout(self.agent["timeout_s"]):
-                episode = await self.environment.open(row, f"{rid}.{k}")
+                episode = TrackedEpisode(await self.environment.open(row, f"{rid}.{k}"), self.tracker)
                 await run_episode(self._call_model, episode, state, params, tools, self.agent["max_steps"],
                                   f"{rid}#{k}")
                 if self.verify_in_episode and state.error is None:
@@ -248,14 +309,18 @@ class GenerateStage:
         except EnvironmentFailure as e:
             state.termination = ERROR
             state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
-        except Exception as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+        except BaseException as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+            if cancelled_from_outside():
+                raise  # the batch is being torn down
             state.termination = ERROR
             state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
         finally:
             if episode is not None:
                 try:
                     await asyncio.wait_for(episode.close(), 30)
-                except Exception as e:  # the episode is done; a failed close is logged, not fatal
+                except BaseException as e:  # the episode is done; a failed close is logged, not fatal
+                    if cancelled_from_outside():
+                        raise
                     log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
         rollout = episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
         if state.verify is not None:
@@ -297,10 +362,12 @@ class GenerateStage:
         }
 
 
-def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None) -> dict[str, Any]:
+def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
+           activity: str | None = None) -> dict[str, Any]:
     """``map_batches`` arguments: an autoscaling actor pool, several batches in flight per actor.
     ``limits``: the run's shared rate limits, auto concurrency and budget
-    (:meth:`sft_ray.ratelimit.RunLimits.actor_spec`; None: no limiter)."""
+    (:meth:`sft_ray.ratelimit.RunLimits.actor_spec`; None: no limiter); ``activity``: the name of
+    the run's activity board (:class:`sft_ray.activity.BoardHandle`; None: no reports)."""
     import ray.data
 
     from sft_ray.backends.base import Secret
@@ -309,10 +376,9 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None)
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
     model["limits"] = limits
-    remote_args: dict[str, Any] = {}
     num_gpus = cfg.resources.generate_num_gpus or None
     if cfg.model.backend == "vllm":  # tensor-parallel: a placement group per actor (sft_ray/placement.py)
-        model, num_gpus, remote_args = replica_args(model, num_gpus)
+        model, num_gpus, _ = replica_args(model, num_gpus)
     environment = cfg.environment.model_dump()
     module = environment.get("module") or ""
     if module.endswith(".py") and os.path.isfile(module):
@@ -322,6 +388,7 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None)
                                "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
                                "environment": environment,
                                "verify_in_episode": cfg.verifier.type == "nemo_gym",
+                               "activity": activity,
                                "journal": JournalSpec(cfg.output), **rejection_kwargs(cfg)},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
@@ -329,7 +396,6 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None)
         num_cpus=cfg.resources.generate_num_cpus,
         num_gpus=num_gpus,
         resources=cfg.resources.generate_resources or None,  # e.g. cluster.yaml's CPU worker type
-        **remote_args,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from sft_ray.placement import release_own_placement_group, replica_args
+from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.scoring import Scorer, verifier_payload
 from sft_ray.stages import Stage, actor_range
 
@@ -34,6 +34,10 @@ class ScoreStage:
     """Callable class for ``Dataset.map_batches``: rollouts in, scored rollouts out."""
 
     def __init__(self, verifier: dict[str, Any]) -> None:
+        for judge in _judge_sections(verifier):  # a tensor-parallel vLLM judge's GPUs (sft_ray/placement.py)
+            group = acquire_replica_group(judge["model"])
+            if group is not None:
+                judge["model"] = {**judge["model"], "placement_group": group}
         self.scorer = Scorer(verifier)
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -90,13 +94,13 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
 
     lo, hi = actor_range(cfg.resources.score_actors)
     payload = verifier_payload(cfg.verifier)
-    num_gpus, remote_args = cfg.resources.score_num_gpus or None, {}
+    num_gpus = cfg.resources.score_num_gpus or None
     for judge in _judge_sections(payload):  # config allows one vLLM judge per run
         if judge["model"]["backend"] == "vllm":
-            judge["model"], num_gpus, remote_args = replica_args(judge["model"], num_gpus)
+            judge["model"], num_gpus, _ = replica_args(judge["model"], num_gpus)
     return dict(fn_constructor_kwargs={"verifier": payload}, batch_size=None,
                 compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=4),
-                num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus, **remote_args)
+                num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus)
 
 
 STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at"),

@@ -27,7 +27,12 @@ class NemoGymVerify:
         if answer.get("mask_sample"):
             reason = answer.get("failure_reason") or answer.get("failure_kind") or "no reason given"
             raise ValueError(f"the resources server masked this sample: {reason}")
-        out: dict[str, Any] = {"reward": float(answer["reward"])}
+        reward = answer.get("reward")
+        # The server's JSON is checked, not coerced: "1" or true is a broken server, not a reward of 1
+        # (finiteness and verifier.reward_range are checked by the scoring stage, for every verifier).
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+            raise ValueError(f"/verify answered a reward that is not a number: {reward!r:.100}")
+        out: dict[str, Any] = {"reward": float(reward)}
         for key, value in answer.items():
             if key == "reward" or isinstance(value, bool):
                 continue

@@ -21,7 +21,8 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 class PythonFunction:
     """Calls ``fn(row, response, **options)``; it returns a number (the reward) or a dict with
-    ``reward`` and other metrics. Rewards are clipped to [0, 1]. ``fn`` may be ``async``.
+    ``reward`` and other metrics (a bool counts as 0 or 1). ``fn`` may be ``async``. A reward
+    outside ``verifier.reward_range`` is a verifier error (the scoring stage checks), not clipped.
 
     The whole episode is passed too when ``fn`` names the parameter: ``rollout`` (the rollout
     row: ``messages`` with tool calls and results, ``termination``, ``usage``...) and/or
@@ -82,7 +83,8 @@ class PythonFunction:
             except (TypeError, ValueError):
                 pass  # the scoring stage reports it as a reward that is not a number
             else:
-                if math.isnan(reward):
-                    raise ValueError(f"{self.cfg['function']} returned a NaN reward")
-                out["reward"] = min(1.0, max(0.0, reward))
+                if not math.isfinite(reward):
+                    raise ValueError(f"{self.cfg['function']} returned a "
+                                     f"{'NaN reward' if math.isnan(reward) else f'reward of {reward}'}")
+                out["reward"] = reward
         return out
