@@ -20,7 +20,7 @@ from sft_ray.formats import generated_start
 # Row drop reasons, in the order they are checked (a row is counted under the first that applies).
 ROW_REASONS = (
     "error", "no_reward", "termination_max_steps", "termination_length", "termination_error",
-    "malformed_tool_calls", "tool_errors", "too_few_tool_calls", "too_many_tool_calls",
+    "malformed_tool_calls", "invalid_tool_arguments", "tool_errors", "too_few_tool_calls", "too_many_tool_calls",
     "truncated", "too_long", "below_min_reward", "above_max_reward",
 )
 # Prompt-level drop reasons.
@@ -37,6 +37,7 @@ class RowRules:
     def __init__(self, flt: dict[str, Any]) -> None:
         self.drop_unfinished = flt.get("drop_unfinished", True)
         self.drop_malformed = flt.get("drop_malformed_tool_calls", True)
+        self.keep_invalid_args = flt.get("keep_invalid_tool_arguments", False)
         self.drop_tool_errors = flt.get("drop_tool_errors")
         self.min_calls, self.max_calls = flt.get("min_tool_calls"), flt.get("max_tool_calls")
         self.drop_truncated = flt.get("drop_truncated", True)
@@ -55,6 +56,8 @@ class RowRules:
             return f"termination_{term}" if f"termination_{term}" in ROW_REASONS else "termination_error"
         if self.drop_malformed and (get("num_malformed_tool_calls") or 0) > 0:
             return "malformed_tool_calls"
+        if not self.keep_invalid_args and (get("num_invalid_tool_arguments") or 0) > 0:
+            return "invalid_tool_arguments"
         if self.drop_tool_errors and (get("num_tool_errors") or 0) > 0:
             return "tool_errors"
         if self.min_calls is not None or self.max_calls is not None:
