@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_config, read_rows, write_jsonl
+from conftest import find_process, make_config, read_rows, write_jsonl
 
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.pipeline import EXIT_OK, run
@@ -203,6 +203,26 @@ def test_hung_server_is_restarted_and_its_call_fails_as_an_environment_failure()
             assert (await ep2.call("add", {"a": 1, "b": 2})).text == '{"result":"3"}'
         finally:
             await env.close()
+
+    asyncio.run(go())
+    assert find_process(SERVER) is None  # the hung server was killed, the new one stopped
+
+
+def test_session_episode_servers_are_stopped_with_their_episodes():
+    from sft_ray.environments.mcp import McpEnvironment
+
+    async def go():
+        env = McpEnvironment({"type": "mcp", "command": sys.executable, "args": [SERVER], "session": "episode"})
+        await env.start()
+        episodes = [await env.open({}, f"e{i}") for i in range(3)]
+        for i, ep in enumerate(episodes):
+            await ep.call("remember", {"value": f"v{i}"})
+        assert [(await ep.call("recall", {})).text for ep in episodes] == [
+            '{"result":"v0"}', '{"result":"v1"}', '{"result":"v2"}']
+        for ep in episodes:
+            await ep.close()
+        assert find_process(SERVER) is None
+        await env.close()
 
     asyncio.run(go())
 

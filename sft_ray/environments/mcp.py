@@ -296,6 +296,7 @@ class McpEnvironment(Environment):
         self._names: set[str] = set()
         self._lock: asyncio.Lock | None = None
         self._listed = False
+        self._closing: set[asyncio.Task] = set()  # closes in the background: referenced until done
         self._start_error: str | None = None
 
     def redact(self, text: str) -> str:
@@ -350,7 +351,7 @@ class McpEnvironment(Environment):
             if self.conn is None or self.conn.failed is not None:
                 old, self.conn = self.conn, None
                 if old is not None:
-                    asyncio.ensure_future(old.close())
+                    self._close_later(old)
                 conn = _Connection(self, self.label)
                 await conn.open(list_tools=False)
                 self.conn = conn
@@ -360,7 +361,12 @@ class McpEnvironment(Environment):
         """A connection that failed: closed now (its process killed); the next episode starts a new one."""
         if conn is self.conn:
             self.conn = None
-        asyncio.ensure_future(conn.close())
+        self._close_later(conn)
+
+    def _close_later(self, conn: _Connection) -> None:
+        task = asyncio.ensure_future(conn.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def open(self, row: dict[str, Any], episode_id: str) -> Episode:
         if not self._listed:
@@ -383,6 +389,8 @@ class McpEnvironment(Environment):
         if self.conn is not None:
             await self.conn.close()
             self.conn = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def close_now(self) -> None:
         # No loop to run the SDK's shutdown in: a stdio server sees its stdin close when this
