@@ -113,6 +113,7 @@ class _Connection:
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
         except TimeoutError:
+            self._ready.cancel()  # nobody waits for it any more (and an exception set later would go unread)
             await self.close()
             raise EnvironmentFailure(self.env.redact(f"MCP server {self.label}: not ready within connect_timeout_s="
                                                      f"{timeout:g} s{self.stderr_tail()}")) from None
@@ -154,7 +155,7 @@ class _Connection:
         except asyncio.CancelledError:
             self._mark(f"MCP server {self.label}: connection cancelled")
             raise
-        except BaseException as e:  # an ExceptionGroup from the transport's task group included
+        except Exception as e:  # an ExceptionGroup from the transport's task group included
             self._mark(f"MCP server {self.label}: {_reason(e)}")
         finally:
             self.session = None
