@@ -348,3 +348,19 @@ def test_config_refuses_credentials_in_env_and_needs_one_server(tmp_path):
     cfg = load_config(None, base + ["environment.command=x", "environment.env_from={TOKEN: SFT_RAY_UNSET_VAR_X}"])
     with pytest.raises(ConfigError, match=r"TOKEN \(from SFT_RAY_UNSET_VAR_X\)"):
         cfg.environment.secret_env()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_server_command_that_does_not_exist_stops_the_run_before_it_starts(tmp_path):
+    from sft_ray.pipeline import RunError
+
+    with MockServer(MockConfig()) as server:
+        inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}])
+        cfg = make_config(tmp_path, server, inp, "environment.type=mcp", "environment.command=no-such-mcp-server-xyz")
+        with pytest.raises(RunError, match="environment: environment.command: 'no-such-mcp-server-xyz' is not a "
+                                           "program on PATH"):
+            run(cfg, say=lambda s: None)
+        cfg = make_config(tmp_path, server, inp, *stdio("environment.env_from={TOKEN: SFT_RAY_UNSET_VAR_X}"))
+        with pytest.raises(RunError, match=r"environment.env_from: environment variable\(s\) not set: TOKEN"):
+            run(cfg, say=lambda s: None)
+    assert not (tmp_path / "run").exists()

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -285,6 +286,11 @@ class McpEnvironment(Environment):
             raise ValueError("environment.type mcp needs exactly one of environment.command (a stdio server) "
                              "and environment.url (a Streamable HTTP server)")
         self.stdio = bool(cfg.get("command"))
+        if self.stdio:  # checked here, on the driver before any actor starts, for one clear error
+            command, cwd = cfg["command"], cfg.get("cwd") or os.getcwd()
+            if not (shutil.which(command) if os.sep not in command else os.path.isfile(os.path.join(cwd, command))):
+                raise ValueError(f"environment.command: {command!r} is not a program on PATH"
+                                 + (f" or in {cwd}" if os.sep in command else ""))
         self.label = " ".join([cfg["command"], *(cfg.get("args") or [])])[:160] if self.stdio else cfg["url"]
         # Secrets read on the driver (sft_ray/stages/generate.py:wiring) travel as Secret; used directly
         # (sft-ray validate, tests), they are read from this process's environment.
