@@ -11,8 +11,13 @@ It also counts the CPU time the run's whole process tree (driver, Ray, actors) a
 mock server spent per episode, which stays meaningful on a machine shared with other
 work, where rates do not. `--baseline` first runs the single-turn path on the same
 number of model calls (rows without tools, 2N of them) under the same conditions.
+`--environments python mcp` runs the same episodes with the tool behind the python environment
+and behind an MCP server (examples/mcp_weather_server.py over stdio, one per actor), side by side:
+the difference is the MCP overhead per call (the server is a child of the actor, so its CPU time is
+in the client's).
 
     python bench/agent_throughput.py --episodes 20000 --latency-ms 50 --concurrency 64 256 --baseline
+    python bench/agent_throughput.py --episodes 5000 --latency-ms 50 --concurrency 64 --environments python mcp
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ def main() -> None:
     ap.add_argument("--api", default="chat", choices=["chat", "responses"])
     ap.add_argument("--baseline", action="store_true",
                     help="also run the single-turn path on the same number of model calls, first")
+    ap.add_argument("--environments", nargs="+", default=["python"], choices=["python", "mcp"],
+                    help="where the tool runs: the python environment, an MCP server, or both in turn")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
 
@@ -112,16 +119,22 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/stats")
         plan = [("single-turn", c) for c in args.concurrency] if args.baseline else []
-        plan += [("agent", c) for c in args.concurrency]
+        plan += [(f"agent-{env}" if len(args.environments) > 1 else "agent", c)
+                 for env in args.environments for c in args.concurrency]
         for kind, c in plan:
             out = os.path.join(work, f"run-{kind}-c{c}")
             cfg = os.path.join(work, "config.yaml")
-            conf = {"input": inp if kind == "agent" else single, "output": out,
+            agent = kind.startswith("agent")
+            conf = {"input": inp if agent else single, "output": out,
                     "model": {"name": "mock", "base_url": f"http://127.0.0.1:{port}/v1", "api": args.api},
                     "num_samples_in_parallel": c}
-            if kind == "agent":
-                conf.update(environment={"type": "python", "module": os.path.join(ROOT, "examples/tools_weather.py")},
-                            agent={"max_steps": 4},
+            if agent:
+                environment = {"type": "python", "module": os.path.join(ROOT, "examples/tools_weather.py")}
+                if kind == "agent-mcp" or (kind == "agent" and args.environments == ["mcp"]):
+                    environment = {"type": "mcp", "command": sys.executable,
+                                   "args": [os.path.join(ROOT, "examples/mcp_weather_server.py")],
+                                   "max_concurrent_calls": c}
+                conf.update(environment=environment, agent={"max_steps": 4},
                             verifier={"type": "regex", "pattern": "The weather in city[0-9]+ is cold"})
             else:
                 conf.update(verifier={"type": "none"})  # the rows carry no reference answer
@@ -144,15 +157,15 @@ def main() -> None:
             server_cpu = process_cpu(server.pid) - server_cpu0
             session = json.load(open(os.path.join(out, "run.json")))["sessions"][-1]
             stats = json.load(open(os.path.join(out, "stats.json")))
-            calls = CALLS_PER_EPISODE if kind == "agent" else 1
+            calls = CALLS_PER_EPISODE if agent else 1
             limit = c / (calls * args.latency_ms / 1000)
             done = session["written"] + session["failed"]
             rate = done / session["generate_wall_s"]
             steady = session.get("steady_samples_per_s", rate)
             model_calls = after["requests"] - before["requests"]
             tool_turns = after["tool_call_turns"] - before["tool_call_turns"]
-            if model_calls != calls * done or tool_turns != (done if kind == "agent" else 0):
-                raise SystemExit(f"expected {calls} model calls and {int(kind == 'agent')} tool call per sample: "
+            if model_calls != calls * done or tool_turns != (done if agent else 0):
+                raise SystemExit(f"expected {calls} model calls and {int(agent)} tool call per sample: "
                                  f"{model_calls} model calls, {tool_turns} tool-call turns for {done} samples")
             results.append({"kind": kind, "concurrency": c, "samples": done, "model_calls": model_calls,
                             "limit_per_s": limit, "generate_per_s": round(rate, 1), "ratio": round(rate / limit, 3),

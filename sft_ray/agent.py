@@ -10,7 +10,12 @@ model calls, not episodes waiting on tools.
 
 A tool call whose arguments are not a JSON object, or that names a tool the row did not
 offer, is answered to the model with an error output (NeMo Gym answers bad arguments the
-same way) and counted as malformed; the episode goes on.
+same way) and counted as malformed; the episode goes on. A call whose arguments are a JSON
+object that violates the offered tool's JSON Schema (``parameters``) is not run either: the
+model is answered with the validation message, so it can correct itself, and the call is
+counted in ``num_invalid_tool_arguments`` (finalize drops such episodes by default). A tool
+whose schema is not a valid JSON Schema fails the episode as ``bad_input`` before the first
+model call, naming the tool.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
+from sft_ray import errors
 from sft_ray.backends.base import GenerationRequest, GenerationResult
 from sft_ray.environments.base import Episode
+from sft_ray.toolschema import SchemaProblem, check_arguments, validator
 
 FINAL, MAX_STEPS, LENGTH, ERROR = "final", "max_steps", "length", "error"
 
@@ -36,6 +43,7 @@ class EpisodeState:
     num_tool_calls: int = 0
     num_tool_errors: int = 0
     num_malformed_tool_calls: int = 0
+    num_invalid_tool_arguments: int = 0
     attempts: int = 0
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0,
                                                            "total_tokens": 0})
@@ -47,7 +55,8 @@ class EpisodeState:
     def counters(self) -> dict[str, Any]:
         return {"termination": self.termination, "num_model_calls": self.num_model_calls,
                 "num_tool_calls": self.num_tool_calls, "num_tool_errors": self.num_tool_errors,
-                "num_malformed_tool_calls": self.num_malformed_tool_calls}
+                "num_malformed_tool_calls": self.num_malformed_tool_calls,
+                "num_invalid_tool_arguments": self.num_invalid_tool_arguments}
 
     def final_text(self) -> str | None:
         last = self.messages[-1] if self.messages else None
@@ -71,9 +80,22 @@ def assistant_message(result: GenerationResult) -> dict[str, Any]:
     return msg
 
 
-async def run_tool_call(episode: Episode, call: dict[str, str], offered: set[str],
+def offered_tools(tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The offered tools' argument schemas by name (Chat-form tools; ``True``: no schema given).
+    Raises :class:`SchemaProblem` naming the first tool whose schema is not a valid JSON Schema."""
+    offered: dict[str, Any] = {}
+    for t in tools or []:
+        f = t.get("function") or {}
+        schema = f.get("parameters", True)
+        validator(schema, f"tool {f.get('name')!r}")  # compiled once per schema and cached
+        offered[f["name"]] = schema
+    return offered
+
+
+async def run_tool_call(episode: Episode, call: dict[str, str], offered: dict[str, Any],
                         state: EpisodeState) -> dict[str, Any]:
-    """Execute one tool call (or answer why not); returns the ``role: tool`` message."""
+    """Execute one tool call (or answer why not); returns the ``role: tool`` message.
+    ``offered``: the offered tools' argument schemas by name (see :func:`offered_tools`)."""
     name, raw = call["name"], call["arguments"]
     state.num_tool_calls += 1
     error = None
@@ -91,6 +113,9 @@ async def run_tool_call(episode: Episode, call: dict[str, str], offered: set[str
     if error is not None:
         state.num_malformed_tool_calls += 1
         text = _error_output(error)
+    elif (invalid := check_arguments(offered[name], args, f"tool {name!r}")) is not None:
+        state.num_invalid_tool_arguments += 1  # not run: the model reads why and may call again
+        text = _error_output(f"Invalid arguments for {name}: {invalid}")
     else:
         output = await episode.call(name, args)
         state.num_tool_errors += int(output.error)
@@ -102,7 +127,11 @@ async def run_episode(call_model: Callable[[GenerationRequest], Awaitable[Genera
                       episode: Episode, state: EpisodeState, params: dict[str, Any],
                       tools: dict[str, Any], max_steps: int, request_id: str) -> EpisodeState:
     """Run the loop on ``state`` (which starts with the prompt) until it terminates."""
-    offered = {t["function"]["name"] for t in tools.get("tools") or []}
+    try:
+        offered = offered_tools(tools.get("tools"))
+    except SchemaProblem as e:  # the row's (or the environment's) tool definitions, not the model's fault
+        state.error, state.termination = errors.error(errors.BAD_INPUT, str(e)), ERROR
+        return state
     for step in range(max_steps):
         result = await call_model(GenerationRequest(
             list(state.messages), params, f"{request_id}.{step}", tools.get("tools"),
@@ -125,6 +154,10 @@ async def run_episode(call_model: Callable[[GenerationRequest], Awaitable[Genera
             state.termination = FINAL
             return state
         for call in result.tool_calls:  # in order: a stateful environment may depend on it
-            state.messages.append(await run_tool_call(episode, call, offered, state))
+            try:
+                state.messages.append(await run_tool_call(episode, call, offered, state))
+            except SchemaProblem as e:  # e.g. a $ref that cannot be resolved, found on use
+                state.error, state.termination = errors.error(errors.BAD_INPUT, str(e)), ERROR
+                return state
     state.termination = MAX_STEPS
     return state

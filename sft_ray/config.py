@@ -31,6 +31,14 @@ def looks_secret(header: str) -> bool:
     return any(w in low for w in _SECRET_HEADER_WORDS)
 
 
+def read_env_mapping(mapping: dict[str, str], key: str) -> dict[str, str]:
+    """``{name: ENV_VAR}`` with the variables' values; :class:`ConfigError` names unset ones (never a value)."""
+    missing = [f"{name} (from {var})" for name, var in mapping.items() if not os.environ.get(var)]
+    if missing:
+        raise ConfigError(f"{key}: environment variable(s) not set: {', '.join(missing)}")
+    return {name: os.environ[var] for name, var in mapping.items()}
+
+
 def _env_name(header: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in header).upper()
 
@@ -440,9 +448,10 @@ class AgentConfig(_Strict):
 class EnvironmentConfig(_Strict):
     """Where tool calls run (see README, Agent rollouts)."""
 
-    type: Literal["none", "python", "nemo_gym"] = Field(
+    type: Literal["none", "python", "nemo_gym", "mcp"] = Field(
         "none", description="`python`: functions of a Python module; `nemo_gym`: a running NeMo Gym resources "
-        "server; `none`: no tools (rows that bring tools fail with `environment_error`).")
+        "server; `mcp`: a Model Context Protocol server's tools (docs/mcp.md); `none`: no tools (rows that "
+        "bring tools fail with `environment_error`).")
     module: str | None = Field(None, description="python: `package.module` or `path/to/tools.py`; its public "
                                "functions are the tools.")
     episode_class: str | None = Field(None, description="python: a class of the module made per episode (with the "
@@ -459,6 +468,57 @@ class EnvironmentConfig(_Strict):
                              "answers to seed_session and verify).")
     base_retry_wait_s: float = Field(0.5, ge=0, description="nemo_gym: first backoff wait; doubles each retry.")
     max_retry_wait_s: float = Field(10.0, ge=0, description="nemo_gym: cap on one backoff wait.")
+    command: str | None = Field(None, description="mcp: the program that starts a stdio server (e.g. `python`, "
+                                "`uvx`, `mcp-server-time`), found on PATH.")
+    args: list[str] = Field(default_factory=list, description="mcp: the stdio server's arguments; relative paths are "
+                            "relative to `cwd`.")
+    env: dict[str, str] = Field(default_factory=dict, description="mcp: environment variables of the stdio server, "
+                                "stored in run.json as written (a credential-like name is refused: use `env_from`). "
+                                "The server inherits only HOME, PATH, USER, SHELL, TERM, LOGNAME besides.")
+    env_from: dict[str, str] = Field(default_factory=dict, description="mcp: `{NAME: ENV_VAR}`: variables of the stdio "
+                                     "server whose values are read from the driver's environment; never stored, "
+                                     "logged or shown.")
+    cwd: str | None = Field(None, description="mcp: the stdio server's working directory. Empty: the directory "
+                            "`sft-ray run` was started in.")
+    url: str | None = Field(None, description="mcp: a Streamable HTTP server's endpoint, e.g. "
+                            "http://127.0.0.1:8000/mcp (instead of `command`).")
+    headers_env: dict[str, str] = Field(default_factory=dict, description="mcp: `{header: ENV_VAR}`: HTTP headers "
+                                        "sent to `url`, values read from the driver's environment; never stored, "
+                                        "logged or shown (as `model.extra_headers_env`).")
+    session: Literal["actor", "episode"] = Field("actor", description="mcp: `actor`: one server connection per "
+                                                 "generation actor, shared by its episodes (stateless servers); "
+                                                 "`episode`: a fresh server process (or HTTP session) per episode, "
+                                                 "closed after it (stateful servers).")
+    max_concurrent_calls: int = Field(16, ge=1, description="mcp: tool calls in flight at once per server "
+                                      "connection.")
+    call_timeout_s: float = Field(60.0, gt=0, description="mcp: bound on one tool call; a server that does not "
+                                  "answer in time is taken as hung: restarted, and the episode ends as "
+                                  "`environment_error`.")
+    connect_timeout_s: float = Field(60.0, gt=0, description="mcp: bound on starting and initializing a server.")
+
+    @model_validator(mode="after")
+    def _mcp(self) -> "EnvironmentConfig":
+        if self.type != "mcp":
+            return self
+        if bool(self.command) == bool(self.url):
+            raise ValueError("environment.type 'mcp' needs exactly one of environment.command (a stdio server) and "
+                             "environment.url (a Streamable HTTP server)")
+        for name in self.env:
+            if looks_secret(name):
+                raise ValueError(f"environment.env.{name}: a credential does not belong in the config (run.json "
+                                 f"keeps it); put it in an environment variable and name that in "
+                                 f"environment.env_from, e.g. env_from: {{{name}: {name}}}")
+        for name in set(self.env) & set(self.env_from):
+            raise ValueError(f"environment.env.{name}: set in both env and env_from")
+        return self
+
+    def secret_env(self) -> dict[str, str]:
+        """`env_from` with the values read from the environment now (ConfigError naming unset variables)."""
+        return read_env_mapping(self.env_from, "environment.env_from")
+
+    def secret_headers(self) -> dict[str, str]:
+        """`headers_env` with the values read from the environment now (ConfigError naming unset variables)."""
+        return read_env_mapping(self.headers_env, "environment.headers_env")
 
     @model_validator(mode="after")
     def _needs(self) -> "EnvironmentConfig":
@@ -485,6 +545,11 @@ class FilterConfig(_Strict):
     )
     drop_malformed_tool_calls: bool = Field(
         True, description="Agent episodes: drop those with a malformed or unknown tool call (num_malformed_tool_calls > 0)."
+    )
+    keep_invalid_tool_arguments: bool = Field(
+        False, description="Agent episodes: keep those with a tool call whose arguments violate the tool's JSON "
+        "Schema (num_invalid_tool_arguments > 0; the call was answered with the validation message, not run). "
+        "Default: dropped."
     )
     drop_tool_errors: bool = Field(False, description="Agent episodes: drop those in which a tool returned an error.")
     min_tool_calls: int | None = Field(None, ge=0, description="Agent episodes: drop those with fewer tool calls.")

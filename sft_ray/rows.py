@@ -203,7 +203,8 @@ def drop_params(params: dict[str, Any], omit: list[str] | set[str] | None) -> di
 GENERATED_FIELDS = frozenset({
     "id", "sample_index", "messages", "tools", "response", "reasoning", "reward", "metrics", "finish_reason",
     "usage", "model", "sampling_params", "attempts", "error", "node_id", "latency_s", "termination",
-    "num_model_calls", "num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "input_fields",
+    "num_model_calls", "num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "num_invalid_tool_arguments",
+    "input_fields",
     "verify_result", "parallel_tool_calls", "tool_choice", "source_file", "source_line",
 })
 

@@ -6,7 +6,21 @@ from itertools import islice
 
 from sft_ray import io
 from sft_ray.config import RunConfig
-from sft_ray.rows import InputError, parse_line
+from sft_ray.rows import InputError, parse_line, prompt_tools
+from sft_ray.toolschema import SchemaProblem, validator
+
+
+def mcp_tools(cfg: RunConfig) -> tuple[list[dict], list[str]]:
+    """The tools the configured MCP server offers (connecting once), and lines describing each."""
+    import asyncio
+
+    import orjson
+
+    from sft_ray.environments.mcp import list_tools
+
+    tools = asyncio.run(list_tools(cfg.environment.model_dump()))
+    lines = [f"  {t['function']['name']}: {orjson.dumps(t['function']['parameters']).decode()}" for t in tools]
+    return tools, lines
 
 
 def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], str]:
@@ -17,6 +31,21 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
     except FileNotFoundError as e:
         return [str(e)], f"input: {cfg.input}"
     checked = 0
+    offered: set[str] | None = None  # an MCP server's tools: what rows may declare
+    tool_lines: list[str] = []
+    if cfg.environment.type == "mcp":
+        try:
+            tools, lines = mcp_tools(cfg)
+        except Exception as e:
+            problems.append(f"environment: {e}")
+        else:
+            offered = {t["function"]["name"] for t in tools}
+            tool_lines = [f"MCP server offers {len(tools)} tool(s):", *lines]
+            for t in tools:
+                try:
+                    validator(t["function"]["parameters"], f"environment: MCP tool {t['function']['name']!r}")
+                except SchemaProblem as e:
+                    problems.append(str(e))
     for path in files:
         lineno = 0
         for lineno, line in islice(enumerate(io.iter_lines(path), start=1), rows_per_file):
@@ -28,6 +57,19 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
             except InputError as e:
                 problems.append(str(e))
                 continue
+            where = f"{path}:{lineno}"
+            declared = (prompt_tools(row, where).get("tools") or [])
+            for t in declared:
+                try:
+                    validator((t.get("function") or {}).get("parameters", True),
+                              f"{where}: tool {(t.get('function') or {}).get('name')!r}")
+                except SchemaProblem as e:
+                    problems.append(str(e))
+            missing = sorted({(t.get("function") or {}).get("name") for t in declared} - offered, key=str) \
+                if offered is not None else []
+            if missing:
+                problems.append(f"{where}: field tools: the MCP server does not offer {', '.join(map(str, missing))} "
+                                f"(it offers: {', '.join(sorted(offered or ())) or 'none'})")
             answer = cfg.verifier.answer_field
             if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
                 problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
@@ -42,7 +84,7 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
         problems.append(str(e))
     summary = (f"config ok: model {cfg.model.backend}:{cfg.model.name or '(default)'}, verifier {cfg.verifier.type}; "
                f"input {len(files)} file(s), first {checked} row(s) parsed")
-    return problems, summary
+    return problems, "\n".join([summary, *tool_lines])
 
 
 def plugin_problems(cfg: RunConfig) -> list[str]:

@@ -215,3 +215,67 @@ def test_rerun_finishes_an_interrupted_agent_run_without_resending(tmp_path):
     rollouts = read_rows(tmp_path / "run" / "rollouts")
     assert sorted(r["id"] for r in rollouts) == sorted(f"r{i}" for i in range(n))  # every sample once
     assert all(r["termination"] == "final" and r["num_model_calls"] == 2 for r in rollouts)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_arguments_against_the_schema_python_and_nemo_gym(tmp_path, keep):
+    """For every environment type: a call whose JSON object violates the tool's schema is not run,
+    the model reads why (and may call again), the call is counted, and the episode is dropped from
+    train/ unless filter.keep_invalid_tool_arguments."""
+    py_rows = [{"id": "ok", "prompt": '[[tool:add {"a": 1, "b": 2}]]'},
+               {"id": "wrong_type", "prompt": '[[tool:add {"a": "one"}]]'},
+               {"id": "missing", "prompt": '[[tool:add {"b": 2}]]'}]
+    gym_rows = [nemo_row(0, '[[tool:get_weather {"city": "Paris", "units": "C"}]]'),
+                nemo_row(1, '[[tool:get_weather {"city": 7}]]')]
+    with MockServer(MockConfig()) as server, NemoGymServer() as gym:
+        inp = write_jsonl(tmp_path / "py.jsonl", py_rows)
+        cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={TOOLS}",
+                          "verifier.type=regex", "verifier.pattern=.", f"filter.keep_invalid_tool_arguments={keep}",
+                          "train.include_fields=[id]")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        inp = write_jsonl(tmp_path / "gym.jsonl", gym_rows)
+        gym_cfg = make_config(tmp_path, server, inp, "environment.type=nemo_gym", f"output={tmp_path / 'gym'}",
+                              f"environment.base_url={gym.base_url}", "verifier.type=none")
+        assert run(gym_cfg, say=lambda s: None) == EXIT_OK
+        gym_calls = dict(gym.counts)
+    out = {r["id"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
+    answer = {k: json.loads(r["messages"][2]["content"]) for k, r in out.items()}
+    assert answer["ok"] == 3 and out["ok"]["num_invalid_tool_arguments"] == 0
+    assert answer["wrong_type"] == {"error": "Invalid arguments for add: 'one' is not of type 'integer' (at $.a)"}
+    assert answer["missing"] == {"error": "Invalid arguments for add: 'a' is a required property"}
+    for k in ("wrong_type", "missing"):
+        assert out[k]["num_invalid_tool_arguments"] == 1 and out[k]["num_tool_errors"] == 0
+        assert out[k]["num_malformed_tool_calls"] == 0 and out[k]["termination"] == "final"
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    train = {r["id"] for r in read_rows(tmp_path / "run" / "train")}
+    if keep:
+        assert train == {"ok", "wrong_type", "missing"} and not stats["drops_by_reason"]
+    else:
+        assert train == {"ok"} and stats["drops_by_reason"] == {"invalid_tool_arguments": 2}
+    gym_out = {r["id"]: r for r in read_rows(tmp_path / "gym" / "rollouts")}
+    extra = json.loads(gym_out["r0"]["messages"][3]["content"])["error"]
+    assert extra == "Invalid arguments for get_weather: Additional properties are not allowed ('units' was unexpected)"
+    assert "7 is not of type 'string' (at $.city)" in gym_out["r1"]["messages"][3]["content"]
+    assert all(r["num_invalid_tool_arguments"] == 1 for r in gym_out.values())
+    assert "get_weather" not in gym_calls  # never sent to the resources server
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "object", "properties": {"a": {"type": "nope"}}}, "its parameters are not a valid JSON Schema"),
+    ({"$ref": "#"}, r"refers to itself without end \(\$ref\)"),
+    ({"$ref": "http://169.254.169.254/latest/meta-data"}, "references to other documents are not fetched"),
+    ({"type": "object", "description": "x" * 300_000}, "over the 262144 bytes allowed"),
+])
+def test_hostile_tool_schemas_are_clear_bad_input_errors(tmp_path, schema, message):
+    from sft_ray.job import RunError
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": schema}}]
+    rows = [{"id": "fine", "prompt": '[[tool:add {"a": 1}]]'},
+            {"id": "hostile", "prompt": '[[tool:add {"a": 1}]]', "tools": tools}]
+    with MockServer(MockConfig()) as server:
+        inp = write_jsonl(tmp_path / "in.jsonl", rows)
+        cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={TOOLS}",
+                          "verifier.type=none")
+        with pytest.raises(RunError, match=rf"bad input line: {inp}:2: row 'hostile': tool 'add': .*{message}"):
+            run(cfg, say=lambda s: None)
+    assert [r["id"] for r in read_rows(tmp_path / "run" / "rollouts")] == ["fine"]  # work done is kept

@@ -15,6 +15,7 @@ from sft_ray.plugins import registered
 ENVIRONMENTS: dict[str, str] = {
     "python": "sft_ray.environments.python:PythonEnvironment",
     "nemo_gym": "sft_ray.environments.nemo_gym:NemoGymEnvironment",
+    "mcp": "sft_ray.environments.mcp:McpEnvironment",
 }
 
 

@@ -77,6 +77,12 @@ class Environment:
         """Tools (Chat form) offered to rows that bring none; None: rows must bring their own."""
         return None
 
+    def check_tools(self, tools: list[dict[str, Any]]) -> str | None:
+        """Why the tools a row declares (Chat form) cannot be served here, or None. Called after
+        ``start``; a problem fails the sample as ``bad_input``. Default: anything goes (an unknown
+        tool is answered to the model when called)."""
+        return None
+
     async def open(self, row: dict[str, Any], episode_id: str) -> Episode:
         raise NotImplementedError
 

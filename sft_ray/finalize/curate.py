@@ -20,7 +20,7 @@ from sft_ray.finalize.formats import generated_start
 # Row drop reasons, in the order they are checked (a row is counted under the first that applies).
 ROW_REASONS = (
     "error", "no_reward", "termination_max_steps", "termination_length", "termination_error",
-    "malformed_tool_calls", "tool_errors", "too_few_tool_calls", "too_many_tool_calls",
+    "malformed_tool_calls", "invalid_tool_arguments", "tool_errors", "too_few_tool_calls", "too_many_tool_calls",
     "truncated", "too_long", "below_min_reward", "above_max_reward",
 )
 # Prompt-level drop reasons.
@@ -36,6 +36,7 @@ class RowRules:
     def __init__(self, filter_cfg: dict[str, Any]) -> None:
         self.drop_unfinished = filter_cfg.get("drop_unfinished", True)
         self.drop_malformed = filter_cfg.get("drop_malformed_tool_calls", True)
+        self.keep_invalid_args = filter_cfg.get("keep_invalid_tool_arguments", False)
         self.drop_tool_errors = filter_cfg.get("drop_tool_errors")
         self.min_calls, self.max_calls = filter_cfg.get("min_tool_calls"), filter_cfg.get("max_tool_calls")
         self.drop_truncated = filter_cfg.get("drop_truncated", True)
@@ -54,6 +55,8 @@ class RowRules:
             return f"termination_{term}" if f"termination_{term}" in ROW_REASONS else "termination_error"
         if self.drop_malformed and (get("num_malformed_tool_calls") or 0) > 0:
             return "malformed_tool_calls"
+        if not self.keep_invalid_args and (get("num_invalid_tool_arguments") or 0) > 0:
+            return "invalid_tool_arguments"
         if self.drop_tool_errors and (get("num_tool_errors") or 0) > 0:
             return "tool_errors"
         if self.min_calls is not None or self.max_calls is not None:

@@ -92,7 +92,7 @@ class StatsAccumulator:
             self.termination[str(rollout["termination"])] += 1
             self.model_calls[int(get("num_model_calls") or 0)] += 1
             self.tool_calls[int(get("num_tool_calls") or 0)] += 1
-            for k in ("num_tool_calls", "num_tool_errors", "num_malformed_tool_calls"):
+            for k in ("num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "num_invalid_tool_arguments"):
                 self.tool_totals[k] += int(get(k) or 0)
         if failed:
             self.failed += 1
@@ -181,6 +181,7 @@ class StatsAccumulator:
                 "tool_calls": calls,
                 "tool_errors": self.tool_totals["num_tool_errors"],
                 "malformed_tool_calls": self.tool_totals["num_malformed_tool_calls"],
+                "invalid_tool_arguments": self.tool_totals["num_invalid_tool_arguments"],
                 "tool_error_rate": self.tool_totals["num_tool_errors"] / calls if calls else 0.0,
             }
         out["sources"] = {
@@ -341,7 +342,8 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append(f"episodes: {ep['count']}  termination: "
                      + ", ".join(f"{k}={v}" for k, v in ep["termination"].items())
                      + f"  tool calls {ep['tool_calls']}, tool errors {ep['tool_errors']} "
-                     f"({100 * ep['tool_error_rate']:.1f}%), malformed {ep['malformed_tool_calls']}")
+                     f"({100 * ep['tool_error_rate']:.1f}%), malformed {ep['malformed_tool_calls']}, "
+                     f"invalid arguments {ep.get('invalid_tool_arguments', 0)}")
         lines.append("model calls per episode:")
         lines += _hist_lines(ep["model_calls_histogram"])
         lines.append("tool calls per episode:")

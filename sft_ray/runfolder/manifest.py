@@ -53,7 +53,9 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "num_repeats": cfg.num_repeats,
         "verifier": _verifier_fingerprint(cfg.verifier.model_dump()),
         "agent": {"max_steps": cfg.agent.max_steps},
-        "environment": cfg.environment.model_dump(include={"type", "module", "episode_class", "base_url"}),
+        "environment": cfg.environment.model_dump(
+            include={"type", "module", "episode_class", "base_url"}
+            | ({"command", "args", "url", "session"} if cfg.environment.type == "mcp" else set())),
     }
 
 

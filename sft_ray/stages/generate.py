@@ -274,7 +274,7 @@ class GenerateStage:
             result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))
             rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
         else:
-            rollout = await self._episode(row, rid, k, prompt, tools, params)
+            rollout = await self._episode(row, rid, k, prompt, tools, params, source)
         if (rollout["error"] or {}).get("type") == errors.BUDGET_EXHAUSTED:
             return None  # never started: not written, so it stays pending for a rerun with a raised budget
         rollout["latency_s"] = round(time.perf_counter() - t0, 4)
@@ -285,15 +285,19 @@ class GenerateStage:
         return rollout
 
     async def _episode(self, row: dict[str, Any], rid: str, k: int, prompt: list[dict[str, Any]],
-                       tools: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+                       tools: dict[str, Any], params: dict[str, Any], source: str = "<row>") -> dict[str, Any]:
         state = EpisodeState(messages=list(prompt))
         if self.environment is None:
             state.termination = ERROR
             state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
-                                       "them: set environment.type (python or nemo_gym)")
+                                       "them: set environment.type (python, nemo_gym or mcp)")
             return episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
         if not tools.get("tools") and self.environment.default_tools():
             tools = {**tools, "tools": self.environment.default_tools()}
+        elif tools.get("tools") and (problem := self.environment.check_tools(tools["tools"])) is not None:
+            state.termination = ERROR
+            state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r} {problem}")
+            return episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
         episode = None
         try:
             async with asyncio.timeout(self.agent["timeout_s"]):
@@ -322,6 +326,8 @@ class GenerateStage:
                     if cancelled_from_outside():
                         raise
                     log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
+        if state.error is not None and state.error["type"] == errors.BAD_INPUT:  # the row's tools: name its line
+            state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r}: {state.error['message']}")
         rollout = episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
         if state.verify is not None:
             rollout["verify_result"] = state.verify
@@ -383,6 +389,12 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
     module = environment.get("module") or ""
     if module.endswith(".py") and os.path.isfile(module):
         environment["module"] = os.path.abspath(module)  # actors may not share the driver's cwd
+    if cfg.environment.type == "mcp":
+        # Read on the driver, like the model's key; never in run.json or a repr.
+        environment["secret_env"] = Secret(cfg.environment.secret_env())
+        environment["secret_headers"] = Secret(cfg.environment.secret_headers())
+        # A stdio server's relative paths mean the driver's working directory, wherever the actor runs.
+        environment["cwd"] = os.path.abspath(environment.get("cwd") or os.getcwd())
     return dict(
         fn_constructor_kwargs={"model": model, "sampling": cfg.responses_create_params.model_dump(),
                                "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
