@@ -365,6 +365,14 @@ class VerifierConfig(_Strict):
         32, ge=1, description="Rows scored at once per scoring actor by an async verifier (judge, code, async python)."
     )
     code: CodeConfig = Field(default_factory=CodeConfig)
+    sandbox: Literal["bwrap", "none"] = Field(
+        "bwrap",
+        description="code: how programs are isolated. `bwrap` (bubblewrap: own namespaces, no network, a "
+        "read-only file system but a private tmpfs, an unprivileged user; the verifier refuses to start on a node "
+        "without a working `bwrap`: `apt-get install bubblewrap`). `none`: no operating-system isolation, only "
+        "resource limits and Python-level guards; UNSAFE, for trusted code only (a program can read and write "
+        "what the scoring process can, e.g. API keys in other processes' environments, the run folder).",
+    )
     schema_field: str = Field("schema", description="json_schema: row field holding the JSON Schema.")
     json_schema: dict[str, Any] | None = Field(
         None, description="json_schema: one schema for every row (a row's own `schema_field` wins)."
@@ -806,7 +814,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # whose fingerprint names its keys one by one); `pricing` changes the reported cost only.
 _OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
                 "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes",
-                "timeout_per_1k_output_tokens_s", "omit_params", "pricing"}
+                "timeout_per_1k_output_tokens_s", "omit_params", "pricing", "sandbox"}
 
 
 def _verifier_fingerprint(data: Any) -> Any:
