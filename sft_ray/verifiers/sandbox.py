@@ -131,7 +131,8 @@ def _setup():
         except BaseException as e:
             excepthook(type(e), e, e.__traceback__)
             flush()
-            os._exit(1)
+            # A program that replaced the exception hook meant to turn this failure into an exit: counted as one.
+            os._exit(EARLY_EXIT if payload["mode"] == "check" and sys.excepthook is not excepthook else 1)
         if payload["mode"] == "check":
             # Not the interpreter's own exit: no atexit handler or leftover thread of the program runs after.
             flush()
@@ -190,7 +191,8 @@ class RunResult:
 
     @property
     def exited_before_checks(self) -> bool:
-        """Check mode: ended of its own accord (status 0, or SystemExit) without the proof."""
+        """Check mode: ended of its own accord (status 0, SystemExit, or a failure after the program replaced
+        ``sys.excepthook``) without the proof."""
         return (not self.proof and not self.timed_out and not self.output_limited
                 and self.returncode in (0, EARLY_EXIT_CODE))
 
