@@ -281,6 +281,11 @@ class CodeConfig(_Strict):
         None, description="Row field (e.g. `prompt`) put before a reply that does not define `entry_point` "
         "itself (completions that continue HumanEval's prompt)."
     )
+    plain_returns: bool = Field(
+        True, description="HumanEval style: a value the entry point returns to `check` must be plain data (builtin "
+        "types, numpy's), else the test fails: an object whose class claims to equal anything cannot pass "
+        "`assert candidate(x) == y`. false: for tests that compare objects of classes the prompt defines."
+    )
 
 
 class JudgeConfig(_Strict):

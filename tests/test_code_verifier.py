@@ -260,6 +260,10 @@ EARLY_EXITS = {
     "kill_self": WRONG + "import os, signal\nsignal.raise_signal(signal.SIGTERM)\n",
     "check_replaced": WRONG + "import builtins\nbuiltins.check = lambda c: None\ndef check(c):\n    pass\n",
     "abs_patched": "def square(x):\n    return -x * x\nimport builtins\nbuiltins.abs = lambda v: 0\n",
+    "equals_anything": "class Any:\n    def __eq__(self, other):\n        return True\n"
+                       "def square(x):\n    return Any()\n",
+    "int_that_equals_anything": "class I(int):\n    def __eq__(self, other):\n        return True\n"
+                                "def square(x):\n    return I(0)\n",
     "fake_proof": WRONG + "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64)\n"
                   "    except OSError:\n        pass\nos._exit(0)\n",
 }
@@ -310,3 +314,28 @@ def test_missing_bwrap_refuses_with_the_install_line(tmp_path, monkeypatch):
                           text=True, env=env, timeout=120)
     assert done.returncode != 0 and "apt-get install -y bubblewrap" in done.stderr, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_plain_returns_off_lets_the_prompts_own_classes_through():
+    row = {"test": "def check(candidate):\n    assert candidate(2) == Point(2, 2)\n", "entry_point": "diag"}
+    program = ("class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+               "    def __eq__(self, o):\n        return (self.x, self.y) == (o.x, o.y)\n"
+               "def diag(n):\n    return Point(n, n)\n")
+    assert score(code_verifier(), row, program)["reward"] == 0.0  # not plain data
+    assert score(code_verifier(plain_returns=False), row, program)["reward"] == 1.0
+
+
+def test_a_sandbox_that_fails_to_start_is_a_verifier_error_not_a_zero(monkeypatch):
+    import sys
+
+    from sft_ray.verifiers import sandbox
+
+    verifier = code_verifier()
+    # bwrap that fails before the interpreter (here: a folder to bind that does not exist)
+    broken = ("bwrap", "--die-with-parent", "--unshare-pid", "--ro-bind", "/nonexistent-sft-ray-path", "/x", "--",
+              sys.executable)
+    monkeypatch.setattr(sandbox, "_bwrap_command", lambda *a: broken)
+    for row in (SQUARE, SUM_ROW):
+        out = score(verifier, row, "def square(x):\n    return x * x\n")
+        assert out["reward"] is None and out["error"]["type"] == "verifier_error", out
+        assert "did not start" in out["error"]["message"]

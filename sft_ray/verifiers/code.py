@@ -26,7 +26,8 @@ import asyncio
 import re
 from typing import Any
 
-from sft_ray.verifiers.sandbox import Limits, SandboxUnavailable, require, run_python
+from sft_ray.verifiers import VerifierFailure
+from sft_ray.verifiers.sandbox import Limits, SandboxFailure, SandboxUnavailable, require, run_python
 
 __all__ = ["CodeExecution", "SandboxUnavailable", "extract_program"]
 
@@ -64,6 +65,7 @@ class CodeExecution:
         require(self.sandbox)  # no isolation, no run: refused here, on the driver, before any actor
         self.mode = code.get("mode", "share")
         self.prepend_field = code.get("prepend_field")
+        self.plain_returns = bool(code.get("plain_returns", True))
         self.workers = code.get("workers")
         self.limits = Limits(cpu_s=float(code.get("timeout_s", 10)), memory_mb=int(code.get("memory_mb", 1024)),
                              file_mb=int(code.get("file_mb", 16)),
@@ -79,18 +81,30 @@ class CodeExecution:
         return program
 
     async def __call__(self, row: dict[str, Any], response: str) -> dict[str, Any]:
+        try:
+            return await self._score(row, response)
+        except SandboxFailure as e:
+            raise VerifierFailure(str(e)) from None
+
+    async def _score(self, row: dict[str, Any], response: str) -> dict[str, Any]:
         program = self.program(row, response)
         if isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
             results = [await run_python(program, None, self.limits, self.workers, test=row["test"],
-                                        entry_point=row["entry_point"], sandbox=self.sandbox)]
+                                        entry_point=row["entry_point"], sandbox=self.sandbox,
+                                        plain_returns=self.plain_returns)]
             passed = [r.ok and r.proof for r in results]
             early = sum(r.exited_before_checks for r in results)
         elif isinstance(row.get("inputs"), list) and isinstance(row.get("outputs"), list):
             ins, outs = row["inputs"], row["outputs"]
             if len(ins) != len(outs) or not ins:
                 raise ValueError(f"row has {len(ins)} inputs and {len(outs)} outputs; expected equal, non-zero counts")
+            # Every run to its end, then the first failure: cancelling a run while asyncio is still starting its
+            # subprocess can hang the event loop's shutdown (CPython 3.11).
             results = await asyncio.gather(*(run_python(program, str(i).encode(), self.limits, self.workers,
-                                                        sandbox=self.sandbox) for i in ins))
+                                                        sandbox=self.sandbox) for i in ins), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
             passed = [r.ok and _same_output(r.stdout, str(o)) for r, o in zip(results, outs)]
             early = 0  # exiting early is just a wrong (or right) output here
         else:

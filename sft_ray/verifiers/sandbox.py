@@ -122,7 +122,7 @@ def _setup():
                 tests = dict(ns, __name__="__check__", __builtins__=dict(clean_builtins))
                 exec(compile(payload["test"], "test.py", "exec"), tests)
                 check, candidate = tests["check"], ns[payload["entry_point"]]
-                check(candidate)
+                check(plain(candidate) if payload["plain_returns"] else candidate)
                 sys.audit("sft_ray.harness.checked")
         except SystemExit as e:
             if payload["mode"] == "check":
@@ -138,6 +138,38 @@ def _setup():
             flush()
             os._exit(0)
 
+    # Builtin types only (compared exactly, so not a subclass of the program's): a returned object whose
+    # class claims to equal anything (the classic way to pass `assert candidate(x) == y`) fails instead.
+    plain_types = {int, float, complex, bool, str, bytes, bytearray, type(None), list, tuple, dict, set, frozenset,
+                   range, slice, type(Ellipsis)}
+
+    def plain(candidate):
+        def call(*a, **k):
+            out = candidate(*a, **k)
+            if "numpy" in sys.modules:  # numpy's own types (C types: their comparisons cannot be patched)
+                np = sys.modules["numpy"]
+                plain_types.update(t for t in set(getattr(np, "sctypeDict", {}).values()) | {np.ndarray}
+                                   if isinstance(t, type))
+            todo, seen = [out], 0
+            while todo:
+                v = todo.pop()
+                seen += 1
+                if type(v) not in plain_types or seen > 1_000_000:
+                    raise TypeError(f"{payload['entry_point']} returned a {type(v).__name__}: "
+                                    "only plain data (builtin types) is compared")
+                if type(v) in (list, tuple, set, frozenset):
+                    todo.extend(v)
+                elif type(v) is dict:
+                    todo.extend(v.keys())
+                    todo.extend(v.values())
+                elif type(v).__name__ == "ndarray" and v.dtype == object:
+                    todo.extend(v.ravel().tolist())
+            return out
+
+        call.__name__ = getattr(candidate, "__name__", "candidate")
+        call.__doc__ = getattr(candidate, "__doc__", None)
+        return call
+
     def flush():
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -147,6 +179,7 @@ def _setup():
 
     main_code = main.__code__
     sys.addaudithook(hook)
+    os.write(proof_fd, b"S")  # set up: what fails from here on is the program's doing
     return main
 
 
@@ -159,6 +192,10 @@ _main()
 
 class SandboxUnavailable(RuntimeError):
     """This node cannot isolate programs (no bwrap, or the kernel refuses its namespaces)."""
+
+
+class SandboxFailure(RuntimeError):
+    """One run's sandbox failed before the program ran: no verdict (the row is a ``verifier_error``)."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +283,11 @@ def bwrap_command(bwrap: str, file_mb: int, root: bool) -> list[str]:
     return [bwrap, *ns, "--die-with-parent", "--new-session", "--hostname", "sandbox", *_interpreter_binds(),
             "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str((file_mb + 1) << 20),
             "--tmpfs", WORKDIR, "--chdir", WORKDIR, "--", *drop, sys.executable]
+
+
+@functools.cache
+def _bwrap_command(bwrap: str, file_mb: int, root: bool) -> tuple[str, ...]:
+    return tuple(bwrap_command(bwrap, file_mb, root))
 
 
 @functools.cache
@@ -367,19 +409,21 @@ def _read_proof(fd: int) -> bytes:
 
 async def run_python(source: str, stdin: bytes | None = None, limits: Limits = Limits(),
                      workers: int | None = None, *, test: str | None = None, entry_point: str | None = None,
-                     sandbox: str = "bwrap") -> RunResult:
+                     sandbox: str = "bwrap", plain_returns: bool = True) -> RunResult:
     """Run ``source`` as a program; its stdin is ``stdin`` (None: empty). With ``test`` and ``entry_point``
     (HumanEval style), ``test`` then ``check(entry_point)`` run after the program's own code, and
-    :attr:`RunResult.proof` says whether that call returned. ``sandbox``: ``bwrap`` (see the module doc;
-    raises :class:`SandboxUnavailable` when it cannot run here) or ``none`` (no operating-system isolation)."""
+    :attr:`RunResult.proof` says whether that call returned (with ``plain_returns``, every value the entry
+    point returned to ``check`` was plain data). ``sandbox``: ``bwrap`` (see the module doc; raises
+    :class:`SandboxUnavailable` when it cannot run here) or ``none`` (no operating-system isolation).
+    Raises :class:`SandboxFailure` when the sandbox failed before the program ran."""
     require(sandbox)
-    prefix = (bwrap_command(find_bwrap() or "bwrap", limits.file_mb, os.geteuid() == 0) if sandbox == "bwrap"
-              else [sys.executable])
+    prefix = (_bwrap_command(find_bwrap() or "bwrap", limits.file_mb, os.geteuid() == 0) if sandbox == "bwrap"
+              else (sys.executable,))
     check = test is not None and entry_point is not None
     async with _semaphore(workers or os.cpu_count() or 1):
         nonce = secrets.token_hex(32).encode()
         payload = json.dumps({"mode": "check" if check else "script", "source": source, "test": test,
-                              "entry_point": entry_point}).encode()
+                              "entry_point": entry_point, "plain_returns": plain_returns}).encode()
         fds: list[int] = []
         proof_r = -1
         tmp = None
@@ -431,7 +475,14 @@ async def run_python(source: str, stdin: bytes | None = None, limits: Limits = L
             # Killed by its CPU limit (SIGXCPU, then SIGKILL at the hard limit) is a timeout too.
             if rc in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL) and not over:
                 timed_out = True
-            proof = check and _read_proof(proof_r) == nonce
+            said = _read_proof(proof_r)
+            if not said.startswith(b"S") and not over:
+                # The harness never got to the program: bwrap, setpriv or the interpreter failed (or the machine
+                # was too loaded to start it in time). Not the program's fault: no verdict.
+                last = err.decode("utf-8", "replace").strip().splitlines()
+                raise SandboxFailure(f"the sandbox did not start the program (exit {rc}"
+                                     f"{', timed out' if timed_out else ''}): {last[-1] if last else 'no message'}")
+            proof = check and said == b"S" + nonce
             return RunResult(rc, out, err, timed_out, over, time.monotonic() - t0, proof)
         finally:
             for fd in fds:
