@@ -3,7 +3,7 @@
 Each run is one ``bwrap`` (bubblewrap) call; the isolation is the kernel's, not Python's:
 
 - new mount, PID, network, IPC and UTS namespaces (``--unshare-*``): no network of any kind
-  (only a loopback device that is down; abstract Unix sockets are per network namespace), a
+  (only a loopback device of its own; abstract Unix sockets are per network namespace), a
   fresh ``/proc`` that shows only the sandbox's own processes, and every process it starts dies
   with it (``--die-with-parent``; bwrap is PID 1 of the namespace and the kernel kills the rest
   when it ends);
