@@ -354,3 +354,37 @@ def test_the_non_root_form_of_the_bwrap_call_starts_an_unprivileged_interpreter(
     assert done.returncode == 0, done.stderr
     uid, gid, procs = done.stdout.split(" ", 2)
     assert (uid, gid) == ("65534", "65534") and len(eval(procs)) <= 2  # bwrap (PID 1) and itself
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_whole_run_with_hostile_answers_trains_only_on_the_honest_one(tmp_path, mock_server):
+    """`sft-ray run` end to end (the mock server echoes the prompt, so the prompt is the model's answer): an
+    answer that appends a made-up rollout to the run's own rollouts/ and one that exits before the checks
+    score 0; the run goes on and completes, and train/ holds only the honest sample."""
+    import json
+
+    from conftest import make_config, read_rows, write_jsonl
+    from sft_ray.driver import EXIT_OK
+    from sft_ray.pipeline import run
+
+    rollouts = tmp_path / "run" / "rollouts"
+    inject = (f"import json, os\nos.makedirs({str(rollouts)!r}, exist_ok=True)\n"
+              f"with open({str(rollouts / 'part-900-00000.jsonl')!r}, 'a') as f:\n"
+              "    f.write(json.dumps({'id': 'x', 'sample_index': 0, 'reward': 1.0, 'response': 'INJECTED TRAINING ROW'"
+              "}) + '\\n')\n")
+    answers = {"inject": WRONG.replace("0", "x * x") + inject, "early": WRONG + "import sys\nsys.exit(0)\n",
+               "honest": "def square(x):\n    return x * x\n"}
+    rows = [dict(SQUARE, prompt=f"```python\n{src}```", name=name) for name, src in answers.items()]
+    cfg = make_config(tmp_path, mock_server, write_jsonl(tmp_path / "in.jsonl", rows), "verifier.type=code",
+                      "model.timeout_s=60", "filter.min_reward=1.0")
+    said = []
+    assert run(cfg, say=said.append) == EXIT_OK, said
+    assert not (rollouts / "part-900-00000.jsonl").exists()
+    got = {r["name"]: r for r in read_rows(rollouts)}
+    assert {n: got[n]["reward"] for n in answers} == {"inject": 0.0, "early": 0.0, "honest": 1.0}
+    assert got["early"]["metrics"]["exited_before_checks"] == 1.0
+    train = read_rows(tmp_path / "run" / "train")
+    assert [r.get("name", r.get("metadata", {}).get("name")) for r in train] in (["honest"], [None])
+    assert len(train) == 1 and "INJECTED" not in json.dumps(train)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["complete"] and stats["metrics"]["exited_before_checks"] == pytest.approx(1 / 3)

@@ -275,7 +275,7 @@ def bwrap_command(bwrap: str, file_mb: int, root: bool) -> list[str]:
         # Root keeps the host's user namespace (a uid mapped to root escapes RLIMIT_NPROC) and drops to an
         # unprivileged user, without capabilities, before the interpreter starts.
         ns = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        drop = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
+        drop = [shutil.which("setpriv") or "setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups",
                 "--inh-caps=-all", "--bounding-set=-all"]
     else:
         ns = ["--unshare-all", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
