@@ -289,6 +289,11 @@ class CodeConfig(_Strict):
         None, description="Row field (e.g. `prompt`) put before a reply that does not define `entry_point` "
         "itself (completions that continue HumanEval's prompt)."
     )
+    plain_returns: bool = Field(
+        True, description="HumanEval style: a value the entry point returns to `check` must be plain data (builtin "
+        "types, numpy's), else the test fails: an object whose class claims to equal anything cannot pass "
+        "`assert candidate(x) == y`. false: for tests that compare objects of classes the prompt defines."
+    )
 
 
 class JudgeConfig(_Strict):
@@ -378,6 +383,14 @@ class VerifierConfig(_Strict):
         32, ge=1, description="Rows scored at once per scoring actor by an async verifier (judge, code, async python)."
     )
     code: CodeConfig = Field(default_factory=CodeConfig)
+    sandbox: Literal["bwrap", "none"] = Field(
+        "bwrap",
+        description="code: how programs are isolated. `bwrap` (bubblewrap: own namespaces, no network, a "
+        "read-only file system but a private tmpfs, an unprivileged user; the verifier refuses to start on a node "
+        "without a working `bwrap`: `apt-get install bubblewrap`). `none`: no operating-system isolation, only "
+        "resource limits and Python-level guards; UNSAFE, for trusted code only (a program can read and write "
+        "what the scoring process can, e.g. API keys in other processes' environments, the run folder).",
+    )
     schema_field: str = Field("schema", description="json_schema: row field holding the JSON Schema.")
     json_schema: dict[str, Any] | None = Field(
         None, description="json_schema: one schema for every row (a row's own `schema_field` wins)."

@@ -24,7 +24,7 @@ from sft_ray.runfolder.layout import MANIFEST, RUN_OUTPUTS
 # whose fingerprint names its keys one by one); `pricing` changes the reported cost only.
 _OPERATIONAL = {"concurrency", "workers", "timeout_s", "connect_timeout_s", "max_retries", "base_retry_wait_s",
                 "max_retry_wait_s", "api_key_env", "extra_headers", "extra_headers_env", "max_output_bytes",
-                "timeout_per_1k_output_tokens_s", "omit_params", "pricing"}
+                "timeout_per_1k_output_tokens_s", "omit_params", "pricing", "sandbox"}
 
 
 def _verifier_fingerprint(data: Any) -> Any:

@@ -3,14 +3,21 @@
 Two test forms, as the common data sets have them:
 
 - HumanEval style: ``test`` (source defining ``check(candidate)``) and ``entry_point`` (the
-  function's name); the program, the test and ``check(<entry_point>)`` run as one script,
-  which passes when it exits 0 (one test per row);
+  function's name); the program's code runs, then the test and ``check(<entry_point>)`` in the
+  same process, which passes only when that call returned (the sandbox's proof, see
+  :mod:`sft_ray.verifiers.sandbox`); a program that exits before (``sys.exit``, ``os._exit``,
+  an exception hook, killing itself) fails and is counted in ``exited_before_checks``
+  (one test per row);
 - stdin/stdout pairs: ``inputs`` and ``outputs`` (lists of strings); each input is one run,
   passed when the output equals the expected one (trailing white space ignored per line).
 
 Reward: the share of tests passed (``verifier.code.mode: share``) or 1 only when all pass
 (``all``). A program that fails, loops, forks, eats memory or floods its output fails its
 tests; only a sandbox that cannot run at all is a ``verifier_error``.
+
+Programs run in the bubblewrap sandbox (``verifier.sandbox: bwrap``, the default): building the
+verifier on a node without a working ``bwrap`` raises :class:`SandboxUnavailable` with what to
+install. ``verifier.sandbox: none`` runs them without operating-system isolation (trusted code only).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import asyncio
 import re
 from typing import Any
 
-from sft_ray.verifiers.sandbox import Limits, run_python
+from sft_ray.verifiers import VerifierFailure
+from sft_ray.verifiers.sandbox import Limits, SandboxFailure, SandboxUnavailable, require, run_python
+
+__all__ = ["CodeExecution", "SandboxUnavailable", "extract_program"]
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OPEN_FENCE = re.compile(r"```[ \t]*[\w+#.-]*[^\n]*\n")
@@ -51,8 +61,11 @@ class CodeExecution:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         code = cfg.get("code") or {}
+        self.sandbox = cfg.get("sandbox") or "bwrap"
+        require(self.sandbox)  # no isolation, no run: refused here, on the driver, before any actor
         self.mode = code.get("mode", "share")
         self.prepend_field = code.get("prepend_field")
+        self.plain_returns = bool(code.get("plain_returns", True))
         self.workers = code.get("workers")
         self.limits = Limits(cpu_s=float(code.get("timeout_s", 10)), memory_mb=int(code.get("memory_mb", 1024)),
                              file_mb=int(code.get("file_mb", 16)),
@@ -68,23 +81,37 @@ class CodeExecution:
         return program
 
     async def __call__(self, row: dict[str, Any], response: str) -> dict[str, Any]:
+        try:
+            return await self._score(row, response)
+        except SandboxFailure as e:
+            raise VerifierFailure(str(e)) from None
+
+    async def _score(self, row: dict[str, Any], response: str) -> dict[str, Any]:
         program = self.program(row, response)
         if isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
-            script = f"{program}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
-            results = [await run_python(script, None, self.limits, self.workers)]
-            passed = [r.ok for r in results]
+            results = [await run_python(program, None, self.limits, self.workers, test=row["test"],
+                                        entry_point=row["entry_point"], sandbox=self.sandbox,
+                                        plain_returns=self.plain_returns)]
+            passed = [r.ok and r.proof for r in results]
+            early = sum(r.exited_before_checks for r in results)
         elif isinstance(row.get("inputs"), list) and isinstance(row.get("outputs"), list):
             ins, outs = row["inputs"], row["outputs"]
             if len(ins) != len(outs) or not ins:
                 raise ValueError(f"row has {len(ins)} inputs and {len(outs)} outputs; expected equal, non-zero counts")
-            results = await asyncio.gather(*(run_python(program, str(i).encode(), self.limits, self.workers)
-                                             for i in ins))
+            # Every run to its end, then the first failure: cancelling a run while asyncio is still starting its
+            # subprocess can hang the event loop's shutdown (CPython 3.11).
+            results = await asyncio.gather(*(run_python(program, str(i).encode(), self.limits, self.workers,
+                                                        sandbox=self.sandbox) for i in ins), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
             passed = [r.ok and _same_output(r.stdout, str(o)) for r, o in zip(results, outs)]
+            early = 0  # exiting early is just a wrong (or right) output here
         else:
             raise ValueError("row has no tests: expected `test` and `entry_point` (HumanEval style) "
                              "or `inputs` and `outputs` lists")
         share = sum(passed) / len(passed)
         return {"reward": share if self.mode == "share" else float(all(passed)),
                 "tests_passed": float(sum(passed)), "tests_total": float(len(passed)), "pass_rate": share,
-                "timeouts": float(sum(r.timed_out for r in results)),
+                "timeouts": float(sum(r.timed_out for r in results)), "exited_before_checks": float(early),
                 "exec_s": round(max(r.wall_s for r in results), 4)}
