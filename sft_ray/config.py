@@ -576,6 +576,11 @@ class ReadConfig(_Strict):
         None, ge=1, description="Use only the first N rows of the whole input, files in name order (for trials, as "
         "NeMo Gym's `limit`). Part of the run fingerprint: a resume with another limit is refused."
     )
+    allow_empty: bool = Field(
+        False, description="Accept an input with no rows (empty or blank files, or every line skipped as bad): "
+        "the run then finishes with empty outputs. By default such an input is refused (exit 2), as it is "
+        "almost always a wrong path or an unfinished export."
+    )
 
 
 class ResourcesConfig(_Strict):
