@@ -333,8 +333,12 @@ def format_report(stats: dict[str, Any]) -> str:
     drops = stats.get("drops_by_reason") or {}
     if drops:
         lines.append("dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])))
+    fraction = (stats.get("train") or {}).get("validation_fraction")
     if stats.get("validation"):
         lines.append(f"validation: {stats['validation']} samples (split by prompt)")
+    elif fraction:
+        lines.append(f"validation: 0 samples: validation_fraction {fraction:g} picked none of the prompts (each "
+                     "falls there with that chance); no validation split is written, raise the fraction for one")
     ep = stats.get("episodes")
     if ep:
         lines.append(f"episodes: {ep['count']}  termination: "

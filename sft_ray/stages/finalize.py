@@ -268,11 +268,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             stats["torn_lines"] = torn
         if write:
             stats["shards"] = _write_split(run_dir, job, pool, "t", in_bucket["t"], TRAIN)
-            if tc["validation_fraction"] > 0:
+            if tc["validation_fraction"] > 0 and sum(in_bucket["v"]):
                 stats["validation_shards"] = _write_split(run_dir, job, pool, "v", in_bucket["v"], VALIDATION)
             else:
-                io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
-            splits = [TRAIN] + ([VALIDATION] if tc["validation_fraction"] > 0 else [])
+                # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
+                # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
+                io.delete(io.join(run_dir, VALIDATION))
+            # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
+            # declared split whose files it cannot find.
+            splits = [s for s, rows in ((TRAIN, stats["shards"]), (VALIDATION, stats.get("validation_shards")))
+                      if rows] or [TRAIN]
             schema = parquet_schema(tc["format"], list(tc["include_fields"]))
             io.write_bytes(io.join(run_dir, "README.md"), dataset_card(schema, tc["file_format"], splits).encode())
     return stats
