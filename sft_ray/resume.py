@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from sft_ray import io
-from sft_ray.config import RunConfig, config_fingerprint
+from sft_ray.config import FINGERPRINT_ADDED, RunConfig, canonical_fingerprint, config_fingerprint
 from sft_ray.journal import JOURNAL
 from sft_ray.stages.finalize import FAILED, ROLLOUTS, iter_jsonl
 
@@ -65,9 +65,13 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
             io.delete(io.join(cfg.output, sub))
         manifest = None
     if manifest is not None:
-        old = dict(manifest.get("fingerprint") or {})
+        old = canonical_fingerprint(dict(manifest.get("fingerprint") or {}))
         old_inputs = old.pop("input_files", {})
-        changes = _diff(old, run_fingerprint(cfg))
+        new = run_fingerprint(cfg)
+        for section, key in FINGERPRINT_ADDED:  # a folder made before the key was recorded
+            if isinstance(old.get(section), dict) and key not in old[section]:
+                new[section] = {k: v for k, v in new[section].items() if k != key}
+        changes = _diff(old, new)
         for path in sorted(set(old_inputs) | set(input_digests)):
             if path not in input_digests:
                 changes.append(f"input file {path}: no longer part of the input")

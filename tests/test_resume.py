@@ -110,6 +110,50 @@ def test_changed_read_limit_is_refused_on_resume(tmp_path):
         prepare_run_dir(load_config(None, base), False, {})
 
 
+def test_send_seed_is_part_of_the_fingerprint(tmp_path):
+    base = [f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'run'}", "model.name=m"]
+    cfg = load_config(None, base)
+    save_manifest(cfg.output, prepare_run_dir(cfg, False, {}))
+    with pytest.raises(ValueError, match="model.send_seed: True -> False"):
+        prepare_run_dir(load_config(None, base + ["model.send_seed=false"]), False, {})
+
+
+def test_one_input_spelled_differently_is_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "v.py").write_text("def score(row, response):\n    return 1.0\n")
+
+    def cfg(inp: str, function: str = "v.py:score"):
+        return load_config(None, [f"input={inp}", "output=run", "model.name=m", "verifier.type=python",
+                                  f"verifier.function={function}"])
+
+    save_manifest("run", prepare_run_dir(cfg("./in"), False, {}))
+    for inp, function in (("in", "v.py:score"), ("in/", "./v.py:score"), (str(tmp_path / "in"), str(tmp_path / "v.py:score")),
+                          ("./sub/../in", "v.py:score")):
+        prepare_run_dir(cfg(inp, function), False, {})  # the same input and verifier: resumes
+    with pytest.raises(ValueError, match="input: "):
+        prepare_run_dir(cfg("other"), False, {})
+    with pytest.raises(ValueError, match="verifier.function: "):
+        prepare_run_dir(cfg("in", "v.py:other"), False, {})
+    # URIs are kept as written
+    from sft_ray.config import canonical_fingerprint
+
+    assert canonical_fingerprint({"input": "s3://b/in/"})["input"] == "s3://b/in/"
+
+
+def test_a_folder_made_before_paths_and_send_seed_were_canonical_resumes(tmp_path, monkeypatch):
+    # run.json of an earlier version: the input as typed (relative), no model.send_seed
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["input=./in.jsonl", "output=run", "model.name=m"])
+    manifest = prepare_run_dir(cfg, False, {})
+    manifest["fingerprint"]["input"] = "./in.jsonl"
+    del manifest["fingerprint"]["model"]["send_seed"]
+    save_manifest("run", manifest)
+    prepare_run_dir(load_config(None, ["input=in.jsonl", "output=run", "model.name=m"]), False, {})
+    prepare_run_dir(load_config(None, ["input=in.jsonl", "output=run", "model.name=m", "model.send_seed=false"]),
+                    False, {})  # unknown then: not refused
+
+
 def _failed_row(rid: str, runs: int | None = None) -> bytes:
     row = {"id": rid, "sample_index": 0, "error": {"type": "server_error", "message": "500"}}
     if runs:
