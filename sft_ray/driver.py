@@ -35,8 +35,9 @@ class FolderState:
         # With rejection sampling, the passing samples of each prompt (reward >= pass_threshold).
         self.pass_threshold = pass_threshold
         self.passing: Counter[str] = Counter()
+        # Made by a run that holds the folder's lock: it may cut a torn last line (a killed run's).
         self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
-                                        pass_threshold or 0.0)
+                                        pass_threshold or 0.0, repair=True)
         self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done)
         self.max_attempts = max_attempts
 

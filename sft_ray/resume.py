@@ -90,9 +90,12 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     return manifest
 
 
-def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0) -> set[tuple[str, int]]:
-    """(id, sample_index) of every rollout already written; torn last lines are cut off. With
-    ``passing``, also counts per prompt id the rollouts whose reward is >= ``threshold``."""
+def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0,
+              repair: bool = False) -> set[tuple[str, int]]:
+    """(id, sample_index) of every rollout already written. With ``passing``, also counts per
+    prompt id the rollouts whose reward is >= ``threshold``. ``repair``: cut off torn last lines
+    (only a run that holds the folder's lock may: a reader such as ``--dry-run`` leaves every
+    byte as it is, a line being written by a live run included)."""
     keys: set[tuple[str, int]] = set()
     for uri in io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl"):
         good_bytes, torn = 0, False
@@ -104,7 +107,7 @@ def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: floa
             if passing is not None and row.get("reward") is not None and row["reward"] >= threshold:
                 passing[str(row["id"])] += 1
             good_bytes += len(line) + 1
-        if torn and "://" not in uri:
+        if torn and repair and "://" not in uri:
             # A kill in the middle of a write leaves at most one partial line at the end.
             with open(uri, "r+b") as f:
                 f.truncate(good_bytes)
