@@ -339,3 +339,8 @@ def test_dry_run_leaves_every_byte_of_an_existing_run_folder(tmp_path, ray_clust
     assert plan["samples_done"] == 2 and plan["samples_planned"] == 4
     assert hashes() == before
     assert "nothing was written to the run folder" in lines[-1]
+    # A real run (which holds the lock when it reads the folder) does cut the torn line off.
+    from sft_ray.driver import FolderState
+
+    assert len(FolderState(str(run_dir), 3).done) == 2
+    assert (run_dir / "rollouts" / "part-000-00000.jsonl").read_bytes().endswith(b"}\n")
