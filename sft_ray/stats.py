@@ -356,10 +356,13 @@ def format_report(stats: dict[str, Any]) -> str:
             lines.append(f"source {name}: samples {src['samples']}  kept {src['kept']} "
                          f"({100 * src['pass_rate']:.1f}%)  mean reward {mean}")
     pr = stats.get("prompts")
-    if pr:
+    if pr and "pass_at_k" in pr:
         lines.append(f"prompts: {pr['count']}  pass@k: "
                      + ", ".join(f"@{k} {v:.3f}" for k, v in pr["pass_at_k"].items())
                      + f"  none pass {pr['none_pass']}  all pass {pr['all_pass']}  "
+                     f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
+    elif pr:  # rejection sampling: pass@k would be biased (see the rejection lines)
+        lines.append(f"prompts: {pr['count']}  none pass {pr['none_pass']}  "
                      f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
     rej = stats.get("rejection")
     if rej:
@@ -372,6 +375,13 @@ def format_report(stats: dict[str, Any]) -> str:
                      + (f", {rej['unfinished']} unfinished" if rej["unfinished"] else ""))
         lines.append(f"  samples drawn: {rej['samples_drawn']} of {rej['samples_at_max']} at max_samples: "
                      f"{rej['samples_saved']} saved ({100 * rej['saved_fraction']:.1f}%)")
+        first = rej.get("samples_to_first_pass") or {}
+        if first.get("prompts"):
+            lines.append(f"  samples to the first pass: mean {first['mean']:.2f} over {first['prompts']} prompt(s) ("
+                         + ", ".join(f"{k}: {v}" for k, v in first["histogram"].items()) + ")")
+        if rej.get("passing_share_per_prompt") is not None:
+            lines.append(f"  passing share per prompt: mean {rej['passing_share_per_prompt']:.3f}  (pass@k is not "
+                         "reported: prompts stop drawing once they pass, which biases it)")
     rep = stats.get("repetition")
     if rep:
         d2 = f"{rep['distinct_2']:.3f}" if rep.get("distinct_2") is not None else "-"

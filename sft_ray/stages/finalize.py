@@ -251,6 +251,11 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         stats = acc.result()
         if tally is not None:
             stats["rejection"] = tally.result()
+            # pass@k needs k samples of a prompt whatever the first ones scored. Rejection sampling stops a
+            # prompt once it passes, so prompts that passed early have few samples and pass@k is biased (it
+            # even falls with k); the rejection section reports what holds for sequential sampling instead.
+            for biased in ("pass_at_k", "all_pass"):
+                (stats.get("prompts") or {}).pop(biased, None)
             if write:
                 never = io.join(run_dir, NEVER_PASSED)
                 io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
@@ -379,9 +384,10 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
-            # meta: prompt, shuffle key, reward, passed the row rules, digest, text, source, output tokens, input line
+            # meta: prompt, shuffle key, reward, passed the row rules, digest, text, source, output tokens, input line,
+            # sample index
             meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
-                    _where(row) if job.where else None]
+                    _where(row) if job.where else None, k]
             row_bytes = b""
             if reason is None:  # a candidate for train/: its training row in its format
                 key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
@@ -423,7 +429,7 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
         for rid, samples in groups.items():
             rewards = [m[2] for m in samples]
             if tally is not None:
-                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0][8])
+                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0][8], [m[9] for m in samples])
             texts = [m[4] or m[5] for m in samples]  # exact-duplicate keys
             if len(samples) > 1:
                 add_prompt(rewards, threshold, 1.0 - len(set(texts)) / len(samples),
@@ -442,7 +448,7 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
                     continue
                 m = samples[i]
                 add_kept(m[6], m[7], validation=validation)
-                shuffled.add(validation, m[1], m[9])
+                shuffled.add(validation, m[1], m[10])
     if tally is not None:
         for rid, (n, where) in failed.items():  # prompts without a single scored sample
             tally.add(rid, [], n, where)
