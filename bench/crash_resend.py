@@ -2,11 +2,15 @@
 
 Starts the bundled mock server (it counts requests per prompt), runs `sft-ray run` in a
 subprocess with its own local Ray cluster, kills the driver (or the driver with its whole
-Ray cluster) with SIGKILL once ``--kill-at`` rollouts are on disk, reruns the same
-command, and counts prompts the server answered more than once. Goal (issue 9.14): at most
-2 x num_samples_in_parallel on a local filesystem.
+Ray cluster, or the driver's process group: ``os.killpg``, which Ray's workers, each in a
+process group of its own, outlive for seconds) with SIGKILL once ``--kill-at`` rollouts are on
+disk (or, with ``--kill-at-requests``, once the server has had that many requests), reruns the
+same command, and counts prompts the server answered more than once, and the requests that
+reached the server after the kill. Goal (issues 9.14, 22.20): at most 2 x num_samples_in_parallel
+re-sent on a local filesystem.
 
     python bench/crash_resend.py --rows 600 --parallel 16 --kill-at 100 300 --victim driver cluster
+    python bench/crash_resend.py --rows 600 --parallel 16 --latency-ms 100 --kill-at-requests 250 --victim group
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def session_alive(sid: int) -> bool:
     return False
 
 
-def one(rows: int, parallel: int, kill_at: int, victim: str, latency_ms: float) -> dict:
+def one(rows: int, parallel: int, kill_at: int, victim: str, latency_ms: float, at_requests: bool = False) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="sft-crash-"))
     with MockServer(MockConfig(latency_ms=latency_ms)) as server:
         inp = tmp / "in.jsonl"
@@ -57,13 +61,19 @@ def one(rows: int, parallel: int, kill_at: int, victim: str, latency_ms: float) 
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
         deadline = time.time() + 300
-        while count_rows(tmp / "run" / "rollouts") < kill_at and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
+        def reached() -> bool:
+            return (server.state.requests if at_requests else count_rows(tmp / "run" / "rollouts")) >= kill_at
+
+        while not reached() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.005)
         if proc.poll() is not None:
             raise SystemExit("the run ended before it could be killed: use more --rows or a smaller --kill-at")
         answered_at_kill = server.state.requests
+        requests_at_kill = server.state.requests
         if victim == "driver":
             os.kill(proc.pid, signal.SIGKILL)
+        elif victim == "group":
+            os.killpg(proc.pid, signal.SIGKILL)
         else:
             for p in psutil.process_iter():
                 try:
@@ -76,13 +86,14 @@ def one(rows: int, parallel: int, kill_at: int, victim: str, latency_ms: float) 
         deadline = time.time() + 60
         while session_alive(proc.pid) and time.time() < deadline:
             time.sleep(0.2)
+        after_kill = server.state.requests - requests_at_kill
         second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if second.returncode != 0:
             raise SystemExit(second.stdout[-2000:] + second.stderr[-2000:])
         served = dict(server.state.served)
     resent = sum(c - 1 for c in served.values())
     return {"victim": victim, "kill_at": kill_at, "written_at_kill": written, "answered_at_kill": answered_at_kill,
-            "resent": resent, "goal": 2 * parallel}
+            "resent": resent, "after_kill": after_kill, "goal": 2 * parallel}
 
 
 def main() -> None:
@@ -91,15 +102,18 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--kill-at", type=int, nargs="+", default=[150])
-    ap.add_argument("--victim", nargs="+", default=["driver"], choices=["driver", "cluster"])
+    ap.add_argument("--kill-at-requests", action="store_true",
+                    help="--kill-at counts requests the server has had, not rollouts on disk")
+    ap.add_argument("--victim", nargs="+", default=["driver"], choices=["driver", "cluster", "group"])
     args = ap.parse_args()
-    print("| victim | killed at (rollouts on disk) | answered by then | re-sent | goal (2 x parallel) |")
-    print("|---|---|---|---|---|")
+    print("| victim | rollouts on disk at the kill | answered by then | requests after the kill | re-sent | "
+          "goal (2 x parallel) |")
+    print("|---|---|---|---|---|---|")
     for victim in args.victim:
         for k in args.kill_at:
-            r = one(args.rows, args.parallel, k, victim, args.latency_ms)
-            print(f"| {r['victim']} | {r['written_at_kill']} | {r['answered_at_kill']} | {r['resent']} | "
-                  f"{r['goal']} |", flush=True)
+            r = one(args.rows, args.parallel, k, victim, args.latency_ms, args.kill_at_requests)
+            print(f"| {r['victim']} | {r['written_at_kill']} | {r['answered_at_kill']} | {r['after_kill']} | "
+                  f"{r['resent']} | {r['goal']} |", flush=True)
 
 
 if __name__ == "__main__":

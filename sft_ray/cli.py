@@ -178,16 +178,38 @@ def filter_(
     rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard (default: the run's)."),
     seed: Optional[int] = typer.Option(None, help="Shuffle seed (default: the run's shuffle.seed)."),
 ) -> None:
-    """Re-cut an existing run: rewrite train/, validation/ and stats.json with new settings (calls no model)."""
-    from sft_ray.job import finalize_run
-    from sft_ray.runfolder.manifest import save_manifest
+    """Re-cut an existing run: rewrite train/, validation/ and stats.json with new settings (calls no model).
+    Refused while a run (or another re-cut) holds the folder's lock; run.json records each re-cut under
+    `recuts` and holds its settings as the folder's filter/train/shuffle config."""
+    import time
 
-    manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
-        min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
-    finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
-    cfg = manifest["config"]
-    cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
-    save_manifest(run_dir, manifest)
+    from sft_ray.job import finalize_run
+    from sft_ray.runfolder.lock import LockError, RunLock
+    from sft_ray.runfolder.manifest import load_manifest, save_manifest
+
+    if load_manifest(run_dir) is None:  # before the lock, which would make the folder
+        _fail(f"{run_dir} is not a run folder (no run.json)")
+    try:
+        lock = RunLock(run_dir, "filter").acquire()
+    except LockError as e:  # a live run writes rollouts/, train/, stats.json and run.json: no re-cut under it
+        _fail(f"not re-cut: {e}")
+    except OSError as e:
+        _fail(f"not re-cut: cannot take the lock {RunLock(run_dir).uri}: {e.strerror or e}")
+    with lock:
+        options = _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt,
+                                 file_format, rows_per_shard, seed)
+        manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], options)
+        stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
+        cfg = manifest["config"]
+        cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
+        # The re-cut as given, kept for good: a later `sft-ray run` of the folder re-finalizes with its own
+        # filter/train/shuffle (its config replaces the one above), and this says what was cut before.
+        manifest.setdefault("recuts", []).append({
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "given": {k: v for k, v in options.items() if v is not None}, "overrides": list(overrides or []),
+            "filter": filter_cfg, "train": train, "shuffle_seed": shuffle_seed,
+            "train_rows": stats.get("train_rows"), "validation_rows": stats.get("validation", 0)})
+        save_manifest(run_dir, manifest)
 
 
 @app.command()

@@ -669,10 +669,25 @@ class ReadConfig(_Strict):
         None, ge=1, description="Use only the first N rows of the whole input, files in name order (for trials, as "
         "NeMo Gym's `limit`). Part of the run fingerprint: a resume with another limit is refused."
     )
+    allow_empty: bool = Field(
+        False, description="Accept an input with no rows (empty or blank files, or every line skipped as bad): "
+        "the run then finishes with empty outputs. By default such an input is refused (exit 2), as it is "
+        "almost always a wrong path or an unfinished export."
+    )
 
 
 class ResourcesConfig(_Strict):
     """Actor pools; the defaults suit one machine."""
+
+    @field_validator("generate_actors", "score_actors")
+    @classmethod
+    def _actor_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < 1:
+            raise ValueError("actor counts must be at least 1")
+        if lo > hi:
+            raise ValueError(f"[min, max] has min {lo} greater than max {hi}")
+        return v
 
     generate_actors: int | tuple[int, int] = Field(
         1, description="Generation actors: a count, or [min, max] for an autoscaling pool."

@@ -17,6 +17,7 @@ in :mod:`sft_ray.finalize`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -114,10 +115,31 @@ def scan_input(cfg: RunConfig) -> InputPlan:
     except FileNotFoundError as e:
         raise RunError(str(e), EXIT_INPUT) from None
     try:
-        return scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines)
+        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines)
     except InputError as err:
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines)",
                        EXIT_INPUT) from None
+    if not plan.ids and not cfg.read.allow_empty:
+        named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        why = f"all {len(plan.bad_lines)} non-blank line(s) are bad" if plan.bad_lines else "empty or blank lines only"
+        raise RunError(f"input has no rows ({why}): {named}\n(set read.allow_empty=true to finish a run with "
+                       "no rows anyway)", EXIT_INPUT)
+    return plan
+
+
+def output_folder_error(run_dir: str, err: OSError) -> str:
+    """One line on why ``run_dir`` cannot be a run folder (a parent that is a file, a read-only
+    or virtual filesystem such as /proc), naming the path and the reason."""
+    reason = err.strerror or str(err)
+    if "://" not in run_dir:
+        parent = os.path.abspath(run_dir)
+        while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            reason = f"{parent} is a file, not a folder"
+        elif parent != os.path.abspath(run_dir):
+            reason = f"no folder can be made in {parent}: {reason}"
+    return f"output {run_dir}: cannot be a run folder ({reason})"
 
 
 def lock_folder(run_dir: str) -> RunLock:
@@ -126,6 +148,8 @@ def lock_folder(run_dir: str) -> RunLock:
         return RunLock(run_dir).acquire()
     except LockError as e:
         raise RunError(str(e)) from None
+    except OSError as e:  # the lock is the first thing written: a path that cannot be a folder shows here
+        raise RunError(output_folder_error(run_dir, e)) from None
 
 
 def prepare_folder(cfg: RunConfig, restart: bool, inputs: InputPlan) -> dict[str, Any]:

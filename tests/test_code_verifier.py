@@ -367,8 +367,8 @@ def test_a_whole_run_with_hostile_answers_trains_only_on_the_honest_one(tmp_path
 
     from conftest import make_config, read_rows, write_jsonl
 
-    from sft_ray.driver import EXIT_OK
     from sft_ray.job import run
+    from sft_ray.runfolder.completion import EXIT_OK
 
     rollouts = tmp_path / "run" / "rollouts"
     inject = (f"import json, os\nos.makedirs({str(rollouts)!r}, exist_ok=True)\n"

@@ -184,3 +184,33 @@ def test_generation_model_structured_outputs_with_vllm():
     assert cfg.model.extra_body == {"structured_outputs": {"regex": "[0-9]+"}}
     # openai: extra_body is the request body's, passed as written
     assert load_config(None, ["input=x", "output=o", "model.name=m", "model.extra_body={x: 1}"]).model.extra_body
+
+
+@pytest.mark.parametrize("text, key, first, again", [
+    ("input: a\noutput: o\nnum_repeats: 4\nmodel: {name: m}\nnum_repeats: 1\n", "num_repeats", 3, 5),
+    ("input: a\noutput: o\nmodel:\n  name: m\nmodel:\n  name: n\n", "model", 3, 5),
+    ("input: a\noutput: o\nmodel:\n  name: m\n  api: chat\n  name: n\n", "name", 4, 6),
+])
+def test_duplicate_yaml_keys_are_refused_naming_key_and_line(tmp_path, text, key, first, again):
+    # PyYAML keeps the last of two equal keys silently: a run would quietly use the other value.
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file)
+    assert str(e.value) == f"{cfg_file}:{again}: key {key!r} is given twice (first on line {first}); remove one"
+
+
+def test_yaml_merge_keys_and_anchors_still_load(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("input: a\noutput: o\nmodel: &m {name: m, api: chat}\n"
+                        "verifier:\n  type: judge\n  judge:\n    model:\n      <<: *m\n      name: j\n")
+    assert load_config(cfg_file).verifier.judge.model.name == "j"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[4, 1]", "min 4 greater than max 1"), ("[0, 2]", "at least 1"), ("0", "at least 1")])
+@pytest.mark.parametrize("key", ["generate_actors", "score_actors"])
+def test_actor_ranges_are_checked(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", "model.name=m", f"resources.{key}={value}"])
+    assert f"resources.{key}: " in str(e.value) and message in str(e.value)

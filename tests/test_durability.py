@@ -93,6 +93,83 @@ def test_kill_9_then_resume_exactly_once(tmp_path, victim):
     print(f"\nkill -9 of the {victim} with {len(written)} rows written: {resent} samples sent a second time")
 
 
+def _live_in_session(sid: int) -> list[psutil.Process]:
+    """The processes of session ``sid`` that still run (killed ones not yet reaped are zombies: not counted)."""
+    live = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                live.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return live
+
+
+def test_kill_9_of_the_process_group_then_rerun_resends_at_most_2x_parallel(tmp_path):
+    """Issue 22.20: `kill -9` of the process group of `sft-ray run` (the driver and the Ray processes
+    it started; Ray's workers each have a process group of their own and live on for seconds) once
+    the server has had 250 requests, then the same command again. The orphaned generation actor
+    starts no request after the kill (before: 64-144 more), and at most 2 x num_samples_in_parallel
+    samples are sent twice in all (before: 0, 78, 36, 48 in four runs)."""
+    n, parallel = 600, 16
+    with MockServer(MockConfig(latency_ms=100)) as server:
+        inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "expected_answer": "x"} for i in range(n)])
+        cfg_file = tmp_path / "c.yaml"
+        cfg_file.write_text(json.dumps({
+            "input": str(inp), "output": str(tmp_path / "run"), "model": {"name": "mock", "base_url": server.url},
+            "num_samples_in_parallel": parallel, "resources": {"ray_address": "local"}}))
+        cmd = [sys.executable, "-m", "sft_ray.cli", "run", str(cfg_file)]
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while server.state.requests < 250:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no 250 requests in 300 s: the machine is too loaded for this test"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        at_kill = server.state.requests
+        proc.wait()
+        orphans = [p.pid for p in _live_in_session(proc.pid)]
+        deadline = time.time() + 60
+        while _live_in_session(proc.pid) and time.time() < deadline:  # they notice, and exit, on their own
+            time.sleep(0.1)
+        late = server.state.requests - at_kill
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+        served = dict(server.state.served)
+    # Only requests already on their way at the kill reach the server after it.
+    assert late <= parallel, f"{late} requests after the kill of the process group"
+    assert_exactly_once(tmp_path / "run", {(f"{k}", 0) for k in _ids(inp)})
+    resent = sum(c - 1 for c in served.values())
+    print(f"\nkill -9 of the process group at {at_kill} requests ({len(orphans)} Ray processes outlived it): "
+          f"{late} requests arrived after it, {resent} samples sent twice")
+    assert resent <= 2 * parallel
+
+
+def test_driver_watch_sees_a_killed_driver_even_unreaped_and_is_never_armed_elsewhere():
+    import socket
+
+    from sft_ray.stages.generate import DriverWatch
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ident = {"pid": child.pid, "host": socket.gethostname(), "started_at": psutil.Process(child.pid).create_time()}
+    watch = DriverWatch(ident)
+    assert not watch.gone()
+    child.kill()
+    deadline = time.time() + 10
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.05)
+    assert watch.gone()  # killed, not yet reaped by its parent: a zombie is no driver
+    child.wait()
+    assert watch.gone()
+    # another host, another process by that pid (its start time differs), or no driver: never armed
+    assert not DriverWatch({**ident, "pid": os.getpid(), "host": "elsewhere"}).gone()
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": 0.0}
+    assert DriverWatch(me).process is None and DriverWatch(None).process is None
+    assert DriverWatch({**me, "started_at": psutil.Process().create_time()}).process is not None
+
+
 def _ids(path):
     from sft_ray.rows import row_id
 

@@ -307,3 +307,28 @@ def test_sft_trainer_prepares_the_rows_unchanged(tmp_path, tokenizer, fmt, file_
         assert trained.startswith("<tool_call>\n") and "Weather in city1" not in trained
         assert "<tool_response>\ncold in city1\n</tool_response>" in trained
         assert trained.rstrip().endswith("It is cold in city1; 1 + 1 = 2.<|im_end|>")
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5])
+@pytest.mark.parametrize("file_format", ["jsonl", "parquet"])
+def test_dataset_card_declares_only_splits_with_rows(tmp_path, fraction, file_format):
+    """32 prompts at validation_fraction 0.05 can send none to validation: the card must not declare an
+    empty split (`datasets.load_dataset` on the folder then fails), and the report says what happened."""
+    import datasets
+
+    from sft_ray.finalize.stats import format_report
+
+    write_run(tmp_path, [single_rollout(i) for i in range(32)])
+    # shuffle seed 6: none of the 32 prompts falls in a 5% validation split (about one seed in five does)
+    stats = finalize(str(tmp_path), {"min_reward": 0.0}, 6,
+                     {"validation_fraction": fraction, "file_format": file_format})
+    loaded = datasets.load_dataset(str(tmp_path))
+    assert sum(len(split) for split in loaded.values()) == 32
+    assert len(loaded["train"]) == stats["train_rows"]
+    if fraction == 0.05:
+        assert stats["validation"] == 0 and set(loaded) == {"train"}
+        assert "validation: 0 samples" in format_report(stats)
+    else:
+        assert 0 < stats["validation"] < 32 and len(loaded["validation"]) == stats["validation"]
+    report = format_report(stats)
+    assert f"validation: {stats['validation']} samples" in report

@@ -82,3 +82,59 @@ def test_s3_lease_is_conditional_and_a_stale_one_is_taken_over(s3):  # noqa: F81
     with RunLock(run_dir).acquire():
         body = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/r/run.lock")["Body"].read())
         assert body["pid"] == os.getpid()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sft_ray.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_filter_refuses_while_a_run_holds_the_lock_and_its_recut_is_recorded(tmp_path):
+    """`sft-ray filter` rewrites train/, stats.json and run.json: never under a live run (issue 22.8)."""
+    import hashlib
+
+    from sft_ray.configload import load_config
+    from sft_ray.job import finalize_run
+    from sft_ray.runfolder.manifest import prepare_run_dir, save_manifest
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"input={tmp_path / 'in.jsonl'}", f"output={run_dir}", "model.name=m"])
+    manifest = prepare_run_dir(cfg, False, {})
+    (run_dir / "rollouts").mkdir()
+    (run_dir / "rollouts" / "part-000-00000.jsonl").write_text("".join(json.dumps(
+        {"id": f"p{i}", "sample_index": 0, "messages": [{"role": "user", "content": f"q{i}"},
+                                                         {"role": "assistant", "content": f"a{i}"}],
+         "response": f"a{i}", "reward": i / 10, "error": None, "finish_reason": "stop",
+         "usage": {"input_tokens": 1, "output_tokens": 1}}) + "\n" for i in range(10)))
+    save_manifest(str(run_dir), manifest)
+    finalize_run(str(run_dir), cfg.filter.model_dump(), 0, cfg.train.model_dump(), manifest, lambda s: None)
+
+    def outputs() -> dict[str, str]:
+        return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "run.lock"}
+
+    before = outputs()
+    with RunLock(str(run_dir)).acquire():  # a live run: this process
+        proc = _cli("filter", str(run_dir), "--min-reward", "0.5")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"is in use by another sft-ray run (pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+        assert proc.stderr.startswith("error: not re-cut: ") and "Traceback" not in proc.stderr
+        assert outputs() == before
+    proc = _cli("filter", str(run_dir), "--min-reward", "0.5", "train.reasoning=drop")
+    assert proc.returncode == 0, proc.stderr
+    assert not (run_dir / "run.lock").exists()
+    saved = json.loads((run_dir / "run.json").read_text())
+    [recut] = saved["recuts"]
+    assert recut["given"] == {"filter.min_reward": 0.5} and recut["overrides"] == ["train.reasoning=drop"]
+    assert recut["filter"]["min_reward"] == 0.5 and recut["train_rows"] == 5 and recut["shuffle_seed"] == 0
+    assert saved["config"]["filter"]["min_reward"] == 0.5  # what train/ now holds
+    # A later `sft-ray run` of the folder re-finalizes with its own settings: the re-cut stays on record.
+    again = prepare_run_dir(cfg, False, {})
+    assert again["recuts"] == saved["recuts"] and again["config"]["filter"]["min_reward"] == 0.0
+
+
+def test_a_run_is_refused_while_a_recut_holds_the_folder(tmp_path):
+    with RunLock(str(tmp_path / "run"), "filter").acquire():
+        with pytest.raises(LockError, match="in use by another sft-ray filter"):
+            RunLock(str(tmp_path / "run")).acquire()
+    assert "not a run folder" in _cli("filter", str(tmp_path / "nothing")).stderr
+    assert not (tmp_path / "nothing").exists()  # refused before any lock is made

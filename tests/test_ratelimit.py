@@ -306,3 +306,42 @@ def test_dry_run_plans_from_a_pilot_without_touching_the_run_folder(tmp_path, ra
     assert plan["minutes_at_rate_limits"] == pytest.approx(80 / 60, abs=0.1)
     text = "\n".join(lines)
     assert "planned: 80 requests" in text and "about $0.48" in text and "budget.max_cost_usd=0.1 stops" in text
+
+
+def test_dry_run_leaves_every_byte_of_an_existing_run_folder(tmp_path, ray_cluster):
+    """A folder whose rollout file ends in a torn line (a killed run's, or one a live run is
+    writing): --dry-run counts what is done and changes nothing, not even that line."""
+    import hashlib
+
+    from sft_ray.dryrun import dry_run
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"word {i}", "expected_answer": f"word {i}"}
+                                              for i in range(6)])
+    run_dir = tmp_path / "run"
+    (run_dir / "rollouts").mkdir(parents=True)
+    (run_dir / "failed").mkdir()
+    from sft_ray.rows import row_id
+
+    done = [{"id": row_id(json.loads(line)), "sample_index": 0, "reward": 1.0}
+            for line in inp.read_text().splitlines()[:2]]
+    (run_dir / "rollouts" / "part-000-00000.jsonl").write_bytes(
+        b"".join(json.dumps(r).encode() + b"\n" for r in done) + b'{"id": "torn", "sample_in')
+    (run_dir / "failed" / "part-000-00000.jsonl").write_bytes(b'{"id": "x", "sample_index": 0, "err')
+    (run_dir / "run.json").write_text("{}")
+
+    def hashes() -> dict[str, str]:
+        return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = hashes()
+    with MockServer(MockConfig()) as server:
+        lines: list[str] = []
+        plan = dry_run(make_config(tmp_path, server, inp), 2, lines.append)
+    assert plan["samples_done"] == 2 and plan["samples_planned"] == 4
+    assert hashes() == before
+    assert "nothing was written to the run folder" in lines[-1]
+    # A real run (which holds the lock when it reads the folder) does cut the torn line off.
+    from sft_ray.runfolder.state import FolderState
+
+    assert len(FolderState(str(run_dir), 3).done) == 2
+    assert (run_dir / "rollouts" / "part-000-00000.jsonl").read_bytes().endswith(b"}\n")

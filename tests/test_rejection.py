@@ -190,3 +190,33 @@ def test_answers_a_killed_run_journaled_count_as_drawn(tmp_path, ray_cluster, mo
     assert run(cfg, say=lambda s: None) == EXIT_OK
     assert _samples(run_dir) == {"late": [0, 1, 2, 3]}
     assert mock_server.state.requests - before == 1  # sample 2 came from the journal, scored; only 3 was drawn
+
+
+def test_report_gives_sequential_statistics_not_biased_pass_at_k(tmp_path):
+    """Prompts stop drawing once they pass: pass@k over what was drawn is biased (here @8 is 0 while @1
+    is 0.46). The report gives the samples to the first pass and the passing share per prompt instead."""
+    from sft_ray.finalize.passes import finalize
+    from sft_ray.finalize.stats import format_report
+
+    verdicts = {"a": [0, 0, 1], "b": [1], "c": [0] * 8, "d": [0, 1]}  # by sample index
+    rows = [{"id": rid, "sample_index": k, "messages": [{"role": "user", "content": rid},
+                                                        {"role": "assistant", "content": f"{rid}{k}"}],
+             "response": f"{rid}{k}", "reward": float(v), "error": None, "finish_reason": "stop",
+             "usage": {"input_tokens": 1, "output_tokens": 1}}
+            for rid, vs in verdicts.items() for k, v in enumerate(vs)]
+    (tmp_path / "rollouts").mkdir()
+    # written out of draw order (as concurrent draws and reruns write them)
+    (tmp_path / "rollouts" / "part-000-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+    stats = finalize(str(tmp_path), {"min_reward": 1.0}, 0, {}, write=False,
+                     rejection={"target_passing": 1, "max_samples": 8})
+    assert "pass_at_k" not in stats["prompts"] and "all_pass" not in stats["prompts"]
+    rej = stats["rejection"]
+    assert rej["samples_to_first_pass"] == {"prompts": 3, "mean": 2.0, "histogram": {"1": 1, "2": 1, "3": 1}}
+    assert rej["passing_share_per_prompt"] == pytest.approx((1 / 3 + 1 + 0 + 1 / 2) / 4, abs=1e-4)
+    report = format_report(stats)
+    assert "pass@k:" not in report and "samples to the first pass: mean 2.00 over 3 prompt(s) (1: 1, 2: 1, 3: 1)" \
+        in report and "passing share per prompt: mean 0.458" in report
+
+    # The same samples drawn with a fixed num_repeats (no rejection section): pass@k is unbiased there.
+    fixed = finalize(str(tmp_path), {"min_reward": 1.0}, 0, {}, write=False)
+    assert "pass_at_k" in fixed["prompts"] and "rejection" not in fixed and "pass@k:" in format_report(fixed)

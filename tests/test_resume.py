@@ -24,7 +24,7 @@ from sft_ray.stages.read import read_samples, scan_input
 def _keys(plan, num_repeats=1):
     out = []
     for f in plan.used():
-        for cols in read_samples(f.path, num_repeats, limit=f.rows, qualifier=f.qualifier):
+        for cols in read_samples(f.path, num_repeats, limit=f.rows, qualifier=f.qualifier, renamed=f.renamed):
             out += list(zip(cols["id"], cols["sample_index"]))
     return out
 
@@ -50,7 +50,42 @@ def test_a_repeat_suffix_never_collides_with_a_given_id(tmp_path):
     f = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "1"}, {"id": "a", "prompt": "2"},
                                             {"id": "a-1", "prompt": "3"}])
     keys = _keys(scan_input([str(f)], None, False))
-    assert len(set(keys)) == 3
+    # "a-1" names the row whose id is "a-1", not the second "a" (which takes the first free suffix)
+    assert keys == [("a", 0), ("a-2", 0), ("a-1", 0)]
+
+
+def _ids(tmp_path, rows, limit=None):
+    f = write_jsonl(tmp_path / "in.jsonl", rows)
+    plan = scan_input([str(f)], limit, False)
+    keys = [k for k, _ in _keys(plan)]
+    assert set(keys) == plan.ids and len(keys) == len(set(keys))  # the read task makes the scan's ids
+    # read_samples on its own (no scan given) makes the same ids
+    assert [k for cols in read_samples(str(f), 1, limit=plan.files[0].rows) for k in cols["id"]] == keys
+    return keys
+
+
+def test_a_type_clash_gives_the_string_id_to_the_string(tmp_path):
+    # integer 7 and string "7": the string keeps "7", whichever comes first; the integer gets a free suffix
+    assert _ids(tmp_path, [{"id": 7, "prompt": "int"}, {"id": "7", "prompt": "str"}]) == ["7-1", "7"]
+    assert _ids(tmp_path, [{"id": "7", "prompt": "str"}, {"id": 7, "prompt": "int"}]) == ["7", "7-1"]
+    assert _ids(tmp_path, [{"id": 7, "prompt": "i"}, {"id": "7", "prompt": "s"}, {"id": "7-1", "prompt": "t"},
+                           {"id": 7, "prompt": "i2"}]) == ["7-2", "7", "7-1", "7-3"]
+    # other JSON types and the content hash of rows without id follow the same rule
+    h = _ids(tmp_path, [{"prompt": "x"}])[0]
+    assert _ids(tmp_path, [{"prompt": "x"}, {"id": h, "prompt": "y"}, {"id": True, "prompt": "z"},
+                           {"id": "true", "prompt": "w"}]) == [f"{h}-1", h, "true-1", "true"]
+
+
+def test_ids_without_a_collision_are_as_before(tmp_path):
+    # Run folders made before the look-ahead resume: ids that collide with no input id keep their old form.
+    h = _ids(tmp_path, [{"prompt": "x"}])[0]
+    assert _ids(tmp_path, [{"id": "a", "prompt": "1"}, {"id": "a", "prompt": "2"}, {"id": "b", "prompt": "3"},
+                           {"id": "a", "prompt": "4"}, {"id": 7, "prompt": "5"}, {"id": 7, "prompt": "6"},
+                           {"prompt": "x"}, {"prompt": "x"}, {"prompt": "x"}]) == \
+        ["a", "a-1", "b", "a-2", "7", "7-1", h, f"{h}-1", f"{h}-2"]
+    # only the rows the run uses count: an "a-1" beyond read.limit does not move the repeat
+    assert _ids(tmp_path, [{"id": "a", "prompt": "1"}, {"id": "a", "prompt": "2"}, {"id": "a-1", "prompt": "3"}],
+                limit=2) == ["a", "a-1"]
 
 
 def test_limit_is_global_over_files_in_order(tmp_path):
@@ -75,6 +110,50 @@ def test_changed_read_limit_is_refused_on_resume(tmp_path):
         prepare_run_dir(load_config(None, base + ["read.limit=20"]), False, {})
     with pytest.raises(ValueError, match=r"read: \{'limit': 10\} -> None"):
         prepare_run_dir(load_config(None, base), False, {})
+
+
+def test_send_seed_is_part_of_the_fingerprint(tmp_path):
+    base = [f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'run'}", "model.name=m"]
+    cfg = load_config(None, base)
+    save_manifest(cfg.output, prepare_run_dir(cfg, False, {}))
+    with pytest.raises(ValueError, match="model.send_seed: True -> False"):
+        prepare_run_dir(load_config(None, base + ["model.send_seed=false"]), False, {})
+
+
+def test_one_input_spelled_differently_is_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "v.py").write_text("def score(row, response):\n    return 1.0\n")
+
+    def cfg(inp: str, function: str = "v.py:score"):
+        return load_config(None, [f"input={inp}", "output=run", "model.name=m", "verifier.type=python",
+                                  f"verifier.function={function}"])
+
+    save_manifest("run", prepare_run_dir(cfg("./in"), False, {}))
+    for inp, function in (("in", "v.py:score"), ("in/", "./v.py:score"), (str(tmp_path / "in"), str(tmp_path / "v.py:score")),
+                          ("./sub/../in", "v.py:score")):
+        prepare_run_dir(cfg(inp, function), False, {})  # the same input and verifier: resumes
+    with pytest.raises(ValueError, match="input: "):
+        prepare_run_dir(cfg("other"), False, {})
+    with pytest.raises(ValueError, match="verifier.function: "):
+        prepare_run_dir(cfg("in", "v.py:other"), False, {})
+    # URIs are kept as written
+    from sft_ray.runfolder.manifest import canonical_fingerprint
+
+    assert canonical_fingerprint({"input": "s3://b/in/"})["input"] == "s3://b/in/"
+
+
+def test_a_folder_made_before_paths_and_send_seed_were_canonical_resumes(tmp_path, monkeypatch):
+    # run.json of an earlier version: the input as typed (relative), no model.send_seed
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["input=./in.jsonl", "output=run", "model.name=m"])
+    manifest = prepare_run_dir(cfg, False, {})
+    manifest["fingerprint"]["input"] = "./in.jsonl"
+    del manifest["fingerprint"]["model"]["send_seed"]
+    save_manifest("run", manifest)
+    prepare_run_dir(load_config(None, ["input=in.jsonl", "output=run", "model.name=m"]), False, {})
+    prepare_run_dir(load_config(None, ["input=in.jsonl", "output=run", "model.name=m", "model.send_seed=false"]),
+                    False, {})  # unknown then: not refused
 
 
 def _failed_row(rid: str, runs: int | None = None) -> bytes:

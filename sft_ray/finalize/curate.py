@@ -145,6 +145,7 @@ class Scored(NamedTuple):
     source: str | None
     output_tokens: int
     input_line: str | None  # "file:line" of the prompt, when the job keeps it
+    sample_index: int  # the draw order (rejection sampling's samples to the first pass)
     train_row: bytes  # the training row in its format (b"" unless the rollout passed the row rules)
 
     @property

@@ -247,6 +247,11 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         stats = acc.result()
         if tally is not None:
             stats["rejection"] = tally.result()
+            # pass@k needs k samples of a prompt whatever the first ones scored. Rejection sampling stops a
+            # prompt once it passes, so prompts that passed early have few samples and pass@k is biased (it
+            # even falls with k); the rejection section reports what holds for sequential sampling instead.
+            for biased in ("pass_at_k", "all_pass"):
+                (stats.get("prompts") or {}).pop(biased, None)
             if write:
                 never = io.join(run_dir, NEVER_PASSED)
                 io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
@@ -264,11 +269,16 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             stats["torn_lines"] = torn
         if write:
             stats["shards"] = _write_split(run_dir, job, pool, TRAIN, in_bucket[TRAIN])
-            if train["validation_fraction"] > 0:
+            if train["validation_fraction"] > 0 and sum(in_bucket[VALIDATION]):
                 stats["validation_shards"] = _write_split(run_dir, job, pool, VALIDATION, in_bucket[VALIDATION])
             else:
-                io.delete(io.join(run_dir, VALIDATION))  # a split from an earlier `sft-ray filter` no longer applies
-            splits = [TRAIN] + ([VALIDATION] if train["validation_fraction"] > 0 else [])
+                # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
+                # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
+                io.delete(io.join(run_dir, VALIDATION))
+            # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
+            # declared split whose files it cannot find.
+            splits = [s for s, rows in ((TRAIN, stats["shards"]), (VALIDATION, stats.get("validation_shards")))
+                      if rows] or [TRAIN]
             schema = parquet_schema(train["format"], list(train["include_fields"]))
             io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schema, train["file_format"], splits).encode())
     return stats
@@ -372,7 +382,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
             # A Scored record but its training row (which follows it on the line, as bytes).
             meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
-                    _input_line(row) if job.keep_input_line else None]
+                    _input_line(row) if job.keep_input_line else None, k]
             row_bytes = b""
             if reason is None:  # a candidate for train/: its training row in its format
                 key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
@@ -413,7 +423,7 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
         for rid, samples in groups.items():
             rewards = [s.reward for s in samples]
             if tally is not None:
-                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0].input_line)
+                tally.add(rid, rewards, failed.pop(rid, [0])[0], samples[0].input_line, [s.sample_index for s in samples])
             keys = [s.duplicate_key for s in samples]
             if len(samples) > 1:
                 add_prompt(rewards, threshold, 1.0 - len(set(keys)) / len(samples),

@@ -335,8 +335,12 @@ def format_report(stats: dict[str, Any]) -> str:
     drops = stats.get("drops_by_reason") or {}
     if drops:
         lines.append("dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])))
+    fraction = (stats.get("train") or {}).get("validation_fraction")
     if stats.get("validation"):
         lines.append(f"validation: {stats['validation']} samples (split by prompt)")
+    elif fraction:
+        lines.append(f"validation: 0 samples: validation_fraction {fraction:g} picked none of the prompts (each "
+                     "falls there with that chance); no validation split is written, raise the fraction for one")
     ep = stats.get("episodes")
     if ep:
         lines.append(f"episodes: {ep['count']}  termination: "
@@ -355,10 +359,13 @@ def format_report(stats: dict[str, Any]) -> str:
             lines.append(f"source {name}: samples {src['samples']}  kept {src['kept']} "
                          f"({100 * src['pass_rate']:.1f}%)  mean reward {mean}")
     pr = stats.get("prompts")
-    if pr:
+    if pr and "pass_at_k" in pr:
         lines.append(f"prompts: {pr['count']}  pass@k: "
                      + ", ".join(f"@{k} {v:.3f}" for k, v in pr["pass_at_k"].items())
                      + f"  none pass {pr['none_pass']}  all pass {pr['all_pass']}  "
+                     f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
+    elif pr:  # rejection sampling: pass@k would be biased (see the rejection lines)
+        lines.append(f"prompts: {pr['count']}  none pass {pr['none_pass']}  "
                      f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
     rej = stats.get("rejection")
     if rej:
@@ -371,6 +378,13 @@ def format_report(stats: dict[str, Any]) -> str:
                      + (f", {rej['unfinished']} unfinished" if rej["unfinished"] else ""))
         lines.append(f"  samples drawn: {rej['samples_drawn']} of {rej['samples_at_max']} at max_samples: "
                      f"{rej['samples_saved']} saved ({100 * rej['saved_fraction']:.1f}%)")
+        first = rej.get("samples_to_first_pass") or {}
+        if first.get("prompts"):
+            lines.append(f"  samples to the first pass: mean {first['mean']:.2f} over {first['prompts']} prompt(s) ("
+                         + ", ".join(f"{k}: {v}" for k, v in first["histogram"].items()) + ")")
+        if rej.get("passing_share_per_prompt") is not None:
+            lines.append(f"  passing share per prompt: mean {rej['passing_share_per_prompt']:.3f}  (pass@k is not "
+                         "reported: prompts stop drawing once they pass, which biases it)")
     rep = stats.get("repetition")
     if rep:
         d2 = f"{rep['distinct_2']:.3f}" if rep.get("distinct_2") is not None else "-"
@@ -411,13 +425,26 @@ class Tally:
         self.target, self.max_samples, self.threshold = target, max_samples, threshold
         self.prompts = self.reached = self.below = self.unfinished = self.drawn = 0
         self.never: list[dict[str, Any]] = []
+        # Sound under sequential sampling: scored samples up to the first pass (by sample index: the draw
+        # order) per prompt that passed, and each prompt's passing share of its scored samples.
+        self.to_first_pass: dict[int, int] = {}
+        self.share_sum, self.scored_prompts = 0.0, 0
 
-    def add(self, rid: str, rewards: list[float], failures: int, source: str | None) -> None:
-        """One prompt: the rewards of its samples, and its failed samples (drawn, without a reward)."""
+    def add(self, rid: str, rewards: list[float], failures: int, source: str | None,
+            indices: list[int] | None = None) -> None:
+        """One prompt: the rewards of its samples (``indices``: their sample indices, the draw
+        order), and its failed samples (drawn, without a reward)."""
         n = len(rewards) + failures
         passing = sum(r >= self.threshold for r in rewards)
         self.prompts += 1
         self.drawn += n
+        if rewards:
+            self.scored_prompts += 1
+            self.share_sum += passing / len(rewards)
+            order = [r for _, r in sorted(zip(indices, rewards))] if indices is not None else rewards
+            first = next((i for i, r in enumerate(order, start=1) if r >= self.threshold), None)
+            if first is not None:
+                self.to_first_pass[first] = self.to_first_pass.get(first, 0) + 1
         if passing >= self.target:
             self.reached += 1
         elif n >= self.max_samples:
@@ -436,6 +463,10 @@ class Tally:
         self.unfinished += other.unfinished
         self.drawn += other.drawn
         self.never.extend(other.never)
+        for k, v in other.to_first_pass.items():
+            self.to_first_pass[k] = self.to_first_pass.get(k, 0) + v
+        self.share_sum += other.share_sum
+        self.scored_prompts += other.scored_prompts
 
     def result(self) -> dict[str, Any]:
         most = self.prompts * self.max_samples
@@ -443,4 +474,14 @@ class Tally:
                 "prompts": self.prompts, "reached_target": self.reached, "finished_below_target": self.below,
                 "never_passed": len(self.never), "unfinished": self.unfinished, "samples_drawn": self.drawn,
                 "samples_at_max": most, "samples_saved": most - self.drawn,
-                "saved_fraction": round((most - self.drawn) / most, 4) if most else 0.0}
+                "saved_fraction": round((most - self.drawn) / most, 4) if most else 0.0,
+                "samples_to_first_pass": self._first_pass(),
+                "passing_share_per_prompt": round(self.share_sum / self.scored_prompts, 4)
+                if self.scored_prompts else None}
+
+    def _first_pass(self) -> dict[str, Any]:
+        """Over the prompts that passed: scored samples drawn up to and including the first passing one."""
+        passed = sum(self.to_first_pass.values())
+        total = sum(k * v for k, v in self.to_first_pass.items())
+        return {"prompts": passed, "mean": round(total / passed, 4) if passed else None,
+                "histogram": {str(k): v for k, v in sorted(self.to_first_pass.items())}}

@@ -47,17 +47,21 @@ def _holder_text(info: dict[str, Any]) -> str:
 
 
 def _refuse(uri: str, info: dict[str, Any], extra: str = "") -> LockError:
-    return LockError(f"{uri} is in use by another sft-ray run ({_holder_text(info)}). Wait for it to end, or use "
-                     f"another output folder.{extra}")
+    # Locks written before `command` was recorded were all taken by `sft-ray run`.
+    command = info.get("command") if isinstance(info.get("command"), str) else "run"
+    return LockError(f"{uri} is in use by another sft-ray {command} ({_holder_text(info)}). Wait for it to end, or "
+                     f"use another output folder.{extra}")
 
 
 class RunLock:
     """``with RunLock(run_dir).acquire(): ...``; released on exit (also after an error)."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, command: str = "run") -> None:
+        """``command``: the sft-ray command taking the lock (`run`, `filter`), named to those refused."""
         self.run_dir = run_dir
         self.uri = io.join(run_dir, LOCK)
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
+                     "command": command}
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self.scheme = run_dir.split("://", 1)[0] if "://" in run_dir else "file"

@@ -10,6 +10,8 @@ each session's record.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,9 +37,59 @@ def _verifier_fingerprint(data: Any) -> Any:
     return data
 
 
+def _canonical_path(path: str) -> str:
+    """A local path made absolute and normal (`./in`, `in` and `in/` name one input); URIs as given."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _canonical_module(spec: Any) -> Any:
+    """A plugin spec (`path/to/file.py[:attr]`, `package.module[:attr]`) with its file path made
+    absolute as :func:`sft_ray.plugins.load_module` resolves it; import names as given."""
+    if not isinstance(spec, str):
+        return spec
+    module, sep, attr = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if module.endswith(".py") or "/" in module:
+        module = str(Path(module).expanduser().resolve())
+    return module + sep + attr
+
+
+def _canonical_plugins(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _canonical_module(v) if k in ("function", "module") else _canonical_plugins(v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [_canonical_plugins(v) for v in data]
+    return data
+
+
+def canonical_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+    """``fp`` with the paths it holds in one spelling each (the input, plugin files, a local
+    model folder), so that `./in` and `in` are the same run. Idempotent; applied to the
+    fingerprint a run folder holds too, as folders made before this stored paths as typed."""
+    fp = dict(fp)
+    if isinstance(fp.get("input"), str):
+        fp["input"] = _canonical_path(fp["input"])
+    for section in ("verifier", "environment"):
+        if section in fp:
+            fp[section] = _canonical_plugins(fp[section])
+    model = fp.get("model")
+    if isinstance(model, dict) and model.get("backend") == "vllm" and isinstance(model.get("name"), str) \
+            and os.path.isdir(os.path.expanduser(model["name"])):  # a local folder, not a hub id
+        fp["model"] = {**model, "name": _canonical_path(model["name"])}
+    return fp
+
+
+# Fingerprint keys added after run folders existed: a folder whose fingerprint lacks one was
+# made before it was recorded, and is compared without it (its value then is unknown).
+FINGERPRINT_ADDED = (("model", "send_seed"),)
+
+
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The settings that change what a run produces (used to refuse resuming with a different config)."""
-    return {
+    """The settings that change what a run produces (used to refuse resuming with a different config),
+    paths in one spelling (:func:`canonical_fingerprint`)."""
+    return canonical_fingerprint({
         "input": cfg.input,
         "model": {
             "backend": cfg.model.backend,
@@ -48,6 +100,7 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "tool_parser": cfg.model.tool_parser,
             "chat_template": cfg.model.chat_template,
             "extra_body": cfg.model.extra_body,
+            "send_seed": cfg.model.send_seed,  # without the seed, a server samples differently
         },
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
@@ -56,7 +109,7 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         "environment": cfg.environment.model_dump(
             include={"type", "module", "episode_class", "base_url"}
             | ({"command", "args", "url", "session"} if cfg.environment.type == "mcp" else set())),
-    }
+    })
 
 
 class DriftError(ValueError):
@@ -101,9 +154,13 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
             io.delete(io.join(cfg.output, sub))
         manifest = None
     if manifest is not None:
-        old = dict(manifest.get("fingerprint") or {})
+        old = canonical_fingerprint(dict(manifest.get("fingerprint") or {}))
         old_inputs = old.pop("input_files", {})
-        changes = _diff(old, run_fingerprint(cfg))
+        new = run_fingerprint(cfg)
+        for section, key in FINGERPRINT_ADDED:  # a folder made before the key was recorded
+            if isinstance(old.get(section), dict) and key not in old[section]:
+                new[section] = {k: v for k, v in new[section].items() if k != key}
+        changes = _diff(old, new)
         for path in sorted(set(old_inputs) | set(input_digests)):
             if path not in input_digests:
                 changes.append(f"input file {path}: no longer part of the input")

@@ -25,8 +25,9 @@ class FolderState:
         # With rejection sampling, the passing samples of each prompt (reward >= pass_threshold).
         self.pass_threshold = pass_threshold
         self.passing: Counter[str] = Counter()
+        # Made by a run that holds the folder's lock: it may cut a torn last line (a killed run's).
         self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
-                                        pass_threshold or 0.0)
+                                        pass_threshold or 0.0, repair=True)
         self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done)
         self.max_attempts = max_attempts
 
@@ -35,9 +36,12 @@ class FolderState:
         return self.done | {k for k, n in self.failed_runs.items() if n >= self.max_attempts}
 
 
-def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0) -> set[tuple[str, int]]:
-    """(id, sample_index) of every rollout already written; torn last lines are cut off. With
-    ``passing``, also counts per prompt id the rollouts whose reward is >= ``threshold``."""
+def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0,
+              repair: bool = False) -> set[tuple[str, int]]:
+    """(id, sample_index) of every rollout already written. With ``passing``, also counts per
+    prompt id the rollouts whose reward is >= ``threshold``. ``repair``: cut off torn last lines
+    (only a run that holds the folder's lock may: a reader such as ``--dry-run`` leaves every
+    byte as it is, a line being written by a live run included)."""
     keys: set[tuple[str, int]] = set()
     for uri in io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl"):
         good_bytes, torn = 0, False
@@ -49,7 +53,7 @@ def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: floa
             if passing is not None and row.get("reward") is not None and row["reward"] >= threshold:
                 passing[str(row["id"])] += 1
             good_bytes += len(line) + 1
-        if torn and "://" not in uri:
+        if torn and repair and "://" not in uri:
             # A kill in the middle of a write leaves at most one partial line at the end.
             with open(uri, "r+b") as f:
                 f.truncate(good_bytes)

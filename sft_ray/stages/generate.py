@@ -130,6 +130,59 @@ class TrackedEpisode(Episode):
         await self.inner.close()
 
 
+def driver_identity() -> dict[str, Any]:
+    """This process, the run's driver (the stage is wired there): see :class:`DriverWatch`."""
+    import socket
+
+    import psutil
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started_at": psutil.Process().create_time()}
+
+
+class DriverWatch:
+    """Whether the run's driver is gone, as a generation actor on its node sees it.
+
+    ``kill -9`` of the driver's process group (or of the driver alone) does not reach Ray's
+    worker processes, each in a process group of its own: they live on for seconds, until they
+    notice that their raylet or job is gone. A generation actor that kept sending meanwhile got
+    answers that nobody would write; those it journaled after a quick rerun had read the journal
+    were sent again (up to 78 of 600 with 16 in parallel, issue 22), and those in flight when it
+    died were lost. So once the driver is gone the actor starts no model call; the calls in flight
+    finish and are journaled. Armed only where the driver is visible when the actor starts (same
+    host, same pid namespace, the same process by its start time): an actor on another node or in
+    another container never takes a live driver for a dead one. psutil, not ``os.kill(pid, 0)``:
+    a killed driver that its parent has not reaped yet is a zombie, which ``kill`` still finds.
+    """
+
+    def __init__(self, driver: dict[str, Any] | None) -> None:
+        self.process = None
+        if not driver:
+            return
+        import socket
+
+        import psutil
+
+        try:
+            if driver.get("host") == socket.gethostname():
+                proc = psutil.Process(int(driver["pid"]))
+                if abs(proc.create_time() - float(driver["started_at"])) < 1.0:
+                    self.process = proc
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            pass
+
+    def gone(self) -> bool:
+        if self.process is None:
+            return False
+        import psutil
+
+        try:  # is_running() also tells a recycled pid from the driver (by start time)
+            return not self.process.is_running() or self.process.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:  # cannot tell: keep going, as before the watch
+            return False
+
+
 class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
@@ -137,8 +190,9 @@ class GenerateStage:
                  agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
                  verify_in_episode: bool = False, journal: JournalSpec | None = None,
                  rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None,
-                 activity: str | None = None) -> None:
+                 activity: str | None = None, driver: dict[str, Any] | None = None) -> None:
         self.model = model
+        self.driver = DriverWatch(driver)  # no new model call once the run's driver is killed
         # What is in flight here, reported to the driver's stall warning (sft_ray/activity.py).
         self.tracker = Tracker(activity, "generation actor")
         self.guard = SampleGuard(activity)  # a sample that keeps killing its actor ends as a failure record
@@ -201,6 +255,8 @@ class GenerateStage:
         """One model call, holding a concurrency permit only while it is in flight."""
         assert self._sem is not None
         async with self._sem:
+            if self.driver.gone():  # nobody would write the answer: do not ask (see DriverWatch)
+                return error_result(errors.INTERNAL_ERROR, "not sent: the driver of this run is gone")
             try:
                 with self.tracker.track("model"):
                     return await self.backend.generate(request)
@@ -401,7 +457,8 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
                                "environment": environment,
                                "verify_in_episode": cfg.verifier.type == "nemo_gym",
                                "activity": activity,
-                               "journal": JournalSpec(cfg.output), **rejection_kwargs(cfg)},
+                               "journal": JournalSpec(cfg.output), "driver": driver_identity(),
+                               **rejection_kwargs(cfg)},
         batch_size=plan["batch_size"],
         compute=ray.data.ActorPoolStrategy(min_size=plan["min_actors"], max_size=plan["max_actors"],
                                            max_tasks_in_flight_per_actor=4, max_concurrent_calls_per_actor=4),

@@ -21,6 +21,7 @@ sampling a row is one *prompt* instead: ``draw`` says where it stands
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -55,28 +56,57 @@ SCHEMA = pa.schema(
 class KeyMaker:
     """Sample ids for the rows of one file, unique within the whole input.
 
-    A row's id is its own ``id`` (else a hash of its content, see :func:`row_id`); a
-    repeat within the file gets ``-1``, ``-2``... (the first free one); and when the
-    driver found that the file's ids collide with an earlier file's (shards numbered
-    from 0 each), every id of the file is qualified by its path below the input
-    folder: ``shard-1.jsonl:17``. Both rules depend only on the input, so a rerun makes
-    the same ids.
+    A row's id is its own ``id`` when that is a non-empty string. Other rows get a derived
+    id: a non-string ``id`` as its JSON text (``7`` -> ``"7"``), no ``id`` a hash of the row's
+    content (see :func:`row_id`). Then, in file order:
+
+    - a row keeps that id unless an earlier row took it, and a derived id is also given up
+      when some row of the file has it as its own string ``id`` (string ids win: ``7`` and
+      ``"7"`` in one file give ``"7"`` to the string);
+    - a row that cannot keep it (a repeat, or such a type clash) gets ``<id>-1``, ``-2``...: the
+      first that is neither taken nor any row's own string ``id`` in the file, so ``a, a, a-1``
+      become ``a``, ``a-2``, ``a-1``.
+
+    Rows that need no suffix keep exactly the id they had before this rule also looked ahead
+    (run folders made then resume). Only the rows the run uses count (``read.limit``). When
+    the driver finds that a file's ids collide with an earlier file's (shards numbered from 0
+    each), every id of the file is qualified by its path below the input folder:
+    ``shard-1.jsonl:17``. Every rule depends only on the input, so a rerun makes the same ids.
+
+    Feed every used row with :meth:`add`, then :meth:`resolve`: the rule looks ahead, so the
+    driver's scan resolves each file and hands its read task the few suffixed ids (``renamed``).
     """
 
-    def __init__(self, qualifier: str | None = None) -> None:
-        self.qualifier = qualifier
-        self.seen: set[str] = set()
-        self.repeats: dict[str, int] = {}
+    def __init__(self) -> None:
+        # Per row, in three columns (a row costs its id and 9 bytes beside it, at millions of rows):
+        self.ids: list[str] = []  # its id before suffixes
+        self.lines = array("q")  # its line number
+        self.own = bytearray()  # 1 where the row gave that id as a string
 
-    def __call__(self, row: dict[str, Any]) -> str:
-        rid = row_id(row)
-        key, n = rid, self.repeats.get(rid, 0)
-        while key in self.seen:
-            n += 1
-            key = f"{rid}-{n}"
-        self.repeats[rid] = n
-        self.seen.add(key)
-        return f"{self.qualifier}:{key}" if self.qualifier else key
+    def add(self, lineno: int, row: dict[str, Any]) -> None:
+        given = row.get("id")
+        self.ids.append(row_id(row))
+        self.lines.append(lineno)
+        self.own.append(isinstance(given, str) and given != "")
+
+    def resolve(self) -> tuple[list[str], dict[int, str]]:
+        """(every row's id in file order, {line: id} of the rows whose id is not their own/derived one)."""
+        reserved = {rid for rid, own in zip(self.ids, self.own) if own}
+        taken: set[str] = set()
+        repeats: dict[str, int] = {}
+        keys = self.ids  # made final in place
+        renamed: dict[int, str] = {}
+        for i, (rid, own) in enumerate(zip(self.ids, self.own)):
+            key = rid
+            if rid in taken or (not own and rid in reserved):
+                n = repeats.get(rid, 0)
+                while key in taken or key in reserved:
+                    n += 1
+                    key = f"{rid}-{n}"
+                repeats[rid] = n
+                renamed[self.lines[i]] = keys[i] = key
+            taken.add(key)
+        return keys, renamed
 
 
 @dataclass
@@ -86,6 +116,7 @@ class InputFile:
     digest: str  # content digest (resume refuses an input that changed)
     rows: int = 0  # lines used: the first ones, up to what read.limit leaves for this file
     qualifier: str | None = None
+    renamed: dict[int, str] = field(default_factory=dict)  # line -> id, for rows with a suffixed id (KeyMaker)
 
 
 @dataclass
@@ -131,7 +162,7 @@ def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool) -> Inp
     for path, rel in zip(files, _relative(files)):
         digest = hashlib.blake2b(digest_size=16)
         n = 0
-        keys, make = [], KeyMaker()
+        make = KeyMaker()
         for lineno, line in enumerate(io.iter_lines(path), start=1):
             if not line.strip():
                 continue
@@ -140,12 +171,13 @@ def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool) -> Inp
             if left is not None and n > left:
                 continue
             try:
-                keys.append(make(parse_line(line, f"{path}:{lineno}")))
+                make.add(lineno, parse_line(line, f"{path}:{lineno}"))
             except InputError as e:
                 if not skip_bad_lines:
                     raise
                 plan.bad_lines.append(str(e))
-        f = InputFile(path, n, digest.hexdigest(), rows=n if left is None else min(n, left))
+        keys, renamed = make.resolve()
+        f = InputFile(path, n, digest.hexdigest(), rows=n if left is None else min(n, left), renamed=renamed)
         if left is not None:
             left -= f.rows
         if any(k in plan.ids for k in keys):
@@ -166,20 +198,23 @@ def read_samples(
     qualifier: str | None = None,
     block_rows: int = BLOCK_ROWS,
     draws: DrawPlan | None = None,
+    renamed: dict[int, str] | None = None,
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from the first ``limit`` rows of one file.
 
     A malformed line is dropped with ``skip_bad_lines`` (the driver counted it while
     scanning); without, it becomes a sample whose ``bad`` column holds the reason and
     the file's reading stops there (the driver stops the run). Samples whose
-    ``(id, sample_index)`` is in ``done`` are not emitted (resume). Ids come from
-    :class:`KeyMaker` with the ``qualifier`` the driver chose for this file. ``fs``: the
+    ``(id, sample_index)`` is in ``done`` are not emitted (resume). Ids follow
+    :class:`KeyMaker`: a row's own id, or ``renamed[line]`` (the driver's scan resolved those; None:
+    this file is scanned first), with the ``qualifier`` the driver chose for this file. ``fs``: the
     filesystem to read ``path`` from (see :func:`sft_ray.io.filesystem`), else resolved here.
     With ``draws`` (rejection sampling), one row per prompt that is not finished, with its
     ``draw`` state, instead of one per sample.
     """
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    make = KeyMaker(qualifier)
+    if renamed is None:  # called on its own, not with the driver's scan: the suffixes need the whole file
+        renamed = scan_input([path], limit, True).files[0].renamed
     rows_read = 0
     for lineno, line in enumerate(io.iter_lines(path, fs), start=1):
         if not line.strip():
@@ -201,7 +236,9 @@ def read_samples(
             stop = True
         else:
             stop = False
-            rid, text, bad = make(row), line.decode("utf-8"), None
+            rid, text, bad = renamed.get(lineno) or row_id(row), line.decode("utf-8"), None
+            if qualifier:
+                rid = f"{qualifier}:{rid}"
             if draws is None:
                 keys, draw = [(rid, k) for k in range(num_repeats)], None
             elif rid in draws.finished:
@@ -261,7 +298,7 @@ def make_dataset(
 
                 def read_fn(f: InputFile = f):
                     for cols in read_samples(f.path, num_repeats, skip_bad_lines, done_keys, f.rows, fs,
-                                             f.qualifier, block_rows, draws):
+                                             f.qualifier, block_rows, draws, f.renamed):
                         yield pa.table(cols, schema=SCHEMA)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f.path,))
