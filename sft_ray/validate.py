@@ -30,7 +30,7 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
         files = io.list_input_files(cfg.input)
     except FileNotFoundError as e:
         return [str(e)], f"input: {cfg.input}"
-    checked = 0
+    checked, cut = 0, False
     offered: set[str] | None = None  # an MCP server's tools: what rows may declare
     tool_lines: list[str] = []
     if cfg.environment.type == "mcp":
@@ -73,6 +73,11 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
             answer = cfg.verifier.answer_field
             if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
                 problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
+        cut = cut or lineno >= rows_per_file  # lines beyond were not looked at
+    if not checked and not cut and not cfg.read.allow_empty:  # every file read to its end: `sft-ray run` refuses it
+        problems.append(f"input has no rows (empty or blank lines only): {', '.join(files[:5])}"
+                        + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+                        + " (set read.allow_empty=true to accept that)")
     problems += plugin_problems(cfg)
     if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]

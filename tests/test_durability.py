@@ -160,6 +160,7 @@ def test_driver_watch_sees_a_killed_driver_even_unreaped_and_is_never_armed_else
     deadline = time.time() + 10
     while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
         time.sleep(0.05)
+    time.sleep(DriverWatch.CHECK_EVERY_S)
     assert watch.gone()  # killed, not yet reaped by its parent: a zombie is no driver
     child.wait()
     assert watch.gone()

@@ -63,3 +63,15 @@ def test_input_whose_lines_are_all_skipped_is_refused(tmp_path):
     proc = sft_ray("run", str(_config(tmp_path)), "input=in.jsonl", "output=run", "read.skip_bad_lines=true",
                    cwd=tmp_path)
     assert proc.returncode == 2 and "all 2 non-blank line(s) are bad" in proc.stderr, proc.stderr
+
+
+def test_validate_reports_an_empty_input_too(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n\n")
+    proc = sft_ray("validate", str(_config(tmp_path)), "input=a.jsonl", "output=run", cwd=tmp_path)
+    assert proc.returncode == 2 and "input has no rows" in proc.stderr, proc.stdout + proc.stderr
+    ok = sft_ray("validate", str(_config(tmp_path)), "input=a.jsonl", "output=run", "read.allow_empty=true",
+                 cwd=tmp_path)
+    assert "input has no rows" not in ok.stderr
+    (tmp_path / "b.jsonl").write_text("\n" * 150 + '{"prompt": "late", "expected_answer": "x"}\n')
+    late = sft_ray("validate", str(_config(tmp_path)), "input=b.jsonl", "output=run", cwd=tmp_path)
+    assert "input has no rows" not in late.stderr  # only the first 100 lines were read: not known to be empty
