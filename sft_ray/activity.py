@@ -82,7 +82,7 @@ def start_board() -> None:
 
     end_board()
     name = f"sft-ray-activity-{uuid.uuid4().hex[:8]}"
-    _session["board"] = ray.remote(num_cpus=0, max_restarts=0)(Board).options(name=name, max_concurrency=4).remote()
+    _session["board"] = ray.remote(num_cpus=0, max_restarts=0)(Board).options(name=name, max_concurrency=1).remote()
     _session["name"] = name
 
 
@@ -293,28 +293,38 @@ class SampleGuard:
         if board is None:
             return await make()
         try:
-            prior = await board.unfinished_of.remote(key)
+            prior = await board.begin.remote(key)
         except Exception as e:  # the board is gone (the run is ending): no guard
             log.debug("activity board did not answer: %s", e)
             return await make()
+        if prior == 0:  # the usual case: two board calls per sample
+            return await self._running(board, key, make)
+        await self._end(board, key)  # a suspect is not in flight while it waits for its turn
         if prior >= CRASH_LIMIT:
             return CRASHED
-        if prior == 0:
-            return await self._run(board, key, make)
         if self._quarantine is None:
             self._quarantine = asyncio.Lock()
         async with self._quarantine:  # a suspect runs alone among suspects
-            if await board.unfinished_of.remote(key) >= CRASH_LIMIT:
+            if await board.begin.remote(key) >= CRASH_LIMIT:
+                await self._end(board, key)
                 return CRASHED
-            return await self._run(board, key, make)
+            return await self._running(board, key, make)
 
-    @staticmethod
-    async def _run(board: Any, key: str, make: Any) -> Any:
-        await board.begin.remote(key)
+    async def _running(self, board: Any, key: str, make: Any) -> Any:
         try:
             return await make()
         finally:
-            try:
-                board.end.remote(key)  # fire and forget
-            except Exception:  # the board is gone: nothing to tell
-                pass
+            await self._end(board, key)
+
+    @staticmethod
+    async def _end(board: Any, key: str) -> None:
+        """Mark ``key`` ended, waiting for the board's answer (an actor about to exit, as after its
+        engine died, must not lose it) unless the task is being torn down."""
+        from sft_ray.environments.base import cancelled_from_outside
+
+        try:
+            ref = board.end.remote(key)
+            if not cancelled_from_outside():
+                await ref
+        except Exception as e:  # the board is gone: nothing to tell
+            log.debug("activity board did not answer: %s", e)
