@@ -47,27 +47,28 @@ class Board:
         self.reports: dict[str, dict[str, Any]] = {}
         self.unfinished: dict[str, int] = {}
 
-    def begin(self, key: str) -> int:
-        """Mark ``key`` as running; returns how many earlier runs of it never ended."""
+    def begin(self, keys: list[str]) -> list[int]:
+        """How many earlier runs of each key never ended; the keys with none are marked running
+        (a suspect is marked only while it runs: :meth:`SampleGuard.suspect`)."""
+        priors = [self.unfinished.get(k, 0) for k in keys]
+        for k, prior in zip(keys, priors):
+            if prior == 0:
+                self.unfinished[k] = 1
+        return priors
+
+    def end(self, keys: list[str]) -> None:
+        for k in keys:
+            n = self.unfinished.get(k, 0) - 1
+            if n > 0:
+                self.unfinished[k] = n
+            else:
+                self.unfinished.pop(k, None)
+
+    def begin_suspect(self, key: str) -> int:
         prior = self.unfinished.get(key, 0)
-        self.unfinished[key] = prior + 1
+        if prior < CRASH_LIMIT:
+            self.unfinished[key] = prior + 1
         return prior
-
-    def end(self, key: str) -> None:
-        n = self.unfinished.get(key, 0) - 1
-        if n > 0:
-            self.unfinished[key] = n
-        else:
-            self.unfinished.pop(key, None)
-
-    def unfinished_of(self, key: str) -> int:
-        return self.unfinished.get(key, 0)
-
-    def report(self, key: str, snapshot: dict[str, Any]) -> None:
-        self.reports[key] = snapshot
-
-    def drop(self, key: str) -> None:
-        self.reports.pop(key, None)
 
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.reports)
@@ -84,7 +85,7 @@ class BoardHandle:
 
         self.name = f"sft-ray-activity-{uuid.uuid4().hex[:8]}"
         self.actor = ray.remote(num_cpus=0, max_restarts=0)(Board).options(name=self.name,
-                                                                           max_concurrency=4).remote()
+                                                                           max_concurrency=1).remote()
 
     def read(self, timeout_s: float = 5.0) -> dict[str, dict[str, Any]] | None:
         """Every actor's last snapshot; None when the board did not answer."""
@@ -255,20 +256,21 @@ class SampleGuard:
     Ray Data restarts a dead actor and retries its batch without limit, so a sample that
     ends its process (a tool calling ``os._exit`` without ``environment.isolation: process``,
     a crash in native code) would crash the new actor too, for ever, and take its batch's
-    other samples with it. Each sample is marked begun on the run's :class:`Board` before it
-    runs and ended after; one that was in flight when an actor died is a suspect, and suspects
-    run one at a time per actor (so the next crash points at one of them); a sample in flight
-    at :data:`CRASH_LIMIT` deaths is not run again: :meth:`run` returns :data:`CRASHED` and the caller
-    writes its failure record (``internal_error``), which counts toward
-    ``max_sample_attempts`` like any failure. Without a board (the stage used outside the
-    pipeline) samples just run."""
+    other samples with it. The samples of a batch are marked begun on the run's
+    :class:`Board` when the batch starts and ended when it is done (two board calls per batch);
+    the board outlives the actors, so the samples of a batch whose actor died stay "begun".
+    Those are suspects: each runs alone among suspects (one at a time per actor), marked begun
+    only while it runs, so the next death points at one of them; a sample in flight at
+    :data:`CRASH_LIMIT` deaths is not run again (``prior >= CRASH_LIMIT``: the caller writes
+    its failure record, ``internal_error``, which counts toward ``max_sample_attempts`` like
+    any failure). Without a board (the stage used outside the pipeline) nothing is guarded."""
 
     def __init__(self, board: str | None) -> None:
         self.board_name = board
         self._board: Any = None
         self._quarantine: asyncio.Lock | None = None
 
-    async def _handle(self) -> Any:
+    def _handle(self) -> Any:
         if self._board is None and self.board_name is not None:
             import ray
 
@@ -279,35 +281,48 @@ class SampleGuard:
                 self.board_name = None
         return self._board
 
-    async def run(self, key: str, make: Any) -> Any:
-        """``await make()`` under the guard; :data:`CRASHED` (without running it) when ``key``
-        already was in flight at CRASH_LIMIT actor deaths."""
-        board = await self._handle()
-        if board is None:
-            return await make()
+    async def begin(self, keys: list[str]) -> list[int]:
+        """Each key's earlier unfinished runs (all 0 without a board); the 0s are now begun."""
+        board = self._handle()
+        if board is None or not keys:
+            return [0] * len(keys)
         try:
-            prior = await board.unfinished_of.remote(key)
+            return await board.begin.remote(keys)
         except Exception as e:  # the board is gone (the run is ending): no guard
             log.debug("activity board did not answer: %s", e)
+            return [0] * len(keys)
+
+    async def end(self, keys: list[str]) -> None:
+        """Mark keys ended, waiting for the board's answer (an actor about to exit, as after its
+        engine died, must not lose it) unless the task is being torn down."""
+        from sft_ray.environments.base import cancelled_from_outside
+
+        board = self._handle()
+        if board is None or not keys:
+            return
+        try:
+            ref = board.end.remote(keys)
+            if not cancelled_from_outside():
+                await ref
+        except Exception as e:  # the board is gone: nothing to tell
+            log.debug("activity board did not answer: %s", e)
+
+    async def suspect(self, key: str, make: Any) -> Any:
+        """Run a suspect (a sample in flight at an earlier actor death) alone among suspects;
+        :data:`CRASHED` when it has reached the limit meanwhile."""
+        board = self._handle()
+        if board is None:
             return await make()
-        if prior >= CRASH_LIMIT:
-            return CRASHED
-        if prior == 0:
-            return await self._run(board, key, make)
         if self._quarantine is None:
             self._quarantine = asyncio.Lock()
-        async with self._quarantine:  # a suspect runs alone among suspects
-            if await board.unfinished_of.remote(key) >= CRASH_LIMIT:
-                return CRASHED
-            return await self._run(board, key, make)
-
-    @staticmethod
-    async def _run(board: Any, key: str, make: Any) -> Any:
-        await board.begin.remote(key)
-        try:
-            return await make()
-        finally:
+        async with self._quarantine:
             try:
-                board.end.remote(key)  # fire and forget
-            except Exception:  # the board is gone: nothing to tell
-                pass
+                if await board.begin_suspect.remote(key) >= CRASH_LIMIT:
+                    return CRASHED
+            except Exception as e:  # the board is gone: run it
+                log.debug("activity board did not answer: %s", e)
+                return await make()
+            try:
+                return await make()
+            finally:
+                await self.end([key])

@@ -41,9 +41,8 @@ def test_exits_cancellations_interrupts_and_blocking_tools_cost_only_their_episo
         inp = write_jsonl(tmp_path / "in.jsonl", rows)
         cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={HOSTILE}",
                           "verifier.type=none", "agent.timeout_s=5", "max_error_fraction=1")
-        code, took = run_bounded(cfg, 120)
+        code, _ = run_bounded(cfg, 120)
     assert code is not None, "the run hung"
-    assert took < 50, f"a blocked tool held up the run: {took:.0f} s"  # 60 s if it blocked the actor's loop
     out = {r["id"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
     failed = {r["id"]: r for r in read_rows(tmp_path / "run" / "failed")}
     expected = {"exit": "SystemExit: 2", "cancel": "CancelledError: tool gave up",
@@ -53,7 +52,9 @@ def test_exits_cancellations_interrupts_and_blocking_tools_cost_only_their_episo
         assert tool_result(r) == {"error": error}
         assert r["termination"] == "final" and r["num_tool_errors"] == 1
     assert failed["block"]["error"]["type"] == "episode_timeout"  # ended at agent.timeout_s, not after 60 s
+    assert failed["block"]["latency_s"] < 30, failed["block"]["latency_s"]
     assert set(failed) == {"block"}
+    assert all(r["latency_s"] < 30 for r in out.values())  # nobody waited for the blocked tool
     for i in range(6):
         r = out[f"fine{i}"]
         assert r["termination"] == "final" and tool_result(r) == f"fine {i}"
@@ -69,11 +70,10 @@ def test_process_isolation_kills_hung_and_survives_dying_tools(tmp_path):
         cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={HOSTILE}",
                           "environment.isolation=process", "verifier.type=none", "agent.timeout_s=5",
                           "max_error_fraction=1")
-        code, took = run_bounded(cfg, 120)
+        code, _ = run_bounded(cfg, 120)
         assert code is not None, "the run hung"
         # The hung tool's process was killed with its episode, not left running for 60 s.
         assert find_process("sft_ray.environments.toolproc") is None
-    assert took < 50
     out = {r["id"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
     failed = {r["id"]: r for r in read_rows(tmp_path / "run" / "failed")}
     die = out["die"]
@@ -84,6 +84,7 @@ def test_process_isolation_kills_hung_and_survives_dying_tools(tmp_path):
     assert die["num_tool_errors"] == 1 and die["termination"] == "final"
     assert tool_result(out["exit"]) == {"error": "SystemExit: 2"}
     assert failed["block"]["error"]["type"] == "episode_timeout" and set(failed) == {"block"}
+    assert failed["block"]["latency_s"] < 30
     assert all(out[f"fine{i}"]["termination"] == "final" for i in range(6))
     pids = {int(tool_result(out[f"pid{i}"])) for i in range(3)}
     assert len(pids) == 3  # a process per episode
@@ -99,7 +100,7 @@ def test_a_sample_that_keeps_killing_its_actor_is_a_failure_record_not_a_crash_l
         inp = write_jsonl(tmp_path / "in.jsonl", rows)
         cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={HOSTILE}",
                           "verifier.type=none", "max_error_fraction=1")
-        code, took = run_bounded(cfg, 240)
+        code, _ = run_bounded(cfg, 240)
     assert code is not None, "crash loop: the run did not end"
     out = {r["id"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
     failed = {r["id"]: r for r in read_rows(tmp_path / "run" / "failed")}

@@ -83,7 +83,7 @@ def canonical_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
 
 # Fingerprint keys added after run folders existed: a folder whose fingerprint lacks one was
 # made before it was recorded, and is compared without it (its value then is unknown).
-FINGERPRINT_ADDED = (("model", "send_seed"),)
+FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"))
 
 
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:

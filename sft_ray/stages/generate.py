@@ -275,12 +275,19 @@ class GenerateStage:
         return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, error_result(kind, message),
                                           self.node_id)), True
 
-    async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None) -> tuple[bytes, bool] | None:
+    async def _one(self, rid: str, k: int, text: str, source: str, bad: str | None,
+                   prior: int = 0) -> tuple[bytes, bool] | None:
+        """One sample; ``prior``: how many times it was in flight when an actor died (SampleGuard)."""
         if bad is not None:
             return self._failed({"line": text}, rid, k, errors.BAD_INPUT, bad)
         row = orjson.loads(text)
+        if prior >= CRASH_LIMIT:
+            return self._failed(row, rid, k, errors.INTERNAL_ERROR, _CRASHED)
         try:
-            rollout = await self.guard.run(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+            if prior:
+                rollout = await self.guard.suspect(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+            else:
+                rollout = await self._rollout(row, rid, k, source)
             if rollout is CRASHED:
                 return self._failed(row, rid, k, errors.INTERNAL_ERROR, _CRASHED)
         except BaseException as e:
@@ -296,19 +303,19 @@ class GenerateStage:
         return orjson.dumps(rollout), rollout["error"] is not None
 
     async def _prompt(self, rid: str, text: str, source: str, bad: str | None,
-                      draw: str) -> list[tuple[int, bytes, bool]]:
-        """Rejection sampling: every sample drawn for one prompt, scored."""
+                      draw: str, prior: int = 0) -> list[tuple[int, bytes, bool]]:
+        """Rejection sampling: every sample drawn for one prompt, scored; ``prior`` as in :meth:`_one`,
+        for the prompt as a whole."""
         assert self.rejection is not None and self.scorer is not None
         if bad is not None:
             return [(0, *self._failed({"line": text}, rid, 0, errors.BAD_INPUT, bad))]
         row = orjson.loads(text)
+        if prior >= CRASH_LIMIT:
+            return [(0, *self._failed(row, rid, 0, errors.INTERNAL_ERROR, _CRASHED))]
 
         async def sample(k: int) -> dict[str, Any] | None:
             try:
-                rollout = await self.guard.run(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
-                if rollout is CRASHED:
-                    return build_rollout(row, rid, k, [], {}, self.model_name,
-                                         error_result(errors.INTERNAL_ERROR, _CRASHED), self.node_id)
+                rollout = await self._rollout(row, rid, k, source)
             except BaseException as e:  # that sample's failure record, as in _one
                 if cancelled_from_outside():
                     raise
@@ -319,8 +326,13 @@ class GenerateStage:
                 await self.scorer.score([rollout])
             return rollout
 
-        drawn = await draw_prompt(sample, PromptDraws.from_json(draw), self.rejection["target_passing"],
-                                  self.rejection["max_samples"], self.rejection["min_reward"])
+        def draw_all():
+            return draw_prompt(sample, PromptDraws.from_json(draw), self.rejection["target_passing"],
+                               self.rejection["max_samples"], self.rejection["min_reward"])
+
+        drawn = await (self.guard.suspect(f"{rid}#prompt", draw_all) if prior else draw_all())
+        if drawn is CRASHED:
+            return [(0, *self._failed(row, rid, 0, errors.INTERNAL_ERROR, _CRASHED))]
         return [(k, orjson.dumps(r), r["error"] is not None or r["reward"] is None) for k, r in drawn]
 
     async def _rollout(self, row: dict[str, Any], rid: str, k: int, source: str) -> dict[str, Any] | None:
@@ -400,20 +412,29 @@ class GenerateStage:
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         await self._ensure_started()
         ids, idx = list(batch["id"]), [int(i) for i in batch["sample_index"]]
-        if self.rejection is not None:
-            prompts = await asyncio.gather(*(
-                self._prompt(rid, text, source, bad, draw)
-                for rid, text, source, bad, draw in zip(ids, batch["row"], batch["source"], batch["bad"],
-                                                        batch["draw"])
-            ))
-            ids = [rid for rid, samples in zip(ids, prompts) for _ in samples]
-            idx = [k for samples in prompts for k, _, _ in samples]
-            outs = [(line, failed) for samples in prompts for _, line, failed in samples]
-        else:
-            outs = await asyncio.gather(*(
-                self._one(rid, k, text, source, bad)
-                for rid, k, text, source, bad in zip(ids, idx, batch["row"], batch["source"], batch["bad"])
-            ))
+        # Marked begun on the run's board for as long as the batch runs: a sample that keeps killing
+        # its actor becomes a failure record instead of a crash loop (SampleGuard, sft_ray/activity.py).
+        keys = [f"{rid}#prompt" for rid in ids] if self.rejection is not None else [f"{rid}#{k}" for rid, k in
+                                                                                    zip(ids, idx)]
+        priors = await self.guard.begin(keys)
+        try:
+            if self.rejection is not None:
+                prompts = await asyncio.gather(*(
+                    self._prompt(rid, text, source, bad, draw, prior)
+                    for rid, text, source, bad, draw, prior in zip(ids, batch["row"], batch["source"], batch["bad"],
+                                                                   batch["draw"], priors)
+                ))
+                ids = [rid for rid, samples in zip(ids, prompts) for _ in samples]
+                idx = [k for samples in prompts for k, _, _ in samples]
+                outs = [(line, failed) for samples in prompts for _, line, failed in samples]
+            else:
+                outs = await asyncio.gather(*(
+                    self._one(rid, k, text, source, bad, prior)
+                    for rid, k, text, source, bad, prior in zip(ids, idx, batch["row"], batch["source"], batch["bad"],
+                                                                priors)
+                ))
+        finally:
+            await self.guard.end([key for key, prior in zip(keys, priors) if prior == 0])
         if any(o is None for o in outs):  # samples the budget refused
             keep = [i for i, o in enumerate(outs) if o is not None]
             ids, idx, outs = [ids[i] for i in keep], [idx[i] for i in keep], [outs[i] for i in keep]
