@@ -1,16 +1,31 @@
-"""The Batch API against the mock server over real sockets: the mock's files and batches endpoints."""
+"""The Batch API (model.batch.enabled) against the mock server over real sockets: the mock's files
+and batches endpoints, single-turn runs in one batch and in several, a kill -9 while waiting and its
+rerun (nothing submitted twice), per-line errors retried in a later batch, an expired batch's answers
+kept, --no-wait, rejection sampling in rounds and the cost at the batch discount."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+from typer.testing import CliRunner
+
 from sft_ray.backends.base import Secret
 from sft_ray.backends.openai_batch import BatchClient, custom_id, parse_custom_id, parse_line, request_line
+from sft_ray.cli import app
+from sft_ray.config import ConfigError
 from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
+from sft_ray.job import EXIT_OK, EXIT_PENDING, run
+from sft_ray.runfolder.batches import BatchLog
 from tests.conftest import read_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,3 +121,226 @@ def test_mock_serves_files_and_batches_with_line_errors_and_expiry():
                 err = [json.loads(x) for x in (await client.content(batch["error_file_id"])).splitlines()]
                 assert len(err) == 5 and all(parse_line(x, "responses") is None for x in err)  # never ran
         asyncio.run(expire())
+
+
+# -- runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_requests,batches", [(50_000, 1), (2_500, 4)])
+def test_ten_thousand_rows_in_batches_each_row_once_at_the_batch_price(tmp_path, max_requests, batches):
+    with MockServer(MockConfig(batch_delay_s=0.05)) as server:
+        cfg = _config(tmp_path, server, _rows(10_000), f"model.batch.max_requests={max_requests}",
+                      "model.batch.max_in_flight=2", "pricing.input_per_mtok=2", "pricing.output_per_mtok=8")
+        lines: list[str] = []
+        assert run(cfg, say=lines.append) == EXIT_OK
+        assert server.state.batches_created == batches and server.state.requests == 0  # nothing online
+        assert max(server.state.batch_lines.values()) == 1
+    run_dir = tmp_path / "run"
+    keys = _keys(run_dir)
+    assert len(keys) == 10_000 and set(keys.values()) == {1}
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["complete"] and stats["metrics"]["accuracy"] == 1.0
+    spend = stats["spend"]
+    # 2 input and 2 output tokens per row, at half of $2 / $8 per million.
+    assert spend["input_tokens"] == 20_000 and spend["output_tokens"] == 20_000
+    assert spend["cost_usd"] == pytest.approx((20_000 * 1 + 20_000 * 4) / 1e6)
+    assert spend["billed_usd"] == pytest.approx(spend["cost_usd"])
+    assert spend["pricing"]["batch_discount"] == 0.5
+    submits = [e for e in _events(run_dir) if e["event"] == "submit"]
+    assert len(submits) == batches
+    assert len(read_rows(run_dir / "train")) == 10_000
+    assert any("through the Batch API" in line for line in lines)
+
+
+def test_files_are_cut_by_bytes_too(tmp_path):
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, _rows(60), "model.batch.max_bytes=4096", "model.batch.max_in_flight=1")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        uploads = [e for e in _events(tmp_path / "run") if e["event"] == "upload"]
+        assert len(uploads) > 1 and all(e["bytes"] <= 4096 for e in uploads)
+        assert server.state.batches_created == len(uploads) and max(server.state.batch_lines.values()) == 1
+    assert len(_keys(tmp_path / "run")) == 60
+
+
+def test_per_line_errors_are_retried_in_a_later_batch_and_final_after_max_attempts(tmp_path):
+    rows = _rows(40)
+    rows[1]["prompt"] = rows[1]["expected_answer"] = "[[batch_error:1]] one"
+    rows[2]["prompt"] = rows[2]["expected_answer"] = "[[fail:500:2]] two"
+    rows[3]["prompt"] = "[[status:400]] never"
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, rows, "max_error_fraction=0.1")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        assert server.state.batches_created == 3  # r1 retried once, r2 twice, r3 three times then final
+        counts = Counter(server.state.batch_lines.values())
+        assert counts == {1: 37, 2: 1, 3: 2}
+    run_dir = tmp_path / "run"
+    keys = _keys(run_dir)
+    assert len(keys) == 39 and set(keys.values()) == {1} and ("r3", 0) not in keys
+    failed = read_rows(run_dir / "failed")
+    assert [(f["id"], f["error"]["type"], f["failed_runs"]) for f in failed] == [("r3", "context_length", 3)]
+    collected = [e for e in _events(run_dir) if e["event"] == "collected"]
+    assert [e["request_counts"]["failed"] for e in collected] == [3, 2, 1]
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["failed_final"] == 1 and stats["done"] == 39
+
+
+def test_an_expired_batch_keeps_its_answers_and_sends_only_the_rest(tmp_path):
+    with MockServer(MockConfig(batch_expire=1, batch_expire_keep=0.3)) as server:
+        cfg = _config(tmp_path, server, _rows(100))
+        lines: list[str] = []
+        assert run(cfg, say=lines.append) == EXIT_OK
+        assert server.state.batches_created == 2
+        assert Counter(server.state.batch_lines.values()) == {1: 30, 2: 70}
+    run_dir = tmp_path / "run"
+    keys = _keys(run_dir)
+    assert len(keys) == 100 and set(keys.values()) == {1}
+    assert not read_rows(run_dir / "failed")  # lines it never ran are not failures
+    assert [e["status"] for e in _events(run_dir) if e["event"] == "collected"] == ["expired", "completed"]
+    assert any("expired: 30 answers kept, 70 sample(s) sent again" in line for line in lines)
+
+
+def test_no_wait_submits_and_exits_then_reruns_collect(tmp_path):
+    with MockServer(MockConfig(batch_delay_s=1.5)) as server:
+        cfg = _config(tmp_path, server, _rows(50))
+        lines: list[str] = []
+        assert run(cfg, say=lines.append, no_wait=True) == EXIT_PENDING
+        assert server.state.batches_created == 1
+        assert any("1 batch(es) holding 50 samples are at the provider" in line for line in lines)
+        assert not (tmp_path / "run" / "_SUCCESS").exists()
+        assert run(cfg, say=lambda s: None, no_wait=True) == EXIT_PENDING  # still validating: nothing new
+        assert server.state.batches_created == 1
+        time.sleep(1.6)
+        assert run(cfg, say=lambda s: None, no_wait=True) == EXIT_OK  # finished now: collected
+        assert server.state.batches_created == 1 and max(server.state.batch_lines.values()) == 1
+    keys = _keys(tmp_path / "run")
+    assert len(keys) == 50 and set(keys.values()) == {1}
+    assert (tmp_path / "run" / "_SUCCESS").exists()
+
+
+def test_a_kill_between_upload_and_submit_submits_that_file_once(tmp_path):
+    """The record holds an upload without its batch: the rerun creates the batch from that same file,
+    or, when the provider made it before the kill, finds it: one batch either way."""
+    with MockServer(MockConfig()) as server:
+        for made_before_kill in (False, True):
+            sub = tmp_path / str(made_before_kill)
+            sub.mkdir()
+            cfg = _config(sub, server, _rows(20))
+            before = (server.state.uploads, server.state.batches_created)
+            os.makedirs(cfg.output)
+
+            async def upload(cfg=cfg, made_before_kill=made_before_kill) -> None:
+                async with BatchClient({"base_url": server.url, "timeout_s": 5, "connect_timeout_s": 5}) as c:
+                    lines = [request_line(custom_id(f"r{i}", 0), "/v1/chat/completions", json.dumps(
+                        {"model": "mock", "messages": [{"role": "user", "content": f"answer {i}"}]}).encode())
+                        for i in range(20)]
+                    fid = await c.upload(b"\n".join(lines), "x.jsonl")
+                    BatchLog(cfg.output).uploaded(fid, [(f"r{i}", 0) for i in range(20)], 100)
+                    if made_before_kill:
+                        await c.create(fid, "/v1/chat/completions", "24h", {})
+
+            asyncio.run(upload())
+            assert run(cfg, say=lambda s: None) == EXIT_OK
+            assert server.state.uploads == before[0] + 1 and server.state.batches_created == before[1] + 1
+            assert len(_keys(Path(cfg.output))) == 20
+
+
+def _cli_config(tmp_path: Path, server: MockServer, rows: list, *extra: str) -> Path:
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    lines = []
+    for o in _overrides(tmp_path, server, inp, *extra):
+        key, _, value = o.partition("=")
+        *parents, leaf = key.split(".")
+        lines.append((parents, leaf, value))
+    tree: dict = {}
+    for parents, leaf, value in lines:
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(tree))  # JSON is YAML
+    return path
+
+
+def test_kill_9_while_waiting_then_rerun_submits_nothing_twice(tmp_path):
+    with MockServer(MockConfig(batch_delay_s=4.0)) as server:
+        config = _cli_config(tmp_path, server, _rows(3000), "model.batch.max_requests=1000",
+                             "model.batch.max_in_flight=2")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "sft_ray.cli", "run", str(config)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        record = tmp_path / "run" / "batches.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if record.exists() and sum('"submit"' in x for x in record.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("the run recorded no batch within 120 s")
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started
+        proc.wait(30)
+        assert server.state.batches_created == 2  # two in flight, the third not yet sent
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "batches:" in second.stderr  # the progress line of each poll
+        assert server.state.batches_created == 3 and max(server.state.batch_lines.values()) == 1
+    keys = _keys(tmp_path / "run")
+    assert len(keys) == 3000 and set(keys.values()) == {1}
+
+
+VERIFIER = '''
+PASS = {"always": set(range(99)), "late": {3, 4}, "never": set()}
+
+def score(row, response, rollout):
+    return float(rollout["sample_index"] in PASS[response])
+'''
+
+
+def test_rejection_sampling_goes_in_rounds_of_what_each_prompt_still_needs(tmp_path):
+    (tmp_path / "verif.py").write_text(VERIFIER)
+    rows = [{"id": p, "prompt": p} for p in ("always", "late", "never")]
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, rows, "verifier.type=python", f"verifier.function={tmp_path}/verif.py:score",
+                      "filter.min_reward=1.0", "rejection.target_passing=2", "rejection.max_samples=5")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        # Round 1: 2 samples each; round 2: late and never 2 more; round 3: one more each.
+        assert server.state.batches_created == 3
+        assert max(server.state.batch_lines.values()) == 1
+    uploads = [e["keys"] for e in _events(tmp_path / "run") if e["event"] == "upload"]
+    assert [sorted(map(tuple, u)) for u in uploads] == [
+        [("always", 0), ("always", 1), ("late", 0), ("late", 1), ("never", 0), ("never", 1)],
+        [("late", 2), ("late", 3), ("never", 2), ("never", 3)],
+        [("late", 4), ("never", 4)]]
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["rejection"]["reached_target"] == 2 and stats["rejection"]["never_passed"] == 1
+
+
+def test_config_refuses_what_batches_cannot_do(tmp_path):
+    with MockServer(MockConfig()) as server:
+        with pytest.raises(ConfigError, match="needs model.backend openai"):
+            _config(tmp_path, server, _rows(1), "model.backend=vllm")
+        with pytest.raises(ConfigError, match="agent episodes"):
+            _config(tmp_path, server, _rows(1), "environment.type=python", "environment.module=x.py")
+        inp = write_jsonl(tmp_path / "in.jsonl", _rows(1))
+        plain = [o for o in _overrides(tmp_path, server, inp) if not o.startswith("model.batch")]
+        config = tmp_path / "c.yaml"
+        config.write_text("{}")
+        result = CliRunner().invoke(app, ["run", str(config), *plain, "--no-wait"])
+        assert result.exit_code == 1 and "--no-wait is for Batch API runs" in result.output
+
+
+def test_a_spending_budget_stops_new_batches_and_a_raised_one_continues(tmp_path):
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, _rows(100), "model.batch.max_requests=20", "model.batch.max_in_flight=1",
+                      "budget.max_requests=50")
+        lines: list[str] = []
+        assert run(cfg, say=lines.append) == 5  # EXIT_SPENT
+        assert server.state.batches_created == 2 and len(_keys(tmp_path / "run")) == 40
+        assert any("stopped: budget" in line for line in lines)
+        cfg = _config(tmp_path, server, _rows(100), "model.batch.max_requests=20", "budget.max_requests=100")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        assert server.state.batches_created == 5 and max(server.state.batch_lines.values()) == 1
+    keys = _keys(tmp_path / "run")
+    assert len(keys) == 100 and set(keys.values()) == {1}
