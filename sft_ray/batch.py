@@ -96,8 +96,9 @@ class BatchPhase:
 
     def load_rows(self) -> None:
         """The input rows of every sample not done (their text and source), read on the driver;
-        a bad line stops the run as it does online."""
-        skip = self.state.skip()
+        a bad line stops the run as it does online. With rejection sampling every row (a prompt whose
+        first sample is done may still need more)."""
+        skip = self.state.skip() if self.rejection is None else set()
         for f in self.inputs.used():
             for cols in read_samples(f.path, self.cfg.num_repeats, self.cfg.read.skip_bad_lines, skip, f.rows,
                                      qualifier=f.qualifier):

@@ -344,3 +344,19 @@ def test_a_spending_budget_stops_new_batches_and_a_raised_one_continues(tmp_path
         assert server.state.batches_created == 5 and max(server.state.batch_lines.values()) == 1
     keys = _keys(tmp_path / "run")
     assert len(keys) == 100 and set(keys.values()) == {1}
+
+
+def test_a_rerun_with_more_samples_continues_the_rounds_where_they_stopped(tmp_path):
+    (tmp_path / "verif.py").write_text(VERIFIER)
+    rows = [{"id": p, "prompt": p} for p in ("always", "late", "never")]
+    with MockServer(MockConfig()) as server:
+        common = ["verifier.type=python", f"verifier.function={tmp_path}/verif.py:score", "filter.min_reward=1.0",
+                  "rejection.target_passing=2"]
+        assert run(_config(tmp_path, server, rows, *common, "rejection.max_samples=3"), say=lambda s: None) == EXIT_OK
+        assert server.state.batches_created == 2
+        assert run(_config(tmp_path, server, rows, *common, "rejection.max_samples=5"), say=lambda s: None) == EXIT_OK
+        assert max(server.state.batch_lines.values()) == 1
+    uploads = [sorted(map(tuple, e["keys"])) for e in _events(tmp_path / "run") if e["event"] == "upload"]
+    assert uploads[2:] == [[("late", 3), ("late", 4), ("never", 3), ("never", 4)]]
+    samples = Counter(r["id"] for r in read_rows(tmp_path / "run" / "rollouts"))
+    assert samples == {"always": 2, "late": 5, "never": 5}
