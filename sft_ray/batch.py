@@ -16,6 +16,10 @@ class, sent again in a later batch while it has attempts left (``max_sample_atte
 expired or cancelled batch never ran is sent again without counting an attempt; every answer a
 batch finished is kept. ``no_wait``: submit, collect what already finished, and return.
 
+Agent episodes (an environment is configured) go in rounds too, one model turn per round
+(:meth:`BatchPhase.run_episodes`); they live in the driver's memory between rounds, so a rerun
+abandons the batches a killed run left open and starts those episodes again.
+
 With rejection sampling the batches go in rounds: each round sends, for every prompt that is not
 finished and has no sample in an open batch, as many new samples as it still needs to reach
 ``rejection.target_passing`` (at most ``rejection.max_samples`` in all).
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 
@@ -46,6 +50,7 @@ from sft_ray.backends.openai_batch import (
 from sft_ray.config import RunConfig
 from sft_ray.cost import batch_prices, cost_usd
 from sft_ray.driver import Session, remote_scorer
+from sft_ray.environments import build_environment
 from sft_ray.ratelimit import spent_before
 from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
@@ -54,7 +59,7 @@ from sft_ray.runfolder.layout import BATCHES, Key
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.scoring import verifier_payload
-from sft_ray.stages.generate import build_rollout
+from sft_ray.stages.generate import build_rollout, run_agent_sample
 from sft_ray.stages.read import InputPlan, read_samples
 from sft_ray.stages.score import ScoreStage
 
@@ -181,24 +186,10 @@ class BatchPhase:
         self.load_rows()
         async with BatchClient(self.model) as client:
             self.client = client
-            polled = False
-            base = max(0.01, self.bc.poll_interval_s / 10)
-            wait = base
-            while True:
-                await self.submit_uploaded()
-                if not self.session.record.get("stopped"):
-                    self.refill()
-                    await self.fill()
-                if not self.log.open() or (self.no_wait and polled):
-                    break
-                changed = await self.poll()
-                polled = True
-                if self.no_wait:
-                    continue  # submit what the collected batches left to send, then return
-                # Poll fast while batches move, then back off by half again up to poll_interval_s.
-                wait = base if changed else min(self.bc.poll_interval_s, wait * 1.5)
-                if self.log.open():
-                    await asyncio.sleep(wait)
+            if self.cfg.environment.type != "none":
+                await self.run_episodes()
+            else:
+                await self.run_samples()
         if self.scorer is not None:
             await self.scorer.close()
         open_ = self.log.open()
@@ -207,6 +198,162 @@ class BatchPhase:
             self.say(f"{len(open_)} batch(es) holding {n} samples are at the provider (recorded in {BATCHES}); "
                      "rerun the same command to collect them")
             self.session.record["batches_open"] = len(open_)
+
+    async def run_samples(self) -> None:
+        """Single-turn samples (and rejection sampling's rounds)."""
+        polled = False
+        base = max(0.01, self.bc.poll_interval_s / 10)
+        wait = base
+        while True:
+            await self.submit_uploaded()
+            if not self.session.record.get("stopped"):
+                self.refill()
+                await self.fill()
+            if not self.log.open() or (self.no_wait and polled):
+                break
+            changed = await self.poll()
+            polled = True
+            if self.no_wait:
+                continue  # submit what the collected batches left to send, then return
+            # Poll fast while batches move, then back off by half again up to poll_interval_s.
+            wait = base if changed else min(self.bc.poll_interval_s, wait * 1.5)
+            if self.log.open():
+                await asyncio.sleep(wait)
+
+    # -- agent episodes in rounds --------------------------------------------------------------
+
+    async def run_episodes(self) -> None:
+        """Agent episodes, one model turn per round: up to max_requests x max_in_flight episodes run
+        on the driver at once; when every one of them waits on its next model call, those calls go
+        in one round of batches, and the answers let each episode run its tool calls and come back
+        with its next call (or finish). Episodes live in this process only: batches a killed run
+        left open are abandoned (recorded so), and their episodes start again from the first turn."""
+        for entry in self.log.open():
+            self.log.collected(entry, "abandoned", {})
+        environment = build_environment(self.cfg.environment.model_dump())
+        environment.model_name = self.model_name
+        await environment.start()
+        try:
+            while not self.session.record.get("stopped"):
+                self.refill()
+                if not self.pending:
+                    break
+                chunk = list(self.pending)[:self.bc.max_requests * self.bc.max_in_flight]
+                for key in chunk:
+                    del self.pending[key]
+                await self.episodes(environment, chunk)
+                skip = self.state.skip()
+                for key in chunk:  # failed episodes with attempts left run again
+                    if key not in skip:
+                        self.pending[key] = None
+        finally:
+            await environment.close()
+
+    async def episodes(self, environment: Any, keys: list[Key]) -> None:
+        """Run these episodes to their end, their model calls in rounds; write each as it ends."""
+        waiting: dict[Key, tuple[GenerationRequest, asyncio.Future]] = {}
+        finished: list[tuple[Key, dict[str, Any]]] = []
+        live = len(keys)
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def caller(key: Key) -> Callable[[GenerationRequest], Awaitable[GenerationResult]]:
+            async def call_model(request: GenerationRequest) -> GenerationResult:
+                future = loop.create_future()
+                waiting[key] = (request, future)
+                wake.set()
+                return await future
+            return call_model
+
+        async def episode(key: Key) -> None:
+            nonlocal live
+            try:
+                rid, k = key
+                text, source = self.rows[rid]
+                row = orjson.loads(text)
+                prompt, tools = prompt_messages(row, source), prompt_tools(row, source)
+                params = drop_params(sampling_params(row, self.sampling, rid, k), self.cfg.model.omit_params)
+                # No agent.timeout_s: each model turn waits for a whole batch.
+                rollout = await run_agent_sample(caller(key), environment, self.cfg.agent.max_steps, None,
+                                                 self.cfg.verifier.type == "nemo_gym", self.model_name, None,
+                                                 row, rid, k, prompt, tools, params)
+                path, _, line = source.rpartition(":")
+                rollout["source_file"], rollout["source_line"] = path, int(line) if line.isdigit() else None
+                finished.append((key, rollout))
+            finally:
+                live -= 1
+                wake.set()
+
+        tasks = [asyncio.ensure_future(episode(key)) for key in keys]
+        turn = 0
+        try:
+            while live:
+                await wake.wait()
+                wake.clear()
+                if len(waiting) < live:
+                    continue  # some episodes are still running tools
+                calls = dict(waiting)
+                waiting.clear()
+                ended, finished[:] = list(finished), []
+                await self.write_rollouts(ended)
+                turn += 1
+                answers = await self.turn(calls, turn)
+                for key, (_, future) in calls.items():
+                    future.set_result(answers[key])
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        await self.write_rollouts(finished)
+
+    async def turn(self, calls: dict[Key, tuple[GenerationRequest, asyncio.Future]],
+                   turn: int) -> dict[Key, GenerationResult]:
+        """One round: every waiting episode's model call, in as many batches as the limits need,
+        waited on until all ended; calls a batch never ran go again."""
+        answers: dict[Key, GenerationResult] = {}
+        todo = list(calls)
+        base = max(0.01, self.bc.poll_interval_s / 10)
+        while todo:
+            lines = {key: request_line(custom_id(*key), self.endpoint, self.bodies.request_body(calls[key][0]))
+                     for key in todo}
+            for keys in self.cut(todo, lines):
+                data = b"".join(lines[k] + b"\n" for k in keys)
+                n = max(self.log.entries, default=-1) + 1
+                file_id = await self.client.upload(data, f"sft-ray-turn-{turn:03d}-{n:05d}.jsonl")
+                entry = self.log.uploaded(file_id, keys, len(data), self.session.number)
+                self.spend["requests"] += len(keys)
+                self.spend["batches"] += 1
+                await self.create(entry)
+
+            async def keep(entry: BatchEntry, batch: dict[str, Any]) -> None:
+                for key, result in (await self.results(entry, batch)).items():
+                    if result is not None:
+                        answers[key] = result
+                counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items() if isinstance(v, int)}
+                self.log.collected(entry, str(batch.get("status")), counts)
+
+            wait = base
+            while self.log.open():
+                changed = await self.poll(keep)
+                wait = base if changed else min(self.bc.poll_interval_s, wait * 1.5)
+                if self.log.open():
+                    await asyncio.sleep(wait)
+            todo = [k for k in todo if k not in answers]
+        return answers
+
+    def cut(self, keys: list[Key], lines: dict[Key, bytes]) -> list[list[Key]]:
+        """Keys in files within max_requests and max_bytes (a line over max_bytes goes alone: the
+        provider's refusal fails that call)."""
+        files: list[list[Key]] = [[]]
+        size = 0
+        for key in keys:
+            n = len(lines[key]) + 1
+            if files[-1] and (len(files[-1]) >= self.bc.max_requests or size + n > self.bc.max_bytes):
+                files.append([])
+                size = 0
+            files[-1].append(key)
+            size += n
+        return [f for f in files if f]
 
     async def submit_uploaded(self) -> None:
         """Create the batch of each upload that has none (a run killed between upload and submit):
@@ -258,8 +405,9 @@ class BatchPhase:
             self.spend["batches"] += 1
             await self.create(entry)
 
-    async def poll(self) -> bool:
-        """Poll every submitted open batch once, collect those that ended; whether any status moved."""
+    async def poll(self, on_end: Callable[[BatchEntry, dict[str, Any]], Awaitable[None]] | None = None) -> bool:
+        """Poll every submitted open batch once, hand those that ended to ``on_end`` (default:
+        :meth:`collect`); whether any status moved."""
         changed = False
         parts = []
         for entry in self.log.open():
@@ -271,7 +419,7 @@ class BatchPhase:
             parts.append(f"{entry.batch_id} {status} {counts.get('completed', 0)}/{counts.get('total', len(entry.keys))}"
                          + (f" ({counts['failed']} failed)" if counts.get("failed") else ""))
             if status in TERMINAL:
-                await self.collect(entry, batch)
+                await (on_end or self.collect)(entry, batch)
                 changed = True
         line = "[sft-ray] batches: " + "; ".join(parts) + (f"; {self.session.record['written']} samples written"
                                                            f", {self.session.record['failed']} failed")
@@ -284,6 +432,24 @@ class BatchPhase:
 
     async def collect(self, entry: BatchEntry, batch: dict[str, Any]) -> None:
         """Write an ended batch's answers and failures; what it never ran goes back to pending."""
+        results = await self.results(entry, batch)
+        status = str(batch.get("status"))
+        done = self.state.done
+        answered = [(k, r) for k, r in results.items() if r is not None and k not in done]
+        await self.write(answered)
+        counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items() if isinstance(v, int)}
+        self.log.collected(entry, status, counts)
+        if self.rejection is None:  # failures with attempts left, and what the batch never ran, go in a later batch
+            skip = self.state.skip()
+            for key in entry.keys:
+                if key not in skip:
+                    self.pending[key] = None
+        if status != "completed":
+            left = len(entry.keys) - len(answered)
+            self.say(f"batch {entry.batch_id} {status}: {len(answered)} answers kept, {left} sample(s) sent again")
+
+    async def results(self, entry: BatchEntry, batch: dict[str, Any]) -> dict[Key, GenerationResult | None]:
+        """An ended batch's result per sample: an answer, a failure, or None (never run)."""
         mine = set(entry.keys)
         results: dict[Key, GenerationResult | None] = {}
         for name in ("output_file_id", "error_file_id"):
@@ -299,30 +465,21 @@ class BatchPhase:
                 if key is None or key not in mine or results.get(key) is not None:
                     continue  # not one of this batch's samples (a careless server), or a repeat
                 results[key] = parse_line(line, self.cfg.model.api)
-        status = str(batch.get("status"))
-        if status == "failed" and not results:  # the provider refused the file itself
+        if str(batch.get("status")) == "failed" and not results:  # the provider refused the file itself
             reason = orjson.dumps((batch.get("errors") or {}).get("data") or batch.get("errors")).decode()[:300]
             results = {k: error_result(errors.CLIENT_ERROR, f"batch {entry.batch_id} failed: {reason}")
                        for k in entry.keys}
-        done = self.state.done
-        answered = [(k, r) for k, r in results.items() if r is not None and k not in done]
-        await self.write(answered)
-        counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items() if isinstance(v, int)}
-        self.log.collected(entry, status, counts)
-        if self.rejection is None:  # failures with attempts left, and what the batch never ran, go in a later batch
-            skip = self.state.skip()
-            for key in entry.keys:
-                if key not in skip:
-                    self.pending[key] = None
-        if status != "completed":
-            left = len(entry.keys) - len(answered)
-            self.say(f"batch {entry.batch_id} {status}: {len(answered)} answers kept, {left} sample(s) sent again")
+        return results
 
     async def write(self, results: list[tuple[Key, GenerationResult]]) -> None:
         """Score the answers and write them with the failures, as the online path does."""
-        for i in range(0, len(results), SCORE_CHUNK):
-            chunk = results[i:i + SCORE_CHUNK]
-            rollouts = [self.rollout(k, r) for k, r in chunk]
+        await self.write_rollouts([(k, self.rollout(k, r)) for k, r in results])
+
+    async def write_rollouts(self, pairs: list[tuple[Key, dict[str, Any]]]) -> None:
+        """Score rollouts (failed ones pass through) and write them."""
+        for i in range(0, len(pairs), SCORE_CHUNK):
+            chunk = pairs[i:i + SCORE_CHUNK]
+            rollouts = [r for _, r in chunk]
             for r in rollouts:
                 usage = r.get("usage") or {}
                 self.spend["input_tokens"] += int(usage.get("input_tokens") or 0)

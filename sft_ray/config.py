@@ -64,7 +64,7 @@ class BatchConfig(_Strict):
 
     enabled: bool = Field(
         False, description="Send generation through the Batch API instead of online requests (`backend: openai`, "
-        "`api: chat` or `responses`, single-turn rows; with `rejection.*`, in rounds).")
+        "`api: chat` or `responses`; rejection sampling and agent episodes go in rounds, see docs/batch.md).")
     completion_window: str = Field("24h", description="The batch's completion window (OpenAI accepts `24h`).")
     max_requests: int = Field(50_000, ge=1, description="Most requests per batch file (OpenAI: 50,000).")
     max_bytes: int = Field(200_000_000, ge=1024, description="Most bytes per batch file (OpenAI: 200 MB).")
@@ -746,10 +746,6 @@ class RunConfig(_Strict):
             if self.model.backend != "openai":
                 raise ValueError("model.batch.enabled sends requests through a hosted provider's Batch API: it "
                                  "needs model.backend openai")
-            if self.environment.type != "none":
-                raise ValueError("model.batch.enabled runs single-turn generation (and rejection sampling) in "
-                                 "batches; agent episodes (environment.type) run online: set "
-                                 "model.batch.enabled=false")
             if self.num_samples_in_parallel == "auto" or self.rate_limit.per_minute():
                 raise ValueError("rate_limit and num_samples_in_parallel: auto pace online requests; a Batch API "
                                  "run has no use for them (model.batch.max_in_flight bounds its batches)")

@@ -321,8 +321,8 @@ def test_config_refuses_what_batches_cannot_do(tmp_path):
     with MockServer(MockConfig()) as server:
         with pytest.raises(ConfigError, match="needs model.backend openai"):
             _config(tmp_path, server, _rows(1), "model.backend=vllm")
-        with pytest.raises(ConfigError, match="agent episodes"):
-            _config(tmp_path, server, _rows(1), "environment.type=python", "environment.module=x.py")
+        with pytest.raises(ConfigError, match="pace online requests"):
+            _config(tmp_path, server, _rows(1), "num_samples_in_parallel=auto")
         inp = write_jsonl(tmp_path / "in.jsonl", _rows(1))
         plain = [o for o in _overrides(tmp_path, server, inp) if not o.startswith("model.batch")]
         config = tmp_path / "c.yaml"
@@ -360,3 +360,42 @@ def test_a_rerun_with_more_samples_continues_the_rounds_where_they_stopped(tmp_p
     assert uploads[2:] == [[("late", 3), ("late", 4), ("never", 3), ("never", 4)]]
     samples = Counter(r["id"] for r in read_rows(tmp_path / "run" / "rollouts"))
     assert samples == {"always": 2, "late": 5, "never": 5}
+
+
+def test_agent_episodes_advance_one_model_turn_per_round(tmp_path):
+    weather = [json.loads(line) for line in (ROOT / "examples" / "agent-weather.jsonl").read_text().splitlines()][:4]
+    two_steps = json.loads(json.dumps(weather[0]))
+    two_steps["id"] = "two-steps"
+    two_steps["responses_create_params"]["input"][-1]["content"] = "[[steps:2]] Weather in Oslo?"
+    rows = weather + [two_steps]
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, rows, "environment.type=python",
+                      f"environment.module={ROOT / 'examples' / 'tools_weather.py'}", "agent.max_steps=4",
+                      "verifier.type=regex", "verifier.pattern=The weather in .+ is", "model.api=responses")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        assert server.state.requests == 0  # every model call went in a batch
+        # Round 1: every episode's first call; round 2: every second call (4 answer, two-steps calls a
+        # tool again); round 3: two-steps' third call.
+        assert server.state.batches_created == 3
+    uploads = [sorted(map(tuple, e["keys"])) for e in _events(tmp_path / "run") if e["event"] == "upload"]
+    everyone = sorted((r["id"], 0) for r in rows)
+    assert uploads == [everyone, everyone, [("two-steps", 0)]]
+    out = {r["id"]: r for r in read_rows(tmp_path / "run" / "rollouts")}
+    assert len(out) == 5 and all(r["reward"] == 1.0 for r in out.values())
+    assert out["two-steps"]["num_model_calls"] == 3 and out["weather-00"]["num_model_calls"] == 2
+    assert [m["role"] for m in out["weather-00"]["messages"]][-3:] == ["assistant", "tool", "assistant"]
+
+
+def test_a_rerun_abandons_a_killed_runs_agent_round_and_starts_those_episodes_again(tmp_path):
+    rows = [json.loads(line) for line in (ROOT / "examples" / "agent-weather.jsonl").read_text().splitlines()][:3]
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, rows, "environment.type=python",
+                      f"environment.module={ROOT / 'examples' / 'tools_weather.py'}", "verifier.type=none")
+        os.makedirs(cfg.output)
+        log = BatchLog(cfg.output)  # what a killed run left: a round submitted and never collected
+        entry = log.uploaded("file-gone", [(r["id"], 0) for r in rows], 10)
+        log.submitted(entry, "batch-gone")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+    events = _events(tmp_path / "run")
+    assert events[2] == {**events[2], "event": "collected", "n": 0, "status": "abandoned"}
+    assert len(_keys(tmp_path / "run")) == 3

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import orjson
 
@@ -94,6 +94,52 @@ def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: Epi
     out.update(tools)
     out.update(state.counters())
     return out
+
+
+async def run_agent_sample(call_model: Callable[[GenerationRequest], Awaitable[GenerationResult]],
+                           environment: Any, max_steps: int, timeout_s: float | None, verify_in_episode: bool,
+                           model_name: str | None, node_id: str | None, row: dict[str, Any], rid: str, k: int,
+                           prompt: list[dict[str, Any]], tools: dict[str, Any],
+                           params: dict[str, Any]) -> dict[str, Any]:
+    """One agent episode's rollout: the environment's episode opened for the row, model and tool
+    calls until the model answers (at most ``max_steps`` model calls, within ``timeout_s``: None
+    for no bound), verified in the episode when asked, closed whatever happens. Every failure is
+    the rollout's ``error``; an online actor and the Batch API's rounds both run it."""
+    state = EpisodeState(messages=list(prompt))
+    if environment is None:
+        state.termination = ERROR
+        state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
+                                   "them: set environment.type (python or nemo_gym)")
+        return episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
+    if not tools.get("tools") and environment.default_tools():
+        tools = {**tools, "tools": environment.default_tools()}
+    episode = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            episode = await environment.open(row, f"{rid}.{k}")
+            await run_episode(call_model, episode, state, params, tools, max_steps, f"{rid}#{k}")
+            if verify_in_episode and state.error is None:
+                state.verify = await episode.verify(row, state.messages, tools.get("tools"))
+    except TimeoutError:
+        state.termination = ERROR
+        state.error = errors.error(errors.EPISODE_TIMEOUT, f"episode not done within agent.timeout_s="
+                                   f"{timeout_s:g} s ({state.num_model_calls} model calls)")
+    except EnvironmentFailure as e:
+        state.termination = ERROR
+        state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
+    except Exception as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+        state.termination = ERROR
+        state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
+    finally:
+        if episode is not None:
+            try:
+                await asyncio.wait_for(episode.close(), 30)
+            except Exception as e:  # the episode is done; a failed close is logged, not fatal
+                log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
+    rollout = episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
+    if state.verify is not None:
+        rollout["verify_result"] = state.verify
+    return rollout
 
 
 def _node_id() -> str | None:
@@ -225,42 +271,9 @@ class GenerateStage:
 
     async def _episode(self, row: dict[str, Any], rid: str, k: int, prompt: list[dict[str, Any]],
                        tools: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        state = EpisodeState(messages=list(prompt))
-        if self.environment is None:
-            state.termination = ERROR
-            state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
-                                       "them: set environment.type (python or nemo_gym)")
-            return episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
-        if not tools.get("tools") and self.environment.default_tools():
-            tools = {**tools, "tools": self.environment.default_tools()}
-        episode = None
-        try:
-            async with asyncio.timeout(self.agent["timeout_s"]):
-                episode = await self.environment.open(row, f"{rid}.{k}")
-                await run_episode(self._call_model, episode, state, params, tools, self.agent["max_steps"],
-                                  f"{rid}#{k}")
-                if self.verify_in_episode and state.error is None:
-                    state.verify = await episode.verify(row, state.messages, tools.get("tools"))
-        except TimeoutError:
-            state.termination = ERROR
-            state.error = errors.error(errors.EPISODE_TIMEOUT, f"episode not done within agent.timeout_s="
-                                       f"{self.agent['timeout_s']:g} s ({state.num_model_calls} model calls)")
-        except EnvironmentFailure as e:
-            state.termination = ERROR
-            state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
-        except Exception as e:  # an environment bug (e.g. a state class that raises) fails the sample only
-            state.termination = ERROR
-            state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
-        finally:
-            if episode is not None:
-                try:
-                    await asyncio.wait_for(episode.close(), 30)
-                except Exception as e:  # the episode is done; a failed close is logged, not fatal
-                    log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
-        rollout = episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
-        if state.verify is not None:
-            rollout["verify_result"] = state.verify
-        return rollout
+        return await run_agent_sample(self._call_model, self.environment, self.agent["max_steps"],
+                                      self.agent["timeout_s"], self.verify_in_episode, self.model_name, self.node_id,
+                                      row, rid, k, prompt, tools, params)
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         await self._ensure_started()
