@@ -399,3 +399,20 @@ def test_a_rerun_abandons_a_killed_runs_agent_round_and_starts_those_episodes_ag
     events = _events(tmp_path / "run")
     assert events[2] == {**events[2], "event": "collected", "n": 0, "status": "abandoned"}
     assert len(_keys(tmp_path / "run")) == 3
+
+
+def test_dry_run_pilots_online_and_plans_at_batch_prices(tmp_path, ray_cluster):
+    from sft_ray.dryrun import dry_run
+
+    with MockServer(MockConfig()) as server:
+        cfg = _config(tmp_path, server, _rows(40), "pricing.input_per_mtok=2", "pricing.output_per_mtok=8")
+        lines: list[str] = []
+        plan = dry_run(cfg, 10, lines.append)
+        assert server.state.batches_created == 0 and server.state.requests == 10  # the pilot went online
+    # All 40 samples planned (the pilot's folder is thrown away), 2 input and 2 output tokens each, at half
+    # of $2 / $8 per million; the pilot itself cost the online price.
+    assert plan["samples_planned"] == 40
+    assert plan["cost_usd_planned"] == pytest.approx(round(40 * (2 * 1 + 2 * 4) / 1e6, 4))
+    assert plan["pilot_cost_usd"] == pytest.approx(10 * (2 * 2 + 2 * 8) / 1e6)
+    assert any("at Batch API prices (0.5 x pricing)" in line for line in lines)
+    assert not (tmp_path / "run").exists()
