@@ -416,3 +416,77 @@ def test_dry_run_pilots_online_and_plans_at_batch_prices(tmp_path, ray_cluster):
     assert plan["pilot_cost_usd"] == pytest.approx(10 * (2 * 2 + 2 * 8) / 1e6)
     assert any("at Batch API prices (0.5 x pricing)" in line for line in lines)
     assert not (tmp_path / "run").exists()
+
+
+class HostileServer:
+    """The mock behind a middleware that spoils what a careless or hostile provider could: output files
+    get foreign, malformed and repeated lines; with ``echo_key``, uploads are refused with a 401 whose
+    body repeats the request's Authorization header."""
+
+    def __init__(self, echo_key: bool = False) -> None:
+        self.echo_key = echo_key
+        self.server = MockServer(MockConfig())
+
+    def __enter__(self) -> MockServer:
+        from aiohttp import web
+
+        from sft_ray import devserver
+
+        echo_key = self.echo_key
+
+        @web.middleware
+        async def spoil(request, handler):
+            if echo_key and request.path == "/v1/files":
+                return web.json_response({"error": {"message": f"bad key {request.headers.get('Authorization')}"}},
+                                         status=401)
+            resp = await handler(request)
+            if request.path.endswith("/content") and "out" in request.path:
+                lines = resp.body.splitlines()
+                first = json.loads(lines[0])
+                evil = [b"not json at all", json.dumps({"custom_id": "0:not-mine", "response": {
+                    "status_code": 200, "body": {"choices": [{"message": {"content": "x"}}]}}}).encode(),
+                    json.dumps({"custom_id": 7, "response": None}).encode(),
+                    json.dumps({**first, "response": {**first["response"], "body": {"choices": []}}}).encode(),
+                    b"[1, 2]"]
+                return web.Response(body=b"\n".join(lines + evil) + b"\n")
+            return resp
+
+        real = devserver.make_app
+
+        def make_app(cfg, state):
+            app = real(cfg, state)
+            app.middlewares.append(spoil)
+            return app
+
+        devserver.make_app = make_app
+        try:
+            return self.server.start()
+        finally:
+            devserver.make_app = real
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop()
+
+
+def test_foreign_malformed_and_repeated_output_lines_change_nothing(tmp_path):
+    with HostileServer() as server:
+        cfg = _config(tmp_path, server, _rows(30))
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        assert server.state.batches_created == 1
+    rows = read_rows(tmp_path / "run" / "rollouts")
+    assert Counter((r["id"], r["sample_index"]) for r in rows) == {(f"r{i}", 0): 1 for i in range(30)}
+    assert all(r["response"] == r["expected_answer"] for r in rows)  # the first answer of a custom_id is kept
+
+
+def test_an_api_error_names_the_call_and_never_the_key(tmp_path, monkeypatch):
+    from sft_ray.job import RunError
+
+    monkeypatch.setenv("BATCH_TEST_KEY", "sk-secret-123456")
+    with HostileServer(echo_key=True) as server:
+        cfg = _config(tmp_path, server, _rows(5), "model.api_key_env=BATCH_TEST_KEY", "model.max_retries=0")
+        with pytest.raises(RunError) as err:
+            run(cfg, say=lambda s: None)
+    message = str(err.value)
+    assert "uploading sft-ray-batch-00000.jsonl: HTTP 401" in message and "sk-secret-123456" not in message
+    assert "Bearer ***" in message
+    assert "sk-secret" not in (tmp_path / "run" / "run.json").read_text()
