@@ -56,6 +56,9 @@ def run(
         cfg.model.secret_headers()  # an unset variable stops the run before Ray starts
         if no_wait and not cfg.model.batch.enabled:
             _fail("--no-wait is for Batch API runs: set model.batch.enabled=true")
+        if no_wait and cfg.environment.type != "none":
+            _fail("--no-wait cannot leave agent episodes waiting: they live in this process between rounds "
+                  "(run without --no-wait)")
         if dry_run:
             from sft_ray.dryrun import dry_run as plan
 

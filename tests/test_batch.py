@@ -329,6 +329,10 @@ def test_config_refuses_what_batches_cannot_do(tmp_path):
         config.write_text("{}")
         result = CliRunner().invoke(app, ["run", str(config), *plain, "--no-wait"])
         assert result.exit_code == 1 and "--no-wait is for Batch API runs" in result.output
+        agent = [*_overrides(tmp_path, server, inp), "environment.type=python",
+                 f"environment.module={ROOT / 'examples' / 'tools_weather.py'}"]
+        result = CliRunner().invoke(app, ["run", str(config), *agent, "--no-wait"])
+        assert result.exit_code == 1 and "--no-wait cannot leave agent episodes waiting" in result.output
 
 
 def test_a_spending_budget_stops_new_batches_and_a_raised_one_continues(tmp_path):
