@@ -494,3 +494,18 @@ def test_an_api_error_names_the_call_and_never_the_key(tmp_path, monkeypatch):
     assert "uploading sft-ray-batch-00000.jsonl: HTTP 401" in message and "sk-secret-123456" not in message
     assert "Bearer ***" in message
     assert "sk-secret" not in (tmp_path / "run" / "run.json").read_text()
+
+
+def test_an_agent_rounds_expired_calls_go_again_in_the_same_round(tmp_path):
+    rows = [json.loads(line) for line in (ROOT / "examples" / "agent-weather.jsonl").read_text().splitlines()][:4]
+    with MockServer(MockConfig(batch_expire=1, batch_expire_keep=0.5)) as server:
+        cfg = _config(tmp_path, server, rows, "environment.type=python",
+                      f"environment.module={ROOT / 'examples' / 'tools_weather.py'}",
+                      "verifier.type=regex", "verifier.pattern=The weather in .+ is")
+        assert run(cfg, say=lambda s: None) == EXIT_OK
+        assert server.state.batches_created == 3  # round 1 (expired: half ran), its other half, round 2
+    uploads = [len(e["keys"]) for e in _events(tmp_path / "run") if e["event"] == "upload"]
+    assert uploads == [4, 2, 4]
+    out = read_rows(tmp_path / "run" / "rollouts")
+    assert len(out) == 4 and all(r["reward"] == 1.0 and r["num_model_calls"] == 2 for r in out)
+    assert not read_rows(tmp_path / "run" / "failed")
