@@ -66,6 +66,12 @@ from sft_ray.stages.score import ScoreStage
 SCORE_CHUNK = 1024  # rollouts scored and written at a time
 
 
+def request_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """A batch's ``request_counts`` (total, completed, failed), what of it is a count."""
+    counts = batch.get("request_counts")
+    return {str(k): v for k, v in counts.items() if type(v) is int} if isinstance(counts, dict) else {}
+
+
 class BatchPhase:
     """One session's batch loop; :meth:`run` returns when nothing is left to send or wait for
     (or, with ``no_wait``, once everything is submitted)."""
@@ -329,7 +335,7 @@ class BatchPhase:
                 for key, result in (await self.results(entry, batch)).items():
                     if result is not None:
                         answers[key] = result
-                counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items() if isinstance(v, int)}
+                counts = request_counts(batch)
                 self.log.collected(entry, str(batch.get("status")), counts)
 
             wait = base
@@ -394,7 +400,8 @@ class BatchPhase:
                 continue
             est_in = size / 4  # as the online limiter estimates: prompt bytes / 4
             est_out = len(keys) * (self.sampling.get("max_output_tokens") or 1024)
-            if self.over_budget(len(keys), est_in, est_out):  # nothing more is sent; a rerun with a raised budget is
+            if self.over_budget(len(keys), est_in, est_out):
+                # Nothing more is sent (open batches are still collected); a rerun with a raised budget sends it.
                 self.session.record["stopped"] = "budget"
                 self.pending.clear()
                 return
@@ -415,7 +422,7 @@ class BatchPhase:
                 continue
             batch = await self.client.get(entry.batch_id)
             status = str(batch.get("status"))
-            counts = batch.get("request_counts") or {}
+            counts = request_counts(batch)
             parts.append(f"{entry.batch_id} {status} {counts.get('completed', 0)}/{counts.get('total', len(entry.keys))}"
                          + (f" ({counts['failed']} failed)" if counts.get("failed") else ""))
             if status in TERMINAL:
@@ -437,7 +444,7 @@ class BatchPhase:
         done = self.state.done
         answered = [(k, r) for k, r in results.items() if r is not None and k not in done]
         await self.write(answered)
-        counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items() if isinstance(v, int)}
+        counts = request_counts(batch)
         self.log.collected(entry, status, counts)
         if self.rejection is None:  # failures with attempts left, and what the batch never ran, go in a later batch
             skip = self.state.skip()
