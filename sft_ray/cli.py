@@ -42,6 +42,9 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Run a small pilot in a temporary folder and print the "
                                  "planned requests, tokens and cost; the run folder is not touched."),
     pilot: int = typer.Option(20, "--pilot", min=1, help="Samples in the --dry-run pilot."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="With model.batch.enabled: submit the batches, collect "
+                                 "what already finished and exit (code 4 while batches are pending); rerun to "
+                                 "collect the rest."),
 ) -> None:
     """Run the whole job: generate, score, filter, shuffle, shard, report. Rerun to resume."""
     cfg = _load(config, overrides or [])
@@ -51,12 +54,17 @@ def run(
 
     try:
         cfg.model.secret_headers()  # an unset variable stops the run before Ray starts
+        if no_wait and not cfg.model.batch.enabled:
+            _fail("--no-wait is for Batch API runs: set model.batch.enabled=true")
+        if no_wait and cfg.environment.type != "none":
+            _fail("--no-wait cannot leave agent episodes waiting: they live in this process between rounds "
+                  "(run without --no-wait)")
         if dry_run:
             from sft_ray.dryrun import dry_run as plan
 
             plan(cfg, pilot, typer.echo)
             raise typer.Exit(0)
-        code = run_job(cfg, restart=restart)
+        code = run_job(cfg, restart=restart, no_wait=no_wait)
     except ConfigError as e:
         _fail(str(e))
     except RunError as e:
@@ -242,15 +250,21 @@ def serve_mock(
     requests_per_minute: float = typer.Option(0.0, help="Enforce a request rate limit (token bucket; 0: none)."),
     tokens_per_minute: float = typer.Option(0.0, help="Enforce a token rate limit (prompt words + max_tokens)."),
     limit_window_s: float = typer.Option(60.0, help="Bucket capacity of those limits, in seconds of refill."),
+    batch_delay_s: float = typer.Option(0.0, help="Batch API: seconds a batch waits before it is processed."),
+    batch_expire: int = typer.Option(0, help="Batch API: the first N batches expire having run only part of "
+                                     "their lines (--batch-expire-keep)."),
+    batch_expire_keep: float = typer.Option(0.5, help="Batch API: the share of an expiring batch's lines it runs."),
 ) -> None:
-    """A local OpenAI-compatible server (chat + responses) that echoes prompts, or acts as an agent when a
-    request carries tools (calls one, then answers with its output): for trials, tests and benchmarks."""
+    """A local OpenAI-compatible server (chat + responses, and the Batch API's files and batches) that echoes
+    prompts, or acts as an agent when a request carries tools (calls one, then answers with its output): for
+    trials, tests and benchmarks."""
     from sft_ray.devserver import MockConfig, serve
 
     serve(MockConfig(latency_ms=latency_ms, error_rate=error_rate, rate_limit_rate=rate_limit_rate,
                      tool_malformed_rate=tool_malformed_rate, tool_unknown_rate=tool_unknown_rate,
                      requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute,
-                     limit_window_s=limit_window_s), host, port)
+                     limit_window_s=limit_window_s, batch_delay_s=batch_delay_s, batch_expire=batch_expire,
+                     batch_expire_keep=batch_expire_keep), host, port)
 
 
 def main() -> None:

@@ -60,6 +60,27 @@ class PricingConfig(_Strict):
     input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
     output_per_mtok: float = Field(
         0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
+    batch_discount: float = Field(
+        0.5, gt=0, le=1, description="With `model.batch.enabled`: the share of the prices above that a provider's "
+        "Batch API bills (OpenAI: 0.5); the cost in stats.json, the budget and `--dry-run` use it.")
+
+
+class BatchConfig(_Strict):
+    """The provider's Batch API (OpenAI's `/v1/files` + `/v1/batches`, and the OpenAI-compatible batch endpoints
+    of other providers): requests are uploaded as JSONL files and answered within a completion window, at batch
+    prices. Every batch is recorded in the run folder (`batches.jsonl`) before the driver waits on it, so a killed
+    client's rerun polls the same batches and nothing is submitted twice. See docs/batch.md."""
+
+    enabled: bool = Field(
+        False, description="Send generation through the Batch API instead of online requests (`backend: openai`, "
+        "`api: chat` or `responses`; rejection sampling and agent episodes go in rounds, see docs/batch.md).")
+    completion_window: str = Field("24h", description="The batch's completion window (OpenAI accepts `24h`).")
+    max_requests: int = Field(50_000, ge=1, description="Most requests per batch file (OpenAI: 50,000).")
+    max_bytes: int = Field(200_000_000, ge=1024, description="Most bytes per batch file (OpenAI: 200 MB).")
+    poll_interval_s: float = Field(
+        30.0, gt=0, description="Longest wait between polls of a batch's status; polls start faster (a tenth of "
+        "it) and back off by half again each time nothing changed.")
+    max_in_flight: int = Field(4, ge=1, description="Most batches submitted and not yet collected at once.")
 
 
 class ModelConfig(_Strict):
@@ -141,6 +162,7 @@ class ModelConfig(_Strict):
         "`tools` (`hermes`, `llama3_json`, `pythonic`, `mistral`, ...; the one vLLM's server would use for the "
         "model). Empty: `hermes` for the embedded model; other models then fail rows that have tools.",
     )
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     chat_template: str | None = Field(
         None,
         description="vllm backend: a Jinja chat template replacing the model's own, as a file path (read when "
@@ -405,6 +427,10 @@ class VerifierConfig(_Strict):
     )
     weight: float = Field(1.0, ge=0, description="composite component: its weight in the mean.")
     name: str | None = Field(None, description="composite component: its metric prefix (default: its type).")
+
+    def judges(self) -> list[JudgeConfig]:
+        """The judges of this section and its components."""
+        return ([self.judge] if self.judge is not None else []) + [j for c in self.components for j in c.judges()]
 
     def vllm_judges(self) -> list[JudgeConfig]:
         """The judges of this section and its components that run a vLLM engine in the scoring actors."""
@@ -825,6 +851,16 @@ class RunConfig(_Strict):
         if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
                                              or self.num_samples_in_parallel == "auto"):
             raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the openai backend")
+        if self.model.batch.enabled:
+            if self.model.backend != "openai":
+                raise ValueError("model.batch.enabled sends requests through a hosted provider's Batch API: it "
+                                 "needs model.backend openai")
+            if self.num_samples_in_parallel == "auto" or self.rate_limit.per_minute():
+                raise ValueError("rate_limit and num_samples_in_parallel: auto pace online requests; a Batch API "
+                                 "run has no use for them (model.batch.max_in_flight bounds its batches)")
+        for judge in self.verifier.judges():
+            if judge.model.batch.enabled:
+                raise ValueError("verifier.judge.model.batch: the Batch API is for the generation model only")
         if self.model.backend == "vllm" and self.model.omit_params:
             raise ValueError("model.omit_params applies to the openai backend (vllm takes every sampling key)")
         return self

@@ -12,13 +12,24 @@ def cost_usd(input_tokens: float, output_tokens: float, pricing: dict[str, float
             + output_tokens * float(p.get("output_per_mtok") or 0)) / 1e6
 
 
+def batch_prices(pricing: dict[str, Any]) -> dict[str, Any]:
+    """``pricing`` as a Batch API bills it: both prices times ``batch_discount`` (default 0.5)."""
+    d = float(pricing.get("batch_discount", 0.5))
+    return {**pricing, "input_per_mtok": float(pricing.get("input_per_mtok") or 0) * d,
+            "output_per_mtok": float(pricing.get("output_per_mtok") or 0) * d}
+
+
 def spend_summary(stats: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
     """stats.json's ``spend``: the tokens of every rollout (failed ones too) at the run's prices,
     what each run sent (HTTP requests with retries, 429s, reasoning tokens) from the run records,
     the judge's tokens and, with ``verifier.judge.pricing``, its cost (summed from the rows'
     ``judge_cost_usd``), their total, and, while samples are pending, the total projected to
-    the whole input. ``billed_usd`` and the budget cover the generation model only."""
-    pricing = ((manifest or {}).get("config") or {}).get("pricing") or {}
+    the whole input. ``billed_usd`` and the budget cover the generation model only. With
+    ``model.batch.enabled`` the prices are the Batch API's (:func:`batch_prices`)."""
+    config = (manifest or {}).get("config") or {}
+    pricing = config.get("pricing") or {}
+    if (((config.get("model") or {}).get("batch")) or {}).get("enabled"):
+        pricing = batch_prices(pricing)
     tok = stats.get("tokens") or {}
     inp, out = int(tok.get("input_tokens") or 0), int(tok.get("output_tokens") or 0)
     spend: dict[str, Any] = {"input_tokens": inp, "output_tokens": out,

@@ -47,6 +47,19 @@ hosted APIs do: a token bucket per limit that refills continuously and holds
 ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` headers.
 A request's tokens are its prompt words plus its output limit (``max_tokens``).
 
+The Batch API (OpenAI's): ``POST /v1/files`` (multipart, ``purpose=batch``), ``GET
+/v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches`` (newest first),
+``GET /v1/batches/{id}`` and ``POST /v1/batches/{id}/cancel``. A batch stays ``validating``
+for ``batch_delay_s``, then its lines are answered as the online endpoints answer them
+(same bodies, no latency or rate limits), in reverse order, into an output file (status 200)
+and an error file (other statuses, and ``error`` lines); it ends ``completed``. A file
+with a malformed line or a repeated ``custom_id`` fails the batch in validation. Markers:
+``[[batch_error:N]]``: the first N batch attempts of this prompt get an ``error`` line
+(``server_error``); ``[[fail:500:N]]`` gives a line with ``status_code`` 500. With
+``batch_expire`` the first N batches run only ``batch_expire_keep`` of their lines and end
+``expired`` (the rest get ``batch_expired`` error lines). ``GET /batch_stats`` counts
+uploads, batches created and, per ``custom_id``, how often it was submitted.
+
 ``GET /stats`` reports requests served and the most requests ever in flight at
 once, which the tests use to check the concurrency limit.
 """
@@ -70,6 +83,7 @@ _PARALLEL = re.compile(r"\[\[parallel:(\d+)\]\]")
 _STEPS = re.compile(r"\[\[steps:(\d+)\]\]")
 _ANY_MARK = re.compile(r"\[\[.*?\]\]", re.S)
 _SLEEP = re.compile(r"\[\[sleep:(\d+(?:\.\d+)?)\]\]")
+_BATCH_ERROR = re.compile(r"\[\[batch_error:(\d+)\]\]")
 UNKNOWN_TOOL = "no_such_tool"
 
 
@@ -88,6 +102,9 @@ class MockConfig:
     requests_per_minute: float = 0.0  # 0: no limit
     tokens_per_minute: float = 0.0  # 0: no limit
     limit_window_s: float = 60.0  # bucket capacity, in seconds of refill
+    batch_delay_s: float = 0.0  # the Batch API: seconds a batch stays validating before it is processed
+    batch_expire: int = 0  # the first N batches expire after finishing only part of their lines
+    batch_expire_keep: float = 0.5  # the share of an expiring batch's lines that finish
 
 
 class Bucket:
@@ -131,6 +148,11 @@ class MockState:
     busy_s: float = 0.0  # integral of in_flight over time: busy_s / wall = mean concurrency
     first_at: float = 0.0
     last_change: float = 0.0
+    files: dict = field(default_factory=dict)  # Batch API: file id -> (purpose, content bytes)
+    batches: dict = field(default_factory=dict)  # Batch API: batch id -> the batch object
+    batch_lines: Counter = field(default_factory=Counter)  # custom_id -> times submitted in a batch
+    uploads: int = 0
+    batches_created: int = 0
 
     def track(self, delta: int) -> None:
         now = time.monotonic()
@@ -386,70 +408,73 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
         state.track(+1)
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
         try:
-            body = orjson.loads(await request.read())
-            if state.keep_bodies:
-                state.bodies = (state.bodies + [body])[-state.keep_bodies:]
-            refused = refused_by_reasoning_model(api, body)
-            if refused is not None:
-                state.by_status[400] += 1
-                return refused
-            msgs = body.get("messages") if api == "chat" else body.get("input")
-            text = _last_user_text(msgs)
-            call_no = state.requests
-            turn = agent_turn(body, msgs, text, cfg, rng, call_no)
-            if cfg.latency_ms:
-                await asyncio.sleep(cfg.latency_ms / 1000)
-            if m := _SLEEP.search(text):
-                await asyncio.sleep(float(m.group(1)))
-            auth = request.headers.get("Authorization", "")
-            state.auth_headers.add(auth)
-            state.api_key_headers.add(request.headers.get("api-key", ""))
-            auth += " " + request.headers.get("api-key", "")
-            key = f"{text}|{body.get('seed')}|{body.get('temperature')}"
-            limit = (body.get("max_tokens") or body.get("max_completion_tokens")) if api == "chat" \
-                else body.get("max_output_tokens")
-            limit_headers: dict[str, str] = {}
-            if buckets:
-                n_prompt = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else 0
-                refused, limit_headers = rate_limited(n_prompt + (limit or 0))
-                if refused is not None:
-                    state.by_status[429] += 1
-                    return refused
-            failed = await failure(text, key if turn is None else f"{key}|step{turn.step}", auth)
-            if failed is not None:
-                state.by_status[failed.status] += 1
-                return failed
-            n_in = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else len(text.split())
-            state.by_status[200] += 1
-            state.served[text] += 1
-            if turn is not None and turn.calls:
-                state.tool_call_turns += 1
-                state.tool_calls += len(turn.calls)
-                out = tool_call_answer(api, body, turn.calls, call_no, n_in)
-                return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
-            source = turn.final if turn is not None else text
-            if str(body.get("model", "")).startswith("mock-judge"):
-                source = judge_reply(text)
-            words = source.split()
-            truncated = bool(limit) and len(words) > limit
-            reply = " ".join(words[:limit]) if truncated else source
-            n_out = min(len(words), limit or len(words))
-            if api == "chat":
-                out = {"id": f"chatcmpl-{call_no}", "object": "chat.completion", "created": int(time.time()),
-                       "model": body.get("model"),
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                    "finish_reason": "length" if truncated else "stop"}],
-                       "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
-            else:
-                out = {"id": f"resp_{call_no}", "object": "response", "model": body.get("model"),
-                       "status": "incomplete" if truncated else "completed",
-                       "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
-                       "output": [{"type": "message", "role": "assistant",
-                                   "content": [{"type": "output_text", "text": reply}]}],
-                       "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
-            return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
+            return await answer(api, orjson.loads(await request.read()), request.headers, online=True)
         finally:
             state.track(-1)
+
+    async def answer(api: str, body: dict, headers, online: bool) -> web.Response:
+        """The answer to one request body (online, or a line of a batch: no latency, no rate limits)."""
+        if state.keep_bodies:
+            state.bodies = (state.bodies + [body])[-state.keep_bodies:]
+        refused = refused_by_reasoning_model(api, body)
+        if refused is not None:
+            state.by_status[400] += 1
+            return refused
+        msgs = body.get("messages") if api == "chat" else body.get("input")
+        text = _last_user_text(msgs)
+        call_no = state.requests
+        turn = agent_turn(body, msgs, text, cfg, rng, call_no)
+        if cfg.latency_ms and online:
+            await asyncio.sleep(cfg.latency_ms / 1000)
+        if m := _SLEEP.search(text):
+            await asyncio.sleep(float(m.group(1)))
+        auth = headers.get("Authorization", "")
+        state.auth_headers.add(auth)
+        state.api_key_headers.add(headers.get("api-key", ""))
+        auth += " " + headers.get("api-key", "")
+        key = f"{text}|{body.get('seed')}|{body.get('temperature')}"
+        limit = (body.get("max_tokens") or body.get("max_completion_tokens")) if api == "chat" \
+            else body.get("max_output_tokens")
+        limit_headers: dict[str, str] = {}
+        if buckets and online:
+            n_prompt = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else 0
+            refused, limit_headers = rate_limited(n_prompt + (limit or 0))
+            if refused is not None:
+                state.by_status[429] += 1
+                return refused
+        failed = await failure(text, key if turn is None else f"{key}|step{turn.step}", auth)
+        if failed is not None:
+            state.by_status[failed.status] += 1
+            return failed
+        n_in = sum(len(_last_user_text([m]).split()) for m in msgs) if isinstance(msgs, list) else len(text.split())
+        state.by_status[200] += 1
+        state.served[text] += 1
+        if turn is not None and turn.calls:
+            state.tool_call_turns += 1
+            state.tool_calls += len(turn.calls)
+            out = tool_call_answer(api, body, turn.calls, call_no, n_in)
+            return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
+        source = turn.final if turn is not None else text
+        if str(body.get("model", "")).startswith("mock-judge"):
+            source = judge_reply(text)
+        words = source.split()
+        truncated = bool(limit) and len(words) > limit
+        reply = " ".join(words[:limit]) if truncated else source
+        n_out = min(len(words), limit or len(words))
+        if api == "chat":
+            out = {"id": f"chatcmpl-{call_no}", "object": "chat.completion", "created": int(time.time()),
+                   "model": body.get("model"),
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                "finish_reason": "length" if truncated else "stop"}],
+                   "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+        else:
+            out = {"id": f"resp_{call_no}", "object": "response", "model": body.get("model"),
+                   "status": "incomplete" if truncated else "completed",
+                   "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
+                   "output": [{"type": "message", "role": "assistant",
+                               "content": [{"type": "output_text", "text": reply}]}],
+                   "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
+        return web.Response(body=orjson.dumps(out), content_type="application/json", headers=limit_headers)
 
     async def chat(request: web.Request) -> web.Response:
         return await handle(request, "chat")
@@ -468,11 +493,174 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "mock-echo", "object": "model"}]})
 
-    app = web.Application(client_max_size=64 << 20)
+    # --- the Batch API: files and batches ---------------------------------------------------
+
+    def api_error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+
+    async def upload(request: web.Request) -> web.Response:
+        if request.content_type != "multipart/form-data":
+            return api_error(400, "expected multipart/form-data with 'purpose' and 'file'")
+        form = await request.post()
+        part = form.get("file")
+        if form.get("purpose") != "batch" or not hasattr(part, "file"):
+            return api_error(400, "'purpose' must be 'batch' and 'file' a file")
+        content = part.file.read()
+        state.uploads += 1
+        fid = f"file-{state.uploads:06d}{rng.randrange(16 ** 6):06x}"
+        state.files[fid] = content
+        return web.json_response({"id": fid, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                                  "filename": part.filename, "purpose": "batch"})
+
+    async def file_content(request: web.Request) -> web.Response:
+        content = state.files.get(request.match_info["file_id"])
+        if content is None:
+            return api_error(404, "no such file")
+        return web.Response(body=content, content_type="application/octet-stream")
+
+    def batch_line(custom_id: str, status: int | None, body: dict | None, error: dict | None) -> bytes:
+        response = None if status is None else {"status_code": status, "request_id": f"req_{rng.randrange(1 << 48):x}",
+                                                "body": body}
+        return orjson.dumps({"id": f"batch_req_{rng.randrange(1 << 48):x}", "custom_id": custom_id,
+                             "response": response, "error": error})
+
+    async def process(batch: dict, lines: list[dict], api: str, expire: bool) -> None:
+        """Answer a batch's lines as the online endpoints would, after ``batch_delay_s``; an expiring
+        batch answers only ``batch_expire_keep`` of them; lines come out in reverse order (a
+        provider keeps no order)."""
+        await asyncio.sleep(cfg.batch_delay_s)
+        if batch["status"] == "validating":
+            batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
+        out, err = [], []
+        keep = int(len(lines) * cfg.batch_expire_keep) if expire else len(lines)
+        counts = batch["request_counts"]
+        for i, line in enumerate(lines):
+            if i and i % 200 == 0:
+                await asyncio.sleep(0)  # let polls in
+            cid = line.get("custom_id")
+            if batch["status"] == "cancelling" or i >= keep:
+                reason = "batch_cancelled" if batch["status"] == "cancelling" else "batch_expired"
+                err.append(batch_line(cid, None, None, {"code": reason, "message": "This request could not be "
+                                                        "executed before the batch ended."}))
+                continue
+            body = line.get("body") if isinstance(line.get("body"), dict) else {}
+            text = _last_user_text(body.get("messages") if api == "chat" else body.get("input"))
+            if m := _BATCH_ERROR.search(text):
+                state.attempts[f"batch|{text}"] += 1
+                if state.attempts[f"batch|{text}"] <= int(m.group(1)):
+                    err.append(batch_line(cid, None, None, {"code": "server_error", "message": "The server had "
+                                                            "an error processing this request."}))
+                    counts["failed"] += 1
+                    continue
+            resp = await answer(api, body, {}, online=False)
+            try:
+                payload = orjson.loads(resp.body)
+            except orjson.JSONDecodeError:  # a simulated malformed answer
+                payload = {"error": {"message": "the model's answer was malformed"}}
+                resp.set_status(500)
+            (out if resp.status == 200 else err).append(batch_line(cid, resp.status, payload, None))
+            counts["completed" if resp.status == 200 else "failed"] += 1
+        batch["status"] = "finalizing"
+        await asyncio.sleep(0)
+        for name, data in (("output_file_id", out), ("error_file_id", err)):
+            if data:
+                fid = f"file-out{len(state.files):06d}"
+                state.files[fid] = b"".join(d + b"\n" for d in data)
+                batch[name] = fid
+        end = "cancelled" if batch["status"] == "cancelling" else "expired" if keep < len(lines) else "completed"
+        batch["status"], batch[f"{end}_at"] = end, int(time.time())
+
+    async def create_batch(request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return api_error(400, "body is not JSON")
+        endpoint = body.get("endpoint")
+        content = state.files.get(body.get("input_file_id"))
+        if endpoint not in ("/v1/chat/completions", "/v1/responses"):
+            return api_error(400, "endpoint must be /v1/chat/completions or /v1/responses")
+        if content is None:
+            return api_error(400, "no such input_file_id")
+        if body.get("completion_window") != "24h":
+            return api_error(400, "completion_window must be '24h'")
+        state.batches_created += 1
+        bid = f"batch_{state.batches_created:06d}{rng.randrange(16 ** 6):06x}"
+        batch = {"id": bid, "object": "batch", "endpoint": endpoint, "errors": None,
+                 "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "validating",
+                 "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata")}
+        state.batches[bid] = batch
+        lines, seen = [], set()
+        for n, raw in enumerate(content.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                line = None
+            problem = None
+            if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+                problem = "each line must be a JSON object with a string custom_id"
+            elif line["custom_id"] in seen:
+                problem = f"duplicate custom_id {line['custom_id']!r}"
+            elif line.get("method") != "POST" or line.get("url") != endpoint:
+                problem = f"method must be POST and url {endpoint}"
+            if problem:  # the provider fails the whole batch in validation
+                batch["status"], batch["failed_at"] = "failed", int(time.time())
+                batch["errors"] = {"object": "list", "data": [{"code": "invalid_request", "message": problem,
+                                                               "line": n}]}
+                return web.json_response(batch)
+            seen.add(line["custom_id"])
+            state.batch_lines[line["custom_id"]] += 1
+            lines.append(line)
+        batch["request_counts"]["total"] = len(lines)
+        expire = state.batches_created <= cfg.batch_expire
+        api = "chat" if endpoint == "/v1/chat/completions" else "responses"
+        batch["_task"] = asyncio.ensure_future(process(batch, lines[::-1], api, expire))
+        return web.json_response({k: v for k, v in batch.items() if not k.startswith("_")})
+
+    async def get_batch(request: web.Request) -> web.Response:
+        batch = state.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return api_error(404, "no such batch")
+        return web.json_response({k: v for k, v in batch.items() if not k.startswith("_")})
+
+    async def list_batches(request: web.Request) -> web.Response:
+        newest = [{k: v for k, v in b.items() if not k.startswith("_")} for b in reversed(state.batches.values())]
+        after = request.query.get("after")
+        if after:
+            ids = [b["id"] for b in newest]
+            newest = newest[ids.index(after) + 1:] if after in ids else []
+        limit = max(1, min(100, int(request.query.get("limit", "20")) if request.query.get("limit", "").isdigit()
+                           else 20))
+        return web.json_response({"object": "list", "data": newest[:limit], "has_more": len(newest) > limit})
+
+    async def cancel_batch(request: web.Request) -> web.Response:
+        batch = state.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return api_error(404, "no such batch")
+        if batch["status"] in ("validating", "in_progress"):
+            batch["status"] = "cancelling"
+        return web.json_response({k: v for k, v in batch.items() if not k.startswith("_")})
+
+    async def batch_stats(request: web.Request) -> web.Response:
+        return web.json_response({"uploads": state.uploads, "batches_created": state.batches_created,
+                                  "lines_submitted": sum(state.batch_lines.values()),
+                                  "most_submissions_of_one_custom_id": max(state.batch_lines.values(), default=0),
+                                  "statuses": dict(Counter(b["status"] for b in state.batches.values()))})
+
+    app = web.Application(client_max_size=512 << 20)  # a batch file may be up to 200 MB
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/stats", stats)
+    app.router.add_post("/v1/files", upload)
+    app.router.add_get("/v1/files/{file_id}/content", file_content)
+    app.router.add_post("/v1/batches", create_batch)
+    app.router.add_get("/v1/batches", list_batches)
+    app.router.add_get("/v1/batches/{batch_id}", get_batch)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
+    app.router.add_get("/batch_stats", batch_stats)
     return app
 
 

@@ -3,6 +3,8 @@
 The pilot is a real run of the first few samples into a temporary folder (the run
 folder is not touched); its tokens per sample, requests per sample (retries
 included) and throughput are scaled to the samples the real run would generate.
+With ``model.batch.enabled`` the pilot's requests go online (a batch could take up to
+its completion window) and the planned cost is at Batch API prices (``pricing.batch_discount``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from sft_ray.config import RunConfig
-from sft_ray.cost import cost_usd
+from sft_ray.cost import batch_prices, cost_usd
 
 
 def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = print) -> dict:
@@ -37,6 +39,7 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
         pilot.output = str(Path(tmp) / "run")
         pilot.read.limit = min(pilot_rows, cfg.read.limit or pilot_rows)
         pilot.budget = type(cfg.budget)()  # the pilot is small; the real run's budget stays for the real run
+        pilot.model.batch.enabled = False  # online: a pilot batch could wait up to its completion window
         run(pilot, say=lambda s: None)
         stats = json.loads((Path(tmp) / "run" / STATS).read_text())
     finally:
@@ -51,13 +54,14 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     per_in, per_out = tok.get("input_tokens", 0) / n, tok.get("output_tokens", 0) / n
     per_req = spend.get("requests", n) / n  # without a shared limiter the pilot does not count retries
     pricing = cfg.pricing.model_dump()
+    planned_pricing = batch_prices(pricing) if cfg.model.batch.enabled else pricing
     plan = {
         "samples_total": total, "samples_done": done, "samples_planned": todo, "pilot_samples": stats["samples"],
         "pilot_failed": stats["failed"], "pilot_cost_usd": round(cost_usd(tok.get("input_tokens", 0),
                                                                         tok.get("output_tokens", 0), pricing), 6),
         "requests_planned": math.ceil(todo * per_req),
         "input_tokens_planned": round(todo * per_in), "output_tokens_planned": round(todo * per_out),
-        "cost_usd_planned": round(cost_usd(todo * per_in, todo * per_out, pricing), 4),
+        "cost_usd_planned": round(cost_usd(todo * per_in, todo * per_out, planned_pricing), 4),
     }
     limits = cfg.rate_limit.per_minute()
     needs = {"requests": plan["requests_planned"], "input_tokens": plan["input_tokens_planned"],
@@ -75,7 +79,9 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
         f"tokens per sample, {per_req:.2f} requests per sample; it cost ${plan['pilot_cost_usd']:.4f}")
     say(f"planned: {plan['requests_planned']} requests, {plan['input_tokens_planned']} input and "
         f"{plan['output_tokens_planned']} output tokens"
-        + (f", about ${plan['cost_usd_planned']:.2f}" if pricing["input_per_mtok"] or pricing["output_per_mtok"]
+        + (f", about ${plan['cost_usd_planned']:.2f}"
+           + (f" at Batch API prices ({pricing['batch_discount']:g} x pricing)" if cfg.model.batch.enabled else "")
+           if pricing["input_per_mtok"] or pricing["output_per_mtok"]
            else " (set pricing.* for a cost estimate)"))
     if limits:
         say(f"at the configured rate limits: at least {plan['minutes_at_rate_limits']} minutes")

@@ -58,7 +58,7 @@ from sft_ray.runfolder.completion import (
     prompt_draws,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.runfolder.layout import ROLLOUTS, STATS, SUCCESS, TRAIN
+from sft_ray.runfolder.layout import BATCHES, ROLLOUTS, STATS, SUCCESS, TRAIN
 from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
@@ -72,15 +72,16 @@ from sft_ray.validate import plugin_problems
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
 
 
-def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print) -> int:
-    """The whole job; returns the process exit code."""
+def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = print, no_wait: bool = False) -> int:
+    """The whole job; returns the process exit code. ``no_wait`` (Batch API runs): submit the batches
+    and finish without waiting for them (a rerun collects them)."""
     check_plugins(cfg)
     inputs = scan_input(cfg)
     with lock_folder(cfg.output):
         manifest = prepare_folder(cfg, restart, inputs)
         state = FolderState(cfg.output, cfg.max_sample_attempts,
                             cfg.filter.min_reward if cfg.rejection.active else None)
-        session = generate_phase(cfg, manifest, inputs, state, say)
+        session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
         done, budget = record_completion(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
                              manifest, say)
@@ -172,9 +173,11 @@ def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState,
 
 
 def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
-                   say: Callable[[str], None]) -> Session:
+                   say: Callable[[str], None], no_wait: bool = False) -> Session:
     """Phase 1: send every sample without a result (and failures with attempts left), write
-    what comes back; ``state`` follows. Returns this session (its record is also in the manifest)."""
+    what comes back; ``state`` follows. Online through the stages, or through the provider's
+    Batch API with ``model.batch.enabled`` (:mod:`sft_ray.batch`). Returns this session (its
+    record is also in the manifest)."""
     session = Session(manifest, 0)
     writers = Writers(cfg.output, session.number, state)
     # What a killed run had generated but not written: scored from the journal, not sent again.
@@ -187,7 +190,10 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
         writers.close()
         clear_journal(cfg.output)
         return session
-    stream_and_write(cfg, manifest, inputs, state, session, writers, work, say)
+    if cfg.model.batch.enabled:
+        send_batches(cfg, manifest, inputs, state, session, writers, say, no_wait)
+    else:
+        stream_and_write(cfg, manifest, inputs, state, session, writers, work, say)
     clear_journal(cfg.output)  # all it held is written now
     compact_failures(cfg.output, session.number, state.done)
     return session
@@ -228,6 +234,12 @@ def plan_session(cfg: RunConfig, inputs: InputPlan, state: FolderState, recovere
                if start.failed else "")
         + (f"; {recovered} recovered from the journal of a run that was killed" if recovered else "")
         + (f"; {len(inputs.bad_lines)} bad line(s) skipped" if inputs.bad_lines else ""))
+    if cfg.model.batch.enabled:
+        b = cfg.model.batch
+        say(f"model: {cfg.model.backend} {model_label(cfg)} through the Batch API: up to {b.max_in_flight} batch(es) "
+            f"of at most {b.max_requests} requests / {b.max_bytes / 1e6:g} MB at once, completion window "
+            f"{b.completion_window}")
+        return SessionPlan(todo, start, draws, plan)
     say(f"model: {cfg.model.backend} {model_label(cfg)}; concurrency: {'auto, up to ' if cfg.adaptive else ''}"
         f"{plan['per_actor'] * plan['max_actors']} requests in flight "
         f"({plan['min_actors']}-{plan['max_actors']} actors x {plan['per_actor']}), batch {plan['batch_size']}")
@@ -296,6 +308,27 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
         limits.end(session.record)  # this run's spend; "budget" when the budget stopped it
         board.end()
         session.record.update(timing.record())
+        save_manifest(cfg.output, manifest)
+
+
+def send_batches(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+                 session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
+    """Phase 1 through the Batch API: every batch recorded in the run folder before the driver
+    waits on it; the writers closed and the session saved however it ends."""
+    from sft_ray.backends.openai_batch import BatchAPIError
+    from sft_ray.batch import batch_generate
+
+    try:
+        batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait)
+    except InputError as err:
+        session.record["stopped"] = f"input error: {err}"
+        raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
+                       f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
+    except BatchAPIError as err:
+        raise RunError(f"the Batch API refused a call: {err}\n(what was collected is written and every batch "
+                       f"submitted is recorded in {BATCHES}; rerun the same command to go on)") from None
+    finally:
+        writers.close()
         save_manifest(cfg.output, manifest)
 
 

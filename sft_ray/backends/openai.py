@@ -222,6 +222,10 @@ class OpenAIBackend(Backend):
                                  None if "tool_choice" in omit else req.tool_choice,
                                  None if "parallel_tool_calls" in omit else req.parallel_tool_calls)
 
+    def request_body(self, req: GenerationRequest) -> bytes:
+        """The JSON body this backend sends for ``req`` (``omit_params`` applied): a Batch API line's body too."""
+        return self._body(self._omit(req))
+
     def _body(self, req: GenerationRequest) -> bytes:
         if self.api == "chat":
             body = chat_body(self.model.get("name"), req, self.model.get("send_seed", True),

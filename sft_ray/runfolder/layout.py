@@ -8,6 +8,7 @@
       rollouts/            ROLLOUTS: every scored sample (part-<session>-<n>.jsonl), append-only
       failed/              FAILED: failed samples with the runs they failed in (retried by a rerun)
       journal/             JOURNAL: unscored rollouts as actors get them (<actor>.jsonl); gone after a clean session
+      batches.jsonl        BATCHES: with model.batch.enabled, every Batch API file and batch (upload, submit, collect)
       train/               TRAIN: the shuffled training shards (part-00000.<jsonl|parquet>, ...)
       validation/          VALIDATION: the validation shards, when train.validation_fraction > 0
       README.md            DATASET_CARD: the Hugging Face dataset card of train/ (and validation/)
@@ -30,6 +31,7 @@ LOCK = "run.lock"
 ROLLOUTS = "rollouts"
 FAILED = "failed"
 JOURNAL = "journal"
+BATCHES = "batches.jsonl"
 TRAIN = "train"
 VALIDATION = "validation"
 DATASET_CARD = "README.md"
@@ -38,7 +40,7 @@ NEVER_PASSED = "never_passed.jsonl"
 REPORT_HTML = "report.html"
 SUCCESS = "_SUCCESS"
 # What `--restart` deletes: everything a run wrote (the lock is held by the restarting run).
-RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, TRAIN, STATS, SUCCESS, MANIFEST)
+RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, TRAIN, STATS, SUCCESS, MANIFEST)
 
 Key = tuple[str, int]  # a sample: (prompt id, sample_index)
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import orjson
 
@@ -100,6 +100,67 @@ def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: Epi
 _CRASHED = (f"its generation actor died {CRASH_LIMIT} times while this sample was in flight (a tool or the engine "
             "ends the process: os._exit, a crash in native code, out of memory); not run again in this run. "
             "environment.isolation: process keeps a tool's crash inside its episode")
+
+
+async def run_agent_sample(call_model: Callable[[GenerationRequest], Awaitable[GenerationResult]],
+                           environment: Any, max_steps: int, timeout_s: float | None, verify_in_episode: bool,
+                           model_name: str | None, node_id: str | None, row: dict[str, Any], rid: str, k: int,
+                           prompt: list[dict[str, Any]], tools: dict[str, Any], params: dict[str, Any],
+                           source: str = "<row>",
+                           wrap: Callable[[Episode], Episode] | None = None) -> dict[str, Any]:
+    """One agent episode's rollout: the environment's episode opened for the row (``wrap``: e.g. a
+    :class:`TrackedEpisode` around it), model and tool calls until the model answers (at most
+    ``max_steps`` model calls, within ``timeout_s``: None for no bound), verified in the episode
+    when asked, closed whatever happens. Every failure is the rollout's ``error`` (a row whose
+    declared tools the environment lacks is bad input naming ``source``); an online actor and the
+    Batch API's rounds both run it."""
+    state = EpisodeState(messages=list(prompt))
+    if environment is None:
+        state.termination = ERROR
+        state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
+                                   "them: set environment.type (python, nemo_gym or mcp)")
+        return episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
+    if not tools.get("tools") and environment.default_tools():
+        tools = {**tools, "tools": environment.default_tools()}
+    elif tools.get("tools") and (problem := environment.check_tools(tools["tools"])) is not None:
+        state.termination = ERROR
+        state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r} {problem}")
+        return episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
+    episode = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            episode = await environment.open(row, f"{rid}.{k}")
+            if wrap is not None:
+                episode = wrap(episode)
+            await run_episode(call_model, episode, state, params, tools, max_steps, f"{rid}#{k}")
+            if verify_in_episode and state.error is None:
+                state.verify = await episode.verify(row, state.messages, tools.get("tools"))
+    except TimeoutError:
+        state.termination = ERROR
+        state.error = errors.error(errors.EPISODE_TIMEOUT, f"episode not done within agent.timeout_s="
+                                   f"{timeout_s:g} s ({state.num_model_calls} model calls)")
+    except EnvironmentFailure as e:
+        state.termination = ERROR
+        state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
+    except BaseException as e:  # an environment bug (e.g. a state class that raises) fails the sample only
+        if cancelled_from_outside():
+            raise  # the batch is being torn down
+        state.termination = ERROR
+        state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
+    finally:
+        if episode is not None:
+            try:
+                await asyncio.wait_for(episode.close(), 30)
+            except BaseException as e:  # the episode is done; a failed close is logged, not fatal
+                if cancelled_from_outside():
+                    raise
+                log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
+    if state.error is not None and state.error["type"] == errors.BAD_INPUT:  # the row's tools: name its line
+        state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r}: {state.error['message']}")
+    rollout = episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
+    if state.verify is not None:
+        rollout["verify_result"] = state.verify
+    return rollout
 
 
 def _node_id() -> str | None:
@@ -362,52 +423,10 @@ class GenerateStage:
 
     async def _episode(self, row: dict[str, Any], rid: str, k: int, prompt: list[dict[str, Any]],
                        tools: dict[str, Any], params: dict[str, Any], source: str = "<row>") -> dict[str, Any]:
-        state = EpisodeState(messages=list(prompt))
-        if self.environment is None:
-            state.termination = ERROR
-            state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
-                                       "them: set environment.type (python, nemo_gym or mcp)")
-            return episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
-        if not tools.get("tools") and self.environment.default_tools():
-            tools = {**tools, "tools": self.environment.default_tools()}
-        elif tools.get("tools") and (problem := self.environment.check_tools(tools["tools"])) is not None:
-            state.termination = ERROR
-            state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r} {problem}")
-            return episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
-        episode = None
-        try:
-            async with asyncio.timeout(self.agent["timeout_s"]):
-                episode = TrackedEpisode(await self.environment.open(row, f"{rid}.{k}"), self.tracker)
-                await run_episode(self._call_model, episode, state, params, tools, self.agent["max_steps"],
-                                  f"{rid}#{k}")
-                if self.verify_in_episode and state.error is None:
-                    state.verify = await episode.verify(row, state.messages, tools.get("tools"))
-        except TimeoutError:
-            state.termination = ERROR
-            state.error = errors.error(errors.EPISODE_TIMEOUT, f"episode not done within agent.timeout_s="
-                                       f"{self.agent['timeout_s']:g} s ({state.num_model_calls} model calls)")
-        except EnvironmentFailure as e:
-            state.termination = ERROR
-            state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
-        except BaseException as e:  # an environment bug (e.g. a state class that raises) fails the sample only
-            if cancelled_from_outside():
-                raise  # the batch is being torn down
-            state.termination = ERROR
-            state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
-        finally:
-            if episode is not None:
-                try:
-                    await asyncio.wait_for(episode.close(), 30)
-                except BaseException as e:  # the episode is done; a failed close is logged, not fatal
-                    if cancelled_from_outside():
-                        raise
-                    log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
-        if state.error is not None and state.error["type"] == errors.BAD_INPUT:  # the row's tools: name its line
-            state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r}: {state.error['message']}")
-        rollout = episode_rollout(row, rid, k, state, tools, params, self.model_name, self.node_id)
-        if state.verify is not None:
-            rollout["verify_result"] = state.verify
-        return rollout
+        return await run_agent_sample(self._call_model, self.environment, self.agent["max_steps"],
+                                      self.agent["timeout_s"], self.verify_in_episode, self.model_name, self.node_id,
+                                      row, rid, k, prompt, tools, params, source,
+                                      lambda episode: TrackedEpisode(episode, self.tracker))
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         await self._ensure_started()

@@ -1,0 +1,200 @@
+"""The OpenAI Batch API over HTTP: upload a JSONL file, create a batch, poll it, download its results.
+
+Endpoints (OpenAI's, also served by OpenAI-compatible gateways and ``sft-ray serve-mock``):
+``POST /v1/files`` (multipart, ``purpose=batch``), ``POST /v1/batches``, ``GET /v1/batches/{id}``,
+``GET /v1/files/{id}/content`` and ``POST /v1/batches/{id}/cancel``. Each call is retried on
+connection errors, timeouts, 429 and 5xx with :mod:`sft_ray.backends.retry`'s backoff; any other
+answer raises :class:`BatchAPIError` with the key and secret headers redacted.
+
+A request line's body is built by :class:`~sft_ray.backends.openai.OpenAIBackend` (the same body an
+online request sends); an output line is read back into a :class:`GenerationResult` by
+:func:`parse_line`: an answer, or an error result with its class. ``custom_id`` is the sample key
+(:func:`custom_id` / :func:`parse_custom_id`), never a position: a provider keeps no order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import aiohttp
+import orjson
+
+from sft_ray import errors
+from sft_ray.backends import retry
+from sft_ray.backends.base import GenerationResult, Secret, error_result
+from sft_ray.backends.openai import BadResponse, parse_chat, parse_responses, refused_param, refused_param_advice
+
+ENDPOINTS = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+# Lines a batch never ran (it expired or was cancelled first): sent again, not counted as a failed attempt.
+NOT_RUN = ("batch_expired", "batch_cancelled")
+# The error codes a provider writes on lines that ran and failed, and the class each is.
+_CODES = {"rate_limit_exceeded": errors.RATE_LIMIT, "token_limit_exceeded": errors.RATE_LIMIT,
+          "invalid_request": errors.CLIENT_ERROR, "invalid_request_error": errors.CLIENT_ERROR,
+          "context_length_exceeded": errors.CONTEXT_LENGTH, "timeout": errors.TIMEOUT}
+
+
+class BatchAPIError(Exception):
+    """The Batch API refused a call (after retries, for transient failures)."""
+
+
+def custom_id(rid: str, sample_index: int) -> str:
+    """A sample's ``custom_id``: ``<sample_index>:<id>``; any id round-trips (the index ends at the first colon)."""
+    return f"{sample_index}:{rid}"
+
+
+def parse_custom_id(value: Any) -> tuple[str, int] | None:
+    """The sample key of a ``custom_id``, or None when it is not one of ours."""
+    if not isinstance(value, str):
+        return None
+    k, sep, rid = value.partition(":")
+    return (rid, int(k)) if sep and k.isdigit() and len(k) < 10 else None
+
+
+def request_line(cid: str, endpoint: str, body: bytes) -> bytes:
+    """One line of a batch input file (``body``: the request's JSON)."""
+    return b'{"custom_id":' + orjson.dumps(cid) + b',"method":"POST","url":' + orjson.dumps(endpoint) \
+        + b',"body":' + body + b"}"
+
+
+def parse_line(line: dict[str, Any], api: str) -> GenerationResult | None:
+    """An output or error file line as a result; None for a line the batch never ran (expired, cancelled)."""
+    err = line.get("error")
+    response = line.get("response")
+    if isinstance(err, dict) and err:
+        code = str(err.get("code") or "")
+        if code in NOT_RUN:
+            return None
+        return error_result(_CODES.get(code, errors.SERVER_ERROR),
+                            f"batch line error {code or 'unknown'}: {str(err.get('message') or '')[:300]}")
+    if not isinstance(response, dict):
+        return error_result(errors.BAD_RESPONSE, "batch line has neither a response nor an error")
+    status, body = response.get("status_code"), response.get("body")
+    if status != 200:
+        text = orjson.dumps(body).decode()[:300] if body is not None else ""
+        status = status if isinstance(status, int) else 0
+        message = f"HTTP {status}: {text}"
+        raw = orjson.dumps(body) if body is not None else b""
+        param = refused_param(raw) if status in (400, 422) else None
+        if param:
+            message = f"{refused_param_advice(param, {'config_key': 'model'})} ({message})"
+        return error_result(retry.classify_status(status, text), message)
+    try:
+        return parse_chat(body) if api == "chat" else parse_responses(body)
+    except BadResponse as e:
+        return error_result(errors.BAD_RESPONSE, str(e))
+
+
+class BatchClient:
+    """The files and batches endpoints of one provider, for the driver's batch loop."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        self.base = model["base_url"].rstrip("/")
+        self.model = model
+        secret = model.get("api_key")
+        self._key = secret.get() if isinstance(secret, Secret) else None
+        self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
+        self._session: aiohttp.ClientSession | None = None
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> "BatchClient":
+        headers = {**self.model.get("extra_headers", {}), **self._secret_headers}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        timeout = aiohttp.ClientTimeout(total=max(300.0, float(self.model["timeout_s"])),
+                                        sock_connect=self.model["connect_timeout_s"])
+        self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _redact(self, text: str) -> str:
+        for secret in (self._key, *self._secret_headers.values()):
+            text = text.replace(secret, "***") if secret else text
+        return text
+
+    async def _call(self, method: str, path: str, what: str, form: Any = None, **kwargs: Any) -> bytes:
+        """One API call with retries of transient failures; the body of its 2xx answer. ``form``: a
+        function that makes the multipart body (a FormData is used once, so each attempt makes its own)."""
+        assert self._session is not None, "use `async with BatchClient(...)`"
+        attempts = 1 + int(self.model.get("max_retries", 6))
+        for attempt in range(1, attempts + 1):
+            wait_hint = None
+            try:
+                async with self._session.request(method, self.base + path, data=form() if form else None,
+                                                 **kwargs) as resp:
+                    raw = await resp.read()
+                    if resp.status < 300:
+                        return raw
+                    message = f"HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}"
+                    kind = retry.classify_status(resp.status, message)
+                    wait_hint = retry.parse_retry_after(resp.headers.get("Retry-After"))
+            except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+                kind, message = retry.CONNECTION_ERROR, f"{type(e).__name__}: {e}"
+            if kind not in retry.RETRYABLE or attempt == attempts:
+                raise BatchAPIError(self._redact(f"{what}: {message}"
+                                                 + (f" (after {attempt} attempts)" if attempt > 1 else "")))
+            await asyncio.sleep(retry.backoff_s(attempt, self.model["base_retry_wait_s"],
+                                                self.model["max_retry_wait_s"], wait_hint, self._rng))
+        raise AssertionError("unreachable")
+
+    async def _json(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        raw = await self._call(method, path, what, **kwargs)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+            raise BatchAPIError(f"{what}: the answer is not a JSON object with an id")
+        return data
+
+    async def upload(self, content: bytes, filename: str) -> str:
+        """Upload a batch input file; its file id."""
+
+        def form() -> aiohttp.FormData:
+            f = aiohttp.FormData()
+            f.add_field("purpose", "batch")
+            f.add_field("file", content, filename=filename, content_type="application/jsonl")
+            return f
+
+        return (await self._json("POST", "/files", f"uploading {filename}", form=form))["id"]
+
+    async def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """Create a batch from an uploaded file; the batch object."""
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": window, "metadata": metadata}
+        return await self._json("POST", "/batches", f"creating a batch from {file_id}", json=body)
+
+    async def get(self, batch_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/batches/{batch_id}", f"polling batch {batch_id}")
+
+    async def find(self, file_id: str, pages: int = 10) -> dict[str, Any] | None:
+        """The most recent batch made from ``file_id`` (``GET /v1/batches``, newest first, up to ``pages``
+        pages of 100), or None: a run killed between creating a batch and recording it finds it here."""
+        after = None
+        for _ in range(pages):
+            query = "?limit=100" + (f"&after={after}" if after else "")
+            raw = await self._call("GET", f"/batches{query}", "listing batches")
+            try:
+                page = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None
+            data = page.get("data") if isinstance(page, dict) else None
+            if not isinstance(data, list) or not data:
+                return None
+            for batch in data:
+                if isinstance(batch, dict) and batch.get("input_file_id") == file_id and isinstance(batch.get("id"), str):
+                    return batch
+            if not page.get("has_more"):
+                return None
+            after = data[-1].get("id") if isinstance(data[-1], dict) else None
+        return None
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        return await self._json("POST", f"/batches/{batch_id}/cancel", f"cancelling batch {batch_id}")
+
+    async def content(self, file_id: str) -> bytes:
+        return await self._call("GET", f"/files/{file_id}/content", f"downloading {file_id}")
