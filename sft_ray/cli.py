@@ -83,12 +83,12 @@ def validate(
     typer.echo("ok")
 
 
-_RECUT_SECTIONS = ("filter", "train", "shuffle")
+_RECUT_SECTIONS = ("filter", "train", "shuffle", "preference")
 
 
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
-    from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig
+    from sft_ray.config import ConfigError, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
     from sft_ray.configload import apply_overrides
     from sft_ray.runfolder.layout import MANIFEST
     from sft_ray.runfolder.manifest import load_manifest
@@ -106,24 +106,28 @@ def _recut(run_dir: str, overrides: List[str], options: dict):
     try:
         for item in overrides:
             if item.split("=", 1)[0].split(".")[0] not in _RECUT_SECTIONS:
-                raise ConfigError(f"override {item!r}: only filter.*, train.* and shuffle.* apply to an existing run")
+                raise ConfigError(f"override {item!r}: only filter.*, train.*, shuffle.* and preference.* apply to "
+                                  "an existing run")
         apply_overrides(data, overrides)
         filter_cfg = FilterConfig.model_validate(data["filter"])
         train, shuffle = TrainConfig.model_validate(data["train"]), ShuffleConfig.model_validate(data["shuffle"])
+        preference = PreferenceConfig.model_validate(data["preference"])
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed
+    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed, preference.model_dump()
 
 
 def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format,
                    rows_per_shard, seed) -> dict:
+    if fmt is not None and "," in fmt:  # several formats from one pass: --format messages,preference
+        fmt = [f.strip() for f in fmt.split(",") if f.strip()]
     return {"filter.min_reward": min_reward, "filter.max_reward": max_reward, "filter.dedup": dedup,
             "train.max_per_prompt": max_per_prompt, "train.validation_fraction": validation_fraction,
             "train.format": fmt, "train.file_format": file_format, "train.rows_per_shard": rows_per_shard,
             "shuffle.seed": seed}
 
 
-_OVERRIDES_HELP = ("filter.*, train.* or shuffle.* overrides, e.g. filter.max_tokens=2048 filter.drop_tool_errors=true "
+_OVERRIDES_HELP = ("filter.*, train.*, shuffle.* or preference.* overrides, e.g. filter.max_tokens=2048 filter.drop_tool_errors=true "
                    "train.reasoning=drop")
 
 
@@ -138,7 +142,8 @@ def stats(
     max_per_prompt: Optional[int] = typer.Option(None, help="At most this many samples per prompt."),
     dedup: Optional[str] = typer.Option(None, help="none, exact or near: drop duplicate replies per prompt."),
     validation_fraction: Optional[float] = typer.Option(None, help="Share of prompts for validation/."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion or openai."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion, openai or preference; "
+                                      "several, comma-separated, write each under train/<format>/."),
     file_format: Optional[str] = typer.Option(None, help="jsonl or parquet."),
     rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard."),
     seed: Optional[int] = typer.Option(None, help="Shuffle seed."),
@@ -147,9 +152,10 @@ def stats(
     nothing but the --html report)."""
     from sft_ray.job import finalize_run
 
-    manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+    manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
-    result = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, write=False)
+    result = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, write=False,
+                          preference=preference)
     if html:
         from pathlib import Path
 
@@ -173,7 +179,8 @@ def filter_(
     max_per_prompt: Optional[int] = typer.Option(None, help="At most this many samples per prompt."),
     dedup: Optional[str] = typer.Option(None, help="none, exact or near: drop duplicate replies per prompt."),
     validation_fraction: Optional[float] = typer.Option(None, help="Share of prompts for validation/."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion or openai."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion, openai or preference; "
+                                      "several, comma-separated, write each under train/<format>/."),
     file_format: Optional[str] = typer.Option(None, help="jsonl or parquet."),
     rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard (default: the run's)."),
     seed: Optional[int] = typer.Option(None, help="Shuffle seed (default: the run's shuffle.seed)."),
@@ -182,11 +189,12 @@ def filter_(
     from sft_ray.job import finalize_run
     from sft_ray.runfolder.manifest import save_manifest
 
-    manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+    manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
-    finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
+    finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, preference=preference)
     cfg = manifest["config"]
     cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
+    cfg["preference"] = preference
     save_manifest(run_dir, manifest)
 
 
