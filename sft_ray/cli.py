@@ -199,6 +199,31 @@ def filter_(
 
 
 @app.command()
+def rescore(
+    run_dir: str = typer.Argument(..., help="Run folder."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="verifier.* or resources.* overrides, e.g. "
+                                                    "verifier.type=judge verifier.judge.model.name=gpt-4o-mini"),
+    config: Optional[str] = typer.Option(None, "--config", help="A YAML config whose `verifier` (and `resources`) "
+                                         "section replaces the run's."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say how many rows would be scored and, for a priced "
+                                 "judge, what it would cost; write nothing."),
+) -> None:
+    """Score every stored rollout again with another verifier (calls no generation model), then rebuild train/,
+    stats.json and the report. Durable: rerun to continue; the old rewards stay under `previous`."""
+    from sft_ray.config import ConfigError
+    from sft_ray.job import RunError
+    from sft_ray.rescore import rescore as run_rescore
+
+    try:
+        code = run_rescore(run_dir, config, overrides or [], dry_run=dry_run, say=typer.echo)
+    except ConfigError as e:
+        _fail(str(e))
+    except RunError as e:
+        _fail(str(e), e.code)
+    raise typer.Exit(code)
+
+
+@app.command()
 def models(
     fetch: bool = typer.Option(False, "--fetch", help="Build the embedded default model now if not cached."),
 ) -> None:

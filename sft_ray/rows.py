@@ -178,6 +178,7 @@ GENERATED_FIELDS = frozenset({
     "usage", "model", "sampling_params", "attempts", "error", "node_id", "latency_s", "termination",
     "num_model_calls", "num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "input_fields",
     "verify_result", "parallel_tool_calls", "tool_choice", "source_file", "source_line",
+    "previous", "rescore_attempts",  # `sft-ray rescore`: the reward it replaced; its tries of a failing row
 })
 
 

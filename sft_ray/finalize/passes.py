@@ -177,6 +177,10 @@ class _Job:
         single format (train, validation), ``<split>-<format index>-`` for several."""
         return split if len(self.formats) == 1 else f"{split}-{self.formats.index(fmt)}-"
 
+    def format_of(self, target: str) -> str:
+        """The format of a :meth:`target`."""
+        return self.formats[0] if len(self.formats) == 1 else self.formats[int(target.split("-")[1])]
+
     @property
     def direct(self) -> bool:
         """No prompt rule chooses among a prompt's samples: whatever passes the row rules is kept,
@@ -554,7 +558,7 @@ def _sort_bucket(job: _Job, split: str, b: int, first: int, starts: list[int], s
                 f.writelines(line[KEY_HEX:] + b"\n" for line in lines[lo - first:hi - first])
 
 
-def _write_part(job: _Job, split: str, i: int, uri: str, fmt: str | None = None) -> None:
+def _write_part(job: _Job, split: str, i: int, uri: str) -> None:
     """Shard ``i`` of a split (a split's rows of one format, :meth:`_Job.target`), from its segments
     (in bucket order)."""
     data = b"".join(_take(job.tmp, f"w{split}{i:06d}."))
@@ -565,7 +569,7 @@ def _write_part(job: _Job, split: str, i: int, uri: str, fmt: str | None = None)
     import pyarrow.parquet as pq
 
     # Every shard gets the schema declared for the format (never one inferred from this shard's rows).
-    schema = parquet_schema(fmt or job.formats[0], list(train["include_fields"]))
+    schema = parquet_schema(job.format_of(split), list(train["include_fields"]))
     table = parquet_table([orjson.loads(line) for line in data.split(b"\n")[:-1]], schema)
     buf = _io.BytesIO()
     pq.write_table(table, buf)
@@ -594,7 +598,7 @@ def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: dict
                       itertools.repeat(starts), itertools.repeat(sizes)))
         ext = job.train["file_format"]
         list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(target), range(len(sizes)),
-                      [io.join(folder, shard_name(i, ext)) for i in range(len(sizes))], itertools.repeat(fmt)))
+                      [io.join(folder, shard_name(i, ext)) for i in range(len(sizes))]))
         out[fmt] = sizes
     io.replace_dir(new, final)
     return out
