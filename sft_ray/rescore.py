@@ -57,11 +57,22 @@ from sft_ray.runfolder.layout import (
 )
 from sft_ray.runfolder.manifest import load_manifest, save_manifest, verifier_fingerprint
 from sft_ray.runfolder.parts import PartWriter
-from sft_ray.scoring import Scorer, verifier_payload
+from sft_ray.scoring import Scorer, score_now, verifier_payload
 
 # Sections a rescore may change: the verifier, and the resources its scoring actors get.
 SECTIONS = ("verifier", "resources")
-BATCH = 256  # rows per batch for a verifier that scores batches (score_batch) and for the cluster path
+BATCH = 256  # rows per batch: a local verifier (or one that scores batches), and the cluster path
+# Verifiers that compute a reward here, calling nothing and costing nothing: scored and written a
+# batch at a time (a kill re-scores at most a batch of them, for free). Any other (a judge, code
+# in a sandbox, the user's Python, a NeMo Gym server) has each verdict written the moment it is in.
+LOCAL_TYPES = frozenset({"exact_match", "math", "mcq", "regex", "json_schema", "none"})
+
+
+def is_local(verifier: Any) -> bool:
+    """Whether a verifier section (a composite's components included) only computes locally."""
+    if verifier.type == "composite":
+        return all(is_local(c) for c in verifier.components)
+    return verifier.type in LOCAL_TYPES and verifier.judge is None
 PREFIX = "rescore"  # part files of rescore/: rescore-<session>-<n>.jsonl (never a run's part-<session>-<n>)
 
 
@@ -214,47 +225,56 @@ class Sink:
         self.judge_cost = 0.0
 
     def __call__(self, row: dict[str, Any]) -> None:
-        key = _key(row)
-        if row.get("reward") is None:
-            row["rescore_attempts"] = self.journal.tries.get(key, 0) + 1
-            self.journal.tries[key] = row["rescore_attempts"]
-            self.bad.write([orjson.dumps(row)])
-            self.failed += 1
-        else:
-            self.ok.write([orjson.dumps(row)])
-            self.journal.done.add(key)
-            self.journal.tries.pop(key, None)
-            self.scored += 1
-            self.reward_sum += float(row["reward"])
-        cost = (row.get("metrics") or {}).get("judge_cost_usd")
-        if isinstance(cost, (int, float)):
-            self.judge_cost += float(cost)
+        self.many([row])
+
+    def many(self, rows: list[dict[str, Any]]) -> None:
+        """Write rows with their verdicts (one write per folder)."""
+        oks, bads = [], []
+        done, tries = self.journal.done, self.journal.tries
+        for row in rows:
+            key = _key(row)
+            if row.get("reward") is None:
+                row["rescore_attempts"] = tries.get(key, 0) + 1
+                tries[key] = row["rescore_attempts"]
+                bads.append(orjson.dumps(row))
+            else:
+                oks.append(orjson.dumps(row))
+                done.add(key)
+                tries.pop(key, None)
+                self.reward_sum += float(row["reward"])
+            cost = (row.get("metrics") or {}).get("judge_cost_usd")
+            if isinstance(cost, (int, float)):
+                self.judge_cost += float(cost)
+        self.ok.write(oks)
+        self.bad.write(bads)
+        self.scored += len(oks)
+        self.failed += len(bads)
         if self.progress is not None:
             n = self.scored + self.failed
-            self.progress.update(1, n, self.failed, self.reward_sum / self.scored if self.scored else None)
+            self.progress.update(len(rows), n, self.failed, self.reward_sum / self.scored if self.scored else None)
 
     def close(self) -> None:
         self.ok.close()
         self.bad.close()
 
 
-async def score_here(verifier: dict[str, Any], rows: Iterable[dict[str, Any]], sink: Sink) -> None:
+async def score_here(verifier: dict[str, Any], rows: Iterable[dict[str, Any]], sink: Sink,
+                     batched: bool = False) -> None:
     """Score rows in this process, ``verifier.concurrency`` at a time, each handed to ``sink`` as
-    soon as its verdict is in (so a kill loses only the verdicts in flight)."""
+    soon as its verdict is in (so a kill loses only the verdicts in flight); ``batched`` (a
+    verifier that costs nothing, or one that scores batches): a batch at a time."""
     scorer = Scorer(verifier)
     try:
-        if hasattr(scorer.verifier, "score_batch"):  # a verifier that wants whole batches gets them
+        if batched or hasattr(scorer.verifier, "score_batch"):
             batch: list[dict[str, Any]] = []
             for row in rows:
                 batch.append(row)
                 if len(batch) == BATCH:
-                    await scorer.score(batch)
-                    for r in batch:
-                        sink(r)
+                    await _score_batch(scorer, batch, batched)
+                    sink.many(batch)
                     batch = []
-            await scorer.score(batch)
-            for r in batch:
-                sink(r)
+            await _score_batch(scorer, batch, batched)
+            sink.many(batch)
             return
         window = asyncio.Semaphore(2 * scorer.concurrency)  # rows read ahead: bounded, whatever the folder holds
         tasks: set[asyncio.Task] = set()
@@ -277,6 +297,13 @@ async def score_here(verifier: dict[str, Any], rows: Iterable[dict[str, Any]], s
         await scorer.close()
 
 
+async def _score_batch(scorer: Scorer, batch: list[dict[str, Any]], local: bool) -> None:
+    if local and not hasattr(scorer.verifier, "score_batch"):
+        score_now(scorer.verifier, batch)  # a local verifier: no coroutine per row
+    else:
+        await scorer.score(batch)
+
+
 def score_remote(score: Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]],
                  rows: Iterable[dict[str, Any]], sink: Sink) -> None:
     """Score rows in the score stage's actors (a judge with a vLLM engine), each block written as it returns."""
@@ -297,8 +324,7 @@ def score_remote(score: Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]
     if not batches:
         return
     for out in score(batches):
-        for text in out["rollout"]:
-            sink(orjson.loads(text))
+        sink.many([orjson.loads(text) for text in out["rollout"]])
 
 
 # -- the swap ----------------------------------------------------------------------------------
@@ -435,7 +461,7 @@ def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[s
         if remote is not None:
             score_remote(remote, rows(), sink)
         else:
-            asyncio.run(score_here(verifier_payload(cfg.verifier), rows(), sink))
+            asyncio.run(score_here(verifier_payload(cfg.verifier), rows(), sink, batched=is_local(cfg.verifier)))
     finally:
         sink.close()
         progress.close()

@@ -189,3 +189,41 @@ def test_kill_9_mid_rescore_then_rerun_judges_each_row_once(tmp_path, math_run, 
     assert {r["reward"] for k, r in rewards(run_dir).items() if k.startswith("box")} == {0.0}
     with pytest.raises(RunError, match="verifier"):
         run(cfg, say=lambda s: None)
+
+
+def test_a_local_verifier_scores_in_batches_and_its_failures_are_never_zero(tmp_path, math_run):
+    run_math(tmp_path, math_run)
+    run_dir = tmp_path / "run"
+    before = rewards(run_dir)
+    # a reference field no row has: exact_match raises for each row -> verifier_error, nothing swapped in
+    assert rescore(str(run_dir), None, ["verifier.type=exact_match", "verifier.answer_field=nope"],
+                   say=lambda s: None) == 4
+    assert rewards(run_dir) == before
+    failed = read_rows(run_dir / "rescore" / "failed")
+    assert len(failed) == 2 * N and {r["error"]["type"] for r in failed} == {"verifier_error"}
+    assert all(r["reward"] is None and "nope" in r["error"]["message"] for r in failed)
+    # another verifier: the unfinished rescore is discarded, this one swaps in
+    said = []
+    assert rescore(str(run_dir), None, ["verifier.type=exact_match"], say=said.append) == 0
+    assert any("discarding an unfinished rescore" in s for s in said)
+    from sft_ray.verifiers.exact_match import ExactMatch
+
+    em = ExactMatch({"answer_field": "expected_answer"})
+    for rid, row in rewards(run_dir).items():
+        assert row["reward"] == em(row, row["response"])["reward"] and row["metrics"]["accuracy"] == row["reward"]
+        assert row["previous"]["reward"] == before[rid]["reward"]
+    assert not read_rows(run_dir / "failed")
+
+
+def test_overrides_other_than_the_verifier_are_refused(tmp_path, math_run):
+    from sft_ray.config import ConfigError
+
+    run_math(tmp_path, math_run)
+    with pytest.raises(ConfigError, match="only verifier"):
+        rescore(str(tmp_path / "run"), None, ["model.name=other"], say=lambda s: None)
+    with pytest.raises(ConfigError, match="not a run folder"):
+        rescore(str(tmp_path), None, ["verifier.type=exact_match"], say=lambda s: None)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("verifier:\n  type: judge\n")  # a judge without its model
+    with pytest.raises(ConfigError, match="verifier"):
+        rescore(str(tmp_path / "run"), str(bad), [], say=lambda s: None)
