@@ -5,9 +5,10 @@ A prompt is sampled until ``target_passing`` of its samples pass (reward >=
 sample's reward as soon as it exists, so the generation actor that owns a prompt
 scores its samples itself (:func:`draw_prompt`) and hands back all of them at once;
 the score stage passes such rows through. The driver works out, from the run folder
-alone, where each prompt stands (:func:`sft_ray.runfolder.completion.prompt_draws`), so a rerun continues every
-prompt where it stopped and draws no sample twice: finished samples are in
-``rollouts/``, answers that were not written yet in the journal.
+alone, where each prompt stands (:func:`sft_ray.runfolder.completion.prompt_draws`), so a
+rerun continues every prompt where it stopped and draws no sample twice: finished samples
+are in ``rollouts/``, answers that were not written yet in the journal. Phase 2 reports how
+it went (:class:`sft_ray.finalize.stats.Tally`).
 
 Failures: a sample that fails (an infrastructure error, no reward) stops its prompt for
 this run; a rerun retries that sample (its index) first, then goes on. A failure that is

@@ -1,6 +1,6 @@
 """Training-row formats: what TRL, Hugging Face chat templates, `datasets` and OpenAI fine-tuning take.
 
-Rows are written by the real finalize stage from hand-made run folders holding agent episodes
+Rows are written by the real finalize phase from hand-made run folders holding agent episodes
 (tool calls, tool results, parallel calls, input history) and single-turn rows, then loaded with
 `datasets`, rendered with TRL's own data utilities and with a real tool-capable chat template.
 """

@@ -1,4 +1,4 @@
-"""Curation rules of the finalize stage: per-row quality filters, then per-prompt choices.
+"""Curation rules of phase 2 (finalize): per-row quality filters, then per-prompt choices.
 
 Row rules look at one rollout (reward, truncation, length, how an agent episode ended).
 Prompt rules look at all samples of one prompt together (duplicates, at most k per prompt,

@@ -1,4 +1,5 @@
-"""Run statistics: what `jq '.reward' | python statistics` gave NeMo Gym users, and more.
+"""Run statistics: what `jq '.reward' | python statistics` gave NeMo Gym users, and more
+(with rejection sampling, its section: :class:`Tally`).
 
 Accumulated in one streaming pass over the rollouts; printed as a short report
 plus one JSON line with the mean of every numeric metric, as NeMo Gym prints.
