@@ -225,3 +225,20 @@ def test_run_and_filter_write_pairs_from_a_real_run(tmp_path, mock_server, ray_c
     assert len(pairs) == 1 and pairs[0]["prompt"][-1]["content"] == "\\boxed{1}"
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
     assert manifest["config"]["train"]["format"] == "preference"
+
+
+def test_format_lists_are_checked():
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
+
+    base = ["input=x", "output=y", "model.name=m"]
+    assert load_config(None, base + ["train.format=[preference]"]).train.format == "preference"  # one: as a string
+    assert load_config(None, base + ["train.format=[messages, preference]"]).train.formats == ["messages",
+                                                                                               "preference"]
+    for bad, why in (("[]", "empty list"), ("[messages, messages]", "listed twice"), ("[dpo]", "train.format")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(None, base + [f"train.format={bad}"])
+    with pytest.raises(ConfigError, match="preference.min_margin"):
+        load_config(None, base + ["preference.min_margin=-1"])
+    with pytest.raises(ConfigError, match="include_fields"):
+        load_config(None, base + ["train.include_fields=[chosen]"])
