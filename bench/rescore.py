@@ -98,7 +98,8 @@ def main() -> None:
             assert got == rewards([out]) and len(got) == args.rows, "the two disagree"
         print(json.dumps({"rows": args.rows, "round": rnd,
                           "rescore": {**ours, "rows_per_s": round(args.rows / ours["s"]),
-                                      "scoring_s": record["wall_s"], "scoring_rows_per_s": record["rows_per_s"]},
+                                      "scoring_s": record["wall_s"], "scoring_cpu_s": record["cpu_s"],
+                                      "scoring_rows_per_s": record["rows_per_s"]},
                           "jq_python": {**recipe, "rows_per_s": round(args.rows / recipe["s"])}}), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -448,7 +448,7 @@ def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[s
     journal.save_target()
     progress = Progress(todo, unit="rows")
     sink = Sink(journal, session, progress)
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
 
     def rows() -> Iterator[dict[str, Any]]:
         for row in stored_rows(run_dir):
@@ -467,6 +467,7 @@ def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[s
         progress.close()
     wall = time.monotonic() - t0
     record.update(rows=total, scored_now=sink.scored, failed_now=sink.failed, wall_s=round(wall, 3),
+                  cpu_s=round(time.process_time() - cpu0, 3),
                   rows_per_s=round((sink.scored + sink.failed) / wall, 2) if wall > 0 else None)
     if sink.judge_cost:
         record["judge_cost_usd"] = round(sink.judge_cost, 6)
