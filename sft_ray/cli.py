@@ -91,12 +91,12 @@ def validate(
     typer.echo("ok")
 
 
-_RECUT_SECTIONS = ("filter", "train", "shuffle")
+_RECUT_SECTIONS = ("filter", "train", "shuffle", "preference")
 
 
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
-    from sft_ray.config import ConfigError, FilterConfig, ShuffleConfig, TrainConfig
+    from sft_ray.config import ConfigError, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
     from sft_ray.configload import apply_overrides
     from sft_ray.runfolder.layout import MANIFEST
     from sft_ray.runfolder.manifest import load_manifest
@@ -114,24 +114,28 @@ def _recut(run_dir: str, overrides: List[str], options: dict):
     try:
         for item in overrides:
             if item.split("=", 1)[0].split(".")[0] not in _RECUT_SECTIONS:
-                raise ConfigError(f"override {item!r}: only filter.*, train.* and shuffle.* apply to an existing run")
+                raise ConfigError(f"override {item!r}: only filter.*, train.*, shuffle.* and preference.* apply to "
+                                  "an existing run")
         apply_overrides(data, overrides)
         filter_cfg = FilterConfig.model_validate(data["filter"])
         train, shuffle = TrainConfig.model_validate(data["train"]), ShuffleConfig.model_validate(data["shuffle"])
+        preference = PreferenceConfig.model_validate(data["preference"])
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed
+    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed, preference.model_dump()
 
 
 def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format,
                    rows_per_shard, seed) -> dict:
+    if fmt is not None and "," in fmt:  # several formats from one pass: --format messages,preference
+        fmt = [f.strip() for f in fmt.split(",") if f.strip()]
     return {"filter.min_reward": min_reward, "filter.max_reward": max_reward, "filter.dedup": dedup,
             "train.max_per_prompt": max_per_prompt, "train.validation_fraction": validation_fraction,
             "train.format": fmt, "train.file_format": file_format, "train.rows_per_shard": rows_per_shard,
             "shuffle.seed": seed}
 
 
-_OVERRIDES_HELP = ("filter.*, train.* or shuffle.* overrides, e.g. filter.max_tokens=2048 filter.drop_tool_errors=true "
+_OVERRIDES_HELP = ("filter.*, train.*, shuffle.* or preference.* overrides, e.g. filter.max_tokens=2048 filter.drop_tool_errors=true "
                    "train.reasoning=drop")
 
 
@@ -146,7 +150,8 @@ def stats(
     max_per_prompt: Optional[int] = typer.Option(None, help="At most this many samples per prompt."),
     dedup: Optional[str] = typer.Option(None, help="none, exact or near: drop duplicate replies per prompt."),
     validation_fraction: Optional[float] = typer.Option(None, help="Share of prompts for validation/."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion or openai."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion, openai or preference; "
+                                      "several, comma-separated, write each under train/<format>/."),
     file_format: Optional[str] = typer.Option(None, help="jsonl or parquet."),
     rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard."),
     seed: Optional[int] = typer.Option(None, help="Shuffle seed."),
@@ -155,9 +160,10 @@ def stats(
     nothing but the --html report)."""
     from sft_ray.job import finalize_run
 
-    manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], _recut_options(
+    manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], _recut_options(
         min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
-    result = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, write=False)
+    result = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, write=False,
+                          preference=preference)
     if html:
         from pathlib import Path
 
@@ -181,7 +187,8 @@ def filter_(
     max_per_prompt: Optional[int] = typer.Option(None, help="At most this many samples per prompt."),
     dedup: Optional[str] = typer.Option(None, help="none, exact or near: drop duplicate replies per prompt."),
     validation_fraction: Optional[float] = typer.Option(None, help="Share of prompts for validation/."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion or openai."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="messages, prompt_completion, openai or preference; "
+                                      "several, comma-separated, write each under train/<format>/."),
     file_format: Optional[str] = typer.Option(None, help="jsonl or parquet."),
     rows_per_shard: Optional[int] = typer.Option(None, help="Rows per shard (default: the run's)."),
     seed: Optional[int] = typer.Option(None, help="Shuffle seed (default: the run's shuffle.seed)."),
@@ -206,18 +213,44 @@ def filter_(
     with lock:
         options = _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt,
                                  file_format, rows_per_shard, seed)
-        manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], options)
-        stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
+        manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], options)
+        stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, preference=preference)
         cfg = manifest["config"]
         cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
+        cfg["preference"] = preference
         # The re-cut as given, kept for good: a later `sft-ray run` of the folder re-finalizes with its own
         # filter/train/shuffle (its config replaces the one above), and this says what was cut before.
         manifest.setdefault("recuts", []).append({
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "given": {k: v for k, v in options.items() if v is not None}, "overrides": list(overrides or []),
-            "filter": filter_cfg, "train": train, "shuffle_seed": shuffle_seed,
+            "filter": filter_cfg, "train": train, "preference": preference, "shuffle_seed": shuffle_seed,
             "train_rows": stats.get("train_rows"), "validation_rows": stats.get("validation", 0)})
         save_manifest(run_dir, manifest)
+
+
+@app.command()
+def rescore(
+    run_dir: str = typer.Argument(..., help="Run folder."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="verifier.* or resources.* overrides, e.g. "
+                                                    "verifier.type=judge verifier.judge.model.name=gpt-4o-mini"),
+    config: Optional[str] = typer.Option(None, "--config", help="A YAML config whose `verifier` (and `resources`) "
+                                         "section replaces the run's."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say how many rows would be scored and, for a priced "
+                                 "judge, what it would cost; write nothing."),
+) -> None:
+    """Score every stored rollout again with another verifier (calls no generation model), then rebuild train/,
+    stats.json and the report. Durable: rerun to continue; the old rewards stay under `previous`."""
+    from sft_ray.config import ConfigError
+    from sft_ray.job import RunError
+    from sft_ray.rescore import rescore as run_rescore
+
+    try:
+        code = run_rescore(run_dir, config, overrides or [], dry_run=dry_run, say=typer.echo)
+    except ConfigError as e:
+        _fail(str(e))
+    except RunError as e:
+        _fail(str(e), e.code)
+    raise typer.Exit(code)
 
 
 @app.command()

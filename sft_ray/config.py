@@ -636,16 +636,38 @@ class ShuffleConfig(_Strict):
 
 
 # Keys a training row's format owns (sft_ray/finalize/formats.py); include_fields may not name them.
-FORMAT_KEYS = frozenset({"messages", "prompt", "completion", "tools", "parallel_tool_calls"})
+FORMAT_KEYS = frozenset({"messages", "prompt", "completion", "chosen", "rejected", "tools", "parallel_tool_calls"})
+
+
+RowFormat = Literal["messages", "prompt_completion", "openai", "preference"]
+
+
+class PreferenceConfig(_Strict):
+    """Preference pairs (`train.format: preference`): per prompt, its best samples paired with its worst,
+    for TRL's DPOTrainer. Candidates are a prompt's samples that pass every row rule of `filter` except
+    the reward bounds (so a failing sample can be the rejected one), after `filter.dedup`."""
+
+    min_margin: float = Field(
+        0.5, ge=0, description="Smallest reward gap between the chosen and the rejected sample of a pair."
+    )
+    chosen_min_reward: float | None = Field(
+        None, description="A chosen sample's reward is at least this (default: `filter.min_reward`)."
+    )
+    max_pairs_per_prompt: int = Field(
+        1, ge=1, description="Most pairs per prompt: the best sample with the worst, then the second best with the "
+        "second worst, ... (each sample in one pair at most; ties broken by the shuffle seed)."
+    )
 
 
 class TrainConfig(_Strict):
-    format: Literal["messages", "prompt_completion", "openai"] = Field(
+    format: RowFormat | list[RowFormat] = Field(
         "messages",
-        description="Training-row format. `messages`: {messages, tools} for TRL's SFTTrainer and Hugging Face chat "
-        "templates (tool-call arguments as JSON objects); `prompt_completion`: TRL's conversational prompt/completion "
-        "(completion = the generated turns, for completion-only loss); `openai`: OpenAI fine-tuning JSONL "
-        "(arguments as JSON strings, parallel_tool_calls).",
+        description="Training-row format, or a list of formats written from one pass (each under "
+        "train/<format>/ and validation/<format>/). `messages`: {messages, tools} for TRL's SFTTrainer and "
+        "Hugging Face chat templates (tool-call arguments as JSON objects); `prompt_completion`: TRL's "
+        "conversational prompt/completion (completion = the generated turns, for completion-only loss); `openai`: "
+        "OpenAI fine-tuning JSONL (arguments as JSON strings, parallel_tool_calls); `preference`: TRL's "
+        "conversational preference rows {prompt, chosen, rejected, tools}, one per pair (rules: `preference.*`).",
     )
     file_format: Literal["jsonl", "parquet"] = Field(
         "jsonl", description="Shard file format of train/ and validation/. Parquet shards share one declared schema."
@@ -669,8 +691,20 @@ class TrainConfig(_Strict):
         "`drop` them (and <think> blocks), or `think_tags`: put them in the content as <think>...</think>."
     )
 
+    @property
+    def formats(self) -> list[str]:
+        """The formats written, in the order given (one, or several from one pass)."""
+        return row_formats(self.format)
+
     @model_validator(mode="after")
     def _include(self) -> "TrainConfig":
+        if isinstance(self.format, list):
+            if not self.format:
+                raise ValueError("train.format: an empty list; give a format or a list of formats")
+            if len(set(self.format)) != len(self.format):
+                raise ValueError(f"train.format: a format listed twice in {self.format}")
+            if len(self.format) == 1:
+                self.format = self.format[0]  # one format: the single-format layout
         clash = sorted({p.split(".")[0] for p in self.include_fields} & FORMAT_KEYS)
         if clash:
             raise ValueError(f"train.include_fields: {', '.join(clash)} belong to the training format; "
@@ -685,6 +719,11 @@ class TrainConfig(_Strict):
             data = {**data, "file_format": data["format"]}
             data.pop("format")
         return data
+
+
+def row_formats(fmt: str | list[str]) -> list[str]:
+    """``train.format`` as a list (a single format, or the formats written from one pass)."""
+    return [fmt] if isinstance(fmt, str) else list(fmt)
 
 
 class ReadConfig(_Strict):
@@ -806,6 +845,7 @@ class RunConfig(_Strict):
     rejection: RejectionConfig = Field(default_factory=RejectionConfig)
     shuffle: ShuffleConfig = Field(default_factory=ShuffleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     read: ReadConfig = Field(default_factory=ReadConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)

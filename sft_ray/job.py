@@ -84,7 +84,7 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
         session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
         done, budget = record_completion(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
-                             manifest, say)
+                             manifest, say, preference=cfg.preference.model_dump())
     return verdict(cfg, session, done, budget, stats, say)
 
 
@@ -349,16 +349,19 @@ def record_completion(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPla
 
 
 def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
-                 manifest: dict[str, Any] | None, say: Callable[[str], None], write: bool = True) -> dict[str, Any]:
+                 manifest: dict[str, Any] | None, say: Callable[[str], None], write: bool = True,
+                 preference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Phase 2 plus the report; writes stats.json (and ``_SUCCESS`` when the run is complete) when
     ``write``. Both are removed first: a crash while train/ is replaced never leaves a stats.json
-    or a marker that describe another train/."""
+    or a marker that describe another train/. ``preference``: the pair rules (``train.format``
+    with ``preference``)."""
     t0 = time.monotonic()
     if write:
         io.delete(io.join(run_dir, SUCCESS))
         io.delete(io.join(run_dir, STATS))
     rejection = ((manifest or {}).get("config") or {}).get("rejection")
-    stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write, rejection=rejection)
+    stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write, rejection=rejection,
+                     preference=preference)
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)

@@ -206,6 +206,7 @@ GENERATED_FIELDS = frozenset({
     "num_model_calls", "num_tool_calls", "num_tool_errors", "num_malformed_tool_calls", "num_invalid_tool_arguments",
     "input_fields",
     "verify_result", "parallel_tool_calls", "tool_choice", "source_file", "source_line",
+    "previous", "rescore_attempts",  # `sft-ray rescore`: the reward it replaced; its tries of a failing row
 })
 
 

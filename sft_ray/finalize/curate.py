@@ -23,7 +23,8 @@ ROW_REASONS = (
     "malformed_tool_calls", "invalid_tool_arguments", "tool_errors", "too_few_tool_calls", "too_many_tool_calls",
     "truncated", "too_long", "below_min_reward", "above_max_reward",
 )
-# Prompt-level drop reasons.
+# Why a prompt gave no preference pair, in the order they are decided (stats.json's preference section).
+NO_PAIR_REASONS = ("one_sample", "none_passed", "all_passed", "margin_too_small")
 NUM_PERM = 64  # MinHash permutations: error of the Jaccard estimate about 1/sqrt(64) = 0.125
 TEXT_CAP = 8192  # characters of a reply kept for near-dedup and distinct-n (whole reply hashed for exact)
 
@@ -146,7 +147,12 @@ class Scored(NamedTuple):
     output_tokens: int
     input_line: str | None  # "file:line" of the prompt, when the job keeps it
     sample_index: int  # the draw order (rejection sampling's samples to the first pass)
-    train_row: bytes  # the training row in its format (b"" unless the rollout passed the row rules)
+    # The training row in its format (b"" unless the rollout passed the row rules); with several
+    # sample formats, their rows joined by tabs (orjson escapes a tab inside a string, so none is raw).
+    train_row: bytes
+    # With preference pairs: the rollout's prompt/completion row when it is a candidate (it passed the
+    # row rules but for the reward bounds), b"" otherwise.
+    pair_row: bytes = b""
 
     @property
     def duplicate_key(self) -> str:
@@ -188,6 +194,38 @@ def choose(samples: list[Scored], filter_cfg: dict[str, Any], max_per_prompt: in
         for i in left[max_per_prompt:]:
             dropped[i] = "over_max_per_prompt"
     return dropped
+
+
+def make_pairs(samples: list[Scored], min_margin: float, chosen_min_reward: float,
+               max_pairs: int) -> tuple[list[tuple[int, int]], str | None]:
+    """Preference pairs among one prompt's candidates: ``([(chosen, rejected) indices], None)``, or
+    ``([], reason)`` with the reason from :data:`NO_PAIR_REASONS` when none can be made.
+
+    The best sample is paired with the worst, the second best with the second worst, and so on
+    (each sample in one pair at most), while the chosen one reaches ``chosen_min_reward`` and the
+    gap is at least ``min_margin``; equal rewards are ordered by the shuffle key (the seed decides)."""
+    n = len(samples)
+    if n < 2:
+        return [], "one_sample"
+    best = sorted(range(n), key=lambda i: (-samples[i].reward, samples[i].shuffle_key))
+    worst = sorted(range(n), key=lambda i: (samples[i].reward, samples[i].shuffle_key))
+    pairs: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for c, r in zip(best, worst):
+        if len(pairs) >= max_pairs or c == r or c in used or r in used:
+            break
+        if samples[c].reward < chosen_min_reward or samples[c].reward - samples[r].reward < min_margin:
+            break  # the next pair is no better: its chosen is lower and its rejected higher
+        pairs.append((c, r))
+        used.update((c, r))
+    if pairs:
+        return pairs, None
+    rewards = [s.reward for s in samples]
+    if max(rewards) < chosen_min_reward:
+        return [], "none_passed"
+    if min(rewards) >= chosen_min_reward:
+        return [], "all_passed"
+    return [], "margin_too_small"
 
 
 @functools.lru_cache(maxsize=4096)  # few distinct (n, c, k), asked once per prompt

@@ -13,6 +13,9 @@ takes unchanged:
 - ``openai``: OpenAI fine-tuning JSONL: arguments stay strings, ``tools`` and
   ``parallel_tool_calls`` ride along, and assistant turns that came with the input (history,
   not generated) get ``"weight": 0``.
+- ``preference``: TRL's conversational preference rows, one per pair of samples of a prompt
+  (:func:`preference_row`, from two ``prompt_completion`` rows): ``prompt``, ``chosen`` and
+  ``rejected`` (each the generated turns of one sample, tool calls and results included), ``tools``.
 """
 
 from __future__ import annotations
@@ -154,6 +157,25 @@ def train_row(rollout: dict[str, Any], fmt: str = "messages", include_fields: li
     return out
 
 
+PREFERENCE = "preference"
+# What a preference candidate carries from the scan to the per-prompt pass: its prompt/completion row.
+CANDIDATE_FORMAT = "prompt_completion"
+
+
+def preference_row(chosen: dict[str, Any], rejected: dict[str, Any]) -> dict[str, Any]:
+    """A ``preference`` row from the ``prompt_completion`` rows of two samples of one prompt: the
+    chosen sample's prompt, both completions, the tools (and the chosen sample's include_fields)."""
+    out: dict[str, Any] = {"prompt": chosen["prompt"], "chosen": chosen["completion"],
+                           "rejected": rejected["completion"]}
+    tools = chosen.get("tools") or rejected.get("tools")
+    if tools:
+        out["tools"] = tools
+    for k, v in chosen.items():
+        if k not in ("prompt", "completion", "tools"):
+            out[k] = v
+    return out
+
+
 # --- Parquet: one declared schema ---------------------------------------------------------------
 # Every shard is written with the same schema, decided from the config alone (never inferred from
 # the rows of one shard, where a field may be all-null or change type). Free-form values (tool-call
@@ -172,7 +194,9 @@ def parquet_schema(fmt: str, include_fields: list[str] | tuple[str, ...] = ()):
               ("tool_call_id", pa.string()), ("name", pa.string())]
     fields.append(("weight", pa.int64()) if fmt == "openai" else ("reasoning_content", pa.string()))
     conv = pa.list_(pa.struct(fields))
-    cols = [("prompt", conv), ("completion", conv)] if fmt == "prompt_completion" else [("messages", conv)]
+    cols = ([("prompt", conv), ("completion", conv)] if fmt == "prompt_completion"
+            else [("prompt", conv), ("chosen", conv), ("rejected", conv)] if fmt == PREFERENCE
+            else [("messages", conv)])
     cols.append(("tools", pa.json_()))
     if fmt == "openai":
         cols.append(("parallel_tool_calls", pa.bool_()))
@@ -232,20 +256,39 @@ def _feature_yaml(t) -> dict[str, Any]:
     return {"dtype": {"bool": "bool"}.get(str(t), str(t))}
 
 
-def dataset_card(schema, file_format: str, splits: list[str]) -> str:
+def dataset_card(schemas: dict[str, Any], file_format: str, splits: list[str]) -> str:
     """A Hugging Face dataset card (README.md) declaring the splits and the features of the shards,
     so ``datasets.load_dataset(<run folder>)`` reads every shard with one schema, JSONL included
     (left to itself it infers a schema from the first file and fails on a later one that differs).
+
+    ``schemas``: the schema of each format written. One format: the ``default`` config over
+    ``<split>/part-*``; several: one config per format (named after it, the first the default)
+    over ``<split>/<format>/part-*``, so ``load_dataset(<run folder>, "preference")`` picks one.
 
     Written by hand from the Arrow schema: ``datasets`` is not a runtime dependency of sft-ray.
     """
     import yaml
 
     ext = "jsonl" if file_format == "jsonl" else "parquet"
-    card = {
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"{s}/part-*.{ext}"} for s in splits]}],
-        "dataset_info": {"features": [{"name": f.name, **_feature_yaml(f.type)} for f in schema]},
-    }
+
+    def features(schema) -> list[dict[str, Any]]:
+        return [{"name": f.name, **_feature_yaml(f.type)} for f in schema]
+
+    if len(schemas) == 1:
+        (schema,) = schemas.values()
+        card = {
+            "configs": [{"config_name": "default",
+                         "data_files": [{"split": s, "path": f"{s}/part-*.{ext}"} for s in splits]}],
+            "dataset_info": {"features": features(schema)},
+        }
+        how = '`datasets.load_dataset("<this folder>")`'
+    else:
+        card = {
+            "configs": [{"config_name": fmt, **({"default": True} if i == 0 else {}),
+                         "data_files": [{"split": s, "path": f"{s}/{fmt}/part-*.{ext}"} for s in splits]}
+                        for i, fmt in enumerate(schemas)],
+            "dataset_info": [{"config_name": fmt, "features": features(schema)} for fmt, schema in schemas.items()],
+        }
+        how = '`datasets.load_dataset("<this folder>", "<format>")`, one of: ' + ", ".join(schemas)
     return ("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n\nTraining data written by sft-ray "
-            "(`sft-ray filter` rewrites it). Load it with `datasets.load_dataset(\"<this folder>\")`.\n")
+            f"(`sft-ray filter` rewrites it). Load it with {how}.\n")

@@ -55,12 +55,21 @@ from sft_ray.finalize.curate import (
     choose,
     distinct_n,
     in_validation,
+    make_pairs,
     output_tokens,
     reply_text,
     shuffle_key,
     source_of,
 )
-from sft_ray.finalize.formats import dataset_card, parquet_schema, parquet_table, train_row
+from sft_ray.finalize.formats import (
+    CANDIDATE_FORMAT,
+    PREFERENCE,
+    dataset_card,
+    parquet_schema,
+    parquet_table,
+    preference_row,
+    train_row,
+)
 from sft_ray.finalize.stats import StatsAccumulator, Tally, advice
 from sft_ray.runfolder.layout import (
     DATASET_CARD,
@@ -153,6 +162,24 @@ class _Job:
     succeeded_wanted: frozenset[tuple[str, int]]  # failed samples: report those that succeeded later
     keep_input_line: bool  # record each prompt's input line (rejection sampling's never_passed.jsonl)
     tally: tuple[int, int, float] | None  # rejection sampling: target, max samples, threshold
+    # The formats written (train.format as a list) and, with `preference` among them, the pair rules:
+    # (min_margin, chosen_min_reward, max_pairs_per_prompt).
+    formats: tuple[str, ...] = ("messages",)
+    pairs: tuple[float, float, int] | None = None
+
+    @property
+    def sample_formats(self) -> tuple[str, ...]:
+        """The formats of one row per sample (all but ``preference``)."""
+        return tuple(f for f in self.formats if f != PREFERENCE)
+
+    def target(self, split: str, fmt: str) -> str:
+        """The name of a split's rows of one format among the temporary files: the split itself for a
+        single format (train, validation), ``<split>-<format index>-`` for several."""
+        return split if len(self.formats) == 1 else f"{split}-{self.formats.index(fmt)}-"
+
+    def format_of(self, target: str) -> str:
+        """The format of a :meth:`target`."""
+        return self.formats[0] if len(self.formats) == 1 else self.formats[int(target.split("-")[1])]
 
     @property
     def direct(self) -> bool:
@@ -182,12 +209,24 @@ def _round_up(n: int, multiple: int) -> int:
 
 def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
              write: bool = True, rejection: dict[str, Any] | None = None,
-             workers: int | None = None) -> dict[str, Any]:
+             workers: int | None = None, preference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
     ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU, at most 8,
-    for a large run, none beside this one for a small one)."""
+    for a large run, none beside this one for a small one). ``preference``: the pair rules (the
+    ``preference`` section) when ``train.format`` has ``preference``.
+
+    One format is written to train/ (and validation/) as it always was; several to
+    train/<format>/ (and validation/<format>/), each with its own shards."""
     filter_, train = _normalise(filter_cfg, train_cfg)
+    from sft_ray.config import PreferenceConfig, row_formats
+
+    formats = tuple(row_formats(train["format"]))
+    pairs = None
+    if PREFERENCE in formats:
+        pref = PreferenceConfig.model_validate(preference or {})
+        chosen_min = pref.chosen_min_reward if pref.chosen_min_reward is not None else filter_["min_reward"]
+        pairs = (pref.min_margin, chosen_min, pref.max_pairs_per_prompt)
     torn = 0
     # Latest failure per sample (a sample retried by a rerun may have several records).
     failures: dict[tuple[str, int], dict[str, Any]] = {}
@@ -209,17 +248,18 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
     acc = StatsAccumulator()
     temperature = None
-    in_bucket = {TRAIN: [0] * n_buckets, VALIDATION: [0] * n_buckets}  # rows per shuffle bucket and split
+    in_bucket: dict[str, list[int]] = {}  # rows per shuffle bucket, by split (and format)
 
     def count(counts: dict[str, list[int]]) -> None:
-        for split, per_bucket in counts.items():
-            in_bucket[split] = [a + b for a, b in zip(in_bucket[split], per_bucket)]
+        for target, per_bucket in counts.items():
+            have = in_bucket.setdefault(target, [0] * n_buckets)
+            in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
 
     with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
         job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
                    succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
                    tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
-                   if tally_on else None)
+                   if tally_on else None, formats=formats, pairs=pairs)
         for part, part_torn, succeeded, temp, counts in pool.map(_scan, itertools.repeat(job), range(len(pieces)),
                                                                  pieces):
             acc.merge(part)
@@ -257,6 +297,10 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
                 stats["rejection"]["never_passed_file"] = never
         stats["train_rows"] = acc.kept - acc.validation
+        if pairs is not None:
+            stats["preference"] = acc.pair_stats(*pairs)
+            if formats[0] == PREFERENCE:
+                stats["train_rows"] = stats["preference"]["pairs"] - stats["preference"]["validation_pairs"]
         # The settings that differ from the defaults (what this cut of the run chose).
         from sft_ray.config import FilterConfig, TrainConfig
 
@@ -268,19 +312,26 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         if torn:
             stats["torn_lines"] = torn
         if write:
-            stats["shards"] = _write_split(run_dir, job, pool, TRAIN, in_bucket[TRAIN])
-            if train["validation_fraction"] > 0 and sum(in_bucket[VALIDATION]):
-                stats["validation_shards"] = _write_split(run_dir, job, pool, VALIDATION, in_bucket[VALIDATION])
+            shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
+            stats["shards"] = shards[formats[0]]
+            val = None
+            if train["validation_fraction"] > 0 and any(sum(in_bucket.get(job.target(VALIDATION, f)) or [])
+                                                         for f in formats):
+                val = _write_split(run_dir, job, pool, VALIDATION, in_bucket)
+                stats["validation_shards"] = val[formats[0]]
             else:
                 # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
                 # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
                 io.delete(io.join(run_dir, VALIDATION))
+            if len(formats) > 1:
+                stats["shards_by_format"] = shards
+                if val is not None:
+                    stats["validation_shards_by_format"] = val
             # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
             # declared split whose files it cannot find.
-            splits = [s for s, rows in ((TRAIN, stats["shards"]), (VALIDATION, stats.get("validation_shards")))
-                      if rows] or [TRAIN]
-            schema = parquet_schema(train["format"], list(train["include_fields"]))
-            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schema, train["file_format"], splits).encode())
+            splits = [TRAIN] + ([VALIDATION] if val is not None else [])
+            schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
+            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
     return stats
 
 
@@ -326,12 +377,16 @@ class _ShuffleOut:
     def __init__(self, job: _Job, tag: str, files: contextlib.ExitStack) -> None:
         self.job, self.tag, self.files = job, tag, files
         self.outs: dict[tuple[str, int], Any] = {}
-        self.counts = {TRAIN: [0] * job.n_buckets, VALIDATION: [0] * job.n_buckets}
+        self.counts: dict[str, list[int]] = {job.target(split, fmt): [0] * job.n_buckets
+                                             for split in (TRAIN, VALIDATION) for fmt in job.formats}
+        first = job.formats[0]
+        self.splits = {False: job.target(TRAIN, first), True: job.target(VALIDATION, first)}
 
-    def add(self, validation: bool, key: str, row_bytes: bytes) -> None:
+    def add(self, validation: bool, key: str, row_bytes: bytes, fmt: str | None = None) -> None:
+        """One row for its split (of format ``fmt``; default: the first format)."""
         if not self.job.n_buckets:
             return
-        split = VALIDATION if validation else TRAIN
+        split = self.splits[validation] if fmt is None else self.job.target(VALIDATION if validation else TRAIN, fmt)
         b = (int(key[:8], 16) * self.job.n_buckets) >> 32
         out = self.outs.get((split, b))
         if out is None:
@@ -339,6 +394,15 @@ class _ShuffleOut:
                 open(os.path.join(self.job.tmp, f"{split}{b}.{self.tag}"), "wb", buffering=WRITE_BUFFER))
         out.write(b"".join((key.encode(), row_bytes, b"\n")))
         self.counts[split][b] += 1
+
+    def add_rows(self, validation: bool, key: str, rows: bytes) -> None:
+        """A sample's rows in each sample format (tab-joined when there are several)."""
+        formats = self.job.sample_formats
+        if len(formats) == 1 and len(self.job.formats) == 1:
+            self.add(validation, key, rows)
+            return
+        for fmt, row in zip(formats, rows.split(b"\t")):
+            self.add(validation, key, row, fmt)
 
 
 @_without_gc
@@ -348,8 +412,10 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
     the torn lines, the failed samples seen succeeding here, the first sampling temperature, and
     the rows put in each shuffle bucket (when no prompt rule applies, kept rows go there from here)."""
     train, n_groups, direct = job.train, job.n_groups, job.direct
-    fmt, include, reasoning, fraction = train["format"], list(train["include_fields"]), train["reasoning"], \
-        train["validation_fraction"]
+    include, reasoning, fraction = list(train["include_fields"]), train["reasoning"], train["validation_fraction"]
+    formats = job.sample_formats
+    fmt = formats[0] if len(formats) == 1 else None  # several: each row in each format, tab-joined
+    pairs = job.pairs is not None
     acc = StatsAccumulator()
     add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
     torn, succeeded, temperature = 0, [], None
@@ -384,15 +450,25 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
             meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
                     _input_line(row) if job.keep_input_line else None, k]
             row_bytes = b""
-            if reason is None:  # a candidate for train/: its training row in its format
+            if reason is None and formats:  # a candidate for train/: its training row in its format
                 key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
+                row_bytes = (dumps(train_row(row, fmt, include, reasoning)) if fmt is not None else
+                             b"\t".join(dumps(train_row(row, f, include, reasoning)) for f in formats))
                 if direct:
                     validation = in_validation(seed, rid, fraction)
                     acc.add_kept(src, tokens, validation=validation)
-                    shuffled.add(validation, key, dumps(train_row(row, fmt, include, reasoning)))
+                    shuffled.add_rows(validation, key, row_bytes)
+                    row_bytes = b""
                 else:
                     meta[1], meta[7] = key, tokens  # Scored.shuffle_key, Scored.output_tokens
-                    row_bytes = dumps(train_row(row, fmt, include, reasoning))
+            elif reason is None:  # preference only: a sample kept by the rules is counted, its row is a pair's
+                acc.add_kept(src, output_tokens(row), validation=in_validation(seed, rid, fraction))
+            if pairs and (reason is None or reason == "below_min_reward" or reason == "above_max_reward"):
+                # A pair candidate: every row rule but the reward bounds holds (a failing sample may be rejected).
+                meta[1] = meta[1] or shuffle_key(seed, rid, k)
+                row_bytes += b"\t" + dumps(train_row(row, CANDIDATE_FORMAT, include, reasoning))
+            elif pairs:
+                row_bytes += b"\t"
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
     return acc, torn, succeeded, temperature, shuffled.counts
 
@@ -408,11 +484,16 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
     tally = Tally(*job.tally) if job.tally else None
     groups: dict[str, list[Scored]] = defaultdict(list)  # each prompt's records
     loads = orjson.loads
+    pairs = job.pairs
     for data in _take(job.tmp, f"p{g}."):
         for line in data.split(b"\n"):
             if line:
                 meta_bytes, _, row_bytes = line.partition(b"\t")
-                sample = Scored(*loads(meta_bytes), row_bytes)
+                if pairs is None:
+                    sample = Scored(*loads(meta_bytes), row_bytes)
+                else:  # the candidate's row is the last field (its JSON holds no raw tab)
+                    row_bytes, _, pair_bytes = row_bytes.rpartition(b"\t")
+                    sample = Scored(*loads(meta_bytes), row_bytes, pair_bytes)
                 groups[sample.prompt_id].append(sample)
         del data
     threshold = filter_["min_reward"] if filter_["min_reward"] > 0 else 1.0
@@ -430,8 +511,10 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
                            distinct_n([s.text for s in samples]))
             else:
                 add_prompt(rewards, threshold, None, None)
-            if job.direct:
-                continue  # the scan kept this prompt's rows already
+            if pairs is not None:
+                _pair(acc, shuffled, samples, filter_, pairs, in_validation(seed, rid, fraction))
+            if job.direct or not job.sample_formats:
+                continue  # the scan kept this prompt's rows already (or counted them: preference only)
             ok = [i for i, s in enumerate(samples) if s.passed_rules]
             dropped = (choose([samples[i] for i in ok], filter_, max_per_prompt)
                        if len(samples) > 1 and ok else {})
@@ -442,11 +525,33 @@ def _group(job: _Job, g: int, failed: dict[str, list[Any]]) -> tuple[StatsAccumu
                     continue
                 s = samples[i]
                 add_kept(s.source, s.output_tokens, validation=validation)
-                shuffled.add(validation, s.shuffle_key, s.train_row)
+                shuffled.add_rows(validation, s.shuffle_key, s.train_row)
     if tally is not None:
         for rid, (n, input_line) in failed.items():  # prompts without a single scored sample
             tally.add(rid, [], n, input_line)
     return acc, tally, shuffled.counts
+
+
+def _pair(acc: StatsAccumulator, shuffled: _ShuffleOut, samples: list[Scored], filter_: dict[str, Any],
+          rules: tuple[float, float, int], validation: bool) -> None:
+    """One prompt's preference pairs (its candidates after ``filter.dedup``) to the shuffle buckets,
+    or the reason it has none, counted."""
+    cands = [s for s in samples if s.pair_row]
+    if len(cands) > 1 and filter_["dedup"] != "none":
+        dropped = choose(cands, filter_, None)
+        cands = [s for i, s in enumerate(cands) if i not in dropped]
+    made, reason = make_pairs(cands, *rules)
+    if reason is not None:
+        acc.no_pair[reason] += 1
+        return
+    acc.pair_prompts += 1
+    for c, r in made:
+        chosen, rejected = cands[c], cands[r]
+        row = preference_row(orjson.loads(chosen.pair_row), orjson.loads(rejected.pair_row))
+        acc.pairs += 1
+        acc.pair_validation += validation
+        acc.pair_margins.append(chosen.reward - rejected.reward)
+        shuffled.add(validation, chosen.shuffle_key, orjson.dumps(row), PREFERENCE)
 
 
 @_without_gc
@@ -465,7 +570,8 @@ def _sort_bucket(job: _Job, split: str, b: int, first: int, starts: list[int], s
 
 
 def _write_part(job: _Job, split: str, i: int, uri: str) -> None:
-    """Shard ``i`` of a split, from its segments (in bucket order)."""
+    """Shard ``i`` of a split (a split's rows of one format, :meth:`_Job.target`), from its segments
+    (in bucket order)."""
     data = b"".join(_take(job.tmp, f"w{split}{i:06d}."))
     train = job.train
     if train["file_format"] == "jsonl":
@@ -474,28 +580,36 @@ def _write_part(job: _Job, split: str, i: int, uri: str) -> None:
     import pyarrow.parquet as pq
 
     # Every shard gets the schema declared for the format (never one inferred from this shard's rows).
-    schema = parquet_schema(train["format"], list(train["include_fields"]))
+    schema = parquet_schema(job.format_of(split), list(train["include_fields"]))
     table = parquet_table([orjson.loads(line) for line in data.split(b"\n")[:-1]], schema)
     buf = _io.BytesIO()
     pq.write_table(table, buf)
     io.write_bytes(uri, buf.getvalue())
 
 
-def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: list[int]) -> list[int]:
-    """Replace the ``split`` folder (train/ or validation/) with balanced shards part-00000.<fmt>, ...:
-    the buckets are sorted and cut into segments, then the shards written from them, each step
-    spread over the workers. Written aside (<split>.new/), then swapped in, so a crash while
-    writing leaves the old folder whole."""
+def _write_split(run_dir: str, job: _Job, pool: Any, split: str, in_bucket: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Replace the ``split`` folder (train/ or validation/) with balanced shards part-00000.<ext>, ...
+    (one format), or with a folder of such shards per format (several): the buckets are sorted and
+    cut into segments, then the shards written from them, each step spread over the workers.
+    Written aside (<split>.new/), then swapped in, so a crash while writing leaves the old folder
+    whole. Returns the shard sizes of each format."""
     final, new = io.join(run_dir, split), io.join(run_dir, split + ".new")
     io.delete(new)
     io.makedirs(new)
-    sizes = shard_sizes(sum(in_bucket), job.train["rows_per_shard"])
-    starts = list(itertools.accumulate(sizes, initial=0))[:-1]
-    firsts = list(itertools.accumulate(in_bucket, initial=0))[:-1]
-    list(pool.map(_sort_bucket, itertools.repeat(job), itertools.repeat(split), range(job.n_buckets), firsts,
-                  itertools.repeat(starts), itertools.repeat(sizes)))
-    fmt = job.train["file_format"]
-    list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(split), range(len(sizes)),
-                  [io.join(new, shard_name(i, fmt)) for i in range(len(sizes))]))
+    out = {}
+    for fmt in job.formats:
+        target = job.target(split, fmt)
+        counts = in_bucket.get(target) or [0] * job.n_buckets
+        folder = new if len(job.formats) == 1 else io.join(new, fmt)
+        io.makedirs(folder)
+        sizes = shard_sizes(sum(counts), job.train["rows_per_shard"])
+        starts = list(itertools.accumulate(sizes, initial=0))[:-1]
+        firsts = list(itertools.accumulate(counts, initial=0))[:-1]
+        list(pool.map(_sort_bucket, itertools.repeat(job), itertools.repeat(target), range(job.n_buckets), firsts,
+                      itertools.repeat(starts), itertools.repeat(sizes)))
+        ext = job.train["file_format"]
+        list(pool.map(_write_part, itertools.repeat(job), itertools.repeat(target), range(len(sizes)),
+                      [io.join(folder, shard_name(i, ext)) for i in range(len(sizes))]))
+        out[fmt] = sizes
     io.replace_dir(new, final)
-    return sizes
+    return out

@@ -65,6 +65,13 @@ class StatsAccumulator:
         self.identical = 0.0
         self.distinct2 = array("d")
         self.repeat_prompts = 0
+        # Preference pairs (train.format has preference): pairs made, prompts with one, the reason of
+        # each prompt without one, and each pair's reward gap.
+        self.pairs = 0
+        self.pair_validation = 0
+        self.pair_prompts = 0
+        self.no_pair: defaultdict[str, int] = _counts()
+        self.pair_margins = array("d")
 
     def add(self, rollout: dict[str, Any], failed: bool, source: str | None = None) -> None:
         # Called once per rollout (a million times on a large run): kept lean, fields read once.
@@ -254,6 +261,19 @@ class StatsAccumulator:
             **self.curation(),
         }
 
+    def pair_stats(self, min_margin: float, chosen_min_reward: float, max_pairs: int) -> dict[str, Any]:
+        """stats.json's ``preference`` section: pairs made, prompts with a pair, and prompts without
+        one by reason (every reason listed, 0 included)."""
+        from sft_ray.finalize.curate import NO_PAIR_REASONS
+
+        margins = np.frombuffer(self.pair_margins, dtype=np.float64)
+        return {"pairs": self.pairs, "validation_pairs": self.pair_validation,
+                "prompts_with_pairs": self.pair_prompts,
+                "prompts_without_pair": sum(self.no_pair.values()),
+                "no_pair_by_reason": {r: self.no_pair.get(r, 0) for r in NO_PAIR_REASONS},
+                "mean_margin": float(margins.mean()) if len(margins) else None,
+                "min_margin": min_margin, "chosen_min_reward": chosen_min_reward, "max_pairs_per_prompt": max_pairs}
+
     def metric_means(self) -> dict[str, float]:
         """Mean reward and mean of every verifier metric (NeMo Gym's summary line)."""
         means = {"reward": float(np.mean(self.rewards))} if self.rewards else {}
@@ -385,6 +405,12 @@ def format_report(stats: dict[str, Any]) -> str:
         if rej.get("passing_share_per_prompt") is not None:
             lines.append(f"  passing share per prompt: mean {rej['passing_share_per_prompt']:.3f}  (pass@k is not "
                          "reported: prompts stop drawing once they pass, which biases it)")
+    pref = stats.get("preference")
+    if pref:
+        margin = f", mean reward gap {pref['mean_margin']:.3f}" if pref.get("mean_margin") is not None else ""
+        lines.append(f"preference pairs: {pref['pairs']} from {pref['prompts_with_pairs']} prompts{margin}; "
+                     f"{pref['prompts_without_pair']} prompts without a pair ("
+                     + ", ".join(f"{k}={v}" for k, v in pref["no_pair_by_reason"].items()) + ")")
     rep = stats.get("repetition")
     if rep:
         d2 = f"{rep['distinct_2']:.3f}" if rep.get("distinct_2") is not None else "-"

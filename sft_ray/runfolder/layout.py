@@ -9,6 +9,7 @@
       failed/              FAILED: failed samples with the runs they failed in (retried by a rerun)
       journal/             JOURNAL: unscored rollouts as actors get them (<actor>.jsonl); gone after a clean session
       batches.jsonl        BATCHES: with model.batch.enabled, every Batch API file and batch (upload, submit, collect)
+      rescore/             RESCORE: `sft-ray rescore`'s journal (target.json, rollouts/, failed/); gone once swapped in
       train/               TRAIN: the shuffled training shards (part-00000.<jsonl|parquet>, ...)
       validation/          VALIDATION: the validation shards, when train.validation_fraction > 0
       README.md            DATASET_CARD: the Hugging Face dataset card of train/ (and validation/)
@@ -32,6 +33,8 @@ ROLLOUTS = "rollouts"
 FAILED = "failed"
 JOURNAL = "journal"
 BATCHES = "batches.jsonl"
+RESCORE = "rescore"
+RESCORE_TARGET = "target.json"  # in rescore/: the verifier being applied, the state, the sessions so far
 TRAIN = "train"
 VALIDATION = "validation"
 DATASET_CARD = "README.md"
@@ -40,14 +43,15 @@ NEVER_PASSED = "never_passed.jsonl"
 REPORT_HTML = "report.html"
 SUCCESS = "_SUCCESS"
 # What `--restart` deletes: everything a run wrote (the lock is held by the restarting run).
-RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, TRAIN, STATS, SUCCESS, MANIFEST)
+RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, RESCORE, TRAIN, STATS, SUCCESS, MANIFEST)
 
 Key = tuple[str, int]  # a sample: (prompt id, sample_index)
 
 
-def part_name(session: int, part: int) -> str:
-    """A part file of rollouts/ or failed/, written by one session."""
-    return f"part-{session:03d}-{part:05d}.jsonl"
+def part_name(session: int, part: int, prefix: str = "part") -> str:
+    """A part file of rollouts/ or failed/, written by one session (``prefix`` ``rescore``: by a
+    session of `sft-ray rescore`, whose numbers are its own)."""
+    return f"{prefix}-{session:03d}-{part:05d}.jsonl"
 
 
 def compact_name(session: int) -> str:

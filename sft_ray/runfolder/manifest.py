@@ -18,7 +18,7 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig
-from sft_ray.runfolder.layout import MANIFEST, RUN_OUTPUTS
+from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RUN_OUTPUTS
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
@@ -86,6 +86,11 @@ def canonical_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
 FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"))
 
 
+def verifier_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The verifier's part of the fingerprint (what `sft-ray rescore` replaces)."""
+    return _verifier_fingerprint(cfg.verifier.model_dump())
+
+
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change what a run produces (used to refuse resuming with a different config),
     paths in one spelling (:func:`canonical_fingerprint`)."""
@@ -104,7 +109,7 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         },
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
-        "verifier": _verifier_fingerprint(cfg.verifier.model_dump()),
+        "verifier": verifier_fingerprint(cfg),
         "agent": {"max_steps": cfg.agent.max_steps},
         "environment": cfg.environment.model_dump(
             include={"type", "module", "episode_class", "base_url"}
@@ -153,6 +158,10 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
         for sub in RUN_OUTPUTS:
             io.delete(io.join(cfg.output, sub))
         manifest = None
+    target = io.join(cfg.output, RESCORE, RESCORE_TARGET)
+    if manifest is not None and io.exists(target) and orjson.loads(io.read_bytes(target)).get("state") == "swapping":
+        raise DriftError(f"{cfg.output}: an `sft-ray rescore` was stopped while it swapped its rewards in; run "
+                         f"`sft-ray rescore {cfg.output}` again (same verifier) to finish it first")
     if manifest is not None:
         old = canonical_fingerprint(dict(manifest.get("fingerprint") or {}))
         old_inputs = old.pop("input_files", {})
@@ -169,8 +178,13 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
             elif old_inputs[path] != input_digests[path]:
                 changes.append(f"input file {path}: content changed")
         if changes:
+            rescored = manifest.get("rewards_from") or {}
+            note = ""
+            if rescored.get("by") == "rescore" and any(c.startswith("verifier") for c in changes):
+                note = ("\nIts rewards were rescored (`sft-ray rescore`) with the verifier in run.json's "
+                        "config.verifier: a run continues the folder with that verifier.")
             raise DriftError(
-                f"{cfg.output} holds a run made with a different configuration:\n  " + "\n  ".join(changes)
+                f"{cfg.output} holds a run made with a different configuration:\n  " + "\n  ".join(changes) + note
                 + "\nUse --restart to start over in this folder, or choose another output folder.")
     io.makedirs(cfg.output)
     if manifest is None:

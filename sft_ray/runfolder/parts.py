@@ -32,8 +32,9 @@ class PartWriter:
     """Appends JSON lines to rotating part files in one folder."""
 
     def __init__(self, folder: str, session: int, part_rows: int = 100_000, part_seconds: float | None = None,
-                 part_bytes: int = 64 << 20) -> None:
+                 part_bytes: int = 64 << 20, prefix: str = "part") -> None:
         self.folder = folder
+        self.prefix = prefix
         self.part_bytes = part_bytes
         self.session = session
         self.part_rows = part_rows
@@ -66,7 +67,7 @@ class PartWriter:
                     self._close_part()
 
     def _name(self) -> str:
-        return io.join(self.folder, part_name(self.session, self.part))
+        return io.join(self.folder, part_name(self.session, self.part, self.prefix))
 
     def write(self, lines: list[bytes]) -> None:
         if not lines:
