@@ -183,7 +183,7 @@ def filter_(
     `recuts` and holds its settings as the folder's filter/train/shuffle config."""
     import time
 
-    from sft_ray.job import finalize_run
+    from sft_ray.job import RunError, finalize_run
     from sft_ray.runfolder.lock import LockError, RunLock
     from sft_ray.runfolder.manifest import load_manifest, save_manifest
 
@@ -199,7 +199,10 @@ def filter_(
         options = _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt,
                                  file_format, rows_per_shard, seed)
         manifest, filter_cfg, train, shuffle_seed = _recut(run_dir, overrides or [], options)
-        stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
+        try:
+            stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo)
+        except RunError as e:
+            _fail(f"not re-cut: {e}", e.code)
         cfg = manifest["config"]
         cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
         # The re-cut as given, kept for good: a later `sft-ray run` of the folder re-finalizes with its own
