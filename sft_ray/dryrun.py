@@ -22,8 +22,7 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     """Run the pilot, print the plan, return it (as the numbers printed)."""
     from sft_ray import io
     from sft_ray.job import run, scan_input
-    from sft_ray.runfolder.layout import STATS
-    from sft_ray.runfolder.layout import recorded_sessions
+    from sft_ray.runfolder.layout import STATS, recorded_sessions
     from sft_ray.runfolder.manifest import load_manifest
     from sft_ray.runfolder.state import done_keys
 

@@ -67,8 +67,9 @@ def part_session(uri: str) -> int | None:
 
 def recorded_sessions(manifest: dict[str, Any] | None) -> frozenset[int] | None:
     """The numbers of the sessions run.json records (each session is recorded before it writes a
-    part file); None without a manifest (every file is then taken as the run's)."""
-    if manifest is None:
+    part file); None without a manifest or one with no session record at all (every file is then
+    taken as the run's)."""
+    if manifest is None or "sessions" not in manifest:
         return None
     return frozenset(int(s.get("session", i)) for i, s in enumerate(manifest.get("sessions") or []))
 
