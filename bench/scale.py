@@ -159,8 +159,9 @@ def write_rollouts(run_dir: str, n: int, repeats: int = 4, files: int = 8) -> No
     for f in outs:
         f.close()
     with open(os.path.join(run_dir, "run.json"), "w") as f:
+        # Session 0 recorded, as a run records it: finalize checks each part file's session against it.
         json.dump({"config": {"filter": {"min_reward": 0.8}, "train": {"rows_per_shard": 100_000},
-                              "shuffle": {"seed": 0}}}, f)
+                              "shuffle": {"seed": 0}}, "sessions": [{"session": 0}]}, f)
 
 
 def children_cpu() -> float:

@@ -198,7 +198,7 @@ def filter_(
     `recuts` and holds its settings as the folder's filter/train/shuffle config."""
     import time
 
-    from sft_ray.job import finalize_run
+    from sft_ray.job import RunError, finalize_run
     from sft_ray.runfolder.lock import LockError, RunLock
     from sft_ray.runfolder.manifest import load_manifest, save_manifest
 
@@ -214,7 +214,10 @@ def filter_(
         options = _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt,
                                  file_format, rows_per_shard, seed)
         manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], options)
-        stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, preference=preference)
+        try:
+            stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, preference=preference)
+        except RunError as e:
+            _fail(f"not re-cut: {e}", e.code)
         cfg = manifest["config"]
         cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
         cfg["preference"] = preference

@@ -24,14 +24,16 @@ def dry_run(cfg: RunConfig, pilot_samples: int, say: Callable[[str], None] = pri
     """Run the pilot, print the plan, return it (as the numbers printed)."""
     from sft_ray import io
     from sft_ray.job import run, scan_input
-    from sft_ray.runfolder.layout import STATS
+    from sft_ray.runfolder.layout import STATS, recorded_sessions
+    from sft_ray.runfolder.manifest import load_manifest
     from sft_ray.runfolder.state import done_keys
 
     inputs = scan_input(cfg)
     rej = cfg.rejection
     # Samples per prompt: fixed, or with rejection sampling as many as the pilot's prompts took.
     per_prompt = float(cfg.num_repeats)
-    done = len(done_keys(cfg.output)) if io.exists(cfg.output) else 0
+    done = len(done_keys(cfg.output, sessions=recorded_sessions(load_manifest(cfg.output)))) \
+        if io.exists(cfg.output) else 0
     pilot_rows = max(1, math.ceil(pilot_samples / (rej.target_passing if rej.active else cfg.num_repeats)))
     tmp = tempfile.mkdtemp(prefix="sft-ray-pilot-")
     try:

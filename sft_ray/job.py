@@ -56,9 +56,10 @@ from sft_ray.runfolder.completion import (
     DrawPlan,
     PromptDraws,
     prompt_draws,
+    unexpected_keys,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.runfolder.layout import BATCHES, ROLLOUTS, STATS, SUCCESS, TRAIN
+from sft_ray.runfolder.layout import BATCHES, ROLLOUTS, STATS, SUCCESS, TRAIN, recorded_sessions
 from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
@@ -80,11 +81,12 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
     with lock_folder(cfg.output):
         manifest = prepare_folder(cfg, restart, inputs)
         state = FolderState(cfg.output, cfg.max_sample_attempts,
-                            cfg.filter.min_reward if cfg.rejection.active else None)
+                            cfg.filter.min_reward if cfg.rejection.active else None, recorded_sessions(manifest))
         session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
         done, budget = record_completion(cfg, manifest, inputs, state)
+        unexpected = record_unexpected(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
-                             manifest, say, preference=cfg.preference.model_dump())
+                             manifest, say, preference=cfg.preference.model_dump(), unexpected=unexpected)
     return verdict(cfg, session, done, budget, stats, say)
 
 
@@ -179,6 +181,8 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     Batch API with ``model.batch.enabled`` (:mod:`sft_ray.batch`). Returns this session (its
     record is also in the manifest)."""
     session = Session(manifest, 0)
+    # Recorded before it writes a part file: files of no recorded session are not the run's.
+    save_manifest(cfg.output, manifest)
     writers = Writers(cfg.output, session.number, state)
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
@@ -195,7 +199,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     else:
         stream_and_write(cfg, manifest, inputs, state, session, writers, work, say)
     clear_journal(cfg.output)  # all it held is written now
-    compact_failures(cfg.output, session.number, state.done)
+    compact_failures(cfg.output, session.number, state.done, recorded_sessions(manifest))
     return session
 
 
@@ -345,23 +349,59 @@ def record_completion(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPla
     return done, budget
 
 
+# At most this many unexpected keys are kept in run.json (for `sft-ray filter`, which does not
+# read the input); a run with more refuses `sft-ray filter` (a rerun of `sft-ray run` re-checks them).
+UNEXPECTED_KEYS_KEPT = 10_000
+
+
+def record_unexpected(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan,
+                      state: FolderState) -> frozenset[tuple[str, int]]:
+    """The done samples that are none of the run's (:func:`unexpected_keys`), usually none; saved in
+    the manifest (count and, up to :data:`UNEXPECTED_KEYS_KEPT`, the keys) for `sft-ray filter`."""
+    per_prompt = cfg.rejection.max_samples if cfg.rejection.active else cfg.num_repeats
+    found = frozenset(unexpected_keys(inputs.ids, state.done, per_prompt))
+    manifest["unexpected_keys"] = {"count": len(found),
+                                   "keys": [list(k) for k in sorted(found)[:UNEXPECTED_KEYS_KEPT]]}
+    save_manifest(cfg.output, manifest)
+    return found
+
+
+def recorded_unexpected(manifest: dict[str, Any] | None, write: bool) -> frozenset[tuple[str, int]] | None:
+    """The unexpected keys the last `sft-ray run` recorded in ``manifest``; None when it recorded
+    none (a folder made before they were). Refuses to write train/ from a record that was cut short."""
+    record = (manifest or {}).get("unexpected_keys")
+    if record is None:
+        return None
+    keys = frozenset((str(rid), int(k)) for rid, k in record.get("keys") or [])
+    if write and int(record.get("count") or 0) > len(keys):
+        raise RunError(f"run.json records {record['count']} rollouts whose key is none of the run's expected "
+                       f"samples but names only {len(keys)}: rerun `sft-ray run` with the run's config, which "
+                       "checks every key against the input, instead of re-cutting with `sft-ray filter`")
+    return keys
+
+
 # -- phase 2: finalize ---------------------------------------------------------------------
 
 
 def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
                  manifest: dict[str, Any] | None, say: Callable[[str], None], write: bool = True,
-                 preference: dict[str, Any] | None = None) -> dict[str, Any]:
+                 preference: dict[str, Any] | None = None,
+                 unexpected: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Phase 2 plus the report; writes stats.json (and ``_SUCCESS`` when the run is complete) when
     ``write``. Both are removed first: a crash while train/ is replaced never leaves a stats.json
     or a marker that describe another train/. ``preference``: the pair rules (``train.format``
-    with ``preference``)."""
+    with ``preference``). Rollouts in files of no session ``manifest`` records, and those whose key
+    is in ``unexpected`` (default: the keys the manifest recorded), are counted and named, never
+    trained on."""
     t0 = time.monotonic()
+    if unexpected is None:
+        unexpected = recorded_unexpected(manifest, write)
     if write:
         io.delete(io.join(run_dir, SUCCESS))
         io.delete(io.join(run_dir, STATS))
     rejection = ((manifest or {}).get("config") or {}).get("rejection")
     stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write, rejection=rejection,
-                     preference=preference)
+                     preference=preference, sessions=recorded_sessions(manifest), unexpected=unexpected)
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)

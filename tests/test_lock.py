@@ -99,6 +99,7 @@ def test_filter_refuses_while_a_run_holds_the_lock_and_its_recut_is_recorded(tmp
     run_dir = tmp_path / "run"
     cfg = load_config(None, [f"input={tmp_path / 'in.jsonl'}", f"output={run_dir}", "model.name=m"])
     manifest = prepare_run_dir(cfg, False, {})
+    manifest["sessions"].append({"session": 0})  # as a run records its session before it writes part-000-*
     (run_dir / "rollouts").mkdir()
     (run_dir / "rollouts" / "part-000-00000.jsonl").write_text("".join(json.dumps(
         {"id": f"p{i}", "sample_index": 0, "messages": [{"role": "user", "content": f"q{i}"},

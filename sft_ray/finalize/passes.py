@@ -25,6 +25,11 @@ which rollouts happened to be written, so the same seed gives the same order on 
 The shuffle buckets are hash ranges of that key: each is sorted by one task (one bucket in
 memory per worker) and cut into segments at the shard boundaries, then each shard is written
 by one task from its segments.
+
+Rows that are none of the run's are never trained on, and are counted by reason and named in
+the report (``unexpected_rows``): every row of a file no session recorded in run.json wrote
+(checked by the file's name: :func:`~sft_ray.runfolder.layout.written_by`), and rows whose key
+is in the small set of unexpected keys the driver found (done samples that are not expected).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from sft_ray.finalize.formats import (
     preference_row,
     train_row,
 )
-from sft_ray.finalize.stats import StatsAccumulator, Tally, advice
+from sft_ray.finalize.stats import StatsAccumulator, Tally, Unexpected, advice
 from sft_ray.runfolder.layout import (
     DATASET_CARD,
     FAILED,
@@ -80,6 +85,7 @@ from sft_ray.runfolder.layout import (
     VALIDATION,
     iter_jsonl,
     shard_name,
+    written_by,
 )
 
 BUCKET_BYTES = 256 << 20  # rollout bytes per shuffle bucket: caps the memory of the sort
@@ -180,6 +186,8 @@ class _Job:
     def format_of(self, target: str) -> str:
         """The format of a :meth:`target`."""
         return self.formats[0] if len(self.formats) == 1 else self.formats[int(target.split("-")[1])]
+    # Keys that are none of the run's samples (usually none; found by the driver, which knows the input).
+    unexpected: frozenset[tuple[str, int]] = frozenset()
 
     @property
     def direct(self) -> bool:
@@ -209,12 +217,16 @@ def _round_up(n: int, multiple: int) -> int:
 
 def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
              write: bool = True, rejection: dict[str, Any] | None = None,
-             workers: int | None = None, preference: dict[str, Any] | None = None) -> dict[str, Any]:
+             workers: int | None = None, preference: dict[str, Any] | None = None,
+             sessions: frozenset[int] | None = None,
+             unexpected: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
     ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU, at most 8,
     for a large run, none beside this one for a small one). ``preference``: the pair rules (the
-    ``preference`` section) when ``train.format`` has ``preference``.
+    ``preference`` section) when ``train.format`` has ``preference``. ``sessions``: the sessions run.json
+    records (rows of files no one of them wrote are not trained on; None: every file is the run's).
+    ``unexpected``: keys that are none of the run's samples, not trained on either.
 
     One format is written to train/ (and validation/) as it always was; several to
     train/<format>/ (and validation/<format>/), each with its own shards."""
@@ -228,9 +240,14 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         chosen_min = pref.chosen_min_reward if pref.chosen_min_reward is not None else filter_["min_reward"]
         pairs = (pref.min_margin, chosen_min, pref.max_pairs_per_prompt)
     torn = 0
+    odd = Unexpected()
     # Latest failure per sample (a sample retried by a rerun may have several records).
     failures: dict[tuple[str, int], dict[str, Any]] = {}
-    for uri in io.list_files(io.join(run_dir, FAILED), ".jsonl"):
+    failed_files, unknown_failed = written_by(io.list_files(io.join(run_dir, FAILED), ".jsonl"), sessions)
+    for uri in unknown_failed:
+        for row, _ in iter_jsonl(uri):
+            odd.add("unknown_part_file", uri, row)
+    for uri in failed_files:
         for row, _ in iter_jsonl(uri):
             if row is None:
                 torn += 1
@@ -238,9 +255,11 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 failures[(str(row["id"]), int(row["sample_index"]))] = row
 
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
+    unknown = set(written_by(rollout_files, sessions)[1])
     sizes = [io.size(u) for u in rollout_files]
     total_bytes = sum(sizes)
     pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
+    quarantined = [uri in unknown for uri, _, _ in pieces]
     n_workers = _workers(workers, total_bytes, len(pieces))
     tally_on = bool(rejection and rejection.get("target_passing"))
     # Bucket counts in multiples of the workers, so that no worker is left alone with the last one.
@@ -259,10 +278,11 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
                    succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
                    tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
-                   if tally_on else None, formats=formats, pairs=pairs)
-        for part, part_torn, succeeded, temp, counts in pool.map(_scan, itertools.repeat(job), range(len(pieces)),
-                                                                 pieces):
+                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
+        for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
+                _scan, itertools.repeat(job), range(len(pieces)), pieces, quarantined):
             acc.merge(part)
+            odd.merge(part_odd)
             torn += part_torn
             for key in succeeded:
                 failures.pop(key, None)  # it succeeded later
@@ -311,6 +331,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         stats["advice"] = advice(stats, temperature)
         if torn:
             stats["torn_lines"] = torn
+        stats["unexpected_rows"] = odd.result()
         if write:
             shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
             stats["shards"] = shards[formats[0]]
@@ -406,11 +427,24 @@ class _ShuffleOut:
 
 
 @_without_gc
-def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[Any, ...]:
+def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined: bool = False) -> tuple[Any, ...]:
     """Pass 1 over one byte range of a rollout file: statistics, row rules, and the prompt-bucket
     records (``meta <tab> training row``) of every rollout with a reward. Returns the statistics,
-    the torn lines, the failed samples seen succeeding here, the first sampling temperature, and
-    the rows put in each shuffle bucket (when no prompt rule applies, kept rows go there from here)."""
+    the torn lines, the failed samples seen succeeding here, the first sampling temperature, the
+    rows put in each shuffle bucket (when no prompt rule applies, kept rows go there from here), and
+    the rows that are none of the run's (:class:`Unexpected`). ``quarantined``: the file is no
+    recorded session's, and each of its rows is only counted as such."""
+    odd = Unexpected()
+    if quarantined:
+        for line in io.iter_range(*piece):
+            if line.strip():
+                try:
+                    row = orjson.loads(line)
+                except JSONDecodeError:
+                    row = None
+                odd.add("unknown_part_file", piece[0], row)
+        return StatsAccumulator(), 0, [], None, {}, odd
+    unexpected = job.unexpected
     train, n_groups, direct = job.train, job.n_groups, job.direct
     include, reasoning, fraction = list(train["include_fields"]), train["reasoning"], train["validation_fraction"]
     formats = job.sample_formats
@@ -431,6 +465,9 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
                 torn += line.strip() != b""
                 continue
             rid, k = str(row["id"]), int(row["sample_index"])
+            if unexpected and (rid, k) in unexpected:
+                odd.add("unexpected_key", piece[0], row)
+                continue
             src = source_of(row)
             add(row, False, src)
             if job.succeeded_wanted and (rid, k) in job.succeeded_wanted:
@@ -470,7 +507,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None]) -> tuple[An
             elif pairs:
                 row_bytes += b"\t"
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
-    return acc, torn, succeeded, temperature, shuffled.counts
+    return acc, torn, succeeded, temperature, shuffled.counts, odd
 
 
 @_without_gc

@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from sft_ray.finalize.stats import format_report
+from sft_ray.finalize.stats import format_report, unexpected_lines
 
 # One colour per plot (a test finds each in a screenshot taken by a real browser).
 COLOURS = {"reward": "#1f77b4", "sources": "#2ca02c", "lengths": "#ff7f0e", "drops": "#d62728",
@@ -70,10 +70,12 @@ def render(stats: dict[str, Any], title: str = "sft-ray run") -> str:
             hist = episodes[f"{key}_histogram"]
             plots.append(bar_chart(key, label, list(hist), [float(v) for v in hist.values()]))
     summary = html.escape(format_report(stats))
+    odd = unexpected_lines(stats)  # rows none of the run's: named first, where a reader looks
+    warning = f'<pre class="warning" id="unexpected-rows">{html.escape(chr(10).join(odd))}</pre>' if odd else ""
     return (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
         "<style>body{font-family:sans-serif;margin:24px;max-width:1200px}pre{background:#f6f6f6;padding:12px;"
-        "white-space:pre-wrap}.plots{display:flex;flex-wrap:wrap;gap:16px}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><pre>{summary}</pre><div class=\"plots\">{''.join(plots)}</div>"
+        "white-space:pre-wrap}.warning{background:#fde8e8;border-left:4px solid #d62728}.plots{display:flex;flex-wrap:wrap;gap:16px}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{warning}<pre>{summary}</pre><div class=\"plots\">{''.join(plots)}</div>"
         "</body></html>\n"
     )

@@ -7,6 +7,7 @@ plus one JSON line with the mean of every numeric metric, as NeMo Gym prints.
 
 from __future__ import annotations
 
+import json
 import math
 from array import array
 from collections import defaultdict
@@ -281,6 +282,69 @@ class StatsAccumulator:
         return means
 
 
+UNEXPECTED_EXAMPLES = 10  # rows and files an unexpected_rows section names
+
+
+def _short(value: Any, limit: int = 100) -> Any:
+    """A value of an untrusted row as the report shows it: an int as is, anything else as text cut short."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Unexpected:
+    """Rollouts finalize does not train on because they are none of the run's: in a file no
+    recorded session wrote (``unknown_part_file``) or with a key that is not an expected sample
+    (``unexpected_key``). Counted by reason; the first few rows and files are named."""
+
+    def __init__(self) -> None:
+        self.by_reason: defaultdict[str, int] = _counts()
+        self.examples: list[dict[str, Any]] = []
+        self.files: dict[str, int] = {}
+
+    def add(self, reason: str, uri: str, row: Any) -> None:
+        self.by_reason[reason] += 1
+        name = "/".join(uri.rsplit("/", 2)[-2:])  # rollouts/part-..., failed/part-...
+        if name in self.files:
+            self.files[name] += 1
+        elif len(self.files) < UNEXPECTED_EXAMPLES:
+            self.files[name] = 1
+        if len(self.examples) < UNEXPECTED_EXAMPLES:
+            get = row.get if isinstance(row, dict) else (lambda _: None)
+            self.examples.append({"reason": reason, "file": name, "id": _short(get("id")),
+                                  "sample_index": _short(get("sample_index"))})
+
+    def merge(self, other: "Unexpected") -> None:
+        for reason, n in other.by_reason.items():
+            self.by_reason[reason] += n
+        for name, n in other.files.items():
+            if name in self.files or len(self.files) < UNEXPECTED_EXAMPLES:
+                self.files[name] = self.files.get(name, 0) + n
+        self.examples.extend(other.examples[:UNEXPECTED_EXAMPLES - len(self.examples)])
+
+    def result(self) -> dict[str, Any]:
+        return {"count": sum(self.by_reason.values()), "by_reason": dict(sorted(self.by_reason.items())),
+                "examples": self.examples, "files": self.files}
+
+
+def unexpected_lines(stats: dict[str, Any]) -> list[str]:
+    """The report's lines on rows not trained on because they are none of the run's (none when there are none)."""
+    odd = stats.get("unexpected_rows") or {}
+    if not odd.get("count"):
+        return []
+    lines = [f"UNEXPECTED ROWS, not trained on: {odd['count']} ("
+             + ", ".join(f"{k}={v}" for k, v in odd["by_reason"].items()) + "): rows no session of this run "
+             "wrote (a file of no recorded session, or a key that is none of the run's samples)"]
+    # JSON-quoted: ids and file names come from the rows and the folder, and may hold control characters.
+    for ex in odd.get("examples") or []:
+        lines.append(f"  {ex['reason']}: {json.dumps(ex['file'])} id {json.dumps(ex['id'])} "
+                     f"sample_index {json.dumps(ex['sample_index'])}")
+    if odd.get("files"):
+        lines.append("  in files: " + ", ".join(f"{json.dumps(f)} ({n})" for f, n in odd["files"].items()))
+    return lines
+
+
 def _percentiles(counts: dict[int, int]) -> dict[str, float]:
     """p50/p90/p99/max/mean of values given as value -> count."""
     n = sum(counts.values())
@@ -338,6 +402,7 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append(f"expected: {stats['expected']}  done: {stats['done']}  pending: {stats['pending']}  "
                      f"failed for good: {stats['failed_final']}  complete: {'yes' if stats['complete'] else 'no'}"
                      + (f"  bad lines skipped: {stats['bad_lines']}" if stats.get("bad_lines") else ""))
+    lines += unexpected_lines(stats)
     if rw.get("count"):
         lines.append(
             "reward: mean {mean:.4f}  median {median:.4f}  stdev {stdev:.4f}  min {min:.4f}  max {max:.4f}".format(**rw)

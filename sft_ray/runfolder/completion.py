@@ -28,6 +28,14 @@ def sample_keys(ids: Iterable[str], num_repeats: int) -> Iterable[Key]:
             yield (rid, k)
 
 
+def unexpected_keys(ids: set[str], done: Iterable[Key], per_prompt: int) -> set[Key]:
+    """The done samples that are none of the run's: an id not in the input, or a sample index
+    outside ``[0, per_prompt)`` (num_repeats, or rejection sampling's max_samples). No session
+    writes one; a line some other process appended to a part file does (finalize never trains
+    on it)."""
+    return {(rid, k) for rid, k in done if rid not in ids or not 0 <= k < per_prompt}
+
+
 @dataclass
 class Completion:
     """Every expected sample counted by its state in the run folder (never by subtraction).

@@ -21,7 +21,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import re
+from typing import Any, Iterable, Iterator
 
 import orjson
 
@@ -57,6 +58,37 @@ def part_name(session: int, part: int, prefix: str = "part") -> str:
 def compact_name(session: int) -> str:
     """failed/'s compacted file, written at the end of a session."""
     return f"part-{session:03d}-compact.jsonl"
+
+
+# part_name's and compact_name's names: the session number is the first number.
+_PART = re.compile(r"part-(\d+)-(?:\d+|compact)\.jsonl")
+
+
+def part_session(uri: str) -> int | None:
+    """The session number in a rollouts/ or failed/ file's name (:func:`part_name`,
+    :func:`compact_name`); None for a name no session writes."""
+    m = _PART.fullmatch(uri.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def recorded_sessions(manifest: dict[str, Any] | None) -> frozenset[int] | None:
+    """The numbers of the sessions run.json records (each session is recorded before it writes a
+    part file); None without a manifest or one with no session record at all (every file is then
+    taken as the run's)."""
+    if manifest is None or "sessions" not in manifest:
+        return None
+    return frozenset(int(s.get("session", i)) for i, s in enumerate(manifest.get("sessions") or []))
+
+
+def written_by(uris: Iterable[str], sessions: frozenset[int] | None) -> tuple[list[str], list[str]]:
+    """``uris`` split into (files a recorded session wrote, files none did: their name carries
+    no session number or one run.json does not record). ``sessions`` None: all are the run's."""
+    if sessions is None:
+        return list(uris), []
+    ours, unknown = [], []
+    for uri in uris:
+        (ours if part_session(uri) in sessions else unknown).append(uri)
+    return ours, unknown
 
 
 def shard_name(index: int, file_format: str) -> str:

@@ -4,7 +4,10 @@ rejection sampling stands, all read from disk.
 A run folder is resumable because everything a rerun needs is on disk: ``rollouts/``
 (samples done) and ``failed/`` (samples that failed, with the number of runs they failed
 in); the journal holds what a killed run had generated but not yet written
-(:mod:`sft_ray.runfolder.journal`).
+(:mod:`sft_ray.runfolder.journal`). Only files that a session recorded in run.json wrote
+count (:func:`~sft_ray.runfolder.layout.written_by`): a line some other process put in a file
+of its own (``rollouts/part-900-00000.jsonl``) never makes a sample done, and finalize never
+trains on it.
 """
 
 from __future__ import annotations
@@ -15,20 +18,23 @@ from typing import Any
 import orjson
 
 from sft_ray import io
-from sft_ray.runfolder.layout import FAILED, ROLLOUTS, Key, compact_name, iter_jsonl
+from sft_ray.runfolder.layout import FAILED, ROLLOUTS, Key, compact_name, iter_jsonl, written_by
 
 
 class FolderState:
     """What the run folder says about each sample: done (a rollout), or failed in N runs."""
 
-    def __init__(self, run_dir: str, max_attempts: int, pass_threshold: float | None = None) -> None:
+    def __init__(self, run_dir: str, max_attempts: int, pass_threshold: float | None = None,
+                 sessions: frozenset[int] | None = None) -> None:
+        # The sessions run.json records: files of no other session are not read (None: all are).
+        self.sessions = sessions
         # With rejection sampling, the passing samples of each prompt (reward >= pass_threshold).
         self.pass_threshold = pass_threshold
         self.passing: Counter[str] = Counter()
         # Made by a run that holds the folder's lock: it may cut a torn last line (a killed run's).
         self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
-                                        pass_threshold or 0.0, repair=True)
-        self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done)
+                                        pass_threshold or 0.0, repair=True, sessions=sessions)
+        self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done, sessions)
         self.max_attempts = max_attempts
 
     def skip(self) -> set[Key]:
@@ -37,13 +43,14 @@ class FolderState:
 
 
 def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0,
-              repair: bool = False) -> set[tuple[str, int]]:
+              repair: bool = False, sessions: frozenset[int] | None = None) -> set[tuple[str, int]]:
     """(id, sample_index) of every rollout already written. With ``passing``, also counts per
     prompt id the rollouts whose reward is >= ``threshold``. ``repair``: cut off torn last lines
     (only a run that holds the folder's lock may: a reader such as ``--dry-run`` leaves every
-    byte as it is, a line being written by a live run included)."""
+    byte as it is, a line being written by a live run included). ``sessions``: read only the files
+    these sessions wrote (None: every file)."""
     keys: set[tuple[str, int]] = set()
-    for uri in io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl"):
+    for uri in written_by(io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl"), sessions)[0]:
         good_bytes, torn = 0, False
         for row, line in iter_jsonl(uri):
             if row is None:
@@ -67,11 +74,12 @@ def count_failure(row: dict[str, Any], failed_runs: dict[Key, int]) -> bytes:
     return orjson.dumps(row)
 
 
-def _failure_records(run_dir: str, done: set[Key]) -> tuple[list[str], int, dict[Key, tuple[int, bytes]]]:
-    """failed/'s files, the records they hold, and for each failed sample not done since:
-    (runs it failed in, its latest record). Files are read in name order, so a later
-    session's record wins."""
-    files = io.list_files(io.join(run_dir, FAILED), ".jsonl")
+def _failure_records(run_dir: str, done: set[Key], sessions: frozenset[int] | None = None
+                     ) -> tuple[list[str], int, dict[Key, tuple[int, bytes]]]:
+    """failed/'s files (those ``sessions`` wrote), the records they hold, and for each failed
+    sample not done since: (runs it failed in, its latest record). Files are read in name order,
+    so a later session's record wins."""
+    files = written_by(io.list_files(io.join(run_dir, FAILED), ".jsonl"), sessions)[0]
     records = 0
     latest: dict[Key, tuple[int, bytes]] = {}
     for uri in files:
@@ -87,24 +95,25 @@ def _failure_records(run_dir: str, done: set[Key]) -> tuple[list[str], int, dict
     return files, records, latest
 
 
-def load_failures(run_dir: str, done: set[Key]) -> dict[Key, int]:
+def load_failures(run_dir: str, done: set[Key], sessions: frozenset[int] | None = None) -> dict[Key, int]:
     """How many runs each failed sample (not done since) has failed in.
 
     Nothing is deleted here: a record stays in failed/ until its retry is written (as a
     rollout, or as a new record with one more failed run), so a run stopped before it
     retried a sample (a crash, Ctrl-C, the failure budget) loses no failure and no count.
     """
-    return {k: runs for k, (runs, _) in _failure_records(run_dir, done)[2].items()}
+    return {k: runs for k, (runs, _) in _failure_records(run_dir, done, sessions)[2].items()}
 
 
-def compact_failures(run_dir: str, session: int, done: set[Key]) -> None:
+def compact_failures(run_dir: str, session: int, done: set[Key], sessions: frozenset[int] | None = None) -> None:
     """Rewrite failed/ as one file holding the latest record of each sample still failed.
 
     Run after a session's writers are closed. The new file is complete before any old one
     is deleted, so a crash in between leaves duplicates (read back by key: most runs and
-    latest record win), never a lost failure.
+    latest record win), never a lost failure. Files of no session in ``sessions`` are left as
+    they are (and still ignored).
     """
-    files, records, latest = _failure_records(run_dir, done)
+    files, records, latest = _failure_records(run_dir, done, sessions)
     if len(files) <= 1 and records == len(latest):
         return  # already at most one file, holding exactly the live records
     name = io.join(run_dir, FAILED, compact_name(session))
