@@ -51,9 +51,12 @@ from sft_ray.runfolder.layout import (
     REPORT_HTML,
     RESCORE,
     RESCORE_TARGET,
+    RESCORED_SESSIONS,
     ROLLOUTS,
     Key,
     iter_jsonl,
+    recorded_sessions,
+    written_by,
 )
 from sft_ray.runfolder.manifest import load_manifest, save_manifest, verifier_fingerprint
 from sft_ray.runfolder.parts import PartWriter
@@ -127,8 +130,10 @@ def stored_rows(run_dir: str) -> Iterator[dict[str, Any]]:
     earlier rescore could not score (they carry ``rescore_attempts``; generation failures have no
     rollout to score and stay as they are)."""
     seen: set[Key] = set()
+    sessions = recorded_sessions(load_manifest(run_dir))
     for folder, only_rescored in ((ROLLOUTS, False), (FAILED, True)):
-        for uri in io.list_files(io.join(run_dir, folder), ".jsonl"):
+        # A file no recorded session wrote is none of the run's: never scored (nor swapped back in).
+        for uri in written_by(io.list_files(io.join(run_dir, folder), ".jsonl"), sessions)[0]:
             for row, _ in iter_jsonl(uri):
                 if row is None or (only_rescored and "rescore_attempts" not in row):
                     continue
@@ -377,6 +382,9 @@ def swap_in(run_dir: str, journal: Journal, manifest: dict[str, Any], cfg: RunCo
 def _record(manifest: dict[str, Any], cfg: RunConfig, journal: Journal, record: dict[str, Any], final: int) -> None:
     """The manifest after the swap: the verifier of the rewards (config and fingerprint), the
     rescore's record, and the completion with the rows that lost their reward."""
+    # rollouts/ now holds this rescore's files (rescore-<session>-<n>.jsonl): the run's own, for
+    # finalize and resume (which take no file of an unrecorded session).
+    manifest[RESCORED_SESSIONS] = int(journal.target.get("sessions") or 0)
     rescores = manifest.setdefault("rescores", [])
     if any(r.get("id") == journal.target["id"] for r in rescores):
         return  # recorded before a kill: the swap is being finished
@@ -512,7 +520,7 @@ def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callabl
         for judge in judges:
             calls = 2 if judge.swap else 1
             try:
-                prompt = judge.template.format_map(judge._fields(input_row(row), row.get("response") or "", row))
+                prompt = judge.prompt(input_row(row), row.get("response") or "", row)
             except Exception:  # a row the judge cannot render is a judge_error, not a call
                 continue
             i, o = calls * len(prompt) / 4, calls * float(judge.params.get("max_output_tokens") or 1024)

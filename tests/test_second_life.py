@@ -46,9 +46,9 @@ def judged_rows(server) -> Counter:
     """Judge calls answered, by the row they judged (the candidate in the judge's prompt)."""
     out = Counter()
     for text, n in server.state.served.items():
-        m = re.search(r"<candidate>\n(.*?)\n</candidate>", text, re.S)
+        m = re.search(r"<candidate-(\w+)>\n(.*?)\n</candidate-\1>", text, re.S)  # the per-call nonce in the tags
         if m:
-            out[m.group(1)] += n
+            out[m.group(2)] += n
     return out
 
 
@@ -227,3 +227,30 @@ def test_overrides_other_than_the_verifier_are_refused(tmp_path, math_run):
     bad.write_text("verifier:\n  type: judge\n")  # a judge without its model
     with pytest.raises(ConfigError, match="verifier"):
         rescore(str(tmp_path / "run"), str(bad), [], say=lambda s: None)
+
+
+def test_rescored_rows_stay_the_runs_and_a_file_of_no_session_is_never_rescored(tmp_path, math_run):
+    """After the swap, rollouts/ holds the rescore's own files (rescore-<n>-<m>.jsonl): finalize trains on
+    them and a resume counts them done, as the run's; a part file that no session of the run wrote
+    (a row injected from outside) is neither rescored nor swapped back in."""
+    cfg = run_math(tmp_path, math_run)
+    run_dir = tmp_path / "run"
+    forged = {**next(iter(rewards(run_dir).values())), "id": "forged", "reward": 1.0,
+              "response": "INJECTED TRAINING ROW"}
+    (run_dir / "rollouts" / "part-900-00000.jsonl").write_text(json.dumps(forged) + "\n")
+    assert rescore(str(run_dir), None, ["verifier.type=exact_match"], say=lambda s: None) == 0
+    after = rewards(run_dir)
+    assert len(after) == 2 * N and "forged" not in after
+    assert all(f.name.startswith("rescore-") for f in (run_dir / "rollouts").glob("*.jsonl"))
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["unexpected_rows"]["count"] == 0
+    kept = read_rows(run_dir / "train")
+    assert len(kept) == stats["kept"] == sum(r["reward"] >= 1.0 for r in after.values()) > 0
+    assert all("INJECTED" not in json.dumps(r) for r in kept)
+    # a run with the new verifier finds every sample done: nothing generated again
+    src_server = math_run[1]
+    generated = src_server.state.requests
+    new = make_config(tmp_path, src_server, cfg.input, "filter.min_reward=1.0", "verifier.type=exact_match")
+    said: list[str] = []
+    assert run(new, say=said.append) == 0
+    assert src_server.state.requests == generated, said

@@ -61,26 +61,35 @@ def compact_name(session: int) -> str:
 
 
 # part_name's and compact_name's names: the session number is the first number.
-_PART = re.compile(r"part-(\d+)-(?:\d+|compact)\.jsonl")
+_PART = re.compile(r"(part|rescore)-(\d+)-(?:\d+|compact)\.jsonl")
 
 
-def part_session(uri: str) -> int | None:
-    """The session number in a rollouts/ or failed/ file's name (:func:`part_name`,
-    :func:`compact_name`); None for a name no session writes."""
+def part_session(uri: str) -> int | str | None:
+    """The session in a rollouts/ or failed/ file's name (:func:`part_name`, :func:`compact_name`):
+    a run's session number, or ``"rescore-<n>"`` for the n-th session of the `sft-ray rescore`
+    whose rows were swapped in; None for a name no session writes."""
     m = _PART.fullmatch(uri.rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    return int(m.group(2)) if m.group(1) == "part" else f"rescore-{int(m.group(2))}"
 
 
-def recorded_sessions(manifest: dict[str, Any] | None) -> frozenset[int] | None:
+# run.json's count of the sessions of the `sft-ray rescore` whose files rollouts/ holds.
+RESCORED_SESSIONS = "rescored_sessions"
+
+
+def recorded_sessions(manifest: dict[str, Any] | None) -> frozenset[int | str] | None:
     """The numbers of the sessions run.json records (each session is recorded before it writes a
     part file); None without a manifest or one with no session record at all (every file is then
     taken as the run's)."""
     if manifest is None or "sessions" not in manifest:
         return None
-    return frozenset(int(s.get("session", i)) for i, s in enumerate(manifest.get("sessions") or []))
+    runs = {int(s.get("session", i)) for i, s in enumerate(manifest.get("sessions") or [])}
+    # The files of the last `sft-ray rescore` (its swap replaced rollouts/ whole and recorded them).
+    return frozenset(runs | {f"rescore-{n}" for n in range(int(manifest.get(RESCORED_SESSIONS) or 0))})
 
 
-def written_by(uris: Iterable[str], sessions: frozenset[int] | None) -> tuple[list[str], list[str]]:
+def written_by(uris: Iterable[str], sessions: frozenset[int | str] | None) -> tuple[list[str], list[str]]:
     """``uris`` split into (files a recorded session wrote, files none did: their name carries
     no session number or one run.json does not record). ``sessions`` None: all are the run's."""
     if sessions is None:

@@ -216,6 +216,11 @@ class Judge:
         if self._backend is not None:
             self._backend.close_now()
 
+    def prompt(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None = None) -> str:
+        """The prompt one call for this row sends (the first, unswapped one), as it would be sent:
+        what `sft-ray rescore --dry-run` prices."""
+        return render(self.template, self._fields(row, response, rollout), self.template in (EQUIVALENCE, SCORE))
+
     def _fields(self, row: dict[str, Any], response: str, rollout: dict[str, Any] | None) -> dict[str, Any]:
         from sft_ray.rows import prompt_messages
 
