@@ -145,10 +145,11 @@ def output_folder_error(run_dir: str, err: OSError) -> str:
     return f"output {run_dir}: cannot be a run folder ({reason})"
 
 
-def lock_folder(run_dir: str) -> RunLock:
-    """The run folder's lock (one process runs in a folder at a time), held for the ``with`` block."""
+def lock_folder(run_dir: str, command: str = "run") -> RunLock:
+    """The run folder's lock (one process runs in a folder at a time), held for the ``with`` block;
+    ``command`` names the sft-ray command holding it to those it refuses."""
     try:
-        return RunLock(run_dir).acquire()
+        return RunLock(run_dir, command).acquire()
     except LockError as e:
         raise RunError(str(e)) from None
     except OSError as e:  # the lock is the first thing written: a path that cannot be a folder shows here

@@ -415,7 +415,7 @@ def rescore(run_dir: str, config_file: str | None, overrides: list[str], dry_run
     fingerprint = verifier_fingerprint(cfg)
     if dry_run:
         return plan(run_dir, cfg, fingerprint, say)
-    with lock_folder(run_dir):
+    with lock_folder(run_dir, "rescore"):
         manifest = load_manifest(run_dir) or manifest  # as it is now that this process holds the folder
         journal = open_journal(run_dir, fingerprint, say)
         record: dict[str, Any] = {"started_at": time.time()}
