@@ -70,6 +70,12 @@ class Board:
             self.unfinished[key] = prior + 1
         return prior
 
+    def report(self, key: str, snapshot: dict[str, Any]) -> None:
+        self.reports[key] = snapshot
+
+    def drop(self, key: str) -> None:
+        self.reports.pop(key, None)
+
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.reports)
 

@@ -12,6 +12,12 @@ def cost_usd(input_tokens: float, output_tokens: float, pricing: dict[str, float
             + output_tokens * float(p.get("output_per_mtok") or 0)) / 1e6
 
 
+def priced(pricing: dict[str, Any] | None) -> bool:
+    """Whether ``pricing`` sets a price (``batch_discount`` alone is no price)."""
+    p = pricing or {}
+    return bool(float(p.get("input_per_mtok") or 0) or float(p.get("output_per_mtok") or 0))
+
+
 def batch_prices(pricing: dict[str, Any]) -> dict[str, Any]:
     """``pricing`` as a Batch API bills it: both prices times ``batch_discount`` (default 0.5)."""
     d = float(pricing.get("batch_discount", 0.5))

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from sft_ray import io
 from sft_ray.config import ConfigError, RunConfig
 from sft_ray.configload import apply_overrides, format_validation_error
+from sft_ray.cost import priced as judge_priced
 from sft_ray.driver import Progress, remote_scorer
 from sft_ray.job import RunError, check_plugins, finalize_run, lock_folder
 from sft_ray.rows import GENERATED_FIELDS
@@ -531,7 +532,7 @@ def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callabl
     if judges:
         line = (f"judge calls: about {in_tokens:,.0f} input tokens (prompt characters / 4) and at most "
                 f"{out_tokens:,.0f} output tokens (max_output_tokens per call)")
-        priced = any(any(j.pricing.values()) for j in judges)
+        priced = any(judge_priced(j.pricing) for j in judges)
         line += f"; cost at most ${cost:,.4f} at verifier.judge.pricing" if priced else \
             "; no verifier.judge.pricing: no cost estimate"
         if cfg.verifier.type == "math":

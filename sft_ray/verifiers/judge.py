@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sft_ray.cost import priced
 from sft_ray.errors import JUDGE_ERROR
 from sft_ray.verifiers import VerifierFailure, require_reference
 
@@ -285,7 +286,7 @@ class Judge:
             out["judge_verdict_swapped"] = verdicts[1][1][-500:]
             out["judge_swap_agrees"] = float(verdicts[0][0] == verdicts[1][0])
         stats["judge_latency_s"] = round(stats["judge_latency_s"], 4)
-        if any(self.pricing.values()):  # verifier.judge.pricing: summed into stats.json's spend
+        if priced(self.pricing):  # verifier.judge.pricing: summed into stats.json's spend
             from sft_ray.cost import cost_usd
 
             stats["judge_cost_usd"] = cost_usd(stats["judge_input_tokens"], stats["judge_output_tokens"],
