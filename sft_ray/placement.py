@@ -52,17 +52,16 @@ def acquire_replica_group(model: dict[str, Any]) -> Any:
     return pg
 
 
-def replica_args(model: dict[str, Any], num_gpus: float | None) -> tuple[dict[str, Any], float | None, dict[str, Any]]:
-    """A vLLM engine's actor resources: (model section for the actor, ``num_gpus`` of the actor,
-    extra ``map_batches`` arguments). With ``tensor_parallel_size`` 1 the actor takes ``num_gpus``;
-    above, one replica spans tp GPUs: the actor itself takes none, and its model section names
+def replica_args(model: dict[str, Any], num_gpus: float | None) -> tuple[dict[str, Any], float | None]:
+    """A vLLM engine's actor resources: (model section for the actor, ``num_gpus`` of the actor).
+    With ``tensor_parallel_size`` 1 the actor takes ``num_gpus``; above, one replica spans tp GPUs: the actor itself takes none, and its model section names
     the ``replica_bundles`` (one GPU and one CPU each) of the placement group the actor makes."""
     tp = int((model.get("engine_kwargs") or {}).get("tensor_parallel_size") or 1)
     if tp <= 1:
-        return model, num_gpus or None, {}
+        return model, num_gpus or None
     model = {**model, "engine_kwargs": {**model["engine_kwargs"], "distributed_executor_backend": "ray"},
              "replica_bundles": [dict(GPU_BUNDLE) for _ in range(tp)]}
-    return model, None, {}
+    return model, None
 
 
 def release_own_placement_group() -> bool:

@@ -210,8 +210,8 @@ def test_tensor_parallel_replica_gets_a_placement_group_of_gpu_bundles(ray_clust
     tensor_parallel_size 4 (it stays pending here; the gpu-marked test in test_vllm.py runs one)."""
     from sft_ray import placement
 
-    model, num_gpus, extra = placement.replica_args({"engine_kwargs": {"tensor_parallel_size": 4}}, 1)
-    assert num_gpus is None and extra == {}  # the actor takes none: its engine's workers take the group's
+    model, num_gpus = placement.replica_args({"engine_kwargs": {"tensor_parallel_size": 4}}, 1)
+    assert num_gpus is None  # the actor takes none: its engine's workers take the group's
     assert model["engine_kwargs"]["distributed_executor_backend"] == "ray"
     pg = placement.acquire_replica_group(model)
     try:

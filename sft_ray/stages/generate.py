@@ -488,7 +488,7 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
     model["limits"] = limits
     num_gpus = cfg.resources.generate_num_gpus or None
     if cfg.model.backend == "vllm":  # tensor-parallel: a placement group per actor (sft_ray/placement.py)
-        model, num_gpus, _ = replica_args(model, num_gpus)
+        model, num_gpus = replica_args(model, num_gpus)
     environment = cfg.environment.model_dump()
     module = environment.get("module") or ""
     if module.endswith(".py") and os.path.isfile(module):

@@ -97,7 +97,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     num_gpus = cfg.resources.score_num_gpus or None
     for judge in _judge_sections(payload):  # config allows one vLLM judge per run
         if judge["model"]["backend"] == "vllm":
-            judge["model"], num_gpus, _ = replica_args(judge["model"], num_gpus)
+            judge["model"], num_gpus = replica_args(judge["model"], num_gpus)
     return dict(fn_constructor_kwargs={"verifier": payload}, batch_size=None,
                 compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=4),
                 num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus)
