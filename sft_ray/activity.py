@@ -46,6 +46,7 @@ class Board:
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, Any]] = {}
         self.unfinished: dict[str, int] = {}
+        self.finished_gone = 0  # samples finished by actors that closed (their reports dropped)
 
     def begin(self, keys: list[str]) -> list[int]:
         """How many earlier runs of each key never ended; the keys with none are marked running
@@ -74,10 +75,17 @@ class Board:
         self.reports[key] = snapshot
 
     def drop(self, key: str) -> None:
-        self.reports.pop(key, None)
+        gone = self.reports.pop(key, None)
+        if gone is not None:
+            self.finished_gone += gone.get("finished", 0)
 
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.reports)
+
+    def progress(self) -> tuple[int, int]:
+        """Samples (prompts) finished by every actor, closed ones included, and model calls in flight."""
+        return (self.finished_gone + sum(r.get("finished", 0) for r in self.reports.values()),
+                sum(r.get("model_calls", 0) for r in self.reports.values()))
 
 
 # ---- the driver's side ----
@@ -99,6 +107,17 @@ class BoardHandle:
             import ray
 
             return ray.get(self.actor.read.remote(), timeout=timeout_s)
+        except Exception as e:
+            log.debug("the activity board did not answer: %s", e)
+            return None
+
+    def progress(self, timeout_s: float = 2.0) -> tuple[int, int] | None:
+        """(samples finished by the actors, model calls in flight) (:meth:`Board.progress`); None
+        when the board did not answer."""
+        try:
+            import ray
+
+            return ray.get(self.actor.progress.remote(), timeout=timeout_s)
         except Exception as e:
             log.debug("the activity board did not answer: %s", e)
             return None
@@ -176,6 +195,11 @@ class Tracker:
         self._task: asyncio.Task | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.done = 0  # samples (prompts) finished here, for progress per sample
+
+    def finished(self, n: int) -> None:
+        """``n`` samples (prompts with rejection sampling) finished in this actor."""
+        self.done += n
 
     @contextmanager
     def track(self, kind: str, name: str = "") -> Iterator[None]:
@@ -208,7 +232,7 @@ class Tracker:
         tools = sorted(((name, now - t) for kind, name, t in calls if kind == "tool"), key=lambda x: -x[1])
         blocked = now - self._beat
         return {"at": time.time(), "phase": phase[0] if phase else None, "phase_s": now - phase[1] if phase else 0.0,
-                "model_calls": len(model), "oldest_model_call_s": max(model, default=0.0),
+                "model_calls": len(model), "oldest_model_call_s": max(model, default=0.0), "finished": self.done,
                 "tool_calls": len(tools), "oldest_tool_calls": [(n, round(a, 1)) for n, a in tools[:3]],
                 "loop_blocked_s": blocked if self._task is not None and blocked > 4 * self.HEARTBEAT_S else 0.0}
 

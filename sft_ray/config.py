@@ -819,6 +819,33 @@ class BudgetConfig(_Strict):
         return any(v is not None for v in (self.max_cost_usd, self.max_output_tokens, self.max_requests))
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics through Ray's own metrics system (`ray_sft_ray_*` series with a `run` tag; see
+    docs/clusters.md). On a cluster started with `ray start --metrics-export-port`, nothing needs setting."""
+
+    export_port: int | None = Field(
+        None, ge=1, le=65535, description="For a local run: open Ray's metrics export port on this port of the "
+        "local node (Prometheus scrapes http://HOST:PORT/metrics); null: Ray's default (a cluster's own setting).")
+    linger_s: float | None = Field(
+        None, ge=0, description="With export_port: seconds a local run keeps Ray up at its end so that the final "
+        "values are exported and scraped (default: 2 x report.interval_s, at least 25 s: Ray exports every 10 s, "
+        "then Prometheus has to scrape them).")
+
+    def linger(self, interval_s: float) -> float:
+        """The seconds to wait before a local run shuts Ray down (0 without export_port)."""
+        if self.export_port is None:
+            return 0.0
+        return self.linger_s if self.linger_s is not None else max(25.0, 2 * interval_s)
+
+
+class ReportConfig(_Strict):
+    """The live view in the run folder: progress.json and report.html, rewritten while the run works."""
+
+    interval_s: float = Field(
+        60.0, gt=0, description="Seconds between rewrites of progress.json and report.html while the run works "
+        "(each atomically); the final ones replace them at the end.")
+
+
 class RunConfig(_Strict):
     """A whole `sft-ray run`."""
 
@@ -851,6 +878,8 @@ class RunConfig(_Strict):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     max_error_fraction: float = Field(
         0.05,
         ge=0,

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -58,7 +59,10 @@ def init_ray(cfg: RunConfig) -> None:
     # suggests turning it off; sft-ray keeps it on, so the line is only noise in our output.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        extra = {}
+        if cfg.metrics.export_port is not None and address in (None, "local"):
+            extra["_metrics_export_port"] = cfg.metrics.export_port  # Prometheus scrapes this node here
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING", **extra)
     from sft_ray.raynoise import data_context
 
     ctx = data_context()  # made without Ray's warnings about flags it sets itself
@@ -109,7 +113,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
         return 0
     batches = [{"id": [r["id"] for r in chunk], "sample_index": [r["sample_index"] for r in chunk],
                 "rollout": [orjson.dumps(r).decode() for r in chunk], "failed": [False] * len(chunk),
-                "ready_at": [0.0] * len(chunk)}
+                "ready_at": [0.0] * len(chunk), "telemetry": [None] * len(chunk)}
                for chunk in (rows[i:i + 256] for i in range(0, len(rows), 256))]
 
     def write(out: dict[str, Any]) -> None:
@@ -159,30 +163,53 @@ def remote_scorer(cfg: RunConfig) -> Callable[[list[dict[str, Any]]], Iterable[d
 
 class Progress:
     """A progress bar with samples/s (prompts/s with rejection sampling) on a terminal; a log line every few seconds otherwise
-    (so that `ray job logs` reads well)."""
+    (so that `ray job logs` reads well). It moves per sample: :meth:`update` on each written batch, and
+    :meth:`advance` (the live view's thread, :mod:`sft_ray.live`) as the actors report samples finished."""
 
     def __init__(self, total: int, out=sys.stderr, unit: str = "samples", limits: RunLimits | None = None) -> None:
         self.total, self.out, self.unit, self.limits = total, out, unit, limits
         self.start = time.monotonic()
         self.last_line = 0.0
         self.bar = None
+        self.shown = 0  # units shown: written, or finished as the actors report it
+        self.info: dict[str, Any] = {}
+        self.advice: str | None = None
+        self.lock = threading.Lock()
         if out.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=out, smoothing=0.1)
 
     def update(self, n: int, done: int, failed: int, mean_reward: float | None) -> None:
-        info = {"failed": failed}
+        info: dict[str, Any] = {"failed": failed}
         if mean_reward is not None:
             info["reward"] = f"{mean_reward:.3f}"
         if self.limits is not None:
             info.update(self.limits.progress_info(done, self.total))  # concurrency, share of 429s, cost
+        with self.lock:
+            self.info = info
+            self._show(done)
+
+    def advance(self, finished: int, advice: str | None = None) -> None:
+        """The actors have finished ``finished`` units of this session (some not written yet);
+        ``advice``: what takes most of the time (:func:`sft_ray.metrics.advice`)."""
+        with self.lock:
+            self.advice = advice
+            if finished > self.shown:
+                self._show(finished)
+
+    def _show(self, done: int) -> None:
+        done = min(self.total, max(done, self.shown))
+        step, self.shown = done - self.shown, done
+        info = dict(self.info)
+        if self.advice:
+            info["bottleneck"] = self.advice
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.update(step)
             self.bar.set_postfix(info, refresh=False)
             return
         now = time.monotonic()
-        if now - self.last_line >= 10 or done >= self.total:
+        if now - self.last_line >= 10 or (done >= self.total and step):
             self.last_line = now
             rate = done / max(now - self.start, 1e-9)
             pct = 100.0 * done / self.total if self.total else 100.0
@@ -237,6 +264,7 @@ class Session:
                                        "stopped": None}
         manifest["sessions"].append(self.record)
         self.reward_sum, self.reward_n = 0.0, 0
+        self.metrics_linger_s = 0.0  # with metrics.export_port: how long run() keeps Ray up at the end
 
     def add(self, ok: int, failed: int, tokens: int, rewards: list[float | None]) -> None:
         self.record["written"] += ok
@@ -258,3 +286,15 @@ def throughput(manifest: dict[str, Any]) -> dict[str, float]:
     tokens = sum(s["output_tokens"] for s in sessions)
     return {"generate_wall_s": wall, "samples_per_s": samples / wall if wall else 0.0,
             "output_tokens_per_s": tokens / wall if wall else 0.0}
+
+
+def timing_breakdown(manifest: dict[str, Any]) -> dict[str, float]:
+    """stats.json ``timing.breakdown``: every session's parts summed (:meth:`sft_ray.metrics.RunMetrics.breakdown`)."""
+    from sft_ray.metrics import BREAKDOWN
+
+    out = {k: 0.0 for k in (*BREAKDOWN, "wall_s")}
+    for s in manifest.get("sessions", []):
+        for k, v in (s.get("breakdown") or {}).items():
+            if k in out:
+                out[k] = round(out[k] + float(v), 3)
+    return out

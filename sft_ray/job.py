@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pyarrow.compute as pc
 
-from sft_ray import activity, io, ratelimit
+from sft_ray import activity, io, metrics, ratelimit
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import (
@@ -37,10 +37,12 @@ from sft_ray.driver import (
     recover_journal,
     remote_scorer,
     throughput,
+    timing_breakdown,
     warn_gpu_setup,
 )
 from sft_ray.finalize.passes import finalize
 from sft_ray.finalize.stats import format_report
+from sft_ray.live import LiveView, write_final
 from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
 from sft_ray.rows import InputError
@@ -87,7 +89,11 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
         unexpected = record_unexpected(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
                              manifest, say, preference=cfg.preference.model_dump(), unexpected=unexpected)
-    return verdict(cfg, session, done, budget, stats, say)
+        write_final(cfg.output, stats, f"sft-ray run {cfg.output}")  # progress.json and report.html
+    code = verdict(cfg, session, done, budget, stats, say)
+    if session.metrics_linger_s:  # a local run's final values, exported and scraped before Ray goes
+        metrics.linger(session.metrics_linger_s, say)
+    return code
 
 
 # -- before anything runs ------------------------------------------------------------------
@@ -275,9 +281,15 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
     draws, todo = work.draws, work.todo
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = work.start.done, work.start.failed_final
-    progress = Progress(todo, unit="prompts" if draws is not None else "samples", limits=limits)
+    unit = "prompts" if draws is not None else "samples"
+    progress = Progress(todo, unit=unit, limits=limits)
     timing = Timing(todo)
     watch = StallWatch(cfg.resources.stall_warning_s, say, lambda: describe_stall(board))
+    pricing = cfg.pricing.model_dump()
+    run_metrics = metrics.RunMetrics(metrics.run_tag(cfg.output), pricing,
+                                     cfg.filter.min_reward if "min_reward" in cfg.filter.model_fields_set else None)
+    live = LiveView(cfg.output, f"sft-ray run {cfg.output}", work.start.expected, work.start.done,
+                    work.start.failed, todo, unit, cfg.report.interval_s, run_metrics, board, progress, watch.touch)
     finished = False
     try:
         ds = build_dataset(cfg, inputs.used(), state.skip(), work.concurrency, draws, limits, board.name)
@@ -286,11 +298,15 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
             watch.touch()
             keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
             rewards = batch.column("reward").to_pylist()
-            ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist(),
-                                    rewards)
+            rollouts, flags = batch.column("rollout").to_pylist(), batch.column("failed").to_pylist()
+            t_write = time.perf_counter()
+            ok, bad = writers.write(keys, rollouts, flags, rewards)
+            t_write = time.perf_counter() - t_write
             session.add(ok, bad, sum(batch.column("output_tokens").to_pylist()), rewards)
             done, failed = done + ok, failed + bad
             n = len({rid for rid, _ in keys}) if draws is not None else ok + bad
+            classes = live.written(n, ok, bad, rollouts, flags, rewards)
+            run_metrics.written(ok, bad, rewards, batch.column("telemetry").to_pylist(), t_write, classes)
             timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
             units += n
             progress.update(n, units, session.record["failed"], session.mean_reward)
@@ -303,16 +319,22 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
+        live.close()
         watch.close()
         progress.close()
         if finished:  # answers in flight at an early stop are in the journal: keep them
-            recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
-                            remote_scorer(cfg))
+            late = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
+                                   remote_scorer(cfg))
+            run_metrics.written(late, 0, [], [], 0.0)
         writers.close()
         release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
         limits.end(session.record)  # this run's spend; "budget" when the budget stopped it
         board.end()
         session.record.update(timing.record())
+        session.record["breakdown"] = run_metrics.breakdown(session.record["generate_wall_s"])
+        linger = cfg.metrics.linger(cfg.report.interval_s)
+        if linger and run_metrics.m:
+            session.metrics_linger_s = linger
         save_manifest(cfg.output, manifest)
 
 
@@ -406,6 +428,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)
+        stats["timing"] = {"breakdown": timing_breakdown(manifest)}
         stats.update(manifest.get("completion") or {})
         stats["spend"] = spend_summary(stats, manifest)
     if write:

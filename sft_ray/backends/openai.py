@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 from typing import Any
 
 import aiohttp
 import orjson
 
+from sft_ray import metrics
 from sft_ray.backends import retry
 from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Redactor, Secret, error_result
 from sft_ray.config import SamplingConfig
@@ -292,7 +294,10 @@ class OpenAIBackend(Backend):
                 permit = await self.limiter.acquire(len(payload) / 4, request.params.get("max_output_tokens") or 1024)
                 if permit.refused:
                     return error_result(BUDGET_EXHAUSTED, permit.refused, attempts=attempt)
+            t0 = time.monotonic()
             result, kind, message, retry_after = await self._attempt(payload, permit, deadline, words)
+            # Counted on the sample in flight (sft_ray/metrics.py): status, seconds, reported usage.
+            metrics.model_attempt(kind, time.monotonic() - t0, result.usage if result else None, len(payload) / 4)
             if permit is not None:  
                 self.limiter.report(permit, kind, result.usage if result else None, retry_after)
             if result is not None:

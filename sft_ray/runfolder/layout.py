@@ -15,7 +15,8 @@
       README.md            DATASET_CARD: the Hugging Face dataset card of train/ (and validation/)
       stats.json           STATS: the report as data
       never_passed.jsonl   NEVER_PASSED: rejection sampling's prompts that never passed
-      report.html          REPORT_HTML: `sft-ray stats --html -` writes it here
+      report.html          REPORT_HTML: the report, rewritten while a run works and at its end (`sft-ray stats --html -` too)
+      progress.json        PROGRESS: done, expected, rate, ETA, spend, errors; rewritten while a run works and at its end
       _SUCCESS             SUCCESS: written once every sample of the run is final
 """
 
@@ -42,9 +43,10 @@ DATASET_CARD = "README.md"
 STATS = "stats.json"
 NEVER_PASSED = "never_passed.jsonl"
 REPORT_HTML = "report.html"
+PROGRESS = "progress.json"
 SUCCESS = "_SUCCESS"
 # What `--restart` deletes: everything a run wrote (the lock is held by the restarting run).
-RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, RESCORE, TRAIN, STATS, SUCCESS, MANIFEST)
+RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, RESCORE, TRAIN, STATS, SUCCESS, MANIFEST, PROGRESS, REPORT_HTML)
 
 Key = tuple[str, int]  # a sample: (prompt id, sample_index)
 

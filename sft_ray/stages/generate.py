@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from sft_ray import errors
+from sft_ray import errors, metrics
 from sft_ray.activity import CRASH_LIMIT, CRASHED, SampleGuard, Tracker
 from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
@@ -180,8 +180,15 @@ class TrackedEpisode(Episode):
         self.inner, self.tracker = inner, tracker
 
     async def call(self, name: str, arguments: dict[str, Any]) -> ToolOutput:
-        with self.tracker.track("tool", name):
-            return await self.inner.call(name, arguments)
+        t0, ok = time.perf_counter(), False
+        try:
+            with self.tracker.track("tool", name):
+                out = await self.inner.call(name, arguments)
+            ok = not out.error
+            return out
+        finally:
+            if (tel := metrics.current()) is not None:  # the tool's seconds and status (sft_ray/metrics.py)
+                tel.tool(ok, time.perf_counter() - t0)
 
     async def verify(self, row, messages, tools):
         with self.tracker.track("tool", "verify"):
@@ -283,6 +290,8 @@ class GenerateStage:
         self._ready: asyncio.Future | None = None
         self._sem: asyncio.Semaphore | None = None
         self._ready_at: float | None = None
+        self._engine_load_s = 0.0
+        self._telemetry: dict[tuple[str, int], str] = {}  # each sample's, until its batch returns
         self.node_id = _node_id()
         # Rejection sampling: the samples of a prompt are scored here, as they come back.
         self.rejection = rejection
@@ -291,8 +300,10 @@ class GenerateStage:
     async def _start(self) -> None:
         what = (f"loading the vLLM engine ({self.model.get('name') or 'the embedded default model'})"
                 if self.model.get("backend") == "vllm" else "starting the model client")
+        t0 = time.perf_counter()
         with self.tracker.in_phase(what):
             await self.backend.start()
+        self._engine_load_s = time.perf_counter() - t0  # sent once, with this actor's first rows
         if self.environment is not None:
             await self.environment.start()
 
@@ -323,14 +334,26 @@ class GenerateStage:
     async def _call_model(self, request: GenerationRequest) -> GenerationResult:
         """One model call, holding a concurrency permit only while it is in flight."""
         assert self._sem is not None
+        tel = metrics.current()
+        t0 = time.perf_counter()
         async with self._sem:
+            t1 = time.perf_counter()
             if self.driver.gone():  # nobody would write the answer: do not ask (see DriverWatch)
                 return error_result(errors.INTERNAL_ERROR, "not sent: the driver of this run is gone")
+            seen = tel.attempts if tel is not None else 0
             try:
                 with self.tracker.track("model"):
-                    return await self.backend.generate(request)
+                    result = await self.backend.generate(request)
             except Exception as e:  # a backend bug must not lose the batch: record it on the row
-                return error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+                result = error_result(errors.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+            if tel is not None:
+                t2 = time.perf_counter()
+                tel.permit_wait_s += t1 - t0
+                tel.model_s += t2 - t1
+                if tel.attempts == seen and not (result.error or {}).get("type") == errors.BUDGET_EXHAUSTED:
+                    # A backend that reports no attempts of its own (vLLM: one engine call) counts as one.
+                    tel.attempt((result.error or {}).get("type"), t2 - t1, result.usage)
+            return result
 
     def _failed(self, row: dict[str, Any], rid: str, k: int, kind: str, message: str) -> tuple[bytes, bool]:
         return orjson.dumps(build_rollout(row, rid, k, [], {}, self.model_name, error_result(kind, message),
@@ -407,13 +430,17 @@ class GenerateStage:
                                  self.node_id)
         params = drop_params(sampling_params(row, self.sampling, rid, k), self.model.get("omit_params"))
         t0 = time.perf_counter()
-        if not tools.get("tools") and self.environment is None:
-            result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))
-            rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
-        else:
-            rollout = await self._episode(row, rid, k, prompt, tools, params, source)
+        with metrics.sample_telemetry() as tel:  # what the sample's calls cost, sent with its row
+            if not tools.get("tools") and self.environment is None:
+                result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))
+                rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
+            else:
+                rollout = await self._episode(row, rid, k, prompt, tools, params, source)
         if (rollout["error"] or {}).get("type") == errors.BUDGET_EXHAUSTED:
             return None  # never started: not written, so it stays pending for a rerun with a raised budget
+        self._telemetry[(rid, k)] = tel.as_json()
+        if self.rejection is None:
+            self.tracker.finished(1)  # progress moves per sample (prompts with rejection sampling: __call__)
         rollout["latency_s"] = round(time.perf_counter() - t0, 4)
         path, _, line = source.rpartition(":")  # where the prompt came from: the report's per-file counts
         rollout["source_file"], rollout["source_line"] = path, int(line) if line.isdigit() else None
@@ -454,9 +481,15 @@ class GenerateStage:
                 ))
         finally:
             await self.guard.end([key for key, prior in zip(keys, priors) if prior == 0])
+        if self.rejection is not None:
+            self.tracker.finished(len(keys))  # progress counts prompts
         if any(o is None for o in outs):  # samples the budget refused
             keep = [i for i, o in enumerate(outs) if o is not None]
             ids, idx, outs = [ids[i] for i in keep], [idx[i] for i in keep], [outs[i] for i in keep]
+        telemetry = [self._telemetry.pop((rid, k), None) for rid, k in zip(ids, idx)]
+        if self._engine_load_s and telemetry:
+            telemetry[0] = metrics.merge(telemetry[0], engine_load_s=self._engine_load_s)
+            self._engine_load_s = 0.0
         if getattr(self.backend, "dead", False):
             # The engine died (e.g. a crashed vLLM engine core). Nothing of this batch has
             # been handed back yet, so exiting the process loses no written row: Ray restarts
@@ -469,6 +502,7 @@ class GenerateStage:
             "rollout": [o[0].decode() for o in outs],
             "failed": [o[1] for o in outs],
             "ready_at": [self._ready_at] * len(ids),
+            "telemetry": telemetry,
         }
 
 
@@ -525,4 +559,4 @@ def rejection_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 STAGE = Stage("generate", GenerateStage, reads=("id", "sample_index", "row", "source", "bad", "draw"),
-              writes=("id", "sample_index", "rollout", "failed", "ready_at"), wiring=wiring)
+              writes=("id", "sample_index", "rollout", "failed", "ready_at", "telemetry"), wiring=wiring)

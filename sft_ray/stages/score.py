@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import orjson
 
+from sft_ray import metrics
 from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.scoring import Scorer, verifier_payload
 from sft_ray.stages import Stage, actor_range
@@ -44,7 +46,12 @@ class ScoreStage:
         texts, failed_in = list(batch["rollout"]), [bool(f) for f in batch["failed"]]
         rows = [None if f else orjson.loads(t) for t, f in zip(texts, failed_in)]
         # Rows that come scored (rejection sampling scores in the generation actor) keep their verdict.
-        await self.scorer.score([r for r in rows if r is not None and r.get("reward") is None])
+        todo = [r for r in rows if r is not None and r.get("reward") is None]
+        t0 = time.perf_counter()
+        await self.scorer.score(todo)
+        # Each scored row's share of the batch's verifier time (rows are scored concurrently).
+        verifier_s = (time.perf_counter() - t0) / len(todo) if todo else 0.0
+        scored = {id(r) for r in todo}
         if self.scorer.dead:
             # A judge's vLLM engine died: its rows carry judge_errors. Nothing of this batch has
             # been handed back yet, so exiting loses no row: Ray restarts the actor with a new
@@ -52,7 +59,10 @@ class ScoreStage:
             log.error("the judge's engine died; restarting this scoring actor so its rows are scored again")
             os._exit(1)
         rollouts, rewards, tokens, failed = [], [], [], []
-        for text, row in zip(texts, rows):
+        telemetry = list(batch["telemetry"]) if "telemetry" in batch else [None] * len(texts)
+        for i, (text, row) in enumerate(zip(texts, rows)):
+            if row is not None and id(row) in scored:
+                telemetry[i] = metrics.merge(telemetry[i], verifier_s=verifier_s)
             if row is None:  # failed in generation: passed through untouched
                 rollouts.append(text)
                 rewards.append(None)
@@ -65,7 +75,7 @@ class ScoreStage:
             tokens.append(int((row.get("usage") or {}).get("output_tokens") or 0))
         return {"id": list(batch["id"]), "sample_index": list(batch["sample_index"]), "rollout": rollouts,
                 "failed": failed, "reward": rewards, "output_tokens": tokens,
-                "ready_at": list(batch["ready_at"])}
+                "ready_at": list(batch["ready_at"]), "telemetry": telemetry}
 
     async def close(self) -> None:
         """Release the verifier's connections and engine in the running loop (outside Ray Data:
@@ -103,5 +113,6 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
                 num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus)
 
 
-STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at"),
-              writes=("id", "sample_index", "rollout", "failed", "reward", "output_tokens", "ready_at"), wiring=wiring)
+STAGE = Stage("score", ScoreStage, reads=("id", "sample_index", "rollout", "failed", "ready_at", "telemetry"),
+              writes=("id", "sample_index", "rollout", "failed", "reward", "output_tokens", "ready_at", "telemetry"),
+              wiring=wiring)

@@ -1,0 +1,234 @@
+"""Watching a run: a real Prometheus server scrapes a real run's metrics (Ray's export port) and is
+queried over its HTTP API; the live progress.json and report.html are read mid-run (the report in
+headless Chromium), `sft-ray stats` on the live run writes nothing, and at the end the counters,
+progress.json and report.html agree with stats.json. The Grafana dashboard queries only what the
+run exported."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sft_ray.devserver import MockConfig, MockServer
+from sft_ray.metrics import BREAKDOWN, RunMetrics, Telemetry, advice
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "sft-ray.json"
+PROMETHEUS = shutil.which("prometheus")
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 60) -> None:
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.3)
+
+
+class Prometheus:
+    """Debian's prometheus, scraping ``target`` every second, on a port of its own."""
+
+    def __init__(self, tmp: Path, target: str) -> None:
+        assert PROMETHEUS is not None, "no prometheus on this machine: the README's test command installs it (apt-get)"
+        self.port = free_port()
+        conf = tmp / "prometheus.yml"
+        conf.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                                        "scrape_configs": [{"job_name": "ray", "static_configs": [
+                                            {"targets": [target]}]}]}))
+        self.log = open(tmp / "prometheus.log", "wb")
+        self.proc = subprocess.Popen([PROMETHEUS, f"--config.file={conf}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_http(f"http://127.0.0.1:{self.port}/-/ready")
+
+    def query(self, expr: str) -> list[dict]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float:
+        result = self.query(expr)
+        assert len(result) == 1, (expr, result)
+        return float(result[0]["value"][1])
+
+    def by(self, expr: str, label: str) -> dict[str, float]:
+        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr)}
+
+    def names(self) -> set[str]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/label/__name__/values"
+        return set(json.loads(urllib.request.urlopen(url, timeout=10).read())["data"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def dashboard_metrics() -> set[str]:
+    """Every series name the dashboard's panels and variables query."""
+    text = json.dumps(json.loads(DASHBOARD.read_text()))
+    return set(re.findall(r"\bray_sft_ray_[a-z_]+", text))
+
+
+def test_dashboard_queries_are_promql_of_our_metrics_only():
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs and all("ray_sft_ray_" in e for e in exprs)
+    names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in dashboard_metrics()}
+    from sft_ray import metrics
+
+    ours = {"ray_" + v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)
+            and v.startswith("sft_ray_")}
+    assert names <= ours, names - ours
+
+
+def test_advice_names_the_bottleneck():
+    assert advice({"model_s": 92, "verifier_s": 8}) == ("model calls take 92% of the time: raise "
+                                                        "num_samples_in_parallel (or resources.generate_actors)")
+    assert advice({"model_s": 40, "verifier_s": 60}) == "the verifier takes 60% of the time: raise resources.score_actors"
+    assert advice({k: 0 for k in BREAKDOWN}) is None
+
+
+def test_telemetry_counts_what_the_api_reported_and_what_was_billed():
+    t = Telemetry()
+    t.attempt("rate_limit", 0.1, None, 100)  # a 429 bills nothing
+    t.attempt("server_error", 0.2, None, 100)  # a failure without usage: its input estimate
+    t.attempt(None, 0.3, {"input_tokens": 90, "output_tokens": 10})
+    m = RunMetrics("r", {"input_per_mtok": 1.0, "output_per_mtok": 2.0}, 1.0, enabled=False)
+    m.written(1, 0, [1.0], [t.as_json()], 0.01)
+    assert m.counts["requests"] == 3 and m.counts["input_tokens"] == 90 and m.counts["output_tokens"] == 10
+    assert m.counts["cost_usd"] == pytest.approx((190 * 1.0 + 10 * 2.0) / 1e6)
+    assert m.counts["passed"] == 1 and m.busy["write_s"] == pytest.approx(0.01)
+
+
+def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
+    rows = tmp / "in.jsonl"
+    with open(rows, "w") as f:
+        for i in range(60):
+            # Hostile text: the report shows it escaped, never as markup.
+            f.write(json.dumps({"id": f"p{i}", "responses_create_params": {"input": [
+                {"role": "user", "content": f"<script>document.title='pwned'</script><b>bold</b> {i} + 1 = ?"}]},
+                "expected_answer": str(i + 1)}) + "\n")
+    cfg = {"input": str(rows), "output": str(tmp / "run"),
+           "model": {"backend": "openai", "name": "mock", "base_url": server.url, "timeout_s": 5,
+                     "base_retry_wait_s": 0.01, "max_retry_wait_s": 0.1},
+           "pricing": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+           "num_repeats": 2, "num_samples_in_parallel": 4, "verifier": {"type": "math"},
+           "filter": {"min_reward": 1.0}, "max_error_fraction": 1.0,
+           "metrics": {"export_port": export_port, "linger_s": 15}, "report": {"interval_s": 1}}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _dump_dom(page: Path) -> str:
+    out = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
+    assert BROWSER is not None, "no chromium on this machine: the README's test command installs it (apt-get)"
+    export = free_port()
+    prom = Prometheus(tmp_path, f"127.0.0.1:{export}")
+    # 120 samples, 4 at a time, 0.3 s each: long enough to look at the live view; a few 500s and 429s.
+    with MockServer(MockConfig(latency_ms=300, error_rate=0.05, rate_limit_rate=0.05, retry_after_s=0.05)) as server:
+        cfg = _run_config(tmp_path, server, export)
+        run = tmp_path / "run"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        log = open(tmp_path / "run.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "run", str(cfg)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            live = None
+            end = time.monotonic() + 400
+            while live is None and time.monotonic() < end and proc.poll() is None:
+                p = run / "progress.json"
+                if p.exists():
+                    doc = json.loads(p.read_text())  # written atomically: always whole JSON
+                    if not doc["final"] and doc["session"]["finished"] > 0:
+                        live = doc
+                time.sleep(0.1)
+            assert live is not None, (tmp_path / "run.log").read_text()[-3000:]
+            for key in ("done", "expected", "failed", "rate_per_s", "eta_s", "spend", "errors", "updated_at"):
+                assert key in live, key
+            assert live["expected"] == 120 and 0 < live["done"] < 120 and live["eta_s"] is not None
+            assert live["updated_at"].endswith("Z") and set(live["spend"]) >= {"usd", "input_tokens", "output_tokens"}
+
+            # `sft-ray stats` on the live run: reads, and writes nothing in the folder.
+            before = sorted(p.name for p in run.iterdir())
+            stats_out = subprocess.run([sys.executable, "-m", "sft_ray.cli", "stats", str(run)], capture_output=True,
+                                       text=True, env=env, timeout=300)
+            assert stats_out.returncode == 0, stats_out.stderr
+            after = sorted(p.name for p in run.iterdir())
+            assert not {"stats.json", "train", "_SUCCESS"} & set(after), after
+            assert set(after) - set(before) <= {"journal"}, (before, after)
+
+            # The live report, mid-run, in a real browser: progress on top, hostile text inert.
+            dom = _dump_dom(run / "report.html")
+            assert 'id="progress"' in dom and 'data-state="live"' in dom, dom[:2000]
+            assert "pwned" not in dom.split("<title>")[1].split("</title>")[0]
+            assert "<b>bold</b>" not in dom and "&lt;b&gt;bold&lt;/b&gt;" in dom
+            assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    try:
+        stats = json.loads((run / "stats.json").read_text())
+        final = json.loads((run / "progress.json").read_text())
+        assert final["final"] and (final["done"], final["expected"], final["failed"]) == (
+            stats["done"], stats["expected"], stats["failed"])
+        assert final["spend"]["usd"] == stats["spend"]["billed_usd"]
+        breakdown = stats["timing"]["breakdown"]
+        assert set(breakdown) == {*BREAKDOWN, "wall_s"} and breakdown["model_s"] > 0 and breakdown["verifier_s"] > 0
+        page = (run / "report.html").read_text()
+        assert 'data-state="final"' in page and 'id="plot-breakdown"' in page and "<script>" not in page
+
+        # The counters Prometheus scraped equal stats.json's (the run lingered until they were exported).
+        sel = '{run="run"}'
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not prom.query(f"ray_sft_ray_samples_total{sel}"):
+            time.sleep(1)
+        samples = prom.by(f"sum by (status) (ray_sft_ray_samples_total{sel})", "status")
+        assert samples == {"done": stats["done"], "failed": stats["failed"]}, (samples, stats["done"])
+        requests = prom.by(f"sum by (status) (ray_sft_ray_model_requests_total{sel})", "status")
+        assert sum(requests.values()) == stats["spend"]["requests"] and requests["rate_limited"] == stats["spend"][
+            "rate_limited"], requests
+        assert set(requests) == {"ok", "rate_limited", "server_error", "timeout", "error"}  # 0s exported too
+        tokens = prom.by(f"sum by (kind) (ray_sft_ray_tokens_total{sel})", "kind")
+        assert tokens == {"input": stats["tokens"]["input_tokens"], "output": stats["tokens"]["output_tokens"]}
+        assert prom.value(f"sum(ray_sft_ray_cost_usd_total{sel})") == pytest.approx(stats["spend"]["billed_usd"],
+                                                                                     abs=1e-5)
+        assert prom.value(f"sum(ray_sft_ray_rows_written_total{sel})") == stats["done"] + stats["failed"]
+        assert prom.value(f"sum(ray_sft_ray_model_latency_seconds_count{sel})") == stats["spend"]["requests"]
+        # Every series the dashboard queries was exported by this run.
+        exported = prom.names()
+        missing = dashboard_metrics() - exported
+        assert not missing, missing
+    finally:
+        prom.close()
