@@ -47,6 +47,7 @@ class Board:
         self.reports: dict[str, dict[str, Any]] = {}
         self.unfinished: dict[str, int] = {}
         self.finished_gone = 0  # samples finished by actors that closed (their reports dropped)
+        self.messages: list[str] = []  # actors' lines for the driver to print, in order
 
     def begin(self, keys: list[str]) -> list[int]:
         """How many earlier runs of each key never ended; the keys with none are marked running
@@ -72,6 +73,7 @@ class Board:
         return prior
 
     def report(self, key: str, snapshot: dict[str, Any]) -> None:
+        self.messages.extend(snapshot.pop("messages", None) or ())
         self.reports[key] = snapshot
 
     def drop(self, key: str) -> None:
@@ -82,10 +84,12 @@ class Board:
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.reports)
 
-    def progress(self) -> tuple[int, int]:
-        """Samples (prompts) finished by every actor, closed ones included, and model calls in flight."""
+    def progress(self) -> tuple[int, int, list[str]]:
+        """Samples (prompts) finished by every actor, closed ones included, model calls in flight, and
+        the actors' lines not taken yet."""
+        messages, self.messages = self.messages, []
         return (self.finished_gone + sum(r.get("finished", 0) for r in self.reports.values()),
-                sum(r.get("model_calls", 0) for r in self.reports.values()))
+                sum(r.get("model_calls", 0) for r in self.reports.values()), messages)
 
 
 # ---- the driver's side ----
@@ -111,9 +115,9 @@ class BoardHandle:
             log.debug("the activity board did not answer: %s", e)
             return None
 
-    def progress(self, timeout_s: float = 2.0) -> tuple[int, int] | None:
-        """(samples finished by the actors, model calls in flight) (:meth:`Board.progress`); None
-        when the board did not answer."""
+    def progress(self, timeout_s: float = 2.0) -> tuple[int, int, list[str]] | None:
+        """(samples finished by the actors, model calls in flight, their lines to print)
+        (:meth:`Board.progress`); None when the board did not answer."""
         try:
             import ray
 
@@ -196,6 +200,15 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.done = 0  # samples (prompts) finished here, for progress per sample
+        self._messages: list[str] = []  # lines for the driver to print (relayed with the next report)
+
+    def say(self, text: str) -> None:
+        """A line for the run's terminal, printed by the driver (without a board: here)."""
+        if self.board_name is None:
+            print(text, flush=True)
+            return
+        with self._lock:
+            self._messages.append(text)
 
     def finished(self, n: int) -> None:
         """``n`` samples (prompts with rejection sampling) finished in this actor."""
@@ -227,12 +240,13 @@ class Tracker:
         now = time.monotonic()
         with self._lock:
             calls = list(self.calls.values())
+            messages, self._messages = self._messages, []
         phase = self.phase
         model = [now - t for kind, _, t in calls if kind == "model"]
         tools = sorted(((name, now - t) for kind, name, t in calls if kind == "tool"), key=lambda x: -x[1])
         blocked = now - self._beat
         return {"at": time.time(), "phase": phase[0] if phase else None, "phase_s": now - phase[1] if phase else 0.0,
-                "model_calls": len(model), "oldest_model_call_s": max(model, default=0.0), "finished": self.done,
+                "model_calls": len(model), "oldest_model_call_s": max(model, default=0.0), "finished": self.done, "messages": messages,
                 "tool_calls": len(tools), "oldest_tool_calls": [(n, round(a, 1)) for n, a in tools[:3]],
                 "loop_blocked_s": blocked if self._task is not None and blocked > 4 * self.HEARTBEAT_S else 0.0}
 

@@ -823,6 +823,9 @@ class MetricsConfig(_Strict):
     """Prometheus metrics through Ray's own metrics system (`ray_sft_ray_*` series with a `run` tag; see
     docs/clusters.md). On a cluster started with `ray start --metrics-export-port`, nothing needs setting."""
 
+    enabled: bool = Field(
+        True, description="Export the run's metrics through Ray (false: none; progress.json, report.html and "
+        "timing.breakdown stay).")
     export_port: int | None = Field(
         None, ge=1, le=65535, description="For a local run: open Ray's metrics export port on this port of the "
         "local node (Prometheus scrapes http://HOST:PORT/metrics); null: Ray's default (a cluster's own setting).")
@@ -833,7 +836,7 @@ class MetricsConfig(_Strict):
 
     def linger(self, interval_s: float) -> float:
         """The seconds to wait before a local run shuts Ray down (0 without export_port)."""
-        if self.export_port is None:
+        if self.export_port is None or not self.enabled:
             return 0.0
         return self.linger_s if self.linger_s is not None else max(25.0, 2 * interval_s)
 

@@ -287,9 +287,11 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
     watch = StallWatch(cfg.resources.stall_warning_s, say, lambda: describe_stall(board))
     pricing = cfg.pricing.model_dump()
     run_metrics = metrics.RunMetrics(metrics.run_tag(cfg.output), pricing,
-                                     cfg.filter.min_reward if "min_reward" in cfg.filter.model_fields_set else None)
+                                     cfg.filter.min_reward if "min_reward" in cfg.filter.model_fields_set else None,
+                                     enabled=cfg.metrics.enabled)
     live = LiveView(cfg.output, f"sft-ray run {cfg.output}", work.start.expected, work.start.done,
-                    work.start.failed, todo, unit, cfg.report.interval_s, run_metrics, board, progress, watch.touch)
+                    work.start.failed, todo, unit, cfg.report.interval_s, run_metrics, board, progress, watch.touch,
+                    say)
     finished = False
     try:
         ds = build_dataset(cfg, inputs.used(), state.skip(), work.concurrency, draws, limits, board.name)

@@ -44,11 +44,12 @@ class LiveView:
 
     def __init__(self, run_dir: str, title: str, expected: int, done_before: int, failed_before: int, todo: int,
                  unit: str, interval_s: float, metrics: RunMetrics, board: Any = None,
-                 progress: Any = None, touch: Callable[[], None] | None = None) -> None:
+                 progress: Any = None, touch: Callable[[], None] | None = None,
+                 say: Callable[[str], None] = print) -> None:
         self.run_dir, self.title, self.unit = run_dir, title, unit
         self.expected, self.done_before, self.failed_before, self.todo = expected, done_before, failed_before, todo
         self.interval_s, self.metrics, self.board = interval_s, metrics, board
-        self.progress, self.touch = progress, touch
+        self.progress, self.touch, self.say = progress, touch, say
         self.t0 = time.monotonic()
         self.lock = threading.Lock()
         self.units_written = 0  # what progress counts (samples, or prompts), as written
@@ -151,7 +152,9 @@ class LiveView:
         got = self.board.progress()
         if got is None:
             return
-        finished, in_flight = got
+        finished, in_flight, messages = got
+        for line in messages:  # the actors' first-use lines, in sft-ray's voice
+            self.say(f"[sft-ray] {line}")
         with self.lock:
             if finished > self.finished:
                 self.last_progress = time.monotonic()

@@ -157,12 +157,23 @@ def display_name(name: str | None) -> str:
     return DEFAULT_MODEL if is_default(name) else str(name)
 
 
+_say: Callable[[str], None] = print
+
+
+def say_through(fn: Callable[[str], None]) -> None:
+    """Where this process's first-use lines ("Downloading ...", "Converting ...") go: a generation
+    actor relays them to the driver, which prints them in sft-ray's voice (sft_ray/activity.py),
+    instead of Ray printing the actor's stdout under its own prefix."""
+    global _say
+    _say = fn
+
+
 def resolve_model(name: str | None) -> str:
     """Map a configured model name to what vLLM loads: the embedded model's folder for
     ``None``/``SmolLM2-135M-Instruct``/``embedded``, anything else (a hub id or a local
     path) unchanged."""
     if is_default(name):
-        return str(ensure_default_model())
+        return str(ensure_default_model(progress=_say))
     return name
 
 

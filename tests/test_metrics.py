@@ -131,10 +131,10 @@ def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
         for i in range(60):
             # Hostile text: the report shows it escaped, never as markup.
             f.write(json.dumps({"id": f"p{i}", "responses_create_params": {"input": [
-                {"role": "user", "content": f"<script>document.title='pwned'</script><b>bold</b> {i} + 1 = ?"}]},
+                {"role": "user", "content": f"<script>document.title='pwned'</script><i id=\"hostile\">x</i> {i} + 1 = ?"}]},
                 "expected_answer": str(i + 1)}) + "\n")
     cfg = {"input": str(rows), "output": str(tmp / "run"),
-           "model": {"backend": "openai", "name": "mock", "base_url": server.url, "timeout_s": 5,
+           "model": {"backend": "openai", "name": "mock", "base_url": server.url, "timeout_s": 120,
                      "base_retry_wait_s": 0.01, "max_retry_wait_s": 0.1},
            "pricing": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
            "num_repeats": 2, "num_samples_in_parallel": 4, "verifier": {"type": "math"},
@@ -155,8 +155,8 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
     assert BROWSER is not None, "no chromium on this machine: the README's test command installs it (apt-get)"
     export = free_port()
     prom = Prometheus(tmp_path, f"127.0.0.1:{export}")
-    # 120 samples, 4 at a time, 0.3 s each: long enough to look at the live view; a few 500s and 429s.
-    with MockServer(MockConfig(latency_ms=300, error_rate=0.05, rate_limit_rate=0.05, retry_after_s=0.05)) as server:
+    # 120 samples, 4 at a time, 0.8 s each: long enough to look at the live view; a few 500s and 429s.
+    with MockServer(MockConfig(latency_ms=800, error_rate=0.05, rate_limit_rate=0.05, retry_after_s=0.05)) as server:
         cfg = _run_config(tmp_path, server, export)
         run = tmp_path / "run"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -170,7 +170,7 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
                 p = run / "progress.json"
                 if p.exists():
                     doc = json.loads(p.read_text())  # written atomically: always whole JSON
-                    if not doc["final"] and doc["session"]["finished"] > 0:
+                    if not doc["final"] and doc["session"]["written"] > 0:
                         live = doc
                 time.sleep(0.1)
             assert live is not None, (tmp_path / "run.log").read_text()[-3000:]
@@ -179,20 +179,26 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
             assert live["expected"] == 120 and 0 < live["done"] < 120 and live["eta_s"] is not None
             assert live["updated_at"].endswith("Z") and set(live["spend"]) >= {"usd", "input_tokens", "output_tokens"}
 
-            # `sft-ray stats` on the live run: reads, and writes nothing in the folder.
+            time.sleep(0.5)  # report.html is written right after progress.json
+            # The live report, mid-run, in a real browser: progress on top, rows shown, hostile text inert.
+            dom = _dump_dom(run / "report.html")
+            assert 'id="progress"' in dom and 'data-state="live"' in dom, dom[:2000]
+            assert 'id="samples"' in dom and "&lt;i id=\"hostile\"&gt;" in dom, dom[-3000:]
+            assert "pwned" not in dom.split("<title>")[1].split("</title>")[0] and '<i id="hostile">' not in dom
+            # `sft-ray stats` on the live run: reads, and writes nothing in the folder. The mock answers
+            # slowly meanwhile, so the run is still at work when stats returns, however loaded the machine.
+            server.cfg.latency_ms = 45_000
             before = sorted(p.name for p in run.iterdir())
             stats_out = subprocess.run([sys.executable, "-m", "sft_ray.cli", "stats", str(run)], capture_output=True,
                                        text=True, env=env, timeout=300)
             assert stats_out.returncode == 0, stats_out.stderr
             after = sorted(p.name for p in run.iterdir())
+            assert proc.poll() is None and not json.loads((run / "progress.json").read_text())["final"], \
+                "the run ended before `sft-ray stats` did: make it longer"
             assert not {"stats.json", "train", "_SUCCESS"} & set(after), after
             assert set(after) - set(before) <= {"journal"}, (before, after)
+            server.cfg.latency_ms = 800
 
-            # The live report, mid-run, in a real browser: progress on top, hostile text inert.
-            dom = _dump_dom(run / "report.html")
-            assert 'id="progress"' in dom and 'data-state="live"' in dom, dom[:2000]
-            assert "pwned" not in dom.split("<title>")[1].split("</title>")[0]
-            assert "<b>bold</b>" not in dom and "&lt;b&gt;bold&lt;/b&gt;" in dom
             assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
         finally:
             if proc.poll() is None:

@@ -475,6 +475,9 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             if temperature is None:
                 temperature = (row.get("sampling_params") or {}).get("temperature")
             reason = rules(row)
+            # A few rows of each kind for the report: dropped by a row rule, or passing them (kept
+            # when no prompt rule chooses among a prompt's samples).
+            acc.add_sample(reason if reason is not None else ("kept" if direct else "passed the row rules"), row)
             if reason is not None:
                 drops[reason] += 1
                 if reason == "error" or reason == "no_reward":

@@ -207,7 +207,7 @@ def render(stats: dict[str, Any], title: str = "sft-ray run") -> str:
     warning = f'<pre class="warning" id="unexpected-rows">{html.escape(chr(10).join(odd))}</pre>' if odd else ""
     header = progress_header(final_progress(stats)) if stats.get("expected") is not None else ""
     return _page(title, f"{header}{warning}<pre>{summary}</pre><div class=\"plots\">{''.join(plots)}</div>"
-                 + samples_section(stats.get("samples") or {}))
+                 + samples_section(stats.get("sample_rows") or {}))
 
 
 def final_progress(stats: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,19 @@ def _counts() -> defaultdict[Any, int]:
     return defaultdict(int)
 
 
+SAMPLE_ROWS = 3  # rows the report shows of each kind: kept, and each drop reason
+SAMPLE_FIELDS = ("id", "sample_index", "messages", "response", "reward", "finish_reason", "error")
+
+
+def sample_row(row: dict[str, Any]) -> dict[str, Any]:
+    """What the report shows of a row: prompt and reply (an episode's tool calls and results are in its
+    messages), reward, the verifier's and the episode's numbers, the error."""
+    out = {k: row[k] for k in SAMPLE_FIELDS if k in row}
+    out.update((k, v) for k, v in row.items() if k not in out and isinstance(v, (int, float))
+               and not isinstance(v, bool) and k not in ("latency_s", "attempts", "source_line"))
+    return out
+
+
 class StatsAccumulator:
     """Feed it every rollout (successful or failed) once; ``result()`` gives stats.json."""
 
@@ -48,6 +61,7 @@ class StatsAccumulator:
         self.kept = 0
         self.validation = 0
         self.drops: defaultdict[str, int] = _counts()
+        self.sample_rows: dict[str, list[dict[str, Any]]] = {}  # a few rows per kind (kept, drop reason)
         # Agent episodes (rollouts with a `termination`).
         self.episodes = 0
         self.termination: defaultdict[str, int] = _counts()
@@ -155,12 +169,20 @@ class StatsAccumulator:
                 mine.extend(theirs)
             else:  # counts or sums by key, or (sources) such dicts by key
                 for key, value in theirs.items():
-                    if isinstance(value, dict):
+                    if isinstance(value, list):  # sample rows: the first ones, in task order
+                        mine[key] = (mine.get(key) or []) + value[:SAMPLE_ROWS - len(mine.get(key) or [])]
+                    elif isinstance(value, dict):
                         into = mine.setdefault(key, _counts())
                         for k, v in value.items():
                             into[k] += v
                     else:
                         mine[key] = mine.get(key, 0) + value
+
+    def add_sample(self, kind: str, row: dict[str, Any]) -> None:
+        """Keep ``row`` as a sample of ``kind`` (``kept``, or a drop reason) while there are few."""
+        rows = self.sample_rows.setdefault(kind, [])
+        if len(rows) < SAMPLE_ROWS:
+            rows.append(sample_row(row))
 
     def add_prompt(self, rewards: list[float], pass_threshold: float, identical_share: float | None,
                    distinct2: float | None) -> None:
@@ -255,6 +277,7 @@ class StatsAccumulator:
             "kept": self.kept,
             "kept_fraction": (self.kept / n_ok) if n_ok else 0.0,
             "errors_by_type": dict(sorted(self.errors.items())),
+            "sample_rows": {k: v for k, v in sorted(self.sample_rows.items(), key=lambda kv: kv[0] != "kept")},
             "finish_reasons": dict(sorted(self.finish.items())),
             "tokens": dict(self.tokens),
             "judge_tokens": dict(self.judge_tokens),

@@ -32,6 +32,7 @@ from sft_ray import errors, metrics
 from sft_ray.activity import CRASH_LIMIT, CRASHED, SampleGuard, Tracker
 from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
+from sft_ray.models import say_through
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import EnvironmentFailure, Episode, ToolOutput, cancelled_from_outside
@@ -271,6 +272,7 @@ class GenerateStage:
         self.driver = DriverWatch(driver)  # no new model call once the run's driver is killed
         # What is in flight here, reported to the driver's stall warning (sft_ray/activity.py).
         self.tracker = Tracker(activity, "generation actor")
+        say_through(self.tracker.say)  # first-use lines (the embedded model's build) go out through the driver
         self.guard = SampleGuard(activity)  # a sample that keeps killing its actor ends as a failure record
         # Each answer is made durable the moment it returns (sft_ray/runfolder/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
