@@ -829,16 +829,14 @@ class MetricsConfig(_Strict):
     export_port: int | None = Field(
         None, ge=1, le=65535, description="For a local run: open Ray's metrics export port on this port of the "
         "local node (Prometheus scrapes http://HOST:PORT/metrics); null: Ray's default (a cluster's own setting).")
-    linger_s: float | None = Field(
-        None, ge=0, description="With export_port: seconds a local run keeps Ray up at its end so that the final "
-        "values are exported and scraped (default: 2 x report.interval_s, at least 25 s: Ray exports every 10 s, "
-        "then Prometheus has to scrape them).")
+    linger_s: float = Field(
+        30.0, ge=0, description="With export_port: seconds a local run keeps Ray up at its end so that its final "
+        "values are exported and scraped (Ray exports every 10 s, through two hops measured at up to 20 s "
+        "together; then Prometheus scrapes).")
 
-    def linger(self, interval_s: float) -> float:
+    def linger(self) -> float:
         """The seconds to wait before a local run shuts Ray down (0 without export_port)."""
-        if self.export_port is None or not self.enabled:
-            return 0.0
-        return self.linger_s if self.linger_s is not None else max(25.0, 2 * interval_s)
+        return self.linger_s if self.export_port is not None and self.enabled else 0.0
 
 
 class ReportConfig(_Strict):

