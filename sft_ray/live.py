@@ -61,7 +61,7 @@ class LiveView:
         self.rewards: list[float] = []
         self.recent: dict[str, deque] = {}
         self.stop = threading.Event()
-        self.last_write = 0.0
+        self.last_write = float("-inf")  # the first one at the first tick
         self.thread = threading.Thread(target=self._loop, name="sft-ray-live-view", daemon=True)
         self.thread.start()
 
