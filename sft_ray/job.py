@@ -29,6 +29,7 @@ from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import (
     Progress,
+    Recorder,
     Session,
     Timing,
     init_ray,
@@ -271,7 +272,7 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
     limits = ratelimit.start_session(cfg, manifest)
     board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
-    budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+    recorder = Recorder(cfg, writers, session)
     draws, todo = work.draws, work.todo
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = work.start.done, work.start.failed_final
@@ -286,16 +287,14 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
             watch.touch()
             keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
             rewards = batch.column("reward").to_pylist()
-            ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist(),
-                                    rewards)
-            session.add(ok, bad, sum(batch.column("output_tokens").to_pylist()), rewards)
+            ok, bad = recorder.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist(),
+                                     rewards, sum(batch.column("output_tokens").to_pylist()))
             done, failed = done + ok, failed + bad
             n = len({rid for rid, _ in keys}) if draws is not None else ok + bad
             timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
             units += n
             progress.update(n, units, session.record["failed"], session.mean_reward)
-            if budget.exceeded(done, failed):
-                session.record["stopped"] = "failure budget exceeded"
+            if recorder.over_failure_budget(done, failed):
                 break
         finished = True
     except InputError as err:

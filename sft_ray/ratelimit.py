@@ -71,13 +71,9 @@ class SharedLimits:
     # -- budget -----------------------------------------------------------------------------
     def _would_fit(self, n: int, est_in: float, est_out: float) -> bool:
         spent = self.before + self.session
-        req = spent["requests"] + self.reserved["requests"] + n
-        out = spent["output_tokens"] + self.reserved["output_tokens"] + est_out
-        inp = spent["input_tokens"] + self.reserved["input_tokens"] + est_in
-        b = self.budget
-        return not (("max_requests" in b and req > b["max_requests"])
-                    or ("max_output_tokens" in b and out > b["max_output_tokens"])
-                    or ("max_cost_usd" in b and cost_usd(inp, out, self.pricing) > b["max_cost_usd"]))
+        return not over_spending_budget(self.budget, self.pricing, spent["requests"] + self.reserved["requests"] + n,
+                                        spent["input_tokens"] + self.reserved["input_tokens"] + est_in,
+                                        spent["output_tokens"] + self.reserved["output_tokens"] + est_out)
 
     def _admit(self, n: int, est_in: float, est_out: float) -> int:
         if self.stopped:
@@ -426,6 +422,16 @@ def _release(futs: list[asyncio.Future]) -> None:
 def needs_shared(cfg: Any) -> bool:
     return bool(cfg.rate_limit.per_minute() or cfg.budget.active()
                 or cfg.pricing.input_per_mtok or cfg.pricing.output_per_mtok)
+
+
+def over_spending_budget(budget: dict[str, Any], pricing: dict[str, float], requests: float,
+                         input_tokens: float, output_tokens: float) -> bool:
+    """Whether this much spent, all sessions together, passes the spending budget (``budget.*``; a
+    limit that is None or absent is no limit): the one rule of the online limiter and the Batch API's loop."""
+    b = {k: v for k, v in budget.items() if v is not None}
+    return bool(("max_requests" in b and requests > b["max_requests"])
+                or ("max_output_tokens" in b and output_tokens > b["max_output_tokens"])
+                or ("max_cost_usd" in b and cost_usd(input_tokens, output_tokens, pricing) > b["max_cost_usd"]))
 
 
 def spent_before(manifest: dict[str, Any]) -> dict[str, float]:

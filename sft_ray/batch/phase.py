@@ -8,16 +8,16 @@ import sys
 import time
 from typing import Any, Callable
 
-from sft_ray.backends.base import Secret
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider
 from sft_ray.backends.openai_batch import OpenAIBatchProvider
 from sft_ray.batch.collect import Collector
-from sft_ray.batch.record import Recorder, Spending
+from sft_ray.batch.record import BatchRecorder, Spending
 from sft_ray.batch.rounds import Episodes, refill
 from sft_ray.batch.samples import Samples
 from sft_ray.batch.submit import Submitter
 from sft_ray.config import RunConfig
 from sft_ray.driver import Session
+from sft_ray.rollout import model_wiring
 from sft_ray.runfolder.batches import BatchLog
 from sft_ray.runfolder.layout import BATCHES
 from sft_ray.runfolder.parts import Writers
@@ -27,11 +27,8 @@ from sft_ray.stages.read import InputPlan
 
 def batch_provider(cfg: RunConfig) -> BatchProvider:
     """The Batch API adapter of the configured model, its key and secret headers read here."""
-    model = cfg.model.model_dump()
-    model["api_key"] = Secret(cfg.model.api_key())
-    model["secret_headers"] = Secret(cfg.model.secret_headers())
     bc = cfg.model.batch
-    return OpenAIBatchProvider(model, BatchLimits(bc.max_requests, bc.max_bytes), bc.completion_window)
+    return OpenAIBatchProvider(model_wiring(cfg.model), BatchLimits(bc.max_requests, bc.max_bytes), bc.completion_window)
 
 
 class BatchPhase:
@@ -49,7 +46,7 @@ class BatchPhase:
         self.samples = Samples(cfg, self.provider.model_name)
         self.rejection = cfg.rejection if cfg.rejection.active else None
         self.spending = Spending(cfg, manifest)
-        self.recorder = Recorder(cfg, state, session, writers, self.spending)
+        self.recorder = BatchRecorder(cfg, state, session, writers, self.spending)
         self.submitter = Submitter(self.provider, self.log, self.samples, session, self.spending, self.recorder,
                                    cfg.model.batch.max_in_flight,
                                    cfg.responses_create_params.model_dump().get("max_output_tokens"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sft_ray import errors
 from sft_ray.backends.base import GenerationResult, error_result
 from sft_ray.backends.batchapi import BatchProvider, BatchStatus
-from sft_ray.batch.record import Recorder, Spending
+from sft_ray.batch.record import BatchRecorder, Spending
 from sft_ray.batch.samples import Samples
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
@@ -17,7 +17,7 @@ class Submitter:
     """Sends files of requests to the provider, never more than ``max_in_flight`` open at once."""
 
     def __init__(self, provider: BatchProvider, log: BatchLog, samples: Samples, session: Session,
-                 spending: Spending, recorder: Recorder, max_in_flight: int, max_output_tokens: int | None) -> None:
+                 spending: Spending, recorder: BatchRecorder, max_in_flight: int, max_output_tokens: int | None) -> None:
         self.provider, self.log, self.samples, self.session = provider, log, samples, session
         self.spending, self.recorder = spending, recorder
         self.max_in_flight, self.max_output_tokens = max_in_flight, max_output_tokens
