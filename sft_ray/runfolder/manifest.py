@@ -18,7 +18,7 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig
-from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RUN_OUTPUTS
+from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, run_outputs
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
@@ -155,7 +155,7 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
     manifest = load_manifest(cfg.output)
     if manifest is not None and restart:
-        for sub in RUN_OUTPUTS:
+        for sub in run_outputs():
             io.delete(io.join(cfg.output, sub))
         manifest = None
     target = io.join(cfg.output, RESCORE, RESCORE_TARGET)
