@@ -21,6 +21,7 @@ from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
 from sft_ray.runfolder.completion import Budget
 from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.manifest import Manifest, StopReason
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.stages import actor_range
@@ -232,18 +233,13 @@ class Timing:
 class Session:
     """This run's record in run.json: what it planned, wrote and why it stopped."""
 
-    def __init__(self, manifest: dict[str, Any], planned: int) -> None:
-        self.number = len(manifest["sessions"])
-        self.record: dict[str, Any] = {"session": self.number, "started_at": time.time(), "planned": planned,
-                                       "written": 0, "failed": 0, "output_tokens": 0, "generate_wall_s": 0.0,
-                                       "stopped": None}
-        manifest["sessions"].append(self.record)
+    def __init__(self, manifest: Manifest, planned: int) -> None:
+        self.record = manifest.open_session(planned)
+        self.number = self.record.number
         self.reward_sum, self.reward_n = 0.0, 0
 
     def add(self, ok: int, failed: int, tokens: int, rewards: list[float | None]) -> None:
-        self.record["written"] += ok
-        self.record["failed"] += failed
-        self.record["output_tokens"] += tokens
+        self.record.add(ok, failed, tokens)
         rs = [r for r in rewards if r is not None]
         self.reward_sum += sum(rs)
         self.reward_n += len(rs)
@@ -273,7 +269,7 @@ class Recorder:
         """Whether the failure budget is exceeded (the session's stop reason then says so)."""
         if not self.failure_budget.exceeded(done, failed):
             return False
-        self.session.record["stopped"] = "failure budget exceeded"
+        self.session.record.stop(StopReason.FAILURE_BUDGET)
         return True
 
 

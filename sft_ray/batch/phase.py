@@ -20,6 +20,7 @@ from sft_ray.driver import Session
 from sft_ray.rollout import model_wiring
 from sft_ray.runfolder.batches import BatchLog
 from sft_ray.runfolder.layout import BATCHES
+from sft_ray.runfolder.manifest import Manifest, StopReason
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.stages.read import InputPlan
@@ -35,7 +36,7 @@ class BatchPhase:
     """One session's batch loop; :meth:`run` returns when nothing is left to send or wait for
     (or, with ``no_wait``, once everything is submitted)."""
 
-    def __init__(self, cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+    def __init__(self, cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                  session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool,
                  out=sys.stderr) -> None:
         self.cfg, self.inputs, self.state, self.session = cfg, inputs, state, session
@@ -76,7 +77,7 @@ class BatchPhase:
         wait = base
         while True:
             await self.submitter.submit_uploaded()
-            if not self.session.record.get("stopped"):
+            if not self.session.record.stopped:
                 refill(self.samples, self.log, self.state, self.rejection)
                 await self.submitter.fill()
             if not self.log.open() or (self.no_wait and polled):
@@ -91,7 +92,7 @@ class BatchPhase:
                 await asyncio.sleep(wait)
 
 
-def batch_generate(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+def batch_generate(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                    session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
     """Phase 1 through the Batch API (see :mod:`sft_ray.batch`); the session record gets its spend."""
     phase = BatchPhase(cfg, manifest, inputs, state, session, writers, say, no_wait)
@@ -99,7 +100,7 @@ def batch_generate(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     try:
         asyncio.run(phase.run())
     except BatchAPIError as e:
-        session.record["stopped"] = f"batch API error: {e}"
+        session.record.stop(StopReason.BATCH_API_ERROR, e)
         raise
     finally:
         session.record["spend"] = phase.spending.record()

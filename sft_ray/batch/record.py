@@ -10,8 +10,9 @@ import orjson
 from sft_ray.config import RunConfig
 from sft_ray.cost import batch_prices, cost_usd
 from sft_ray.driver import Recorder, Session, remote_scorer
-from sft_ray.ratelimit import over_spending_budget, spent_before
+from sft_ray.ratelimit import over_spending_budget
 from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.manifest import Manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.scoring import verifier_payload
@@ -23,10 +24,10 @@ SCORE_CHUNK = 1024  # rollouts scored and written at a time
 class Spending:
     """What this session sent and spent, at batch prices, against the spending budget (budget.*)."""
 
-    def __init__(self, cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig, manifest: Manifest) -> None:
         self.limits = cfg.budget.model_dump()
         self.pricing = batch_prices(cfg.pricing.model_dump())
-        self.before = spent_before(manifest)
+        self.before = manifest.spent_before()
         self.spend = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "batches": 0}
 
     def sent(self, requests: int) -> None:

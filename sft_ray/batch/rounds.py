@@ -74,7 +74,7 @@ class Episodes:
         await environment.start()
         limits = self.submitter.provider.limits
         try:
-            while not self.session.record.get("stopped"):
+            while not self.session.record.stopped:
                 refill(self.samples, self.log, self.state, self.rejection)
                 if not self.samples.pending:
                     break

@@ -11,6 +11,7 @@ from sft_ray.batch.samples import Samples
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
 from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.manifest import StopReason
 
 
 class Submitter:
@@ -95,7 +96,7 @@ class Submitter:
             est_out = len(keys) * (self.max_output_tokens or 1024)
             if self.spending.over(len(keys), est_in, est_out):
                 # Nothing more is sent (open batches are still collected); a rerun with a raised budget sends it.
-                self.session.record["stopped"] = "budget"
+                self.session.record.stop(StopReason.SPENDING_BUDGET)
                 pending.clear()
                 return
             n = max(self.log.entries, default=-1) + 1
