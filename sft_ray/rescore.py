@@ -468,7 +468,7 @@ def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[s
 def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callable[[str], None]) -> int:
     """--dry-run: how many rows would be scored and, for a priced judge, about what it costs;
     writes nothing."""
-    from sft_ray.cost import cost_usd
+    from sft_ray.cost import cost_usd, estimate_tokens
     from sft_ray.verifiers import build_verifier
     from sft_ray.verifiers.judge import Judge
 
@@ -499,7 +499,7 @@ def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callabl
                 prompt = judge.prompt(input_row(row), row.get("response") or "", row)
             except Exception:  # a row the judge cannot render is a judge_error, not a call
                 continue
-            i, o = calls * len(prompt) / 4, calls * float(judge.params.get("max_output_tokens") or 1024)
+            i, o = (calls * n for n in estimate_tokens(len(prompt), judge.params.get("max_output_tokens")))
             in_tokens, out_tokens = in_tokens + i, out_tokens + o
             cost += cost_usd(i, o, judge.pricing)
     say(f"rescore {run_dir} with verifier {cfg.verifier.type}: {total} stored rollouts, {len(journal.done)} "

@@ -8,6 +8,7 @@ from sft_ray.backends.base import GenerationResult, error_result
 from sft_ray.backends.batchapi import BatchProvider, BatchStatus
 from sft_ray.batch.record import BatchRecorder, Spending
 from sft_ray.batch.samples import Samples
+from sft_ray.cost import estimate_tokens
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
 from sft_ray.runfolder.layout import Key
@@ -92,9 +93,8 @@ class Submitter:
                 await self.recorder.write([(k, self.samples.rollout(k, r)) for k, r in refused])
             if not keys:
                 continue
-            est_in = size / 4  # as the online limiter estimates: prompt bytes / 4
-            est_out = len(keys) * (self.max_output_tokens or 1024)
-            if self.spending.over(len(keys), est_in, est_out):
+            est_in, est_out = estimate_tokens(size, self.max_output_tokens)  # as the online limiter estimates
+            if self.spending.over(len(keys), est_in, len(keys) * est_out):
                 # Nothing more is sent (open batches are still collected); a rerun with a raised budget sends it.
                 self.session.record.stop(StopReason.SPENDING_BUDGET)
                 pending.clear()
