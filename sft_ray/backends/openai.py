@@ -184,8 +184,8 @@ def parse_responses(data: Any) -> GenerationResult:
 class OpenAIBackend(Backend):
     """Chat Completions or Responses over HTTP, with retries, timeouts and error classes."""
 
-    def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
-        super().__init__(model, max_in_flight)
+    def __init__(self, model: dict[str, Any], requests_per_actor: int) -> None:
+        super().__init__(model, requests_per_actor)
         self.api = model.get("api", "chat")
         self.url = model["base_url"].rstrip("/") + ("/chat/completions" if self.api == "chat" else "/responses")
         secret = model.get("api_key")  # a Secret read from api_key_env on the driver; never logged
@@ -194,7 +194,7 @@ class OpenAIBackend(Backend):
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
         self._redact = Redactor([self._key, *self._secret_headers.values()])
         self._session: aiohttp.ClientSession | None = None
-        self.limiter = Limiter.from_model(model, max_in_flight)  # rate limits, auto concurrency, budget
+        self.limiter = Limiter.from_model(model, requests_per_actor)  # rate limits, auto concurrency, budget
         self._policy = retry.Policy.of(model)
 
     async def start(self) -> None:
@@ -202,7 +202,7 @@ class OpenAIBackend(Backend):
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         timeout = aiohttp.ClientTimeout(total=self.model["timeout_s"], sock_connect=self.model["connect_timeout_s"])
-        connector = aiohttp.TCPConnector(limit=self.max_in_flight, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=self.requests_per_actor, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
                                               json_serialize=lambda o: orjson.dumps(o).decode())
 

@@ -16,13 +16,13 @@ from sft_ray.runfolder.manifest import StopReason
 
 
 class Submitter:
-    """Sends files of requests to the provider, never more than ``max_in_flight`` open at once."""
+    """Sends files of requests to the provider, never more than ``max_open_batches`` open at once."""
 
     def __init__(self, provider: BatchProvider, log: BatchLog, samples: Samples, session: Session,
-                 spending: Spending, recorder: BatchRecorder, max_in_flight: int, max_output_tokens: int | None) -> None:
+                 spending: Spending, recorder: BatchRecorder, max_open_batches: int, max_output_tokens: int | None) -> None:
         self.provider, self.log, self.samples, self.session = provider, log, samples, session
         self.spending, self.recorder = spending, recorder
-        self.max_in_flight, self.max_output_tokens = max_in_flight, max_output_tokens
+        self.max_open_batches, self.max_output_tokens = max_open_batches, max_output_tokens
 
     async def send(self, keys: list[Key], data: bytes, filename: str) -> None:
         """Upload one file (recorded), then create its batch (recorded)."""
@@ -67,10 +67,10 @@ class Submitter:
         return [f for f in files if f]
 
     async def fill(self) -> None:
-        """Cut pending samples into files within the limits and submit them, up to max_in_flight open;
+        """Cut pending samples into files within the limits and submit them, up to max_open_batches open;
         a file the spending budget refuses stops sending (the session's stop reason says so)."""
         limits, pending = self.provider.limits, self.samples.pending
-        while pending and len(self.log.open()) < self.max_in_flight:
+        while pending and len(self.log.open()) < self.max_open_batches:
             keys, lines, size, refused = [], [], 0, []
             for key in list(pending):
                 request = self.samples.request(key)
