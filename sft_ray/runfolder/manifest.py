@@ -1,7 +1,8 @@
 """The run folder's manifest (``run.json``) and its fingerprint.
 
 The fingerprint is every setting that changes what a run produces (the config's, plus
-``read.limit`` and a digest of each input file): a rerun in the same folder resumes only when
+``read.limit``, ``read.rename`` and a digest of each input file: of its rows' JSON text, see
+:mod:`sft_ray.tabular`): a rerun in the same folder resumes only when
 its fingerprint matches the one in ``run.json``; otherwise it is refused (or, with
 ``--restart``, the folder is emptied first). ``run.json`` also keeps the config as given and
 each session's record.
@@ -292,10 +293,16 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
 
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
-    samples the run has; absent when unset, as in folders made before it was part of this)."""
+    samples the run has; absent when unset, as in folders made before it was part of this) and
+    ``read.rename`` when given (which field each column is read as)."""
     fp = config_fingerprint(cfg)
+    read: dict[str, Any] = {}
     if cfg.read.limit is not None:
-        fp["read"] = {"limit": cfg.read.limit}
+        read["limit"] = cfg.read.limit
+    if cfg.read.rename:
+        read["rename"] = dict(cfg.read.rename)
+    if read:
+        fp["read"] = read
     return fp
 
 
