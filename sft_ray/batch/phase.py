@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider
 from sft_ray.backends.openai_batch import OpenAIBatchProvider

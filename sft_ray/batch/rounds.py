@@ -15,10 +15,10 @@ from sft_ray.batch.submit import Submitter
 from sft_ray.config import RejectionConfig, RunConfig
 from sft_ray.driver import Session
 from sft_ray.environments import build_environment
+from sft_ray.rollout import run_agent_sample, stamp_source
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
 from sft_ray.runfolder.completion import prompt_draws
 from sft_ray.runfolder.layout import Key
-from sft_ray.rollout import run_agent_sample, stamp_source
 from sft_ray.runfolder.state import FolderState
 
 

@@ -1,7 +1,8 @@
 """The run folder's manifest (``run.json``) and its fingerprint.
 
 The fingerprint is every setting that changes what a run produces (the config's, plus
-``read.limit`` and a digest of each input file): a rerun in the same folder resumes only when
+``read.limit``, ``read.rename`` and a digest of each input file: of its rows' JSON text, see
+:mod:`sft_ray.tabular`): a rerun in the same folder resumes only when
 its fingerprint matches the one in ``run.json``; otherwise it is refused (or, with
 ``--restart``, the folder is emptied first). ``run.json`` also keeps the config as given and
 each session's record.
@@ -24,8 +25,8 @@ from typing import Any
 import orjson
 
 from sft_ray import io
-from sft_ray.config import RunConfig
-from sft_ray.runfolder.completion import FailureBudget, Completion
+from sft_ray.config import RunConfig, flat_dump
+from sft_ray.runfolder.completion import Completion, FailureBudget
 from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RESCORED_SESSIONS, Key, run_outputs
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
@@ -96,24 +97,25 @@ FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"))
 
 def verifier_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The verifier's part of the fingerprint (what `sft-ray rescore` replaces)."""
-    return _verifier_fingerprint(cfg.verifier.model_dump())
+    return _verifier_fingerprint(flat_dump(cfg.verifier))
 
 
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change what a run produces (used to refuse resuming with a different config),
     paths in one spelling (:func:`canonical_fingerprint`)."""
+    model = flat_dump(cfg.model)  # every backend's keys (others at their defaults), as fingerprints always held
     return canonical_fingerprint({
         "input": cfg.input,
         "model": {
-            "backend": cfg.model.backend,
-            "name": cfg.model.name,
-            "base_url": cfg.model.base_url,
-            "api": cfg.model.api,
-            "engine_kwargs": cfg.model.engine_kwargs,
-            "tool_parser": cfg.model.tool_parser,
-            "chat_template": cfg.model.chat_template,
-            "extra_body": cfg.model.extra_body,
-            "send_seed": cfg.model.send_seed,  # without the seed, a server samples differently
+            "backend": model["backend"],
+            "name": model["name"],
+            "base_url": model["base_url"],
+            "api": model["api"],
+            "engine_kwargs": model["engine_kwargs"],
+            "tool_parser": model["tool_parser"],
+            "chat_template": model["chat_template"],
+            "extra_body": model["extra_body"],
+            "send_seed": model["send_seed"],  # without the seed, a server samples differently
         },
         "responses_create_params": cfg.responses_create_params.model_dump(),
         "num_repeats": cfg.num_repeats,
@@ -291,10 +293,16 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
 
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
-    samples the run has; absent when unset, as in folders made before it was part of this)."""
+    samples the run has; absent when unset, as in folders made before it was part of this) and
+    ``read.rename`` when given (which field each column is read as)."""
     fp = config_fingerprint(cfg)
+    read: dict[str, Any] = {}
     if cfg.read.limit is not None:
-        fp["read"] = {"limit": cfg.read.limit}
+        read["limit"] = cfg.read.limit
+    if cfg.read.rename:
+        read["rename"] = dict(cfg.read.rename)
+    if read:
+        fp["read"] = read
     return fp
 
 
@@ -339,5 +347,5 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     io.makedirs(cfg.output)
     if manifest is None:
         manifest = Manifest({"fingerprint": fingerprint, "sessions": []})
-    manifest["config"] = cfg.model_dump(mode="json", by_alias=False)
+    manifest["config"] = cfg.stored()
     return manifest
