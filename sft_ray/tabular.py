@@ -274,6 +274,19 @@ def _converter(t: pa.DataType):
     return None
 
 
+def _to_convert(array: pa.Array) -> bool:
+    """Whether a column's ``to_pylist`` values need :func:`_converter`: a map, or a struct field holding a
+    null somewhere inside (checked on the Arrow buffers, so a column without one costs nothing more)."""
+    t = array.type
+    if pa.types.is_map(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(array.field(i).null_count or _to_convert(array.field(i)) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _to_convert(array.values)  # the whole child array, a slice's neighbours included: at worst converted
+    return False
+
+
 def _json_texts(batch: pa.RecordBatch, path: str, before: int) -> Iterator[bytes]:
     """The JSON text of each row of a batch (``before``: rows of the file before it); columns are
     converted as whole lists, far cheaper than value by value."""
@@ -285,7 +298,7 @@ def _json_texts(batch: pa.RecordBatch, path: str, before: int) -> Iterator[bytes
                       for i, v in enumerate(col.storage.to_pylist())]
         else:
             values = col.to_pylist()
-            convert = _converter(col.type)
+            convert = _converter(col.type) if _to_convert(col) else None
             if convert is not None:
                 values = [None if v is None else convert(v) for v in values]
         columns.append(values)
