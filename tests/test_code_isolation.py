@@ -166,7 +166,7 @@ def test_a_stateful_entry_point_keeps_its_state_and_values_keep_their_types():
                      "    assert v == ([1, (2, 3)], {(1, 'a'): b'x', 2: bytearray(b'y')}, {frozenset({1})}, 0.1, -0.0,"
                      " float('inf'), 1 + 2j, None, True, range(3), ..., 2 ** 100, '\\udcff')\n"
                      "    assert math.copysign(1, v[4]) == -1 and math.isnan(candidate(float('nan')))\n",
-             "entry_point": "kinds", "prompt": "import math\ndef kinds(x=None):\n"}
+             "entry_point": "kinds", "prompt": "import math\n\n\ndef kinds(x=None):\n    \"\"\"Plain values.\"\"\"\n"}
     kinds_program = ("def kinds(x=None):\n    if x is not None:\n        return x\n"
                      "    return ([1, (2, 3)], {(1, 'a'): b'x', 2: bytearray(b'y')}, {frozenset({1})}, 0.1, -0.0,"
                      " float('inf'), 1 + 2j, None, True, range(3), ..., 2 ** 100, '\\udcff')\n")
@@ -188,7 +188,7 @@ def test_the_codec_refuses_what_is_not_plain_data():
         deep = [deep]
     with pytest.raises(harness.NotPlain):
         harness.encode(deep)
-    for wire in (["x"], ["s", ["l"]], ["b", "zz"], {"a": 1}, ["c", "1", 2], ["r", 1.5, 2, 1], ["l"] * 3):
+    for wire in (["x"], ["s", ["l"]], ["b", "zz"], {"a": 1}, ["c", "1", 2], ["r", 1.5, 2, 1], ["l", []], ["d", 1], ["r", 1, 2, 0]):
         with pytest.raises(harness.NotPlain):
             harness.decode(wire)
     assert math.isnan(harness.decode(harness.encode(float("nan"))))

@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from sft_ray.verifiers import VerifierFailure
-from sft_ray.verifiers.sandbox import Limits, SandboxFailure, SandboxUnavailable, require, run_python
+from sft_ray.verifiers.sandbox import Limits, SandboxFailure, SandboxUnavailable, require, run_checked, run_python
 
 __all__ = ["CodeExecution", "SandboxUnavailable", "extract_program"]
 
@@ -65,7 +65,9 @@ class CodeExecution:
         require(self.sandbox)  # no isolation, no run: refused here, on the driver, before any actor
         self.mode = code.get("mode", "share")
         self.prepend_field = code.get("prepend_field")
-        self.plain_returns = bool(code.get("plain_returns", True))
+        if code.get("plain_returns", True) is not True:
+            raise ValueError("verifier.code.plain_returns: only `true`: the checks run in an interpreter of their own "
+                             "and only plain data crosses to them (docs/sandbox.md)")
         self.workers = code.get("workers")
         self.limits = Limits(cpu_s=float(code.get("timeout_s", 10)), memory_mb=int(code.get("memory_mb", 1024)),
                              file_mb=int(code.get("file_mb", 16)),
@@ -89,9 +91,10 @@ class CodeExecution:
     async def _score(self, row: dict[str, Any], response: str) -> dict[str, Any]:
         program = self.program(row, response)
         if isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
-            results = [await run_python(program, None, self.limits, self.workers, test=row["test"],
-                                        entry_point=row["entry_point"], sandbox=self.sandbox,
-                                        plain_returns=self.plain_returns)]
+            context = row.get(self.prepend_field or "prompt")
+            results = [await run_checked(program, row["test"], row["entry_point"],
+                                         context if isinstance(context, str) else None, self.limits, self.workers,
+                                         sandbox=self.sandbox)]
             passed = [r.ok and r.proof for r in results]
             early = sum(r.exited_before_checks for r in results)
         elif isinstance(row.get("inputs"), list) and isinstance(row.get("outputs"), list):
