@@ -192,3 +192,4 @@ def test_the_codec_refuses_what_is_not_plain_data():
         with pytest.raises(harness.NotPlain):
             harness.decode(wire)
     assert math.isnan(harness.decode(harness.encode(float("nan"))))
+

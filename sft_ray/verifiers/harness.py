@@ -16,7 +16,7 @@ only the standard library, and its functions are importable for the tests. Three
 Calls cross the pipe as frames (4-byte length, then JSON) holding plain data in a tagged form
 (:func:`encode` / :func:`decode`): builtin types only (``bool``, ``int``, ``float``, ``complex``, ``str``,
 ``bytes``, ``bytearray``, ``None``, ``list``, ``tuple``, ``dict``, ``set``, ``frozenset``, ``range``,
-``slice``, ``...``; numpy's scalars as the builtin they hold), exact types (no subclass), nesting up
+``slice``, ``...``), exact types (no subclass), nesting up
 to :data:`MAX_DEPTH`, each frame at most ``max_output_bytes``. Hand-written rather than a library:
 pickle and its kin execute code by design, and JSON alone loses tuples, sets and bytes.
 """
@@ -65,8 +65,6 @@ def encode(v, depth=0):
         return ["S", encode(v.start, d), encode(v.stop, d), encode(v.step, d)]
     if v is Ellipsis:
         return ["e"]
-    if getattr(t, "__module__", None) == "numpy" and t.__name__ != "ndarray" and getattr(v, "ndim", None) == 0:
-        return encode(v.item(), depth)  # numpy's scalars: the builtin value they hold
     raise NotPlain(f"a {t.__name__}")
 
 
@@ -260,6 +258,7 @@ def _check(payload, status_fd, req_fd, rep_fd):
     """The checker's side: the test, with the entry point's name bound to the proxy."""
     entry, cap, call_s = payload["entry_point"], payload["max_frame"], payload["call_s"]
     state = {"fault": None}
+    sys.path.extend(payload["path"])  # started without `site`: its packages' folders, without their .pth hooks
 
     def broke(b):
         if state["fault"] is None:
