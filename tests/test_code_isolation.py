@@ -117,14 +117,22 @@ PIPE_ABUSE = {
 def test_the_pipe_holds_against_the_program():
     rows = [dict(SQUARE, name=name, response=src) for name, src in PIPE_ABUSE.items()]
     rows.append(dict(SQUARE, name="good", response="def square(x):\n    return x * x\n"))
+    # says it is ready itself, then never reads: a call bigger than the pipe cannot hold the checker past its deadline
+    rows.append({"test": "def check(candidate):\n    assert candidate('x' * 2_000_000) == 2_000_000\n",
+                 "entry_point": "size", "name": "stops_reading",
+                 "response": "import os, struct, time\nfor fd in range(3, 64):\n    try:\n"
+                             "        os.write(fd, struct.pack('>I', 9) + b'[\"ready\"]')\n    except OSError:\n"
+                             "        pass\ntime.sleep(600)\ndef size(s):\n    return len(s)\n"})
     got = score_all(code_verifier(timeout_s=1), rows)
-    assert {n: r["reward"] for n, r in got.items()} == {**dict.fromkeys(PIPE_ABUSE, 0.0), "good": 1.0}, {
+    assert {n: r["reward"] for n, r in got.items()} == {**dict.fromkeys(PIPE_ABUSE, 0.0), "good": 1.0,
+                                                        "stops_reading": 0.0}, {
         n: (r["reward"], r.get("error")) for n, r in got.items()}
     assert all("error" not in r for r in got.values())  # the program's failures, not the verifier's
     m = {n: r["metrics"] for n, r in got.items()}
     assert m["exit_between_calls"]["exited_before_checks"] == 1.0
     assert m["sys_exit_in_a_call"]["exited_before_checks"] == 1.0
     assert m["hang_between_calls"]["timeouts"] == 1.0 and m["spin_between_calls"]["timeouts"] == 1.0
+    assert m["stops_reading"]["timeouts"] == 1.0 and m["stops_reading"]["exec_s"] < 7
     assert m["good"]["exited_before_checks"] == 0.0 and m["good"]["timeouts"] == 0.0
 
 

@@ -145,6 +145,8 @@ def write_all(fd, data, deadline=None):
                 raise Broken("timeout", "the program did not read its call in time")
         try:
             view = view[os.write(fd, view[:1 << 16]):]
+        except BlockingIOError:  # (the checker's end is non-blocking: a full pipe waits in select, to its deadline)
+            continue
         except BrokenPipeError:
             raise Broken("ended", "the program ended") from None
 
@@ -258,6 +260,7 @@ def _check(payload, status_fd, req_fd, rep_fd):
     """The checker's side: the test, with the entry point's name bound to the proxy."""
     entry, cap, call_s = payload["entry_point"], payload["max_frame"], payload["call_s"]
     state = {"fault": None}
+    os.set_blocking(req_fd, False)  # a program that stops reading cannot hold the checker past a call's deadline
     sys.path.extend(payload["path"])  # started without `site`: its packages' folders, without their .pth hooks
 
     def broke(b):
