@@ -2,12 +2,14 @@
 
 Two test forms, as the common data sets have them:
 
-- HumanEval style: ``test`` (source defining ``check(candidate)``) and ``entry_point`` (the
-  function's name); the program's code runs, then the test and ``check(<entry_point>)`` in the
-  same process, which passes only when that call returned (the sandbox's proof, see
-  :mod:`sft_ray.verifiers.sandbox`); a program that exits before (``sys.exit``, ``os._exit``,
-  an exception hook, killing itself) fails and is counted in ``exited_before_checks``
-  (one test per row);
+- HumanEval / MBPP style: ``test`` and ``entry_point`` (the function's name). The program runs in
+  one sandboxed interpreter, the test in another, which calls the entry point across a pipe with
+  plain data only (:func:`sft_ray.verifiers.sandbox.run_checked`): HumanEval's ``check(candidate)``
+  when the test defines it, else the test's module-level asserts (MBPP's ``test_list`` joined).
+  The row's prompt (``code.prepend_field``, else ``prompt``), when it is Python, runs in the
+  checker first: the helpers a test calls (HumanEval/32's ``poly``) are the data set's, never the
+  program's. A program that ends before the checks are done fails and is counted in
+  ``exited_before_checks`` (one test per row);
 - stdin/stdout pairs: ``inputs`` and ``outputs`` (lists of strings); each input is one run,
   passed when the output equals the expected one (trailing white space ignored per line).
 

@@ -19,25 +19,23 @@ Each run is one ``bwrap`` (bubblewrap) call; the isolation is the kernel's, not 
   uid mapped to root); run as another user, bwrap maps 65534 to that user in a new user namespace;
 - resource limits set before the program runs: CPU seconds, address space, file size, processes
   (``RLIMIT_NPROC`` = 0 extra processes or threads by default), no core dumps;
-- a preamble (the harness) that reads the program, the tests and a per-run nonce from
-  inherited file descriptors and closes them before the program's code runs, then installs an
-  audit hook that denies sockets, process creation, signals, ``ctypes``, tracing, the garbage
-  collector's object walks and ``/proc/*/mem`` from Python (a second layer, with a clean
+- the harness (:mod:`sft_ray.verifiers.harness`, run as the interpreter's ``-c`` source) reads its
+  input from inherited file descriptors and closes them before any untrusted code runs, then
+  installs an audit hook that denies sockets, process creation, signals, ``ctypes``, tracing, the
+  garbage collector's object walks and ``/proc/*/mem`` from Python (a second layer, with a clean
   ``PermissionError``);
-- for HumanEval-style tests, proof that the tests ran to the end: the harness runs the program's
-  module code, then the test source in a new namespace (the program's names, builtins as they were
-  before the program ran), then ``check(entry_point)``; only when that call returns does the
-  harness write the nonce to a pipe the parent reads. Exiting early (``sys.exit``, ``os._exit``,
-  an exception hook, killing itself) leaves no nonce: the tests did not pass. The nonce lives only
-  in the audit hook's closure while the program runs, and the hook gives it only to the harness's
-  own code object, raised once. Residual risk: the program runs in the same interpreter as the
-  tests, so a program written against this harness can still interfere with what ``check`` calls
-  (e.g. patch a shared module such as ``math``) or reach the harness through frame objects;
+- for HumanEval / MBPP-style tests (:func:`run_checked`), two sandboxes: the program's module code
+  and its entry point in one, the test in the other (the checker), the entry point called across
+  a pipe as plain data. The checker never executes the program's code and the program's process
+  never holds the test, the expected values or the per-run nonce; only when the checks returned,
+  the pipe unbroken, does the checker's harness write the nonce to a pipe the parent reads (the
+  proof that the checks ran). Exiting early or between calls, hanging, answering out of turn or
+  flooding the pipe leaves no proof;
 - its own process group (session), killed whole when the run ends or its wall-clock deadline
   passes; output read up to a byte cap.
 
 Memory is bounded per process (``RLIMIT_AS``); with the default of no extra processes there is
-one process per run, so that bounds the run. cgroups are not used (see docs/sandbox.md).
+one process per sandbox, so that bounds it. cgroups are not used (see docs/sandbox.md).
 
 Without bwrap (or on a kernel that refuses its namespaces) :func:`require` raises
 :class:`SandboxUnavailable`; ``verifier.sandbox: none`` runs the same harness without the
