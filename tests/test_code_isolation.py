@@ -123,7 +123,7 @@ def test_the_pipe_holds_against_the_program():
                  "response": "import os, struct, time\nfor fd in range(3, 64):\n    try:\n"
                              "        os.write(fd, struct.pack('>I', 9) + b'[\"ready\"]')\n    except OSError:\n"
                              "        pass\ntime.sleep(600)\ndef size(s):\n    return len(s)\n"})
-    got = score_all(code_verifier(timeout_s=1), rows)
+    got = score_all(code_verifier(timeout_s=2), rows)
     assert {n: r["reward"] for n, r in got.items()} == {**dict.fromkeys(PIPE_ABUSE, 0.0), "good": 1.0,
                                                         "stops_reading": 0.0}, {
         n: (r["reward"], r.get("error")) for n, r in got.items()}
@@ -132,7 +132,7 @@ def test_the_pipe_holds_against_the_program():
     assert m["exit_between_calls"]["exited_before_checks"] == 1.0
     assert m["sys_exit_in_a_call"]["exited_before_checks"] == 1.0
     assert m["hang_between_calls"]["timeouts"] == 1.0 and m["spin_between_calls"]["timeouts"] == 1.0
-    assert m["stops_reading"]["timeouts"] == 1.0 and m["stops_reading"]["exec_s"] < 7
+    assert m["stops_reading"]["timeouts"] == 1.0 and m["stops_reading"]["exec_s"] < 9  # the call's deadline, not the run's
     assert m["good"]["exited_before_checks"] == 0.0 and m["good"]["timeouts"] == 0.0
 
 
