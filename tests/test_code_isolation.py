@@ -146,6 +146,11 @@ MBPP = [  # module-level asserts, as MBPP's test_list has them
      "right": "def uniq(s):\n    return set(s)\n", "wrong": "def uniq(s):\n    return s\n"},
     {"test": "assert math.isclose(area(1.0), math.pi)\n", "entry_point": "area", "setup": "import math\n",
      "right": "import math\ndef area(r):\n    return math.pi * r * r\n", "wrong": "def area(r):\n    return 3.0\n"},
+    # a package of site-packages, imported on both sides (the two interpreters start without `site`)
+    {"test": "import packaging.version\nassert newer('1.10', '1.9') == (packaging.version.Version('1.10') > "
+             "packaging.version.Version('1.9'))\n", "entry_point": "newer",
+     "right": "from packaging.version import Version\ndef newer(a, b):\n    return Version(a) > Version(b)\n",
+     "wrong": "def newer(a, b):\n    return a > b\n"},
     {"test": "assert count_words({'a': 1}) == {'a': 1, 'b': 0}\n", "entry_point": "count_words",
      "right": "def count_words(d):\n    return {**d, 'b': 0}\n", "wrong": "def count_words(d):\n    return d\n"},
 ]

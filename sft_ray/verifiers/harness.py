@@ -211,6 +211,7 @@ def _run_script(payload):
 def _serve(payload, req_fd, rep_fd):
     """The program's side: its module code, then calls of the entry point until the checker closes the pipe."""
     sys.argv = ["main.py"]
+    sys.path.extend(payload["path"])  # started without `site`: its packages' folders, without their .pth hooks
     ns = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
     entry = payload["entry_point"]
     try:

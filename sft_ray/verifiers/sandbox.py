@@ -284,9 +284,10 @@ def _read_status(fd: int) -> bytes:
         return b""
 
 
-# The checker skips `site` (its .pth files: an editable install's import hook, sitecustomize) and gets the
-# site-packages folders on its path instead: a package a test imports is there, at about half the start-up.
-_FLAGS = {"script": ("-I",), "program": ("-I",), "checker": ("-I", "-S")}
+# The two interpreters of a checked row skip `site` (its .pth files: an editable install's import hook,
+# sitecustomize) and get the site-packages folders on their path instead: a package the program or the test
+# imports is there, at about half the start-up (a script keeps `site`: it runs as it always did).
+_FLAGS = {"script": ("-I",), "program": ("-I", "-S"), "checker": ("-I", "-S")}
 SITE_PACKAGES = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
 
 _CPU_KILLED = (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL)
@@ -413,7 +414,8 @@ async def run_checked(source: str, test: str, entry_point: str, context: str | N
         run = _Run(sandbox, limits)
         try:
             nonce = secrets.token_hex(32).encode()
-            p_payload = run.memfd("sft-ray-program", json.dumps({"source": source, "entry_point": entry_point}).encode())
+            p_payload = run.memfd("sft-ray-program", json.dumps({"source": source, "entry_point": entry_point,
+                                                                 "path": SITE_PACKAGES}).encode())
             c_payload = run.memfd("sft-ray-checks", json.dumps({
                 "test": test, "context": context, "entry_point": entry_point, "max_frame": limits.max_output_bytes,
                 "call_s": limits.cpu_s + 5, "ready_s": limits.wall_s, "path": SITE_PACKAGES}).encode())
