@@ -151,6 +151,10 @@ MBPP = [  # module-level asserts, as MBPP's test_list has them
              "packaging.version.Version('1.9'))\n", "entry_point": "newer",
      "right": "from packaging.version import Version\ndef newer(a, b):\n    return Version(a) > Version(b)\n",
      "wrong": "def newer(a, b):\n    return a > b\n"},
+    # the program's builtin exceptions reach the test as themselves
+    {"test": "try:\n    inv(0)\nexcept ZeroDivisionError:\n    ok = True\nelse:\n    ok = False\nassert ok and inv(2) == 0.5\n",
+     "entry_point": "inv", "right": "def inv(x):\n    return 1 / x\n",
+     "wrong": "def inv(x):\n    if not x:\n        raise ExceptionGroup('no', [ValueError()])\n    return 1 / x\n"},
     {"test": "assert count_words({'a': 1}) == {'a': 1, 'b': 0}\n", "entry_point": "count_words",
      "right": "def count_words(d):\n    return {**d, 'b': 0}\n", "wrong": "def count_words(d):\n    return d\n"},
 ]

@@ -302,7 +302,12 @@ def _check(payload, status_fd, req_fd, rep_fd):
         if msg[0] == "bad":
             raise TypeError(f"{entry} returned a {str(msg[2])[:100]}: only plain data (builtin types) is compared")
         if msg[0] == "exc" and len(msg) == 4:
-            raise _PASSED_ON.get(msg[2] if type(msg[2]) is str else "", RuntimeError)(f"{str(msg[2])[:100]}: {str(msg[3])[:2000]}")
+            text = f"{str(msg[2])[:100]}: {str(msg[3])[:2000]}"
+            try:
+                error = _PASSED_ON.get(msg[2] if type(msg[2]) is str else "", RuntimeError)(text)
+            except Exception:  # one that takes other arguments (UnicodeDecodeError, ExceptionGroup)
+                error = RuntimeError(text)
+            raise error
         raise broke(Broken("protocol", "a malformed answer"))
 
     candidate.__name__ = candidate.__qualname__ = entry
