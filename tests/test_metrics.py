@@ -139,7 +139,8 @@ def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
            "pricing": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
            "num_repeats": 2, "num_samples_in_parallel": 4, "verifier": {"type": "math"},
            "filter": {"min_reward": 1.0}, "max_error_fraction": 1.0,
-           "metrics": {"export_port": export_port, "linger_s": 60}  # a loaded machine exports late, "report": {"interval_s": 1}}
+           "metrics": {"export_port": export_port, "linger_s": 60},  # a loaded machine exports late
+           "report": {"interval_s": 1}}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
