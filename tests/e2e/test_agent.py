@@ -15,7 +15,7 @@ from sft_ray.job import EXIT_OK, run
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-TOOLS = str(Path(__file__).parent / "fixtures" / "agent_tools.py")
+TOOLS = str(Path(__file__).parents[1] / "fixtures" / "agent_tools.py")
 WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "", "strict": True,
                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                                "additionalProperties": False}}

@@ -28,7 +28,7 @@ from sft_ray.job import EXIT_OK, EXIT_PENDING, run
 from sft_ray.runfolder.batches import BatchLog
 from tests.conftest import read_rows, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rows(n: int) -> list[dict]:

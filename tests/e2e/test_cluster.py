@@ -30,7 +30,7 @@ from conftest import read_rows, write_jsonl
 
 from sft_ray.devserver import MockConfig, MockServer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 240
 

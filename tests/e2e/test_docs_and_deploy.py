@@ -12,7 +12,7 @@ import yaml
 from sft_ray.configdocs import reference_markdown
 from sft_ray.configload import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_CONFIGS = sorted(p for p in list((ROOT / "examples").glob("*.yaml")) + list((ROOT / "jobs").glob("*.yaml"))
                      if "runtime_env" not in p.name and "kuberay" not in p.name)
 

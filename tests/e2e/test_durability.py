@@ -16,7 +16,7 @@ from conftest import count_rows, find_process, make_config, read_rows, start_run
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.job import EXIT_OK, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def assert_exactly_once(run_dir, expected_keys):

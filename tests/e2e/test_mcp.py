@@ -20,9 +20,9 @@ from conftest import find_process, make_config, read_rows, write_jsonl
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.job import EXIT_OK, run
 
-SERVER = str(Path(__file__).parent / "fixtures" / "mcp_server.py")
+SERVER = str(Path(__file__).parents[1] / "fixtures" / "mcp_server.py")
 SECRET = "mcp-s3cret-value-1234"
-QWEN_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen2_5_tool_template.jinja").read_text()
+QWEN_TEMPLATE = (Path(__file__).parents[1] / "fixtures" / "qwen2_5_tool_template.jinja").read_text()
 
 
 def stdio(*overrides: str) -> list[str]:

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 from conftest import make_config, write_jsonl
-from test_formats import QWEN_TEMPLATE, agent_rollout, read_rows, single_rollout, write_run
+from handmade import QWEN_TEMPLATE, agent_rollout, read_rows, single_rollout, write_run
 
 from sft_ray.finalize.curate import Scored, make_pairs
 from sft_ray.finalize.passes import finalize

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from test_curation import episodes, make_run_folder, prompt_samples
+from handmade import episodes, make_run_folder, prompt_samples
 
 from sft_ray.finalize.report_html import COLOURS
 

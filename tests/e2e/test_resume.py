@@ -408,7 +408,7 @@ def test_restart_discards_the_journal(tmp_path):
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_stall_with_nothing_waiting_for_resources_still_speaks():
     """Nothing waits for resources (an engine loading, a slow endpoint): the watch still says so
-    rather than nothing (issue 22 item 5; tests/test_stall.py has what actors report)."""
+    rather than nothing (issue 22 item 5; tests/e2e/test_stall.py has what actors report)."""
     from sft_ray.stall import StallWatch, describe_wait
 
     deadline = time.time() + 60  # an earlier test's cancelled demand may linger in the status a little

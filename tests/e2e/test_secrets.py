@@ -21,7 +21,7 @@ from sft_ray.devserver import MockConfig, MockServer
 
 AZURE_KEY = "azk-DO-NOT-LEAK-7f3e9a"
 BEARER_KEY = "sk-DO-NOT-LEAK-b41c"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_credential_in_extra_headers_is_refused_without_echoing_it():

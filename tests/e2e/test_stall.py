@@ -17,7 +17,7 @@ from sft_ray.job import run
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-HOSTILE = str(Path(__file__).parent / "fixtures" / "hostile_tools.py")
+HOSTILE = str(Path(__file__).parents[1] / "fixtures" / "hostile_tools.py")
 
 
 def _run_collecting(cfg) -> list[str]:

@@ -14,7 +14,7 @@ from sft_ray.devserver import MockConfig, MockServer
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-HOSTILE = str(Path(__file__).parent / "fixtures" / "hostile_tools.py")
+HOSTILE = str(Path(__file__).parents[1] / "fixtures" / "hostile_tools.py")
 FINE = [{"id": f"fine{i}", "prompt": f'[[tool:fine {{"x": "{i}"}}]]'} for i in range(6)]
 
 

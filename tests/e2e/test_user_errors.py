@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sft_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Tool calling on the vLLM backend, without an engine: the shipped chat template (rendered
 with transformers), vLLM's own hermes parser on model texts, the helpers around them, and
-the version pin. The engine path is in tests/test_vllm_tools_engine.py."""
+the version pin. The engine path is in tests/e2e/test_vllm_tools_engine.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sft_ray.backends.vllm import (
 
 assert importlib.util.find_spec("vllm"), "vllm is not installed: pip install -e '.[cpu,test]' (see README)"
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "Current weather in a city.",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_formats import agent_rollout, read_rows, single_rollout, write_run
+from handmade import episodes, make_run_folder, prompt_samples, read_rows, single_rollout, write_run
 
 from sft_ray.finalize import passes as fin
 from sft_ray.finalize.passes import finalize
@@ -20,20 +20,6 @@ TRAIN = {"rows_per_shard": 1000, "include_fields": ["id", "sample_index", "rewar
 
 def keys(rows):
     return sorted((r["id"], r["sample_index"]) for r in rows)
-
-
-def episodes():
-    """Agent episodes of every ending, plus single-turn rows (which have no termination)."""
-    rows = [agent_rollout(0), agent_rollout(1),
-            agent_rollout(2, termination="max_steps", num_model_calls=6),
-            agent_rollout(3, termination="length", finish_reason="length"),
-            agent_rollout(4, termination="error"),
-            agent_rollout(5, num_malformed_tool_calls=1),
-            agent_rollout(6, num_tool_errors=1),
-            agent_rollout(7, num_tool_calls=0, num_model_calls=1),
-            agent_rollout(8, num_tool_calls=5, num_tool_errors=2, num_model_calls=4),
-            single_rollout(0, id="t0"), single_rollout(1, id="t1")]
-    return rows
 
 
 def test_episode_filters_by_default_and_their_report(tmp_path):
@@ -78,20 +64,6 @@ def test_length_filters(tmp_path):
     assert stats["lengths"]["kept_output_tokens"]["max"] == 8
     stats = finalize(str(tmp_path), {"drop_truncated": False}, 0, TRAIN)
     assert stats["kept"] == 10 and stats["drops_by_reason"] == {}
-
-
-def prompt_samples(n_prompts=20, n=6, seed=0):
-    """n samples per prompt; some replies repeat within a prompt, and the same text repeats across prompts."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for p in range(n_prompts):
-        for k in range(n):
-            text = ["the same reply", "The  SAME reply", f"reply {k} to {p}", "shared text"][k % 4]
-            rows.append(single_rollout(p, sample_index=k, reward=rng.choice([0.0, 0.5, 1.0]), response=text,
-                                       task_source="math" if p % 2 else "code"))
-    return rows
 
 
 def test_max_per_prompt_keeps_the_best_rewards_ties_by_seed(tmp_path):
@@ -209,15 +181,6 @@ def test_grouping_survives_many_spilled_buckets(tmp_path, monkeypatch):
     assert spilled["drops_by_reason"] == in_memory["drops_by_reason"] and spilled["validation"] == in_memory["validation"]
     a, b = spilled["prompts"], in_memory["prompts"]  # sums in another order: equal up to rounding
     assert a["none_pass"] == b["none_pass"] and a["pass_at_k"] == pytest.approx(b["pass_at_k"])
-
-
-def make_run_folder(tmp_path, rows):
-    from sft_ray.runfolder.manifest import save_manifest
-
-    write_run(tmp_path, rows)
-    save_manifest(str(tmp_path), {"config": {"filter": {"min_reward": 0.0}, "train": {"rows_per_shard": 50},
-                                             "shuffle": {"seed": 0}}})
-    return tmp_path
 
 
 def cli(*args):

@@ -13,81 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from handmade import QWEN_TEMPLATE, TOOLS, agent_rollout, read_rows, single_rollout, write_run
+
 from sft_ray.finalize.formats import generated_start, train_row
 from sft_ray.finalize.passes import finalize
-
-QWEN_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen2_5_tool_template.jinja").read_text()
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                     "required": ["city"]}}},
-    {"type": "function", "function": {"name": "add", "description": "Add two numbers",
-                                      "parameters": {"type": "object", "properties": {"a": {"type": "number"},
-                                                                                     "b": {"type": "number"}}}}},
-]
-
-
-def agent_rollout(i: int, sample_index: int = 0, reward: float = 1.0, history: bool = False, **extra):
-    """An agent episode as the episode loop writes it: two model calls, two parallel tool calls."""
-    city = f"city{i}"
-    msgs = [{"role": "system", "content": "You are helpful."}]
-    if history:  # an input conversation that already used a tool
-        msgs += [{"role": "user", "content": "earlier question"},
-                 {"role": "assistant", "content": None, "tool_calls": [
-                     {"id": f"h{i}", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
-                 {"role": "tool", "tool_call_id": f"h{i}", "name": "add", "content": "3"},
-                 {"role": "assistant", "content": "It is 3."}]
-    msgs += [
-        {"role": "user", "content": f"Weather in {city}, and {i} + 1?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"c{i}a", "type": "function",
-             "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}},
-            {"id": f"c{i}b", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": i, "b": 1})}},
-        ]},
-        {"role": "tool", "tool_call_id": f"c{i}a", "name": "get_weather", "content": f"cold in {city}"},
-        {"role": "tool", "tool_call_id": f"c{i}b", "name": "add", "content": str(i + 1)},
-        {"role": "assistant", "content": f"It is cold in {city}; {i} + 1 = {i + 1}."},
-    ]
-    row = {"id": f"p{i}", "sample_index": sample_index, "messages": msgs, "tools": TOOLS,
-           "parallel_tool_calls": True, "response": msgs[-1]["content"], "reward": reward, "error": None,
-           "finish_reason": "stop", "termination": "final", "num_model_calls": 2, "num_tool_calls": 2,
-           "num_tool_errors": 0, "num_malformed_tool_calls": 0,
-           "usage": {"input_tokens": 50, "output_tokens": 20 + i % 7, "total_tokens": 70 + i % 7},
-           "metrics": {"accuracy": reward}}
-    row.update(extra)
-    return row
-
-
-def single_rollout(i: int, sample_index: int = 0, reward: float = 1.0, response: str | None = None, **extra):
-    text = response if response is not None else f"answer {i}"
-    row = {"id": f"s{i}", "sample_index": sample_index,
-           "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": text}],
-           "response": text, "reward": reward, "error": None, "finish_reason": "stop",
-           "usage": {"input_tokens": 5, "output_tokens": 3 + len(text.split()), "total_tokens": 8},
-           "metrics": {}}
-    row.update(extra)
-    return row
-
-
-def write_run(path: Path, rows: list[dict], files: int = 2, failed: list[dict] | None = None) -> Path:
-    (path / "rollouts").mkdir(parents=True, exist_ok=True)
-    for k in range(files):
-        (path / "rollouts" / f"part-000-{k:05d}.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in rows[k::files]))
-    if failed:
-        (path / "failed").mkdir(exist_ok=True)
-        (path / "failed" / "part-000-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in failed))
-    return path
-
-
-def read_rows(folder: Path) -> list[dict]:
-    out = []
-    for f in sorted(folder.glob("part-*.jsonl")):
-        out += [json.loads(line) for line in f.read_text().splitlines()]
-    for f in sorted(folder.glob("part-*.parquet")):
-        out += pq.read_table(f).to_pylist()
-    return out
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
