@@ -41,11 +41,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem, each naming the dotted field."""
+def format_validation_error(err: ValidationError, source: str, section: str = "") -> str:
+    """One line per problem, each naming the dotted field (under ``section`` when one section was validated)."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in ((section,) if section else ()) + tuple(e["loc"])) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
             continue

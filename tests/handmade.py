@@ -4,6 +4,7 @@ formats, curation, preference pairs and reports (unit and end-to-end layers alik
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -118,3 +119,31 @@ def make_run_folder(tmp_path, rows):
     save_manifest(str(tmp_path), {"config": {"filter": {"min_reward": 0.0}, "train": {"rows_per_shard": 50},
                                              "shuffle": {"seed": 0}}})
     return tmp_path
+
+
+def make_run(tmp_path, n=1000, files=3, seed=0, failed=7):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        reward = rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()])
+        rows.append({"id": f"r{i // 2}", "sample_index": i % 2, "reward": reward, "error": None,
+                     "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                     "metrics": {"accuracy": float(reward == 1.0)}, "finish_reason": "stop",
+                     "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}})
+    (tmp_path / "rollouts").mkdir(parents=True)
+    for k in range(files):
+        part = rows[k::files]
+        (tmp_path / "rollouts" / f"part-000-{k:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "part-000-00000.jsonl").write_text("".join(
+        json.dumps({"id": f"f{i}", "sample_index": 0, "reward": None,
+                    "error": {"type": "rate_limit" if i % 2 else "timeout", "message": "m"}}) + "\n"
+        for i in range(failed)))
+    return rows
+
+
+def train_rows(run):
+    out = []
+    for f in sorted((run / "train").glob("part-*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines()]
+    return out

@@ -1,15 +1,12 @@
 """Curation in finalize: episode filters, dedup, at most k per prompt, length, validation split,
-per-prompt and per-source report, and `sft-ray filter` / `stats` re-cutting a run without a model."""
+per-prompt and per-source report, in process. (`sft-ray filter` / `stats` re-cutting a run: tests/e2e/test_filter_stats_cli.py.)"""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
-from handmade import episodes, make_run_folder, prompt_samples, read_rows, single_rollout, write_run
+from handmade import episodes, prompt_samples, read_rows, single_rollout, write_run
 
 from sft_ray.finalize import passes as fin
 from sft_ray.finalize.passes import finalize
@@ -181,36 +178,3 @@ def test_grouping_survives_many_spilled_buckets(tmp_path, monkeypatch):
     assert spilled["drops_by_reason"] == in_memory["drops_by_reason"] and spilled["validation"] == in_memory["validation"]
     a, b = spilled["prompts"], in_memory["prompts"]  # sums in another order: equal up to rounding
     assert a["none_pass"] == b["none_pass"] and a["pass_at_k"] == pytest.approx(b["pass_at_k"])
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "sft_ray.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_filter_and_stats_recut_a_run_with_every_option(tmp_path):
-    run = make_run_folder(tmp_path, prompt_samples(n_prompts=40, n=4) + episodes())
-    out = cli("filter", str(run), "--min-reward", "0.5", "--max-per-prompt", "1", "--dedup", "exact",
-              "--validation-fraction", "0.2", "--format", "openai", "--file-format", "parquet", "--seed", "4",
-              "filter.drop_tool_errors=true", "train.reasoning=drop", "train.include_fields=[id,reward]")
-    assert out.returncode == 0, out.stderr
-    saved = json.loads((run / "stats.json").read_text())
-    assert saved["filter"] == {"min_reward": 0.5, "drop_tool_errors": True, "dedup": "exact"}
-    assert saved["train"] == {"format": "openai", "file_format": "parquet", "rows_per_shard": 50,
-                              "max_per_prompt": 1, "validation_fraction": 0.2, "reasoning": "drop"}
-    train, val = read_rows(run / "train"), read_rows(run / "validation")
-    ids = [r["id"] for r in train + val]
-    assert len(ids) == len(set(ids)) and min(r["reward"] for r in train + val) >= 0.5  # one per prompt
-    assert saved["drops_by_reason"]["tool_errors"] == 2 and "over_max_per_prompt" in saved["drops_by_reason"]
-    manifest = json.loads((run / "run.json").read_text())
-    assert manifest["config"]["train"]["max_per_prompt"] == 1 and manifest["config"]["shuffle"] == {"seed": 4}
-    # stats re-cuts without writing: same numbers, train/ untouched
-    before = sorted(p.name for p in (run / "train").iterdir())
-    out = cli("stats", str(run), "--max-per-prompt", "2")
-    assert out.returncode == 0, out.stderr
-    assert "over_max_per_prompt=" in out.stdout and "pass@k" in out.stdout
-    assert sorted(p.name for p in (run / "train").iterdir()) == before
-    assert json.loads((run / "stats.json").read_text()) == saved
-    bad = cli("filter", str(run), "model.name=x")
-    assert bad.returncode != 0 and "only filter.*, train.*, shuffle.* and preference.*" in bad.stderr
-    bad = cli("filter", str(run), "--dedup", "fuzzy")
-    assert bad.returncode != 0 and "filter.dedup" in bad.stderr or "dedup" in bad.stderr

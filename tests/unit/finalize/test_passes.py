@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 
 import pyarrow.parquet as pq
 import pytest
+from handmade import make_run, train_rows
 
 from sft_ray import io
 from sft_ray.finalize import passes as fin
 from sft_ray.finalize.passes import finalize, shard_sizes
 
-
-def make_run(tmp_path, n=1000, files=3, seed=0, failed=7):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        reward = rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()])
-        rows.append({"id": f"r{i // 2}", "sample_index": i % 2, "reward": reward, "error": None,
-                     "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
-                     "metrics": {"accuracy": float(reward == 1.0)}, "finish_reason": "stop",
-                     "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8}})
-    (tmp_path / "rollouts").mkdir(parents=True)
-    for k in range(files):
-        part = rows[k::files]
-        (tmp_path / "rollouts" / f"part-000-{k:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    (tmp_path / "failed").mkdir()
-    (tmp_path / "failed" / "part-000-00000.jsonl").write_text("".join(
-        json.dumps({"id": f"f{i}", "sample_index": 0, "reward": None,
-                    "error": {"type": "rate_limit" if i % 2 else "timeout", "message": "m"}}) + "\n"
-        for i in range(failed)))
-    return rows
-
-
 TRAIN = {"rows_per_shard": 100, "format": "jsonl", "include_fields": ["id", "sample_index", "reward"]}
-
-
-def train_rows(run):
-    out = []
-    for f in sorted((run / "train").glob("part-*.jsonl")):
-        out += [json.loads(line) for line in f.read_text().splitlines()]
-    return out
 
 
 def test_stats_match_a_direct_computation(tmp_path):
@@ -162,38 +133,6 @@ def test_byte_ranges_cut_at_any_offset_read_every_line_once(tmp_path):
         path = tmp_path / "f.jsonl"
         path.write_bytes(data)
         _ranges_read_every_line_once(str(path), data.replace(b"\r\n", b"\n"), rng)
-
-
-@pytest.mark.parametrize("curated", [True, False], ids=["prompt-rules", "kept-from-the-scan"])
-def test_worker_processes_give_the_result_of_one_process(tmp_path, monkeypatch, curated):
-    """Files cut into many byte ranges, many prompt and shuffle buckets, two worker processes (spawned
-    for real): train/, validation/ and the statistics are exactly those of a single process. With
-    no prompt rule, rows go to the shuffle from the scan; with one, from the per-prompt pass."""
-    runs = {}
-    for workers in (1, 2):
-        run = tmp_path / f"w{workers}"
-        make_run(run, n=3000, failed=5)
-        with open(run / "rollouts" / "part-000-00001.jsonl", "a") as f:
-            f.write('{"id": "torn", "rew')  # a torn last line
-        with open(run / "failed" / "part-000-00000.jsonl", "a") as f:  # failed once, succeeded on a rerun
-            f.write(json.dumps({"id": "r0", "sample_index": 0, "error": {"type": "timeout"}}) + "\n")
-        monkeypatch.setattr(fin, "PIECE_BYTES", 20_000)
-        monkeypatch.setattr(fin, "GROUP_BUCKET_BYTES", 50_000)
-        monkeypatch.setattr(fin, "BUCKET_BYTES", 100_000)
-        flt = {"min_reward": 0.25, "dedup": "exact" if curated else "none"}
-        train = {**TRAIN, "max_per_prompt": 1 if curated else None, "validation_fraction": 0.2}
-        stats = finalize(str(run), flt, 7, train, workers=workers)
-        val = [json.loads(line) for f in sorted((run / "validation").glob("*.jsonl"))
-               for line in f.read_text().splitlines()]
-        runs[workers] = (stats, train_rows(run), val)
-    (one, train1, val1), (two, train2, val2) = runs[1], runs[2]
-    files = sorted((tmp_path / "w1" / "rollouts").glob("*.jsonl"))
-    assert len(fin._pieces([str(f) for f in files], [f.stat().st_size for f in files], 20_000)) > 2 * len(files)
-    assert one == two and train1 == train2 and val1 == val2
-    assert one["failed"] == 5 and one["torn_lines"] == 1 and one["succeeded"] == 3000
-    assert len(train1) == one["train_rows"] > 0 and len(val1) == one["validation"] > 0
-    assert one["prompts"]["count"] == 1500
-    assert (one["drops_by_reason"].get("over_max_per_prompt", 0) > 0) == curated
 
 
 def test_workers_one_per_cpu_at_most_eight_none_for_a_small_run(monkeypatch):
