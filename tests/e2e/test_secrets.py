@@ -93,7 +93,8 @@ def test_header_secrets_reach_the_server_and_nothing_else(tmp_path):
             assert server.state.api_key_headers == {AZURE_KEY}  # the secret did reach the server
             assert server.state.auth_headers == {f"Bearer {BEARER_KEY}"}
         printed = val.stdout + val.stderr + run.stdout + run.stderr
-        assert val.returncode == 0 and "ok" in val.stdout, printed
+        # the last line, not `"ok" in stdout`: "config ok: ..." heads the output whatever the problems
+        assert val.returncode == 0 and val.stdout.splitlines()[-1] == "ok" and not val.stderr, printed
         for key in (AZURE_KEY, BEARER_KEY):
             assert key not in printed
         # The careless server echoed both keys into its error body; the row keeps it, redacted.

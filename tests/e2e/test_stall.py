@@ -80,8 +80,11 @@ def test_an_engine_loading_is_named_with_its_age():
         board.end()
     assert any("generation actor (pid" in s and "loading the vLLM engine (Qwen/Qwen2.5-0.5B-Instruct) for" in s
                for s in said), said
-    ages = [int(s.split()[3]) for s in said]  # "no progress for N s": the stall's age, growing
-    assert ages == sorted(ages) and (len(ages) < 2 or ages[-1] > ages[0]), said
+    # "no progress for N s": the stall's age, growing from one warning to the next. The actor holds
+    # ray.get for 8 + 3 s at least and the watch speaks every 5 s, so there are two warnings at
+    # least (before: `len(ages) < 2 or ...` passed on one).
+    ages = [int(s.split()[3]) for s in said]
+    assert len(ages) >= 2 and all(b > a for a, b in zip(ages, ages[1:])), said
 
 
 def test_the_watch_speaks_even_when_nothing_waits_for_resources():
