@@ -35,19 +35,3 @@ def test_an_import_up_the_layers_is_caught(tmp_path):
     state.write_text(state.read_text() + "\n\ndef _reach_up():\n    from sft_ray.job import run\n\n    return run\n")
     out = _lint_imports(tmp_path, str(tmp_path))
     assert out.returncode != 0 and "sft_ray.runfolder.state -> sft_ray.job" in out.stdout, out.stdout[-4000:]
-
-
-def test_the_stages_are_declarations_that_chain():
-    """read -> generate -> score: each stage finds the columns it reads among those the one
-    before it writes; the read stage is a source (it reads no column)."""
-    import pytest
-
-    from sft_ray.stages import Stage, check_chain, generate, read, score
-
-    check_chain([read.STAGE, generate.STAGE, score.STAGE])
-    assert read.STAGE.source and not generate.STAGE.source
-    with pytest.raises(ValueError, match="'score' reads"):
-        check_chain([read.STAGE, score.STAGE])
-    orphan = Stage("orphan", object, reads=("nothing",), writes=(), wiring=lambda cfg, plan: {})
-    with pytest.raises(ValueError, match="orphan"):
-        check_chain([read.STAGE, orphan])
