@@ -11,7 +11,6 @@ from conftest import score_one
 
 from sft_ray.scoring import score_rollouts
 from sft_ray.verifiers import build_verifier
-from sft_ray.verifiers.code import extract_program
 
 
 def code_verifier(sandbox="bwrap", **code):
@@ -20,13 +19,6 @@ def code_verifier(sandbox="bwrap", **code):
 
 def score(verifier, row: dict, response: str) -> dict:
     return score_one(verifier, {**row, "response": response})
-
-
-def test_extract_program():
-    assert extract_program("Here:\n```python\nprint(1)\n```\nand\n```py\nprint(2)\n```\n") == "print(2)\n"
-    assert extract_program("```python\nx = 1\n```\n```text\noutput\n```") == "x = 1\n"  # the code, not its output
-    assert extract_program("```python\ndef f():\n    return 1") == "def f():\n    return 1"  # cut by the limit
-    assert extract_program("print(3)") == "print(3)"
 
 
 SUM_ROW = {"inputs": ["1 2\n", "5 7\n", "-3 3\n"], "outputs": ["3", "12\n", "0"]}

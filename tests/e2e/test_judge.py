@@ -14,7 +14,6 @@ from sft_ray.config import ConfigError
 from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.verifiers import build_verifier
-from sft_ray.verifiers.judge import parse_equivalence, parse_rating
 
 
 @pytest.fixture
@@ -37,14 +36,6 @@ def judge_cfg(server, type_="judge", model_keys=None, **judge):
 
 def judged(verifier, response, **row):
     return score_one(verifier, {"prompt": "What is the capital of France?", **row, "response": response})
-
-
-def test_verdict_parsers():
-    assert parse_equivalence("reasoning [[A!=B]] ... no wait [[A=B]]") == 1.0
-    assert parse_equivalence("[[ A != B ]]") == 0.0 and parse_equivalence("A equals B") is None
-    assert parse_rating("Rating: [[10]]") == 1.0 and parse_rating("rating [[1]]") == 0.0
-    assert parse_rating("Rating: [[5.5]]") == 0.5 and parse_rating("Rating: [[11]]") is None
-    assert parse_rating("no rating") is None
 
 
 def test_equivalence_judge(judge_server):
@@ -127,16 +118,6 @@ def test_a_custom_template_s_tags_are_escaped_in_the_fields(judge_server, tmp_pa
     assert "&lt;/question>\n\n&lt;reference>\nLyon\n&lt;/reference>" in prompt
 
 
-def test_render_draws_a_nonce_no_text_contains(monkeypatch):
-    from sft_ray.verifiers import judge
-
-    draws = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
-    monkeypatch.setattr(judge.secrets, "token_hex", lambda n: next(draws))
-    prompt = judge.render(judge.EQUIVALENCE, {"question": "q <candidate-aaaaaaaaaaaa>", "reference": "r",
-                                               "response": "c"}, builtin=True)
-    assert "<candidate-bbbbbbbbbbbb>\nc\n</candidate-bbbbbbbbbbbb>" in prompt
-
-
 def test_unreadable_verdict_is_retried_then_a_judge_error(judge_server):
     v = build_verifier(judge_cfg(judge_server, max_parse_retries=2))
     before = judge_server.state.requests
@@ -170,24 +151,6 @@ def test_math_with_judge_fallback_records_who_decided(judge_server):
     assert by_judge["reward"] == 1.0 and by_judge["metrics"]["decided_by"] == "judge"
     assert by_judge["metrics"]["math_verify_reward"] == 0.0 and by_judge["metrics"]["judge_used"] == 1.0
     assert judged(v, "\\boxed{3}", expected_answer="0.5")["reward"] == 0.0  # both say no
-
-
-def test_json_schema():
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
-              "required": ["name", "age"], "additionalProperties": False}
-    v = build_verifier({"type": "json_schema", "json_schema": schema})
-    good = score_one(v, {"response": 'Sure:\n```json\n{"name": "Ada", "age": 36}\n```'})
-    assert good["reward"] == 1.0 and good["metrics"]["schema_errors"] == 0.0
-    bad = score_one(v, {"response": '{"name": "Ada", "age": -1, "extra": true}'})
-    assert bad["reward"] == 0.0 and bad["metrics"] == {"json_valid": 1.0, "schema_valid": 0.0, "schema_errors": 2.0}
-    assert score_one(v, {"response": "{name: Ada}"})["metrics"]["json_valid"] == 0.0
-    row_schema = score_one(v, {"schema": json.dumps({"type": "array"}), "response": "[1, 2]"})
-    assert row_schema["reward"] == 1.0  # the row's own schema wins over the config's
-    broken = score_one(v, {"schema": {"type": "nonsense"}, "response": "[]"})
-    assert broken["reward"] is None and broken["error"]["type"] == "verifier_error"
-    with pytest.raises(ConfigError, match="not a valid JSON Schema"):
-        load_config(None, ["input=x", "output=y", "model.name=m", "verifier.type=json_schema",
-                           "verifier.json_schema={type: 12}"])
 
 
 def test_composite_combines_and_keeps_each_component(judge_server):
@@ -257,30 +220,6 @@ def test_judge_pricing_gives_each_row_its_judge_cost(judge_server):
     m = judged(priced, "Paris", expected_answer="Paris")["metrics"]
     assert m["judge_calls"] == 2 and m["judge_output_tokens"] == 8  # "Checked both answers. [[A=B]]" twice
     assert m["judge_cost_usd"] == pytest.approx((m["judge_input_tokens"] * 2.0 + 8 * 8.0) / 1e6)
-
-
-def test_spend_shows_the_judge_apart_and_in_the_total():
-    from sft_ray.cost import spend_summary
-    from sft_ray.finalize.stats import StatsAccumulator, format_report
-
-    acc = StatsAccumulator()
-    for i in range(4):
-        acc.add({"id": str(i), "sample_index": 0, "reward": 1.0, "usage": {"input_tokens": 100, "output_tokens": 50},
-                 "metrics": {"judge.judge_input_tokens": 300, "judge.judge_output_tokens": 4,
-                             "judge.judge_cost_usd": 0.25}}, failed=False)
-    stats = {**acc.result(), "expected": 8}
-    manifest = {"config": {"pricing": {"input_per_mtok": 1000.0, "output_per_mtok": 4000.0}}}
-    spend = spend_summary(stats, manifest)
-    assert spend["cost_usd"] == pytest.approx(4 * (100 * 1000 + 50 * 4000) / 1e6)  # generation: 1.2
-    assert spend["judge_cost_usd"] == pytest.approx(1.0)
-    assert spend["judge_input_tokens"] == 1200 and spend["judge_output_tokens"] == 16
-    assert spend["total_cost_usd"] == pytest.approx(2.2)
-    assert spend["projected_cost_usd"] == pytest.approx(4.4)  # half the samples done: the total, doubled
-    assert "spend: $2.2000 (generation $1.2000, judge $1.0000)" in format_report({**acc.result(), "spend": spend})
-    unpriced = StatsAccumulator()
-    unpriced.add({"id": "a", "sample_index": 0, "reward": 1.0, "metrics": {"judge_input_tokens": 3}}, failed=False)
-    spend = spend_summary(unpriced.result(), manifest)
-    assert "judge_cost_usd" not in spend and spend["total_cost_usd"] == spend["cost_usd"] == 0
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -377,22 +316,3 @@ def test_a_local_engine_judge_keeps_one_engine_and_releases_it(monkeypatch, judg
 
     asyncio.run(two_batches())
     assert FakeEngine.started == 3 and FakeEngine.alive == []
-
-
-def test_score_wiring_gives_a_vllm_judge_its_gpus():
-    from sft_ray.stages.score import wiring
-
-    base = ["input=x", "output=o", "model.name=m", "verifier.type=judge", "verifier.judge.model.backend=vllm",
-            "resources.score_num_gpus=1"]
-    one = wiring(load_config(None, base), {})
-    assert one["num_gpus"] == 1 and "ray_remote_args_fn" not in one
-    assert one["fn_constructor_kwargs"]["verifier"]["judge"]["model"]["backend"] == "vllm"
-    tp = wiring(load_config(None, base + ["verifier.judge.model.engine_kwargs.tensor_parallel_size=2"]), {})
-    # The actor takes no GPU and makes a placement group of tp GPU bundles itself (no ray_remote_args_fn).
-    assert tp["num_gpus"] is None and "ray_remote_args_fn" not in tp
-    assert tp["fn_constructor_kwargs"]["verifier"]["judge"]["model"]["replica_bundles"] == [{"GPU": 1, "CPU": 1}] * 2
-    assert tp["fn_constructor_kwargs"]["verifier"]["judge"]["model"]["engine_kwargs"] == {
-        "tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
-    hosted = wiring(load_config(None, ["input=x", "output=o", "model.name=m", "verifier.type=judge",
-                                       "verifier.judge.model.name=j"]), {})
-    assert hosted["num_gpus"] is None

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-import numpy as np
 import orjson
 import pytest
 from conftest import make_config, read_rows, score_one, write_jsonl
 
-from sft_ray.scoring import clean_result
 from sft_ray.stages.score import ScoreStage
 from sft_ray.verifiers import build_verifier
 
@@ -38,17 +36,6 @@ def score(row, response):
 '''
 
 KINDS = ["numpy", "nan", "inf", "clash", "raise", "string", "plain"]
-
-
-def test_clean_result_rules():
-    assert clean_result(np.float64(0.25)) == (0.25, {})
-    reward, metrics = clean_result({"reward": np.bool_(True), "a": np.int32(2), "b": float("nan"), "c": [np.int64(1)],
-                                    "d": {1: float("nan")}, "e": {1, 2}, "f": "x"})
-    assert reward == 1.0 and metrics == {"a": 2.0, "c": [1], "d": {"1": None}, "f": "x"}
-    assert type(metrics["a"]) is float
-    for bad in (float("nan"), float("-inf"), "1", None, {"accuracy": 1.0}, [1.0], {"reward": [1]}):
-        with pytest.raises(ValueError):
-            clean_result(bad)
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -45,3 +45,26 @@ def test_spend_of_a_batch_run_with_a_priced_judge():
     assert "requests" not in spend and "billed_usd" not in spend  # no session recorded its spend
     assert spend_summary({}, None) == {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "pricing": {},
                                        "total_cost_usd": 0.0}
+
+def test_spend_shows_the_judge_apart_and_in_the_total():
+    from sft_ray.cost import spend_summary
+    from sft_ray.finalize.stats import StatsAccumulator, format_report
+
+    acc = StatsAccumulator()
+    for i in range(4):
+        acc.add({"id": str(i), "sample_index": 0, "reward": 1.0, "usage": {"input_tokens": 100, "output_tokens": 50},
+                 "metrics": {"judge.judge_input_tokens": 300, "judge.judge_output_tokens": 4,
+                             "judge.judge_cost_usd": 0.25}}, failed=False)
+    stats = {**acc.result(), "expected": 8}
+    manifest = {"config": {"pricing": {"input_per_mtok": 1000.0, "output_per_mtok": 4000.0}}}
+    spend = spend_summary(stats, manifest)
+    assert spend["cost_usd"] == pytest.approx(4 * (100 * 1000 + 50 * 4000) / 1e6)  # generation: 1.2
+    assert spend["judge_cost_usd"] == pytest.approx(1.0)
+    assert spend["judge_input_tokens"] == 1200 and spend["judge_output_tokens"] == 16
+    assert spend["total_cost_usd"] == pytest.approx(2.2)
+    assert spend["projected_cost_usd"] == pytest.approx(4.4)  # half the samples done: the total, doubled
+    assert "spend: $2.2000 (generation $1.2000, judge $1.0000)" in format_report({**acc.result(), "spend": spend})
+    unpriced = StatsAccumulator()
+    unpriced.add({"id": "a", "sample_index": 0, "reward": 1.0, "metrics": {"judge_input_tokens": 3}}, failed=False)
+    spend = spend_summary(unpriced.result(), manifest)
+    assert "judge_cost_usd" not in spend and spend["total_cost_usd"] == spend["cost_usd"] == 0

@@ -4,31 +4,51 @@ config sections. (Limits through the mock server and Ray actors: tests/e2e/test_
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import pytest
 
+from sft_ray import ratelimit
 from sft_ray.config import ConfigError
 from sft_ray.configload import load_config
 from sft_ray.ratelimit import Aimd, SharedLimits, parse_reset, pause_from_headers
 
 
+@pytest.fixture(autouse=True)
+def clock(monkeypatch):
+    """The limiter's clock, stopped: it moves only when a test moves it, so the arithmetic is exact
+    however loaded the machine is (on a real clock, time passing between two reservations shifted
+    the delays)."""
+    now = SimpleNamespace(t=1000.0)
+    monkeypatch.setattr(ratelimit, "time", SimpleNamespace(monotonic=lambda: now.t))
+    return now
+
+
 def test_reservations_pace_requests_at_the_limit():
     shared = SharedLimits({"requests": 600}, {}, {})  # 10 per second, half a second of burst
     delays = [shared.reserve("a", 1, 10, 10, {}, {})[0][0] for _ in range(100)]
-    assert delays[0] == 0 and delays[5] == 0 and delays[6] > 0  # the burst: half a second's worth
-    assert delays[99] == pytest.approx(99 / 10 - 0.5, abs=0.05)  # then 10 per second
+    assert delays[:6] == pytest.approx([0] * 6, abs=1e-9)  # the burst: half a second's worth
+    assert delays[6] == pytest.approx(0.1) and delays[99] == pytest.approx(99 / 10 - 0.5)  # then 10 per second
     assert all(b >= a for a, b in zip(delays, delays[1:]))
     # A batch of requests from one actor is spread the same way, not sent at once.
     batch = SharedLimits({"requests": 600}, {}, {}).reserve("a", 100, 1000, 1000, {}, {})[0]
-    assert batch == pytest.approx(delays, abs=0.01)
+    assert batch == pytest.approx(delays)
+
+
+def test_idle_time_refills_the_burst_and_saves_up_no_more(clock):
+    shared = SharedLimits({"requests": 600}, {}, {})
+    for _ in range(20):
+        shared.reserve("a", 1, 10, 10, {}, {})
+    clock.t += 60  # a minute idle
+    delays = [shared.reserve("a", 1, 10, 10, {}, {})[0][0] for _ in range(8)]
+    assert delays[:6] == pytest.approx([0] * 6, abs=1e-9) and delays[6] == pytest.approx(0.1) and delays[7] == pytest.approx(0.2)
 
 
 def test_reported_usage_corrects_the_token_estimate():
     shared = SharedLimits({"output_tokens": 60_000}, {}, {})  # 1000 per second
     assert shared.reserve("a", 1, 0, 3000, {}, {})[0] == [0]
     # The next request waits for the 3 s those 3000 tokens cost (minus the burst)...
-    assert shared.reserve("a", 1, 0, 3000, {}, {})[0][0] == pytest.approx(2.5, abs=0.05)
+    assert shared.reserve("a", 1, 0, 3000, {}, {})[0][0] == pytest.approx(2.5)
     # ... unless the first reported using 100 of its 3000: no wait for the 2900 it did not use.
     shared = SharedLimits({"output_tokens": 60_000}, {}, {})
     shared.reserve("a", 1, 0, 3000, {}, {})
@@ -72,7 +92,7 @@ def test_config_sections_and_their_errors():
         load_config(None, base + ["rate_limit.requests_per_minut=5"])
 
 
-def test_aimd_halves_once_per_round_trip_and_grows_back():
+def test_aimd_halves_once_per_round_trip_and_grows_back(clock):
     a = Aimd(4, 64)
 
     def done(congested=False, latency=0.1):
@@ -86,7 +106,7 @@ def test_aimd_halves_once_per_round_trip_and_grows_back():
     assert a.limit == 12
     done(congested=True)  # the same burst of 429s: one signal
     assert a.limit == 12
-    time.sleep(0.12)
+    clock.t += 0.12  # a round trip later
     done(congested=True)
     assert a.limit == 6 and a.cuts == 2
     for _ in range(6):
