@@ -9,12 +9,12 @@ import pytest
 
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.backends.openai import OpenAIBackend
-from sft_ray.config import ModelConfig
+from sft_ray.config import OpenAIModelConfig
 from sft_ray.devserver import MockConfig, MockServer
 
 
 def backend(server, **kw):
-    model = ModelConfig(name=kw.pop("name", "mock"), base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
+    model = OpenAIModelConfig(name=kw.pop("name", "mock"), base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
                         base_retry_wait_s=0.01, max_retry_wait_s=kw.pop("max_retry_wait_s", 0.5), **kw).model_dump()
     model["api_key"] = Secret("sk-test-SECRET-123")
     return OpenAIBackend(model, max_in_flight=8)
@@ -83,7 +83,7 @@ def test_timeout_error(mock_server):
 
 
 def test_connection_refused_is_a_connection_error():
-    model = ModelConfig(name="m", base_url="http://127.0.0.1:9/v1", max_retries=1, base_retry_wait_s=0.01).model_dump()
+    model = OpenAIModelConfig(name="m", base_url="http://127.0.0.1:9/v1", max_retries=1, base_retry_wait_s=0.01).model_dump()
     [r] = gen(OpenAIBackend(model, 4), ["x"])
     assert r.error["type"] == "connection_error"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sft_ray.backends.openai import refused_param, request_timeout_s
-from sft_ray.config import ConfigError, ModelConfig
+from sft_ray.config import ConfigError, OpenAIModelConfig
 from sft_ray.configload import load_config
 from sft_ray.runfolder.manifest import config_fingerprint
 
@@ -41,7 +41,7 @@ def test_omit_params_names_sampling_keys_and_leaves_the_fingerprint_alone():
 
 
 def test_request_timeout_scales_with_the_requested_output_tokens():
-    model = ModelConfig(name="m", timeout_s=120).model_dump()
+    model = OpenAIModelConfig(name="m", timeout_s=120).model_dump()
     assert request_timeout_s(model, {}) == 120  # no limit asked: the base
     assert request_timeout_s(model, {"max_output_tokens": 1024}) == 120  # small requests: as before
     assert request_timeout_s(model, {"max_output_tokens": 32768}) == pytest.approx(120 + 20 * 31.744)
