@@ -24,7 +24,7 @@ from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.job import EXIT_OK, RunError, run
 from sft_ray.stages.read import read_samples, scan_input
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sft_ray(*args: str, cwd: Path) -> subprocess.CompletedProcess:
