@@ -42,7 +42,7 @@ def test_a_stall_names_model_calls_and_tool_calls_in_flight(tmp_path):
 
 
 def test_a_blocked_event_loop_is_named(tmp_path):
-    rows = [{"id": "loop", "prompt": '[[tool:blocks_loop {"seconds": 25}]]'}]
+    rows = [{"id": "loop", "prompt": '[[tool:blocks_loop {"seconds": 12}]]'}]  # detected within ~9 s of the block
     with MockServer(MockConfig()) as server:
         inp = write_jsonl(tmp_path / "in.jsonl", rows)
         cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={HOSTILE}",
