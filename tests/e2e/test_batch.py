@@ -59,14 +59,6 @@ def _events(run_dir: Path) -> list[dict]:
 # -- the mock's endpoints -------------------------------------------------------------------
 
 
-def test_custom_id_round_trips_any_id():
-    for rid in ["r1", "3:7", "a\nb", "ü 🙂", ":", "", "x" * 500, "0:0:0"]:
-        for k in (0, 7, 123456):
-            assert parse_custom_id(custom_id(rid, k)) == (rid, k)
-    for foreign in [None, 3, "abc", ":x", "-1:x", "1e3:x", "12345678901:x"]:
-        assert parse_custom_id(foreign) is None
-
-
 def test_mock_serves_files_and_batches_with_line_errors_and_expiry():
     async def go(server: MockServer) -> None:
         model = {"base_url": server.url, "timeout_s": 5, "connect_timeout_s": 5, "max_retries": 0,

@@ -335,22 +335,6 @@ def test_validate_lists_the_servers_tools_and_checks_declared_ones(tmp_path):
                         "under any of the given schemas (at properties/a/type)"]
 
 
-def test_config_refuses_credentials_in_env_and_needs_one_server(tmp_path):
-    from sft_ray.config import ConfigError
-    from sft_ray.configload import load_config
-
-    base = [f"input={tmp_path}", f"output={tmp_path / 'run'}", "model.name=m", "environment.type=mcp"]
-    with pytest.raises(ConfigError, match="environment.env.GITHUB_TOKEN: a credential does not belong"):
-        load_config(None, base + ["environment.command=x", "environment.env={GITHUB_TOKEN: abc}"])
-    with pytest.raises(ConfigError, match="exactly one of environment.command"):
-        load_config(None, base)
-    with pytest.raises(ConfigError, match="exactly one of environment.command"):
-        load_config(None, base + ["environment.command=x", "environment.url=http://h/mcp"])
-    cfg = load_config(None, base + ["environment.command=x", "environment.env_from={TOKEN: SFT_RAY_UNSET_VAR_X}"])
-    with pytest.raises(ConfigError, match=r"TOKEN \(from SFT_RAY_UNSET_VAR_X\)"):
-        cfg.environment.secret_env()
-
-
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_server_command_that_does_not_exist_stops_the_run_before_it_starts(tmp_path):
     from sft_ray.job import RunError

@@ -93,14 +93,6 @@ def test_input_folder_and_glob_on_s3(s3, monkeypatch):
     assert cols["source"][0] == f"{root}/sub/b.jsonl.gz:1"
 
 
-def test_gs_uris_map_to_pyarrow_gcs():
-    fs, path = io.filesystem("gs://some-bucket/prompts/a.jsonl")
-    assert fs.type_name == "gcs" and path == "some-bucket/prompts/a.jsonl"
-    assert io.display(fs, path) == "gs://some-bucket/prompts/a.jsonl"
-    assert io.join("gs://some-bucket/run/", "rollouts") == "gs://some-bucket/run/rollouts"
-    assert io.filesystem("gs://some-bucket/run/", fs) == (fs, "some-bucket/run")
-
-
 # The mock server echoes the prompt: even rows carry their own answer (reward 1), odd ones do not.
 ROWS = [{"prompt": f"\\boxed{{{i}}}", "expected_answer": str(i) if i % 2 == 0 else "-1"} for i in range(20)]
 
