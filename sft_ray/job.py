@@ -184,7 +184,7 @@ def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     session = Session(manifest, 0)
     # Recorded before it writes a part file: files of no recorded session are not the run's.
     save_manifest(cfg.output, manifest)
-    writers = Writers(cfg.output, session.number, state)
+    writers = Writers(cfg.output, session.number, state, skip_bad_input=cfg.read.skip_bad_lines)
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
                                 remote_scorer(cfg))
