@@ -259,7 +259,7 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
     check_chain([read.STAGE, generate.STAGE, score.STAGE])
     ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
     ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec(), activity=activity_board)
-    return score.STAGE.apply(ds, cfg, plan)
+    return score.STAGE.apply(ds, cfg, plan, activity=activity_board)
 
 
 def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
