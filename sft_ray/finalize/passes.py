@@ -47,7 +47,7 @@ import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 from orjson import JSONDecodeError
@@ -229,19 +229,61 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     ``unexpected``: keys that are none of the run's samples, not trained on either.
 
     One format is written to train/ (and validation/) as it always was; several to
-    train/<format>/ (and validation/<format>/), each with its own shards."""
+    train/<format>/ (and validation/<format>/), each with its own shards.
+
+    The steps: the failure records (:func:`_read_failures`), the plan of pieces, groups and buckets
+    (:class:`_Plan`), the scan of the rollouts (:func:`_scan_pass`), the per-prompt groups
+    (:func:`_group_pass`), the report's sections (:func:`_sections`), the shards (:func:`_write_outputs`)."""
     filter_, train = _normalise(filter_cfg, train_cfg)
-    from sft_ray.config import PreferenceConfig, row_formats
+    from sft_ray.config import row_formats
 
     formats = tuple(row_formats(train["format"]))
-    pairs = None
-    if PREFERENCE in formats:
-        pref = PreferenceConfig.model_validate(preference or {})
-        chosen_min = pref.chosen_min_reward if pref.chosen_min_reward is not None else filter_["min_reward"]
-        pairs = (pref.min_margin, chosen_min, pref.max_pairs_per_prompt)
-    torn = 0
+    pairs = _pair_rules(preference, filter_) if PREFERENCE in formats else None
     odd = Unexpected()
-    # Latest failure per sample (a sample retried by a rerun may have several records).
+    failures, torn = _read_failures(run_dir, sessions, odd)
+    plan = _Plan.of(run_dir, sessions, workers, write)
+    tally_on = bool(rejection and rejection.get("target_passing"))
+    acc = StatsAccumulator()
+    in_bucket: dict[str, list[int]] = {}  # rows per shuffle bucket, by split (and format)
+
+    def count(counts: dict[str, list[int]]) -> None:
+        for target, per_bucket in counts.items():
+            have = in_bucket.setdefault(target, [0] * plan.n_buckets)
+            in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
+
+    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(plan.n_workers) as pool:
+        job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=plan.n_groups,
+                   n_buckets=plan.n_buckets, succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
+                   tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
+                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
+        scan_torn, temperature = _scan_pass(pool, job, plan, acc, odd, failures, count)
+        torn += scan_torn
+        tally = _group_pass(pool, job, acc, failures, count, tally_on)
+        stats = acc.result()
+        _sections(stats, run_dir, write, tally, acc, pairs, formats, filter_, train, shuffle_seed)
+        stats["advice"] = advice(stats, temperature)
+        if torn:
+            stats["torn_lines"] = torn
+        stats["unexpected_rows"] = odd.result()
+        if write:
+            _write_outputs(run_dir, job, pool, train, formats, in_bucket, stats)
+    return stats
+
+
+def _pair_rules(preference: dict[str, Any] | None, filter_: dict[str, Any]) -> tuple[float, float, int]:
+    """(min_margin, chosen_min_reward, max_pairs_per_prompt) of the ``preference`` section."""
+    from sft_ray.config import PreferenceConfig
+
+    pref = PreferenceConfig.model_validate(preference or {})
+    chosen_min = pref.chosen_min_reward if pref.chosen_min_reward is not None else filter_["min_reward"]
+    return pref.min_margin, chosen_min, pref.max_pairs_per_prompt
+
+
+def _read_failures(run_dir: str, sessions: frozenset[int] | None,
+                   odd: Unexpected) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
+    """(the latest failure record per sample: a sample retried by a rerun may have several, torn lines);
+    the rows of failed/ files no session of the run wrote go to ``odd``."""
+    torn = 0
     failures: dict[tuple[str, int], dict[str, Any]] = {}
     failed_files, unknown_failed = written_by(io.list_files(io.join(run_dir, FAILED), ".jsonl"), sessions)
     for uri in unknown_failed:
@@ -253,107 +295,126 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 torn += 1
             else:
                 failures[(str(row["id"]), int(row["sample_index"]))] = row
+    return failures, torn
 
-    rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
-    unknown = set(written_by(rollout_files, sessions)[1])
-    sizes = [io.size(u) for u in rollout_files]
-    total_bytes = sum(sizes)
-    pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
-    quarantined = [uri in unknown for uri, _, _ in pieces]
-    n_workers = _workers(workers, total_bytes, len(pieces))
-    tally_on = bool(rejection and rejection.get("target_passing"))
-    # Bucket counts in multiples of the workers, so that no worker is left alone with the last one.
-    n_groups = _round_up(max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES)), n_workers)
-    n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
-    acc = StatsAccumulator()
-    temperature = None
-    in_bucket: dict[str, list[int]] = {}  # rows per shuffle bucket, by split (and format)
 
-    def count(counts: dict[str, list[int]]) -> None:
-        for target, per_bucket in counts.items():
-            have = in_bucket.setdefault(target, [0] * n_buckets)
-            in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
+@dataclass
+class _Plan:
+    """How the rollouts are cut up: pieces of files for the scan (those of files no session wrote
+    quarantined), worker processes, per-prompt groups and shuffle buckets."""
 
-    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
-        job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
-                   succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
-                   tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
-                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
-        for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
-                _scan, itertools.repeat(job), range(len(pieces)), pieces, quarantined):
-            acc.merge(part)
-            odd.merge(part_odd)
-            torn += part_torn
-            for key in succeeded:
-                failures.pop(key, None)  # it succeeded later
-            if temperature is None:
-                temperature = temp
-            count(counts)
-        for row in failures.values():
-            acc.add(row, failed=True, source=source_of(row))
-        # Failed samples per prompt, for rejection sampling's count of samples drawn.
-        failed: list[dict[str, list[Any]]] = [{} for _ in range(n_groups)]
-        if tally_on:
-            for (rid, _), row in failures.items():
-                entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _input_line(row)])
-                entry[0] += 1
-        tally = Tally(*job.tally) if job.tally else None
-        for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
-            acc.merge(part)
-            if tally is not None:
-                tally.merge(part_tally)
-            count(counts)
+    pieces: list[tuple[str, int, int | None]]
+    quarantined: list[bool]
+    n_workers: int
+    n_groups: int
+    n_buckets: int
 
-        stats = acc.result()
+    @classmethod
+    def of(cls, run_dir: str, sessions: frozenset[int] | None, workers: int | None, write: bool) -> _Plan:
+        rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
+        unknown = set(written_by(rollout_files, sessions)[1])
+        sizes = [io.size(u) for u in rollout_files]
+        total_bytes = sum(sizes)
+        pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
+        n_workers = _workers(workers, total_bytes, len(pieces))
+        # Bucket counts in multiples of the workers, so that no worker is left alone with the last one.
+        n_groups = _round_up(max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES)), n_workers)
+        n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
+        return cls(pieces, [uri in unknown for uri, _, _ in pieces], n_workers, n_groups, n_buckets)
+
+
+def _scan_pass(pool: Any, job: _Job, plan: _Plan, acc: StatsAccumulator, odd: Unexpected,
+               failures: dict[tuple[str, int], dict[str, Any]],
+               count: Callable[[dict[str, list[int]]], None]) -> tuple[int, Any]:
+    """Scan every piece (in the workers); a failure record of a sample that succeeded later is dropped
+    from ``failures``. Returns (torn lines, the sampling temperature the rollouts record)."""
+    torn, temperature = 0, None
+    for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
+            _scan, itertools.repeat(job), range(len(plan.pieces)), plan.pieces, plan.quarantined):
+        acc.merge(part)
+        odd.merge(part_odd)
+        torn += part_torn
+        for key in succeeded:
+            failures.pop(key, None)  # it succeeded later
+        if temperature is None:
+            temperature = temp
+        count(counts)
+    for row in failures.values():
+        acc.add(row, failed=True, source=source_of(row))
+    return torn, temperature
+
+
+def _group_pass(pool: Any, job: _Job, acc: StatsAccumulator, failures: dict[tuple[str, int], dict[str, Any]],
+                count: Callable[[dict[str, list[int]]], None], tally_on: bool) -> Tally | None:
+    """Each group of prompts (in the workers): per-prompt rules, shuffle buckets, rejection sampling's tally."""
+    # Failed samples per prompt, for rejection sampling's count of samples drawn.
+    failed: list[dict[str, list[Any]]] = [{} for _ in range(job.n_groups)]
+    if tally_on:
+        for (rid, _), row in failures.items():
+            entry = failed[_group_of(rid, job.n_groups)].setdefault(rid, [0, _input_line(row)])
+            entry[0] += 1
+    tally = Tally(*job.tally) if job.tally else None
+    for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(job.n_groups), failed):
+        acc.merge(part)
         if tally is not None:
-            stats["rejection"] = tally.result()
-            # pass@k needs k samples of a prompt whatever the first ones scored. Rejection sampling stops a
-            # prompt once it passes, so prompts that passed early have few samples and pass@k is biased (it
-            # even falls with k); the rejection section reports what holds for sequential sampling instead.
-            for biased in ("pass_at_k", "all_pass"):
-                (stats.get("prompts") or {}).pop(biased, None)
-            if write:
-                never = io.join(run_dir, NEVER_PASSED)
-                io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
-                stats["rejection"]["never_passed_file"] = never
-        stats["train_rows"] = acc.kept - acc.validation
-        if pairs is not None:
-            stats["preference"] = acc.pair_stats(*pairs)
-            if formats[0] == PREFERENCE:
-                stats["train_rows"] = stats["preference"]["pairs"] - stats["preference"]["validation_pairs"]
-        # The settings that differ from the defaults (what this cut of the run chose).
-        from sft_ray.config import FilterConfig, TrainConfig
+            tally.merge(part_tally)
+        count(counts)
+    return tally
 
-        stats["filter"] = {k: v for k, v in filter_.items() if v != FilterConfig.model_fields[k].default}
-        stats["train"] = {k: v for k, v in train.items()
-                          if k != "include_fields" and v != TrainConfig.model_fields[k].default}
-        stats["shuffle_seed"] = shuffle_seed
-        stats["advice"] = advice(stats, temperature)
-        if torn:
-            stats["torn_lines"] = torn
-        stats["unexpected_rows"] = odd.result()
+
+def _sections(stats: dict[str, Any], run_dir: str, write: bool, tally: Tally | None, acc: StatsAccumulator,
+              pairs: tuple[float, float, int] | None, formats: tuple[str, ...], filter_: dict[str, Any],
+              train: dict[str, Any], shuffle_seed: int) -> None:
+    """The report's sections beyond the accumulator's: rejection sampling (and never_passed.jsonl),
+    training rows, preference pairs, the settings of this cut."""
+    if tally is not None:
+        stats["rejection"] = tally.result()
+        # pass@k needs k samples of a prompt whatever the first ones scored. Rejection sampling stops a
+        # prompt once it passes, so prompts that passed early have few samples and pass@k is biased (it
+        # even falls with k); the rejection section reports what holds for sequential sampling instead.
+        for biased in ("pass_at_k", "all_pass"):
+            (stats.get("prompts") or {}).pop(biased, None)
         if write:
-            shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
-            stats["shards"] = shards[formats[0]]
-            val = None
-            if train["validation_fraction"] > 0 and any(sum(in_bucket.get(job.target(VALIDATION, f)) or [])
-                                                         for f in formats):
-                val = _write_split(run_dir, job, pool, VALIDATION, in_bucket)
-                stats["validation_shards"] = val[formats[0]]
-            else:
-                # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
-                # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
-                io.delete(io.join(run_dir, VALIDATION))
-            if len(formats) > 1:
-                stats["shards_by_format"] = shards
-                if val is not None:
-                    stats["validation_shards_by_format"] = val
-            # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
-            # declared split whose files it cannot find.
-            splits = [TRAIN] + ([VALIDATION] if val is not None else [])
-            schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
-            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
-    return stats
+            never = io.join(run_dir, NEVER_PASSED)
+            io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
+            stats["rejection"]["never_passed_file"] = never
+    stats["train_rows"] = acc.kept - acc.validation
+    if pairs is not None:
+        stats["preference"] = acc.pair_stats(*pairs)
+        if formats[0] == PREFERENCE:
+            stats["train_rows"] = stats["preference"]["pairs"] - stats["preference"]["validation_pairs"]
+    # The settings that differ from the defaults (what this cut of the run chose).
+    from sft_ray.config import FilterConfig, TrainConfig
+
+    stats["filter"] = {k: v for k, v in filter_.items() if v != FilterConfig.model_fields[k].default}
+    stats["train"] = {k: v for k, v in train.items()
+                      if k != "include_fields" and v != TrainConfig.model_fields[k].default}
+    stats["shuffle_seed"] = shuffle_seed
+
+
+def _write_outputs(run_dir: str, job: _Job, pool: Any, train: dict[str, Any], formats: tuple[str, ...],
+                   in_bucket: dict[str, list[int]], stats: dict[str, Any]) -> None:
+    """train/ (and validation/) shards of every format, and the dataset card; their names in ``stats``."""
+    shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
+    stats["shards"] = shards[formats[0]]
+    val = None
+    if train["validation_fraction"] > 0 and any(sum(in_bucket.get(job.target(VALIDATION, f)) or [])
+                                                 for f in formats):
+        val = _write_split(run_dir, job, pool, VALIDATION, in_bucket)
+        stats["validation_shards"] = val[formats[0]]
+    else:
+        # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
+        # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
+        io.delete(io.join(run_dir, VALIDATION))
+    if len(formats) > 1:
+        stats["shards_by_format"] = shards
+        if val is not None:
+            stats["validation_shards_by_format"] = val
+    # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
+    # declared split whose files it cannot find.
+    splits = [TRAIN] + ([VALIDATION] if val is not None else [])
+    schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
+    io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
 
 
 def _take(tmp: str, prefix: str) -> Iterator[bytes]:
