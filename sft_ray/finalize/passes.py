@@ -54,6 +54,7 @@ from orjson import JSONDecodeError
 
 from sft_ray import io
 from sft_ray.finalize.curate import (
+    SCORED_META,
     TEXT_CAP,
     RowRules,
     Scored,
@@ -544,10 +545,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
-            # A Scored record but its training row (which follows it on the line, as bytes).
-            meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
-                    _input_line(row) if job.keep_input_line else None, k]
-            row_bytes = b""
+            row_bytes, sort_key, kept_tokens = b"", "", 0  # the Scored record's row, shuffle_key, output_tokens
             if reason is None and formats:  # a candidate for train/: its training row in its format
                 key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
                 row_bytes = (dumps(train_row(row, fmt, include, reasoning)) if fmt is not None else
@@ -558,15 +556,20 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                     shuffled.add_rows(validation, key, row_bytes)
                     row_bytes = b""
                 else:
-                    meta[1], meta[7] = key, tokens  # Scored.shuffle_key, Scored.output_tokens
+                    sort_key, kept_tokens = key, tokens
             elif reason is None:  # preference only: a sample kept by the rules is counted, its row is a pair's
                 acc.add_kept(src, output_tokens(row), validation=in_validation(seed, rid, fraction))
             if pairs and (reason is None or reason == "below_min_reward" or reason == "above_max_reward"):
                 # A pair candidate: every row rule but the reward bounds holds (a failing sample may be rejected).
-                meta[1] = meta[1] or shuffle_key(seed, rid, k)
+                sort_key = sort_key or shuffle_key(seed, rid, k)
                 row_bytes += b"\t" + dumps(train_row(row, CANDIDATE_FORMAT, include, reasoning))
             elif pairs:
                 row_bytes += b"\t"
+            # A Scored record but its rows (which follow it on the line, as bytes).
+            meta = Scored(prompt_id=rid, shuffle_key=sort_key, reward=float(row["reward"]), passed_rules=reason is None,
+                          digest=digest, text=text[:TEXT_CAP], source=src, output_tokens=kept_tokens,
+                          input_line=_input_line(row) if job.keep_input_line else None, sample_index=k,
+                          train_row=b"")[:SCORED_META]
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
     return acc, torn, succeeded, temperature, shuffled.counts, odd
 
