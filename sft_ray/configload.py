@@ -107,16 +107,16 @@ def _nearest(loc: tuple[Any, ...]) -> str:
     return f"(did you mean {close[0]}?)" if close else ""
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem, each naming the dotted field."""
+def format_validation_error(err: ValidationError, source: str, section: str = "") -> str:
+    """One line per problem, each naming the dotted field (under ``section`` when one section was validated)."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc, tag = _where(e["loc"])
-        loc = loc or "<root>"
+        loc = ".".join(p for p in (section, loc) if p) or "<root>"
         if e["type"] == "extra_forbidden":
             why = foreign_key(tag, str(e["loc"][-1])) if tag else ""
             if "applies to" not in why:
-                why = f"{why} {_nearest(e['loc'])}".strip()
+                why = f"{why} {_nearest((*section.split('.'), *e['loc']) if section else e['loc'])}".strip()
             lines.append(f"  {loc}: unknown key {why}".rstrip())
             continue
         if e["type"] == "invalid_tag":  # a union's key with a value no member has: name the key

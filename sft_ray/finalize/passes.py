@@ -85,6 +85,7 @@ from sft_ray.runfolder.layout import (
     TRAIN,
     VALIDATION,
     iter_jsonl,
+    key_of,
     shard_name,
     written_by,
 )
@@ -295,7 +296,7 @@ def _read_failures(run_dir: str, sessions: frozenset[int] | None,
             if row is None:
                 torn += 1
             else:
-                failures[(str(row["id"]), int(row["sample_index"]))] = row
+                failures[key_of(row)] = row
     return failures, torn
 
 
@@ -526,7 +527,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             except JSONDecodeError:
                 torn += line.strip() != b""
                 continue
-            rid, k = str(row["id"]), int(row["sample_index"])
+            rid, k = key_of(row)
             if unexpected and (rid, k) in unexpected:
                 odd.add("unexpected_key", piece[0], row)
                 continue

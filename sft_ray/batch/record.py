@@ -1,0 +1,89 @@
+"""What the batch loop records: answers scored and written as online answers are (the session's
+tallies, the failure budget), and what it spent (the spending budget, checked before each file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from sft_ray.config import RunConfig
+from sft_ray.cost import batch_prices, cost_usd
+from sft_ray.driver import Recorder, Session, remote_scorer
+from sft_ray.ratelimit import over_spending_budget
+from sft_ray.runfolder.layout import Key, keys_of
+from sft_ray.runfolder.manifest import Manifest
+from sft_ray.runfolder.parts import Writers
+from sft_ray.runfolder.state import FolderState
+from sft_ray.scoring import verifier_payload
+from sft_ray.stages.score import ScoreStage
+
+SCORE_CHUNK = 1024  # rollouts scored and written at a time
+
+
+class Spending:
+    """What this session sent and spent, at batch prices, against the spending budget (budget.*)."""
+
+    def __init__(self, cfg: RunConfig, manifest: Manifest) -> None:
+        self.limits = cfg.budget.model_dump()
+        self.pricing = batch_prices(cfg.pricing.model_dump())
+        self.before = manifest.spent_before()
+        self.spend = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "batches": 0}
+
+    def sent(self, requests: int) -> None:
+        self.spend["requests"] += requests
+        self.spend["batches"] += 1
+
+    def used(self, rollout: dict[str, Any]) -> None:
+        usage = rollout.get("usage") or {}
+        self.spend["input_tokens"] += int(usage.get("input_tokens") or 0)
+        self.spend["output_tokens"] += int(usage.get("output_tokens") or 0)
+
+    def over(self, requests: int, est_in: float, est_out: float) -> bool:
+        """Whether submitting these requests could pass a spending budget, all sessions together."""
+        spent = {k: self.before.get(k, 0) + self.spend[k] for k in ("requests", "input_tokens", "output_tokens")}
+        return over_spending_budget(self.limits, self.pricing, spent["requests"] + requests,
+                                    spent["input_tokens"] + est_in, spent["output_tokens"] + est_out)
+
+    def record(self) -> dict[str, Any]:
+        """This session's spend, as its record holds it (what the budget and stats.json read)."""
+        return {**self.spend, "cost_usd": cost_usd(self.spend["input_tokens"], self.spend["output_tokens"],
+                                                   self.pricing)}
+
+
+class BatchRecorder:
+    """Scores what the batches bring back (failed rollouts pass through) and records it with the
+    session's :class:`~sft_ray.driver.Recorder`, as the online stream does; counts its spend."""
+
+    def __init__(self, cfg: RunConfig, state: FolderState, session: Session, writers: Writers,
+                 spending: Spending) -> None:
+        self.state, self.session, self.spending = state, session, spending
+        self.recorder = Recorder(cfg, writers, session)
+        self.remote = remote_scorer(cfg)
+        self.scorer = ScoreStage(verifier_payload(cfg.verifier)) if self.remote is None else None
+
+    async def write(self, pairs: list[tuple[Key, dict[str, Any]]]) -> None:
+        for i in range(0, len(pairs), SCORE_CHUNK):
+            chunk = pairs[i:i + SCORE_CHUNK]
+            rollouts = [r for _, r in chunk]
+            for r in rollouts:
+                self.spending.used(r)
+            batch = {"id": [k[0] for k, _ in chunk], "sample_index": [k[1] for k, _ in chunk],
+                     "rollout": [orjson.dumps(r).decode() for r in rollouts],
+                     "failed": [r["error"] is not None for r in rollouts], "ready_at": [0.0] * len(chunk)}
+            if self.remote is not None:
+                outs = list(self.remote([batch]))
+            else:
+                assert self.scorer is not None
+                outs = [await self.scorer(batch)]
+            for out in outs:
+                keys = keys_of(out)
+                tokens = sum(int((orjson.loads(t).get("usage") or {}).get("output_tokens") or 0)
+                             for t in out["rollout"])
+                self.recorder.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]),
+                                    tokens)
+        self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_sessions.values()))
+
+    async def close(self) -> None:
+        if self.scorer is not None:
+            await self.scorer.close()
