@@ -174,7 +174,7 @@ def test_job_runs_on_both_nodes(cluster, tmp_path):
     # The dashboard's Ray Data view lists the pipeline's stages by name.
     datasets = cluster.get(f"/api/data/datasets/{job_id}")["datasets"]
     operators = " ".join(op["operator"] for d in datasets for op in d["operators"])
-    for stage in ("ReadPromptJSONL", "MapBatches(GenerateStage)", "MapBatches(ScoreStage)"):
+    for stage in ("ReadPrompts", "MapBatches(GenerateStage)", "MapBatches(ScoreStage)"):
         assert stage in operators, operators
 
 

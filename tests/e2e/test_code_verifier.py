@@ -273,8 +273,11 @@ def test_exiting_before_the_checks_scores_zero_and_is_counted():
     assert got["good"] == (1.0, 0.0)
     for name in EARLY_EXITS:
         assert got[name][0] == 0.0, (name, got[name])
-    for name in ("sys_exit", "os_exit", "excepthook", "atexit"):
+    for name in ("sys_exit", "os_exit", "atexit"):
         assert got[name][1] == 1.0, (name, got[name])
+    # the program's process never raises to its top (the harness answers each call): its hook never runs, the
+    # wrong answer is just wrong
+    assert got["excepthook"] == (0.0, 0.0)
     assert {r["name"] for r in rows if "error" in r} == set()
 
 
@@ -311,13 +314,14 @@ def test_missing_bwrap_refuses_with_the_install_line(tmp_path, monkeypatch):
     assert "Traceback" not in done.stderr
 
 
-def test_plain_returns_off_lets_the_prompts_own_classes_through():
+def test_objects_of_the_programs_classes_do_not_cross_and_plain_returns_false_is_refused():
     row = {"test": "def check(candidate):\n    assert candidate(2) == Point(2, 2)\n", "entry_point": "diag"}
     program = ("class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
                "    def __eq__(self, o):\n        return (self.x, self.y) == (o.x, o.y)\n"
                "def diag(n):\n    return Point(n, n)\n")
     assert score(code_verifier(), row, program)["reward"] == 0.0  # not plain data
-    assert score(code_verifier(plain_returns=False), row, program)["reward"] == 1.0
+    with pytest.raises(ValueError, match="plain_returns: only `true`"):
+        code_verifier(plain_returns=False)
 
 
 def test_a_sandbox_that_fails_to_start_is_a_verifier_error_not_a_zero(monkeypatch):

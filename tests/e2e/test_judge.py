@@ -258,7 +258,7 @@ class FakeEngine:
     alive: list["FakeEngine"] = []
     started = 0
 
-    def __init__(self, model, max_in_flight):
+    def __init__(self, model, requests_per_actor):
         self.model, self.dead = model, False
 
     async def start(self):

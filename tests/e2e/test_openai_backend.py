@@ -17,7 +17,7 @@ def backend(server, **kw):
     model = OpenAIModelConfig(name=kw.pop("name", "mock"), base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
                         base_retry_wait_s=0.01, max_retry_wait_s=kw.pop("max_retry_wait_s", 0.5), **kw).model_dump()
     model["api_key"] = Secret("sk-test-SECRET-123")
-    return OpenAIBackend(model, max_in_flight=8)
+    return OpenAIBackend(model, requests_per_actor=8)
 
 
 def gen(b, prompts, params=None):
@@ -96,12 +96,12 @@ def test_api_key_never_in_error_text(mock_server):
 
 
 def test_in_flight_limit_per_backend(mock_server):
-    """The connector never opens more connections than max_in_flight."""
+    """The connector never opens more connections than requests_per_actor."""
     b = backend(mock_server)
-    b.max_in_flight = 4
+    b.requests_per_actor = 4
     with MockServer(MockConfig(latency_ms=50)) as slow:
         b = backend(slow)
-        b.max_in_flight = 4
+        b.requests_per_actor = 4
         results = gen(b, [f"p{i}" for i in range(20)])
         assert all(r.error is None for r in results)
         assert slow.state.max_in_flight <= 4

@@ -45,7 +45,7 @@ def test_replica_placement_groups_are_made_by_and_removed_with_their_actors(ray_
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # Ray's RayDeprecationWarning is one
         ds = ray.data.from_arrow(table).repartition(6)
-        ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"model": model, "sampling": {}, "max_in_flight": 4},
+        ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"model": model, "sampling": {}, "requests_per_actor": 4},
                             batch_size=8, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=0.5)
         rows = ds.take_all()
     assert len(rows) == n and not any(r["failed"] for r in rows)

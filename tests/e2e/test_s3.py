@@ -75,7 +75,7 @@ def test_input_folder_and_glob_on_s3(s3, monkeypatch):
     s3.put_object(Bucket=s3.bucket, Key="in/README.txt", Body=b"not rows")
     s3.put_object(Bucket=s3.bucket, Key="in/dataset_info.json", Body=b'{"features": {}}')
     root = f"s3://{s3.bucket}/in"
-    # A folder gives its JSONL files only (issue 9.20: dataset_info.json stopped the run).
+    # A folder gives its JSONL (Parquet, Arrow) files only (issue 9.20: dataset_info.json stopped the run).
     assert tabular.list_files(root + "/") == [f"{root}/a.jsonl", f"{root}/sub/b.jsonl.gz", f"{root}/sub/d.jsonl"]
     assert tabular.list_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]  # `*` does not cross `/`
     assert tabular.list_files(root + "/*/*.jsonl") == [f"{root}/sub/d.jsonl"]
@@ -143,6 +143,31 @@ def test_run_on_s3_resumes_without_sending_twice(s3, mock_server, tmp_path):
     assert run(cfg, restart=True, say=said.append) == EXIT_OK, said
     assert mock_server.state.requests == 44
     assert sorted(k.rsplit("/", 1)[1] for k in get_jsonl(s3, "runs/r1/rollouts/")) == ["part-000-00000.jsonl"]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_parquet_input_on_s3_with_rename_resumes(s3, mock_server, tmp_path):
+    """Issue 27: Parquet (several row groups) beside JSONL in an s3:// folder, columns renamed."""
+    import pyarrow as pa
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"question": [r["prompt"] for r in ROWS[:14]],
+                             "answer": [r["expected_answer"] for r in ROWS[:14]]}), buf, row_group_size=4)
+    s3.put_object(Bucket=s3.bucket, Key="pin/a.parquet", Body=buf.getvalue().to_pybytes())
+    put_jsonl(s3, "pin/b.jsonl", [{"question": r["prompt"], "answer": r["expected_answer"]} for r in ROWS[14:]])
+    root = f"s3://{s3.bucket}/pin"
+    assert tabular.list_files(root) == [f"{root}/a.parquet", f"{root}/b.jsonl"]
+    cfg = make_config(tmp_path, mock_server, root, f"output={tmp_path / 'run'}", "verifier.type=math",
+                      "read.rename={question: prompt, answer: expected_answer}")
+    said: list = []
+    assert run(cfg, say=said.append) == EXIT_OK, said
+    assert mock_server.state.requests == 20
+    rollouts = [json.loads(line) for f in sorted((tmp_path / "run" / "rollouts").glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+    assert sorted(r["reward"] for r in rollouts) == [0.0] * 10 + [1.0] * 10
+    assert {r["source_file"] for r in rollouts} == {f"{root}/a.parquet", f"{root}/b.jsonl"}
+    assert sorted(r["source_line"] for r in rollouts if r["source_file"].endswith("parquet")) == list(range(1, 15))
+    assert run(cfg, say=said.append) == EXIT_OK and mock_server.state.requests == 20  # resumed: nothing resent
 
 
 @pytest.mark.usefixtures("ray_cluster")

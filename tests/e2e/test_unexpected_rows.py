@@ -85,7 +85,7 @@ def test_a_resumed_run_reads_only_the_files_of_recorded_sessions(tmp_path):
     make_folder(tmp_path)
     state = FolderState(str(tmp_path), 3, sessions=frozenset({0}))
     assert ("p11", 0) not in state.done and ("p2", 7) in state.done  # the key check is finalize's
-    assert state.failed_runs == {("f0", 0): 1}  # p3's record is in a file of no session
+    assert state.failed_sessions == {("f0", 0): 1}  # p3's record is in a file of no session
     assert ("p11", 0) in FolderState(str(tmp_path), 3).done  # without the sessions, every file counts
     compact_failures(str(tmp_path), 1, state.done, frozenset({0, 1}))
     assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["part-000-compact.jsonl",

@@ -28,7 +28,7 @@ PARAMS = {"temperature": 0, "max_output_tokens": 64, "seed": 1}
 
 def _engine(engine_kwargs: dict):
     loop = asyncio.new_event_loop()
-    backend = VLLMBackend({"backend": "vllm", "name": None, "engine_kwargs": engine_kwargs}, max_in_flight=8)
+    backend = VLLMBackend({"backend": "vllm", "name": None, "engine_kwargs": engine_kwargs}, requests_per_actor=8)
     loop.run_until_complete(backend.start())
     return loop, backend
 

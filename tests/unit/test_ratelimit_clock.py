@@ -83,7 +83,7 @@ def test_config_sections_and_their_errors():
     base = ["input=x", "output=y", "model.name=m"]
     cfg = load_config(None, base + ["num_samples_in_parallel=auto", "rate_limit.requests_per_minute=30000",
                                     "rate_limit.max_concurrency=256"])
-    assert cfg.adaptive and cfg.max_in_flight == 256 and cfg.rate_limit.per_minute() == {"requests": 30000.0}
+    assert cfg.adaptive and cfg.max_requests_in_flight == 256 and cfg.rate_limit.per_minute() == {"requests": 30000.0}
     with pytest.raises(ConfigError, match="budget.max_cost_usd needs pricing"):
         load_config(None, base + ["budget.max_cost_usd=5"])
     with pytest.raises(ConfigError, match="num_samples_in_parallel"):

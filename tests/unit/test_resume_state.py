@@ -14,7 +14,7 @@ from conftest import read_rows, write_jsonl
 from sft_ray import io
 from sft_ray.configload import load_config
 from sft_ray.finalize import passes as fin
-from sft_ray.runfolder.completion import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Budget, Completion
+from sft_ray.runfolder.completion import EXIT_BUDGET, EXIT_OK, EXIT_PENDING, Completion, FailureBudget
 from sft_ray.runfolder.manifest import prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures, load_failures
@@ -177,7 +177,7 @@ def test_failure_records_survive_a_run_that_stops_before_retrying(tmp_path):
     w.write([("a", 0), ("b", 0)], [_failed_row("a").decode(), json.dumps({"id": "b", "sample_index": 0})],
             [True, False])
     w.close()
-    assert state.failed_runs == {("a", 0): 2} and ("b", 0) in state.done
+    assert state.failed_sessions == {("a", 0): 2} and ("b", 0) in state.done
     compact_failures(run_dir, 1, state.done)
     files = io.list_files(io.join(run_dir, "failed"), ".jsonl")
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-001-compact.jsonl"]
@@ -196,13 +196,13 @@ def test_completion_counts_each_sample_and_one_rule_sets_the_exit_code(tmp_path)
     state = FolderState(run_dir, 2)
     c = Completion.of(set("abcdefghij"), state, 1)
     assert (c.expected, c.done, c.failed, c.failed_final, c.pending) == (10, 8, 1, 1, 1)
-    budget = Budget(max_fraction=0.5, min_rows=1)
+    budget = FailureBudget(max_fraction=0.5, min_rows=1)
     assert c.verdict(budget)[0] == EXIT_PENDING and not c.as_stats(budget)["complete"]
     c = Completion.of(set("abcdefghi"), state, 1)
     assert c.verdict(budget) == (EXIT_OK, None) and c.as_stats(budget)["complete"]
-    assert c.verdict(Budget(max_fraction=0.1, min_rows=1))[0] == EXIT_BUDGET
+    assert c.verdict(FailureBudget(max_fraction=0.1, min_rows=1))[0] == EXIT_BUDGET
     # The early stop applies the same rule, once min_rows samples have a result.
-    assert not Budget(0.1, 200).exceeded(8, 1) and Budget(0.1, 200).exceeded(8, 1, final=True)
+    assert not FailureBudget(0.1, 200).exceeded(8, 1) and FailureBudget(0.1, 200).exceeded(8, 1, final=True)
 
 
 def test_train_is_swapped_in_whole(tmp_path, monkeypatch):

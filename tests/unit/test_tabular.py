@@ -117,14 +117,14 @@ def test_arrow_types_map_to_json_values(tmp_path):
         "price": pa.array([decimal.Decimal("1.50"), None]),
         "cat": pa.array(["x", "y"]).dictionary_encode(),
         "attrs": pa.array([[("k", 1)], []], type=pa.map_(pa.string(), pa.int64())),
-        "extra": pa.array(['{"a": [1, null]}', None], type=pa.json_()),
+        "extra.v2": pa.array(['{"a": [1, null]}', None], type=pa.json_()),  # a dot in a name is a name
         "half": pa.array([1.5, None], type=pa.float16()),
         "ints": pa.array([[1, None], None], type=pa.list_(pa.int32())),
     })
     pq.write_table(t, tmp_path / "t.parquet")
     got = [r.value for r in tabular.iter_records(str(tmp_path / "t.parquet"))]
     assert got == [{"ts": "2024-05-01 12:00:00.000000", "day": "2024-05-01", "price": 1.5, "cat": "x",
-                    "attrs": {"k": 1}, "extra": {"a": [1, None]}, "half": 1.5, "ints": [1, None]},
+                    "attrs": {"k": 1}, "extra.v2": {"a": [1, None]}, "half": 1.5, "ints": [1, None]},
                    {"cat": "y", "attrs": {}}]
     feather = tmp_path / "t.arrow"  # the IPC file format, beside save_to_disk's stream format
     with pa.ipc.new_file(feather, t.schema) as w:
@@ -137,6 +137,8 @@ def test_arrow_types_map_to_json_values(tmp_path):
     (pa.table({"m": pa.array([[{"role": "u", "at": datetime.timedelta(1)}]])}),
      "column m[].at: Arrow type duration[us] has no JSON value"),
     (pa.table({"m": pa.array([[(1, "a")]], type=pa.map_(pa.int32(), pa.string()))}), "keys must be strings"),
+    (pa.table({"s": pa.StructArray.from_arrays([pa.array(["{}"], pa.json_())], names=["j"])}),
+     "column s.j: a JSON extension value inside another value is not read"),
 ])
 def test_a_column_of_no_json_value_is_refused_by_name(tmp_path, table, message):
     pq.write_table(table, tmp_path / "t.parquet")

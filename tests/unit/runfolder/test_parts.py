@@ -34,18 +34,18 @@ def test_writers_keep_the_folder_state_in_step(tmp_path):
     written = w.write([("a", 0), ("b", 0), ("c", 0)], [json.dumps(r) for r in rows], [False, True, False],
                       rewards=[1.0, None, 0.1])
     assert written == (2, 1)
-    assert state.done == {("a", 0), ("c", 0)} and state.failed_runs == {("b", 0): 1} and state.passing["a"] == 1
+    assert state.done == {("a", 0), ("c", 0)} and state.failed_sessions == {("b", 0): 1} and state.passing["a"] == 1
     assert "c" not in state.passing
     # b fails again, then succeeds: its count goes to 2, then it is done
     w.write([("b", 0)], [json.dumps(rows[1])], [True])
-    assert state.failed_runs == {("b", 0): 2}
+    assert state.failed_sessions == {("b", 0): 2}
     w.write([("b", 0)], [json.dumps({"id": "b", "sample_index": 0, "reward": 0.0})], [False])
-    assert ("b", 0) in state.done and not state.failed_runs
+    assert ("b", 0) in state.done and not state.failed_sessions
     w.close()
     failed = [json.loads(line) for line in (tmp_path / "failed" / part_name(0, 0)).read_text().splitlines()]
     assert [r["failed_runs"] for r in failed] == [1, 2]
     reread = FolderState(str(tmp_path), max_attempts=2)
-    assert reread.done == state.done and reread.failed_runs == {}
+    assert reread.done == state.done and reread.failed_sessions == {}
 
 
 def test_a_bad_input_line_is_raised_as_the_users_error(tmp_path):

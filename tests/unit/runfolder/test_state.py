@@ -72,5 +72,5 @@ def test_folder_state_skips_done_and_finally_failed_samples(tmp_path):
                                                    {"id": "c", "sample_index": 0, "failed_runs": 1}])
     state = FolderState(str(tmp_path), max_attempts=3, pass_threshold=0.5)
     assert state.done == {("a", 0)} and state.passing == Counter({"a": 1})
-    assert state.failed_runs == {("b", 0): 3, ("c", 0): 1}
+    assert state.failed_sessions == {("b", 0): 3, ("c", 0): 1}
     assert state.skip() == {("a", 0), ("b", 0)}  # c has attempts left
