@@ -96,9 +96,9 @@ _RECUT_SECTIONS = ("filter", "train", "shuffle", "preference")
 
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
-    from sft_ray.config import ConfigError, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
     from pydantic import ValidationError
 
+    from sft_ray.config import ConfigError, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
     from sft_ray.configload import apply_overrides, format_validation_error
     from sft_ray.runfolder.layout import MANIFEST
     from sft_ray.runfolder.manifest import load_manifest

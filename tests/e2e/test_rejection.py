@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from sft_ray.job import EXIT_OK, run
 from tests.conftest import make_config, read_rows, write_jsonl
 

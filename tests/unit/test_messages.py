@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from sft_ray.messages import (FormatError, arguments_text, text_of, to_chat, to_responses_input,
-                              to_responses_output, tool_choice_to_chat, tool_choice_to_responses, tool_to_chat,
-                              tool_to_responses)
+from sft_ray.messages import (
+    FormatError,
+    arguments_text,
+    text_of,
+    to_chat,
+    to_responses_input,
+    to_responses_output,
+    tool_choice_to_chat,
+    tool_choice_to_responses,
+    tool_to_chat,
+    tool_to_responses,
+)
 
 RESPONSES_ITEMS = [
     {"role": "developer", "content": "Be brief."},

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sft_ray.runfolder.completion import (EXIT_BUDGET, EXIT_OK, EXIT_PENDING, FailureBudget, Completion, DrawPlan,
-                                          PromptDraws, count_prompts, prompt_draws, unexpected_keys)
+from sft_ray.runfolder.completion import (
+    EXIT_BUDGET,
+    EXIT_OK,
+    EXIT_PENDING,
+    Completion,
+    DrawPlan,
+    FailureBudget,
+    PromptDraws,
+    count_prompts,
+    prompt_draws,
+    unexpected_keys,
+)
 
 
 def _state(done=(), failed_sessions=None, passing=None, max_attempts=3):

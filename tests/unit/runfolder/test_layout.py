@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from sft_ray.runfolder.layout import (compact_name, iter_jsonl, part_name, part_session, recorded_sessions,
-                                      shard_name, written_by)
+from sft_ray.runfolder.layout import (
+    compact_name,
+    iter_jsonl,
+    part_name,
+    part_session,
+    recorded_sessions,
+    shard_name,
+    written_by,
+)
 
 
 def test_part_names_carry_the_session_and_read_back():
