@@ -168,7 +168,7 @@ def test_an_empty_parquet_file_is_an_empty_input(tmp_path, mock_server):
 
 
 def test_kill_9_then_resume_exactly_once_from_parquet(tmp_path):
-    """tests/test_durability.py's kill -9 of the driver, with the prompts in a Parquet file of many row groups."""
+    """tests/e2e/test_durability.py's kill -9 of the driver, with the prompts in a Parquet file of many row groups."""
     n = 3000
     rows = [{"prompt": f"p{i}", "expected_answer": "x"} for i in range(n)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet", row_group_size=250)

@@ -19,14 +19,14 @@ from sft_ray.runfolder.completion import (
 )
 
 
-def _state(done=(), failed_runs=None, passing=None, max_attempts=3):
+def _state(done=(), failed_sessions=None, passing=None, max_attempts=3):
     """A FolderState's fields, without a folder (Completion reads only these)."""
-    return SimpleNamespace(done=set(done), failed_sessions=dict(failed_runs or {}), passing=dict(passing or {}),
+    return SimpleNamespace(done=set(done), failed_sessions=dict(failed_sessions or {}), passing=dict(passing or {}),
                            max_attempts=max_attempts)
 
 
 def test_each_expected_sample_is_counted_by_its_state():
-    state = _state(done={("a", 0), ("a", 1), ("b", 0)}, failed_runs={("b", 1): 3, ("c", 0): 1})
+    state = _state(done={("a", 0), ("a", 1), ("b", 0)}, failed_sessions={("b", 1): 3, ("c", 0): 1})
     c = Completion.of({"a", "b", "c"}, state, num_repeats=2, bad_lines=4)
     assert (c.expected, c.done, c.failed, c.failed_final, c.pending, c.bad_lines) == (6, 3, 2, 1, 1, 4)
     assert c.todo == 2  # the pending sample and c's failure with attempts left
@@ -36,7 +36,7 @@ def test_each_expected_sample_is_counted_by_its_state():
 
 
 def test_the_failure_budget_decides_the_exit_code_and_the_early_stop():
-    state = _state(done={("a", 0), ("b", 0), ("c", 0)}, failed_runs={("d", 0): 3})
+    state = _state(done={("a", 0), ("b", 0), ("c", 0)}, failed_sessions={("d", 0): 3})
     c = Completion.of({"a", "b", "c", "d"}, state, num_repeats=1)
     assert c.verdict(FailureBudget(0.25, 100)) == (EXIT_OK, None)  # 1/4 is not over 0.25
     code, why = c.verdict(FailureBudget(0.2, 100))
@@ -54,7 +54,7 @@ def test_unexpected_keys_are_strays_of_no_prompt_or_index():
 
 def test_prompt_draws_continue_each_prompt_where_it_stopped():
     state = _state(done={("p", 0), ("p", 1), ("q", 0), ("gone", 0)},
-                   failed_runs={("p", 4): 1, ("p", 2): 1, ("q", 1): 3}, passing={"p": 1, "q": 1})
+                   failed_sessions={("p", 4): 1, ("p", 2): 1, ("q", 1): 3}, passing={"p": 1, "q": 1})
     draws = prompt_draws({"p", "q", "r"}, state)
     assert set(draws) == {"p", "q"}  # r has no sample yet; "gone" is not in the input
     assert draws["p"] == PromptDraws(passing=1, done=2, failed_final=0, next=5, retry=[2, 4])
