@@ -58,6 +58,7 @@ _P = np.uint64(0x100000001B3)  # the hash's base (odd: invertible modulo 2**64)
 _SEP = 32  # the byte between words; texts of a batch are joined by a newline
 BATCH_BYTES = 1 << 20  # canonical bytes hashed at once (bounds the arrays of powers)
 MAX_EXAMPLES = 5  # examples per benchmark in stats.json
+DROP_REASON = "contaminated"  # finalize's drop reason for a row whose prompt or reply holds benchmark text
 
 
 @functools.cache
@@ -528,3 +529,61 @@ def digest(index: Index) -> str:
     for n, (ph, _) in index.phrases.items():
         h.update(n.to_bytes(4, "little") + ph.tobytes())
     return h.hexdigest()
+
+
+def held_back_record(index: Index, contaminated: list[dict[str, Any]]) -> dict[str, Any]:
+    """What run.json keeps of the scan's check: the index's summary, and per benchmark the prompts
+    held back with a few examples."""
+    tally = Tally()
+    names = {b.name: i for i, b in enumerate(index.benchmarks)}
+    for c in contaminated:
+        hit = Hit(names.get(c["benchmark"], -1), c["benchmark"], c["benchmark_row"], c["matched"])
+        tally.add("prompt", hit, {"id": c["id"], "input_line": c["input_line"], "benchmark_row": c["benchmark_row"]})
+    return {**index.summary(), "prompts_held_back": len(contaminated), "prompts": tally.prompts,
+            "examples": tally.examples}
+
+
+def decontamination_stats(index: Index, held: dict[str, Any] | None, rows: Tally | None) -> dict[str, Any]:
+    """stats.json's ``decontamination``: per benchmark (by name) its items indexed, the prompts the
+    run's scan held back (from run.json, when it checked against that benchmark), the rows finalize
+    dropped, and a few examples of each."""
+    out = index.summary()
+    held = held or {}
+    rows = rows or Tally()
+    for name, b in out["benchmarks"].items():
+        b["prompts_matched"] = int((held.get("prompts") or {}).get(name, 0))
+        b["rows_dropped"] = int(rows.rows.get(name, 0))
+        b["examples"] = {"prompts": (held.get("examples") or {}).get(name, [])[:MAX_EXAMPLES],
+                         "rows": rows.examples.get(name, [])[:MAX_EXAMPLES]}
+    out["prompts_matched"] = sum(b["prompts_matched"] for b in out["benchmarks"].values())
+    out["rows_dropped"] = sum(b["rows_dropped"] for b in out["benchmarks"].values())
+    return out
+
+
+def report_lines(stats: dict[str, Any]) -> list[str]:
+    """The text report's lines on decontamination (none when it was off)."""
+    d = stats.get("decontamination")
+    if not d:
+        return []
+    lines = [f"decontamination: {len(d['benchmarks'])} benchmark(s), {d['ngram']}-grams, min_matches "
+             f"{d['min_matches']}, index {d['index_bytes'] / 1e6:.1f} MB: {d['prompts_matched']} prompt(s) held back "
+             f"(never sent), {d['rows_dropped']} row(s) dropped"]
+    for name, b in d["benchmarks"].items():
+        lines.append(f"  {name}: {b['items']} items indexed, {b['prompts_matched']} prompts matched, "
+                     f"{b['rows_dropped']} rows dropped"
+                     + (f", {b['texts_too_short']} texts too short to index" if b.get("texts_too_short") else ""))
+    return lines
+
+
+def card_section(stats: dict[str, Any]) -> str:
+    """The dataset card's decontamination section (Markdown; empty when it was off)."""
+    d = stats.get("decontamination")
+    if not d:
+        return ""
+    rows = "\n".join(f"| {name} | {b['items']} | {b['prompts_matched']} | {b['rows_dropped']} |"
+                     for name, b in d["benchmarks"].items())
+    return ("## Decontamination\n\n"
+            f"Checked against {len(d['benchmarks'])} benchmark(s) with word {d['ngram']}-grams (NFKC, case folded, "
+            f"punctuation removed; {d['min_matches']} shared n-gram(s) make a match). Prompts that matched were never "
+            "sent; rows whose prompt or reply matched were dropped.\n\n"
+            "| benchmark | items indexed | prompts held back | rows dropped |\n|---|---|---|---|\n" + rows + "\n")

@@ -53,6 +53,7 @@ import orjson
 from orjson import JSONDecodeError
 
 from sft_ray import io
+from sft_ray.decontaminate import DROP_REASON, Index, RowCheck, Tally, decontamination_stats, prompt_text, write_index
 from sft_ray.finalize.curate import (
     TEXT_CAP,
     RowRules,
@@ -70,6 +71,7 @@ from sft_ray.finalize.formats import (
     CANDIDATE_FORMAT,
     PREFERENCE,
     dataset_card,
+    generated_start,
     parquet_schema,
     parquet_table,
     preference_row,
@@ -188,6 +190,7 @@ class _Job:
         return self.formats[0] if len(self.formats) == 1 else self.formats[int(target.split("-")[1])]
     # Keys that are none of the run's samples (usually none; found by the driver, which knows the input).
     unexpected: frozenset[tuple[str, int]] = frozenset()
+    decontaminate: str | None = None  # the benchmark index's file (a row whose prompt or reply matches is dropped)
 
     @property
     def direct(self) -> bool:
@@ -219,14 +222,17 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
              write: bool = True, rejection: dict[str, Any] | None = None,
              workers: int | None = None, preference: dict[str, Any] | None = None,
              sessions: frozenset[int] | None = None,
-             unexpected: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
+             unexpected: frozenset[tuple[str, int]] | None = None, index: Index | None = None,
+             held: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
     ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU, at most 8,
     for a large run, none beside this one for a small one). ``preference``: the pair rules (the
     ``preference`` section) when ``train.format`` has ``preference``. ``sessions``: the sessions run.json
     records (rows of files no one of them wrote are not trained on; None: every file is the run's).
-    ``unexpected``: keys that are none of the run's samples, not trained on either.
+    ``unexpected``: keys that are none of the run's samples, not trained on either. ``index``: benchmarks
+    (decontaminate) a row's prompt and reply are checked against, shipped to the workers as a file of hashes
+    (drop reason ``contaminated``); ``held``: what the run's scan held back (run.json), for the report.
 
     One format is written to train/ (and validation/) as it always was; several to
     train/<format>/ (and validation/<format>/), each with its own shards."""
@@ -274,15 +280,18 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             have = in_bucket.setdefault(target, [0] * n_buckets)
             in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
 
+    decontaminated = Tally()
     with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
         job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
                    succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
                    tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
-                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
-        for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
+                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()),
+                   decontaminate=write_index(index, tmp) if index is not None else None)
+        for part, part_torn, succeeded, temp, counts, part_odd, part_dec in pool.map(
                 _scan, itertools.repeat(job), range(len(pieces)), pieces, quarantined):
             acc.merge(part)
             odd.merge(part_odd)
+            decontaminated.merge(part_dec)
             torn += part_torn
             for key in succeeded:
                 failures.pop(key, None)  # it succeeded later
@@ -332,6 +341,8 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         if torn:
             stats["torn_lines"] = torn
         stats["unexpected_rows"] = odd.result()
+        if index is not None:
+            stats["decontamination"] = decontamination_stats(index, held, decontaminated)
         if write:
             shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
             stats["shards"] = shards[formats[0]]
@@ -352,7 +363,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             # declared split whose files it cannot find.
             splits = [TRAIN] + ([VALIDATION] if val is not None else [])
             schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
-            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
+            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits, stats).encode())
     return stats
 
 
@@ -443,7 +454,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                 except JSONDecodeError:
                     row = None
                 odd.add("unknown_part_file", piece[0], row)
-        return StatsAccumulator(), 0, [], None, {}, odd
+        return StatsAccumulator(), 0, [], None, {}, odd, Tally()
     unexpected = job.unexpected
     train, n_groups, direct = job.train, job.n_groups, job.direct
     include, reasoning, fraction = list(train["include_fields"]), train["reasoning"], train["validation_fraction"]
@@ -454,6 +465,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
     add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
     torn, succeeded, temperature = 0, [], None
     rules = RowRules(job.filter)
+    check = RowCheck(job.decontaminate) if job.decontaminate else None
     with contextlib.ExitStack() as files:
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb", buffering=WRITE_BUFFER))
                 for g in range(n_groups)]
@@ -475,11 +487,16 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             if temperature is None:
                 temperature = (row.get("sampling_params") or {}).get("temperature")
             reason = rules(row)
+            if reason == "error" or reason == "no_reward":
+                drops[reason] += 1
+                continue  # nothing to choose from, nothing to measure per prompt
+            text = reply_text(row)
+            # Benchmark text in the prompt or the reply comes before every other reason: such a row is neither
+            # kept nor a preference pair's rejected side.
+            if check is not None and check(rid, row, _prompt_of(row), text) is not None:
+                reason = DROP_REASON
             if reason is not None:
                 drops[reason] += 1
-                if reason == "error" or reason == "no_reward":
-                    continue  # nothing to choose from, nothing to measure per prompt
-            text = reply_text(row)
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
@@ -507,7 +524,13 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             elif pairs:
                 row_bytes += b"\t"
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
-    return acc, torn, succeeded, temperature, shuffled.counts, odd
+    return acc, torn, succeeded, temperature, shuffled.counts, odd, check.tally if check is not None else Tally()
+
+
+def _prompt_of(row: dict[str, Any]) -> str:
+    """The text of a rollout's prompt: its messages before the generated turns."""
+    msgs = row.get("messages") or []
+    return prompt_text(msgs[:generated_start(row)])
 
 
 @_without_gc

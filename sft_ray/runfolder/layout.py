@@ -15,6 +15,7 @@
       README.md            DATASET_CARD: the Hugging Face dataset card of train/ (and validation/)
       stats.json           STATS: the report as data
       never_passed.jsonl   NEVER_PASSED: rejection sampling's prompts that never passed
+      contaminated.jsonl   CONTAMINATED: prompts held back by decontamination (never sent)
       report.html          REPORT_HTML: `sft-ray stats --html -` writes it here
       _SUCCESS             SUCCESS: written once every sample of the run is final
 """
@@ -41,10 +42,11 @@ VALIDATION = "validation"
 DATASET_CARD = "README.md"
 STATS = "stats.json"
 NEVER_PASSED = "never_passed.jsonl"
+CONTAMINATED = "contaminated.jsonl"
 REPORT_HTML = "report.html"
 SUCCESS = "_SUCCESS"
 # What `--restart` deletes: everything a run wrote (the lock is held by the restarting run).
-RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, RESCORE, TRAIN, STATS, SUCCESS, MANIFEST)
+RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, RESCORE, TRAIN, STATS, SUCCESS, MANIFEST, CONTAMINATED)
 
 Key = tuple[str, int]  # a sample: (prompt id, sample_index)
 

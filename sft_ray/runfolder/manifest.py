@@ -141,10 +141,16 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
 
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
-    samples the run has; absent when unset, as in folders made before it was part of this)."""
+    samples the run has; absent when unset, as in folders made before it was part of this) and
+    ``decontaminate`` when it names benchmarks (which prompts are sent)."""
     fp = config_fingerprint(cfg)
     if cfg.read.limit is not None:
         fp["read"] = {"limit": cfg.read.limit}
+    if cfg.decontaminate.active:  # which prompts are held back (absent when off, as in folders made before it)
+        d = cfg.decontaminate.model_dump(mode="json")
+        d["against"] = [_canonical_path(a) if isinstance(a, str) else {**a, "path": _canonical_path(a["path"])}
+                        for a in d["against"]]
+        fp["decontaminate"] = d
     return fp
 
 
