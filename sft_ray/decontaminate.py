@@ -92,7 +92,8 @@ def canonical(text: str) -> bytes:
 
 def words(text: str) -> list[str]:
     """The words of ``text`` after normalisation (what an n-gram counts)."""
-    return canonical(text).decode().split(" ") if text.strip() else []
+    c = canonical(text)
+    return c.decode().split(" ") if c else []
 
 
 # -- hashing --------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
 
 
 @dataclass
-class Tally:
+class Matches:
     """Per benchmark: prompts held back, rows dropped, a few examples (merged across workers in order)."""
 
     prompts: dict[str, int] = field(default_factory=dict)
@@ -488,7 +489,7 @@ class Tally:
         if len(ex) < MAX_EXAMPLES:
             ex.append({**example, "matched": hit.text[:200]})
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: "Matches") -> None:
         for mine, theirs in ((self.prompts, other.prompts), (self.rows, other.rows)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
@@ -503,7 +504,7 @@ class RowCheck:
     def __init__(self, index_path: str) -> None:
         self.index = load_index(index_path)
         self.prompts: dict[str, Hit | None] = {}
-        self.tally = Tally()
+        self.tally = Matches()
 
     def __call__(self, rid: str, row: dict[str, Any], prompt: str, reply: str) -> Hit | None:
         hit = self.prompts.get(rid, False)
@@ -534,7 +535,7 @@ def digest(index: Index) -> str:
 def held_back_record(index: Index, contaminated: list[dict[str, Any]]) -> dict[str, Any]:
     """What run.json keeps of the scan's check: the index's summary, and per benchmark the prompts
     held back with a few examples."""
-    tally = Tally()
+    tally = Matches()
     names = {b.name: i for i, b in enumerate(index.benchmarks)}
     for c in contaminated:
         hit = Hit(names.get(c["benchmark"], -1), c["benchmark"], c["benchmark_row"], c["matched"])
@@ -543,13 +544,13 @@ def held_back_record(index: Index, contaminated: list[dict[str, Any]]) -> dict[s
             "examples": tally.examples}
 
 
-def decontamination_stats(index: Index, held: dict[str, Any] | None, rows: Tally | None) -> dict[str, Any]:
+def decontamination_stats(index: Index, held: dict[str, Any] | None, rows: Matches | None) -> dict[str, Any]:
     """stats.json's ``decontamination``: per benchmark (by name) its items indexed, the prompts the
     run's scan held back (from run.json, when it checked against that benchmark), the rows finalize
     dropped, and a few examples of each."""
     out = index.summary()
     held = held or {}
-    rows = rows or Tally()
+    rows = rows or Matches()
     for name, b in out["benchmarks"].items():
         b["prompts_matched"] = int((held.get("prompts") or {}).get(name, 0))
         b["rows_dropped"] = int(rows.rows.get(name, 0))

@@ -53,7 +53,15 @@ import orjson
 from orjson import JSONDecodeError
 
 from sft_ray import io
-from sft_ray.decontaminate import DROP_REASON, Index, RowCheck, Tally, decontamination_stats, prompt_text, write_index
+from sft_ray.decontaminate import (
+    DROP_REASON,
+    Index,
+    Matches,
+    RowCheck,
+    decontamination_stats,
+    prompt_text,
+    write_index,
+)
 from sft_ray.finalize.curate import (
     TEXT_CAP,
     RowRules,
@@ -280,7 +288,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             have = in_bucket.setdefault(target, [0] * n_buckets)
             in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
 
-    decontaminated = Tally()
+    decontaminated = Matches()
     with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
         job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
                    succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
@@ -454,7 +462,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                 except JSONDecodeError:
                     row = None
                 odd.add("unknown_part_file", piece[0], row)
-        return StatsAccumulator(), 0, [], None, {}, odd, Tally()
+        return StatsAccumulator(), 0, [], None, {}, odd, Matches()
     unexpected = job.unexpected
     train, n_groups, direct = job.train, job.n_groups, job.direct
     include, reasoning, fraction = list(train["include_fields"]), train["reasoning"], train["validation_fraction"]
@@ -524,7 +532,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             elif pairs:
                 row_bytes += b"\t"
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
-    return acc, torn, succeeded, temperature, shuffled.counts, odd, check.tally if check is not None else Tally()
+    return acc, torn, succeeded, temperature, shuffled.counts, odd, (check.tally if check is not None else Matches())
 
 
 def _prompt_of(row: dict[str, Any]) -> str:
