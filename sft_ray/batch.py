@@ -47,7 +47,7 @@ from sft_ray.backends.openai_batch import (
     parse_line,
     request_line,
 )
-from sft_ray.config import RunConfig
+from sft_ray.config import RunConfig, flat_dump
 from sft_ray.cost import batch_prices, cost_usd
 from sft_ray.driver import Session, remote_scorer
 from sft_ray.environments import build_environment
@@ -83,7 +83,7 @@ class BatchPhase:
         self.say, self.no_wait, self.out = say, no_wait, out
         self.bc = cfg.model.batch
         self.log = BatchLog(cfg.output)
-        model = cfg.model.model_dump()
+        model = flat_dump(cfg.model)  # every backend's keys, as the backends read them
         model["api_key"] = Secret(cfg.model.api_key())
         model["secret_headers"] = Secret(cfg.model.secret_headers())
         self.model = model

@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import islice
 
 from sft_ray import io
-from sft_ray.config import RunConfig
+from sft_ray.config import RunConfig, flat_dump
 from sft_ray.rows import InputError, parse_line, prompt_tools
 from sft_ray.toolschema import SchemaProblem, validator
 
@@ -100,7 +100,7 @@ def plugin_problems(cfg: RunConfig) -> list[str]:
 
     problems = []
     for what, build, section in (("environment", build_environment, cfg.environment.model_dump()),
-                                 ("verifier", build_verifier, cfg.verifier.model_dump())):
+                                 ("verifier", build_verifier, flat_dump(cfg.verifier))):
         try:
             build(section)
         except Exception as e:
