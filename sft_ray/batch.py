@@ -112,7 +112,8 @@ class BatchPhase:
         skip = self.state.skip() if self.rejection is None else set()
         for f in self.inputs.used():
             for cols in read_samples(f.path, self.cfg.num_repeats, self.cfg.read.skip_bad_lines, skip, f.rows,
-                                     qualifier=f.qualifier, held=f.held):
+                                     qualifier=f.qualifier, renamed=f.renamed, rename=self.cfg.read.rename or None,
+                                     held=f.held):
                 for rid, k, text, source, bad in zip(cols["id"], cols["sample_index"], cols["row"], cols["source"],
                                                      cols["bad"]):
                     if bad is not None:

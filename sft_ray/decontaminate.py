@@ -33,7 +33,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import orjson
 
-from sft_ray import io
+from sft_ray import tabular
+from sft_ray.rows import InputError
 
 # Scripts written without spaces between words: each character is a word there.
 _NO_SPACE = ("\u0e00-\u0eff"  # Thai, Lao
@@ -342,40 +343,37 @@ def sources(against: list[Any]) -> list[Source]:
     return out
 
 
-def _texts(row: Any, fields: list[str] | None, where: str) -> list[str]:
-    """The benchmark text of one row: the named fields (each a string), or every string value."""
-    if not isinstance(row, dict):
-        raise BenchmarkError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _texts(row: dict[str, Any], fields: list[str] | None, where: str, seen: set[str]) -> list[str]:
+    """The benchmark text of one row: the named fields (each a string; a row may lack one, as a null
+    Parquet cell is an absent key), or every string value. ``seen``: the named fields found."""
     if fields is None:
         return [v for v in row.values() if isinstance(v, str)]
     out = []
     for f in fields:
-        if f not in row:
-            raise BenchmarkError(f"{where}: no field {f!r} (decontaminate.against fields: {fields})")
-        v = row[f]
+        v = row.get(f)
         if v is None:
             continue
+        seen.add(f)
         if not isinstance(v, str):
             raise BenchmarkError(f"{where}: field {f!r} is {type(v).__name__}, not a string")
         out.append(v)
     return out
 
 
-def _rows(src: Source) -> Iterator[tuple[str, Any]]:
-    """(where, row) of every row of a benchmark source."""
+def _rows(src: Source) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of every row of a benchmark source (JSONL, Parquet, save_to_disk folders: the
+    one reader of tabular files, :mod:`sft_ray.tabular`; only the ``fields`` columns are read)."""
     try:
-        files = io.list_input_files(src.path)
-    except FileNotFoundError:
-        raise BenchmarkError(f"benchmark {src.name!r}: {src.path} not found") from None
-    for path in files:
-        for lineno, line in enumerate(io.iter_lines(path), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise BenchmarkError(f"benchmark {src.name!r}: {path}:{lineno}: not JSON ({e})") from None
-            yield f"{path}:{lineno}", row
+        files = tabular.list_files(src.path, what="file")
+    except FileNotFoundError as e:
+        raise BenchmarkError(f"benchmark {src.name!r}: {e}") from None
+    except InputError as e:
+        raise BenchmarkError(f"benchmark {src.name!r}: {e}") from None
+    try:
+        for rec in tabular.iter_records(src.path, src.fields, files):
+            yield f"{rec.file}:{rec.row}", rec.value
+    except InputError as e:
+        raise BenchmarkError(f"benchmark {src.name!r}: {e}") from None
 
 
 def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_words: int = 8) -> Index:
@@ -417,9 +415,10 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
             canons.clear()
             owners.clear()
 
+        seen: set[str] = set()
         for where, row in _rows(src):
             bench.rows += 1
-            texts = _texts(row, src.fields, f"benchmark {src.name!r}: {where}")
+            texts = _texts(row, src.fields, f"benchmark {src.name!r}: {where}", seen)
             indexed = False
             for t in texts:
                 strings += 1
@@ -438,6 +437,10 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
         flush()
         if bench.rows == 0:
             raise BenchmarkError(f"benchmark {src.name!r}: {src.path} has no rows")
+        missing = [f for f in src.fields or () if f not in seen]
+        if missing:
+            raise BenchmarkError(f"benchmark {src.name!r}: {src.path}: no row has field(s) {', '.join(map(repr, missing))} "
+                                 "(decontaminate.against fields)")
         if strings == 0:
             raise BenchmarkError(f"benchmark {src.name!r}: {src.path} has no string field"
                                  + (f" among {src.fields}" if src.fields else "")

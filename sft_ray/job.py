@@ -25,7 +25,7 @@ from typing import Any, Callable
 import orjson
 import pyarrow.compute as pc
 
-from sft_ray import activity, io, ratelimit
+from sft_ray import activity, io, ratelimit, tabular
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.decontaminate import BenchmarkError, Index, build_index, held_back_record
@@ -118,15 +118,21 @@ def scan_input(cfg: RunConfig) -> InputPlan:
     input), their sample ids, content digests and skipped bad lines; a bad line without
     read.skip_bad_lines stops here, before anything starts."""
     try:
-        files = io.list_input_files(cfg.input)
-    except FileNotFoundError as e:
+        files = tabular.list_files(cfg.input)
+    except (FileNotFoundError, InputError) as e:  # InputError: a save_to_disk folder's state.json
         raise RunError(str(e), EXIT_INPUT) from None
     index = benchmark_index(cfg.decontaminate)
     try:
-        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines, index)
+        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines, cfg.read.rename or None, index)
     except InputError as err:
+        if not err.source.rpartition(":")[2].isdigit():  # the file as a whole (not Parquet, a column of no JSON value)
+            raise RunError(f"bad input file: {err}", EXIT_INPUT) from None
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines)",
                        EXIT_INPUT) from None
+    unseen = [c for c in cfg.read.rename if c not in plan.renamed_columns]
+    if unseen and plan.ids:
+        raise RunError(f"read.rename: no input row has {', '.join(unseen)} (a typo? the columns are the input's "
+                       "top-level fields)", EXIT_INPUT)
     if not plan.ids and not cfg.read.allow_empty and not plan.contaminated:
         named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
         why = f"all {len(plan.bad_lines)} non-blank line(s) are bad" if plan.bad_lines else "empty or blank lines only"

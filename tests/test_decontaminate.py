@@ -147,9 +147,9 @@ def test_sources_that_cannot_be_used_are_refused_by_name(tmp_path):
         build_index([bench(tmp_path, [{"a": 1, "b": [2]}], "nums.jsonl")])
     with pytest.raises(BenchmarkError, match="'short'.*shorter than 8 words"):
         build_index([bench(tmp_path, [{"answer": "42"}], "short.jsonl")])
-    with pytest.raises(BenchmarkError, match=r"bad\.jsonl:2: not JSON"):
+    with pytest.raises(BenchmarkError, match=r"'bad'.*bad\.jsonl:2"):
         build_index([bench(tmp_path, [{"q": GSM}, "{nope"], "bad.jsonl")])
-    with pytest.raises(BenchmarkError, match="no field 'question'"):
+    with pytest.raises(BenchmarkError, match="no row has field.*'question'"):
         build_index([DecontaminateConfig(against=[{"path": bench(tmp_path, [{"q": GSM}], "f.jsonl"),
                                                    "fields": ["question"]}]).against[0]])
     with pytest.raises(BenchmarkError, match="named 'x'"):
@@ -255,7 +255,7 @@ def test_a_missing_benchmark_stops_the_run_before_anything_starts(tmp_path):
 
     cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.name=m",
                              f"decontaminate.against={tmp_path / 'nope.jsonl'}"])
-    with pytest.raises(RunError, match=r"decontaminate.against: benchmark 'nope': .*nope.jsonl not found") as e:
+    with pytest.raises(RunError, match=r"decontaminate.against: benchmark 'nope': file not found: .*nope.jsonl") as e:
         run(cfg, say=lambda s: None)
     assert e.value.code == EXIT_INPUT and not (tmp_path / "run").exists()
 

@@ -1,7 +1,8 @@
 """The run folder's manifest (``run.json``) and its fingerprint.
 
 The fingerprint is every setting that changes what a run produces (the config's, plus
-``read.limit`` and a digest of each input file): a rerun in the same folder resumes only when
+``read.limit``, ``read.rename`` and a digest of each input file: of its rows' JSON text, see
+:mod:`sft_ray.tabular`): a rerun in the same folder resumes only when
 its fingerprint matches the one in ``run.json``; otherwise it is refused (or, with
 ``--restart``, the folder is emptied first). ``run.json`` also keeps the config as given and
 each session's record.
@@ -143,10 +144,16 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
     samples the run has; absent when unset, as in folders made before it was part of this) and
-    ``decontaminate`` when it names benchmarks (which prompts are sent)."""
+    ``read.rename`` when given (which field each column is read as) and ``decontaminate`` when it
+    names benchmarks (which prompts are sent)."""
     fp = config_fingerprint(cfg)
+    read: dict[str, Any] = {}
     if cfg.read.limit is not None:
-        fp["read"] = {"limit": cfg.read.limit}
+        read["limit"] = cfg.read.limit
+    if cfg.read.rename:
+        read["rename"] = dict(cfg.read.rename)
+    if read:
+        fp["read"] = read
     if cfg.decontaminate.active:  # which prompts are held back (absent when off, as in folders made before it)
         d = cfg.decontaminate.model_dump(mode="json")
         d["against"] = [_canonical_path(a) if isinstance(a, str) else {**a, "path": _canonical_path(a["path"])}
