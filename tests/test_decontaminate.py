@@ -322,3 +322,33 @@ def test_sft_ray_filter_decontaminates_a_finished_folder(tmp_path):
     gone = cli("filter", str(run_dir), f"decontaminate.against={tmp_path / 'missing.jsonl'}")
     assert gone.returncode == 2 and "benchmark 'missing'" in gone.stderr + gone.stdout
     assert "Traceback" not in gone.stderr
+
+
+# -- benchmarks in Parquet and `datasets` folders -------------------------------------------
+
+
+def test_parquet_and_save_to_disk_benchmarks(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    problems = human_eval_problems()[:20]
+    table = pa.table({"task_id": [p["task_id"] for p in problems], "prompt": [p["prompt"] for p in problems],
+                      "score": list(range(20))})
+    pq.write_table(table, tmp_path / "he.parquet", row_group_size=7)  # several row groups
+    datasets.Dataset.from_dict({"question": [GSM, None], "answer": ["72", "x"]}).save_to_disk(str(tmp_path / "gsm"))
+    idx = build_index([DecontaminateConfig(against=[{"path": str(tmp_path / "he.parquet"), "fields": ["prompt"]}])
+                       .against[0], str(tmp_path / "gsm")])
+    he, gsm = idx.benchmarks
+    assert (he.name, he.rows, he.items) == ("he", 20, 20) and (gsm.name, gsm.rows, gsm.items) == ("gsm", 2, 1)
+    hits = idx.check([problems[9]["prompt"], "Hi: " + GSM])
+    assert (hits[0].name, hits[0].item) == ("he", 9) and hits[1].name == "gsm"
+    with pytest.raises(BenchmarkError, match="'he'.*question: not in the file"):
+        build_index([DecontaminateConfig(against=[{"path": str(tmp_path / "he.parquet"), "fields": ["question"]}])
+                     .against[0]])
+    pq.write_table(pa.table({"n": [1, 2]}), tmp_path / "nums.parquet")
+    with pytest.raises(BenchmarkError, match="'nums'.*no string field"):
+        build_index([str(tmp_path / "nums.parquet")])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(BenchmarkError, match="'broken'"):
+        build_index([str(tmp_path / "broken.parquet")])
