@@ -28,7 +28,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -225,6 +225,7 @@ class Index:
     hashes: np.ndarray  # uint64, sorted, unique
     owners: np.ndarray  # uint32: the item of each hash (the first that has it)
     phrases: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # length -> (hashes, owners)
+    _filter: dict[int, tuple[np.ndarray, int]] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -237,6 +238,19 @@ class Index:
         b = int(np.searchsorted(self.first, item, side="right")) - 1
         return b, int(item - self.first[b])
 
+    def _filters(self) -> dict[int, tuple[np.ndarray, int]]:
+        """Per n-gram length, a table of flags indexed by a hash's top bits (about 32 slots per
+        hash): one memory access rules out almost every n-gram of a text, where a binary search of
+        the sorted hashes takes twenty. Built where it is used, never shipped."""
+        if self._filter is None:
+            self._filter = {}
+            for n, table in [(self.ngram, self.hashes), *((k, h) for k, (h, _) in self.phrases.items())]:
+                bits = int(min(max(10, (max(1, len(table)) * 32 - 1).bit_length()), 28))
+                flags = np.zeros(1 << bits, np.bool_)
+                flags[table >> np.uint64(64 - bits)] = True
+                self._filter[n] = (flags, 64 - bits)
+        return self._filter
+
     def check(self, texts: list[str]) -> list["Hit | None"]:
         """For each text, its first match (or None)."""
         return self.check_canonical([canonical(t) for t in texts])
@@ -245,6 +259,7 @@ class Index:
         out: list[Hit | None] = [None] * len(canons)
         lengths = [self.ngram, *self.phrases]
         need = self.min_matches
+        filters = self._filters()
         for group, texts in _batches(canons, self.ngram):
             hashed = _hash_batch(texts, lengths)
             for n in lengths:
@@ -252,17 +267,22 @@ class Index:
                 hg = hashed[n]
                 if not len(table) or not len(hg.hashes):
                     continue
-                pos = np.searchsorted(table, hg.hashes)
+                flags, shift = filters[n]
+                maybe = np.flatnonzero(flags[hg.hashes >> np.uint64(shift)])
+                if not len(maybe):
+                    continue
+                pos = np.searchsorted(table, hg.hashes[maybe])
                 pos[pos == len(table)] = 0
-                found = np.flatnonzero(table[pos] == hg.hashes)
+                found = maybe[table[pos] == hg.hashes[maybe]]
                 if not len(found):
                     continue
+                pos_of = dict(zip(maybe.tolist(), pos.tolist()))
                 counts: dict[tuple[int, int], set[int]] = {}
                 for j in found.tolist():
                     i = group[int(hg.text[j])]
                     if out[i] is not None:
                         continue
-                    item = int(owners[pos[j]])
+                    item = int(owners[pos_of[j]])
                     b, row = self.owner(item)
                     if n == self.ngram and need > 1:
                         seen = counts.setdefault((i, b), set())
@@ -393,28 +413,6 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
         canons: list[bytes] = []
         owners: list[int] = []
 
-        def flush() -> None:
-            for group, texts in _batches(canons, ngram):
-                lens = {ngram, *{min(t.count(b" ") + 1, ngram) for t in texts}}
-                hashed = _hash_batch(texts, sorted(lens))
-                owner_of = np.asarray([owners[g] for g in group], np.uint32)
-                for n, hg in hashed.items():
-                    if not len(hg.hashes):
-                        continue
-                    if n == ngram:
-                        grams.append(hg.hashes)
-                        gram_owner.append(owner_of[hg.text])
-                        continue
-                    # A short text's phrase: its one n-gram spanning the whole text.
-                    whole = np.asarray([texts[t].count(b" ") + 1 == n for t in hg.text.tolist()], bool)
-                    whole &= (hg.start == 0) | (np.frombuffer(hg.buf, np.uint8)[np.maximum(hg.start - 1, 0)] == 10)
-                    if whole.any():
-                        hs, os_ = phrase.setdefault(n, ([], []))
-                        hs.append(hg.hashes[whole])
-                        os_.append(owner_of[hg.text[whole]])
-            canons.clear()
-            owners.clear()
-
         seen: set[str] = set()
         for where, row in _rows(src):
             bench.rows += 1
@@ -432,9 +430,9 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
             if indexed:
                 bench.items += 1
             item += 1
-            if sum(len(c) for c in canons[-1:]) and len(canons) >= 4096:
-                flush()
-        flush()
+            if len(canons) >= 4096:
+                _index_texts(canons, owners, ngram, grams, gram_owner, phrase)
+        _index_texts(canons, owners, ngram, grams, gram_owner, phrase)
         if bench.rows == 0:
             raise BenchmarkError(f"benchmark {src.name!r}: {src.path} has no rows")
         missing = [f for f in src.fields or () if f not in seen]
@@ -452,6 +450,31 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
     hashes, owner = _unique(grams, gram_owner)
     phrases = {n: _unique(*phrase[n]) for n in sorted(phrase)}
     return Index(ngram, min_matches, benches, np.asarray(firsts, np.int64), hashes, owner, phrases)
+
+
+def _index_texts(canons: list[bytes], owners: list[int], ngram: int, grams: list[np.ndarray],
+                 gram_owner: list[np.ndarray], phrase: dict[int, tuple[list[np.ndarray], list[np.ndarray]]]) -> None:
+    """Hash a batch of canonical benchmark texts (each of item ``owners[i]``) into ``grams`` (every
+    n-gram) and ``phrase`` (a text shorter than n words: its whole phrase, by length); empties the batch."""
+    for group, texts in _batches(canons, ngram):
+        lens = {ngram, *{min(t.count(b" ") + 1, ngram) for t in texts}}
+        hashed = _hash_batch(texts, sorted(lens))
+        owner_of = np.asarray([owners[g] for g in group], np.uint32)
+        for n, hg in hashed.items():
+            if not len(hg.hashes):
+                continue
+            if n == ngram:
+                grams.append(hg.hashes)
+                gram_owner.append(owner_of[hg.text])
+                continue
+            # The phrase of a text of exactly n words: its one n-gram (other texts' n-grams are not indexed).
+            whole = np.asarray([texts[t].count(b" ") + 1 == n for t in hg.text.tolist()], bool)
+            if whole.any():
+                hs, os_ = phrase.setdefault(n, ([], []))
+                hs.append(hg.hashes[whole])
+                os_.append(owner_of[hg.text[whole]])
+    canons.clear()
+    owners.clear()
 
 
 def _unique(hs: list[np.ndarray], os_: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -502,22 +525,55 @@ class Matches:
 
 
 class RowCheck:
-    """Finalize's check of one rollout (in a worker): its prompt (once per prompt id) and its reply."""
+    """Finalize's check of rollouts (in a worker): each prompt once per prompt id, and each reply,
+    checked many rows at a time (hashing one text at a time would cost its numpy calls per row)."""
+
+    CHUNK = 1024  # rows parsed and checked together
 
     def __init__(self, index_path: str) -> None:
         self.index = load_index(index_path)
         self.prompts: dict[str, Hit | None] = {}
         self.tally = Matches()
 
-    def __call__(self, rid: str, row: dict[str, Any], prompt: str, reply: str) -> Hit | None:
-        hit = self.prompts.get(rid, False)
-        if hit is False:
-            hit = self.prompts[rid] = self.index.check([prompt])[0]
-        if hit is None:
-            hit = self.index.check([reply])[0]
-        if hit is not None:
-            self.tally.add("row", hit, {"id": rid, "sample_index": row.get("sample_index")})
-        return hit
+    def rows(self, lines: Iterable[bytes], prompt_of: Callable[[dict[str, Any]], str],
+             reply_of: Callable[[dict[str, Any]], str]) -> Iterator[tuple[bytes, dict[str, Any] | None, Hit | None]]:
+        """``(line, row, hit)`` for each line: the row parsed (None when it is not JSON) and, for a
+        row with a reward and no error, its first match (prompt first, then reply) or None."""
+        chunk: list[bytes] = []
+        for line in lines:
+            chunk.append(line)
+            if len(chunk) >= self.CHUNK:
+                yield from self._chunk(chunk, prompt_of, reply_of)
+                chunk = []
+        if chunk:
+            yield from self._chunk(chunk, prompt_of, reply_of)
+
+    def _chunk(self, lines: list[bytes], prompt_of: Callable[[dict[str, Any]], str],
+               reply_of: Callable[[dict[str, Any]], str]) -> list[tuple[bytes, Any, Hit | None]]:
+        parsed: list[Any] = []
+        for line in lines:
+            try:
+                parsed.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                parsed.append(None)
+        want = [i for i, r in enumerate(parsed) if isinstance(r, dict) and not r.get("error")
+                and r.get("reward") is not None]
+        new_prompts: dict[str, str] = {}
+        for i in want:
+            rid = str(parsed[i].get("id"))
+            if rid not in self.prompts and rid not in new_prompts:
+                new_prompts[rid] = prompt_of(parsed[i])
+        for rid, hit in zip(new_prompts, self.index.check(list(new_prompts.values()))):
+            self.prompts[rid] = hit
+        replies = self.index.check([reply_of(parsed[i]) for i in want])
+        hits: list[Hit | None] = [None] * len(lines)
+        for i, reply_hit in zip(want, replies):
+            hits[i] = self.prompts[str(parsed[i].get("id"))] or reply_hit
+        return list(zip(lines, parsed, hits))
+
+    def count(self, hit: Hit, rid: str, sample_index: int) -> None:
+        """A row dropped for ``hit``."""
+        self.tally.add("row", hit, {"id": rid, "sample_index": sample_index})
 
 
 def write_index(index: Index, folder: str) -> str:

@@ -30,6 +30,7 @@ from typing import IO, Iterator
 
 import pyarrow.fs as pafs
 
+
 def filesystem(uri: str, fs: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI pyarrow understands.
 

@@ -470,7 +470,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
     fmt = formats[0] if len(formats) == 1 else None  # several: each row in each format, tab-joined
     pairs = job.pairs is not None
     acc = StatsAccumulator()
-    add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
+    add, drops, dumps, seed = acc.add, acc.drops, orjson.dumps, job.seed
     torn, succeeded, temperature = 0, [], None
     rules = RowRules(job.filter)
     check = RowCheck(job.decontaminate) if job.decontaminate else None
@@ -478,10 +478,8 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb", buffering=WRITE_BUFFER))
                 for g in range(n_groups)]
         shuffled = _ShuffleOut(job, f"s{index:06d}", files)
-        for line in io.iter_range(*piece):
-            try:
-                row = loads(line)
-            except JSONDecodeError:
+        for line, row, hit in _parsed(piece, check):
+            if row is None:
                 torn += line.strip() != b""
                 continue
             rid, k = str(row["id"]), int(row["sample_index"])
@@ -501,8 +499,9 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             text = reply_text(row)
             # Benchmark text in the prompt or the reply comes before every other reason: such a row is neither
             # kept nor a preference pair's rejected side.
-            if check is not None and check(rid, row, _prompt_of(row), text) is not None:
+            if hit is not None:
                 reason = DROP_REASON
+                check.count(hit, rid, k)
             if reason is not None:
                 drops[reason] += 1
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
@@ -533,6 +532,21 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                 row_bytes += b"\t"
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
     return acc, torn, succeeded, temperature, shuffled.counts, odd, (check.tally if check is not None else Matches())
+
+
+def _parsed(piece: tuple[str, int, int | None], check: RowCheck | None) -> Iterator[tuple[bytes, Any, Any]]:
+    """``(line, row or None when not JSON, benchmark hit or None)`` of each line of a byte range; the
+    rows checked against the benchmarks many at a time when there are benchmarks."""
+    lines = io.iter_range(*piece)
+    if check is not None:
+        yield from check.rows(lines, _prompt_of, reply_text)
+        return
+    loads = orjson.loads
+    for line in lines:
+        try:
+            yield line, loads(line), None
+        except JSONDecodeError:
+            yield line, None, None
 
 
 def _prompt_of(row: dict[str, Any]) -> str:

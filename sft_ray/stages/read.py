@@ -26,10 +26,9 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
-
-import orjson
 
 from sft_ray import io, tabular
 from sft_ray.decontaminate import Index, canonical, prompt_text
