@@ -317,8 +317,10 @@ def test_sft_ray_filter_decontaminates_a_finished_folder(tmp_path):
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["config"]["decontaminate"]["against"] == [b]
     # `sft-ray stats` reads the folder's settings (now with the benchmark) and reports the same.
-    again = cli("stats", str(run_dir))
+    again = cli("stats", str(run_dir), "--html", "-")
     assert again.returncode == 0 and "1 rows dropped" in again.stdout
+    page = (run_dir / "report.html").read_text()
+    assert 'id="plot-decontamination"' in page and "geo: 1 items indexed" in page
     gone = cli("filter", str(run_dir), f"decontaminate.against={tmp_path / 'missing.jsonl'}")
     assert gone.returncode == 2 and "benchmark 'missing'" in gone.stderr + gone.stdout
     assert "Traceback" not in gone.stderr
