@@ -23,7 +23,6 @@ tokenizer of its own (datatrove's and NeMo Curator's filters are whole pipelines
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import unicodedata
@@ -580,15 +579,6 @@ def write_index(index: Index, folder: str) -> str:
     path = os.path.join(folder, "decontaminate.npz")
     index.save(path)
     return path
-
-
-def digest(index: Index) -> str:
-    """A digest of what the index holds (the benchmarks' n-grams and settings)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(index.hashes.tobytes())
-    for n, (ph, _) in index.phrases.items():
-        h.update(n.to_bytes(4, "little") + ph.tobytes())
-    return h.hexdigest()
 
 
 def held_back_record(index: Index, contaminated: list[dict[str, Any]]) -> dict[str, Any]:
