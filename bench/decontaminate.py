@@ -177,7 +177,7 @@ def in_process(run_dir: str, index_path: str, ref: Reference) -> dict:
 
     t0 = time.process_time()
     check = RowCheck(index_path)
-    ours = sum(hit is not None for _, _, hit in check.rows(
+    ours = sum(hit is not None for _, _, hit, _ in check.rows(
         lines(), lambda r: r["messages"][0]["content"], lambda r: r["response"]))
     ours_s = time.process_time() - t0
     t0 = time.process_time()
@@ -236,7 +236,8 @@ def main() -> None:
                           "rows_with_benchmark_text": dirty, "load": os.getloadavg()}), flush=True)
         res: dict = {"without": [], "with": []}
         for _ in range(args.rounds):
-            res["without"].append(timed_filter(run_dir, []))
+            # Explicitly none: a re-cut keeps its settings in run.json for the next one.
+            res["without"].append(timed_filter(run_dir, ["decontaminate.against=[]"]))
             res["with"].append(timed_filter(run_dir, [f"decontaminate.against={bench_path}",
                                                       f"decontaminate.ngram={args.ngram}"]))
         for what in ("s", "cpu_s"):

@@ -535,9 +535,10 @@ class RowCheck:
         self.tally = Matches()
 
     def rows(self, lines: Iterable[bytes], prompt_of: Callable[[dict[str, Any]], str],
-             reply_of: Callable[[dict[str, Any]], str]) -> Iterator[tuple[bytes, dict[str, Any] | None, Hit | None]]:
-        """``(line, row, hit)`` for each line: the row parsed (None when it is not JSON) and, for a
-        row with a reward and no error, its first match (prompt first, then reply) or None."""
+             reply_of: Callable[[dict[str, Any]], str]) -> Iterator[tuple[bytes, Any, Hit | None, str | None]]:
+        """``(line, row, hit, reply)`` for each line: the row parsed (None when it is not JSON) and, for a
+        row with a reward and no error, its first match (prompt first, then reply) or None, and
+        ``reply_of(row)`` (None for the rows not checked)."""
         chunk: list[bytes] = []
         for line in lines:
             chunk.append(line)
@@ -548,7 +549,7 @@ class RowCheck:
             yield from self._chunk(chunk, prompt_of, reply_of)
 
     def _chunk(self, lines: list[bytes], prompt_of: Callable[[dict[str, Any]], str],
-               reply_of: Callable[[dict[str, Any]], str]) -> list[tuple[bytes, Any, Hit | None]]:
+               reply_of: Callable[[dict[str, Any]], str]) -> list[tuple[bytes, Any, Hit | None, str | None]]:
         parsed: list[Any] = []
         for line in lines:
             try:
@@ -564,11 +565,13 @@ class RowCheck:
                 new_prompts[rid] = prompt_of(parsed[i])
         for rid, hit in zip(new_prompts, self.index.check(list(new_prompts.values()))):
             self.prompts[rid] = hit
-        replies = self.index.check([reply_of(parsed[i]) for i in want])
+        texts = [reply_of(parsed[i]) for i in want]
         hits: list[Hit | None] = [None] * len(lines)
-        for i, reply_hit in zip(want, replies):
+        replies: list[str | None] = [None] * len(lines)
+        for i, text, reply_hit in zip(want, texts, self.index.check(texts)):
             hits[i] = self.prompts[str(parsed[i].get("id"))] or reply_hit
-        return list(zip(lines, parsed, hits))
+            replies[i] = text
+        return list(zip(lines, parsed, hits, replies))
 
     def count(self, hit: Hit, rid: str, sample_index: int) -> None:
         """A row dropped for ``hit``."""

@@ -478,7 +478,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb", buffering=WRITE_BUFFER))
                 for g in range(n_groups)]
         shuffled = _ShuffleOut(job, f"s{index:06d}", files)
-        for line, row, hit in _parsed(piece, check):
+        for line, row, hit, text in _parsed(piece, check):
             if row is None:
                 torn += line.strip() != b""
                 continue
@@ -496,7 +496,8 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             if reason == "error" or reason == "no_reward":
                 drops[reason] += 1
                 continue  # nothing to choose from, nothing to measure per prompt
-            text = reply_text(row)
+            if text is None:
+                text = reply_text(row)
             # Benchmark text in the prompt or the reply comes before every other reason: such a row is neither
             # kept nor a preference pair's rejected side.
             if hit is not None:
@@ -534,9 +535,10 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
     return acc, torn, succeeded, temperature, shuffled.counts, odd, (check.tally if check is not None else Matches())
 
 
-def _parsed(piece: tuple[str, int, int | None], check: RowCheck | None) -> Iterator[tuple[bytes, Any, Any]]:
-    """``(line, row or None when not JSON, benchmark hit or None)`` of each line of a byte range; the
-    rows checked against the benchmarks many at a time when there are benchmarks."""
+def _parsed(piece: tuple[str, int, int | None], check: RowCheck | None) -> Iterator[tuple[bytes, Any, Any, Any]]:
+    """``(line, row or None when not JSON, benchmark hit or None, reply text or None)`` of each line of
+    a byte range; the rows checked against the benchmarks many at a time when there are benchmarks
+    (their :func:`reply_text` comes along, computed once)."""
     lines = io.iter_range(*piece)
     if check is not None:
         yield from check.rows(lines, _prompt_of, reply_text)
@@ -544,9 +546,9 @@ def _parsed(piece: tuple[str, int, int | None], check: RowCheck | None) -> Itera
     loads = orjson.loads
     for line in lines:
         try:
-            yield line, loads(line), None
+            yield line, loads(line), None, None
         except JSONDecodeError:
-            yield line, None, None
+            yield line, None, None, None
 
 
 def _prompt_of(row: dict[str, Any]) -> str:
