@@ -248,6 +248,6 @@ def test_filter_and_stats_recut_a_run_with_every_option(tmp_path):
     assert sorted(p.name for p in (run / "train").iterdir()) == before
     assert json.loads((run / "stats.json").read_text()) == saved
     bad = cli("filter", str(run), "model.name=x")
-    assert bad.returncode != 0 and "only filter.*, train.*, shuffle.* and preference.*" in bad.stderr
+    assert bad.returncode != 0 and "only filter.*, train.*, shuffle.*, preference.* and decontaminate.*" in bad.stderr
     bad = cli("filter", str(run), "--dedup", "fuzzy")
     assert bad.returncode != 0 and "filter.dedup" in bad.stderr or "dedup" in bad.stderr
