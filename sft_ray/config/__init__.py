@@ -14,7 +14,7 @@ Where each section lives:
 - ``sampling``: ``responses_create_params``;
 - ``verifier``: ``verifier``: one section per type, :data:`VerifierConfig`, and the judge;
 - ``episodes``: ``agent`` and ``environment``;
-- ``output``: what finalize makes: ``filter``, ``shuffle``, ``train``, ``preference``;
+- ``output``: what finalize makes: ``filter``, ``shuffle``, ``train``, ``preference``, ``decontaminate``;
 - ``run``: :class:`RunConfig` with ``read``, ``rejection``, ``resources``, ``rate_limit``, ``budget``.
 
 ``from sft_ray.config import X`` is the way in: every public name is here.
@@ -43,6 +43,8 @@ from sft_ray.config.model import (
 )
 from sft_ray.config.output import (
     FORMAT_KEYS,
+    BenchmarkSource,
+    DecontaminateConfig,
     FilterConfig,
     PreferenceConfig,
     RowFormat,
@@ -64,7 +66,7 @@ from sft_ray.config.verifier import VERIFIER_TYPES, CodeConfig, JudgeConfig, Ver
 
 __all__ = [
     "MODEL_BACKENDS", "VERIFIER_TYPES", "AgentConfig", "BatchConfig", "BudgetConfig", "CodeConfig", "ConfigError",
-    "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig", "HostedModelConfig", "JudgeConfig", "ModelConfig",
+    "BenchmarkSource", "DecontaminateConfig", "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig", "HostedModelConfig", "JudgeConfig", "ModelConfig",
     "OpenAIModelConfig", "PreferenceConfig", "PricingConfig", "ROW_PARAM_KEYS", "RateLimitConfig", "ReadConfig",
     "RejectionConfig", "ResourcesConfig", "RowFormat", "RunConfig", "SamplingConfig", "ShuffleConfig", "Tagged",
     "TrainConfig", "VerifierBase", "VerifierConfig", "VllmModelConfig", "flat_dump", "foreign_key", "from_stored",

@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from sft_ray.config.base import Strict, flat_dump, own_keys
 from sft_ray.config.episodes import AgentConfig, EnvironmentConfig
 from sft_ray.config.model import ModelConfig, OpenAIModelConfig, PricingConfig
-from sft_ray.config.output import FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
+from sft_ray.config.output import DecontaminateConfig, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
 from sft_ray.config.sampling import SamplingConfig
 from sft_ray.config.verifier import ExactMatchVerifier, VerifierConfig
 
@@ -182,6 +182,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     read: ReadConfig = Field(default_factory=ReadConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)

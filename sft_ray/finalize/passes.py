@@ -53,6 +53,15 @@ import orjson
 from orjson import JSONDecodeError
 
 from sft_ray import io
+from sft_ray.decontaminate import (
+    DROP_REASON,
+    Index,
+    Matches,
+    RowCheck,
+    decontamination_stats,
+    prompt_text,
+    write_index,
+)
 from sft_ray.finalize.curate import (
     SCORED_META,
     TEXT_CAP,
@@ -71,6 +80,7 @@ from sft_ray.finalize.formats import (
     CANDIDATE_FORMAT,
     PREFERENCE,
     dataset_card,
+    generated_start,
     parquet_schema,
     parquet_table,
     preference_row,
@@ -190,6 +200,7 @@ class _Job:
         return self.formats[0] if len(self.formats) == 1 else self.formats[int(target.split("-")[1])]
     # Keys that are none of the run's samples (usually none; found by the driver, which knows the input).
     unexpected: frozenset[tuple[str, int]] = frozenset()
+    decontaminate: str | None = None  # the benchmark index's file (a row whose prompt or reply matches is dropped)
 
     @property
     def direct(self) -> bool:
@@ -221,14 +232,17 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
              write: bool = True, rejection: dict[str, Any] | None = None,
              workers: int | None = None, preference: dict[str, Any] | None = None,
              sessions: frozenset[int] | None = None,
-             unexpected: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
+             unexpected: frozenset[tuple[str, int]] | None = None, index: Index | None = None,
+             held: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scan the run folder, write train/ (and validation/) shards unless ``write`` is False, return the stats.
     ``rejection``: the run's rejection-sampling settings, for the report's ``rejection`` section and
     ``never_passed.jsonl``. ``workers``: processes to spread the work over (default: one per CPU, at most 8,
     for a large run, none beside this one for a small one). ``preference``: the pair rules (the
     ``preference`` section) when ``train.format`` has ``preference``. ``sessions``: the sessions run.json
     records (rows of files no one of them wrote are not trained on; None: every file is the run's).
-    ``unexpected``: keys that are none of the run's samples, not trained on either.
+    ``unexpected``: keys that are none of the run's samples, not trained on either. ``index``: benchmarks
+    (decontaminate) a row's prompt and reply are checked against, shipped to the workers as a file of hashes
+    (drop reason ``contaminated``); ``held``: what the run's scan held back (run.json), for the report.
 
     One format is written to train/ (and validation/) as it always was; several to
     train/<format>/ (and validation/<format>/), each with its own shards.
@@ -257,8 +271,10 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=plan.n_groups,
                    n_buckets=plan.n_buckets, succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
                    tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
-                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
-        scan_torn, temperature = _scan_pass(pool, job, plan, acc, odd, failures, count)
+                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()),
+                   decontaminate=write_index(index, tmp) if index is not None else None)
+        decontaminated = Matches()
+        scan_torn, temperature = _scan_pass(pool, job, plan, acc, odd, failures, count, decontaminated)
         torn += scan_torn
         tally = _group_pass(pool, job, acc, failures, count, tally_on)
         stats = acc.result()
@@ -267,6 +283,8 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
         if torn:
             stats["torn_lines"] = torn
         stats["unexpected_rows"] = odd.result()
+        if index is not None:
+            stats["decontamination"] = decontamination_stats(index, held, decontaminated)
         if write:
             _write_outputs(run_dir, job, pool, train, formats, in_bucket, stats)
     return stats
@@ -327,14 +345,16 @@ class _Plan:
 
 def _scan_pass(pool: Any, job: _Job, plan: _Plan, acc: StatsAccumulator, odd: Unexpected,
                failures: dict[tuple[str, int], dict[str, Any]],
-               count: Callable[[dict[str, list[int]]], None]) -> tuple[int, Any]:
+               count: Callable[[dict[str, list[int]]], None], decontaminated: Matches) -> tuple[int, Any]:
     """Scan every piece (in the workers); a failure record of a sample that succeeded later is dropped
-    from ``failures``. Returns (torn lines, the sampling temperature the rollouts record)."""
+    from ``failures``; benchmark matches are added to ``decontaminated``. Returns (torn lines, the
+    sampling temperature the rollouts record)."""
     torn, temperature = 0, None
-    for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
+    for part, part_torn, succeeded, temp, counts, part_odd, part_dec in pool.map(
             _scan, itertools.repeat(job), range(len(plan.pieces)), plan.pieces, plan.quarantined):
         acc.merge(part)
         odd.merge(part_odd)
+        decontaminated.merge(part_dec)
         torn += part_torn
         for key in succeeded:
             failures.pop(key, None)  # it succeeded later
@@ -416,7 +436,7 @@ def _write_outputs(run_dir: str, job: _Job, pool: Any, train: dict[str, Any], fo
     # declared split whose files it cannot find.
     splits = [TRAIN] + ([VALIDATION] if val is not None else [])
     schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
-    io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
+    io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits, stats).encode())
 
 
 def _take(tmp: str, prefix: str) -> Iterator[bytes]:
@@ -506,7 +526,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                 except JSONDecodeError:
                     row = None
                 odd.add("unknown_part_file", piece[0], row)
-        return StatsAccumulator(), 0, [], None, {}, odd
+        return StatsAccumulator(), 0, [], None, {}, odd, Matches()
     unexpected = job.unexpected
     train, n_groups, direct = job.train, job.n_groups, job.direct
     include, reasoning, fraction = list(train["include_fields"]), train["reasoning"], train["validation_fraction"]
@@ -514,17 +534,16 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
     fmt = formats[0] if len(formats) == 1 else None  # several: each row in each format, tab-joined
     pairs = job.pairs is not None
     acc = StatsAccumulator()
-    add, drops, dumps, loads, seed = acc.add, acc.drops, orjson.dumps, orjson.loads, job.seed
+    add, drops, dumps, seed = acc.add, acc.drops, orjson.dumps, job.seed
     torn, succeeded, temperature = 0, [], None
     rules = RowRules(job.filter)
+    check = RowCheck(job.decontaminate) if job.decontaminate else None
     with contextlib.ExitStack() as files:
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb", buffering=WRITE_BUFFER))
                 for g in range(n_groups)]
         shuffled = _ShuffleOut(job, f"s{index:06d}", files)
-        for line in io.iter_range(*piece):
-            try:
-                row = loads(line)
-            except JSONDecodeError:
+        for line, row, hit, text in _parsed(piece, check):
+            if row is None:
                 torn += line.strip() != b""
                 continue
             rid, k = key_of(row)
@@ -538,11 +557,18 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             if temperature is None:
                 temperature = (row.get("sampling_params") or {}).get("temperature")
             reason = rules(row)
+            if reason == "error" or reason == "no_reward":
+                drops[reason] += 1
+                continue  # nothing to choose from, nothing to measure per prompt
+            if text is None:
+                text = reply_text(row)
+            # Benchmark text in the prompt or the reply comes before every other reason: such a row is neither
+            # kept nor a preference pair's rejected side.
+            if hit is not None:
+                reason = DROP_REASON
+                check.count(hit, rid, k)
             if reason is not None:
                 drops[reason] += 1
-                if reason == "error" or reason == "no_reward":
-                    continue  # nothing to choose from, nothing to measure per prompt
-            text = reply_text(row)
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
@@ -572,7 +598,29 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                           input_line=_input_line(row) if job.keep_input_line else None, sample_index=k,
                           train_row=b"")[:SCORED_META]
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
-    return acc, torn, succeeded, temperature, shuffled.counts, odd
+    return acc, torn, succeeded, temperature, shuffled.counts, odd, (check.tally if check is not None else Matches())
+
+
+def _parsed(piece: tuple[str, int, int | None], check: RowCheck | None) -> Iterator[tuple[bytes, Any, Any, Any]]:
+    """``(line, row or None when not JSON, benchmark hit or None, reply text or None)`` of each line of
+    a byte range; the rows checked against the benchmarks many at a time when there are benchmarks
+    (their :func:`reply_text` comes along, computed once)."""
+    lines = io.iter_range(*piece)
+    if check is not None:
+        yield from check.rows(lines, _prompt_of, reply_text)
+        return
+    loads = orjson.loads
+    for line in lines:
+        try:
+            yield line, loads(line), None, None
+        except JSONDecodeError:
+            yield line, None, None, None
+
+
+def _prompt_of(row: dict[str, Any]) -> str:
+    """The text of a rollout's prompt: its messages before the generated turns."""
+    msgs = row.get("messages") or []
+    return prompt_text(msgs[:generated_start(row)])
 
 
 @_without_gc

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_ray.decontaminate import report_lines as decontamination_lines
 from sft_ray.finalize.curate import pass_at_k
 
 HIST_BINS = 10
@@ -408,6 +409,7 @@ def _counts_lines(stats: dict[str, Any]) -> list[str]:
                      f"failed for good: {stats['failed_final']}  complete: {'yes' if stats['complete'] else 'no'}"
                      + (f"  bad lines skipped: {stats['bad_lines']}" if stats.get("bad_lines") else ""))
     lines += unexpected_lines(stats)
+    lines += decontamination_lines(stats)
     return lines
 
 

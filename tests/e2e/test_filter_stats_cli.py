@@ -38,7 +38,7 @@ def test_filter_and_stats_recut_a_run_with_every_option(tmp_path):
     assert sorted(p.name for p in (run / "train").iterdir()) == before
     assert json.loads((run / "stats.json").read_text()) == saved
     bad = cli("filter", str(run), "model.name=x")
-    assert bad.returncode == 1 and "only filter.*, train.*, shuffle.* and preference.*" in bad.stderr, bad.stderr
+    assert bad.returncode == 1 and "only filter.*, train.*, shuffle.*, preference.* and decontaminate.*" in bad.stderr, bad.stderr
     # Before: `rc != 0 and "filter.dedup" in err or "dedup" in err` held on pydantic's own text (which
     # named `dedup` alone and sent the user to errors.pydantic.dev).
     bad = cli("filter", str(run), "--dedup", "fuzzy")
