@@ -91,13 +91,22 @@ def validate(
     typer.echo("ok")
 
 
-_RECUT_SECTIONS = ("filter", "train", "shuffle", "preference")
+_RECUT_SECTIONS = ("filter", "train", "shuffle", "preference", "decontaminate")
 
 
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
-    from sft_ray.config import ConfigError, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
-    from sft_ray.configload import apply_overrides
+    from pydantic import ValidationError
+
+    from sft_ray.config import (
+        ConfigError,
+        DecontaminateConfig,
+        FilterConfig,
+        PreferenceConfig,
+        ShuffleConfig,
+        TrainConfig,
+    )
+    from sft_ray.configload import apply_overrides, format_validation_error
     from sft_ray.runfolder.layout import MANIFEST
     from sft_ray.runfolder.manifest import load_manifest
 
@@ -114,15 +123,30 @@ def _recut(run_dir: str, overrides: List[str], options: dict):
     try:
         for item in overrides:
             if item.split("=", 1)[0].split(".")[0] not in _RECUT_SECTIONS:
-                raise ConfigError(f"override {item!r}: only filter.*, train.*, shuffle.* and preference.* apply to "
-                                  "an existing run")
+                raise ConfigError(f"override {item!r}: only filter.*, train.*, shuffle.*, preference.* and "
+                                  "decontaminate.* apply to an existing run")
         apply_overrides(data, overrides)
-        filter_cfg = FilterConfig.model_validate(data["filter"])
-        train, shuffle = TrainConfig.model_validate(data["train"]), ShuffleConfig.model_validate(data["shuffle"])
-        preference = PreferenceConfig.model_validate(data["preference"])
+        checked = {}
+        for section, model in (("filter", FilterConfig), ("train", TrainConfig), ("shuffle", ShuffleConfig),
+                               ("preference", PreferenceConfig), ("decontaminate", DecontaminateConfig)):
+            try:
+                checked[section] = model.model_validate(data[section])
+            except ValidationError as e:  # named as the user names it: filter.dedup, not pydantic's text
+                raise ConfigError(format_validation_error(e, f"re-cut of {run_dir}", section)) from None
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed, preference.model_dump()
+    return (manifest, checked["filter"].model_dump(), checked["train"].model_dump(), checked["shuffle"].seed,
+            checked["preference"].model_dump(), checked["decontaminate"].model_dump(mode="json"))
+
+
+def _index(decontaminate: dict, code_on_error: int = 2):
+    """The benchmark index of a re-cut's decontaminate section (None when it names none)."""
+    from sft_ray.job import RunError, benchmark_index
+
+    try:
+        return benchmark_index(decontaminate)
+    except RunError as e:
+        _fail(str(e), e.code)
 
 
 def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format,
@@ -135,8 +159,8 @@ def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fra
             "shuffle.seed": seed}
 
 
-_OVERRIDES_HELP = ("filter.*, train.*, shuffle.* or preference.* overrides, e.g. filter.max_tokens=2048 filter.drop_tool_errors=true "
-                   "train.reasoning=drop")
+_OVERRIDES_HELP = ("filter.*, train.*, shuffle.*, preference.* or decontaminate.* overrides, e.g. filter.max_tokens=2048 "
+                   "filter.drop_tool_errors=true train.reasoning=drop decontaminate.against=bench.jsonl")
 
 
 @app.command()
@@ -160,10 +184,11 @@ def stats(
     nothing but the --html report)."""
     from sft_ray.job import finalize_run
 
-    manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], _recut_options(
-        min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format, rows_per_shard, seed))
+    manifest, filter_cfg, train, shuffle_seed, preference, decontaminate = _recut(
+        run_dir, overrides or [], _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction,
+                                                 fmt, file_format, rows_per_shard, seed))
     result = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, write=False,
-                          preference=preference)
+                          preference=preference, index=_index(decontaminate))
     if html:
         from pathlib import Path
 
@@ -198,7 +223,7 @@ def filter_(
     `recuts` and holds its settings as the folder's filter/train/shuffle config."""
     import time
 
-    from sft_ray.job import RunError, finalize_run
+    from sft_ray.job import RunError, benchmark_index, finalize_run
     from sft_ray.runfolder.lock import LockError, RunLock
     from sft_ray.runfolder.manifest import load_manifest, save_manifest
 
@@ -213,20 +238,22 @@ def filter_(
     with lock:
         options = _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt,
                                  file_format, rows_per_shard, seed)
-        manifest, filter_cfg, train, shuffle_seed, preference = _recut(run_dir, overrides or [], options)
+        manifest, filter_cfg, train, shuffle_seed, preference, decontaminate = _recut(run_dir, overrides or [], options)
         try:
-            stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, preference=preference)
+            stats = finalize_run(run_dir, filter_cfg, shuffle_seed, train, manifest, typer.echo, preference=preference,
+                                 index=benchmark_index(decontaminate))
         except RunError as e:
             _fail(f"not re-cut: {e}", e.code)
         cfg = manifest["config"]
         cfg["filter"], cfg["train"], cfg["shuffle"] = filter_cfg, train, {"seed": shuffle_seed}
-        cfg["preference"] = preference
+        cfg["preference"], cfg["decontaminate"] = preference, decontaminate
         # The re-cut as given, kept for good: a later `sft-ray run` of the folder re-finalizes with its own
         # filter/train/shuffle (its config replaces the one above), and this says what was cut before.
         manifest.setdefault("recuts", []).append({
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "given": {k: v for k, v in options.items() if v is not None}, "overrides": list(overrides or []),
             "filter": filter_cfg, "train": train, "preference": preference, "shuffle_seed": shuffle_seed,
+            "decontaminate": decontaminate,
             "train_rows": stats.get("train_rows"), "validation_rows": stats.get("validation", 0)})
         save_manifest(run_dir, manifest)
 

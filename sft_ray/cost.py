@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output estimate when it sets no max_output_tokens
 
 

@@ -22,11 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import orjson
 import pyarrow.compute as pc
 
 from sft_ray import activity, io, metrics, ratelimit, tabular
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
+from sft_ray.decontaminate import BenchmarkError, Index, build_index, held_back_record
 from sft_ray.driver import (
     Progress,
     Recorder,
@@ -54,15 +56,15 @@ from sft_ray.runfolder.completion import (
     EXIT_PENDING,
     EXIT_SPENT,
     EXIT_USAGE,
-    FailureBudget,
     Completion,
     DrawPlan,
+    FailureBudget,
     PromptDraws,
     prompt_draws,
     unexpected_keys,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.runfolder.layout import BATCHES, ROLLOUTS, STATS, SUCCESS, TRAIN, recorded_sessions
+from sft_ray.runfolder.layout import BATCHES, CONTAMINATED, ROLLOUTS, STATS, SUCCESS, TRAIN, recorded_sessions
 from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, Manifest, StopReason, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
@@ -83,13 +85,15 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
     inputs = scan_input(cfg)
     with lock_folder(cfg.output):
         manifest = prepare_folder(cfg, restart, inputs)
+        record_contaminated(cfg, manifest, inputs, say)
         state = FolderState(cfg.output, cfg.max_sample_attempts,
                             cfg.filter.min_reward if cfg.rejection.active else None, recorded_sessions(manifest))
         session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
         done, budget = record_completion(cfg, manifest, inputs, state)
         unexpected = record_unexpected(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
-                             manifest, say, preference=cfg.preference.model_dump(), unexpected=unexpected)
+                             manifest, say, preference=cfg.preference.model_dump(), unexpected=unexpected,
+                             index=inputs.index)
         write_final(cfg.output, stats, f"sft-ray run {cfg.output}")  # progress.json and report.html
     code = verdict(cfg, session, done, budget, stats, say)
     if session.metrics_linger_s:  # a local run's final values, exported and scraped before Ray goes
@@ -124,8 +128,9 @@ def scan_input(cfg: RunConfig) -> InputPlan:
         files = tabular.list_files(cfg.input)
     except (FileNotFoundError, InputError) as e:  # InputError: a save_to_disk folder's state.json
         raise RunError(str(e), EXIT_INPUT) from None
+    index = benchmark_index(cfg.decontaminate)
     try:
-        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines, cfg.read.rename or None)
+        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines, cfg.read.rename or None, index)
     except InputError as err:
         if not err.source.rpartition(":")[2].isdigit():  # the file as a whole (not Parquet, a column of no JSON value)
             raise RunError(f"bad input file: {err}", EXIT_INPUT) from None
@@ -135,12 +140,45 @@ def scan_input(cfg: RunConfig) -> InputPlan:
     if unseen and plan.ids:
         raise RunError(f"read.rename: no input row has {', '.join(unseen)} (a typo? the columns are the input's "
                        "top-level fields)", EXIT_INPUT)
-    if not plan.ids and not cfg.read.allow_empty:
+    if not plan.ids and not cfg.read.allow_empty and not plan.contaminated:
         named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
         why = f"all {len(plan.bad_lines)} non-blank line(s) are bad" if plan.bad_lines else "empty or blank lines only"
         raise RunError(f"input has no rows ({why}): {named}\n(set read.allow_empty=true to finish a run with "
                        "no rows anyway)", EXIT_INPUT)
     return plan
+
+
+def benchmark_index(decontaminate: Any) -> Index | None:
+    """The benchmarks of ``decontaminate`` (the config section, or its dict) read and indexed once,
+    on the driver; None when it names none. A source that cannot be used stops here (exit 2)."""
+    from sft_ray.config import DecontaminateConfig
+
+    d = decontaminate if isinstance(decontaminate, DecontaminateConfig) else \
+        DecontaminateConfig.model_validate(decontaminate or {})
+    if not d.active:
+        return None
+    try:
+        return build_index(d.against, d.ngram, d.min_matches, d.min_words)
+    except BenchmarkError as e:
+        raise RunError(f"decontaminate.against: {e}", EXIT_INPUT) from None
+    except OSError as e:
+        raise RunError(f"decontaminate.against: cannot read a benchmark: {e}", EXIT_INPUT) from None
+
+
+def record_contaminated(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, say: Callable[[str], None]) -> None:
+    """contaminated.jsonl (the prompts held back, rewritten from the scan on every run) and the
+    index's summary in the manifest; says what was found."""
+    uri = io.join(cfg.output, CONTAMINATED)
+    if inputs.index is None:
+        manifest.pop("decontamination", None)
+        io.delete(uri)
+        return
+    io.write_bytes(uri, b"".join(orjson.dumps(c) + b"\n" for c in inputs.contaminated))
+    manifest["decontamination"] = held_back_record(inputs.index, inputs.contaminated)
+    index = inputs.index
+    say(f"decontamination: {len(index.benchmarks)} benchmark(s), {sum(b.items for b in index.benchmarks)} items, "
+        f"{len(index.hashes) + sum(len(h) for h, _ in index.phrases.values())} n-grams ({index.nbytes / 1e6:.1f} MB "
+        f"shipped to workers); {len(inputs.contaminated)} prompt(s) held back, never sent ({CONTAMINATED})")
 
 
 def output_folder_error(run_dir: str, err: OSError) -> str:
@@ -197,7 +235,7 @@ def generate_phase(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state:
     session = Session(manifest, 0)
     # Recorded before it writes a part file: files of no recorded session are not the run's.
     save_manifest(cfg.output, manifest)
-    writers = Writers(cfg.output, session.number, state)
+    writers = Writers(cfg.output, session.number, state, skip_bad_input=cfg.read.skip_bad_lines)
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
                                 remote_scorer(cfg))
@@ -272,7 +310,7 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
     check_chain([read.STAGE, generate.STAGE, score.STAGE])
     ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
     ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec(), activity=activity_board)
-    return score.STAGE.apply(ds, cfg, plan)
+    return score.STAGE.apply(ds, cfg, plan, activity=activity_board)
 
 
 def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
@@ -305,16 +343,8 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
         units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
-            keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
-            rewards = batch.column("reward").to_pylist()
-            rollouts, flags = batch.column("rollout").to_pylist(), batch.column("failed").to_pylist()
-            t_write = time.perf_counter()
-            ok, bad = recorder.write(keys, rollouts, flags, rewards, sum(batch.column("output_tokens").to_pylist()))
-            t_write = time.perf_counter() - t_write
+            ok, bad, n = write_batch(batch, recorder, live, run_metrics, per_prompt=draws is not None)
             done, failed = done + ok, failed + bad
-            n = len({rid for rid, _ in keys}) if draws is not None else ok + bad
-            classes = live.written(n, ok, bad, rollouts, flags, rewards)
-            run_metrics.written(ok, bad, rewards, batch.column("telemetry").to_pylist(), t_write, classes)
             timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
             units += n
             progress.update(n, units, session.record["failed"], session.mean_reward)
@@ -337,12 +367,34 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
         release_placement_groups()  # tensor-parallel groups of actors that never ran their teardown
         limits.end(session.record)  # this run's spend; "budget" when the budget stopped it
         board.end()
-        session.record.update(timing.record())
-        session.record["breakdown"] = run_metrics.breakdown(session.record["generate_wall_s"])
-        linger = cfg.metrics.linger()
-        if linger and run_metrics.m:
-            session.metrics_linger_s = linger
-        save_manifest(cfg.output, manifest)
+        close_session(cfg, manifest, session, timing, run_metrics)
+
+
+def write_batch(batch: Any, recorder: Recorder, live: LiveView, run_metrics: metrics.RunMetrics,
+                per_prompt: bool) -> tuple[int, int, int]:
+    """Write one scored batch and count it for the live view and the metrics: ``(rows written,
+    failures written, units)``, units being prompts with rejection sampling (``per_prompt``), else samples."""
+    keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
+    rewards = batch.column("reward").to_pylist()
+    rollouts, flags = batch.column("rollout").to_pylist(), batch.column("failed").to_pylist()
+    t_write = time.perf_counter()
+    ok, bad = recorder.write(keys, rollouts, flags, rewards, sum(batch.column("output_tokens").to_pylist()))
+    t_write = time.perf_counter() - t_write
+    n = len({rid for rid, _ in keys}) if per_prompt else ok + bad
+    classes = live.written(n, ok, bad, rollouts, flags, rewards)
+    run_metrics.written(ok, bad, rewards, batch.column("telemetry").to_pylist(), t_write, classes)
+    return ok, bad, n
+
+
+def close_session(cfg: RunConfig, manifest: Manifest, session: Session, timing: Timing,
+                  run_metrics: metrics.RunMetrics) -> None:
+    """The session's timing and where its time went in run.json, saved; how long the metrics linger."""
+    session.record.update(timing.record())
+    session.record["breakdown"] = run_metrics.breakdown(session.record["generate_wall_s"])
+    linger = cfg.metrics.linger()
+    if linger and run_metrics.m:
+        session.metrics_linger_s = linger
+    save_manifest(cfg.output, manifest)
 
 
 def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
@@ -415,13 +467,14 @@ def recorded_unexpected(manifest: dict[str, Any] | None, write: bool) -> frozens
 def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_cfg: dict[str, Any],
                  manifest: dict[str, Any] | None, say: Callable[[str], None], write: bool = True,
                  preference: dict[str, Any] | None = None,
-                 unexpected: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
+                 unexpected: frozenset[tuple[str, int]] | None = None, index: Index | None = None) -> dict[str, Any]:
     """Phase 2 plus the report; writes stats.json (and ``_SUCCESS`` when the run is complete) when
     ``write``. Both are removed first: a crash while train/ is replaced never leaves a stats.json
     or a marker that describe another train/. ``preference``: the pair rules (``train.format``
     with ``preference``). Rollouts in files of no session ``manifest`` records, and those whose key
     is in ``unexpected`` (default: the keys the manifest recorded), are counted and named, never
-    trained on."""
+    trained on. ``index``: the benchmarks to check each row's prompt and reply against (drop reason
+    ``contaminated``)."""
     t0 = time.monotonic()
     if unexpected is None:
         unexpected = recorded_unexpected(manifest, write)
@@ -430,7 +483,8 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
         io.delete(io.join(run_dir, STATS))
     rejection = ((manifest or {}).get("config") or {}).get("rejection")
     stats = finalize(run_dir, filter_cfg, shuffle_seed, train_cfg, write=write, rejection=rejection,
-                     preference=preference, sessions=recorded_sessions(manifest), unexpected=unexpected)
+                     preference=preference, sessions=recorded_sessions(manifest), unexpected=unexpected,
+                     index=index, held=(manifest or {}).get("decontamination"))
     stats["finalize_wall_s"] = round(time.monotonic() - t0, 3)
     if manifest:
         stats["throughput"] = throughput(manifest)

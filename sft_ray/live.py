@@ -81,7 +81,7 @@ class LiveView:
             if units:
                 self.last_progress = time.monotonic()
             self.rewards.extend(r for r in rewards if r is not None)
-            for text, bad, reward in zip(rollouts, failed_flags, rewards):
+            for text, bad in zip(rollouts, failed_flags):
                 if bad:
                     err = (orjson.loads(text).get("error") or {}).get("type") or "no_reward"
                     self.errors[err] = self.errors.get(err, 0) + 1

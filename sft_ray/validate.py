@@ -93,6 +93,16 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
         problems.append(f"read.rename: no input row checked has {', '.join(unseen)} (a typo? the columns are the "
                         "input's top-level fields)")
     problems += plugin_problems(cfg)
+    if cfg.decontaminate.active:  # every benchmark read and indexed, as `sft-ray run` will
+        from sft_ray.decontaminate import BenchmarkError, build_index
+
+        d = cfg.decontaminate
+        try:
+            index = build_index(d.against, d.ngram, d.min_matches, d.min_words)
+            tool_lines.append(f"decontaminate: {len(index.benchmarks)} benchmark(s), "
+                              f"{sum(b.items for b in index.benchmarks)} items indexed")
+        except BenchmarkError as e:
+            problems.append(f"decontaminate.against: {e}")
     if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):

@@ -34,7 +34,8 @@ class Samples:
         skip = state.skip() if not everything else set()
         for f in inputs.used():
             for cols in read_samples(f.path, self.cfg.num_repeats, self.cfg.read.skip_bad_lines, skip, f.rows,
-                                     qualifier=f.qualifier, renamed=f.renamed, rename=self.cfg.read.rename or None):
+                                     qualifier=f.qualifier, renamed=f.renamed, rename=self.cfg.read.rename or None,
+                                     held=f.held):
                 for rid, k, text, source, bad in zip(cols["id"], cols["sample_index"], cols["row"], cols["source"],
                                                      cols["bad"]):
                     if bad is not None:

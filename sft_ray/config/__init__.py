@@ -14,7 +14,7 @@ Where each section lives:
 - ``sampling``: ``responses_create_params``;
 - ``verifier``: ``verifier``: one section per type, :data:`VerifierConfig`, and the judge;
 - ``episodes``: ``agent`` and ``environment``;
-- ``output``: what finalize makes: ``filter``, ``shuffle``, ``train``, ``preference``;
+- ``output``: what finalize makes: ``filter``, ``shuffle``, ``train``, ``preference``, ``decontaminate``;
 - ``run``: :class:`RunConfig` with ``read``, ``rejection``, ``resources``, ``rate_limit``, ``budget``;
 - ``watch``: ``metrics`` and ``report``: watching a run (Prometheus, the live view in the run folder).
 
@@ -44,6 +44,8 @@ from sft_ray.config.model import (
 )
 from sft_ray.config.output import (
     FORMAT_KEYS,
+    BenchmarkSource,
+    DecontaminateConfig,
     FilterConfig,
     PreferenceConfig,
     RowFormat,
@@ -66,7 +68,7 @@ from sft_ray.config.watch import MetricsConfig, ReportConfig
 
 __all__ = [
     "MODEL_BACKENDS", "VERIFIER_TYPES", "AgentConfig", "BatchConfig", "BudgetConfig", "CodeConfig", "ConfigError",
-    "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig", "HostedModelConfig", "JudgeConfig", "MetricsConfig", "ModelConfig",
+    "BenchmarkSource", "DecontaminateConfig", "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig", "HostedModelConfig", "JudgeConfig", "MetricsConfig", "ModelConfig",
     "OpenAIModelConfig", "PreferenceConfig", "PricingConfig", "ROW_PARAM_KEYS", "RateLimitConfig", "ReadConfig",
     "RejectionConfig", "ReportConfig", "ResourcesConfig", "RowFormat", "RunConfig", "SamplingConfig", "ShuffleConfig", "Tagged",
     "TrainConfig", "VerifierBase", "VerifierConfig", "VllmModelConfig", "flat_dump", "foreign_key", "from_stored",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sft_ray.config.base import Strict
 
@@ -137,3 +137,41 @@ class TrainConfig(Strict):
 def row_formats(fmt: str | list[str]) -> list[str]:
     """``train.format`` as a list (a single format, or the formats written from one pass)."""
     return [fmt] if isinstance(fmt, str) else list(fmt)
+
+
+class BenchmarkSource(Strict):
+    """A benchmark to decontaminate against, with its name and the fields that hold its text."""
+
+    path: str = Field(description="A JSONL or Parquet file, a folder of them, a glob, or a folder written by "
+                      "`datasets`' `save_to_disk`.")
+    name: str | None = Field(None, description="Its name in stats.json and contaminated.jsonl (default: the file or "
+                             "folder stem).")
+    fields: list[str] | None = Field(None, description="The columns holding benchmark text (default: every string "
+                                     "column).")
+
+
+class DecontaminateConfig(Strict):
+    """Benchmarks kept out of the data (docs/decontamination.md): a prompt that shares benchmark text is
+    never sent (listed in contaminated.jsonl), and a row whose prompt or reply does is dropped by
+    finalize with reason `contaminated`. Empty `against`: off."""
+
+    against: list[str | BenchmarkSource] = Field(
+        default_factory=list, description="Benchmark sources: each a path, folder or glob of JSONL or Parquet files, "
+        "a `save_to_disk` folder, or `{path, name, fields}`.")
+    ngram: int = Field(13, ge=5, le=1000, description="Words per n-gram, after normalisation (NFKC, case folded, "
+                       "punctuation removed, whitespace collapsed; in scripts without spaces each character is a "
+                       "word). A benchmark text shorter than this is matched as a whole phrase.")
+    min_matches: int = Field(1, ge=1, description="Distinct n-grams a text must share with one benchmark to match "
+                             "it (a whole short phrase is a match on its own).")
+    min_words: int = Field(8, ge=1, description="Benchmark texts with fewer words than this (and fewer than `ngram`) "
+                           "are not indexed, and counted in stats.json as `texts_too_short` (an answer such as `72` "
+                           "would match every text that says 72).")
+
+    @field_validator("against", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, dict)) else v  # `decontaminate.against=bench.jsonl`: one source
+
+    @property
+    def active(self) -> bool:
+        return bool(self.against)

@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from sft_ray.config.base import Strict, flat_dump, own_keys
 from sft_ray.config.episodes import AgentConfig, EnvironmentConfig
 from sft_ray.config.model import ModelConfig, OpenAIModelConfig, PricingConfig
-from sft_ray.config.output import FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
+from sft_ray.config.output import DecontaminateConfig, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
 from sft_ray.config.sampling import SamplingConfig
 from sft_ray.config.verifier import ExactMatchVerifier, VerifierConfig
 from sft_ray.config.watch import MetricsConfig, ReportConfig
@@ -183,6 +183,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     read: ReadConfig = Field(default_factory=ReadConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
@@ -212,33 +213,35 @@ class RunConfig(Strict):
             raise ValueError("num_samples_in_parallel must be a positive integer or 'auto'")
         if self.budget.max_cost_usd is not None and not (self.pricing.input_per_mtok or self.pricing.output_per_mtok):
             raise ValueError("budget.max_cost_usd needs pricing.input_per_mtok / pricing.output_per_mtok")
-        if self.rejection.active:
-            if self.num_repeats != 1:
-                raise ValueError("num_repeats and rejection.* both set how many samples a prompt gets: "
-                                 "with rejection sampling leave num_repeats at 1")
-            if self.verifier.type == "none":
-                raise ValueError("rejection sampling keeps drawing until samples pass: it needs a verifier "
-                                 "(verifier.type is none)")
-            if self.verifier.vllm_judges():
-                raise ValueError("rejection sampling scores each sample in the generation actor, where a vLLM "
-                                 "judge's engine has no place: use a hosted judge (verifier.judge.model.backend: "
-                                 "openai, e.g. a vLLM server)")
-            if "min_reward" not in self.filter.model_fields_set:
-                raise ValueError("rejection sampling counts samples with reward >= filter.min_reward as passing: "
-                                 "set filter.min_reward (e.g. 1.0)")
         if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
                                              or self.num_samples_in_parallel == "auto"):
             raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the openai backend")
-        if self.model.batch.enabled:
-            if self.model.backend != "openai":
-                raise ValueError("model.batch.enabled sends requests through a hosted provider's Batch API: it "
-                                 "needs model.backend openai")
+        if self.model.batch.enabled:  # a hosted backend's key (with vllm, `batch` is refused as unknown)
             if self.num_samples_in_parallel == "auto" or self.rate_limit.per_minute():
                 raise ValueError("rate_limit and num_samples_in_parallel: auto pace online requests; a Batch API "
                                  "run has no use for them (model.batch.max_in_flight bounds its batches)")
         for judge in self.verifier.judges():
             if judge.model.batch.enabled:
                 raise ValueError("verifier.judge.model.batch: the Batch API is for the generation model only")
+        return self
+
+    @model_validator(mode="after")
+    def _rejection_needs(self) -> RunConfig:
+        if not self.rejection.active:
+            return self
+        if self.num_repeats != 1:
+            raise ValueError("num_repeats and rejection.* both set how many samples a prompt gets: "
+                             "with rejection sampling leave num_repeats at 1")
+        if self.verifier.type == "none":
+            raise ValueError("rejection sampling keeps drawing until samples pass: it needs a verifier "
+                             "(verifier.type is none)")
+        if self.verifier.vllm_judges():
+            raise ValueError("rejection sampling scores each sample in the generation actor, where a vLLM "
+                             "judge's engine has no place: use a hosted judge (verifier.judge.model.backend: "
+                             "openai, e.g. a vLLM server)")
+        if "min_reward" not in self.filter.model_fields_set:
+            raise ValueError("rejection sampling counts samples with reward >= filter.min_reward as passing: "
+                             "set filter.min_reward (e.g. 1.0)")
         return self
 
     @property

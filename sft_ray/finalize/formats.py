@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from sft_ray.decontaminate import card_section
+
 _PLAIN_ROLES = ("user", "system", "assistant")
 _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
@@ -256,7 +258,8 @@ def _feature_yaml(t) -> dict[str, Any]:
     return {"dtype": {"bool": "bool"}.get(str(t), str(t))}
 
 
-def dataset_card(schemas: dict[str, Any], file_format: str, splits: list[str]) -> str:
+def dataset_card(schemas: dict[str, Any], file_format: str, splits: list[str],
+                 stats: dict[str, Any] | None = None) -> str:
     """A Hugging Face dataset card (README.md) declaring the splits and the features of the shards,
     so ``datasets.load_dataset(<run folder>)`` reads every shard with one schema, JSONL included
     (left to itself it infers a schema from the first file and fails on a later one that differs).
@@ -266,6 +269,7 @@ def dataset_card(schemas: dict[str, Any], file_format: str, splits: list[str]) -
     over ``<split>/<format>/part-*``, so ``load_dataset(<run folder>, "preference")`` picks one.
 
     Written by hand from the Arrow schema: ``datasets`` is not a runtime dependency of sft-ray.
+    ``stats``: the run's statistics, for the sections that report them (decontamination).
     """
     import yaml
 
@@ -291,4 +295,5 @@ def dataset_card(schemas: dict[str, Any], file_format: str, splits: list[str]) -
         }
         how = '`datasets.load_dataset("<this folder>", "<format>")`, one of: ' + ", ".join(schemas)
     return ("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n\nTraining data written by sft-ray "
-            f"(`sft-ray filter` rewrites it). Load it with {how}.\n")
+            f"(`sft-ray filter` rewrites it). Load it with {how}.\n"
+            + ("\n" + card_section(stats) if stats and card_section(stats) else ""))

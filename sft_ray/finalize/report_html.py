@@ -14,7 +14,7 @@ from sft_ray.finalize.stats import format_report, unexpected_lines
 
 # One colour per plot (a test finds each in a screenshot taken by a real browser).
 COLOURS = {"reward": "#1f77b4", "sources": "#2ca02c", "lengths": "#ff7f0e", "drops": "#d62728",
-           "prompts": "#9467bd", "model_calls": "#8c564b", "tool_calls": "#e377c2"}
+           "prompts": "#9467bd", "model_calls": "#8c564b", "tool_calls": "#e377c2", "decontamination": "#7f7f7f"}
 # Plots a run's report has beside stats.json's (a folder re-cut by hand has no run timing).
 RUN_COLOURS = {"breakdown": "#17becf"}
 LABEL_CHARS = 18  # the longest label drawn under a bar; longer ones are cut (the full one is the bar's tooltip)
@@ -191,6 +191,11 @@ def render(stats: dict[str, Any], title: str = "sft-ray run") -> str:
     drops = stats.get("drops_by_reason") or {}
     if drops:
         plots.append(bar_chart("drops", "Samples dropped, by reason", list(drops), [float(v) for v in drops.values()]))
+    benchmarks = (stats.get("decontamination") or {}).get("benchmarks")
+    if benchmarks:
+        plots.append(bar_chart("decontamination", "Benchmark text found: prompts held back + rows dropped",
+                               list(benchmarks), [float(b["prompts_matched"] + b["rows_dropped"])
+                                                  for b in benchmarks.values()]))
     prompts = stats.get("prompts")
     if prompts:
         plots.append(_hist("prompts", "Mean reward per prompt", prompts["mean_reward_per_prompt"]["histogram"]))

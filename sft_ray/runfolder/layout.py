@@ -19,6 +19,7 @@ listed in ``_INSIDE``, inside one): ``--restart`` deletes every one of them but 
       README.md            DATASET_CARD: the Hugging Face dataset card of train/ (and validation/)
       stats.json           STATS: the report as data
       never_passed.jsonl   NEVER_PASSED: rejection sampling's prompts that never passed
+      contaminated.jsonl   CONTAMINATED: prompts held back by decontamination (never sent)
       report.html          REPORT_HTML: the report, rewritten while a run works and at its end (`sft-ray stats --html -` too)
       progress.json        PROGRESS: done, expected, rate, ETA, spend, errors; rewritten while a run works and at its end
       _SUCCESS             SUCCESS: written once every sample of the run is final
@@ -46,6 +47,7 @@ VALIDATION = "validation"
 DATASET_CARD = "README.md"
 STATS = "stats.json"
 NEVER_PASSED = "never_passed.jsonl"
+CONTAMINATED = "contaminated.jsonl"
 REPORT_HTML = "report.html"
 PROGRESS = "progress.json"
 SUCCESS = "_SUCCESS"

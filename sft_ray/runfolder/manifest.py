@@ -294,7 +294,8 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
     samples the run has; absent when unset, as in folders made before it was part of this) and
-    ``read.rename`` when given (which field each column is read as)."""
+    ``read.rename`` when given (which field each column is read as) and ``decontaminate`` when it
+    names benchmarks (which prompts are sent)."""
     fp = config_fingerprint(cfg)
     read: dict[str, Any] = {}
     if cfg.read.limit is not None:
@@ -303,6 +304,11 @@ def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         read["rename"] = dict(cfg.read.rename)
     if read:
         fp["read"] = read
+    if cfg.decontaminate.active:  # which prompts are held back (absent when off, as in folders made before it)
+        d = cfg.decontaminate.model_dump(mode="json")
+        d["against"] = [_canonical_path(a) if isinstance(a, str) else {**a, "path": _canonical_path(a["path"])}
+                        for a in d["against"]]
+        fp["decontaminate"] = d
     return fp
 
 

@@ -31,10 +31,10 @@ import orjson
 from sft_ray import errors, metrics
 from sft_ray.activity import CRASH_LIMIT, CRASHED, SampleGuard, Tracker
 from sft_ray.backends import get_backend
-from sft_ray.models import say_through
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
 from sft_ray.environments.base import Episode, ToolOutput, cancelled_from_outside
+from sft_ray.models import say_through
 from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.rejection import draw_prompt
 from sft_ray.rollout import build_rollout, model_wiring, prepare, run_agent_sample, stamp_source

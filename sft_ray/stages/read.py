@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sft_ray import io, tabular
-from sft_ray.rows import InputError, check_row, load_object, rename_fields, row_id
+from sft_ray.decontaminate import Index, canonical, prompt_text
+from sft_ray.rows import InputError, check_row, load_object, prompt_messages, rename_fields, row_id
 from sft_ray.runfolder.completion import DrawPlan, PromptDraws
 from sft_ray.stages import Stage
 
@@ -119,6 +120,7 @@ class InputFile:
     rows: int = 0  # lines used: the first ones, up to what read.limit leaves for this file
     qualifier: str | None = None
     renamed: dict[int, str] = field(default_factory=dict)  # line -> id, for rows with a suffixed id (KeyMaker)
+    held: frozenset[int] = frozenset()  # lines whose prompt holds benchmark text: never sent (decontaminate)
 
 
 @dataclass
@@ -129,6 +131,9 @@ class InputPlan:
     ids: set[str] = field(default_factory=set)  # the sample ids of every usable row
     bad_lines: list[str] = field(default_factory=list)  # "file:line: reason" of each skipped line
     renamed_columns: set[str] = field(default_factory=set)  # the read.rename columns some row has
+    # Prompts held back by decontamination ({id, input_line, benchmark, benchmark_row, matched}): not in ids.
+    contaminated: list[dict[str, Any]] = field(default_factory=list)
+    index: Index | None = None  # the benchmark index the prompts were checked against
 
     @property
     def rows(self) -> int:
@@ -151,8 +156,36 @@ def _relative(paths: list[str]) -> list[str]:
     return ["/".join(s[common:]) for s in split]
 
 
+class _PromptCheck:
+    """The prompts of one file checked against the benchmark index in batches, as the scan reads them."""
+
+    BATCH = 4096
+
+    def __init__(self, index: Index | None) -> None:
+        self.index = index
+        self.lines: list[int] = []
+        self.canons: list[bytes] = []
+        self.hits: dict[int, Any] = {}  # line -> Hit
+
+    def add(self, lineno: int, row: dict[str, Any], source: str) -> None:
+        if self.index is None:
+            return
+        self.lines.append(lineno)
+        self.canons.append(canonical(prompt_text(prompt_messages(row, source))))
+        if len(self.lines) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> dict[int, Any]:
+        if self.lines:
+            for lineno, hit in zip(self.lines, self.index.check_canonical(self.canons)):
+                if hit is not None:
+                    self.hits[lineno] = hit
+            self.lines, self.canons = [], []
+        return self.hits
+
+
 def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool,
-               rename: dict[str, str] | None = None) -> InputPlan:
+               rename: dict[str, str] | None = None, index: Index | None = None) -> InputPlan:
     """One streamed pass over every input file: its rows and digest, the ids of the rows a
     run uses (the first ``limit`` rows of the whole input, in file order), and bad lines.
     ``rename``: ``read.rename``, applied to every row before it is checked (the digest is of the
@@ -161,14 +194,18 @@ def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool,
     Without ``skip_bad_lines`` the first bad line raises :class:`InputError`, before any
     work starts. Files whose ids collide with an earlier file's are given a qualifier
     (see :class:`KeyMaker`). Ids are held as a set: memory grows with the input's rows,
-    as the set of done samples on resume does.
+    as the set of done samples on resume does. With a benchmark ``index`` (decontaminate), each
+    used row's prompt is checked: a contaminated row keeps its id (ids do not depend on the
+    benchmarks) but is left out of the ids (never sent, never pending), its line is held back
+    from the read stage, and it is listed in ``contaminated``.
     """
-    plan = InputPlan([])
+    plan = InputPlan([], index=index)
     left = limit
     for path, rel in zip(files, _relative(files)):
         digest = hashlib.blake2b(digest_size=16)
         n = 0
         make = KeyMaker()
+        check = _PromptCheck(index)
         for lineno, line in tabular.iter_rows(path):
             n += 1
             digest.update(line + b"\n")
@@ -180,18 +217,31 @@ def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool,
                 if rename:
                     plan.renamed_columns.update(k for k in rename if k in row)
                     row = rename_fields(row, rename, source)
-                make.add(lineno, check_row(row, source))
+                row = check_row(row, source)
             except InputError as e:
                 if not skip_bad_lines:
                     raise
                 plan.bad_lines.append(str(e))
+                continue
+            make.add(lineno, row)
+            check.add(lineno, row, source)
+        hits = check.flush()
         keys, renamed = make.resolve()
-        f = InputFile(path, n, digest.hexdigest(), rows=n if left is None else min(n, left), renamed=renamed)
+        f = InputFile(path, n, digest.hexdigest(), rows=n if left is None else min(n, left), renamed=renamed,
+                      held=frozenset(hits))
         if left is not None:
             left -= f.rows
         if any(k in plan.ids for k in keys):
             f.qualifier = rel
             keys = [f"{rel}:{k}" for k in keys]
+        if hits:
+            held = set()
+            for lineno, key in zip(make.lines, keys):
+                hit = hits.get(lineno)
+                if hit is not None:
+                    held.add(key)
+                    plan.contaminated.append({"id": key, "input_line": f"{path}:{lineno}", **hit.as_json()})
+            keys = [k for k in keys if k not in held]
         plan.ids.update(keys)
         plan.files.append(f)
     return plan
@@ -209,6 +259,7 @@ def read_samples(
     draws: DrawPlan | None = None,
     renamed: dict[int, str] | None = None,
     rename: dict[str, str] | None = None,
+    held: frozenset[int] = frozenset(),
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from the first ``limit`` rows of one file.
 
@@ -221,7 +272,8 @@ def read_samples(
     filesystem to read ``path`` from (see :func:`sft_ray.io.filesystem`), else resolved here.
     With ``draws`` (rejection sampling), one row per prompt that is not finished, with its
     ``draw`` state, instead of one per sample. ``rename``: ``read.rename`` (the ``row`` column holds
-    the row with its fields renamed).
+    the row with its fields renamed). Lines in ``held`` (prompts with benchmark text, found by the
+    driver's scan) are never emitted.
     """
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     if renamed is None:  # called on its own, not with the driver's scan: the suffixes need the whole file
@@ -231,6 +283,8 @@ def read_samples(
         if limit is not None and rows_read >= limit:
             break
         rows_read += 1
+        if lineno in held:
+            continue
         source = f"{path}:{lineno}"
         try:
             given = load_object(line, source)
@@ -310,7 +364,7 @@ def make_dataset(
 
                 def read_fn(f: InputFile = f):
                     for cols in read_samples(f.path, num_repeats, skip_bad_lines, done_keys, f.rows, fs,
-                                             f.qualifier, block_rows, draws, f.renamed, rename):
+                                             f.qualifier, block_rows, draws, f.renamed, rename, f.held):
                         yield pa.table(cols, schema=SCHEMA)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f.path,))
@@ -324,7 +378,7 @@ def make_dataset(
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     # Its tasks would ask for a whole CPU, without a bound on how many run at once, and
     # repartition() takes neither argument, so the logical operator's remote args and compute
-    # strategy are set here (Ray Data internals: checked by tests/test_resume.py::
+    # strategy are set here (Ray Data internals: checked by tests/e2e/test_resume.py::
     # test_reads_fit_beside_actors_that_leave_half_a_cpu and test_read_tasks_run_one_at_a_time).
     op = ds._logical_plan.dag
     if isinstance(getattr(op, "ray_remote_args", None), dict):
