@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from sft_ray.devserver import MockConfig, MockServer
-from sft_ray.metrics import BREAKDOWN, RunMetrics, Telemetry, advice
+from sft_ray.metrics import BREAKDOWN, RunMetrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "sft-ray.json"
 PROMETHEUS = shutil.which("prometheus")
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -92,37 +92,6 @@ def dashboard_metrics() -> set[str]:
     """Every series name the dashboard's panels and variables query."""
     text = json.dumps(json.loads(DASHBOARD.read_text()))
     return set(re.findall(r"\bray_sft_ray_[a-z_]+", text))
-
-
-def test_dashboard_queries_are_promql_of_our_metrics_only():
-    dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    assert exprs and all("ray_sft_ray_" in e for e in exprs)
-    names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in dashboard_metrics()}
-    from sft_ray import metrics
-
-    ours = {"ray_" + v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)
-            and v.startswith("sft_ray_")}
-    assert names <= ours, names - ours
-
-
-def test_advice_names_the_bottleneck():
-    assert advice({"model_s": 92, "verifier_s": 8}) == ("model calls take 92% of the time: raise "
-                                                        "num_samples_in_parallel (or resources.generate_actors)")
-    assert advice({"model_s": 40, "verifier_s": 60}) == "the verifier takes 60% of the time: raise resources.score_actors"
-    assert advice({k: 0 for k in BREAKDOWN}) is None
-
-
-def test_telemetry_counts_what_the_api_reported_and_what_was_billed():
-    t = Telemetry()
-    t.attempt("rate_limit", 0.1, None, 100)  # a 429 bills nothing
-    t.attempt("server_error", 0.2, None, 100)  # a failure without usage: its input estimate
-    t.attempt(None, 0.3, {"input_tokens": 90, "output_tokens": 10})
-    m = RunMetrics("r", {"input_per_mtok": 1.0, "output_per_mtok": 2.0}, 1.0, enabled=False)
-    m.written(1, 0, [1.0], [t.as_json()], 0.01)
-    assert m.counts["requests"] == 3 and m.counts["input_tokens"] == 90 and m.counts["output_tokens"] == 10
-    assert m.counts["cost_usd"] == pytest.approx((190 * 1.0 + 10 * 2.0) / 1e6)
-    assert m.counts["passed"] == 1 and m.busy["write_s"] == pytest.approx(0.01)
 
 
 def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
@@ -284,24 +253,3 @@ def test_progress_moves_per_sample_and_actor_lines_reach_the_driver(ray_cluster,
     assert "4/10 samples" in out.getvalue()
     doc = json.loads((tmp_path / "progress.json").read_text())  # written at once (first interval)
     assert doc["expected"] == 10 and doc["updated_at"].endswith("Z")
-
-
-def test_report_shows_sample_rows_escaped_and_cuts_long_labels():
-    from sft_ray.finalize.report_html import LABEL_CHARS, bar_chart, samples_section
-
-    hostile = '<script>alert(1)</script><img src=x onerror="alert(2)">'
-    row = {"id": "p1", "sample_index": 0, "reward": 0.0, "response": hostile, "num_tool_calls": 1,
-           "messages": [{"role": "user", "content": hostile},
-                        {"role": "assistant", "content": "", "tool_calls": [
-                            {"function": {"name": "run</td>", "arguments": hostile}}]},
-                        {"role": "tool", "content": hostile}, {"role": "assistant", "content": hostile}]}
-    page = samples_section({"kept": [], "below_min_reward": [row]})
-    assert "<script>" not in page and "<img" not in page and "run</td>" not in page
-    assert "&lt;script&gt;" in page and "call run&lt;/td&gt;" in page and "below_min_reward" in page
-    labels = [f"a very long source file name number {i}.jsonl" for i in range(30)]
-    svg = bar_chart("drops", "t", labels, [1.0] * 30)
-    drawn = re.findall(r'<text class="label"[^>]*>([^<]*)</text>', svg)
-    assert len(drawn) == 30 and all(len(d) <= LABEL_CHARS for d in drawn)
-    # 30 bars over 460 px: ~15 px each, so each rotated label is cut to what its width holds
-    assert max(len(d) for d in drawn) <= 4, drawn[:3]
-    assert all(f"<title>{label}: 1</title>" in svg for label in labels)  # the full label is the tooltip

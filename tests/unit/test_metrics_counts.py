@@ -1,0 +1,45 @@
+"""sft_ray/metrics.py in process (e2e/test_metrics.py scrapes a real run): the advice, the telemetry's counts and spend, and the Grafana
+dashboard querying only the series this module exports (the e2e test scrapes them from a real run)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sft_ray import metrics
+from sft_ray.metrics import BREAKDOWN, RunMetrics, Telemetry, advice
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sft-ray.json"
+
+
+def test_dashboard_queries_are_promql_of_our_metrics_only():
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs and all("ray_sft_ray_" in e for e in exprs)
+    queried = set(re.findall(r"\bray_sft_ray_[a-z_]+", json.dumps(dash)))
+    names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in queried}
+    ours = {"ray_" + v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)
+            and v.startswith("sft_ray_")}
+    assert names <= ours, names - ours
+
+
+def test_advice_names_the_bottleneck():
+    assert advice({"model_s": 92, "verifier_s": 8}) == ("model calls take 92% of the time: raise "
+                                                        "num_samples_in_parallel (or resources.generate_actors)")
+    assert advice({"model_s": 40, "verifier_s": 60}) == "the verifier takes 60% of the time: raise resources.score_actors"
+    assert advice({k: 0 for k in BREAKDOWN}) is None
+
+
+def test_telemetry_counts_what_the_api_reported_and_what_was_billed():
+    t = Telemetry()
+    t.attempt("rate_limit", 0.1, None, 100)  # a 429 bills nothing
+    t.attempt("server_error", 0.2, None, 100)  # a failure without usage: its input estimate
+    t.attempt(None, 0.3, {"input_tokens": 90, "output_tokens": 10})
+    m = RunMetrics("r", {"input_per_mtok": 1.0, "output_per_mtok": 2.0}, 1.0, enabled=False)
+    m.written(1, 0, [1.0], [t.as_json()], 0.01)
+    assert m.counts["requests"] == 3 and m.counts["input_tokens"] == 90 and m.counts["output_tokens"] == 10
+    assert m.counts["cost_usd"] == pytest.approx((190 * 1.0 + 10 * 2.0) / 1e6)
+    assert m.counts["passed"] == 1 and m.busy["write_s"] == pytest.approx(0.01)
