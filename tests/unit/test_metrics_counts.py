@@ -1,5 +1,5 @@
-"""sft_ray/metrics.py in process (e2e/test_metrics.py scrapes a real run): the advice, the telemetry's counts and spend, and the Grafana
-dashboard querying only the series this module exports (the e2e test scrapes them from a real run)."""
+"""sft_ray/metrics.py in process: the advice, the telemetry's counts and spend, and the Grafana
+dashboard querying only the series this module exports (e2e/test_metrics.py scrapes them from a real run)."""
 
 from __future__ import annotations
 
