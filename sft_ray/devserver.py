@@ -661,6 +661,9 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     app.router.add_get("/v1/batches/{batch_id}", get_batch)
     app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
     app.router.add_get("/batch_stats", batch_stats)
+    from sft_ray.devserver_anthropic import register as register_anthropic  # imports this module: here, not above
+
+    register_anthropic(app, cfg, state, rng)  # /v1/messages and Message Batches
     return app
 
 

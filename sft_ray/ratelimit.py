@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sft_ray.cost import cost_usd
@@ -244,6 +245,28 @@ def _number(value: Any) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def from_anthropic_headers(headers: Any, now: float | None = None) -> dict[str, str]:
+    """Anthropic's ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` as the
+    ``x-ratelimit-*`` headers the limiter reads: limits per minute as OpenAI's, the reset an
+    RFC 3339 time turned into seconds from now."""
+    out: dict[str, str] = {}
+    if not headers:
+        return out
+    for kind in ("requests", "tokens"):
+        for part in ("limit", "remaining"):
+            value = headers.get(f"anthropic-ratelimit-{kind}-{part}")
+            if value is not None:
+                out[f"x-ratelimit-{part}-{kind}"] = value
+        reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+        if reset:
+            try:
+                when = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            out[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, when - (time.time() if now is None else now)):.3f}"
+    return out
 
 
 def pause_from_headers(headers: Any, est_tokens: float) -> float:
