@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Backends that call a hosted HTTP API (rate limits, budgets, API keys), as against engines in the actors.
+HOSTED_BACKENDS = ("openai", "anthropic")
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the user (names the field or file)."""

@@ -77,6 +77,8 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
+from sft_ray.plugins import registered
+
 _MARK = re.compile(r"\[\[fail:(500|429|timeout|malformed):(\d+)\]\]")
 _TOOL_MARK = re.compile(r"\[\[tool:([^\s\]]+)\s*(\{.*?\})?\]\]", re.S)
 _PARALLEL = re.compile(r"\[\[parallel:(\d+)\]\]")
@@ -85,6 +87,9 @@ _ANY_MARK = re.compile(r"\[\[.*?\]\]", re.S)
 _SLEEP = re.compile(r"\[\[sleep:(\d+(?:\.\d+)?)\]\]")
 _BATCH_ERROR = re.compile(r"\[\[batch_error:(\d+)\]\]")
 UNKNOWN_TOOL = "no_such_tool"
+# Other providers' APIs on the same app: import strings (their modules import this one) of
+# ``register(app, cfg, state, rng)`` functions that add their routes.
+PROVIDERS = {"anthropic": "sft_ray.devserver_anthropic:register"}  # /v1/messages, Message Batches
 
 
 @dataclass
@@ -661,9 +666,8 @@ def make_app(cfg: MockConfig, state: MockState) -> web.Application:
     app.router.add_get("/v1/batches/{batch_id}", get_batch)
     app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
     app.router.add_get("/batch_stats", batch_stats)
-    from sft_ray.devserver_anthropic import register as register_anthropic  # imports this module: here, not above
-
-    register_anthropic(app, cfg, state, rng)  # /v1/messages and Message Batches
+    for name in PROVIDERS:  # other providers' endpoints, each a module built on this one
+        registered(PROVIDERS, name, "mock provider")(app, cfg, state, rng)
     return app
 
 

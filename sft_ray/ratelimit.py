@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sft_ray.cost import cost_usd
+from sft_ray.config import HOSTED_BACKENDS as HOSTED
+from sft_ray.cost import CACHE_READ, CACHE_WRITE, cost_usd
 from sft_ray.errors import RATE_LIMIT, TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class SharedLimits:
         b = self.budget
         return not (("max_requests" in b and req > b["max_requests"])
                     or ("max_output_tokens" in b and out > b["max_output_tokens"])
-                    or ("max_cost_usd" in b and cost_usd(inp, out, self.pricing) > b["max_cost_usd"]))
+                    or ("max_cost_usd" in b and cost_usd(inp, out, self.pricing, spent[CACHE_WRITE],
+                                                         spent[CACHE_READ]) > b["max_cost_usd"]))
 
     def _admit(self, n: int, est_in: float, est_out: float) -> int:
         if self.stopped:
@@ -101,7 +103,8 @@ class SharedLimits:
         now = time.monotonic()
         for k in ("requests", "input_tokens", "output_tokens"):
             self.reserved[k] -= s.get("est_" + k, 0.0)
-        for k in ("requests", "input_tokens", "output_tokens", "rate_limited", "timeouts", "reasoning_tokens"):
+        for k in ("requests", "input_tokens", "output_tokens", "rate_limited", "timeouts", "reasoning_tokens",
+                  CACHE_WRITE, CACHE_READ):
             if s.get(k):
                 self.session[k] += s[k]
         # Tokens that were reserved but not used (or used beyond the estimate) move the limits' clocks.
@@ -153,8 +156,11 @@ class SharedLimits:
             "reasoning_tokens": int(self.session["reasoning_tokens"]),
             "rate_limited": int(self.session["rate_limited"]), "timeouts": int(self.session["timeouts"]),
             "rate_limited_share": self.session["rate_limited"] / sent if sent else 0.0,
-            "cost_usd": cost_usd(self.session["input_tokens"], self.session["output_tokens"], self.pricing),
-            "run_cost_usd": cost_usd(spent["input_tokens"], spent["output_tokens"], self.pricing),
+            CACHE_WRITE: int(self.session[CACHE_WRITE]), CACHE_READ: int(self.session[CACHE_READ]),
+            "cost_usd": cost_usd(self.session["input_tokens"], self.session["output_tokens"], self.pricing,
+                                 self.session[CACHE_WRITE], self.session[CACHE_READ]),
+            "run_cost_usd": cost_usd(spent["input_tokens"], spent["output_tokens"], self.pricing,
+                                     spent[CACHE_WRITE], spent[CACHE_READ]),
             "concurrency": int(sum(a.get("limit", 0) for a in self.actors.values())),
             "in_flight": int(sum(a.get("in_flight", 0) for a in self.actors.values())),
             "stopped": self.stopped, "wall_s": time.monotonic() - self.t0,
@@ -413,6 +419,8 @@ class Limiter:
             s["input_tokens"] += usage.get("input_tokens", 0)
             s["output_tokens"] += usage.get("output_tokens", 0)
             s["reasoning_tokens"] += usage.get("reasoning_tokens", 0)
+            s[CACHE_WRITE] += usage.get(CACHE_WRITE, 0)
+            s[CACHE_READ] += usage.get(CACHE_READ, 0)
         elif kind not in (RATE_LIMIT,):
             # No usage reported (a failure): count the estimate, as the provider may have billed it.
             s["input_tokens"] += permit.est_input_tokens
@@ -455,14 +463,14 @@ def spent_before(manifest: dict[str, Any]) -> dict[str, float]:
     """What earlier runs of this folder spent (their session records' ``spend``)."""
     total: Counter = Counter()
     for s in manifest.get("sessions", []):
-        for k in ("requests", "input_tokens", "output_tokens"):
+        for k in ("requests", "input_tokens", "output_tokens", CACHE_WRITE, CACHE_READ):
             total[k] += (s.get("spend") or {}).get(k, 0)
     return dict(total)
 
 
 def start_session(cfg: Any, manifest: dict[str, Any]) -> "RunLimits":
     """Make this run's shared limits actor (driver, after ``ray.init``), when anything needs it."""
-    if cfg.model.backend != "openai" or not needs_shared(cfg):
+    if cfg.model.backend not in HOSTED or not needs_shared(cfg):
         return RunLimits(None, cfg.adaptive)
     import ray
 
@@ -533,7 +541,8 @@ class RunLimits:
             st = self.last
         if st:
             record["spend"] = {k: st[k] for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
-                                                   "rate_limited", "timeouts", "cost_usd") if k in st}
+                                                   CACHE_WRITE, CACHE_READ, "rate_limited", "timeouts", "cost_usd")
+                               if st.get(k) or k not in (CACHE_WRITE, CACHE_READ)}
             if st.get("stopped") and not record.get("stopped"):
                 record["stopped"] = st["stopped"]
         try:
