@@ -1,13 +1,15 @@
 """The mock server's Anthropic side: ``POST /v1/messages`` and the Message Batches API.
 
 Registered on the mock's app by :func:`register` (one line in :func:`sft_ray.devserver.make_app`).
-It applies the rules of the API version each request names in ``anthropic-version`` (``2023-06-01``,
-and ``2023-01-01`` which has the same request schema here): ``x-api-key`` or a bearer token,
-``model`` and ``max_tokens`` required, ``system`` only at the top level (a ``role: system`` message is
+It applies the rules of the API version each request names in ``anthropic-version`` (:data:`VERSIONS`):
+for ``2023-06-01`` (and ``2023-01-01``, the same here) the key in ``x-api-key``, ``model`` and
+``max_tokens`` required, ``system`` only at the top level (a ``role: system`` message is
 a 400), content blocks of known types, at most 4 ``cache_control`` breakpoints, and with ``thinking``
 on: ``budget_tokens`` >= 1024 and below ``max_tokens``, no ``temperature`` other than 1, no
 ``top_k``, ``top_p`` of at least 0.95, no forced tool, and an assistant turn that called tools must
-carry its thinking blocks back with the signatures the mock gave them (an HMAC of the text).
+carry its thinking blocks back with the signatures the mock gave them (an HMAC of the text). The
+version the official SDK 2.x sends (``2026-10-21``) takes a bearer token and system messages and refuses
+``temperature``, ``top_p`` and ``top_k``.
 
 Answers echo the last user text as the OpenAI side does; requests with ``tools`` are answered as by
 the mock agent (:func:`sft_ray.devserver.agent_turn`, the same ``[[tool:...]]``, ``[[steps:N]]``,
@@ -48,7 +50,11 @@ from aiohttp import web
 
 from sft_ray.devserver import _BATCH_ERROR, _SLEEP, Bucket, MockConfig, MockState, agent_turn
 
-VERSIONS = ("2023-06-01", "2023-01-01")
+# The API versions the mock knows, and where their request rules differ: 2023-06-01 (what sft-ray speaks)
+# takes the key in x-api-key, system only at the top level and the sampling parameters; the version
+# the official SDK 2.x names takes a bearer token and system messages and has no sampling parameters.
+VERSIONS = {"2023-01-01": "old", "2023-06-01": "old", "2026-10-21": "new"}
+_SAMPLING = ("temperature", "top_p", "top_k")
 _FAIL = re.compile(r"\[\[fail:(429|529|500):(\d+)\]\]")
 _SIGNING_KEY = b"sft-ray mock thinking"
 _ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -104,7 +110,12 @@ def check_request(body: Any, version: str | None) -> str | None:
             isinstance(system, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in system)):
         return "system: a string or a list of text blocks"
     marks = sum(1 for b in system if "cache_control" in b) if isinstance(system, list) else 0
+    new = VERSIONS[version] == "new"
+    if new and (given := [k for k in _SAMPLING if k in body]):
+        return f"{given[0]}: Extra inputs are not permitted (not a parameter of anthropic-version {version})"
     for i, m in enumerate(msgs):
+        if new and isinstance(m, dict) and m.get("role") == "system":
+            continue
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             role = m.get("role") if isinstance(m, dict) else None
             return (f"messages.{i}.role: Input should be 'user' or 'assistant'"
@@ -174,6 +185,8 @@ def _chat_items(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages turns as the Chat-form items the mock agent reads (to count an episode's turns)."""
     items: list[dict[str, Any]] = []
     for m in msgs:
+        if m["role"] == "system":  # a version that takes system messages: not the user's text
+            continue
         blocks = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
         if m["role"] == "assistant":
             calls = [b for b in blocks if b.get("type") == "tool_use"]
@@ -313,7 +326,8 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
         key_header = headers.get("x-api-key", "")
         state.api_key_headers.add(key_header)
         state.auth_headers.add(headers.get("Authorization", ""))
-        if online and not key_header and not headers.get("Authorization"):
+        bearer = VERSIONS.get(headers.get("anthropic-version", "")) == "new" and headers.get("Authorization")
+        if online and not key_header and not bearer:
             return 401, error_body("authentication_error", "x-api-key header is required"), {}
         problem = check_request(body, headers.get("anthropic-version"))
         if problem:
