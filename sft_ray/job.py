@@ -320,7 +320,7 @@ def send_batches(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, st
                  session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
     """Phase 1 through the Batch API: every batch recorded in the run folder before the driver
     waits on it; the writers closed and the session saved however it ends."""
-    from sft_ray.backends.openai_batch import BatchAPIError
+    from sft_ray.backends.batchapi import BatchAPIError
     from sft_ray.batch import batch_generate
 
     try:

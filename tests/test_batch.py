@@ -19,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from sft_ray.backends.base import Secret
-from sft_ray.backends.openai_batch import BatchClient, custom_id, parse_custom_id, parse_line, request_line
+from sft_ray.backends.batchapi import custom_id, parse_custom_id
+from sft_ray.backends.openai_batch import BatchClient, parse_line, request_line
 from sft_ray.cli import app
 from sft_ray.config import ConfigError
 from sft_ray.configload import load_config

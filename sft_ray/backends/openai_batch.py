@@ -9,7 +9,10 @@ answer raises :class:`BatchAPIError` with the key and secret headers redacted.
 A request line's body is built by :class:`~sft_ray.backends.openai.OpenAIBackend` (the same body an
 online request sends); an output line is read back into a :class:`GenerationResult` by
 :func:`parse_line`: an answer, or an error result with its class. ``custom_id`` is the sample key
-(:func:`custom_id` / :func:`parse_custom_id`), never a position: a provider keeps no order.
+(:func:`~sft_ray.backends.batchapi.custom_id`), never a position: a provider keeps no order.
+
+:class:`BatchClient` is the HTTP client of those endpoints; :class:`OpenAIBatchProvider` adapts it to the
+batch loop's interface (:class:`~sft_ray.backends.batchapi.BatchProvider`).
 """
 
 from __future__ import annotations
@@ -23,34 +26,32 @@ import orjson
 
 from sft_ray import errors
 from sft_ray.backends import retry
-from sft_ray.backends.base import GenerationResult, Secret, error_result
-from sft_ray.backends.openai import BadResponse, parse_chat, parse_responses, refused_param, refused_param_advice
+from sft_ray.backends.base import GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.backends.batchapi import (
+    BatchAPIError,
+    BatchLimits,
+    BatchProvider,
+    BatchStatus,
+    custom_id,
+    parse_custom_id,
+)
+from sft_ray.backends.openai import (
+    BadResponse,
+    OpenAIBackend,
+    parse_chat,
+    parse_responses,
+    refused_param,
+    refused_param_advice,
+)
+from sft_ray.runfolder.layout import Key
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
-TERMINAL = ("completed", "failed", "expired", "cancelled")
 # Lines a batch never ran (it expired or was cancelled first): sent again, not counted as a failed attempt.
 NOT_RUN = ("batch_expired", "batch_cancelled")
 # The error codes a provider writes on lines that ran and failed, and the class each is.
 _CODES = {"rate_limit_exceeded": errors.RATE_LIMIT, "token_limit_exceeded": errors.RATE_LIMIT,
           "invalid_request": errors.CLIENT_ERROR, "invalid_request_error": errors.CLIENT_ERROR,
           "context_length_exceeded": errors.CONTEXT_LENGTH, "timeout": errors.TIMEOUT}
-
-
-class BatchAPIError(Exception):
-    """The Batch API refused a call (after retries, for transient failures)."""
-
-
-def custom_id(rid: str, sample_index: int) -> str:
-    """A sample's ``custom_id``: ``<sample_index>:<id>``; any id round-trips (the index ends at the first colon)."""
-    return f"{sample_index}:{rid}"
-
-
-def parse_custom_id(value: Any) -> tuple[str, int] | None:
-    """The sample key of a ``custom_id``, or None when it is not one of ours."""
-    if not isinstance(value, str):
-        return None
-    k, sep, rid = value.partition(":")
-    return (rid, int(k)) if sep and k.isdigit() and len(k) < 10 else None
 
 
 def request_line(cid: str, endpoint: str, body: bytes) -> bytes:
@@ -198,3 +199,69 @@ class BatchClient:
 
     async def content(self, file_id: str) -> bytes:
         return await self._call("GET", f"/files/{file_id}/content", f"downloading {file_id}")
+
+
+class OpenAIBatchProvider(BatchProvider):
+    """OpenAI's Batch API as the batch loop's provider: files uploaded, then a batch made of each."""
+
+    def __init__(self, model: dict[str, Any], limits: BatchLimits, completion_window: str) -> None:
+        self.client = BatchClient(model)
+        self.bodies = OpenAIBackend(model, 1)  # builds each request's body, as online requests are built
+        self.model_name = getattr(self.bodies, "model_name", model.get("name"))
+        self.api = model["api"]
+        self.endpoint = ENDPOINTS[self.api]
+        self.limits = limits
+        self.window = completion_window
+
+    async def __aenter__(self) -> "OpenAIBatchProvider":
+        await self.client.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.client.__aexit__(*exc)
+
+    def request_line(self, key: Key, request: GenerationRequest) -> bytes:
+        return request_line(custom_id(*key), self.endpoint, self.bodies.request_body(request))
+
+    async def upload(self, data: bytes, filename: str) -> str:
+        return await self.client.upload(data, filename)
+
+    async def create(self, file_ref: str, data: bytes | None, n: int) -> BatchStatus:
+        return batch_status(await self.client.create(file_ref, self.endpoint, self.window, {"sft_ray_batch": str(n)}))
+
+    async def find(self, file_ref: str) -> BatchStatus | None:
+        found = await self.client.find(file_ref)
+        return batch_status(found) if found is not None else None
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        return batch_status(await self.client.get(batch_id))
+
+    async def result_lines(self, batch: BatchStatus) -> list[bytes]:
+        return [line for fid in batch.results for line in (await self.client.content(fid)).splitlines()]
+
+    def parse_result(self, line: bytes) -> tuple[Key, GenerationResult | None] | None:
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return None
+        key = parse_custom_id(data.get("custom_id")) if isinstance(data, dict) else None
+        return (key, parse_line(data, self.api)) if key is not None else None
+
+    async def cancel(self, batch_id: str) -> None:
+        await self.client.cancel(batch_id)
+
+
+def request_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """A batch's ``request_counts`` (total, completed, failed), what of it is a count."""
+    counts = batch.get("request_counts")
+    return {str(k): v for k, v in counts.items() if type(v) is int} if isinstance(counts, dict) else {}
+
+
+def batch_status(batch: dict[str, Any]) -> BatchStatus:
+    """An OpenAI batch object as a :class:`BatchStatus`."""
+    status = str(batch.get("status"))
+    files = [fid for fid in (batch.get("output_file_id"), batch.get("error_file_id")) if isinstance(fid, str) and fid]
+    refusal = None
+    if status == "failed":
+        refusal = orjson.dumps((batch.get("errors") or {}).get("data") or batch.get("errors")).decode()[:300]
+    return BatchStatus(str(batch["id"]), status, request_counts(batch), files, refusal)
