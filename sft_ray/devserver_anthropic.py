@@ -28,7 +28,7 @@ key), and for a hostile provider: ``[[anthropic:unknown_block]]`` (a block of a 
 signature), ``[[anthropic:redacted]]`` (a ``redacted_thinking`` block too).
 
 Message Batches: ``POST /v1/messages/batches`` (``requests: [{custom_id, params}]``), ``GET
-/v1/messages/batches/{id}``, ``POST .../cancel`` and ``GET .../results`` (JSONL at the batch's
+/v1/messages/batches/{id}``, ``GET /v1/messages/batches`` (newest first), ``POST .../cancel`` and ``GET .../results`` (JSONL at the batch's
 ``results_url``). A batch is ``in_progress`` for ``batch_delay_s``, then each request is answered as
 online (no latency or limits): ``succeeded`` with the message, ``errored`` for a non-2xx answer or
 ``[[batch_error:N]]``; with ``batch_expire`` the first N batches answer only ``batch_expire_keep`` of
@@ -478,6 +478,19 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
             return _error(404, "not_found_error", "no such batch")
         return web.json_response(public(batch, _base(request)))
 
+    async def list_batches(request: web.Request) -> web.Response:
+        """Newest first, ``limit`` per page, ``after_id`` to page on."""
+        newest = [public(b, _base(request)) for b in reversed(batches.values())]
+        after = request.query.get("after_id")
+        if after:
+            ids = [b["id"] for b in newest]
+            newest = newest[ids.index(after) + 1:] if after in ids else []
+        limit = int(request.query["limit"]) if request.query.get("limit", "").isdigit() else 20
+        page = newest[:max(1, min(1000, limit))]
+        return web.json_response({"data": page, "has_more": len(newest) > len(page),
+                                  "first_id": page[0]["id"] if page else None,
+                                  "last_id": page[-1]["id"] if page else None})
+
     async def cancel_batch(request: web.Request) -> web.Response:
         batch = batches.get(request.match_info["batch_id"])
         if batch is None:
@@ -496,6 +509,7 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
 
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/batches", create_batch)
+    app.router.add_get("/v1/messages/batches", list_batches)
     app.router.add_get("/v1/messages/batches/{batch_id}", get_batch)
     app.router.add_post("/v1/messages/batches/{batch_id}/cancel", cancel_batch)
     app.router.add_get("/v1/messages/batches/{batch_id}/results", results)

@@ -100,10 +100,12 @@ class BatchClient:
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
 
+    def _auth_headers(self) -> dict[str, str]:
+        """The headers that carry the key (and, for other APIs, their version)."""
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
+
     async def __aenter__(self) -> "BatchClient":
-        headers = {**self.model.get("extra_headers", {}), **self._secret_headers}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
+        headers = {**self.model.get("extra_headers", {}), **self._secret_headers, **self._auth_headers()}
         timeout = aiohttp.ClientTimeout(total=max(300.0, float(self.model["timeout_s"])),
                                         sock_connect=self.model["connect_timeout_s"])
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
