@@ -75,7 +75,11 @@ def _error(status: int, kind: str, message: str, headers: dict[str, str] | None 
 
 
 def _words(value: Any) -> int:
-    """Tokens of a text (its words) or of a block or tool (a quarter of its JSON's bytes)."""
+    """Tokens of a text or text block (its words) or of another block or a tool (a quarter of its JSON's bytes)."""
+    if isinstance(value, tuple):  # (role, block) of a message
+        value = value[1]
+    if isinstance(value, dict) and value.get("type") == "text":
+        value = value.get("text", "")
     if isinstance(value, str):
         return len(value.split())
     return max(1, len(orjson.dumps(value)) // 4)

@@ -16,8 +16,9 @@ Messages request and the answer back:
   assistant message (``thinking_blocks``) so the next turn of an episode sends them back unchanged,
   before the turn's ``tool_use`` blocks.
 - ``model.prompt_caching`` puts ``cache_control: {type: ephemeral}`` on the last tool, the last
-  system block, the last block of the previous user turn (what the previous call of an episode
-  wrote) and the last block of the request (what this call writes): at most 4, the API's limit.
+  system block (both the same across rows) and, in an episode, the last block of the previous user
+  turn (what the previous call wrote) and the last block of the request (what this call writes): at
+  most 4, the API's limit.
 
 The client is aiohttp, through :class:`~sft_ray.backends.openai.OpenAIBackend`'s transport and its
 one retry loop, not the ``anthropic`` SDK. Measured (bench/anthropic_client.py, docs/benchmarks.md):
@@ -136,19 +137,22 @@ def _mark(block: dict[str, Any]) -> None:
 
 
 def place_cache_breakpoints(body: dict[str, Any]) -> int:
-    """Put ``cache_control`` on the last tool, the last system block, the end of the previous user turn
-    and the end of the request (each once, at most :data:`MAX_CACHE_BREAKPOINTS`); returns how many."""
+    """Put ``cache_control`` on the last tool, the last system block and, in a request with tools (an
+    episode, whose next turn resends all of it), the end of the previous user turn and the end of the
+    request (at most :data:`MAX_CACHE_BREAKPOINTS`); returns how many. A single-turn request's own
+    text is not marked: writing it costs 1.25x input, and no later call of the sample reads it."""
     marks: list[dict[str, Any]] = []
     if body.get("tools"):
         marks.append(body["tools"][-1])
     if isinstance(body.get("system"), list) and body["system"]:
         marks.append(body["system"][-1])
     msgs = body["messages"]
-    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
-    if len(users) >= 2:
-        marks.append(msgs[users[-2]]["content"][-1])
-    if msgs:
-        marks.append(msgs[-1]["content"][-1])
+    if body.get("tools"):  # an episode's growing prefix: later turns read what this one writes
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if len(users) >= 2:
+            marks.append(msgs[users[-2]]["content"][-1])
+        if msgs:
+            marks.append(msgs[-1]["content"][-1])
     placed = 0
     for block in marks[:MAX_CACHE_BREAKPOINTS]:
         if block.get("type") in ("thinking", "redacted_thinking") or "cache_control" in block:

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from sft_ray.config import RunConfig
-from sft_ray.cost import batch_prices, cost_usd
+from sft_ray.cost import CACHE_READ, CACHE_WRITE, batch_prices, cost_usd
 from sft_ray.driver import Session, remote_scorer
 from sft_ray.ratelimit import spent_before
 from sft_ray.runfolder.completion import Budget
@@ -29,6 +29,7 @@ class Spending:
         self.pricing = batch_prices(cfg.pricing.model_dump())
         self.before = spent_before(manifest)
         self.spend = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "batches": 0}
+        self.cached = {CACHE_WRITE: 0, CACHE_READ: 0}  # prompt caching (Anthropic), in the record when used
 
     def sent(self, requests: int) -> None:
         self.spend["requests"] += requests
@@ -38,6 +39,8 @@ class Spending:
         usage = rollout.get("usage") or {}
         self.spend["input_tokens"] += int(usage.get("input_tokens") or 0)
         self.spend["output_tokens"] += int(usage.get("output_tokens") or 0)
+        for k in self.cached:
+            self.cached[k] += int(usage.get(k) or 0)
 
     def over(self, requests: int, est_in: float, est_out: float) -> bool:
         """Whether submitting these requests could pass a spending budget, all sessions together."""
@@ -47,12 +50,16 @@ class Spending:
         out = self.before.get("output_tokens", 0) + self.spend["output_tokens"] + est_out
         return bool((b.max_requests is not None and req > b.max_requests)
                     or (b.max_output_tokens is not None and out > b.max_output_tokens)
-                    or (b.max_cost_usd is not None and cost_usd(inp, out, self.pricing) > b.max_cost_usd))
+                    or (b.max_cost_usd is not None and cost_usd(
+                        inp, out, self.pricing, self.before.get(CACHE_WRITE, 0) + self.cached[CACHE_WRITE],
+                        self.before.get(CACHE_READ, 0) + self.cached[CACHE_READ]) > b.max_cost_usd))
 
     def record(self) -> dict[str, Any]:
         """This session's spend, as its record holds it (what the budget and stats.json read)."""
-        return {**self.spend, "cost_usd": cost_usd(self.spend["input_tokens"], self.spend["output_tokens"],
-                                                   self.pricing)}
+        cached = {k: v for k, v in self.cached.items() if v}
+        return {**self.spend, **cached, "cost_usd": cost_usd(self.spend["input_tokens"], self.spend["output_tokens"],
+                                                             self.pricing, self.cached[CACHE_WRITE],
+                                                             self.cached[CACHE_READ])}
 
 
 class Recorder:
