@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from sft_ray.config import RunConfig
+from sft_ray.config import RunConfig, Tagged, applies_to, union_members
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
@@ -18,15 +18,28 @@ def reference_markdown() -> str:
     (docs/config.md holds it; a test keeps the two in step)."""
     rows = ["| key | default | description |", "|---|---|---|"]
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    seen: set[str] = set()
+
+    def walk(model: type[BaseModel], prefix: str, note: str = "") -> None:
         for name, f in model.model_fields.items():
             ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+            members = union_members(ann)
+            if members:  # one section per verifier type / backend: each key once, with the types that take it
+                for m in members:
+                    walk(m, f"{prefix}{name}.", note)
                 continue
+            own = note or (applies_to(model, name) if isinstance(model, type) and issubclass(model, Tagged) else "")
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.", own)
+                continue
+            key = f"{prefix}{name}"
+            if key in seen:
+                continue
+            seen.add(key)
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
-            rows.append(f"| `{prefix}{name}` | `{default}` | {desc} |")
+            desc = f"*Only {own}.* {desc}" if own else desc
+            rows.append(f"| `{key}` | `{default}` | {desc} |")
 
     walk(RunConfig, "")
     return "\n".join(rows)

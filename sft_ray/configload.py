@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from sft_ray.config import ConfigError, RunConfig
+from sft_ray.config import ConfigError, RunConfig, foreign_key, member_of
 
 
 def _parse_value(raw: str) -> Any:
@@ -41,13 +41,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _where(loc: tuple[Any, ...]) -> tuple[str, str | None]:
+    """(the dotted field a pydantic location names, the last union member it passed through: ``type=regex``).
+    A union member shows in a location as its tag (:func:`sft_ray.config.tagged_union`); the user's YAML
+    has no such level, so it is left out of the name."""
+    parts, tag = [], None
+    for p in loc:
+        if isinstance(p, str) and member_of(p) is not None:
+            tag = p
+        else:
+            parts.append(str(p))
+    return ".".join(parts), tag
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted field."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc, tag = _where(e["loc"])
+        loc = loc or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            why = f" {foreign_key(tag, str(e['loc'][-1]))}" if tag else ""
+            lines.append(f"  {loc}: unknown key{why}")
+            continue
+        if e["type"] == "invalid_tag":  # a union's key with a value no member has: name the key
+            key = e["ctx"]["key"]
+            got = e["input"].get(key) if isinstance(e["input"], dict) else None
+            loc = f"{loc}.{key}" if loc != "<root>" else key
+            lines.append(f"  {loc}: {e['msg'].removeprefix(key + ' ')}" + (f" (got {got!r})" if got else ""))
             continue
         got = e.get("input")
         # Header values may be credentials: never echo them.

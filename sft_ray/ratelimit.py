@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sft_ray.config import HOSTED_BACKENDS as HOSTED
+from sft_ray.config import HostedModelConfig
 from sft_ray.cost import CACHE_READ, CACHE_WRITE, cost_usd
 from sft_ray.errors import RATE_LIMIT, TIMEOUT
 
@@ -470,7 +470,7 @@ def spent_before(manifest: dict[str, Any]) -> dict[str, float]:
 
 def start_session(cfg: Any, manifest: dict[str, Any]) -> "RunLimits":
     """Make this run's shared limits actor (driver, after ``ray.init``), when anything needs it."""
-    if cfg.model.backend not in HOSTED or not needs_shared(cfg):
+    if not isinstance(cfg.model, HostedModelConfig) or not needs_shared(cfg):
         return RunLimits(None, cfg.adaptive)
     import ray
 

@@ -39,7 +39,7 @@ import yaml
 from pydantic import ValidationError
 
 from sft_ray import io
-from sft_ray.config import ConfigError, RunConfig
+from sft_ray.config import ConfigError, RunConfig, flat_dump, from_stored
 from sft_ray.configload import apply_overrides, format_validation_error
 from sft_ray.cost import priced as judge_priced
 from sft_ray.driver import Progress, remote_scorer
@@ -76,7 +76,7 @@ def is_local(verifier: Any) -> bool:
     """Whether a verifier section (a composite's components included) only computes locally."""
     if verifier.type == "composite":
         return all(is_local(c) for c in verifier.components)
-    return verifier.type in LOCAL_TYPES and verifier.judge is None
+    return verifier.type in LOCAL_TYPES and not verifier.judges()
 PREFIX = "rescore"  # part files of rescore/: rescore-<session>-<n>.jsonl (never a run's part-<session>-<n>)
 
 
@@ -88,7 +88,7 @@ def rescore_config(run_dir: str, config_file: str | None, overrides: list[str]) 
     manifest = load_manifest(run_dir)
     if manifest is None:
         raise ConfigError(f"{run_dir} is not a run folder (no {MANIFEST})")
-    data = json.loads(json.dumps(manifest.get("config") or {}))  # a deep copy
+    data = from_stored(json.loads(json.dumps(manifest.get("config") or {})))  # a deep copy, validatable
     source = f"{run_dir}/{MANIFEST}"
     if config_file:
         try:
@@ -391,7 +391,7 @@ def _record(manifest: dict[str, Any], cfg: RunConfig, journal: Journal, record: 
         return  # recorded before a kill: the swap is being finished
     old = (manifest.get("fingerprint") or {}).get("verifier")
     manifest.setdefault("fingerprint", {})["verifier"] = journal.target["verifier"]
-    manifest.setdefault("config", {})["verifier"] = cfg.verifier.model_dump(mode="json")
+    manifest.setdefault("config", {})["verifier"] = flat_dump(cfg.verifier, "json")
     manifest["rewards_from"] = {"by": "rescore", "at": time.time(), "verifier": journal.target["verifier"],
                                 "rescore": journal.target["id"]}
     rescores.append({**record, "id": journal.target["id"], "verifier_before": old,

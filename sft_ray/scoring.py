@@ -177,16 +177,17 @@ def verifier_payload(verifier) -> dict[str, Any]:
     """The ``verifier`` config section as the plain dict ScoreStage takes, with each judge's API
     key read on the driver (as the generation model's is) and carried as a Secret."""
     from sft_ray.backends.base import Secret
+    from sft_ray.config import flat_dump
 
     def walk(section, data: dict[str, Any], path: str) -> None:
-        if section.judge is not None:
+        if getattr(section, "judge", None) is not None:  # the types with a judge (judge, math)
             data["judge"]["model"]["api_key"] = Secret(section.judge.model.api_key())
             data["judge"]["model"]["secret_headers"] = Secret(section.judge.model.secret_headers())
             data["judge"]["model"]["config_key"] = f"{path}.judge.model"  # for error advice
-        for i, (sub, sub_data) in enumerate(zip(section.components, data["components"])):
+        for i, (sub, sub_data) in enumerate(zip(getattr(section, "components", []), data["components"])):
             walk(sub, sub_data, f"{path}.components.{i}")
 
-    data = verifier.model_dump()
+    data = flat_dump(verifier)  # every type's keys, as the verifiers read them
     walk(verifier, data, "verifier")
     return data
 

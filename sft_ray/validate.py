@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import islice
 
 from sft_ray import io
-from sft_ray.config import RunConfig
+from sft_ray.config import HostedModelConfig, RunConfig, flat_dump
 from sft_ray.rows import InputError, parse_line, prompt_tools
 from sft_ray.toolschema import SchemaProblem, validator
 
@@ -79,7 +79,7 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
                         + (f" and {len(files) - 5} more" if len(files) > 5 else "")
                         + " (set read.allow_empty=true to accept that)")
     problems += plugin_problems(cfg)
-    if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
+    if isinstance(cfg.model, HostedModelConfig) and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):
             problems.append(f"model.api_key_env: environment variable {cfg.model.api_key_env} is not set")
@@ -100,7 +100,7 @@ def plugin_problems(cfg: RunConfig) -> list[str]:
 
     problems = []
     for what, build, section in (("environment", build_environment, cfg.environment.model_dump()),
-                                 ("verifier", build_verifier, cfg.verifier.model_dump())):
+                                 ("verifier", build_verifier, flat_dump(cfg.verifier))):
         try:
             build(section)
         except Exception as e:

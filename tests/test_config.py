@@ -43,10 +43,10 @@ def test_sampling_passthrough_keys_allowed():
         ("responses_create_params.temperature=9", "responses_create_params.temperature"),
         ("verifier.type=regex", "verifier.pattern is required"),
         ("verifier.type=python", "verifier.function"),
-        ("verifier.pattern=([", "not a valid regular expression"),
+        ("verifier.type=regex verifier.pattern=([", "not a valid regular expression"),
         ("shuffle.sed=3", "shuffle.sed: unknown key"),
         ("model.name=", "model.name is required"),
-        ("model.engine_kwargs.tensor_parallel_size=0", "tensor_parallel_size"),
+        ("model.backend=vllm model.engine_kwargs.tensor_parallel_size=0", "tensor_parallel_size"),
         ("verifier.type=judge verifier.judge.model.name=j verifier.judge.responses_create_params.temprature=0",
          "verifier.judge.responses_create_params.temprature"),
         ("verifier.type=judge verifier.judge.model.name=j verifier.judge.responses_create_params.temperature=5",
@@ -214,3 +214,48 @@ def test_actor_ranges_are_checked(key, value, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["input=x", "output=o", "model.name=m", f"resources.{key}={value}"])
     assert f"resources.{key}: " in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.backend=vllm", "model.base_url=http://h/v1"],
+     "model.base_url: unknown key for the vllm backend (base_url applies to the openai / anthropic backend)"),
+    (["model.tool_parser=hermes"], "model.tool_parser: unknown key for the openai backend (tool_parser applies to the "
+     "vllm backend)"),
+    (["verifier.type=regex", "verifier.pattern=x", "verifier.function=m:f"],
+     "verifier.function: unknown key for verifier type regex (function applies to verifier type python)"),
+    (["verifier.pattern=x"], "verifier.pattern: unknown key for verifier type exact_match (pattern applies to "
+     "verifier type regex)"),
+    (["verifier.type=composite", "verifier.components=[{type: mcq, sandbox: none}]"],
+     "verifier.components.0.sandbox: unknown key for verifier type mcq (sandbox applies to verifier type code)"),
+    (["verifier.type=judge", "verifier.judge.model.name=j", "verifier.judge.model.engine_kwargs={}"],
+     "verifier.judge.model.engine_kwargs: unknown key for the openai backend"),
+    (["verifier.type=regex", "verifier.nope=1"], "verifier.nope: unknown key for verifier type regex"),
+    (["verifier.type=fuzzy"], "verifier.type: must be one of exact_match, math, mcq, regex, python, code, "
+     "json_schema, judge, composite, nemo_gym, none (got 'fuzzy')"),
+])
+def test_a_key_of_another_verifier_type_or_backend_is_refused_naming_both(overrides, message):
+    # One section per verifier type and per backend (issue 29): a key that only another type reads
+    # would be ignored without a word; it is refused, saying which type it belongs to.
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", "model.name=m", *overrides])
+    assert message in str(e.value)
+
+
+def test_sections_by_type_keep_the_yaml_and_run_json_as_they_were(tmp_path):
+    from sft_ray.config import VERIFIER_TYPES, RunConfig, from_stored
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("input: a\noutput: o\nmodel: {name: m}\nverifier: {answer_field: gold}\n")
+    cfg = load_config(cfg_file)  # no `type`: the default type, exact_match
+    assert cfg.verifier.type == "exact_match" and cfg.verifier.answer_field == "gold"
+    stored = cfg.stored()  # run.json: every type's and backend's keys, the others at their defaults
+    assert stored["verifier"]["pattern"] is None and stored["verifier"]["code"]["mode"] == "share"
+    assert stored["model"]["engine_kwargs"] == {} and stored["model"]["base_url"] == "https://api.openai.com/v1"
+    assert set(stored["verifier"]) == set().union(*(t.model_fields for t in VERIFIER_TYPES))
+    # ...and a run.json config (this one, or one written before the split) validates again
+    again = RunConfig.model_validate(from_stored(stored))
+    assert again.stored() == stored
+    vllm = load_config(None, ["input=x", "output=o", "model.backend=vllm", "verifier.type=composite",
+                              "verifier.components=[{type: judge, judge: {model: {backend: vllm}}}, {type: regex, "
+                              "pattern: a}]"])
+    assert RunConfig.model_validate(from_stored(vllm.stored())).stored() == vllm.stored()

@@ -9,14 +9,14 @@ import pytest
 
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.backends.openai import OpenAIBackend, refused_param, request_timeout_s
-from sft_ray.config import ConfigError, ModelConfig
+from sft_ray.config import ConfigError, OpenAIModelConfig
 from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.runfolder.manifest import config_fingerprint
 
 
 def backend(server, **kw):
-    model = ModelConfig(name=kw.pop("name", "mock"), base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
+    model = OpenAIModelConfig(name=kw.pop("name", "mock"), base_url=server.url, timeout_s=kw.pop("timeout_s", 1.0),
                         base_retry_wait_s=0.01, max_retry_wait_s=kw.pop("max_retry_wait_s", 0.5), **kw).model_dump()
     model["api_key"] = Secret("sk-test-SECRET-123")
     return OpenAIBackend(model, max_in_flight=8)
@@ -85,7 +85,7 @@ def test_timeout_error(mock_server):
 
 
 def test_connection_refused_is_a_connection_error():
-    model = ModelConfig(name="m", base_url="http://127.0.0.1:9/v1", max_retries=1, base_retry_wait_s=0.01).model_dump()
+    model = OpenAIModelConfig(name="m", base_url="http://127.0.0.1:9/v1", max_retries=1, base_retry_wait_s=0.01).model_dump()
     [r] = gen(OpenAIBackend(model, 4), ["x"])
     assert r.error["type"] == "connection_error"
 
@@ -170,7 +170,7 @@ def test_omit_params_names_sampling_keys_and_leaves_the_fingerprint_alone():
     assert cfg.model.omit_params == ["temperature", "top_p"]
     with pytest.raises(ConfigError, match="model.omit_params: .*not a responses_create_params key: temprature"):
         load_config(None, base + ["model.omit_params=[temprature]"])
-    with pytest.raises(ConfigError, match="omit_params applies to the openai backend"):
+    with pytest.raises(ConfigError, match="omit_params applies to the openai / anthropic backend"):
         load_config(None, ["input=x", "output=y", "model.backend=vllm", "model.omit_params=[top_p]"])
     # A judge's server-compatibility and price keys may change on a resume (they are not what it produces).
     judge = ["verifier.type=judge", "verifier.judge.model.name=j"]
@@ -183,7 +183,7 @@ def test_omit_params_names_sampling_keys_and_leaves_the_fingerprint_alone():
 
 
 def test_request_timeout_scales_with_the_requested_output_tokens():
-    model = ModelConfig(name="m", timeout_s=120).model_dump()
+    model = OpenAIModelConfig(name="m", timeout_s=120).model_dump()
     assert request_timeout_s(model, {}) == 120  # no limit asked: the base
     assert request_timeout_s(model, {"max_output_tokens": 1024}) == 120  # small requests: as before
     assert request_timeout_s(model, {"max_output_tokens": 32768}) == pytest.approx(120 + 20 * 31.744)

@@ -15,7 +15,7 @@ import warnings
 import pyarrow as pa
 
 from sft_ray.backends.base import Secret
-from sft_ray.config import ModelConfig
+from sft_ray.config import OpenAIModelConfig
 from sft_ray.placement import NAME_PREFIX, release_placement_groups
 
 
@@ -32,7 +32,7 @@ def test_replica_placement_groups_are_made_by_and_removed_with_their_actors(ray_
     from sft_ray.stages.generate import GenerateStage
 
     before = set(_ours())
-    model = ModelConfig(name="mock", base_url=mock_server.url, timeout_s=5).model_dump()
+    model = OpenAIModelConfig(name="mock", base_url=mock_server.url, timeout_s=5).model_dump()
     model["api_key"] = Secret(None)
     model["replica_bundles"] = [{"CPU": 0.5}] * 2  # what replica_args gives a tp=2 vLLM model, in CPUs
     n = 48

@@ -17,7 +17,7 @@ from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.backends.openai import OpenAIBackend
-from sft_ray.config import ConfigError, ModelConfig
+from sft_ray.config import ConfigError, OpenAIModelConfig
 from sft_ray.configload import load_config
 from sft_ray.cost import cost_usd, spend_summary
 from sft_ray.devserver import MockConfig, MockServer
@@ -125,7 +125,7 @@ def test_mock_server_enforces_a_token_bucket():
 # -- adaptive concurrency, one actor's backend against the mock ---------------------------------
 
 def _backend(url: str, ceiling: int) -> OpenAIBackend:
-    model = ModelConfig(name="m", base_url=url, timeout_s=5, max_retries=8, base_retry_wait_s=0.01,
+    model = OpenAIModelConfig(name="m", base_url=url, timeout_s=5, max_retries=8, base_retry_wait_s=0.01,
                         max_retry_wait_s=0.5).model_dump()
     model["api_key"] = Secret(None)
     model["limits"] = {"shared": None, "adaptive": True}

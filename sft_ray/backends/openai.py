@@ -26,8 +26,9 @@ from sft_ray.rows import drop_params
 # responses_create_params keys that Chat Completions understands under the same name.
 _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_penalty", "logit_bias",
               "logprobs", "top_logprobs", "user", "reasoning_effort", "service_tier", "metadata", "store"}
-# Responses API has no seed; everything else in responses_create_params is passed through.
-_RESPONSES_DROP = {"seed", "reasoning_effort"}
+# Responses API has no seed (nor top_k, Anthropic's and vLLM's); everything else in responses_create_params
+# is passed through.
+_RESPONSES_DROP = {"seed", "reasoning_effort", "top_k"}
 # What model.omit_params may name: the keys of responses_create_params.
 _OMITTABLE = frozenset(SamplingConfig.model_fields)
 # Requested output tokens that model.timeout_s covers alone; past them, timeout_per_1k_output_tokens_s adds time.

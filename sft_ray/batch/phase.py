@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
 from sft_ray.backends.base import Secret
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider
 from sft_ray.backends.openai_batch import OpenAIBatchProvider
@@ -16,7 +17,7 @@ from sft_ray.batch.record import Recorder, Spending
 from sft_ray.batch.rounds import Episodes, refill
 from sft_ray.batch.samples import Samples
 from sft_ray.batch.submit import Submitter
-from sft_ray.config import RunConfig
+from sft_ray.config import RunConfig, flat_dump
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchLog
 from sft_ray.runfolder.layout import BATCHES
@@ -27,10 +28,12 @@ from sft_ray.stages.read import InputPlan
 
 def batch_provider(cfg: RunConfig) -> BatchProvider:
     """The Batch API adapter of the configured model, its key and secret headers read here."""
-    model = cfg.model.model_dump()
+    model = flat_dump(cfg.model)  # every backend's keys, as the backends read them
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())
     bc = cfg.model.batch
+    if cfg.model.backend == "anthropic":  # Message Batches: its limits are capped to Anthropic's there
+        return AnthropicBatchProvider(model, BatchLimits(bc.max_requests, bc.max_bytes))
     return OpenAIBatchProvider(model, BatchLimits(bc.max_requests, bc.max_bytes), bc.completion_window)
 
 

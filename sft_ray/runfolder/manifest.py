@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from sft_ray import io
-from sft_ray.config import RunConfig
+from sft_ray.config import RunConfig, flat_dump
 from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RUN_OUTPUTS
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
@@ -88,26 +88,32 @@ FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"))
 
 def verifier_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The verifier's part of the fingerprint (what `sft-ray rescore` replaces)."""
-    return _verifier_fingerprint(cfg.verifier.model_dump())
+    return _verifier_fingerprint(flat_dump(cfg.verifier))
 
 
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change what a run produces (used to refuse resuming with a different config),
     paths in one spelling (:func:`canonical_fingerprint`)."""
+    model = flat_dump(cfg.model)  # every backend's keys (others at their defaults), as fingerprints always held
     return canonical_fingerprint({
         "input": cfg.input,
         "model": {
-            "backend": cfg.model.backend,
-            "name": cfg.model.name,
-            "base_url": cfg.model.base_url,
-            "api": cfg.model.api,
-            "engine_kwargs": cfg.model.engine_kwargs,
-            "tool_parser": cfg.model.tool_parser,
-            "chat_template": cfg.model.chat_template,
-            "extra_body": cfg.model.extra_body,
-            "send_seed": cfg.model.send_seed,  # without the seed, a server samples differently
+            "backend": model["backend"],
+            "name": model["name"],
+            "base_url": model["base_url"],
+            "api": model["api"],
+            "engine_kwargs": model["engine_kwargs"],
+            "tool_parser": model["tool_parser"],
+            "chat_template": model["chat_template"],
+            "extra_body": model["extra_body"],
+            "send_seed": model["send_seed"],  # without the seed, a server samples differently
+            # Claude's thinking changes the answers; keys only anthropic has are left out of others' fingerprints
+            **({"thinking": model["thinking"], "anthropic_version": model["anthropic_version"]}
+               if model["backend"] == "anthropic" else {}),
         },
-        "responses_create_params": cfg.responses_create_params.model_dump(),
+        # top_k (added later) only when set: earlier run folders' fingerprints stay as they were
+        "responses_create_params": cfg.responses_create_params.model_dump(
+            exclude=set() if cfg.responses_create_params.top_k is not None else {"top_k"}),
         "num_repeats": cfg.num_repeats,
         "verifier": verifier_fingerprint(cfg),
         "agent": {"max_steps": cfg.agent.max_steps},
@@ -189,5 +195,5 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     io.makedirs(cfg.output)
     if manifest is None:
         manifest = {"fingerprint": fingerprint, "sessions": []}
-    manifest["config"] = cfg.model_dump(mode="json", by_alias=False)
+    manifest["config"] = cfg.stored()
     return manifest

@@ -481,8 +481,9 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
     import ray.data
 
     from sft_ray.backends.base import Secret
+    from sft_ray.config import flat_dump
 
-    model = cfg.model.model_dump()
+    model = flat_dump(cfg.model)  # every backend's keys, as the backends read them
     model["api_key"] = Secret(cfg.model.api_key())
     model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
     model["limits"] = limits
