@@ -379,3 +379,120 @@ def test_cache_prices_default_to_125_and_10_percent_of_input():
     assert cost_usd(0, 0, {**p, "cache_read_per_mtok": 0.5}, 0, 1_000_000) == pytest.approx(0.5)
     assert cache_saved_usd(1_000_000, 3_000_000, p) == pytest.approx(3 * 2.7 - 0.75)
     assert batch_prices(p)["cache_read_per_mtok"] == pytest.approx(0.15)
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.thinking.budget_tokens=2048", "responses_create_params.max_output_tokens=2048"],
+     "model.thinking.budget_tokens: 2048 must be less than responses_create_params.max_output_tokens"),
+    (["model.thinking.budget_tokens=1024", "responses_create_params.temperature=0.5"],
+     "temperature: 0.5 is refused with model.thinking"),
+    (["model.thinking.budget_tokens=1024", "responses_create_params.top_k=5"], "top_k: refused with model.thinking"),
+    (["model.thinking.budget_tokens=1024", "responses_create_params.top_p=0.5"], "top_p: 0.5 is refused"),
+    (["model.thinking.budget_tokens=1024", "responses_create_params.tool_choice=required"],
+     "a forced tool choice is refused with model.thinking"),
+    (["model.thinking.budget_tokens=512"], "greater than or equal to 1024"),
+    (["responses_create_params.max_output_tokens=null"], "the Messages API requires max_tokens"),
+    (["responses_create_params.temperature=1.5"], "over the Messages API's range 0..1"),
+    (["model.api=chat"], "model.api: unknown key for the anthropic backend"),
+    (["model.base_url=https://api.anthropic.com/v1"], "the API root without /v1"),
+])
+def test_config_refuses_what_the_messages_api_refuses(overrides, message):
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", "model.backend=anthropic", "model.name=claude-sonnet-4-5",
+                           "responses_create_params.max_output_tokens=4096", *overrides])
+    assert message in str(e.value)
+
+
+def test_config_defaults_and_what_the_backend_receives():
+    from sft_ray.config import flat_dump
+    from sft_ray.configload import load_config
+
+    cfg = load_config(None, ["input=x", "output=o", "model.backend=anthropic", "model.name=claude-sonnet-4-5"])
+    m = cfg.model
+    assert (m.base_url, m.api_key_env, m.anthropic_version, m.prompt_caching, m.thinking) == (
+        "https://api.anthropic.com", "ANTHROPIC_API_KEY", "2023-06-01", True, None)
+    b = AnthropicBackend({**flat_dump(m), "api_key": Secret(KEY)}, 4)
+    assert b.url == "https://api.anthropic.com/v1/messages"
+    assert b._auth_headers() == {"anthropic-version": "2023-06-01", "x-api-key": KEY}
+
+
+# --- Message Batches adapter --------------------------------------------------------------------------------------
+
+
+def test_custom_ids_fit_the_pattern_and_round_trip_any_row_id():
+    import re
+
+    from sft_ray.backends.anthropic_batch import anthropic_custom_id, decode_custom_id
+
+    hashed: dict = {}
+    for rid in ["r1", "3:7", "a\nb", "ü 🙂", ":", "x" * 500, "0_0-0", "=="]:
+        for k in (0, 7, 123456):
+            cid = anthropic_custom_id(rid, k)
+            assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", cid), cid
+            if "_" not in cid:
+                hashed[cid] = (rid, k)
+            assert decode_custom_id(cid, hashed) == (rid, k)
+    for foreign in [None, 3, "abc", "_x", "x_abc", "1_!!", "12345678901_YQ", "7-deadbeef"]:
+        assert decode_custom_id(foreign, hashed) is None
+
+
+def test_limits_are_capped_to_anthropics():
+    from sft_ray.backends.anthropic_batch import MAX_BYTES, MAX_REQUESTS, AnthropicBatchProvider
+    from sft_ray.backends.batchapi import BatchLimits
+
+    p = AnthropicBatchProvider(model_dict(), BatchLimits(10**9, 10**12))
+    assert p.limits.max_requests == MAX_REQUESTS and p.limits.max_bytes < MAX_BYTES
+    assert AnthropicBatchProvider(model_dict(), BatchLimits(10, 5000)).limits == BatchLimits(10, 5000)
+
+
+def test_batch_results_for_ids_never_sent_and_hostile_lines_are_dropped_or_failed(mock_server):
+    from sft_ray.backends.anthropic_batch import AnthropicBatchProvider, anthropic_custom_id
+    from sft_ray.backends.batchapi import BatchLimits
+
+    p = AnthropicBatchProvider(model_dict(mock_server), BatchLimits(100, 10**6))
+    p.expect([("r1", 0)])
+    ok = {"type": "message", "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+          "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+    def line(cid, result):
+        return orjson.dumps({"custom_id": cid, "result": result})
+
+    assert p.parse_result(line("0-" + "f" * 48, {"type": "succeeded", "message": ok})) is None  # never sent
+    assert p.parse_result(b"not json") is None
+    key, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "succeeded", "message": ok}))
+    assert key == ("r1", 0) and r.text == "hi"
+    _, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "succeeded", "message": {"type": "x"}}))
+    assert r.error["type"] == "bad_response"
+    _, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "errored", "error": {
+        "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}}))
+    assert r.error == {"type": "server_error", "message": "batch request errored: overloaded_error: Overloaded"}
+    for never_run in ("canceled", "expired"):
+        assert p.parse_result(line(anthropic_custom_id("r1", 0), {"type": never_run})) == (("r1", 0), None)
+    _, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "surprise"}))
+    assert r.error["type"] == "bad_response"
+
+
+def test_a_batch_created_but_not_recorded_is_found_not_made_again(mock_server):
+    """A run killed between create and its record: find() takes the batch made since the keys were
+    recorded with the same number of requests."""
+    from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
+    from sft_ray.backends.batchapi import BatchLimits
+
+    async def go():
+        async with AnthropicBatchProvider(model_dict(mock_server), BatchLimits(100, 10**6)) as p:
+            keys = [(f"r{i}", 0) for i in range(3)]
+            data = b"".join(p.request_line(k, req(f"q{i}")) + b"\n" for i, k in enumerate(keys))
+            ref = await p.upload(data, "batch-000001.jsonl")
+            other = await p.upload(data[: data.index(b"\n") + 1], "batch-000002.jsonl")
+            made = await p.create(ref, data, 1)
+            found = await p.find(ref)
+            assert found is not None and found.id == made.id
+            assert await p.find(other) is None  # one request: no batch of that size
+    run(go())
+    assert mock_server.state.batches_created == 1
