@@ -135,3 +135,44 @@ def test_agent_episodes_go_in_message_batch_rounds(tmp_path, ray_cluster, monkey
         assert server.state.requests == 0 and server.state.batches_created == 2  # one round per model turn
     out = read_rows(tmp_path / "run" / "rollouts")
     assert len(out) == 3 and all(r["reward"] == 1.0 and r["num_model_calls"] == 2 for r in out)
+
+
+def test_kill_9_while_message_batches_wait_then_rerun_submits_nothing_twice(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(3000))
+    config = {"input": str(inp), "output": str(tmp_path / "run"),
+              "model": {"backend": "anthropic", "name": "claude-sonnet-4-5", "timeout_s": 5,
+                        "api_key_env": "SFT_RAY_TEST_ANTHROPIC_KEY",
+                        "batch": {"enabled": True, "poll_interval_s": 0.1, "max_requests": 1000, "max_in_flight": 2}},
+              "responses_create_params": {"max_output_tokens": 64}, "verifier": {"type": "exact_match"}}
+    with MockServer(MockConfig(batch_delay_s=4.0)) as server:
+        config["model"]["base_url"] = server.url[:-len("/v1")]
+        path = tmp_path / "config.yaml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "SFT_RAY_TEST_ANTHROPIC_KEY": KEY}
+        cmd = [sys.executable, "-m", "sft_ray.cli", "run", str(path)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        record = tmp_path / "run" / "batches.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if record.exists() and sum('"submit"' in x for x in record.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            proc.kill()
+            pytest.fail("the run recorded no batch within 120 s")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        assert server.state.batches_created == 2
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert server.state.batches_created == 3 and max(server.state.batch_lines.values()) == 1
+    keys = Counter((r["id"], r["sample_index"]) for r in read_rows(tmp_path / "run" / "rollouts"))
+    assert len(keys) == 3000 and set(keys.values()) == {1}
+    assert KEY not in _everything(tmp_path / "run") and KEY not in second.stderr
