@@ -19,6 +19,9 @@ import orjson
 from sft_ray.config import RunConfig
 from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
+from sft_ray.runfolder.completion import Budget
+from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.manifest import Manifest, StopReason
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.stages import actor_range
@@ -230,18 +233,13 @@ class Timing:
 class Session:
     """This run's record in run.json: what it planned, wrote and why it stopped."""
 
-    def __init__(self, manifest: dict[str, Any], planned: int) -> None:
-        self.number = len(manifest["sessions"])
-        self.record: dict[str, Any] = {"session": self.number, "started_at": time.time(), "planned": planned,
-                                       "written": 0, "failed": 0, "output_tokens": 0, "generate_wall_s": 0.0,
-                                       "stopped": None}
-        manifest["sessions"].append(self.record)
+    def __init__(self, manifest: Manifest, planned: int) -> None:
+        self.record = manifest.open_session(planned)
+        self.number = self.record.number
         self.reward_sum, self.reward_n = 0.0, 0
 
     def add(self, ok: int, failed: int, tokens: int, rewards: list[float | None]) -> None:
-        self.record["written"] += ok
-        self.record["failed"] += failed
-        self.record["output_tokens"] += tokens
+        self.record.add(ok, failed, tokens)
         rs = [r for r in rewards if r is not None]
         self.reward_sum += sum(rs)
         self.reward_n += len(rs)
@@ -249,6 +247,30 @@ class Session:
     @property
     def mean_reward(self) -> float | None:
         return self.reward_sum / self.reward_n if self.reward_n else None
+
+
+class Recorder:
+    """What becomes of a scored rollout, the one way for every path (the online stream, the Batch
+    API's loop): written to the folder (``rollouts/`` or ``failed/``), added to the session's tallies;
+    and the failure budget, which stops the session once exceeded."""
+
+    def __init__(self, cfg: RunConfig, writers: Writers, session: Session) -> None:
+        self.writers, self.session = writers, session
+        self.failure_budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+
+    def write(self, keys: list[Key], rollouts: list[str], failed: list[bool], rewards: list[float | None],
+              output_tokens: int) -> tuple[int, int]:
+        """Write scored rollouts (JSON text); (how many went to rollouts/, how many to failed/)."""
+        ok, bad = self.writers.write(keys, rollouts, failed, rewards)
+        self.session.add(ok, bad, output_tokens, rewards)
+        return ok, bad
+
+    def over_failure_budget(self, done: int, failed: int) -> bool:
+        """Whether the failure budget is exceeded (the session's stop reason then says so)."""
+        if not self.failure_budget.exceeded(done, failed):
+            return False
+        self.session.record.stop(StopReason.FAILURE_BUDGET)
+        return True
 
 
 def throughput(manifest: dict[str, Any]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Paths on local disk or object stores, behind pyarrow's filesystem layer.
 
-One helper resolves ``input`` (a file, a folder or a glob, local or ``s3://``/``gs://``)
-to a sorted file list; the others open files for line reading and atomic writes.
+These helpers resolve paths and URIs, match globs, and open files for line reading and atomic
+writes (:mod:`sft_ray.tabular` lists and reads the files of an ``input``).
 
 Object stores are configured the standard way, from the environment of the process
 that resolves the URI (pyarrow 26's ``FileSystem.from_uri`` reads these itself):
@@ -29,10 +29,6 @@ import re
 from typing import IO, Iterator
 
 import pyarrow.fs as pafs
-
-# What a folder given as ``input`` contributes: JSONL only, so that a dataset_info.json,
-# a README or a checksum file next to the shards does not stop the run.
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 def filesystem(uri: str, fs: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
@@ -89,30 +85,6 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         if not last:
             out.append("/")
     return re.compile("".join(out))
-
-
-def list_input_files(uri: str) -> list[str]:
-    """Files named by ``uri``: itself, the JSONL files below a folder, or a glob's matches."""
-    fs, path = filesystem(uri)
-    if any(c in path for c in "*?["):
-        base = path
-        while any(c in base for c in "*?["):
-            base = base.rsplit("/", 1)[0]
-        infos = fs.get_file_info(pafs.FileSelector(base or "/", recursive=True, allow_not_found=True))
-        pattern = glob_regex(path)
-        files = [i.path for i in infos if i.type == pafs.FileType.File and pattern.fullmatch(i.path)]
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"input not found: {uri}")
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(JSONL_SUFFIXES)]
-        else:
-            files = [path]
-    if not files:
-        raise FileNotFoundError(f"no input files match {uri}")
-    return [display(fs, f) for f in sorted(files)]
 
 
 def iter_lines(uri: str, fs: pafs.FileSystem | None = None) -> Iterator[bytes]:

@@ -24,11 +24,12 @@ from typing import Any, Callable
 
 import pyarrow.compute as pc
 
-from sft_ray import activity, io, ratelimit
+from sft_ray import activity, io, ratelimit, tabular
 from sft_ray.config import RunConfig
 from sft_ray.cost import spend_summary
 from sft_ray.driver import (
     Progress,
+    Recorder,
     Session,
     Timing,
     init_ray,
@@ -61,7 +62,7 @@ from sft_ray.runfolder.completion import (
 from sft_ray.runfolder.journal import clear_journal
 from sft_ray.runfolder.layout import BATCHES, ROLLOUTS, STATS, SUCCESS, TRAIN, recorded_sessions
 from sft_ray.runfolder.lock import LockError, RunLock
-from sft_ray.runfolder.manifest import DriftError, prepare_run_dir, save_manifest
+from sft_ray.runfolder.manifest import DriftError, Manifest, StopReason, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState, compact_failures
 from sft_ray.scoring import verifier_payload
@@ -114,14 +115,20 @@ def scan_input(cfg: RunConfig) -> InputPlan:
     input), their sample ids, content digests and skipped bad lines; a bad line without
     read.skip_bad_lines stops here, before anything starts."""
     try:
-        files = io.list_input_files(cfg.input)
-    except FileNotFoundError as e:
+        files = tabular.list_files(cfg.input)
+    except (FileNotFoundError, InputError) as e:  # InputError: a save_to_disk folder's state.json
         raise RunError(str(e), EXIT_INPUT) from None
     try:
-        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines)
+        plan = scan_files(files, cfg.read.limit, cfg.read.skip_bad_lines, cfg.read.rename or None)
     except InputError as err:
+        if not err.source.rpartition(":")[2].isdigit():  # the file as a whole (not Parquet, a column of no JSON value)
+            raise RunError(f"bad input file: {err}", EXIT_INPUT) from None
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines)",
                        EXIT_INPUT) from None
+    unseen = [c for c in cfg.read.rename if c not in plan.renamed_columns]
+    if unseen and plan.ids:
+        raise RunError(f"read.rename: no input row has {', '.join(unseen)} (a typo? the columns are the input's "
+                       "top-level fields)", EXIT_INPUT)
     if not plan.ids and not cfg.read.allow_empty:
         named = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
         why = f"all {len(plan.bad_lines)} non-blank line(s) are bad" if plan.bad_lines else "empty or blank lines only"
@@ -156,7 +163,7 @@ def lock_folder(run_dir: str, command: str = "run") -> RunLock:
         raise RunError(output_folder_error(run_dir, e)) from None
 
 
-def prepare_folder(cfg: RunConfig, restart: bool, inputs: InputPlan) -> dict[str, Any]:
+def prepare_folder(cfg: RunConfig, restart: bool, inputs: InputPlan) -> Manifest:
     """Create or reopen the run folder (emptied first with ``restart``); its manifest."""
     try:
         return prepare_run_dir(cfg, restart, inputs.digests)
@@ -175,7 +182,7 @@ def completion(cfg: RunConfig, inputs: InputPlan, state: FolderState,
 # -- phase 1: generate ---------------------------------------------------------------------
 
 
-def generate_phase(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+def generate_phase(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                    say: Callable[[str], None], no_wait: bool = False) -> Session:
     """Phase 1: send every sample without a result (and failures with attempts left), write
     what comes back; ``state`` follows. Online through the stages, or through the provider's
@@ -262,7 +269,7 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
     return score.STAGE.apply(ds, cfg, plan)
 
 
-def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                      session: Session, writers: Writers, work: SessionPlan, say: Callable[[str], None]) -> None:
     """Start Ray and the run's limits, pull scored batches through the stages and write each as it
     arrives, until done or the failure budget stops the session; then close the session (what an
@@ -271,7 +278,7 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
     limits = ratelimit.start_session(cfg, manifest)
     board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
-    budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+    recorder = Recorder(cfg, writers, session)
     draws, todo = work.draws, work.todo
     # The folder's samples with a result, as this session adds to them (retries have none yet).
     done, failed = work.start.done, work.start.failed_final
@@ -286,20 +293,18 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
             watch.touch()
             keys = list(zip(batch.column("id").to_pylist(), batch.column("sample_index").to_pylist()))
             rewards = batch.column("reward").to_pylist()
-            ok, bad = writers.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist(),
-                                    rewards)
-            session.add(ok, bad, sum(batch.column("output_tokens").to_pylist()), rewards)
+            ok, bad = recorder.write(keys, batch.column("rollout").to_pylist(), batch.column("failed").to_pylist(),
+                                     rewards, sum(batch.column("output_tokens").to_pylist()))
             done, failed = done + ok, failed + bad
             n = len({rid for rid, _ in keys}) if draws is not None else ok + bad
             timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
             units += n
             progress.update(n, units, session.record["failed"], session.mean_reward)
-            if budget.exceeded(done, failed):
-                session.record["stopped"] = "failure budget exceeded"
+            if recorder.over_failure_budget(done, failed):
                 break
         finished = True
     except InputError as err:
-        session.record["stopped"] = f"input error: {err}"
+        session.record.stop(StopReason.INPUT_ERROR, err)
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
@@ -316,7 +321,7 @@ def stream_and_write(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan
         save_manifest(cfg.output, manifest)
 
 
-def send_batches(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                  session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
     """Phase 1 through the Batch API: every batch recorded in the run folder before the driver
     waits on it; the writers closed and the session saved however it ends."""
@@ -326,7 +331,7 @@ def send_batches(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, st
     try:
         batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait)
     except InputError as err:
-        session.record["stopped"] = f"input error: {err}"
+        session.record.stop(StopReason.INPUT_ERROR, err)
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     except BatchAPIError as err:
@@ -337,15 +342,15 @@ def send_batches(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, st
         save_manifest(cfg.output, manifest)
 
 
-def record_completion(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan,
+def record_completion(cfg: RunConfig, manifest: Manifest, inputs: InputPlan,
                       state: FolderState) -> tuple[Completion, Budget]:
     """The folder's completion, counted sample by sample from what it holds now (not from this
     session's tallies), saved in the manifest."""
     done = completion(cfg, inputs, state)
     budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
-    manifest["completion"] = done.as_stats(budget)
+    manifest.set_completion(done.as_stats(budget))
     if inputs.bad_lines:
-        manifest["completion"]["bad_line_examples"] = inputs.bad_lines[:5]
+        manifest.completion["bad_line_examples"] = inputs.bad_lines[:5]
     save_manifest(cfg.output, manifest)
     return done, budget
 
@@ -355,14 +360,13 @@ def record_completion(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPla
 UNEXPECTED_KEYS_KEPT = 10_000
 
 
-def record_unexpected(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan,
+def record_unexpected(cfg: RunConfig, manifest: Manifest, inputs: InputPlan,
                       state: FolderState) -> frozenset[tuple[str, int]]:
     """The done samples that are none of the run's (:func:`unexpected_keys`), usually none; saved in
     the manifest (count and, up to :data:`UNEXPECTED_KEYS_KEPT`, the keys) for `sft-ray filter`."""
     per_prompt = cfg.rejection.max_samples if cfg.rejection.active else cfg.num_repeats
     found = frozenset(unexpected_keys(inputs.ids, state.done, per_prompt))
-    manifest["unexpected_keys"] = {"count": len(found),
-                                   "keys": [list(k) for k in sorted(found)[:UNEXPECTED_KEYS_KEPT]]}
+    manifest.set_unexpected(found, UNEXPECTED_KEYS_KEPT)
     save_manifest(cfg.output, manifest)
     return found
 
@@ -421,9 +425,9 @@ def verdict(cfg: RunConfig, session: Session, done: Completion, budget: Budget, 
             say: Callable[[str], None]) -> int:
     """Say where the run folder stands; the exit code."""
     say(f"run folder: {cfg.output}  ({ROLLOUTS}/, {TRAIN}/ {len(stats.get('shards', []))} shard(s), {STATS})")
-    if session.record.get("stopped"):
+    if session.record.stopped:
         say(f"stopped early: {session.record['stopped']}")
-    if session.record.get("stopped") == "budget":
+    if session.record.stop_reason is StopReason.SPENDING_BUDGET:
         say("stopped: budget; what was generated is finalized. Raise budget.* and rerun the same command "
             "to continue")
         return EXIT_SPENT

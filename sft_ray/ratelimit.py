@@ -40,6 +40,7 @@ from typing import Any
 from sft_ray.config import HostedModelConfig
 from sft_ray.cost import CACHE_READ, CACHE_WRITE, cost_usd
 from sft_ray.errors import RATE_LIMIT, TIMEOUT
+from sft_ray.runfolder.manifest import Manifest, SessionRecord, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,10 @@ class SharedLimits:
     # -- budget -----------------------------------------------------------------------------
     def _would_fit(self, n: int, est_in: float, est_out: float) -> bool:
         spent = self.before + self.session
-        req = spent["requests"] + self.reserved["requests"] + n
-        out = spent["output_tokens"] + self.reserved["output_tokens"] + est_out
-        inp = spent["input_tokens"] + self.reserved["input_tokens"] + est_in
-        b = self.budget
-        return not (("max_requests" in b and req > b["max_requests"])
-                    or ("max_output_tokens" in b and out > b["max_output_tokens"])
-                    or ("max_cost_usd" in b and cost_usd(inp, out, self.pricing, spent[CACHE_WRITE],
-                                                         spent[CACHE_READ]) > b["max_cost_usd"]))
+        return not over_spending_budget(self.budget, self.pricing, spent["requests"] + self.reserved["requests"] + n,
+                                        spent["input_tokens"] + self.reserved["input_tokens"] + est_in,
+                                        spent["output_tokens"] + self.reserved["output_tokens"] + est_out,
+                                        spent[CACHE_WRITE], spent[CACHE_READ])
 
     def _admit(self, n: int, est_in: float, est_out: float) -> int:
         if self.stopped:
@@ -94,7 +91,7 @@ class SharedLimits:
                 lo = mid
             else:
                 hi = mid - 1
-        self.stopped = "budget"
+        self.stopped = StopReason.SPENDING_BUDGET.text()
         return lo
 
     # -- settling ---------------------------------------------------------------------------
@@ -381,7 +378,7 @@ class Limiter:
                     self.key, len(batch), est_in, est_out, settled, self._status())
             except Exception as e:  # the shared actor is gone (the driver ended): send nothing more
                 log.warning("rate limiter unreachable (%s); no new requests from this actor", type(e).__name__)
-                delays, admitted, stopped = [], 0, "rate limiter unreachable"
+                delays, admitted, stopped = [], 0, StopReason.LIMITER_UNREACHABLE.text()
             self._last_report = time.monotonic()
             if stopped:
                 self.stopped = stopped
@@ -459,16 +456,20 @@ def needs_shared(cfg: Any) -> bool:
                 or cfg.pricing.input_per_mtok or cfg.pricing.output_per_mtok)
 
 
-def spent_before(manifest: dict[str, Any]) -> dict[str, float]:
-    """What earlier runs of this folder spent (their session records' ``spend``)."""
-    total: Counter = Counter()
-    for s in manifest.get("sessions", []):
-        for k in ("requests", "input_tokens", "output_tokens", CACHE_WRITE, CACHE_READ):
-            total[k] += (s.get("spend") or {}).get(k, 0)
-    return dict(total)
+def over_spending_budget(budget: dict[str, Any], pricing: dict[str, float], requests: float,
+                         input_tokens: float, output_tokens: float, cache_write_tokens: float = 0.0,
+                         cache_read_tokens: float = 0.0) -> bool:
+    """Whether this much spent, all sessions together, passes the spending budget (``budget.*``; a
+    limit that is None or absent is no limit): the one rule of the online limiter and the Batch API's loop.
+    The cache token counts are prompt caching's (Anthropic), priced apart from ``input_tokens``."""
+    b = {k: v for k, v in budget.items() if v is not None}
+    return bool(("max_requests" in b and requests > b["max_requests"])
+                or ("max_output_tokens" in b and output_tokens > b["max_output_tokens"])
+                or ("max_cost_usd" in b and cost_usd(input_tokens, output_tokens, pricing, cache_write_tokens,
+                                                     cache_read_tokens) > b["max_cost_usd"]))
 
 
-def start_session(cfg: Any, manifest: dict[str, Any]) -> "RunLimits":
+def start_session(cfg: Any, manifest: Manifest) -> "RunLimits":
     """Make this run's shared limits actor (driver, after ``ray.init``), when anything needs it."""
     if not isinstance(cfg.model, HostedModelConfig) or not needs_shared(cfg):
         return RunLimits(None, cfg.adaptive)
@@ -477,7 +478,7 @@ def start_session(cfg: Any, manifest: dict[str, Any]) -> "RunLimits":
     actor = ray.remote(num_cpus=0, max_restarts=0)(SharedLimits).options(
         name=f"sft-ray-limits-{uuid.uuid4().hex[:8]}", max_concurrency=1)
     return RunLimits(actor.remote(cfg.rate_limit.per_minute(), cfg.budget.model_dump(), cfg.pricing.model_dump(),
-                                  spent_before(manifest)), cfg.adaptive)
+                                  manifest.spent_before()), cfg.adaptive)
 
 
 class RunLimits:
@@ -527,7 +528,7 @@ class RunLimits:
                 info["projected"] = f"${st['cost_usd'] * total / done:.2f}"
         return info
 
-    def end(self, record: dict[str, Any]) -> None:
+    def end(self, record: SessionRecord) -> None:
         """Put this run's spend (and a budget stop) in its session record; drop the shared actor."""
         shared, self.shared = self.shared, None
         if shared is None:
@@ -543,8 +544,7 @@ class RunLimits:
             record["spend"] = {k: st[k] for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
                                                    CACHE_WRITE, CACHE_READ, "rate_limited", "timeouts", "cost_usd")
                                if st.get(k) or k not in (CACHE_WRITE, CACHE_READ)}
-            if st.get("stopped") and not record.get("stopped"):
-                record["stopped"] = st["stopped"]
+            record.stop_first(st.get("stopped"))
         try:
             ray.kill(shared)
         except Exception:

@@ -45,21 +45,20 @@ from sft_ray.cost import priced as judge_priced
 from sft_ray.driver import Progress, remote_scorer
 from sft_ray.job import RunError, check_plugins, finalize_run, lock_folder
 from sft_ray.rows import GENERATED_FIELDS
-from sft_ray.runfolder.completion import EXIT_OK, EXIT_PENDING, Budget, Completion
+from sft_ray.runfolder.completion import EXIT_OK, EXIT_PENDING, Budget
 from sft_ray.runfolder.layout import (
     FAILED,
     MANIFEST,
     REPORT_HTML,
     RESCORE,
     RESCORE_TARGET,
-    RESCORED_SESSIONS,
     ROLLOUTS,
     Key,
     iter_jsonl,
     recorded_sessions,
     written_by,
 )
-from sft_ray.runfolder.manifest import load_manifest, save_manifest, verifier_fingerprint
+from sft_ray.runfolder.manifest import Manifest, load_manifest, save_manifest, verifier_fingerprint
 from sft_ray.runfolder.parts import PartWriter
 from sft_ray.scoring import Scorer, score_now, verifier_payload
 
@@ -80,7 +79,7 @@ def is_local(verifier: Any) -> bool:
 PREFIX = "rescore"  # part files of rescore/: rescore-<session>-<n>.jsonl (never a run's part-<session>-<n>)
 
 
-def rescore_config(run_dir: str, config_file: str | None, overrides: list[str]) -> tuple[dict[str, Any], RunConfig]:
+def rescore_config(run_dir: str, config_file: str | None, overrides: list[str]) -> tuple[Manifest, RunConfig]:
     """(the run's manifest, the config to rescore with): the run's config with ``config_file``'s
     ``verifier`` (and ``resources``) sections, then the overrides (``verifier.*``, ``resources.*``).
     An override of ``verifier.type`` to another type starts the verifier section from the defaults
@@ -88,7 +87,7 @@ def rescore_config(run_dir: str, config_file: str | None, overrides: list[str]) 
     manifest = load_manifest(run_dir)
     if manifest is None:
         raise ConfigError(f"{run_dir} is not a run folder (no {MANIFEST})")
-    data = from_stored(json.loads(json.dumps(manifest.get("config") or {})))  # a deep copy, validatable
+    data = from_stored(json.loads(json.dumps(manifest.config)))  # a deep copy, validatable
     source = f"{run_dir}/{MANIFEST}"
     if config_file:
         try:
@@ -336,7 +335,7 @@ def score_remote(score: Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]
 # -- the swap ----------------------------------------------------------------------------------
 
 
-def swap_in(run_dir: str, journal: Journal, manifest: dict[str, Any], cfg: RunConfig,
+def swap_in(run_dir: str, journal: Journal, manifest: Manifest, cfg: RunConfig,
             record: dict[str, Any]) -> int:
     """Put the rescored rows in place of the old ones (see the module doc); returns the rows that
     the verifier never scored (now failed samples). Safe to run again after a kill: each step
@@ -374,35 +373,11 @@ def swap_in(run_dir: str, journal: Journal, manifest: dict[str, Any], cfg: RunCo
         io.replace_dir(new_rollouts, io.join(run_dir, ROLLOUTS))
     if io.exists(new_failed):
         io.replace_dir(new_failed, io.join(run_dir, FAILED))
-    _record(manifest, cfg, journal, record, final)
+    manifest.record_rescore(journal.target, flat_dump(cfg.verifier, "json"), record, final,
+                            Budget(cfg.max_error_fraction, cfg.min_rows_for_budget))
     save_manifest(run_dir, manifest)
     io.delete(folder)
     return final
-
-
-def _record(manifest: dict[str, Any], cfg: RunConfig, journal: Journal, record: dict[str, Any], final: int) -> None:
-    """The manifest after the swap: the verifier of the rewards (config and fingerprint), the
-    rescore's record, and the completion with the rows that lost their reward."""
-    # rollouts/ now holds this rescore's files (rescore-<session>-<n>.jsonl): the run's own, for
-    # finalize and resume (which take no file of an unrecorded session).
-    manifest[RESCORED_SESSIONS] = int(journal.target.get("sessions") or 0)
-    rescores = manifest.setdefault("rescores", [])
-    if any(r.get("id") == journal.target["id"] for r in rescores):
-        return  # recorded before a kill: the swap is being finished
-    old = (manifest.get("fingerprint") or {}).get("verifier")
-    manifest.setdefault("fingerprint", {})["verifier"] = journal.target["verifier"]
-    manifest.setdefault("config", {})["verifier"] = flat_dump(cfg.verifier, "json")
-    manifest["rewards_from"] = {"by": "rescore", "at": time.time(), "verifier": journal.target["verifier"],
-                                "rescore": journal.target["id"]}
-    rescores.append({**record, "id": journal.target["id"], "verifier_before": old,
-                     "verifier": journal.target["verifier"], "failed_for_good": final})
-    done = manifest.get("completion")
-    if done and final:
-        fields = {k: done[k] for k in ("expected", "done", "failed", "failed_final", "pending", "bad_lines")
-                  if k in done}
-        c = Completion(**fields)
-        c.done, c.failed, c.failed_final = c.done - final, c.failed + final, c.failed_final + final
-        manifest["completion"] = {**done, **c.as_stats(Budget(cfg.max_error_fraction, cfg.min_rows_for_budget))}
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -429,7 +404,7 @@ def rescore(run_dir: str, config_file: str | None, overrides: list[str], dry_run
         final = swap_in(run_dir, journal, manifest, cfg, record)
         say("rescored: rollouts/ holds the new rewards (the old ones under `previous`)"
             + (f"; {final} row(s) the verifier could not score are failed samples in failed/" if final else ""))
-        c = manifest["config"]
+        c = manifest.config
         stats = finalize_run(run_dir, c.get("filter") or {}, (c.get("shuffle") or {}).get("seed", 0),
                              c.get("train") or {}, manifest, say, preference=c.get("preference"))
         html = io.join(run_dir, REPORT_HTML)

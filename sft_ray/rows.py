@@ -28,14 +28,36 @@ class InputError(ValueError):
         return (InputError, (self.source, self.reason))
 
 
-def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
-    """Parse one JSONL line into a dict, or raise :class:`InputError` naming ``source``."""
+def load_object(line: bytes | str, source: str) -> dict[str, Any]:
+    """One row's JSON text as its object, or :class:`InputError` naming ``source`` (``file:line``)."""
     try:
         row = orjson.loads(line)
     except orjson.JSONDecodeError as e:
         raise InputError(source, f"not valid JSON ({e})") from None
     if not isinstance(row, dict):
         raise InputError(source, f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def rename_fields(row: dict[str, Any], rename: dict[str, str] | None, source: str = "<row>") -> dict[str, Any]:
+    """``row`` with its top-level fields renamed by ``read.rename`` (``{column: field}``), in their
+    order; the row itself when it has none of them. :class:`InputError` when a field would be
+    given twice (the row has the new name already: ``{question: prompt}`` on a row with both)."""
+    if not rename or not any(k in row for k in rename):
+        return row
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        name = rename.get(k, k)
+        if name in out or (name != k and name in row and name not in rename):
+            raise InputError(source, f"field {name}: given twice, by the row's own {name} and by {k} "
+                             f"(read.rename maps {k} to {name})")
+        out[name] = v
+    return out
+
+
+def check_row(row: dict[str, Any], source: str) -> dict[str, Any]:
+    """``row`` if its prompt, tools and ``responses_create_params`` are well formed, else
+    :class:`InputError` naming ``source`` and the field."""
     prompt_messages(row, source)  # validates the prompt shape early, at read time
     prompt_tools(row, source)
     rcp = row.get("responses_create_params")
@@ -48,6 +70,13 @@ def parse_line(line: bytes | str, source: str) -> dict[str, Any]:
                                  "API has beyond the known ones go in model.extra_body)")
         row_sampling(rcp, source)
     return row
+
+
+def parse_line(line: bytes | str, source: str, rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parse one row's JSON text (a JSONL line, or a Parquet row as :mod:`sft_ray.tabular` gives it)
+    into a checked input row, its fields renamed by ``rename`` (``read.rename``), or raise
+    :class:`InputError` naming ``source``."""
+    return check_row(rename_fields(load_object(line, source), rename, source), source)
 
 
 _MAX_ALIASES = ("max_completion_tokens", "max_tokens")  # a row's own output limit, under any API's name

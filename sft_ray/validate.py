@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from itertools import islice
 
-from sft_ray import io
+from sft_ray import tabular
 from sft_ray.config import HostedModelConfig, RunConfig, flat_dump
-from sft_ray.rows import InputError, parse_line, prompt_tools
+from sft_ray.rows import InputError, load_object, parse_line, prompt_tools
 from sft_ray.toolschema import SchemaProblem, validator
 
 
@@ -27,8 +27,8 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
     """Parse the first rows of every input file; return (problems, summary)."""
     problems: list[str] = []
     try:
-        files = io.list_input_files(cfg.input)
-    except FileNotFoundError as e:
+        files = tabular.list_files(cfg.input)
+    except (FileNotFoundError, InputError) as e:
         return [str(e)], f"input: {cfg.input}"
     checked, cut = 0, False
     offered: set[str] | None = None  # an MCP server's tools: what rows may declare
@@ -46,14 +46,24 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
                     validator(t["function"]["parameters"], f"environment: MCP tool {t['function']['name']!r}")
                 except SchemaProblem as e:
                     problems.append(str(e))
+    seen_columns: set[str] = set()  # the read.rename columns some checked row has
     for path in files:
-        lineno = 0
-        for lineno, line in islice(enumerate(io.iter_lines(path), start=1), rows_per_file):
-            if not line.strip():
-                continue
+        read = 0
+        rows = islice(tabular.iter_rows(path), rows_per_file)
+        while True:
+            try:
+                lineno, line = next(rows)
+            except StopIteration:
+                break
+            except InputError as e:  # the file as a whole: not Parquet, a column of no JSON value
+                problems.append(str(e))
+                break
+            read += 1
             checked += 1
             try:
-                row = parse_line(line, f"{path}:{lineno}")
+                given = load_object(line, f"{path}:{lineno}")
+                seen_columns.update(c for c in cfg.read.rename if c in given)
+                row = parse_line(line, f"{path}:{lineno}", cfg.read.rename)
             except InputError as e:
                 problems.append(str(e))
                 continue
@@ -73,11 +83,15 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
             answer = cfg.verifier.answer_field
             if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
                 problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
-        cut = cut or lineno >= rows_per_file  # lines beyond were not looked at
+        cut = cut or read >= rows_per_file  # rows beyond were not looked at
     if not checked and not cut and not cfg.read.allow_empty:  # every file read to its end: `sft-ray run` refuses it
         problems.append(f"input has no rows (empty or blank lines only): {', '.join(files[:5])}"
                         + (f" and {len(files) - 5} more" if len(files) > 5 else "")
                         + " (set read.allow_empty=true to accept that)")
+    unseen = [c for c in cfg.read.rename if c not in seen_columns]
+    if unseen and checked:
+        problems.append(f"read.rename: no input row checked has {', '.join(unseen)} (a typo? the columns are the "
+                        "input's top-level fields)")
     problems += plugin_problems(cfg)
     if isinstance(cfg.model, HostedModelConfig) and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]

@@ -23,7 +23,7 @@ import pytest
 from conftest import make_config
 from moto.server import ThreadedMotoServer
 
-from sft_ray import io
+from sft_ray import io, tabular
 from sft_ray.job import EXIT_OK, run
 from sft_ray.stages.read import read_samples
 
@@ -76,17 +76,17 @@ def test_input_folder_and_glob_on_s3(s3, monkeypatch):
     s3.put_object(Bucket=s3.bucket, Key="in/dataset_info.json", Body=b'{"features": {}}')
     root = f"s3://{s3.bucket}/in"
     # A folder gives its JSONL files only (issue 9.20: dataset_info.json stopped the run).
-    assert io.list_input_files(root + "/") == [f"{root}/a.jsonl", f"{root}/sub/b.jsonl.gz", f"{root}/sub/d.jsonl"]
-    assert io.list_input_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]  # `*` does not cross `/`
-    assert io.list_input_files(root + "/*/*.jsonl") == [f"{root}/sub/d.jsonl"]
-    assert io.list_input_files(root + "/**/*.gz") == [f"{root}/sub/b.jsonl.gz"]
-    assert io.list_input_files(root + "/**/*.jsonl") == [f"{root}/a.jsonl", f"{root}/sub/d.jsonl"]
+    assert tabular.list_files(root + "/") == [f"{root}/a.jsonl", f"{root}/sub/b.jsonl.gz", f"{root}/sub/d.jsonl"]
+    assert tabular.list_files(root + "/*.jsonl") == [f"{root}/a.jsonl"]  # `*` does not cross `/`
+    assert tabular.list_files(root + "/*/*.jsonl") == [f"{root}/sub/d.jsonl"]
+    assert tabular.list_files(root + "/**/*.gz") == [f"{root}/sub/b.jsonl.gz"]
+    assert tabular.list_files(root + "/**/*.jsonl") == [f"{root}/a.jsonl", f"{root}/sub/d.jsonl"]
     with pytest.raises(FileNotFoundError):
-        io.list_input_files(f"s3://{s3.bucket}/nothing-here/")
+        tabular.list_files(f"s3://{s3.bucket}/nothing-here/")
     # pyarrow also honours the service-independent variable.
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.meta.endpoint_url)
-    assert io.list_input_files(root + "/c*.json") == [f"{root}/c.json"]  # a glob names any file
+    assert tabular.list_files(root + "/c*.json") == [f"{root}/c.json"]  # a glob names any file
     [cols] = list(read_samples(f"{root}/sub/b.jsonl.gz", num_repeats=2))
     assert cols["sample_index"] == [0, 1]
     assert json.loads(cols["row"][0])["expected_answer"] == "007"  # text kept, never coerced

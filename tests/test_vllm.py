@@ -193,7 +193,7 @@ def test_judge_on_the_embedded_model(tmp_path, mock_server):
     from conftest import make_config
 
     from sft_ray.backends.base import GenerationResult
-    from sft_ray.stages.generate import build_rollout
+    from sft_ray.rollout import build_rollout
 
     vllm_on_driver = "vllm" in sys.modules  # an earlier test in this session may have imported it
     tpl = tmp_path / "judge.txt"

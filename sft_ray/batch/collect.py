@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 from sft_ray import errors
 from sft_ray.backends.base import GenerationResult, error_result
 from sft_ray.backends.batchapi import BatchProvider, BatchStatus
-from sft_ray.batch.record import Recorder
+from sft_ray.batch.record import BatchRecorder
 from sft_ray.batch.samples import Samples
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
@@ -24,7 +24,7 @@ class Collector:
     """Polls the open batches and collects those that ended."""
 
     def __init__(self, provider: BatchProvider, log: BatchLog, samples: Samples, state: FolderState,
-                 session: Session, recorder: Recorder, resend_failures: bool, say: Callable[[str], None],
+                 session: Session, recorder: BatchRecorder, resend_failures: bool, say: Callable[[str], None],
                  out=sys.stderr) -> None:
         self.provider, self.log, self.samples, self.state = provider, log, samples, state
         self.session, self.recorder, self.resend_failures = session, recorder, resend_failures

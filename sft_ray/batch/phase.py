@@ -6,21 +6,22 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
-from sft_ray.backends.base import Secret
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider
 from sft_ray.backends.openai_batch import OpenAIBatchProvider
 from sft_ray.batch.collect import Collector
-from sft_ray.batch.record import Recorder, Spending
+from sft_ray.batch.record import BatchRecorder, Spending
 from sft_ray.batch.rounds import Episodes, refill
 from sft_ray.batch.samples import Samples
 from sft_ray.batch.submit import Submitter
-from sft_ray.config import RunConfig, flat_dump
+from sft_ray.config import RunConfig
 from sft_ray.driver import Session
+from sft_ray.rollout import model_wiring
 from sft_ray.runfolder.batches import BatchLog
 from sft_ray.runfolder.layout import BATCHES
+from sft_ray.runfolder.manifest import Manifest, StopReason
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.stages.read import InputPlan
@@ -28,20 +29,17 @@ from sft_ray.stages.read import InputPlan
 
 def batch_provider(cfg: RunConfig) -> BatchProvider:
     """The Batch API adapter of the configured model, its key and secret headers read here."""
-    model = flat_dump(cfg.model)  # every backend's keys, as the backends read them
-    model["api_key"] = Secret(cfg.model.api_key())
-    model["secret_headers"] = Secret(cfg.model.secret_headers())
     bc = cfg.model.batch
     if cfg.model.backend == "anthropic":  # Message Batches: its limits are capped to Anthropic's there
-        return AnthropicBatchProvider(model, BatchLimits(bc.max_requests, bc.max_bytes))
-    return OpenAIBatchProvider(model, BatchLimits(bc.max_requests, bc.max_bytes), bc.completion_window)
+        return AnthropicBatchProvider(model_wiring(cfg.model), BatchLimits(bc.max_requests, bc.max_bytes))
+    return OpenAIBatchProvider(model_wiring(cfg.model), BatchLimits(bc.max_requests, bc.max_bytes), bc.completion_window)
 
 
 class BatchPhase:
     """One session's batch loop; :meth:`run` returns when nothing is left to send or wait for
     (or, with ``no_wait``, once everything is submitted)."""
 
-    def __init__(self, cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+    def __init__(self, cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                  session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool,
                  out=sys.stderr) -> None:
         self.cfg, self.inputs, self.state, self.session = cfg, inputs, state, session
@@ -52,7 +50,7 @@ class BatchPhase:
         self.samples = Samples(cfg, self.provider.model_name)
         self.rejection = cfg.rejection if cfg.rejection.active else None
         self.spending = Spending(cfg, manifest)
-        self.recorder = Recorder(cfg, state, session, writers, self.spending)
+        self.recorder = BatchRecorder(cfg, state, session, writers, self.spending)
         self.submitter = Submitter(self.provider, self.log, self.samples, session, self.spending, self.recorder,
                                    cfg.model.batch.max_in_flight,
                                    cfg.responses_create_params.model_dump().get("max_output_tokens"))
@@ -82,7 +80,7 @@ class BatchPhase:
         wait = base
         while True:
             await self.submitter.submit_uploaded()
-            if not self.session.record.get("stopped"):
+            if not self.session.record.stopped:
                 refill(self.samples, self.log, self.state, self.rejection)
                 await self.submitter.fill()
             if not self.log.open() or (self.no_wait and polled):
@@ -97,7 +95,7 @@ class BatchPhase:
                 await asyncio.sleep(wait)
 
 
-def batch_generate(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, state: FolderState,
+def batch_generate(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                    session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
     """Phase 1 through the Batch API (see :mod:`sft_ray.batch`); the session record gets its spend."""
     phase = BatchPhase(cfg, manifest, inputs, state, session, writers, say, no_wait)
@@ -105,7 +103,7 @@ def batch_generate(cfg: RunConfig, manifest: dict[str, Any], inputs: InputPlan, 
     try:
         asyncio.run(phase.run())
     except BatchAPIError as e:
-        session.record["stopped"] = f"batch API error: {e}"
+        session.record.stop(StopReason.BATCH_API_ERROR, e)
         raise
     finally:
         session.record["spend"] = phase.spending.record()

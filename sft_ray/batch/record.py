@@ -9,10 +9,10 @@ import orjson
 
 from sft_ray.config import RunConfig
 from sft_ray.cost import CACHE_READ, CACHE_WRITE, batch_prices, cost_usd
-from sft_ray.driver import Session, remote_scorer
-from sft_ray.ratelimit import spent_before
-from sft_ray.runfolder.completion import Budget
+from sft_ray.driver import Recorder, Session, remote_scorer
+from sft_ray.ratelimit import over_spending_budget
 from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.manifest import Manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
 from sft_ray.scoring import verifier_payload
@@ -24,10 +24,10 @@ SCORE_CHUNK = 1024  # rollouts scored and written at a time
 class Spending:
     """What this session sent and spent, at batch prices, against the spending budget (budget.*)."""
 
-    def __init__(self, cfg: RunConfig, manifest: dict[str, Any]) -> None:
-        self.limits = cfg.budget
+    def __init__(self, cfg: RunConfig, manifest: Manifest) -> None:
+        self.limits = cfg.budget.model_dump()
         self.pricing = batch_prices(cfg.pricing.model_dump())
-        self.before = spent_before(manifest)
+        self.before = manifest.spent_before()
         self.spend = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "batches": 0}
         self.cached = {CACHE_WRITE: 0, CACHE_READ: 0}  # prompt caching (Anthropic), in the record when used
 
@@ -44,15 +44,11 @@ class Spending:
 
     def over(self, requests: int, est_in: float, est_out: float) -> bool:
         """Whether submitting these requests could pass a spending budget, all sessions together."""
-        b = self.limits
-        req = self.before.get("requests", 0) + self.spend["requests"] + requests
-        inp = self.before.get("input_tokens", 0) + self.spend["input_tokens"] + est_in
-        out = self.before.get("output_tokens", 0) + self.spend["output_tokens"] + est_out
-        return bool((b.max_requests is not None and req > b.max_requests)
-                    or (b.max_output_tokens is not None and out > b.max_output_tokens)
-                    or (b.max_cost_usd is not None and cost_usd(
-                        inp, out, self.pricing, self.before.get(CACHE_WRITE, 0) + self.cached[CACHE_WRITE],
-                        self.before.get(CACHE_READ, 0) + self.cached[CACHE_READ]) > b.max_cost_usd))
+        spent = {k: self.before.get(k, 0) + self.spend[k] for k in ("requests", "input_tokens", "output_tokens")}
+        return over_spending_budget(self.limits, self.pricing, spent["requests"] + requests,
+                                    spent["input_tokens"] + est_in, spent["output_tokens"] + est_out,
+                                    self.before.get(CACHE_WRITE, 0) + self.cached[CACHE_WRITE],
+                                    self.before.get(CACHE_READ, 0) + self.cached[CACHE_READ])
 
     def record(self) -> dict[str, Any]:
         """This session's spend, as its record holds it (what the budget and stats.json read)."""
@@ -62,14 +58,14 @@ class Spending:
                                                              self.cached[CACHE_READ])}
 
 
-class Recorder:
-    """Scores rollouts (failed ones pass through), writes them, adds them to the session, and stops
-    the session when the failure budget is exceeded."""
+class BatchRecorder:
+    """Scores what the batches bring back (failed rollouts pass through) and records it with the
+    session's :class:`~sft_ray.driver.Recorder`, as the online stream does; counts its spend."""
 
     def __init__(self, cfg: RunConfig, state: FolderState, session: Session, writers: Writers,
                  spending: Spending) -> None:
-        self.state, self.session, self.writers, self.spending = state, session, writers, spending
-        self.budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+        self.state, self.session, self.spending = state, session, spending
+        self.recorder = Recorder(cfg, writers, session)
         self.remote = remote_scorer(cfg)
         self.scorer = ScoreStage(verifier_payload(cfg.verifier)) if self.remote is None else None
 
@@ -89,13 +85,11 @@ class Recorder:
                 outs = [await self.scorer(batch)]
             for out in outs:
                 keys = [(str(r), int(k)) for r, k in zip(out["id"], out["sample_index"])]
-                rewards = list(out["reward"])
-                ok, bad = self.writers.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], rewards)
                 tokens = sum(int((orjson.loads(t).get("usage") or {}).get("output_tokens") or 0)
                              for t in out["rollout"])
-                self.session.add(ok, bad, tokens, rewards)
-        if self.budget.exceeded(len(self.state.done), sum(1 for n in self.state.failed_runs.values())):
-            self.session.record["stopped"] = "failure budget exceeded"
+                self.recorder.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]),
+                                    tokens)
+        self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_runs.values()))
 
     async def close(self) -> None:
         if self.scorer is not None:

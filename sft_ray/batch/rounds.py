@@ -9,17 +9,17 @@ from typing import Any, Awaitable, Callable
 from sft_ray.backends.base import GenerationRequest, GenerationResult
 from sft_ray.backends.batchapi import BatchStatus
 from sft_ray.batch.collect import Collector
-from sft_ray.batch.record import Recorder
-from sft_ray.batch.samples import Samples, stamp_source
+from sft_ray.batch.record import BatchRecorder
+from sft_ray.batch.samples import Samples
 from sft_ray.batch.submit import Submitter
 from sft_ray.config import RejectionConfig, RunConfig
 from sft_ray.driver import Session
 from sft_ray.environments import build_environment
+from sft_ray.rollout import run_agent_sample, stamp_source
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
 from sft_ray.runfolder.completion import prompt_draws
 from sft_ray.runfolder.layout import Key
 from sft_ray.runfolder.state import FolderState
-from sft_ray.stages.generate import run_agent_sample
 
 
 def refill(samples: Samples, log: BatchLog, state: FolderState, rejection: RejectionConfig | None) -> None:
@@ -59,7 +59,7 @@ class Episodes:
     abandoned (recorded so), and their episodes start again from the first turn."""
 
     def __init__(self, cfg: RunConfig, samples: Samples, log: BatchLog, state: FolderState, session: Session,
-                 submitter: Submitter, collector: Collector, recorder: Recorder,
+                 submitter: Submitter, collector: Collector, recorder: BatchRecorder,
                  rejection: RejectionConfig | None) -> None:
         self.rejection = rejection
         self.cfg, self.samples, self.log, self.state, self.session = cfg, samples, log, state, session
@@ -74,7 +74,7 @@ class Episodes:
         await environment.start()
         limits = self.submitter.provider.limits
         try:
-            while not self.session.record.get("stopped"):
+            while not self.session.record.stopped:
                 refill(self.samples, self.log, self.state, self.rejection)
                 if not self.samples.pending:
                     break
@@ -107,11 +107,11 @@ class Episodes:
             nonlocal live
             try:
                 rid, k = key
-                row, prompt, tools, params, source = self.samples.prompt(key)
+                row, sample, source = self.samples.prompt(key)
                 # No agent.timeout_s: each model turn waits for a whole batch.
                 rollout = await run_agent_sample(caller(key), environment, self.cfg.agent.max_steps, None,
                                                  self.cfg.verifier.type == "nemo_gym", self.samples.model_name,
-                                                 None, row, rid, k, prompt, tools, params)
+                                                 None, row, rid, k, sample.prompt, sample.tools, sample.params)
                 stamp_source(rollout, source)
                 finished.append((key, rollout))
             finally:

@@ -10,10 +10,10 @@ import orjson
 from sft_ray import errors
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.config import RunConfig
-from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params
+from sft_ray.rollout import Prepared, build_rollout, prepare, stamp_source
+from sft_ray.rows import InputError
 from sft_ray.runfolder.layout import Key
 from sft_ray.runfolder.state import FolderState
-from sft_ray.stages.generate import build_rollout
 from sft_ray.stages.read import InputPlan, read_samples
 
 
@@ -34,7 +34,7 @@ class Samples:
         skip = state.skip() if not everything else set()
         for f in inputs.used():
             for cols in read_samples(f.path, self.cfg.num_repeats, self.cfg.read.skip_bad_lines, skip, f.rows,
-                                     qualifier=f.qualifier):
+                                     qualifier=f.qualifier, renamed=f.renamed, rename=self.cfg.read.rename or None):
                 for rid, k, text, source, bad in zip(cols["id"], cols["sample_index"], cols["row"], cols["source"],
                                                      cols["bad"]):
                     if bad is not None:
@@ -51,34 +51,26 @@ class Samples:
             del self.pending[key]
         return keys
 
-    def prompt(self, key: Key) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], dict[str, Any], str]:
-        """A sample's input row, prompt, tools, sampling parameters and source."""
+    def prompt(self, key: Key) -> tuple[dict[str, Any], Prepared, str]:
+        """A sample's input row, its prompt, tools and sampling parameters, and its source."""
         rid, k = key
         text, source = self.rows[rid]
         row = orjson.loads(text)
-        prompt, tools = prompt_messages(row, source), prompt_tools(row, source)
-        params = drop_params(sampling_params(row, self.sampling, rid, k), self.cfg.model.omit_params)
-        return row, prompt, tools, params, source
+        return row, prepare(row, rid, k, source, self.sampling, self.cfg.model.omit_params), source
 
     def request(self, key: Key) -> GenerationRequest | GenerationResult:
         """A sample's request, or the failure that stops it before any request (a row with tools)."""
-        rid, k = key
-        _, prompt, tools, params, _ = self.prompt(key)
-        if tools.get("tools"):
+        _, sample, _ = self.prompt(key)
+        if sample.tools.get("tools"):
             return error_result(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs them "
                                 "(agent episodes run online: set model.batch.enabled=false)")
-        return GenerationRequest(prompt, params, f"{rid}#{k}")
+        return sample.request(*key)
 
     def rollout(self, key: Key, result: GenerationResult) -> dict[str, Any]:
         rid, k = key
-        row, prompt, _, params, source = self.prompt(key)
+        row, sample, source = self.prompt(key)
         ok = result.error is None
-        out = build_rollout(row, rid, k, prompt if ok else [], params if ok else {}, self.model_name, result)
+        out = build_rollout(row, rid, k, sample.prompt if ok else [], sample.params if ok else {}, self.model_name,
+                            result)
         stamp_source(out, source)
         return out
-
-
-def stamp_source(rollout: dict[str, Any], source: str) -> None:
-    """Where the prompt came from (``file:line``), in the rollout: the report's per-file counts."""
-    path, _, line = source.rpartition(":")
-    rollout["source_file"], rollout["source_line"] = path, int(line) if line.isdigit() else None

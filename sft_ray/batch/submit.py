@@ -6,18 +6,19 @@ from __future__ import annotations
 from sft_ray import errors
 from sft_ray.backends.base import GenerationResult, error_result
 from sft_ray.backends.batchapi import BatchProvider, BatchStatus
-from sft_ray.batch.record import Recorder, Spending
+from sft_ray.batch.record import BatchRecorder, Spending
 from sft_ray.batch.samples import Samples
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
 from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.manifest import StopReason
 
 
 class Submitter:
     """Sends files of requests to the provider, never more than ``max_in_flight`` open at once."""
 
     def __init__(self, provider: BatchProvider, log: BatchLog, samples: Samples, session: Session,
-                 spending: Spending, recorder: Recorder, max_in_flight: int, max_output_tokens: int | None) -> None:
+                 spending: Spending, recorder: BatchRecorder, max_in_flight: int, max_output_tokens: int | None) -> None:
         self.provider, self.log, self.samples, self.session = provider, log, samples, session
         self.spending, self.recorder = spending, recorder
         self.max_in_flight, self.max_output_tokens = max_in_flight, max_output_tokens
@@ -95,7 +96,7 @@ class Submitter:
             est_out = len(keys) * (self.max_output_tokens or 1024)
             if self.spending.over(len(keys), est_in, est_out):
                 # Nothing more is sent (open batches are still collected); a rerun with a raised budget sends it.
-                self.session.record["stopped"] = "budget"
+                self.session.record.stop(StopReason.SPENDING_BUDGET)
                 pending.clear()
                 return
             n = max(self.log.entries, default=-1) + 1

@@ -56,6 +56,24 @@ class ReadConfig(Strict):
         "the run then finishes with empty outputs. By default such an input is refused (exit 2), as it is "
         "almost always a wrong path or an unfinished export."
     )
+    rename: dict[str, str] = Field(
+        default_factory=dict, description="Input columns (or JSONL fields) to rename, `{column: field}`, before a row "
+        "is read as a prompt: `{question: prompt, answer: expected_answer}` reads a Parquet file whose columns are "
+        "`question` and `answer` as plain prompt rows with a reference answer. Top-level fields only; a row that "
+        "would then have a field twice is a bad row. Part of the run fingerprint."
+    )
+
+    @field_validator("rename")
+    @classmethod
+    def _rename_targets(cls, v: dict[str, str]) -> dict[str, str]:
+        if any(not k or not f for k, f in v.items()):
+            raise ValueError("column and field names must not be empty")
+        seen: dict[str, str] = {}
+        for column, name in v.items():
+            if name in seen:
+                raise ValueError(f"{seen[name]} and {column} are both renamed to {name}")
+            seen[name] = column
+        return v
 
 
 class ResourcesConfig(Strict):

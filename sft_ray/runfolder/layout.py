@@ -1,5 +1,9 @@
 """Every file and folder name of a run folder, defined here once.
 
+Each upper-case string constant of this module names an entry at the top of the run folder (or, when
+listed in ``_INSIDE``, inside one): ``--restart`` deletes every one of them but the lock
+(:func:`run_outputs`), so an output declared here is never left behind by a restart.
+
 ::
 
     <output>/
@@ -43,8 +47,6 @@ STATS = "stats.json"
 NEVER_PASSED = "never_passed.jsonl"
 REPORT_HTML = "report.html"
 SUCCESS = "_SUCCESS"
-# What `--restart` deletes: everything a run wrote (the lock is held by the restarting run).
-RUN_OUTPUTS = (ROLLOUTS, FAILED, JOURNAL, BATCHES, RESCORE, TRAIN, STATS, SUCCESS, MANIFEST)
 
 Key = tuple[str, int]  # a sample: (prompt id, sample_index)
 
@@ -115,3 +117,16 @@ def iter_jsonl(uri: str, start: int = 0, end: int | None = None) -> Iterator[tup
             yield orjson.loads(line), line
         except orjson.JSONDecodeError:
             yield None, line
+
+
+# Names of this module that are no run output at the top of the folder: the lock (held by the
+# restarting run), a name inside a folder above, a key of run.json.
+_NOT_OUTPUTS = ("LOCK", "RESCORE_TARGET", "RESCORED_SESSIONS")
+
+
+def run_outputs() -> list[str]:
+    """What ``--restart`` deletes: every name this module declares (see the module docstring) but
+    the lock, in the order declared, run.json last (a restart killed halfway still finds its folder)."""
+    names = [v for k, v in globals().items() if k.isupper() and not k.startswith("_") and isinstance(v, str)
+             and k not in _NOT_OUTPUTS and v != MANIFEST]
+    return [*dict.fromkeys(names), MANIFEST]

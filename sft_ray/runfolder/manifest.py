@@ -1,16 +1,24 @@
 """The run folder's manifest (``run.json``) and its fingerprint.
 
 The fingerprint is every setting that changes what a run produces (the config's, plus
-``read.limit`` and a digest of each input file): a rerun in the same folder resumes only when
+``read.limit``, ``read.rename`` and a digest of each input file: of its rows' JSON text, see
+:mod:`sft_ray.tabular`): a rerun in the same folder resumes only when
 its fingerprint matches the one in ``run.json``; otherwise it is refused (or, with
 ``--restart``, the folder is emptied first). ``run.json`` also keeps the config as given and
 each session's record.
+
+:class:`Manifest` is run.json as a type: its fields and the changes made to it, each a method
+(a session opened, the completion, the unexpected keys, a rescore's swap); :class:`SessionRecord` is
+one session's record, and :class:`StopReason` why a session stopped early. Both stay ``dict``
+subclasses, so run.json is written exactly as before and code that reads it as data still can.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +26,8 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig, flat_dump
-from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RUN_OUTPUTS
+from sft_ray.runfolder.completion import Budget, Completion
+from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RESCORED_SESSIONS, Key, run_outputs
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
@@ -136,32 +145,182 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def load_manifest(run_dir: str) -> dict[str, Any] | None:
-    uri = io.join(run_dir, MANIFEST)
-    return orjson.loads(io.read_bytes(uri)) if io.exists(uri) else None
+class StopReason(str, Enum):
+    """Why a session stopped before everything was sent: a session record's ``stopped`` holds the
+    value, followed by ``: <detail>`` for the reasons that carry one (:meth:`text`)."""
+
+    SPENDING_BUDGET = "budget"  # budget.*: what was spent (or would be) reached a limit
+    FAILURE_BUDGET = "failure budget exceeded"  # max_error_fraction: too many samples failed
+    INPUT_ERROR = "input error"  # a bad input line (without read.skip_bad_lines)
+    BATCH_API_ERROR = "batch API error"  # the Batch API refused a call
+    LIMITER_UNREACHABLE = "rate limiter unreachable"  # the run's shared limits actor is gone
+
+    def text(self, detail: Any = None) -> str:
+        """The record's ``stopped`` text for this reason."""
+        return self.value if detail is None else f"{self.value}: {detail}"
+
+    @classmethod
+    def of(cls, text: Any) -> "StopReason | None":
+        """The reason a ``stopped`` text gives; None when it gives none."""
+        if not isinstance(text, str) or not text:
+            return None
+        for reason in cls:
+            if text == reason.value or text.startswith(reason.value + ": "):
+                return reason
+        return None
+
+
+class SessionRecord(dict):
+    """One session's record in run.json: what it planned, wrote and spent, and why it stopped."""
+
+    @classmethod
+    def start(cls, number: int, planned: int) -> "SessionRecord":
+        return cls({"session": number, "started_at": time.time(), "planned": planned, "written": 0, "failed": 0,
+                    "output_tokens": 0, "generate_wall_s": 0.0, "stopped": None})
+
+    @property
+    def number(self) -> int:
+        return int(self["session"])
+
+    def add(self, ok: int, failed: int, output_tokens: int) -> None:
+        """Rollouts written (``ok``), failure records written, output tokens they hold."""
+        self["written"] += ok
+        self["failed"] += failed
+        self["output_tokens"] += output_tokens
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        return StopReason.of(self.get("stopped"))
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.get("stopped"))
+
+    def stop(self, reason: StopReason, detail: Any = None) -> None:
+        self["stopped"] = reason.text(detail)
+
+    def stop_first(self, text: str | None) -> None:
+        """Record a stop reason given as text (the limiter's), unless the session stopped already."""
+        if text and not self.get("stopped"):
+            self["stopped"] = text
+
+
+class Manifest(dict):
+    """run.json: the fingerprint, the config as given, each session's record, and what the run's
+    steps recorded (the completion, the unexpected keys, a rescore's swap)."""
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> "Manifest":
+        manifest = cls(data)
+        if isinstance(manifest.get("sessions"), list):
+            manifest["sessions"] = [SessionRecord(s) if isinstance(s, dict) else s for s in manifest["sessions"]]
+        return manifest
+
+    @classmethod
+    def load(cls, run_dir: str) -> "Manifest | None":
+        uri = io.join(run_dir, MANIFEST)
+        return cls.of(orjson.loads(io.read_bytes(uri))) if io.exists(uri) else None
+
+    def save(self, run_dir: str) -> None:
+        io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(self, indent=2).encode())
+
+    @property
+    def sessions(self) -> list[SessionRecord]:
+        return self.get("sessions") or []
+
+    def open_session(self, planned: int) -> SessionRecord:
+        """A new session's record, appended (numbered after those before it)."""
+        record = SessionRecord.start(len(self["sessions"]), planned)
+        self["sessions"].append(record)
+        return record
+
+    def spent_before(self) -> dict[str, float]:
+        """What the sessions recorded so far spent (their ``spend``): requests, input and output tokens, and
+        the prompt cache's tokens (Anthropic) when a session recorded any."""
+        total: dict[str, float] = {}
+        for s in self.sessions:
+            for k in ("requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
+                      "cache_read_input_tokens"):
+                total[k] = total.get(k, 0) + (s.get("spend") or {}).get(k, 0)
+        return total
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.get("config") or {}
+
+    @property
+    def completion(self) -> dict[str, Any] | None:
+        return self.get("completion")
+
+    def set_completion(self, stats: dict[str, Any]) -> None:
+        self["completion"] = stats
+
+    def set_unexpected(self, keys: frozenset[Key], kept: int) -> None:
+        """The done samples that are none of the run's: their count, and up to ``kept`` of their keys."""
+        self["unexpected_keys"] = {"count": len(keys), "keys": [list(k) for k in sorted(keys)[:kept]]}
+
+    @property
+    def unexpected(self) -> dict[str, Any] | None:
+        return self.get("unexpected_keys")
+
+    def record_rescore(self, target: dict[str, Any], verifier_config: dict[str, Any], record: dict[str, Any],
+                       final: int, budget: Budget) -> None:
+        """After an `sft-ray rescore` swapped its rows in (``target``: its ``rescore/target.json``): the
+        verifier of the rewards (config and fingerprint), the rescore's record, and the completion with
+        the ``final`` rows that lost their reward (``budget``: the failure budget it is judged by)."""
+        # rollouts/ now holds this rescore's files (rescore-<session>-<n>.jsonl): the run's own, for
+        # finalize and resume (which take no file of an unrecorded session).
+        self[RESCORED_SESSIONS] = int(target.get("sessions") or 0)
+        rescores = self.setdefault("rescores", [])
+        if any(r.get("id") == target["id"] for r in rescores):
+            return  # recorded before a kill: the swap is being finished
+        old = (self.get("fingerprint") or {}).get("verifier")
+        self.setdefault("fingerprint", {})["verifier"] = target["verifier"]
+        self.setdefault("config", {})["verifier"] = verifier_config
+        self["rewards_from"] = {"by": "rescore", "at": time.time(), "verifier": target["verifier"],
+                                "rescore": target["id"]}
+        rescores.append({**record, "id": target["id"], "verifier_before": old, "verifier": target["verifier"],
+                         "failed_for_good": final})
+        done = self.get("completion")
+        if done and final:
+            fields = {k: done[k] for k in ("expected", "done", "failed", "failed_final", "pending", "bad_lines")
+                      if k in done}
+            c = Completion(**fields)
+            c.done, c.failed, c.failed_final = c.done - final, c.failed + final, c.failed_final + final
+            self["completion"] = {**done, **c.as_stats(budget)}
+
+
+def load_manifest(run_dir: str) -> Manifest | None:
+    return Manifest.load(run_dir)
 
 
 def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
-    io.write_bytes(io.join(run_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
+    Manifest.save(manifest, run_dir)  # type: ignore[arg-type]  # a plain dict is saved the same way
 
 
 def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
-    samples the run has; absent when unset, as in folders made before it was part of this)."""
+    samples the run has; absent when unset, as in folders made before it was part of this) and
+    ``read.rename`` when given (which field each column is read as)."""
     fp = config_fingerprint(cfg)
+    read: dict[str, Any] = {}
     if cfg.read.limit is not None:
-        fp["read"] = {"limit": cfg.read.limit}
+        read["limit"] = cfg.read.limit
+    if cfg.read.rename:
+        read["rename"] = dict(cfg.read.rename)
+    if read:
+        fp["read"] = read
     return fp
 
 
-def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> dict[str, Any]:
+def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> Manifest:
     """Create or reopen the run folder; refuse a resume whose config, ``read.limit`` or input
     content changes the outputs (an edited input would leave stale rollouts in the run, a
     changed limit would leave samples out of, or extra ones in, its completion count)."""
     fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
     manifest = load_manifest(cfg.output)
     if manifest is not None and restart:
-        for sub in RUN_OUTPUTS:
+        for sub in run_outputs():
             io.delete(io.join(cfg.output, sub))
         manifest = None
     target = io.join(cfg.output, RESCORE, RESCORE_TARGET)
@@ -194,6 +353,6 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
                 + "\nUse --restart to start over in this folder, or choose another output folder.")
     io.makedirs(cfg.output)
     if manifest is None:
-        manifest = {"fingerprint": fingerprint, "sessions": []}
+        manifest = Manifest({"fingerprint": fingerprint, "sessions": []})
     manifest["config"] = cfg.stored()
     return manifest

@@ -24,20 +24,20 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 
 from sft_ray import errors
 from sft_ray.activity import CRASH_LIMIT, CRASHED, SampleGuard, Tracker
-from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends import get_backend
 from sft_ray.backends.base import GenerationRequest, GenerationResult, error_result
 from sft_ray.environments import build_environment
-from sft_ray.environments.base import EnvironmentFailure, Episode, ToolOutput, cancelled_from_outside
+from sft_ray.environments.base import Episode, ToolOutput, cancelled_from_outside
 from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.rejection import draw_prompt
-from sft_ray.rows import InputError, drop_params, prompt_messages, prompt_tools, sampling_params, split_input
+from sft_ray.rollout import build_rollout, model_wiring, prepare, run_agent_sample, stamp_source
+from sft_ray.rows import InputError
 from sft_ray.runfolder.completion import PromptDraws
 from sft_ray.runfolder.journal import JournalSpec
 from sft_ray.scoring import Scorer, verifier_payload
@@ -45,122 +45,9 @@ from sft_ray.stages import Stage
 
 log = logging.getLogger(__name__)
 
-_NO_USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-
-
-def build_rollout(row: dict[str, Any], rid: str, sample_index: int, messages: list[dict[str, Any]],
-                  params: dict[str, Any], model_name: str | None, result: GenerationResult,
-                  node_id: str | None = None) -> dict[str, Any]:
-    """A rollout row: the input row's fields plus what generation produced.
-
-    Input fields that a generated field would shadow (a reference ``response`` or
-    ``messages``, a ``reward`` column...) move to ``input_fields``, where
-    :func:`sft_ray.rows.input_row` finds them.
-    """
-    out, shadowed = split_input(row)
-    ok = result.error is None
-    out.update(
-        id=rid,
-        sample_index=sample_index,
-        messages=messages + ([{"role": "assistant", "content": result.text or ""}] if ok else []),
-        response=result.text if ok else None,
-        reward=None,
-        finish_reason=result.finish_reason,
-        usage=result.usage or dict(_NO_USAGE),
-        model=model_name,
-        sampling_params=params,
-        attempts=result.attempts,
-        error=result.error,
-        node_id=node_id,
-    )
-    if result.reasoning:
-        out["reasoning"] = result.reasoning
-    shadowed = {k: v for k, v in shadowed.items() if out.get(k) != v}  # e.g. the row's own id
-    if shadowed:
-        out["input_fields"] = shadowed
-    return out
-
-
-def episode_rollout(row: dict[str, Any], rid: str, sample_index: int, state: EpisodeState,
-                    tools: dict[str, Any], params: dict[str, Any], model_name: str | None,
-                    node_id: str | None) -> dict[str, Any]:
-    """A rollout row for an agent episode: the whole transcript plus the episode's counters."""
-    # attempts: 1 + every retry of every model call of the episode (1: nothing was retried)
-    result = GenerationResult(text=state.final_text(), finish_reason=state.finish_reason, usage=state.usage,
-                              error=state.error, attempts=1 + state.attempts - state.num_model_calls,
-                              reasoning="\n".join(state.reasoning) or None)
-    out = build_rollout(row, rid, sample_index, [], params, model_name, result, node_id)
-    out["messages"] = state.messages
-    out["response"] = result.text
-    out.update(tools)
-    out.update(state.counters())
-    return out
-
-
 _CRASHED = (f"its generation actor died {CRASH_LIMIT} times while this sample was in flight (a tool or the engine "
             "ends the process: os._exit, a crash in native code, out of memory); not run again in this run. "
             "environment.isolation: process keeps a tool's crash inside its episode")
-
-
-async def run_agent_sample(call_model: Callable[[GenerationRequest], Awaitable[GenerationResult]],
-                           environment: Any, max_steps: int, timeout_s: float | None, verify_in_episode: bool,
-                           model_name: str | None, node_id: str | None, row: dict[str, Any], rid: str, k: int,
-                           prompt: list[dict[str, Any]], tools: dict[str, Any], params: dict[str, Any],
-                           source: str = "<row>",
-                           wrap: Callable[[Episode], Episode] | None = None) -> dict[str, Any]:
-    """One agent episode's rollout: the environment's episode opened for the row (``wrap``: e.g. a
-    :class:`TrackedEpisode` around it), model and tool calls until the model answers (at most
-    ``max_steps`` model calls, within ``timeout_s``: None for no bound), verified in the episode
-    when asked, closed whatever happens. Every failure is the rollout's ``error`` (a row whose
-    declared tools the environment lacks is bad input naming ``source``); an online actor and the
-    Batch API's rounds both run it."""
-    state = EpisodeState(messages=list(prompt))
-    if environment is None:
-        state.termination = ERROR
-        state.error = errors.error(errors.ENVIRONMENT_ERROR, "the row offers tools but no environment runs "
-                                   "them: set environment.type (python, nemo_gym or mcp)")
-        return episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
-    if not tools.get("tools") and environment.default_tools():
-        tools = {**tools, "tools": environment.default_tools()}
-    elif tools.get("tools") and (problem := environment.check_tools(tools["tools"])) is not None:
-        state.termination = ERROR
-        state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r} {problem}")
-        return episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
-    episode = None
-    try:
-        async with asyncio.timeout(timeout_s):
-            episode = await environment.open(row, f"{rid}.{k}")
-            if wrap is not None:
-                episode = wrap(episode)
-            await run_episode(call_model, episode, state, params, tools, max_steps, f"{rid}#{k}")
-            if verify_in_episode and state.error is None:
-                state.verify = await episode.verify(row, state.messages, tools.get("tools"))
-    except TimeoutError:
-        state.termination = ERROR
-        state.error = errors.error(errors.EPISODE_TIMEOUT, f"episode not done within agent.timeout_s="
-                                   f"{timeout_s:g} s ({state.num_model_calls} model calls)")
-    except EnvironmentFailure as e:
-        state.termination = ERROR
-        state.error = errors.error(errors.ENVIRONMENT_ERROR, str(e))
-    except BaseException as e:  # an environment bug (e.g. a state class that raises) fails the sample only
-        if cancelled_from_outside():
-            raise  # the batch is being torn down
-        state.termination = ERROR
-        state.error = errors.error(errors.ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
-    finally:
-        if episode is not None:
-            try:
-                await asyncio.wait_for(episode.close(), 30)
-            except BaseException as e:  # the episode is done; a failed close is logged, not fatal
-                if cancelled_from_outside():
-                    raise
-                log.warning("closing an episode failed: %s: %s", type(e).__name__, e)
-    if state.error is not None and state.error["type"] == errors.BAD_INPUT:  # the row's tools: name its line
-        state.error = errors.error(errors.BAD_INPUT, f"{source}: row {row.get('id', rid)!r}: {state.error['message']}")
-    rollout = episode_rollout(row, rid, k, state, tools, params, model_name, node_id)
-    if state.verify is not None:
-        rollout["verify_result"] = state.verify
-    return rollout
 
 
 def _node_id() -> str | None:
@@ -400,23 +287,20 @@ class GenerateStage:
         """One sample's rollout (journaled when it succeeded), or None when the spending budget
         refused to start it."""
         try:
-            prompt = prompt_messages(row, source)
-            tools = prompt_tools(row, source)
+            sample = prepare(row, rid, k, source, self.sampling, self.model.get("omit_params"))
         except InputError as e:  # cannot happen for rows that passed the read stage
             return build_rollout(row, rid, k, [], {}, self.model_name, error_result(errors.BAD_INPUT, str(e)),
                                  self.node_id)
-        params = drop_params(sampling_params(row, self.sampling, rid, k), self.model.get("omit_params"))
         t0 = time.perf_counter()
-        if not tools.get("tools") and self.environment is None:
-            result = await self._call_model(GenerationRequest(prompt, params, f"{rid}#{k}"))
-            rollout = build_rollout(row, rid, k, prompt, params, self.model_name, result, self.node_id)
+        if not sample.tools.get("tools") and self.environment is None:
+            result = await self._call_model(sample.request(rid, k))
+            rollout = build_rollout(row, rid, k, sample.prompt, sample.params, self.model_name, result, self.node_id)
         else:
-            rollout = await self._episode(row, rid, k, prompt, tools, params, source)
+            rollout = await self._episode(row, rid, k, sample.prompt, sample.tools, sample.params, source)
         if (rollout["error"] or {}).get("type") == errors.BUDGET_EXHAUSTED:
             return None  # never started: not written, so it stays pending for a rerun with a raised budget
         rollout["latency_s"] = round(time.perf_counter() - t0, 4)
-        path, _, line = source.rpartition(":")  # where the prompt came from: the report's per-file counts
-        rollout["source_file"], rollout["source_line"] = path, int(line) if line.isdigit() else None
+        stamp_source(rollout, source)
         if self.journal is not None and rollout["error"] is None:
             self.journal.append(orjson.dumps(rollout))
         return rollout
@@ -481,11 +365,8 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
     import ray.data
 
     from sft_ray.backends.base import Secret
-    from sft_ray.config import flat_dump
 
-    model = flat_dump(cfg.model)  # every backend's keys, as the backends read them
-    model["api_key"] = Secret(cfg.model.api_key())
-    model["secret_headers"] = Secret(cfg.model.secret_headers())  # extra_headers_env values
+    model = model_wiring(cfg.model)
     model["limits"] = limits
     num_gpus = cfg.resources.generate_num_gpus or None
     if cfg.model.backend == "vllm":  # tensor-parallel: a placement group per actor (sft_ray/placement.py)

@@ -1,11 +1,12 @@
-"""Read stage: prompt JSONL files -> a Ray dataset of samples to generate.
+"""Read stage: prompt files (JSONL, Parquet, `datasets` folders) -> a Ray dataset of samples to generate.
 
 A small custom Ray Data ``Datasource`` (one read task per file) rather than
 ``ray.data.read_json``: the built-in readers infer an Arrow schema from the rows,
 which fails on, or silently coerces, real NeMo Gym rows (mixed string/list
-``content``, extra fields of varying types). Here each line is parsed by orjson
-and kept as its original JSON text, so nothing is coerced or dropped, and every
-row keeps its ``file:line`` for error messages.
+``content``, extra fields of varying types). Here each row is JSON text
+(:mod:`sft_ray.tabular`: a JSONL line as it is, a Parquet or Arrow row as the JSON of its
+values), parsed by orjson and kept as that text, so nothing is coerced or dropped, and every
+row keeps its ``file:line`` (``file:row`` for Parquet and Arrow) for error messages.
 
 Before that, the driver scans the whole input once (:func:`scan_input`): row counts,
 content digests, the first bad line, and the ids, which must be unique across the
@@ -25,11 +26,12 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from sft_ray import io
-from sft_ray.rows import InputError, parse_line, row_id
+from sft_ray import io, tabular
+from sft_ray.rows import InputError, check_row, load_object, rename_fields, row_id
 from sft_ray.runfolder.completion import DrawPlan, PromptDraws
 from sft_ray.stages import Stage
 
@@ -126,6 +128,7 @@ class InputPlan:
     files: list[InputFile]
     ids: set[str] = field(default_factory=set)  # the sample ids of every usable row
     bad_lines: list[str] = field(default_factory=list)  # "file:line: reason" of each skipped line
+    renamed_columns: set[str] = field(default_factory=set)  # the read.rename columns some row has
 
     @property
     def rows(self) -> int:
@@ -148,9 +151,12 @@ def _relative(paths: list[str]) -> list[str]:
     return ["/".join(s[common:]) for s in split]
 
 
-def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool) -> InputPlan:
-    """One streamed pass over every input file: its lines and digest, the ids of the rows a
+def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool,
+               rename: dict[str, str] | None = None) -> InputPlan:
+    """One streamed pass over every input file: its rows and digest, the ids of the rows a
     run uses (the first ``limit`` rows of the whole input, in file order), and bad lines.
+    ``rename``: ``read.rename``, applied to every row before it is checked (the digest is of the
+    file's rows as they are).
 
     Without ``skip_bad_lines`` the first bad line raises :class:`InputError`, before any
     work starts. Files whose ids collide with an earlier file's are given a qualifier
@@ -163,15 +169,18 @@ def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool) -> Inp
         digest = hashlib.blake2b(digest_size=16)
         n = 0
         make = KeyMaker()
-        for lineno, line in enumerate(io.iter_lines(path), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in tabular.iter_rows(path):
             n += 1
             digest.update(line + b"\n")
             if left is not None and n > left:
                 continue
+            source = f"{path}:{lineno}"
             try:
-                make.add(lineno, parse_line(line, f"{path}:{lineno}"))
+                row = load_object(line, source)
+                if rename:
+                    plan.renamed_columns.update(k for k in rename if k in row)
+                    row = rename_fields(row, rename, source)
+                make.add(lineno, check_row(row, source))
             except InputError as e:
                 if not skip_bad_lines:
                     raise
@@ -199,6 +208,7 @@ def read_samples(
     block_rows: int = BLOCK_ROWS,
     draws: DrawPlan | None = None,
     renamed: dict[int, str] | None = None,
+    rename: dict[str, str] | None = None,
 ) -> Iterable[dict[str, list[Any]]]:
     """Yield column batches of samples from the first ``limit`` rows of one file.
 
@@ -210,21 +220,21 @@ def read_samples(
     this file is scanned first), with the ``qualifier`` the driver chose for this file. ``fs``: the
     filesystem to read ``path`` from (see :func:`sft_ray.io.filesystem`), else resolved here.
     With ``draws`` (rejection sampling), one row per prompt that is not finished, with its
-    ``draw`` state, instead of one per sample.
+    ``draw`` state, instead of one per sample. ``rename``: ``read.rename`` (the ``row`` column holds
+    the row with its fields renamed).
     """
     cols: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
     if renamed is None:  # called on its own, not with the driver's scan: the suffixes need the whole file
-        renamed = scan_input([path], limit, True).files[0].renamed
+        renamed = scan_input([path], limit, True, rename).files[0].renamed
     rows_read = 0
-    for lineno, line in enumerate(io.iter_lines(path, fs), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in tabular.iter_rows(path, fs):
         if limit is not None and rows_read >= limit:
             break
         rows_read += 1
         source = f"{path}:{lineno}"
         try:
-            row = parse_line(line, source)
+            given = load_object(line, source)
+            row = check_row(rename_fields(given, rename, source), source)
         except InputError as e:
             if skip_bad_lines:
                 continue
@@ -236,7 +246,8 @@ def read_samples(
             stop = True
         else:
             stop = False
-            rid, text, bad = renamed.get(lineno) or row_id(row), line.decode("utf-8"), None
+            text = line.decode("utf-8") if row is given else orjson.dumps(row).decode()  # renamed: its new JSON
+            rid, bad = renamed.get(lineno) or row_id(row), None
             if qualifier:
                 rid = f"{qualifier}:{rid}"
             if draws is None:
@@ -271,6 +282,7 @@ def make_dataset(
     done: set[tuple[str, int]] | None = None,
     block_rows: int = BLOCK_ROWS,
     draws: DrawPlan | None = None,
+    rename: dict[str, str] | None = None,
 ):
     """A lazy Ray dataset of the samples still to generate: one read task per file, each
     reading the rows the scan gave it, with the file's id qualifier, cut into blocks of about
@@ -290,7 +302,7 @@ def make_dataset(
             return None
 
         def get_name(self) -> str:
-            return "ReadPromptJSONL"
+            return "ReadPrompts"
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             tasks = []
@@ -298,7 +310,7 @@ def make_dataset(
 
                 def read_fn(f: InputFile = f):
                     for cols in read_samples(f.path, num_repeats, skip_bad_lines, done_keys, f.rows, fs,
-                                             f.qualifier, block_rows, draws, f.renamed):
+                                             f.qualifier, block_rows, draws, f.renamed, rename):
                         yield pa.table(cols, schema=SCHEMA)
 
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f.path,))
@@ -327,7 +339,7 @@ def wiring(cfg: Any, plan: dict[str, Any], files: list[InputFile], done: set[tup
     """:func:`make_dataset`'s arguments: one read task per file (ids are made per file), cut into
     blocks small enough to spread over every actor; ``done``: the samples not to send again."""
     return dict(files=files, num_repeats=cfg.num_repeats, skip_bad_lines=cfg.read.skip_bad_lines, done=done,
-                block_rows=plan["block_rows"], draws=draws)
+                block_rows=plan["block_rows"], draws=draws, rename=cfg.read.rename or None)
 
 
 STAGE = Stage("read", make_dataset, reads=(), writes=tuple(SCHEMA.names), wiring=wiring)
