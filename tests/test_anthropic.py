@@ -496,3 +496,49 @@ def test_a_batch_created_but_not_recorded_is_found_not_made_again(mock_server):
             assert await p.find(other) is None  # one request: no batch of that size
     run(go())
     assert mock_server.state.batches_created == 1
+
+
+def test_the_sdk_drives_the_mocks_message_batches_and_its_types_parse_them():
+    """The SDK's batches client creates, polls and reads a batch of the mock, whose objects and result
+    lines its types parse: succeeded, errored and expired lines."""
+    import time
+
+    from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
+
+    from sft_ray.devserver import MockConfig, MockServer
+
+    with MockServer(MockConfig(batch_expire=1, batch_expire_keep=0.67)) as server:
+        client = anthropic.Anthropic(api_key=KEY, base_url=base_url(server), max_retries=0)
+        requests = [{"custom_id": f"r{i}", "params": {"model": "m", "max_tokens": 20, "messages": [
+            {"role": "user", "content": text}]}} for i, text in enumerate(["one", "two [[status:400]]", "three"])]
+        batch = client.messages.batches.create(requests=requests)
+        assert isinstance(batch, MessageBatch) and batch.processing_status == "in_progress"
+        deadline = time.monotonic() + 30
+        while batch.processing_status != "ended" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            batch = client.messages.batches.retrieve(batch.id)
+        assert batch.results_url and batch.request_counts.succeeded + batch.request_counts.errored \
+            + batch.request_counts.expired == 3
+        lines = list(client.messages.batches.results(batch.id))
+        assert all(isinstance(x, MessageBatchIndividualResponse) for x in lines)
+        assert sorted(x.result.type for x in lines) == ["errored", "expired", "succeeded"]
+        listed = client.messages.batches.list(limit=10)
+        assert [b.id for b in listed.data] == [batch.id]
+
+
+def test_a_batch_api_error_quoting_part_of_the_key_is_redacted(mock_server):
+    from sft_ray.backends.anthropic_batch import AnthropicBatchClient
+    from sft_ray.backends.batchapi import BatchAPIError
+
+    client = AnthropicBatchClient(model_dict(mock_server, max_retries=0))
+    text = client._redact(f"invalid x-api-key: {KEY[:30]}...")  # a provider quoting part of the key
+    assert KEY[:30] not in text and "***" in text
+    with pytest.raises(BatchAPIError) as e:
+        async def poll():
+            from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
+            from sft_ray.backends.batchapi import BatchLimits
+
+            async with AnthropicBatchProvider(model_dict(mock_server, max_retries=0), BatchLimits(10, 10**6)) as p:
+                await p.status("msgbatch_nope")
+        run(poll())
+    assert "polling batch msgbatch_nope: HTTP 404" in str(e.value) and KEY not in str(e.value)

@@ -26,7 +26,7 @@ import orjson
 
 from sft_ray import errors
 from sft_ray.backends import retry
-from sft_ray.backends.base import GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.backends.base import GenerationRequest, GenerationResult, Redactor, Secret, error_result
 from sft_ray.backends.batchapi import (
     BatchAPIError,
     BatchLimits,
@@ -97,6 +97,7 @@ class BatchClient:
         secret = model.get("api_key")
         self._key = secret.get() if isinstance(secret, Secret) else None
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
+        self._redact = Redactor([self._key, *self._secret_headers.values()])  # whole keys and runs of them
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
 
@@ -115,10 +116,6 @@ class BatchClient:
         if self._session is not None:
             await self._session.close()
 
-    def _redact(self, text: str) -> str:
-        for secret in (self._key, *self._secret_headers.values()):
-            text = text.replace(secret, "***") if secret else text
-        return text
 
     async def _call(self, method: str, path: str, what: str, form: Any = None, **kwargs: Any) -> bytes:
         """One API call with retries of transient failures; the body of its 2xx answer. ``form``: a
@@ -133,7 +130,8 @@ class BatchClient:
                     raw = await resp.read()
                     if resp.status < 300:
                         return raw
-                    message = f"HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}"
+                    # redacted whole, then cut: a key cut in two would no longer match
+                    message = f"HTTP {resp.status}: {self._redact(raw.decode('utf-8', 'replace'))[:300]}"
                     kind = retry.classify_status(resp.status, message)
                     wait_hint = retry.parse_retry_after(resp.headers.get("Retry-After"))
             except (asyncio.TimeoutError, aiohttp.ClientError) as e:
