@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 # Prompt caching (Anthropic): what writing and reading a cached prefix cost, as shares of the input price.
 CACHE_WRITE_SHARE = 1.25
 CACHE_READ_SHARE = 0.1

@@ -133,7 +133,8 @@ class BatchProvider(ABC):
     def expect(self, keys: list[Key]) -> None:
         """The samples of the batch whose result lines are parsed next (called before
         :meth:`parse_result`): a provider whose custom ids cannot hold every sample key (Anthropic's:
-        ``^[a-zA-Z0-9_-]{1,64}$``) maps its ids back with them, after a restart too."""
+        ``^[a-zA-Z0-9_-]{1,64}$``) maps its ids back with them, after a restart too. Others need nothing."""
+        return None
 
     @abstractmethod
     def parse_result(self, line: bytes) -> tuple[Key, GenerationResult | None] | None:
