@@ -96,8 +96,10 @@ _RECUT_SECTIONS = ("filter", "train", "shuffle", "preference")
 
 def _recut(run_dir: str, overrides: List[str], options: dict):
     """The run's filter/train/shuffle settings with the command's options and overrides applied."""
+    from pydantic import ValidationError
+
     from sft_ray.config import ConfigError, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
-    from sft_ray.configload import apply_overrides
+    from sft_ray.configload import apply_overrides, format_validation_error
     from sft_ray.runfolder.layout import MANIFEST
     from sft_ray.runfolder.manifest import load_manifest
 
@@ -117,12 +119,17 @@ def _recut(run_dir: str, overrides: List[str], options: dict):
                 raise ConfigError(f"override {item!r}: only filter.*, train.*, shuffle.* and preference.* apply to "
                                   "an existing run")
         apply_overrides(data, overrides)
-        filter_cfg = FilterConfig.model_validate(data["filter"])
-        train, shuffle = TrainConfig.model_validate(data["train"]), ShuffleConfig.model_validate(data["shuffle"])
-        preference = PreferenceConfig.model_validate(data["preference"])
+        checked = {}
+        for section, model in (("filter", FilterConfig), ("train", TrainConfig), ("shuffle", ShuffleConfig),
+                               ("preference", PreferenceConfig)):
+            try:
+                checked[section] = model.model_validate(data[section])
+            except ValidationError as e:  # named as the user names it: filter.dedup, not pydantic's text
+                raise ConfigError(format_validation_error(e, f"re-cut of {run_dir}", section)) from None
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    return manifest, filter_cfg.model_dump(), train.model_dump(), shuffle.seed, preference.model_dump()
+    return (manifest, checked["filter"].model_dump(), checked["train"].model_dump(), checked["shuffle"].seed,
+            checked["preference"].model_dump())
 
 
 def _recut_options(min_reward, max_reward, max_per_prompt, dedup, validation_fraction, fmt, file_format,

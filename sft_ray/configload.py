@@ -54,12 +54,12 @@ def _where(loc: tuple[Any, ...]) -> tuple[str, str | None]:
     return ".".join(parts), tag
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem, each naming the dotted field."""
+def format_validation_error(err: ValidationError, source: str, section: str = "") -> str:
+    """One line per problem, each naming the dotted field (under ``section`` when one section was validated)."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc, tag = _where(e["loc"])
-        loc = loc or "<root>"
+        loc = ".".join(p for p in (section, loc) if p) or "<root>"
         if e["type"] == "extra_forbidden":
             why = f" {foreign_key(tag, str(e['loc'][-1]))}" if tag else ""
             lines.append(f"  {loc}: unknown key{why}")

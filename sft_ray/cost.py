@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+DEFAULT_OUTPUT_TOKENS = 1024  # a request's output estimate when it sets no max_output_tokens
+
+
+def estimate_tokens(request_size: float, max_output_tokens: Any = None) -> tuple[float, float]:
+    """(input, output) tokens a request is taken to use before it is sent, the one estimate of the
+    rate limiter, the spending budgets, the Batch API's loop and the dry-run plans: its size in bytes
+    (or characters) / 4, and its ``max_output_tokens`` (:data:`DEFAULT_OUTPUT_TOKENS` when unset).
+    A finished request's reported usage replaces it."""
+    return request_size / 4, float(max_output_tokens or DEFAULT_OUTPUT_TOKENS)
+
+
 # Prompt caching (Anthropic): what writing and reading a cached prefix cost, as shares of the input price.
 CACHE_WRITE_SHARE = 1.25
 CACHE_READ_SHARE = 0.1

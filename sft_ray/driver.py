@@ -19,8 +19,8 @@ import orjson
 from sft_ray.config import RunConfig
 from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
-from sft_ray.runfolder.completion import Budget
-from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.completion import FailureBudget
+from sft_ray.runfolder.layout import Key, keys_of
 from sft_ray.runfolder.manifest import Manifest, StopReason
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
@@ -43,9 +43,9 @@ def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
     the total never exceeds ``num_samples_in_parallel`` even at the pool's largest.
     """
     lo, hi = actor_range(cfg.resources.generate_actors)
-    hi = max(1, min(hi, cfg.max_in_flight))  # max_in_flight: num_samples_in_parallel, or auto's ceiling
+    hi = max(1, min(hi, cfg.max_requests_in_flight))  # num_samples_in_parallel, or auto's ceiling
     lo = max(1, min(lo, hi))
-    per_actor = max(1, cfg.max_in_flight // hi)
+    per_actor = max(1, cfg.max_requests_in_flight // hi)
     batch = cfg.resources.batch_size or max(8, min(1024, per_actor // 2))
     # A block is one actor task: at least 4 per actor, but a few batches each at most.
     block_rows = max(batch, min(8 * batch, todo // (4 * hi)))
@@ -116,7 +116,7 @@ def recover_journal(run_dir: str, verifier: dict[str, Any], ids: set[str], state
                for chunk in (rows[i:i + 256] for i in range(0, len(rows), 256))]
 
     def write(out: dict[str, Any]) -> None:
-        keys = [(str(rid), int(k)) for rid, k in zip(out["id"], out["sample_index"])]
+        keys = keys_of(out)
         writers.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]))
 
     if remote is not None:
@@ -256,7 +256,7 @@ class Recorder:
 
     def __init__(self, cfg: RunConfig, writers: Writers, session: Session) -> None:
         self.writers, self.session = writers, session
-        self.failure_budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+        self.failure_budget = FailureBudget(cfg.max_error_fraction, cfg.min_rows_for_budget)
 
     def write(self, keys: list[Key], rollouts: list[str], failed: list[bool], rewards: list[float | None],
               output_tokens: int) -> tuple[int, int]:

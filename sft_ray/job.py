@@ -52,9 +52,9 @@ from sft_ray.runfolder.completion import (
     EXIT_PENDING,
     EXIT_SPENT,
     EXIT_USAGE,
-    Budget,
     Completion,
     DrawPlan,
+    FailureBudget,
     PromptDraws,
     prompt_draws,
     unexpected_keys,
@@ -343,11 +343,11 @@ def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: F
 
 
 def record_completion(cfg: RunConfig, manifest: Manifest, inputs: InputPlan,
-                      state: FolderState) -> tuple[Completion, Budget]:
+                      state: FolderState) -> tuple[Completion, FailureBudget]:
     """The folder's completion, counted sample by sample from what it holds now (not from this
     session's tallies), saved in the manifest."""
     done = completion(cfg, inputs, state)
-    budget = Budget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+    budget = FailureBudget(cfg.max_error_fraction, cfg.min_rows_for_budget)
     manifest.set_completion(done.as_stats(budget))
     if inputs.bad_lines:
         manifest.completion["bad_line_examples"] = inputs.bad_lines[:5]
@@ -421,7 +421,7 @@ def finalize_run(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, tr
     return stats
 
 
-def verdict(cfg: RunConfig, session: Session, done: Completion, budget: Budget, stats: dict[str, Any],
+def verdict(cfg: RunConfig, session: Session, done: Completion, budget: FailureBudget, stats: dict[str, Any],
             say: Callable[[str], None]) -> int:
     """Say where the run folder stands; the exit code."""
     say(f"run folder: {cfg.output}  ({ROLLOUTS}/, {TRAIN}/ {len(stats.get('shards', []))} shard(s), {STATS})")

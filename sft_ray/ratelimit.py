@@ -323,11 +323,11 @@ class Limiter:
         self._next_send = 0.0
 
     @classmethod
-    def from_model(cls, model: dict[str, Any], max_in_flight: int) -> "Limiter | None":
+    def from_model(cls, model: dict[str, Any], requests_per_actor: int) -> "Limiter | None":
         spec = model.get("limits")
         if not spec:
             return None
-        return cls(spec.get("shared"), bool(spec.get("adaptive")), max_in_flight)
+        return cls(spec.get("shared"), bool(spec.get("adaptive")), requests_per_actor)
 
     def _status(self) -> dict[str, float]:
         if self.aimd is None:

@@ -45,7 +45,7 @@ from sft_ray.cost import priced as judge_priced
 from sft_ray.driver import Progress, remote_scorer
 from sft_ray.job import RunError, check_plugins, finalize_run, lock_folder
 from sft_ray.rows import GENERATED_FIELDS
-from sft_ray.runfolder.completion import EXIT_OK, EXIT_PENDING, Budget
+from sft_ray.runfolder.completion import EXIT_OK, EXIT_PENDING, FailureBudget
 from sft_ray.runfolder.layout import (
     FAILED,
     MANIFEST,
@@ -55,6 +55,7 @@ from sft_ray.runfolder.layout import (
     ROLLOUTS,
     Key,
     iter_jsonl,
+    key_of,
     recorded_sessions,
     written_by,
 )
@@ -121,10 +122,6 @@ def rescore_config(run_dir: str, config_file: str | None, overrides: list[str]) 
 # -- what there is to score -------------------------------------------------------------------
 
 
-def _key(row: dict[str, Any]) -> Key:
-    return str(row["id"]), int(row["sample_index"])
-
-
 def stored_rows(run_dir: str) -> Iterator[dict[str, Any]]:
     """Every rollout to rescore, each key once: ``rollouts/``, then the rows of ``failed/`` that an
     earlier rescore could not score (they carry ``rescore_attempts``; generation failures have no
@@ -137,7 +134,7 @@ def stored_rows(run_dir: str) -> Iterator[dict[str, Any]]:
             for row, _ in iter_jsonl(uri):
                 if row is None or (only_rescored and "rescore_attempts" not in row):
                     continue
-                key = _key(row)
+                key = key_of(row)
                 if key not in seen:
                     seen.add(key)
                     yield row
@@ -161,7 +158,7 @@ def fresh(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class Journal:
+class RescoreJournal:
     """rescore/: what an unfinished rescore with this verifier has done. ``done``: rows scored;
     ``tries``: rows the verifier failed on, with the rescores they failed in."""
 
@@ -179,7 +176,7 @@ class Journal:
 
 
 def open_journal(run_dir: str, fingerprint: dict[str, Any], say: Callable[[str], None],
-                 write: bool = True) -> Journal:
+                 write: bool = True) -> RescoreJournal:
     """The rescore journal for this verifier: continued when it was made for the same one, else
     (another verifier's, unfinished) discarded."""
     folder = io.join(run_dir, RESCORE)
@@ -197,16 +194,16 @@ def open_journal(run_dir: str, fingerprint: dict[str, Any], say: Callable[[str],
     if target is None:
         target = {"id": uuid.uuid4().hex, "verifier": fingerprint, "state": "scoring", "sessions": 0,
                   "started_at": time.time()}
-        return Journal(run_dir, target)
-    journal = Journal(run_dir, target)
+        return RescoreJournal(run_dir, target)
+    journal = RescoreJournal(run_dir, target)
     for uri in io.list_files(io.join(folder, ROLLOUTS), ".jsonl"):
         for row, _ in iter_jsonl(uri):  # a torn last line (a kill mid-write) is scored again
             if row is not None:
-                journal.done.add(_key(row))
+                journal.done.add(key_of(row))
     for uri in io.list_files(io.join(folder, FAILED), ".jsonl"):
         for row, _ in iter_jsonl(uri):
             if row is not None:
-                key = _key(row)
+                key = key_of(row)
                 journal.tries[key] = max(journal.tries.get(key, 0), int(row.get("rescore_attempts") or 1))
     for key in journal.done:
         journal.tries.pop(key, None)
@@ -220,7 +217,7 @@ class Sink:
     """Writes each verdict the moment it is in: a scored row to rescore/rollouts/, a failed one
     (with the rescores it failed in) to rescore/failed/."""
 
-    def __init__(self, journal: Journal, session: int, progress: Progress | None) -> None:
+    def __init__(self, journal: RescoreJournal, session: int, progress: Progress | None) -> None:
         self.journal = journal
         self.ok = PartWriter(io.join(journal.folder, ROLLOUTS), session, prefix=PREFIX)
         self.bad = PartWriter(io.join(journal.folder, FAILED), session, prefix=PREFIX)
@@ -237,7 +234,7 @@ class Sink:
         oks, bads = [], []
         done, tries = self.journal.done, self.journal.tries
         for row in rows:
-            key = _key(row)
+            key = key_of(row)
             if row.get("reward") is None:
                 row["rescore_attempts"] = tries.get(key, 0) + 1
                 tries[key] = row["rescore_attempts"]
@@ -335,7 +332,7 @@ def score_remote(score: Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]
 # -- the swap ----------------------------------------------------------------------------------
 
 
-def swap_in(run_dir: str, journal: Journal, manifest: Manifest, cfg: RunConfig,
+def swap_in(run_dir: str, journal: RescoreJournal, manifest: Manifest, cfg: RunConfig,
             record: dict[str, Any]) -> int:
     """Put the rescored rows in place of the old ones (see the module doc); returns the rows that
     the verifier never scored (now failed samples). Safe to run again after a kill: each step
@@ -348,8 +345,8 @@ def swap_in(run_dir: str, journal: Journal, manifest: Manifest, cfg: RunConfig,
         rescored_failures = {}
         for uri in io.list_files(io.join(folder, FAILED), ".jsonl"):
             for row, _ in iter_jsonl(uri):
-                if row is not None and _key(row) not in journal.done:
-                    rescored_failures[_key(row)] = row  # a later record (more tries) wins
+                if row is not None and key_of(row) not in journal.done:
+                    rescored_failures[key_of(row)] = row  # a later record (more tries) wins
         io.delete(new_failed)
         io.makedirs(new_failed)
         lines = []
@@ -357,7 +354,7 @@ def swap_in(run_dir: str, journal: Journal, manifest: Manifest, cfg: RunConfig,
             for row, line in iter_jsonl(uri):
                 if row is None or "rescore_attempts" in row:
                     continue  # an earlier rescore's failure: scored now, or in rescored_failures
-                if _key(row) not in journal.done and _key(row) not in rescored_failures:
+                if key_of(row) not in journal.done and key_of(row) not in rescored_failures:
                     lines.append(line)
         for row in rescored_failures.values():
             row["failed_runs"] = cfg.max_sample_attempts  # final for `sft-ray run`; `sft-ray rescore` tries it again
@@ -374,7 +371,7 @@ def swap_in(run_dir: str, journal: Journal, manifest: Manifest, cfg: RunConfig,
     if io.exists(new_failed):
         io.replace_dir(new_failed, io.join(run_dir, FAILED))
     manifest.record_rescore(journal.target, flat_dump(cfg.verifier, "json"), record, final,
-                            Budget(cfg.max_error_fraction, cfg.min_rows_for_budget))
+                            FailureBudget(cfg.max_error_fraction, cfg.min_rows_for_budget))
     save_manifest(run_dir, manifest)
     io.delete(folder)
     return final
@@ -415,14 +412,14 @@ def rescore(run_dir: str, config_file: str | None, overrides: list[str], dry_run
     return EXIT_OK
 
 
-def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[str, Any],
+def score_session(run_dir: str, cfg: RunConfig, journal: RescoreJournal, record: dict[str, Any],
                   say: Callable[[str], None]) -> int:
     """Score what the journal lacks; EXIT_OK when every row has a verdict or failed for good."""
     limit = cfg.max_sample_attempts
     total = todo = 0
     for row in stored_rows(run_dir):
         total += 1
-        key = _key(row)
+        key = key_of(row)
         todo += key not in journal.done and journal.tries.get(key, 0) < limit
     say(f"rescore {run_dir}: {total} stored rollouts; {len(journal.done)} rescored before, {todo} to score with "
         f"verifier {cfg.verifier.type}" + (" (the generation model is not called)" if todo else ""))
@@ -436,7 +433,7 @@ def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[s
 
     def rows() -> Iterator[dict[str, Any]]:
         for row in stored_rows(run_dir):
-            key = _key(row)
+            key = key_of(row)
             if key not in journal.done and journal.tries.get(key, 0) < limit:
                 yield fresh(row)
 
@@ -468,7 +465,7 @@ def score_session(run_dir: str, cfg: RunConfig, journal: Journal, record: dict[s
 def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callable[[str], None]) -> int:
     """--dry-run: how many rows would be scored and, for a priced judge, about what it costs;
     writes nothing."""
-    from sft_ray.cost import cost_usd
+    from sft_ray.cost import cost_usd, estimate_tokens
     from sft_ray.verifiers import build_verifier
     from sft_ray.verifiers.judge import Judge
 
@@ -489,7 +486,7 @@ def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callabl
 
     for row in stored_rows(run_dir):
         total += 1
-        key = _key(row)
+        key = key_of(row)
         if key in journal.done or journal.tries.get(key, 0) >= limit:
             continue
         todo += 1
@@ -499,7 +496,7 @@ def plan(run_dir: str, cfg: RunConfig, fingerprint: dict[str, Any], say: Callabl
                 prompt = judge.prompt(input_row(row), row.get("response") or "", row)
             except Exception:  # a row the judge cannot render is a judge_error, not a call
                 continue
-            i, o = calls * len(prompt) / 4, calls * float(judge.params.get("max_output_tokens") or 1024)
+            i, o = (calls * n for n in estimate_tokens(len(prompt), judge.params.get("max_output_tokens")))
             in_tokens, out_tokens = in_tokens + i, out_tokens + o
             cost += cost_usd(i, o, judge.pricing)
     say(f"rescore {run_dir} with verifier {cfg.verifier.type}: {total} stored rollouts, {len(journal.done)} "

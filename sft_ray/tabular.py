@@ -223,11 +223,12 @@ def _cut(batch: pa.RecordBatch) -> Iterable[pa.RecordBatch]:
 _TEMPORAL = (pa.types.is_timestamp, pa.types.is_date, pa.types.is_time)
 
 
-def _json_type(t: pa.DataType, path: str, where: str) -> pa.DataType:
+def _json_type(t: pa.DataType, path: str, where: str, top: bool = True) -> pa.DataType:
     """The Arrow type whose ``to_pylist`` values are JSON values for values of type ``t`` (``t`` itself
-    when they already are), or :class:`InputError` naming the column for a type with no JSON value."""
+    when they already are), or :class:`InputError` naming the column (``where``) for a type with no JSON
+    value. ``top``: ``t`` is a column's type, not a type inside one."""
     if isinstance(t, pa.JsonType):
-        if where.count(".") or "[" in where:
+        if not top:
             raise InputError(path, f"column {where}: a JSON extension value inside another value is not read")
         return t
     if (pa.types.is_null(t) or pa.types.is_boolean(t) or pa.types.is_integer(t)
@@ -239,18 +240,18 @@ def _json_type(t: pa.DataType, path: str, where: str) -> pa.DataType:
     if any(is_(t) for is_ in _TEMPORAL):
         return pa.string()
     if pa.types.is_dictionary(t):
-        return _json_type(t.value_type, path, where)
+        return _json_type(t.value_type, path, where, top)
     if pa.types.is_map(t):
         if not (pa.types.is_string(t.key_type) or pa.types.is_large_string(t.key_type)):
             raise InputError(path, f"column {where}: a map with {t.key_type} keys has no JSON value (keys must be "
                              "strings)")
-        return pa.map_(t.key_type, _json_type(t.item_type, path, f"{where}[]"))
+        return pa.map_(t.key_type, _json_type(t.item_type, path, f"{where}[]", False))
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) \
             or pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
-        item = t.value_field.with_type(_json_type(t.value_type, path, f"{where}[]"))
+        item = t.value_field.with_type(_json_type(t.value_type, path, f"{where}[]", False))
         return pa.large_list(item) if pa.types.is_large_list(t) else pa.list_(item)
     if pa.types.is_struct(t):
-        return pa.struct([t.field(i).with_type(_json_type(t.field(i).type, path, f"{where}.{t.field(i).name}"))
+        return pa.struct([t.field(i).with_type(_json_type(t.field(i).type, path, f"{where}.{t.field(i).name}", False))
                           for i in range(t.num_fields)])
     raise InputError(path, f"column {where}: Arrow type {t} has no JSON value (leave the column out of the file, "
                      "or cast it to a string)")
@@ -273,6 +274,19 @@ def _converter(t: pa.DataType):
     return None
 
 
+def _to_convert(array: pa.Array) -> bool:
+    """Whether a column's ``to_pylist`` values need :func:`_converter`: a map, or a struct field holding a
+    null somewhere inside (checked on the Arrow buffers, so a column without one costs nothing more)."""
+    t = array.type
+    if pa.types.is_map(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(array.field(i).null_count or _to_convert(array.field(i)) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _to_convert(array.values)  # the whole child array, a slice's neighbours included: at worst converted
+    return False
+
+
 def _json_texts(batch: pa.RecordBatch, path: str, before: int) -> Iterator[bytes]:
     """The JSON text of each row of a batch (``before``: rows of the file before it); columns are
     converted as whole lists, far cheaper than value by value."""
@@ -284,7 +298,7 @@ def _json_texts(batch: pa.RecordBatch, path: str, before: int) -> Iterator[bytes
                       for i, v in enumerate(col.storage.to_pylist())]
         else:
             values = col.to_pylist()
-            convert = _converter(col.type)
+            convert = _converter(col.type) if _to_convert(col) else None
             if convert is not None:
                 values = [None if v is None else convert(v) for v in values]
         columns.append(values)

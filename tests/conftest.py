@@ -22,7 +22,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Read tasks on workers take S3 credentials from their own environment (the endpoint
     # travels with the filesystem the driver resolved): give them moto's fake ones, and no
-    # instance-metadata lookups, so tests/test_s3.py works in whatever order tests run.
+    # instance-metadata lookups, so tests/e2e/test_s3.py works in whatever order tests run.
     fake_aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_EC2_METADATA_DISABLED": "true"}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False,

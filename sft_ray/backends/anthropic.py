@@ -262,8 +262,8 @@ class AnthropicBackend(OpenAIBackend):
     """The Messages API over the OpenAI backend's transport: same session, limiter and retry loop;
     its own headers, body, answer and error reading."""
 
-    def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
-        super().__init__(model, max_in_flight)
+    def __init__(self, model: dict[str, Any], requests_per_actor: int) -> None:
+        super().__init__(model, requests_per_actor)
         self.api = "messages"
         self.url = (model.get("base_url") or DEFAULT_BASE_URL).rstrip("/") + "/v1/messages"
 

@@ -67,12 +67,12 @@ class Backend:
     """Base class: subclasses implement ``generate``; ``start``/``close`` are optional.
 
     ``model`` is the validated ``model`` config section as a plain dict;
-    ``max_in_flight`` is the most requests this actor may have outstanding.
+    ``requests_per_actor`` is the most requests this actor may have outstanding.
     """
 
-    def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
+    def __init__(self, model: dict[str, Any], requests_per_actor: int) -> None:
         self.model = model
-        self.max_in_flight = max_in_flight
+        self.requests_per_actor = requests_per_actor
 
     async def start(self) -> None:  # pragma: no cover - trivial default
         """Open connections or load the engine; called once in the actor's loop."""

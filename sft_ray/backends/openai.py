@@ -8,7 +8,6 @@ applies the policy in :mod:`sft_ray.backends.retry`.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 from typing import Any
 
@@ -18,6 +17,7 @@ import orjson
 from sft_ray.backends import retry
 from sft_ray.backends.base import Backend, GenerationRequest, GenerationResult, Redactor, Secret, error_result
 from sft_ray.config import SamplingConfig
+from sft_ray.cost import estimate_tokens
 from sft_ray.errors import BUDGET_EXHAUSTED
 from sft_ray.messages import arguments_text, to_responses_input, tool_choice_to_responses, tool_to_responses
 from sft_ray.ratelimit import Limiter, Permit
@@ -185,8 +185,8 @@ def parse_responses(data: Any) -> GenerationResult:
 class OpenAIBackend(Backend):
     """Chat Completions or Responses over HTTP, with retries, timeouts and error classes."""
 
-    def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
-        super().__init__(model, max_in_flight)
+    def __init__(self, model: dict[str, Any], requests_per_actor: int) -> None:
+        super().__init__(model, requests_per_actor)
         self.api = model.get("api", "chat")
         self.url = model["base_url"].rstrip("/") + ("/chat/completions" if self.api == "chat" else "/responses")
         secret = model.get("api_key")  # a Secret read from api_key_env on the driver; never logged
@@ -195,8 +195,8 @@ class OpenAIBackend(Backend):
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
         self._redact = Redactor([self._key, *self._secret_headers.values()])
         self._session: aiohttp.ClientSession | None = None
-        self.limiter = Limiter.from_model(model, max_in_flight)  # rate limits, auto concurrency, budget
-        self._rng = random.Random()
+        self.limiter = Limiter.from_model(model, requests_per_actor)  # rate limits, auto concurrency, budget
+        self._policy = retry.Policy.of(model)
 
     def _auth_headers(self) -> dict[str, str]:
         """The headers that carry the key (and, for other APIs, their version)."""
@@ -223,7 +223,7 @@ class OpenAIBackend(Backend):
         headers = {"Content-Type": "application/json", **self.model.get("extra_headers", {}), **self._secret_headers,
                    **self._auth_headers()}
         timeout = aiohttp.ClientTimeout(total=self.model["timeout_s"], sock_connect=self.model["connect_timeout_s"])
-        connector = aiohttp.TCPConnector(limit=self.max_in_flight, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(limit=self.requests_per_actor, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
                                               json_serialize=lambda o: orjson.dumps(o).decode())
 
@@ -301,22 +301,24 @@ class OpenAIBackend(Backend):
         payload = self._body(request)
         deadline = request_timeout_s(self.model, request.params)
         words = self._timeout_words(deadline, request.params)
-        max_attempts = 1 + int(self.model.get("max_retries", 6))
-        for attempt in range(1, max_attempts + 1):
+
+        async def attempt(n: int) -> GenerationResult | retry.Failure:
             permit = None
             if self.limiter is not None:  # waits for shared permits and a slot; refused: budget spent
-                permit = await self.limiter.acquire(len(payload) / 4, request.params.get("max_output_tokens") or 1024)
+                permit = await self.limiter.acquire(*estimate_tokens(len(payload),
+                                                                     request.params.get("max_output_tokens")))
                 if permit.refused:
-                    return error_result(BUDGET_EXHAUSTED, permit.refused, attempts=attempt)
+                    return error_result(BUDGET_EXHAUSTED, permit.refused, attempts=n)
             result, kind, message, retry_after = await self._attempt(payload, permit, deadline, words)
-            if permit is not None:  
+            if permit is not None:
                 self.limiter.report(permit, kind, result.usage if result else None, retry_after)
             if result is not None:
-                result.attempts = attempt
+                result.attempts = n
                 return result
-            if kind not in retry.RETRYABLE or attempt == max_attempts:
-                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
-                return error_result(kind, self._redact(message) + suffix, attempts=attempt)
-            await asyncio.sleep(retry.backoff_s(attempt, self.model["base_retry_wait_s"],
-                                                self.model["max_retry_wait_s"], retry_after, self._rng))
-        raise AssertionError("unreachable")
+            return retry.Failure(str(kind), message, retry_after)
+
+        outcome, attempts = await retry.run(attempt, self._policy)
+        if isinstance(outcome, retry.Failure):
+            suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
+            return error_result(outcome.kind, self._redact(outcome.message) + suffix, attempts=attempts)
+        return outcome

@@ -18,7 +18,6 @@ batch loop's interface (:class:`~sft_ray.backends.batchapi.BatchProvider`).
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any
 
 import aiohttp
@@ -99,7 +98,7 @@ class BatchClient:
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
         self._redact = Redactor([self._key, *self._secret_headers.values()])  # whole keys and runs of them
         self._session: aiohttp.ClientSession | None = None
-        self._rng = random.Random()
+        self._policy = retry.Policy.of(model)
 
     def _auth_headers(self) -> dict[str, str]:
         """The headers that carry the key (and, for other APIs, their version)."""
@@ -120,28 +119,28 @@ class BatchClient:
     async def _call(self, method: str, path: str, what: str, form: Any = None, **kwargs: Any) -> bytes:
         """One API call with retries of transient failures; the body of its 2xx answer. ``form``: a
         function that makes the multipart body (a FormData is used once, so each attempt makes its own)."""
-        assert self._session is not None, "use `async with BatchClient(...)`"
-        attempts = 1 + int(self.model.get("max_retries", 6))
-        for attempt in range(1, attempts + 1):
-            wait_hint = None
+        session = self._session
+        assert session is not None, "use `async with BatchClient(...)`"
+
+        async def attempt(n: int) -> bytes | retry.Failure:
             try:
-                async with self._session.request(method, self.base + path, data=form() if form else None,
-                                                 **kwargs) as resp:
+                async with session.request(method, self.base + path, data=form() if form else None,
+                                           **kwargs) as resp:
                     raw = await resp.read()
                     if resp.status < 300:
                         return raw
                     # redacted whole, then cut: a key cut in two would no longer match
                     message = f"HTTP {resp.status}: {self._redact(raw.decode('utf-8', 'replace'))[:300]}"
-                    kind = retry.classify_status(resp.status, message)
-                    wait_hint = retry.parse_retry_after(resp.headers.get("Retry-After"))
+                    return retry.Failure(retry.classify_status(resp.status, message), message,
+                                         retry.parse_retry_after(resp.headers.get("Retry-After")))
             except (asyncio.TimeoutError, aiohttp.ClientError) as e:
-                kind, message = retry.CONNECTION_ERROR, f"{type(e).__name__}: {e}"
-            if kind not in retry.RETRYABLE or attempt == attempts:
-                raise BatchAPIError(self._redact(f"{what}: {message}"
-                                                 + (f" (after {attempt} attempts)" if attempt > 1 else "")))
-            await asyncio.sleep(retry.backoff_s(attempt, self.model["base_retry_wait_s"],
-                                                self.model["max_retry_wait_s"], wait_hint, self._rng))
-        raise AssertionError("unreachable")
+                return retry.Failure(retry.CONNECTION_ERROR, f"{type(e).__name__}: {e}")
+
+        outcome, attempts = await retry.run(attempt, self._policy)
+        if isinstance(outcome, retry.Failure):
+            raise BatchAPIError(self._redact(f"{what}: {outcome.message}"
+                                             + (f" (after {attempts} attempts)" if attempts > 1 else "")))
+        return outcome
 
     async def _json(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
         raw = await self._call(method, path, what, **kwargs)

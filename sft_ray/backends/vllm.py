@@ -174,8 +174,8 @@ class VLLMBackend(Backend):
     ``extra_body.structured_outputs`` (vLLM's structured output for every request, as its
     server reads it from a request body; a forced tool choice's schema takes its place)."""
 
-    def __init__(self, model: dict[str, Any], max_in_flight: int) -> None:
-        super().__init__(model, max_in_flight)
+    def __init__(self, model: dict[str, Any], requests_per_actor: int) -> None:
+        super().__init__(model, requests_per_actor)
         self.engine: Any = None
         self._v: Any = None  # the vllm_compat module, once started
         self._sem: asyncio.Semaphore | None = None
@@ -229,7 +229,7 @@ class VLLMBackend(Backend):
         # Sampling defaults the model ships in generation_config.json, as vLLM's server applies.
         self._defaults = dict(self.engine.model_config.get_diff_sampling_param() or {})
         max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
-        limit = min(self.max_in_flight, math.ceil(1.1 * max_num_seqs))
+        limit = min(self.requests_per_actor, math.ceil(1.1 * max_num_seqs))
         self._sem = asyncio.Semaphore(max(1, limit))
         self._tokenizer = self.engine.get_tokenizer()
         template = self.model.get("chat_template") or (embedded_chat_template() if self._embedded else None)

@@ -11,7 +11,7 @@ from sft_ray.config import RunConfig
 from sft_ray.cost import CACHE_READ, CACHE_WRITE, batch_prices, cost_usd
 from sft_ray.driver import Recorder, Session, remote_scorer
 from sft_ray.ratelimit import over_spending_budget
-from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.layout import Key, keys_of
 from sft_ray.runfolder.manifest import Manifest
 from sft_ray.runfolder.parts import Writers
 from sft_ray.runfolder.state import FolderState
@@ -84,12 +84,12 @@ class BatchRecorder:
                 assert self.scorer is not None
                 outs = [await self.scorer(batch)]
             for out in outs:
-                keys = [(str(r), int(k)) for r, k in zip(out["id"], out["sample_index"])]
+                keys = keys_of(out)
                 tokens = sum(int((orjson.loads(t).get("usage") or {}).get("output_tokens") or 0)
                              for t in out["rollout"])
                 self.recorder.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]),
                                     tokens)
-        self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_runs.values()))
+        self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_sessions.values()))
 
     async def close(self) -> None:
         if self.scorer is not None:

@@ -52,7 +52,7 @@ def refill(samples: Samples, log: BatchLog, state: FolderState, rejection: Rejec
 
 
 class Episodes:
-    """Agent episodes, one model turn per round: up to max_requests x max_in_flight episodes run on
+    """Agent episodes, one model turn per round: up to model.batch.max_requests x max_in_flight episodes run on
     the driver at once; when every one of them waits on its next model call, those calls go in one
     round of batches, and the answers let each episode run its tool calls and come back with its
     next call (or finish). Episodes live in this process only: batches a killed run left open are
@@ -78,7 +78,7 @@ class Episodes:
                 refill(self.samples, self.log, self.state, self.rejection)
                 if not self.samples.pending:
                     break
-                chunk = self.samples.take(limits.max_requests * self.submitter.max_in_flight)
+                chunk = self.samples.take(limits.max_requests * self.submitter.max_open_batches)
                 await self.episodes(environment, chunk)
                 skip = self.state.skip()
                 for key in chunk:  # failed episodes with attempts left run again

@@ -8,6 +8,7 @@ from sft_ray.backends.base import GenerationResult, error_result
 from sft_ray.backends.batchapi import BatchProvider, BatchStatus
 from sft_ray.batch.record import BatchRecorder, Spending
 from sft_ray.batch.samples import Samples
+from sft_ray.cost import estimate_tokens
 from sft_ray.driver import Session
 from sft_ray.runfolder.batches import BatchEntry, BatchLog
 from sft_ray.runfolder.layout import Key
@@ -15,13 +16,13 @@ from sft_ray.runfolder.manifest import StopReason
 
 
 class Submitter:
-    """Sends files of requests to the provider, never more than ``max_in_flight`` open at once."""
+    """Sends files of requests to the provider, never more than ``max_open_batches`` open at once."""
 
     def __init__(self, provider: BatchProvider, log: BatchLog, samples: Samples, session: Session,
-                 spending: Spending, recorder: BatchRecorder, max_in_flight: int, max_output_tokens: int | None) -> None:
+                 spending: Spending, recorder: BatchRecorder, max_open_batches: int, max_output_tokens: int | None) -> None:
         self.provider, self.log, self.samples, self.session = provider, log, samples, session
         self.spending, self.recorder = spending, recorder
-        self.max_in_flight, self.max_output_tokens = max_in_flight, max_output_tokens
+        self.max_open_batches, self.max_output_tokens = max_open_batches, max_output_tokens
 
     async def send(self, keys: list[Key], data: bytes, filename: str) -> None:
         """Upload one file (recorded), then create its batch (recorded)."""
@@ -66,10 +67,10 @@ class Submitter:
         return [f for f in files if f]
 
     async def fill(self) -> None:
-        """Cut pending samples into files within the limits and submit them, up to max_in_flight open;
+        """Cut pending samples into files within the limits and submit them, up to max_open_batches open;
         a file the spending budget refuses stops sending (the session's stop reason says so)."""
         limits, pending = self.provider.limits, self.samples.pending
-        while pending and len(self.log.open()) < self.max_in_flight:
+        while pending and len(self.log.open()) < self.max_open_batches:
             keys, lines, size, refused = [], [], 0, []
             for key in list(pending):
                 request = self.samples.request(key)
@@ -92,9 +93,8 @@ class Submitter:
                 await self.recorder.write([(k, self.samples.rollout(k, r)) for k, r in refused])
             if not keys:
                 continue
-            est_in = size / 4  # as the online limiter estimates: prompt bytes / 4
-            est_out = len(keys) * (self.max_output_tokens or 1024)
-            if self.spending.over(len(keys), est_in, est_out):
+            est_in, est_out = estimate_tokens(size, self.max_output_tokens)  # as the online limiter estimates
+            if self.spending.over(len(keys), est_in, len(keys) * est_out):
                 # Nothing more is sent (open batches are still collected); a rerun with a raised budget sends it.
                 self.session.record.stop(StopReason.SPENDING_BUDGET)
                 pending.clear()

@@ -279,7 +279,7 @@ class RunConfig(Strict):
         return self.num_samples_in_parallel == "auto"
 
     @property
-    def max_in_flight(self) -> int:
+    def max_requests_in_flight(self) -> int:
         """The most requests in flight across all generation actors (the ceiling with `auto`)."""
         return self.rate_limit.max_concurrency if self.adaptive else int(self.num_samples_in_parallel)
 

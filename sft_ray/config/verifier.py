@@ -35,9 +35,9 @@ class CodeConfig(Strict):
         "itself (completions that continue HumanEval's prompt)."
     )
     plain_returns: bool = Field(
-        True, description="HumanEval style: a value the entry point returns to `check` must be plain data (builtin "
-        "types, numpy's), else the test fails: an object whose class claims to equal anything cannot pass "
-        "`assert candidate(x) == y`. false: for tests that compare objects of classes the prompt defines."
+        True, description="HumanEval / MBPP style: what the entry point returns crosses to the checks (another "
+        "interpreter) as plain data (builtin types), else the test fails: an object whose class claims to equal "
+        "anything cannot pass `assert candidate(x) == y`. Only `true` (objects of the program's classes cannot cross)."
     )
 
 

@@ -20,7 +20,6 @@ as an ``environment_error`` (an infrastructure failure: no reward, retried by a 
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import time
 from http.cookies import SimpleCookie
@@ -68,22 +67,24 @@ class NemoGymEpisode(Episode):
 
     async def _post_retried(self, route: str, body: Any, retry_5xx: bool = True) -> tuple[int, bytes]:
         """POST with the retry policy for connection errors, timeouts and (``retry_5xx``) 5xx."""
-        cfg = self.env.cfg
-        attempts = 1 + int(cfg.get("max_retries", 4))
-        message = ""
-        for attempt in range(1, attempts + 1):
+
+        async def attempt(n: int) -> tuple[int, bytes] | retry.Failure:
             try:
                 status, raw = await self._post(route, body)
-                if status < 500 or not retry_5xx or attempt == attempts:
-                    return status, raw
-                message = f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if attempt == attempts:
-                    raise EnvironmentFailure(f"POST /{route}: {message} (after {attempt} attempts)") from None
-            await asyncio.sleep(retry.backoff_s(attempt, cfg.get("base_retry_wait_s", 0.5),
-                                                cfg.get("max_retry_wait_s", 10.0), None, self.env.rng))
-        raise EnvironmentFailure(f"POST /{route}: {message}")
+                return retry.Failure(retry.CONNECTION_ERROR, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            if status < 500 or not retry_5xx:
+                return status, raw
+            # The last 5xx is passed on as an answer (the caller reads its status).
+            return retry.Failure(retry.SERVER_ERROR, f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}",
+                                 value=(status, raw))
+
+        outcome, attempts = await retry.run(attempt, self.env.policy)
+        if not isinstance(outcome, retry.Failure):
+            return outcome
+        if outcome.value is not None:
+            return outcome.value
+        raise EnvironmentFailure(f"POST /{route}: {outcome.message} (after {attempts} attempts)")
 
     async def seed(self, row: dict[str, Any]) -> None:
         status, raw = await self._post_retried("seed_session", row)
@@ -138,7 +139,7 @@ class NemoGymEnvironment(Environment):
             raise ValueError("environment.base_url is required for environment.type nemo_gym")
         self.base_url = cfg["base_url"].rstrip("/")
         self.session: aiohttp.ClientSession | None = None
-        self.rng = random.Random()
+        self.policy = retry.Policy.of(cfg, max_retries=4, base_s=0.5, cap_s=10.0)
         self.model_name: str | None = None
 
     async def start(self) -> None:

@@ -84,6 +84,7 @@ from sft_ray.runfolder.layout import (
     TRAIN,
     VALIDATION,
     iter_jsonl,
+    key_of,
     shard_name,
     written_by,
 )
@@ -252,7 +253,7 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
             if row is None:
                 torn += 1
             else:
-                failures[(str(row["id"]), int(row["sample_index"]))] = row
+                failures[key_of(row)] = row
 
     rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
     unknown = set(written_by(rollout_files, sessions)[1])
@@ -464,7 +465,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             except JSONDecodeError:
                 torn += line.strip() != b""
                 continue
-            rid, k = str(row["id"]), int(row["sample_index"])
+            rid, k = key_of(row)
             if unexpected and (rid, k) in unexpected:
                 odd.add("unexpected_key", piece[0], row)
                 continue

@@ -2,7 +2,7 @@
 its state in the run folder, and the verdict on it.
 
 One count (:meth:`Completion.of`) decides the exit code, ``complete`` in stats.json and the
-``_SUCCESS`` marker; one rule (:meth:`Budget.exceeded`) decides both a session's early stop
+``_SUCCESS`` marker; one rule (:meth:`FailureBudget.exceeded`) decides both a session's early stop
 and the exit code. :func:`prompt_draws` says where each prompt of a rejection-sampling run
 stands, from the folder alone, so a rerun continues every prompt where it stopped and
 draws no sample twice.
@@ -66,14 +66,14 @@ class Completion:
             c.expected += 1
             if key in state.done:
                 c.done += 1
-            elif key in state.failed_runs:
+            elif key in state.failed_sessions:
                 c.failed += 1
-                c.failed_final += state.failed_runs[key] >= state.max_attempts
+                c.failed_final += state.failed_sessions[key] >= state.max_attempts
             else:
                 c.pending += 1
         return c
 
-    def verdict(self, budget: "Budget") -> tuple[int, str | None]:
+    def verdict(self, budget: "FailureBudget") -> tuple[int, str | None]:
         """(exit code, reason when not 0): the one rule for the exit code, ``complete`` and ``_SUCCESS``."""
         if self.pending:
             return EXIT_PENDING, (f"INCOMPLETE: {self.pending}/{self.expected} samples pending (not generated yet); "
@@ -88,12 +88,12 @@ class Completion:
         """What a session sends: samples without a result, and failures with attempts left."""
         return self.pending + self.failed - self.failed_final
 
-    def as_stats(self, budget: "Budget") -> dict[str, Any]:
+    def as_stats(self, budget: "FailureBudget") -> dict[str, Any]:
         return {**asdict(self), "complete": self.verdict(budget)[0] == EXIT_OK}
 
 
 @dataclass
-class Budget:
+class FailureBudget:
     """The failure budget: the share of failed samples among those with a result, over the
     whole run folder. The same rule stops a session early (once ``min_rows`` samples have a
     result) and sets the exit code at the end."""
@@ -152,7 +152,7 @@ def prompt_draws(ids: set[str], state: FolderState) -> dict[str, PromptDraws]:
         if d is not None:
             d.done += 1
             d.next = max(d.next, k + 1)
-    for (rid, k), runs in state.failed_runs.items():
+    for (rid, k), runs in state.failed_sessions.items():
         d = get(rid)
         if d is not None:
             d.next = max(d.next, k + 1)

@@ -28,7 +28,7 @@ import orjson
 import pyarrow.fs as pafs
 
 from sft_ray import io
-from sft_ray.runfolder.layout import JOURNAL
+from sft_ray.runfolder.layout import JOURNAL, key_of
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def read_journal(run_dir: str, skip: set[tuple[str, int]]) -> Iterator[dict]:
         for line in io.iter_lines(uri):
             try:
                 row = orjson.loads(line)
-                key = (str(row["id"]), int(row["sample_index"]))
+                key = key_of(row)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
             if key in skip or key in seen:

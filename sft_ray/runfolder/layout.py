@@ -51,6 +51,16 @@ SUCCESS = "_SUCCESS"
 Key = tuple[str, int]  # a sample: (prompt id, sample_index)
 
 
+def key_of(row: dict[str, Any]) -> Key:
+    """A rollout's or failure record's sample key: ``(str(id), int(sample_index))``."""
+    return str(row["id"]), int(row["sample_index"])
+
+
+def keys_of(columns: dict[str, Any]) -> list[Key]:
+    """The sample keys of a batch of columns (``id``, ``sample_index``), as :func:`key_of` gives one row's."""
+    return [(str(rid), int(k)) for rid, k in zip(columns["id"], columns["sample_index"])]
+
+
 def part_name(session: int, part: int, prefix: str = "part") -> str:
     """A part file of rollouts/ or failed/, written by one session (``prefix`` ``rescore``: by a
     session of `sft-ray rescore`, whose numbers are its own)."""

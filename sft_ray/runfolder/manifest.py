@@ -26,7 +26,7 @@ import orjson
 
 from sft_ray import io
 from sft_ray.config import RunConfig, flat_dump
-from sft_ray.runfolder.completion import Budget, Completion
+from sft_ray.runfolder.completion import Completion, FailureBudget
 from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RESCORED_SESSIONS, Key, run_outputs
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
@@ -264,7 +264,7 @@ class Manifest(dict):
         return self.get("unexpected_keys")
 
     def record_rescore(self, target: dict[str, Any], verifier_config: dict[str, Any], record: dict[str, Any],
-                       final: int, budget: Budget) -> None:
+                       final: int, budget: FailureBudget) -> None:
         """After an `sft-ray rescore` swapped its rows in (``target``: its ``rescore/target.json``): the
         verifier of the rewards (config and fingerprint), the rescore's record, and the completion with
         the ``final`` rows that lost their reward (``budget``: the failure budget it is judged by)."""

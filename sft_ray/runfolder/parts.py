@@ -143,7 +143,7 @@ class Writers:
             if (row.get("error") or {}).get("type") == "bad_input":
                 source, _, reason = row["error"]["message"].partition(": ")
                 raise InputError(source, reason)
-        runs = self.state.failed_runs
+        runs = self.state.failed_sessions
         self.bad.write([count_failure(row, runs) for row in bad_rows])
         threshold = self.state.pass_threshold
         for i, (key, f) in enumerate(zip(keys, failed)):

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from sft_ray import io
-from sft_ray.runfolder.layout import FAILED, ROLLOUTS, Key, compact_name, iter_jsonl, written_by
+from sft_ray.runfolder.layout import FAILED, ROLLOUTS, Key, compact_name, iter_jsonl, key_of, written_by
 
 
 class FolderState:
@@ -34,12 +34,13 @@ class FolderState:
         # Made by a run that holds the folder's lock: it may cut a torn last line (a killed run's).
         self.done: set[Key] = done_keys(run_dir, self.passing if pass_threshold is not None else None,
                                         pass_threshold or 0.0, repair=True, sessions=sessions)
-        self.failed_runs: dict[Key, int] = load_failures(run_dir, self.done, sessions)
+        # How many sessions each failed sample failed in (its failure record's `failed_runs` field).
+        self.failed_sessions: dict[Key, int] = load_failures(run_dir, self.done, sessions)
         self.max_attempts = max_attempts
 
     def skip(self) -> set[Key]:
-        """Keys the read stage leaves out: done, or failed in ``max_attempts`` runs."""
-        return self.done | {k for k, n in self.failed_runs.items() if n >= self.max_attempts}
+        """Keys the read stage leaves out: done, or failed in ``max_attempts`` sessions."""
+        return self.done | {k for k, n in self.failed_sessions.items() if n >= self.max_attempts}
 
 
 def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: float = 0.0,
@@ -56,7 +57,7 @@ def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: floa
             if row is None:
                 torn = True
                 break
-            keys.add((str(row["id"]), int(row["sample_index"])))
+            keys.add(key_of(row))
             if passing is not None and row.get("reward") is not None and row["reward"] >= threshold:
                 passing[str(row["id"])] += 1
             good_bytes += len(line) + 1
@@ -67,10 +68,10 @@ def done_keys(run_dir: str, passing: Counter[str] | None = None, threshold: floa
     return keys
 
 
-def count_failure(row: dict[str, Any], failed_runs: dict[Key, int]) -> bytes:
-    """A failed sample's record, with how many runs it has now failed in."""
-    key = (str(row["id"]), int(row["sample_index"]))
-    row["failed_runs"] = failed_runs.get(key, 0) + 1
+def count_failure(row: dict[str, Any], failed_sessions: dict[Key, int]) -> bytes:
+    """A failed sample's record, with how many sessions it has now failed in (``failed_runs``)."""
+    key = key_of(row)
+    row["failed_runs"] = failed_sessions.get(key, 0) + 1
     return orjson.dumps(row)
 
 
@@ -87,7 +88,7 @@ def _failure_records(run_dir: str, done: set[Key], sessions: frozenset[int] | No
             if row is None:
                 continue
             records += 1
-            key = (str(row["id"]), int(row["sample_index"]))
+            key = key_of(row)
             if key in done:  # succeeded in a later run
                 continue
             runs = max(int(row.get("failed_runs") or 1), latest.get(key, (0, b""))[0])

@@ -142,7 +142,7 @@ class DriverWatch:
 class GenerateStage:
     """Callable class for ``Dataset.map_batches``: samples in, rollouts out."""
 
-    def __init__(self, model: dict[str, Any], sampling: dict[str, Any], max_in_flight: int,
+    def __init__(self, model: dict[str, Any], sampling: dict[str, Any], requests_per_actor: int,
                  agent: dict[str, Any] | None = None, environment: dict[str, Any] | None = None,
                  verify_in_episode: bool = False, journal: JournalSpec | None = None,
                  rejection: dict[str, Any] | None = None, verifier: dict[str, Any] | None = None,
@@ -155,13 +155,13 @@ class GenerateStage:
         # Each answer is made durable the moment it returns (sft_ray/runfolder/journal.py): a killed run resumes from it.
         self.journal = journal.open() if journal is not None else None
         self.sampling = sampling
-        self.max_in_flight = max_in_flight
+        self.requests_per_actor = requests_per_actor
         self.agent = agent or {"max_steps": 8, "timeout_s": 600.0}
         self.verify_in_episode = verify_in_episode
         group = acquire_replica_group(model)  # a tensor-parallel vLLM replica's GPUs (sft_ray/placement.py)
         if group is not None:
             model = {**model, "placement_group": group}
-        self.backend = get_backend(model["backend"])(model, max_in_flight)
+        self.backend = get_backend(model["backend"])(model, requests_per_actor)
         self.environment = build_environment(environment or {"type": "none"})
         if self.environment is not None:
             self.environment.model_name = getattr(self.backend, "model_name", model.get("name"))
@@ -187,7 +187,7 @@ class GenerateStage:
         # asyncio objects must be made inside the loop that Ray Data runs us in.
         if self._ready is None:
             self.tracker.start()
-            self._sem = asyncio.Semaphore(self.max_in_flight)
+            self._sem = asyncio.Semaphore(self.requests_per_actor)
             self._ready = asyncio.ensure_future(self._start())
         await self._ready
         if self._ready_at is None:
@@ -383,7 +383,7 @@ def wiring(cfg: Any, plan: dict[str, Any], limits: dict[str, Any] | None = None,
         environment["cwd"] = os.path.abspath(environment.get("cwd") or os.getcwd())
     return dict(
         fn_constructor_kwargs={"model": model, "sampling": cfg.responses_create_params.model_dump(),
-                               "max_in_flight": plan["per_actor"], "agent": cfg.agent.model_dump(),
+                               "requests_per_actor": plan["per_actor"], "agent": cfg.agent.model_dump(),
                                "environment": environment,
                                "verify_in_episode": cfg.verifier.type == "nemo_gym",
                                "activity": activity,

@@ -324,7 +324,7 @@ def make_dataset(
     ds = ds.repartition(target_num_rows_per_block=block_rows)
     # Its tasks would ask for a whole CPU, without a bound on how many run at once, and
     # repartition() takes neither argument, so the logical operator's remote args and compute
-    # strategy are set here (Ray Data internals: checked by tests/test_resume.py::
+    # strategy are set here (Ray Data internals: checked by tests/e2e/test_resume.py::
     # test_reads_fit_beside_actors_that_leave_half_a_cpu and test_read_tasks_run_one_at_a_time).
     op = ds._logical_plan.dag
     if isinstance(getattr(op, "ray_remote_args", None), dict):

@@ -2,12 +2,14 @@
 
 Two test forms, as the common data sets have them:
 
-- HumanEval style: ``test`` (source defining ``check(candidate)``) and ``entry_point`` (the
-  function's name); the program's code runs, then the test and ``check(<entry_point>)`` in the
-  same process, which passes only when that call returned (the sandbox's proof, see
-  :mod:`sft_ray.verifiers.sandbox`); a program that exits before (``sys.exit``, ``os._exit``,
-  an exception hook, killing itself) fails and is counted in ``exited_before_checks``
-  (one test per row);
+- HumanEval / MBPP style: ``test`` and ``entry_point`` (the function's name). The program runs in
+  one sandboxed interpreter, the test in another, which calls the entry point across a pipe with
+  plain data only (:func:`sft_ray.verifiers.sandbox.run_checked`): HumanEval's ``check(candidate)``
+  when the test defines it, else the test's module-level asserts (MBPP's ``test_list`` joined).
+  The row's prompt (``code.prepend_field``, else ``prompt``), when it is Python, runs in the
+  checker first: the helpers a test calls (HumanEval/32's ``poly``) are the data set's, never the
+  program's. A program that ends before the checks are done fails and is counted in
+  ``exited_before_checks`` (one test per row);
 - stdin/stdout pairs: ``inputs`` and ``outputs`` (lists of strings); each input is one run,
   passed when the output equals the expected one (trailing white space ignored per line).
 
@@ -27,7 +29,7 @@ import re
 from typing import Any
 
 from sft_ray.verifiers import VerifierFailure
-from sft_ray.verifiers.sandbox import Limits, SandboxFailure, SandboxUnavailable, require, run_python
+from sft_ray.verifiers.sandbox import Limits, SandboxFailure, SandboxUnavailable, require, run_checked, run_python
 
 __all__ = ["CodeExecution", "SandboxUnavailable", "extract_program"]
 
@@ -65,7 +67,9 @@ class CodeExecution:
         require(self.sandbox)  # no isolation, no run: refused here, on the driver, before any actor
         self.mode = code.get("mode", "share")
         self.prepend_field = code.get("prepend_field")
-        self.plain_returns = bool(code.get("plain_returns", True))
+        if code.get("plain_returns", True) is not True:
+            raise ValueError("verifier.code.plain_returns: only `true`: the checks run in an interpreter of their own "
+                             "and only plain data crosses to them (docs/sandbox.md)")
         self.workers = code.get("workers")
         self.limits = Limits(cpu_s=float(code.get("timeout_s", 10)), memory_mb=int(code.get("memory_mb", 1024)),
                              file_mb=int(code.get("file_mb", 16)),
@@ -89,9 +93,10 @@ class CodeExecution:
     async def _score(self, row: dict[str, Any], response: str) -> dict[str, Any]:
         program = self.program(row, response)
         if isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
-            results = [await run_python(program, None, self.limits, self.workers, test=row["test"],
-                                        entry_point=row["entry_point"], sandbox=self.sandbox,
-                                        plain_returns=self.plain_returns)]
+            context = row.get(self.prepend_field or "prompt")
+            results = [await run_checked(program, row["test"], row["entry_point"],
+                                         context if isinstance(context, str) else None, self.limits, self.workers,
+                                         sandbox=self.sandbox)]
             passed = [r.ok and r.proof for r in results]
             early = sum(r.exited_before_checks for r in results)
         elif isinstance(row.get("inputs"), list) and isinstance(row.get("outputs"), list):

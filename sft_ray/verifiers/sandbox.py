@@ -19,25 +19,23 @@ Each run is one ``bwrap`` (bubblewrap) call; the isolation is the kernel's, not 
   uid mapped to root); run as another user, bwrap maps 65534 to that user in a new user namespace;
 - resource limits set before the program runs: CPU seconds, address space, file size, processes
   (``RLIMIT_NPROC`` = 0 extra processes or threads by default), no core dumps;
-- a preamble (the harness) that reads the program, the tests and a per-run nonce from
-  inherited file descriptors and closes them before the program's code runs, then installs an
-  audit hook that denies sockets, process creation, signals, ``ctypes``, tracing, the garbage
-  collector's object walks and ``/proc/*/mem`` from Python (a second layer, with a clean
+- the harness (:mod:`sft_ray.verifiers.harness`, run as the interpreter's ``-c`` source) reads its
+  input from inherited file descriptors and closes them before any untrusted code runs, then
+  installs an audit hook that denies sockets, process creation, signals, ``ctypes``, tracing, the
+  garbage collector's object walks and ``/proc/*/mem`` from Python (a second layer, with a clean
   ``PermissionError``);
-- for HumanEval-style tests, proof that the tests ran to the end: the harness runs the program's
-  module code, then the test source in a new namespace (the program's names, builtins as they were
-  before the program ran), then ``check(entry_point)``; only when that call returns does the
-  harness write the nonce to a pipe the parent reads. Exiting early (``sys.exit``, ``os._exit``,
-  an exception hook, killing itself) leaves no nonce: the tests did not pass. The nonce lives only
-  in the audit hook's closure while the program runs, and the hook gives it only to the harness's
-  own code object, raised once. Residual risk: the program runs in the same interpreter as the
-  tests, so a program written against this harness can still interfere with what ``check`` calls
-  (e.g. patch a shared module such as ``math``) or reach the harness through frame objects;
+- for HumanEval / MBPP-style tests (:func:`run_checked`), two sandboxes: the program's module code
+  and its entry point in one, the test in the other (the checker), the entry point called across
+  a pipe as plain data. The checker never executes the program's code and the program's process
+  never holds the test, the expected values or the per-run nonce; only when the checks returned,
+  the pipe unbroken, does the checker's harness write the nonce to a pipe the parent reads (the
+  proof that the checks ran). Exiting early or between calls, hanging, answering out of turn or
+  flooding the pipe leaves no proof;
 - its own process group (session), killed whole when the run ends or its wall-clock deadline
   passes; output read up to a byte cap.
 
 Memory is bounded per process (``RLIMIT_AS``); with the default of no extra processes there is
-one process per run, so that bounds the run. cgroups are not used (see docs/sandbox.md).
+one process per sandbox, so that bounds it. cgroups are not used (see docs/sandbox.md).
 
 Without bwrap (or on a kernel that refuses its namespaces) :func:`require` raises
 :class:`SandboxUnavailable`; ``verifier.sandbox: none`` runs the same harness without the
@@ -61,133 +59,17 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from sft_ray.verifiers import harness
 
 SANDBOX_UID = 65534  # "nobody" on Debian and most distributions
 WORKDIR = "/sandbox"
 INSTALL_HINT = "install bubblewrap on every node that scores (Debian/Ubuntu: `sudo apt-get install -y bubblewrap`)"
-EARLY_EXIT_CODE = 86  # the harness's exit status when the program raised SystemExit before the checks returned
 
-# The harness: runs in the child before the program. argv: limits, then the file descriptors of
-# the payload (JSON: mode, source, test, entry_point), of the nonce and of the proof pipe.
-PREAMBLE = r"""
-def _setup():
-    import builtins, json, os, resource, sys
-    cpu, mem, fsize, nproc, payload_fd, nonce_fd, proof_fd = (int(a) for a in sys.argv[1:8])
-
-    def read_all(fd):
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(fd)
-        return b"".join(chunks)
-
-    payload = json.loads(read_all(payload_fd))
-    nonce = read_all(nonce_fd)
-    for lim, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
-                     (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_NPROC, (nproc, nproc)),
-                     (resource.RLIMIT_CORE, (0, 0))):
-        resource.setrlimit(lim, val)
-    clean_builtins = dict(builtins.__dict__)
-    excepthook = sys.__excepthook__
-    denied = ("socket.", "subprocess.", "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn",
-              "os.system", "os.kill", "os.killpg", "os.startfile", "pty.", "ctypes.", "gc.get_", "sys._current_frames",
-              "sys.settrace", "sys.setprofile", "sys.addaudithook", "_posixsubprocess.", "signal.pthread_kill")
-    state = {"started": False, "spent": False}
-
-    def hook(event, args):
-        # The proof: given once, to the harness's own code (not a copy the program built), and only
-        # when the harness started once (a program that re-runs the harness poisons the proof).
-        if event == "sft_ray.harness.start":
-            state["spent"] = state["spent"] or state["started"]
-            state["started"] = True
-        elif event == "sft_ray.harness.checked":
-            caller = sys._getframe(1)
-            if not state["spent"] and caller.f_code is main_code:
-                state["spent"] = True
-                os.write(proof_fd, nonce)
-        elif event.startswith(denied) or (event == "open" and isinstance(args[0], str)
-                                          and args[0].startswith("/proc/") and args[0].endswith("/mem")):
-            raise PermissionError(f"not allowed in the sandbox: {event}")
-
-    def main():
-        sys.audit("sft_ray.harness.start")
-        sys.argv = ["main.py"]
-        ns = {"__name__": "__main__", "__file__": "main.py", "__builtins__": builtins}
-        try:
-            exec(compile(payload["source"], "main.py", "exec"), ns)
-            if payload["mode"] == "check":
-                tests = dict(ns, __name__="__check__", __builtins__=dict(clean_builtins))
-                exec(compile(payload["test"], "test.py", "exec"), tests)
-                check, candidate = tests["check"], ns[payload["entry_point"]]
-                check(plain(candidate) if payload["plain_returns"] else candidate)
-                sys.audit("sft_ray.harness.checked")
-        except SystemExit as e:
-            if payload["mode"] == "check":
-                os._exit(EARLY_EXIT)
-            raise
-        except BaseException as e:
-            excepthook(type(e), e, e.__traceback__)
-            flush()
-            # A program that replaced the exception hook meant to turn this failure into an exit: counted as one.
-            os._exit(EARLY_EXIT if payload["mode"] == "check" and sys.excepthook is not excepthook else 1)
-        if payload["mode"] == "check":
-            # Not the interpreter's own exit: no atexit handler or leftover thread of the program runs after.
-            flush()
-            os._exit(0)
-
-    # Builtin types only (compared exactly, so not a subclass of the program's): a returned object whose
-    # class claims to equal anything (the classic way to pass `assert candidate(x) == y`) fails instead.
-    plain_types = {int, float, complex, bool, str, bytes, bytearray, type(None), list, tuple, dict, set, frozenset,
-                   range, slice, type(Ellipsis)}
-
-    def plain(candidate):
-        def call(*a, **k):
-            out = candidate(*a, **k)
-            if "numpy" in sys.modules:  # numpy's own types (C types: their comparisons cannot be patched)
-                np = sys.modules["numpy"]
-                plain_types.update(t for t in set(getattr(np, "sctypeDict", {}).values()) | {np.ndarray}
-                                   if isinstance(t, type))
-            todo, seen = [out], 0
-            while todo:
-                v = todo.pop()
-                seen += 1
-                if type(v) not in plain_types or seen > 1_000_000:
-                    raise TypeError(f"{payload['entry_point']} returned a {type(v).__name__}: "
-                                    "only plain data (builtin types) is compared")
-                if type(v) in (list, tuple, set, frozenset):
-                    todo.extend(v)
-                elif type(v) is dict:
-                    todo.extend(v.keys())
-                    todo.extend(v.values())
-                elif type(v).__name__ == "ndarray" and v.dtype == object:
-                    todo.extend(v.ravel().tolist())
-            return out
-
-        call.__name__ = getattr(candidate, "__name__", "candidate")
-        call.__doc__ = getattr(candidate, "__doc__", None)
-        return call
-
-    def flush():
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-
-    main_code = main.__code__
-    sys.addaudithook(hook)
-    os.write(proof_fd, b"S")  # set up: what fails from here on is the program's doing
-    return main
-
-
-EARLY_EXIT = %d
-_main = _setup()
-del _setup
-_main()
-""" % EARLY_EXIT_CODE
+# What every sandboxed interpreter runs first (the file's source, its roles: see its doc).
+HARNESS = Path(harness.__file__).read_text()
+EARLY_EXIT_CODE = harness.EARLY_EXIT
 
 
 class SandboxUnavailable(RuntimeError):
@@ -214,24 +96,18 @@ class Limits:
 
 @dataclass
 class RunResult:
-    returncode: int | None
-    stdout: bytes
+    returncode: int | None  # the program's; in check mode the checker's (0: the checks returned)
+    stdout: bytes  # the program's
     stderr: bytes
     timed_out: bool
     output_limited: bool
     wall_s: float
-    proof: bool = False  # check mode: the harness saw check(entry_point) return
+    proof: bool = False  # check mode: the checker's harness saw the checks return, the pipe unbroken
+    exited_before_checks: bool = False  # check mode: the program ended of its own accord before the checks did
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out and not self.output_limited
-
-    @property
-    def exited_before_checks(self) -> bool:
-        """Check mode: ended of its own accord (status 0, SystemExit, or a failure after the program replaced
-        ``sys.excepthook``) without the proof."""
-        return (not self.proof and not self.timed_out and not self.output_limited
-                and self.returncode in (0, EARLY_EXIT_CODE))
 
 
 def _interpreter_binds() -> list[str]:
@@ -398,8 +274,9 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
-def _read_proof(fd: int) -> bytes:
-    """What the child wrote on the proof pipe (every writer is gone: no wait), at most 4 KiB."""
+
+def _read_status(fd: int) -> bytes:
+    """What the child wrote on its status pipe (every writer is gone: no wait), at most 4 KiB."""
     os.set_blocking(fd, False)
     try:
         return os.read(fd, 4096)
@@ -407,87 +284,172 @@ def _read_proof(fd: int) -> bytes:
         return b""
 
 
+# The two interpreters of a checked row skip `site` (its .pth files: an editable install's import hook,
+# sitecustomize) and get the site-packages folders on their path instead: a package the program or the test
+# imports is there, at about half the start-up (a script keeps `site`: it runs as it always did).
+_FLAGS = {"script": ("-I",), "program": ("-I", "-S"), "checker": ("-I", "-S")}
+SITE_PACKAGES = [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+
+_CPU_KILLED = (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+
+
+class _Run:
+    """The descriptors, temporary folders and processes of one run, released together."""
+
+    def __init__(self, sandbox: str, limits: Limits) -> None:
+        self.sandbox, self.limits = sandbox, limits
+        self.prefix = (_bwrap_command(find_bwrap() or "bwrap", limits.file_mb, os.geteuid() == 0)
+                       if sandbox == "bwrap" else (sys.executable,))
+        self.fds: list[int] = []
+        self.tmps: list[str] = []
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    def memfd(self, name: str, data: bytes) -> int:
+        self.fds.append(fd := _memfd(name, data))
+        return fd
+
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        self.fds += (r, w)
+        return r, w
+
+    async def start(self, role: str, fds: list[int]) -> asyncio.subprocess.Process:
+        """One sandboxed interpreter running the harness as ``role``, holding ``fds`` (closed here once it has them)."""
+        lim = self.limits
+        args = [role, str(math.ceil(lim.cpu_s)), str(lim.memory_mb << 20), str(lim.file_mb << 20), str(lim.processes),
+                *map(str, fds)]
+        if self.sandbox == "bwrap":
+            home, cwd = WORKDIR, None
+        else:  # no tmpfs of its own: a private temporary directory, removed after
+            import tempfile
+
+            home = cwd = tempfile.mkdtemp(prefix="sft-ray-code-")
+            self.tmps.append(home)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pools: NPROC may be 0
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.prefix, *_FLAGS[role], "-c", HARNESS, *args, cwd=cwd, env=env, pass_fds=fds,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)
+        finally:
+            for fd in fds:  # the child holds its copies; a pipe's end is seen once every holder is gone
+                self.fds.remove(fd)
+                os.close(fd)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            _kill_group(proc.pid)  # whatever it started, finished or not
+        for fd in self.fds:
+            os.close(fd)
+        for tmp in self.tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _settle(tasks: list[asyncio.Future], procs: list[asyncio.subprocess.Process]) -> None:
+    """Kill ``procs``' groups, then let their readers drain the pipes to EOF (5 s at most: a descendant that
+    left the group, with sandbox none, may still hold them)."""
+    for proc in procs:
+        _kill_group(proc.pid)
+    pending = [t for t in tasks if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+
+
+def _drained(task: asyncio.Future) -> tuple[bytes, bytes, bool]:
+    return task.result() if task.done() and not task.cancelled() else (b"", b"", False)
+
+
 async def run_python(source: str, stdin: bytes | None = None, limits: Limits = Limits(),
-                     workers: int | None = None, *, test: str | None = None, entry_point: str | None = None,
-                     sandbox: str = "bwrap", plain_returns: bool = True) -> RunResult:
-    """Run ``source`` as a program; its stdin is ``stdin`` (None: empty). With ``test`` and ``entry_point``
-    (HumanEval style), ``test`` then ``check(entry_point)`` run after the program's own code, and
-    :attr:`RunResult.proof` says whether that call returned (with ``plain_returns``, every value the entry
-    point returned to ``check`` was plain data). ``sandbox``: ``bwrap`` (see the module doc; raises
-    :class:`SandboxUnavailable` when it cannot run here) or ``none`` (no operating-system isolation).
+                     workers: int | None = None, *, sandbox: str = "bwrap") -> RunResult:
+    """Run ``source`` as a program, its stdin ``stdin`` (None: empty). ``sandbox``: ``bwrap`` (see the module doc;
+    raises :class:`SandboxUnavailable` when it cannot run here) or ``none`` (no operating-system isolation).
     Raises :class:`SandboxFailure` when the sandbox failed before the program ran."""
     require(sandbox)
-    prefix = (_bwrap_command(find_bwrap() or "bwrap", limits.file_mb, os.geteuid() == 0) if sandbox == "bwrap"
-              else (sys.executable,))
-    check = test is not None and entry_point is not None
     async with _semaphore(workers or os.cpu_count() or 1):
-        nonce = secrets.token_hex(32).encode()
-        payload = json.dumps({"mode": "check" if check else "script", "source": source, "test": test,
-                              "entry_point": entry_point, "plain_returns": plain_returns}).encode()
-        fds: list[int] = []
-        proof_r = -1
-        tmp = None
+        run = _Run(sandbox, limits)
         try:
-            fds.append(_memfd("sft-ray-payload", payload))
-            fds.append(_memfd("sft-ray-nonce", nonce))
-            proof_r, proof_w = os.pipe()
-            fds.append(proof_w)
-            args = [str(math.ceil(limits.cpu_s)), str(limits.memory_mb << 20), str(limits.file_mb << 20),
-                    str(limits.processes), *map(str, fds)]
-            if sandbox == "bwrap":
-                home, cwd = WORKDIR, None
-            else:  # no tmpfs of its own: a private temporary directory, removed after
-                import tempfile
-
-                tmp = home = cwd = tempfile.mkdtemp(prefix="sft-ray-code-")
-            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
-                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
-                   "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pools: NPROC may be 0
+            payload = run.memfd("sft-ray-payload", json.dumps({"source": source}).encode())
+            status_r, status_w = run.pipe()
             t0 = time.monotonic()
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *prefix, "-I", "-c", PREAMBLE, *args, cwd=cwd, env=env, pass_fds=fds,
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True)
-            finally:
-                for fd in fds:  # the child holds its copies; the proof pipe's end is seen once it is gone
-                    os.close(fd)
-                fds.clear()
-            timed_out = over = False
-            out = err = b""
+            proc = await run.start("script", [payload, status_w])
             task = asyncio.ensure_future(_drive(proc, stdin, limits.max_output_bytes))
-            try:
-                done, _ = await asyncio.wait({task}, timeout=limits.wall_s)
-                if not done:
-                    timed_out = True
-                    _kill_group(proc.pid)
-                    # Its readers drain the pipes to EOF once the group is dead.
-                    done, _ = await asyncio.wait({task}, timeout=5)
-                if done:
-                    out, err, over = task.result()
-                else:  # a descendant that left the group (sandbox none) still holds the pipes
-                    task.cancel()
-            finally:
-                if not task.done():
-                    task.cancel()
-                _kill_group(proc.pid)  # whatever it started, finished or not
+            done, _ = await asyncio.wait({task}, timeout=limits.wall_s)
+            timed_out = not done
+            await _settle([task], [proc])
+            out, err, over = _drained(task)
             rc = proc.returncode
             # Killed by its CPU limit (SIGXCPU, then SIGKILL at the hard limit) is a timeout too.
-            if rc in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL) and not over:
-                timed_out = True
-            said = _read_proof(proof_r)
-            if not said.startswith(b"S") and not over:
+            timed_out = timed_out or (rc in _CPU_KILLED and not over)
+            if not _read_status(status_r).startswith(b"S") and not over:
                 # The harness never got to the program: bwrap, setpriv or the interpreter failed (or the machine
                 # was too loaded to start it in time). Not the program's fault: no verdict.
-                last = err.decode("utf-8", "replace").strip().splitlines()
-                raise SandboxFailure(f"the sandbox did not start the program (exit {rc}"
-                                     f"{', timed out' if timed_out else ''}): {last[-1] if last else 'no message'}")
-            proof = check and said == b"S" + nonce
-            return RunResult(rc, out, err, timed_out, over, time.monotonic() - t0, proof)
+                raise SandboxFailure(_no_start("program", rc, timed_out, err))
+            return RunResult(rc, out, err, timed_out, over, time.monotonic() - t0)
         finally:
-            for fd in fds:
-                os.close(fd)
-            if proof_r >= 0:
-                os.close(proof_r)
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+            run.close()
+
+
+def _no_start(what: str, rc: int | None, timed_out: bool, err: bytes) -> str:
+    last = err.decode("utf-8", "replace").strip().splitlines()
+    return (f"the sandbox did not start the {what} (exit {rc}{', timed out' if timed_out else ''}): "
+            f"{last[-1] if last else 'no message'}")
+
+
+async def run_checked(source: str, test: str, entry_point: str, context: str | None = None,
+                      limits: Limits = Limits(), workers: int | None = None, *, sandbox: str = "bwrap") -> RunResult:
+    """HumanEval / MBPP style: ``source``'s module code in one sandboxed interpreter, ``test`` in another (after
+    ``context``, the row's prompt, for the helpers a test calls), the entry point called across a pipe as plain
+    data (see :mod:`sft_ray.verifiers.harness`). Both start at once. :attr:`RunResult.proof` says whether the
+    checker's harness saw the checks return with the pipe unbroken. Raises :class:`SandboxUnavailable` /
+    :class:`SandboxFailure` as :func:`run_python` does."""
+    require(sandbox)
+    async with _semaphore(workers or os.cpu_count() or 1):
+        run = _Run(sandbox, limits)
+        try:
+            nonce = secrets.token_hex(32).encode()
+            p_payload = run.memfd("sft-ray-program", json.dumps({"source": source, "entry_point": entry_point,
+                                                                 "path": SITE_PACKAGES}).encode())
+            c_payload = run.memfd("sft-ray-checks", json.dumps({
+                "test": test, "context": context, "entry_point": entry_point, "max_frame": limits.max_output_bytes,
+                "call_s": limits.cpu_s + 5, "ready_s": limits.wall_s, "path": SITE_PACKAGES}).encode())
+            c_nonce = run.memfd("sft-ray-nonce", nonce)
+            p_status, p_status_w = run.pipe()
+            c_status, c_status_w = run.pipe()
+            req_r, req_w = run.pipe()
+            rep_r, rep_w = run.pipe()
+            t0 = time.monotonic()
+            # The checker first: it compiles the test while the program loads.
+            checker = await run.start("checker", [c_payload, c_nonce, c_status_w, req_w, rep_r])
+            program = await run.start("program", [p_payload, p_status_w, req_r, rep_w])
+            cap = limits.max_output_bytes
+            c_task = asyncio.ensure_future(_drive(checker, None, cap))
+            p_task = asyncio.ensure_future(_drive(program, None, cap))
+            done, _ = await asyncio.wait({c_task}, timeout=limits.wall_s)
+            timed_out = not done
+            c_said = _read_status(c_status) if done else b""
+            fault = c_said[1:2] if c_said[1:2] in (b"X", b"T", b"O") else b""
+            if fault == b"X":  # the program ended: its sandbox (bwrap) is collecting its status
+                await asyncio.wait({p_task}, timeout=5)
+            await _settle([c_task, p_task], [program, checker])  # the verdict is in: the program is done too
+            p_out, p_err, p_over = _drained(p_task)
+            _, c_err, c_over = _drained(c_task)
+            p_said = _read_status(p_status)
+            prc, crc = program.returncode, checker.returncode
+            timed_out = (timed_out or fault == b"T" or (crc in _CPU_KILLED and not c_over)
+                         or (fault == b"X" and prc in _CPU_KILLED and not p_over))
+            if not c_said.startswith(b"S") and not c_over:
+                raise SandboxFailure(_no_start("checks", crc, timed_out, c_err))
+            if not p_said.startswith(b"S") and not p_over and (fault == b"X" or timed_out):
+                raise SandboxFailure(_no_start("program", prc, timed_out, p_err))
+            proof = c_said == b"S" + nonce
+            early = (not proof and fault == b"X" and prc in (0, EARLY_EXIT_CODE) and not timed_out and not p_over)
+            return RunResult(crc, p_out, p_err + c_err, timed_out, p_over, time.monotonic() - t0, proof, early)
+        finally:
+            run.close()
