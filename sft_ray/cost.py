@@ -61,10 +61,11 @@ def batch_prices(pricing: dict[str, Any]) -> dict[str, Any]:
     """``pricing`` as a Batch API bills it: every price times ``batch_discount`` (default 0.5); the
     prompt cache's prices too (Anthropic's batch discount applies to them as well)."""
     d = float(pricing.get("batch_discount", 0.5))
-    write, read = cache_prices(pricing)
+    # cache prices left unset follow the discounted input price by themselves (cache_prices' shares)
+    cached = {k: float(pricing[k]) * d for k in ("cache_write_per_mtok", "cache_read_per_mtok")
+              if pricing.get(k) is not None}
     return {**pricing, "input_per_mtok": float(pricing.get("input_per_mtok") or 0) * d,
-            "output_per_mtok": float(pricing.get("output_per_mtok") or 0) * d,
-            **({"cache_write_per_mtok": write * d, "cache_read_per_mtok": read * d} if write or read else {})}
+            "output_per_mtok": float(pricing.get("output_per_mtok") or 0) * d, **cached}
 
 
 def spend_summary(stats: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:

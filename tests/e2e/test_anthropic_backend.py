@@ -379,7 +379,8 @@ def test_cache_prices_default_to_125_and_10_percent_of_input():
     assert cost_usd(0, 0, p, 0, 1_000_000) == pytest.approx(0.30)
     assert cost_usd(0, 0, {**p, "cache_read_per_mtok": 0.5}, 0, 1_000_000) == pytest.approx(0.5)
     assert cache_saved_usd(1_000_000, 3_000_000, p) == pytest.approx(3 * 2.7 - 0.75)
-    assert batch_prices(p)["cache_read_per_mtok"] == pytest.approx(0.15)
+    assert cost_usd(0, 0, batch_prices(p), 0, 1_000_000) == pytest.approx(0.15)  # the discount applies
+    assert batch_prices({**p, "cache_read_per_mtok": 0.5})["cache_read_per_mtok"] == pytest.approx(0.25)
 
 
 # --- config -------------------------------------------------------------------------------------------------------
