@@ -411,6 +411,19 @@ def test_config_refuses_what_the_messages_api_refuses(overrides, message):
     assert message in str(e.value)
 
 
+def test_an_anthropic_judge_needs_a_name_and_max_output_tokens():
+    from sft_ray.config import ConfigError
+    from sft_ray.configload import load_config
+
+    base = ["input=x", "output=o", "model.name=m", "verifier.type=judge", "verifier.judge.model.backend=anthropic"]
+    cfg = load_config(None, [*base, "verifier.judge.model.name=claude-haiku-4-5"])
+    assert cfg.verifier.judge.model.backend == "anthropic"
+    with pytest.raises(ConfigError, match="verifier.judge.model.name is required with the anthropic backend"):
+        load_config(None, base)
+    with pytest.raises(ConfigError, match="requires max_tokens on every request"):
+        load_config(None, [*base, "verifier.judge.model.name=c", "verifier.judge.responses_create_params={}"])
+
+
 def test_config_defaults_and_what_the_backend_receives():
     from sft_ray.config import flat_dump
     from sft_ray.configload import load_config
