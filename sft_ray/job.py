@@ -191,7 +191,7 @@ def generate_phase(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state:
     session = Session(manifest, 0)
     # Recorded before it writes a part file: files of no recorded session are not the run's.
     save_manifest(cfg.output, manifest)
-    writers = Writers(cfg.output, session.number, state)
+    writers = Writers(cfg.output, session.number, state, skip_bad_input=cfg.read.skip_bad_lines)
     # What a killed run had generated but not written: scored from the journal, not sent again.
     recovered = recover_journal(cfg.output, verifier_payload(cfg.verifier), inputs.ids, state, writers,
                                 remote_scorer(cfg))
@@ -266,7 +266,7 @@ def build_dataset(cfg: RunConfig, files: list, done: set[tuple[str, int]], plan:
     check_chain([read.STAGE, generate.STAGE, score.STAGE])
     ds = read.STAGE.apply(None, cfg, plan, files=files, done=done, draws=draws)
     ds = generate.STAGE.apply(ds, cfg, plan, limits=limits.actor_spec(), activity=activity_board)
-    return score.STAGE.apply(ds, cfg, plan)
+    return score.STAGE.apply(ds, cfg, plan, activity=activity_board)
 
 
 def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,

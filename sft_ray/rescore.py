@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from sft_ray import io
 from sft_ray.config import ConfigError, RunConfig, flat_dump, from_stored
-from sft_ray.configload import apply_overrides, format_validation_error
+from sft_ray.configload import apply_overrides, format_validation_error, override_parts
 from sft_ray.cost import priced as judge_priced
 from sft_ray.driver import Progress, remote_scorer
 from sft_ray.job import RunError, check_plugins, finalize_run, lock_folder
@@ -106,10 +106,10 @@ def rescore_config(run_dir: str, config_file: str | None, overrides: list[str]) 
                 data[section] = loaded[section]
         source = config_file
     for item in overrides:
-        key, _, value = item.partition("=")
-        if key.split(".")[0] not in SECTIONS:
+        parts, value = override_parts(item)
+        if parts[0] not in SECTIONS:
             raise ConfigError(f"override {item!r}: only verifier.* and resources.* apply to a rescore")
-        if key.strip() == "verifier.type" and yaml.safe_load(value) != (data.get("verifier") or {}).get("type"):
+        if parts == ["verifier", "type"] and yaml.safe_load(value) != (data.get("verifier") or {}).get("type"):
             data["verifier"] = {}
     apply_overrides(data, overrides)
     try:

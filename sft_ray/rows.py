@@ -8,6 +8,7 @@ extra fields of varying types: see :mod:`sft_ray.stages.read`).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from typing import Any
 
@@ -66,7 +67,9 @@ def check_row(row: dict[str, Any], source: str) -> dict[str, Any]:
 
         for key in rcp:
             if key not in ROW_PARAM_KEYS:
-                raise InputError(source, f"field responses_create_params.{key}: unknown key (a typo? fields an "
+                close = difflib.get_close_matches(key, ROW_PARAM_KEYS, n=1)
+                hint = f"did you mean {close[0]}?" if close else "a typo?"
+                raise InputError(source, f"field responses_create_params.{key}: unknown key ({hint} fields an "
                                  "API has beyond the known ones go in model.extra_body)")
         row_sampling(rcp, source)
     return row

@@ -212,28 +212,11 @@ class RunConfig(Strict):
             raise ValueError("num_samples_in_parallel must be a positive integer or 'auto'")
         if self.budget.max_cost_usd is not None and not (self.pricing.input_per_mtok or self.pricing.output_per_mtok):
             raise ValueError("budget.max_cost_usd needs pricing.input_per_mtok / pricing.output_per_mtok")
-        if self.rejection.active:
-            if self.num_repeats != 1:
-                raise ValueError("num_repeats and rejection.* both set how many samples a prompt gets: "
-                                 "with rejection sampling leave num_repeats at 1")
-            if self.verifier.type == "none":
-                raise ValueError("rejection sampling keeps drawing until samples pass: it needs a verifier "
-                                 "(verifier.type is none)")
-            if self.verifier.vllm_judges():
-                raise ValueError("rejection sampling scores each sample in the generation actor, where a vLLM "
-                                 "judge's engine has no place: use a hosted judge (verifier.judge.model.backend: "
-                                 "openai, e.g. a vLLM server)")
-            if "min_reward" not in self.filter.model_fields_set:
-                raise ValueError("rejection sampling counts samples with reward >= filter.min_reward as passing: "
-                                 "set filter.min_reward (e.g. 1.0)")
         if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
                                              or self.num_samples_in_parallel == "auto"):
             raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the hosted backends "
                              "(openai, anthropic)")
-        if self.model.batch.enabled:
-            if not isinstance(self.model, HostedModelConfig):
-                raise ValueError("model.batch.enabled sends requests through a hosted provider's Batch API: it "
-                                 "needs model.backend openai or anthropic")
+        if self.model.batch.enabled:  # a hosted backend's key (with vllm, `batch` is refused as unknown)
             if self.num_samples_in_parallel == "auto" or self.rate_limit.per_minute():
                 raise ValueError("rate_limit and num_samples_in_parallel: auto pace online requests; a Batch API "
                                  "run has no use for them (model.batch.max_in_flight bounds its batches)")
@@ -272,6 +255,25 @@ class RunConfig(Strict):
         if forced == "required" or isinstance(forced, dict):
             raise ValueError("responses_create_params.tool_choice: a forced tool choice is refused with "
                              "model.thinking (the API takes only auto or none with thinking on)")
+
+    @model_validator(mode="after")
+    def _rejection_needs(self) -> RunConfig:
+        if not self.rejection.active:
+            return self
+        if self.num_repeats != 1:
+            raise ValueError("num_repeats and rejection.* both set how many samples a prompt gets: "
+                             "with rejection sampling leave num_repeats at 1")
+        if self.verifier.type == "none":
+            raise ValueError("rejection sampling keeps drawing until samples pass: it needs a verifier "
+                             "(verifier.type is none)")
+        if self.verifier.vllm_judges():
+            raise ValueError("rejection sampling scores each sample in the generation actor, where a vLLM "
+                             "judge's engine has no place: use a hosted judge (verifier.judge.model.backend: "
+                             "openai, e.g. a vLLM server)")
+        if "min_reward" not in self.filter.model_fields_set:
+            raise ValueError("rejection sampling counts samples with reward >= filter.min_reward as passing: "
+                             "set filter.min_reward (e.g. 1.0)")
+        return self
 
     @property
     def adaptive(self) -> bool:

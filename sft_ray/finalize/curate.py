@@ -160,6 +160,9 @@ class Scored(NamedTuple):
         return self.digest or self.text
 
 
+SCORED_META = len(Scored._fields) - 2  # the fields the scan writes as a JSON array: all but the two rows
+
+
 def choose(samples: list[Scored], filter_cfg: dict[str, Any], max_per_prompt: int | None) -> dict[int, str]:
     """Prompt rules over one prompt's samples that passed the row rules.
 

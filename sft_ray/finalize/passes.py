@@ -47,13 +47,14 @@ import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import orjson
 from orjson import JSONDecodeError
 
 from sft_ray import io
 from sft_ray.finalize.curate import (
+    SCORED_META,
     TEXT_CAP,
     RowRules,
     Scored,
@@ -230,19 +231,61 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
     ``unexpected``: keys that are none of the run's samples, not trained on either.
 
     One format is written to train/ (and validation/) as it always was; several to
-    train/<format>/ (and validation/<format>/), each with its own shards."""
+    train/<format>/ (and validation/<format>/), each with its own shards.
+
+    The steps: the failure records (:func:`_read_failures`), the plan of pieces, groups and buckets
+    (:class:`_Plan`), the scan of the rollouts (:func:`_scan_pass`), the per-prompt groups
+    (:func:`_group_pass`), the report's sections (:func:`_sections`), the shards (:func:`_write_outputs`)."""
     filter_, train = _normalise(filter_cfg, train_cfg)
-    from sft_ray.config import PreferenceConfig, row_formats
+    from sft_ray.config import row_formats
 
     formats = tuple(row_formats(train["format"]))
-    pairs = None
-    if PREFERENCE in formats:
-        pref = PreferenceConfig.model_validate(preference or {})
-        chosen_min = pref.chosen_min_reward if pref.chosen_min_reward is not None else filter_["min_reward"]
-        pairs = (pref.min_margin, chosen_min, pref.max_pairs_per_prompt)
-    torn = 0
+    pairs = _pair_rules(preference, filter_) if PREFERENCE in formats else None
     odd = Unexpected()
-    # Latest failure per sample (a sample retried by a rerun may have several records).
+    failures, torn = _read_failures(run_dir, sessions, odd)
+    plan = _Plan.of(run_dir, sessions, workers, write)
+    tally_on = bool(rejection and rejection.get("target_passing"))
+    acc = StatsAccumulator()
+    in_bucket: dict[str, list[int]] = {}  # rows per shuffle bucket, by split (and format)
+
+    def count(counts: dict[str, list[int]]) -> None:
+        for target, per_bucket in counts.items():
+            have = in_bucket.setdefault(target, [0] * plan.n_buckets)
+            in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
+
+    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(plan.n_workers) as pool:
+        job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=plan.n_groups,
+                   n_buckets=plan.n_buckets, succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
+                   tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
+                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
+        scan_torn, temperature = _scan_pass(pool, job, plan, acc, odd, failures, count)
+        torn += scan_torn
+        tally = _group_pass(pool, job, acc, failures, count, tally_on)
+        stats = acc.result()
+        _sections(stats, run_dir, write, tally, acc, pairs, formats, filter_, train, shuffle_seed)
+        stats["advice"] = advice(stats, temperature)
+        if torn:
+            stats["torn_lines"] = torn
+        stats["unexpected_rows"] = odd.result()
+        if write:
+            _write_outputs(run_dir, job, pool, train, formats, in_bucket, stats)
+    return stats
+
+
+def _pair_rules(preference: dict[str, Any] | None, filter_: dict[str, Any]) -> tuple[float, float, int]:
+    """(min_margin, chosen_min_reward, max_pairs_per_prompt) of the ``preference`` section."""
+    from sft_ray.config import PreferenceConfig
+
+    pref = PreferenceConfig.model_validate(preference or {})
+    chosen_min = pref.chosen_min_reward if pref.chosen_min_reward is not None else filter_["min_reward"]
+    return pref.min_margin, chosen_min, pref.max_pairs_per_prompt
+
+
+def _read_failures(run_dir: str, sessions: frozenset[int] | None,
+                   odd: Unexpected) -> tuple[dict[tuple[str, int], dict[str, Any]], int]:
+    """(the latest failure record per sample: a sample retried by a rerun may have several, torn lines);
+    the rows of failed/ files no session of the run wrote go to ``odd``."""
+    torn = 0
     failures: dict[tuple[str, int], dict[str, Any]] = {}
     failed_files, unknown_failed = written_by(io.list_files(io.join(run_dir, FAILED), ".jsonl"), sessions)
     for uri in unknown_failed:
@@ -254,107 +297,126 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                 torn += 1
             else:
                 failures[key_of(row)] = row
+    return failures, torn
 
-    rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
-    unknown = set(written_by(rollout_files, sessions)[1])
-    sizes = [io.size(u) for u in rollout_files]
-    total_bytes = sum(sizes)
-    pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
-    quarantined = [uri in unknown for uri, _, _ in pieces]
-    n_workers = _workers(workers, total_bytes, len(pieces))
-    tally_on = bool(rejection and rejection.get("target_passing"))
-    # Bucket counts in multiples of the workers, so that no worker is left alone with the last one.
-    n_groups = _round_up(max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES)), n_workers)
-    n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
-    acc = StatsAccumulator()
-    temperature = None
-    in_bucket: dict[str, list[int]] = {}  # rows per shuffle bucket, by split (and format)
 
-    def count(counts: dict[str, list[int]]) -> None:
-        for target, per_bucket in counts.items():
-            have = in_bucket.setdefault(target, [0] * n_buckets)
-            in_bucket[target] = [a + b for a, b in zip(have, per_bucket)]
+@dataclass
+class _Plan:
+    """How the rollouts are cut up: pieces of files for the scan (those of files no session wrote
+    quarantined), worker processes, per-prompt groups and shuffle buckets."""
 
-    with tempfile.TemporaryDirectory(prefix="sft-ray-finalize-") as tmp, _executor(n_workers) as pool:
-        job = _Job(tmp=tmp, filter=filter_, train=train, seed=shuffle_seed, n_groups=n_groups, n_buckets=n_buckets,
-                   succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
-                   tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
-                   if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()))
-        for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
-                _scan, itertools.repeat(job), range(len(pieces)), pieces, quarantined):
-            acc.merge(part)
-            odd.merge(part_odd)
-            torn += part_torn
-            for key in succeeded:
-                failures.pop(key, None)  # it succeeded later
-            if temperature is None:
-                temperature = temp
-            count(counts)
-        for row in failures.values():
-            acc.add(row, failed=True, source=source_of(row))
-        # Failed samples per prompt, for rejection sampling's count of samples drawn.
-        failed: list[dict[str, list[Any]]] = [{} for _ in range(n_groups)]
-        if tally_on:
-            for (rid, _), row in failures.items():
-                entry = failed[_group_of(rid, n_groups)].setdefault(rid, [0, _input_line(row)])
-                entry[0] += 1
-        tally = Tally(*job.tally) if job.tally else None
-        for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(n_groups), failed):
-            acc.merge(part)
-            if tally is not None:
-                tally.merge(part_tally)
-            count(counts)
+    pieces: list[tuple[str, int, int | None]]
+    quarantined: list[bool]
+    n_workers: int
+    n_groups: int
+    n_buckets: int
 
-        stats = acc.result()
+    @classmethod
+    def of(cls, run_dir: str, sessions: frozenset[int] | None, workers: int | None, write: bool) -> _Plan:
+        rollout_files = io.list_files(io.join(run_dir, ROLLOUTS), ".jsonl")
+        unknown = set(written_by(rollout_files, sessions)[1])
+        sizes = [io.size(u) for u in rollout_files]
+        total_bytes = sum(sizes)
+        pieces = _pieces(rollout_files, sizes, PIECE_BYTES)
+        n_workers = _workers(workers, total_bytes, len(pieces))
+        # Bucket counts in multiples of the workers, so that no worker is left alone with the last one.
+        n_groups = _round_up(max(1, math.ceil(total_bytes / GROUP_BUCKET_BYTES)), n_workers)
+        n_buckets = _round_up(max(1, math.ceil(total_bytes / BUCKET_BYTES)), n_workers) if write else 0
+        return cls(pieces, [uri in unknown for uri, _, _ in pieces], n_workers, n_groups, n_buckets)
+
+
+def _scan_pass(pool: Any, job: _Job, plan: _Plan, acc: StatsAccumulator, odd: Unexpected,
+               failures: dict[tuple[str, int], dict[str, Any]],
+               count: Callable[[dict[str, list[int]]], None]) -> tuple[int, Any]:
+    """Scan every piece (in the workers); a failure record of a sample that succeeded later is dropped
+    from ``failures``. Returns (torn lines, the sampling temperature the rollouts record)."""
+    torn, temperature = 0, None
+    for part, part_torn, succeeded, temp, counts, part_odd in pool.map(
+            _scan, itertools.repeat(job), range(len(plan.pieces)), plan.pieces, plan.quarantined):
+        acc.merge(part)
+        odd.merge(part_odd)
+        torn += part_torn
+        for key in succeeded:
+            failures.pop(key, None)  # it succeeded later
+        if temperature is None:
+            temperature = temp
+        count(counts)
+    for row in failures.values():
+        acc.add(row, failed=True, source=source_of(row))
+    return torn, temperature
+
+
+def _group_pass(pool: Any, job: _Job, acc: StatsAccumulator, failures: dict[tuple[str, int], dict[str, Any]],
+                count: Callable[[dict[str, list[int]]], None], tally_on: bool) -> Tally | None:
+    """Each group of prompts (in the workers): per-prompt rules, shuffle buckets, rejection sampling's tally."""
+    # Failed samples per prompt, for rejection sampling's count of samples drawn.
+    failed: list[dict[str, list[Any]]] = [{} for _ in range(job.n_groups)]
+    if tally_on:
+        for (rid, _), row in failures.items():
+            entry = failed[_group_of(rid, job.n_groups)].setdefault(rid, [0, _input_line(row)])
+            entry[0] += 1
+    tally = Tally(*job.tally) if job.tally else None
+    for part, part_tally, counts in pool.map(_group, itertools.repeat(job), range(job.n_groups), failed):
+        acc.merge(part)
         if tally is not None:
-            stats["rejection"] = tally.result()
-            # pass@k needs k samples of a prompt whatever the first ones scored. Rejection sampling stops a
-            # prompt once it passes, so prompts that passed early have few samples and pass@k is biased (it
-            # even falls with k); the rejection section reports what holds for sequential sampling instead.
-            for biased in ("pass_at_k", "all_pass"):
-                (stats.get("prompts") or {}).pop(biased, None)
-            if write:
-                never = io.join(run_dir, NEVER_PASSED)
-                io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
-                stats["rejection"]["never_passed_file"] = never
-        stats["train_rows"] = acc.kept - acc.validation
-        if pairs is not None:
-            stats["preference"] = acc.pair_stats(*pairs)
-            if formats[0] == PREFERENCE:
-                stats["train_rows"] = stats["preference"]["pairs"] - stats["preference"]["validation_pairs"]
-        # The settings that differ from the defaults (what this cut of the run chose).
-        from sft_ray.config import FilterConfig, TrainConfig
+            tally.merge(part_tally)
+        count(counts)
+    return tally
 
-        stats["filter"] = {k: v for k, v in filter_.items() if v != FilterConfig.model_fields[k].default}
-        stats["train"] = {k: v for k, v in train.items()
-                          if k != "include_fields" and v != TrainConfig.model_fields[k].default}
-        stats["shuffle_seed"] = shuffle_seed
-        stats["advice"] = advice(stats, temperature)
-        if torn:
-            stats["torn_lines"] = torn
-        stats["unexpected_rows"] = odd.result()
+
+def _sections(stats: dict[str, Any], run_dir: str, write: bool, tally: Tally | None, acc: StatsAccumulator,
+              pairs: tuple[float, float, int] | None, formats: tuple[str, ...], filter_: dict[str, Any],
+              train: dict[str, Any], shuffle_seed: int) -> None:
+    """The report's sections beyond the accumulator's: rejection sampling (and never_passed.jsonl),
+    training rows, preference pairs, the settings of this cut."""
+    if tally is not None:
+        stats["rejection"] = tally.result()
+        # pass@k needs k samples of a prompt whatever the first ones scored. Rejection sampling stops a
+        # prompt once it passes, so prompts that passed early have few samples and pass@k is biased (it
+        # even falls with k); the rejection section reports what holds for sequential sampling instead.
+        for biased in ("pass_at_k", "all_pass"):
+            (stats.get("prompts") or {}).pop(biased, None)
         if write:
-            shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
-            stats["shards"] = shards[formats[0]]
-            val = None
-            if train["validation_fraction"] > 0 and any(sum(in_bucket.get(job.target(VALIDATION, f)) or [])
-                                                         for f in formats):
-                val = _write_split(run_dir, job, pool, VALIDATION, in_bucket)
-                stats["validation_shards"] = val[formats[0]]
-            else:
-                # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
-                # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
-                io.delete(io.join(run_dir, VALIDATION))
-            if len(formats) > 1:
-                stats["shards_by_format"] = shards
-                if val is not None:
-                    stats["validation_shards_by_format"] = val
-            # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
-            # declared split whose files it cannot find.
-            splits = [TRAIN] + ([VALIDATION] if val is not None else [])
-            schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
-            io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
-    return stats
+            never = io.join(run_dir, NEVER_PASSED)
+            io.write_bytes(never, b"".join(orjson.dumps(r) + b"\n" for r in tally.never))
+            stats["rejection"]["never_passed_file"] = never
+    stats["train_rows"] = acc.kept - acc.validation
+    if pairs is not None:
+        stats["preference"] = acc.pair_stats(*pairs)
+        if formats[0] == PREFERENCE:
+            stats["train_rows"] = stats["preference"]["pairs"] - stats["preference"]["validation_pairs"]
+    # The settings that differ from the defaults (what this cut of the run chose).
+    from sft_ray.config import FilterConfig, TrainConfig
+
+    stats["filter"] = {k: v for k, v in filter_.items() if v != FilterConfig.model_fields[k].default}
+    stats["train"] = {k: v for k, v in train.items()
+                      if k != "include_fields" and v != TrainConfig.model_fields[k].default}
+    stats["shuffle_seed"] = shuffle_seed
+
+
+def _write_outputs(run_dir: str, job: _Job, pool: Any, train: dict[str, Any], formats: tuple[str, ...],
+                   in_bucket: dict[str, list[int]], stats: dict[str, Any]) -> None:
+    """train/ (and validation/) shards of every format, and the dataset card; their names in ``stats``."""
+    shards = _write_split(run_dir, job, pool, TRAIN, in_bucket)
+    stats["shards"] = shards[formats[0]]
+    val = None
+    if train["validation_fraction"] > 0 and any(sum(in_bucket.get(job.target(VALIDATION, f)) or [])
+                                                 for f in formats):
+        val = _write_split(run_dir, job, pool, VALIDATION, in_bucket)
+        stats["validation_shards"] = val[formats[0]]
+    else:
+        # No split, or one that no prompt fell in (a small fraction of few prompts): an earlier
+        # `sft-ray filter`'s validation/ no longer applies, and an empty one is not a split.
+        io.delete(io.join(run_dir, VALIDATION))
+    if len(formats) > 1:
+        stats["shards_by_format"] = shards
+        if val is not None:
+            stats["validation_shards_by_format"] = val
+    # The card declares only splits with rows: `datasets.load_dataset(<folder>)` refuses a
+    # declared split whose files it cannot find.
+    splits = [TRAIN] + ([VALIDATION] if val is not None else [])
+    schemas = {fmt: parquet_schema(fmt, list(train["include_fields"])) for fmt in formats}
+    io.write_bytes(io.join(run_dir, DATASET_CARD), dataset_card(schemas, train["file_format"], splits).encode())
 
 
 def _take(tmp: str, prefix: str) -> Iterator[bytes]:
@@ -484,10 +546,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
             # Exact duplicates compare the normalised reply: the text itself, or a digest of it when it
             # is longer than the capped text that rides along (for near duplicates and distinct-n).
             digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest() if len(text) > TEXT_CAP else ""
-            # A Scored record but its training row (which follows it on the line, as bytes).
-            meta = [rid, "", float(row["reward"]), reason is None, digest, text[:TEXT_CAP], src, 0,
-                    _input_line(row) if job.keep_input_line else None, k]
-            row_bytes = b""
+            row_bytes, sort_key, kept_tokens = b"", "", 0  # the Scored record's row, shuffle_key, output_tokens
             if reason is None and formats:  # a candidate for train/: its training row in its format
                 key, tokens = shuffle_key(seed, rid, k), output_tokens(row)
                 row_bytes = (dumps(train_row(row, fmt, include, reasoning)) if fmt is not None else
@@ -498,15 +557,20 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
                     shuffled.add_rows(validation, key, row_bytes)
                     row_bytes = b""
                 else:
-                    meta[1], meta[7] = key, tokens  # Scored.shuffle_key, Scored.output_tokens
+                    sort_key, kept_tokens = key, tokens
             elif reason is None:  # preference only: a sample kept by the rules is counted, its row is a pair's
                 acc.add_kept(src, output_tokens(row), validation=in_validation(seed, rid, fraction))
             if pairs and (reason is None or reason == "below_min_reward" or reason == "above_max_reward"):
                 # A pair candidate: every row rule but the reward bounds holds (a failing sample may be rejected).
-                meta[1] = meta[1] or shuffle_key(seed, rid, k)
+                sort_key = sort_key or shuffle_key(seed, rid, k)
                 row_bytes += b"\t" + dumps(train_row(row, CANDIDATE_FORMAT, include, reasoning))
             elif pairs:
                 row_bytes += b"\t"
+            # A Scored record but its rows (which follow it on the line, as bytes).
+            meta = Scored(prompt_id=rid, shuffle_key=sort_key, reward=float(row["reward"]), passed_rules=reason is None,
+                          digest=digest, text=text[:TEXT_CAP], source=src, output_tokens=kept_tokens,
+                          input_line=_input_line(row) if job.keep_input_line else None, sample_index=k,
+                          train_row=b"")[:SCORED_META]
             outs[zlib.crc32(rid.encode()) % n_groups].write(b"".join((dumps(meta), b"\t", row_bytes, b"\n")))
     return acc, torn, succeeded, temperature, shuffled.counts, odd
 

@@ -399,15 +399,27 @@ def _hist_lines(hist: dict[str, int], width: int = 30) -> list[str]:
 
 
 def format_report(stats: dict[str, Any]) -> str:
-    """The human-readable report printed at the end of a run and by `sft-ray stats`."""
-    lines = []
-    rw = stats["reward"]
+    """The human-readable report printed at the end of a run and by `sft-ray stats`: each of
+    :data:`REPORT_SECTIONS` in turn."""
+    return "\n".join(line for section in REPORT_SECTIONS for line in section(stats))
+
+
+def _counts_lines(stats: dict[str, Any]) -> list[str]:
+    """Samples, the run's completion, rows that are none of its samples."""
+    lines: list[str] = []
     lines.append(f"samples: {stats['samples']}  succeeded: {stats['succeeded']}  failed: {stats['failed']}")
     if "expected" in stats:
         lines.append(f"expected: {stats['expected']}  done: {stats['done']}  pending: {stats['pending']}  "
                      f"failed for good: {stats['failed_final']}  complete: {'yes' if stats['complete'] else 'no'}"
                      + (f"  bad lines skipped: {stats['bad_lines']}" if stats.get("bad_lines") else ""))
     lines += unexpected_lines(stats)
+    return lines
+
+
+def _reward_lines(stats: dict[str, Any]) -> list[str]:
+    """The reward's summary and histogram."""
+    lines: list[str] = []
+    rw = stats["reward"]
     if rw.get("count"):
         lines.append(
             "reward: mean {mean:.4f}  median {median:.4f}  stdev {stdev:.4f}  min {min:.4f}  max {max:.4f}".format(**rw)
@@ -417,6 +429,12 @@ def format_report(stats: dict[str, Any]) -> str:
         for lo, hi, c in zip(hist["edges"], hist["edges"][1:], hist["counts"]):
             bar = "#" * math.ceil(30 * c / peak) if c else ""
             lines.append(f"  [{lo:.1f}, {hi:.1f}{']' if hi >= 1.0 else ')'} {c:>9} {bar}")
+    return lines
+
+
+def _kept_lines(stats: dict[str, Any]) -> list[str]:
+    """What the filter kept, errors by type, drops by reason, the validation split."""
+    lines: list[str] = []
     if "kept" in stats and stats.get("filter"):
         lines.append(f"kept: {stats['kept']}/{stats['succeeded']} ({100 * stats['kept_fraction']:.1f}%) "
                      f"with {stats['filter']}")
@@ -431,6 +449,12 @@ def format_report(stats: dict[str, Any]) -> str:
     elif fraction:
         lines.append(f"validation: 0 samples: validation_fraction {fraction:g} picked none of the prompts (each "
                      "falls there with that chance); no validation split is written, raise the fraction for one")
+    return lines
+
+
+def _episodes_lines(stats: dict[str, Any]) -> list[str]:
+    """Agent episodes: terminations, tool calls, calls per episode."""
+    lines: list[str] = []
     ep = stats.get("episodes")
     if ep:
         lines.append(f"episodes: {ep['count']}  termination: "
@@ -442,12 +466,24 @@ def format_report(stats: dict[str, Any]) -> str:
         lines += _hist_lines(ep["model_calls_histogram"])
         lines.append("tool calls per episode:")
         lines += _hist_lines(ep["tool_calls_histogram"])
+    return lines
+
+
+def _sources_lines(stats: dict[str, Any]) -> list[str]:
+    """Per input file, when there are several."""
+    lines: list[str] = []
     sources = stats.get("sources") or {}
     if len(sources) > 1:
         for name, src in sources.items():
             mean = f"{src['mean_reward']:.4f}" if src.get("mean_reward") is not None else "-"
             lines.append(f"source {name}: samples {src['samples']}  kept {src['kept']} "
                          f"({100 * src['pass_rate']:.1f}%)  mean reward {mean}")
+    return lines
+
+
+def _prompts_lines(stats: dict[str, Any]) -> list[str]:
+    """Per prompt: pass@k (not with rejection sampling), prompts none of whose samples pass."""
+    lines: list[str] = []
     pr = stats.get("prompts")
     if pr and "pass_at_k" in pr:
         lines.append(f"prompts: {pr['count']}  pass@k: "
@@ -457,6 +493,12 @@ def format_report(stats: dict[str, Any]) -> str:
     elif pr:  # rejection sampling: pass@k would be biased (see the rejection lines)
         lines.append(f"prompts: {pr['count']}  none pass {pr['none_pass']}  "
                      f"mean reward per prompt {pr['mean_reward_per_prompt']['mean']:.4f}")
+    return lines
+
+
+def _rejection_lines(stats: dict[str, Any]) -> list[str]:
+    """Rejection sampling: prompts that reached the target, samples drawn and saved."""
+    lines: list[str] = []
     rej = stats.get("rejection")
     if rej:
         lines.append(f"rejection sampling: {rej['reached_target']}/{rej['prompts']} prompts reached "
@@ -475,12 +517,24 @@ def format_report(stats: dict[str, Any]) -> str:
         if rej.get("passing_share_per_prompt") is not None:
             lines.append(f"  passing share per prompt: mean {rej['passing_share_per_prompt']:.3f}  (pass@k is not "
                          "reported: prompts stop drawing once they pass, which biases it)")
+    return lines
+
+
+def _preference_lines(stats: dict[str, Any]) -> list[str]:
+    """Preference pairs."""
+    lines: list[str] = []
     pref = stats.get("preference")
     if pref:
         margin = f", mean reward gap {pref['mean_margin']:.3f}" if pref.get("mean_margin") is not None else ""
         lines.append(f"preference pairs: {pref['pairs']} from {pref['prompts_with_pairs']} prompts{margin}; "
                      f"{pref['prompts_without_pair']} prompts without a pair ("
                      + ", ".join(f"{k}={v}" for k, v in pref["no_pair_by_reason"].items()) + ")")
+    return lines
+
+
+def _quality_lines(stats: dict[str, Any]) -> list[str]:
+    """Repetition, output lengths, advice."""
+    lines: list[str] = []
     rep = stats.get("repetition")
     if rep:
         d2 = f"{rep['distinct_2']:.3f}" if rep.get("distinct_2") is not None else "-"
@@ -490,6 +544,12 @@ def format_report(stats: dict[str, Any]) -> str:
         lines.append("output tokens: " + "  ".join(f"{k} {v:.0f}" for k, v in ln.items()))
     for tip in stats.get("advice") or []:
         lines.append(f"advice: {tip}")
+    return lines
+
+
+def _usage_lines(stats: dict[str, Any]) -> list[str]:
+    """Tokens, spend, throughput."""
+    lines: list[str] = []
     tok = stats.get("tokens") or {}
     if tok:
         line = f"tokens: input {tok.get('input_tokens', 0)}  output {tok.get('output_tokens', 0)}"
@@ -516,7 +576,12 @@ def format_report(stats: dict[str, Any]) -> str:
     if thr:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "
                      f"output tokens/s over {thr['generate_wall_s']:.1f} s")
-    return "\n".join(lines)
+    return lines
+
+
+# The report's sections, in the order printed (a new stats section: a function here).
+REPORT_SECTIONS = (_counts_lines, _reward_lines, _kept_lines, _episodes_lines, _sources_lines, _prompts_lines,
+                   _rejection_lines, _preference_lines, _quality_lines, _usage_lines)
 
 
 class Tally:

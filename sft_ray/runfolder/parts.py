@@ -127,20 +127,22 @@ class Writers:
     """rollouts/ and failed/ part writers for one session. A failure record carries the runs
     it failed in; ``state`` follows what is written, so it stays the folder's state."""
 
-    def __init__(self, run_dir: str, session: int, state: FolderState) -> None:
+    def __init__(self, run_dir: str, session: int, state: FolderState, skip_bad_input: bool = False) -> None:
+        self.skip_bad_input = skip_bad_input  # read.skip_bad_lines: a bad_input row is a counted failure
         self.ok = PartWriter(io.join(run_dir, ROLLOUTS), session)
         self.bad = PartWriter(io.join(run_dir, FAILED), session)
         self.state = state
 
     def write(self, keys: list[Key], lines: list[str], failed: list[bool],
               rewards: list[float | None] | None = None) -> tuple[int, int]:
-        """Write one scored batch; raises :class:`InputError` for a bad input line (rows that never
-        reached a model because their line is malformed: the read stage marks them)."""
+        """Write one scored batch; raises :class:`InputError` for a bad input row (a malformed line the
+        read stage marked, or a row whose tools its episode found bad), unless ``skip_bad_input``: then
+        it is written to failed/ and counted (bad lines the read stage skips never get here)."""
         oks = [s.encode() for s, f in zip(lines, failed) if not f]
         bad_rows = [orjson.loads(s) for s, f in zip(lines, failed) if f]
         self.ok.write(oks)
         for row in bad_rows:
-            if (row.get("error") or {}).get("type") == "bad_input":
+            if (row.get("error") or {}).get("type") == "bad_input" and not self.skip_bad_input:
                 source, _, reason = row["error"]["message"].partition(": ")
                 raise InputError(source, reason)
         runs = self.state.failed_sessions

@@ -23,9 +23,11 @@ from typing import Any
 
 import orjson
 
+from sft_ray.activity import Tracker
 from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.scoring import Scorer, verifier_payload
 from sft_ray.stages import Stage, actor_range
+from sft_ray.verifiers import local_engines
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,33 @@ log = logging.getLogger(__name__)
 class ScoreStage:
     """Callable class for ``Dataset.map_batches``: rollouts in, scored rollouts out."""
 
-    def __init__(self, verifier: dict[str, Any]) -> None:
+    def __init__(self, verifier: dict[str, Any], activity: str | None = None) -> None:
         for judge in _judge_sections(verifier):  # a tensor-parallel vLLM judge's GPUs (sft_ray/placement.py)
             group = acquire_replica_group(judge["model"])
             if group is not None:
                 judge["model"] = {**judge["model"], "placement_group": group}
         self.scorer = Scorer(verifier)
+        # A vLLM judge's engine loading, reported to the driver's stall warning (sft_ray/activity.py).
+        self.tracker = Tracker(activity, "scoring actor")
+        self._started = False
+
+    async def _start_engines(self) -> None:
+        """Load a vLLM judge's engine before the first batch, in a phase the stall warning shows (as a
+        generation actor's engine); one that fails to load fails its rows as judge_errors."""
+        if self._started:
+            return
+        self._started = True
+        self.tracker.start()
+        for judge in local_engines(self.scorer.verifier):
+            name = judge.model.get("name") or "the embedded default model"
+            with self.tracker.in_phase(f"loading the vLLM engine of the judge ({name})"):
+                try:
+                    await judge.start()
+                except Exception as e:  # said again in each row's judge_error
+                    log.warning("the judge's engine did not start: %s: %s", type(e).__name__, e)
 
     async def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        await self._start_engines()
         texts, failed_in = list(batch["rollout"]), [bool(f) for f in batch["failed"]]
         rows = [None if f else orjson.loads(t) for t, f in zip(texts, failed_in)]
         # Rows that come scored (rejection sampling scores in the generation actor) keep their verdict.
@@ -70,12 +91,14 @@ class ScoreStage:
     async def close(self) -> None:
         """Release the verifier's connections and engine in the running loop (outside Ray Data:
         the driver's journal recovery, tests)."""
+        self.tracker.close()
         await self.scorer.close()
 
     def __del__(self) -> None:
         # Ray Data has no teardown hook for map_batches classes (the scorer closes its verifier
         # when collected): a tensor-parallel judge's GPUs go with its placement group (as
         # GenerateStage.__del__ does).
+        self.tracker.close()
         release_own_placement_group()
 
 
@@ -87,9 +110,10 @@ def _judge_sections(data: dict[str, Any]):
         yield from _judge_sections(comp)
 
 
-def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
+def wiring(cfg: Any, plan: dict[str, Any], activity: str | None = None) -> dict[str, Any]:
     """An actor pool of its own size, whole blocks per call; with a vLLM judge, each actor holds
-    its engine (``resources.score_num_gpus`` GPUs, or a placement group for tensor parallelism)."""
+    its engine (``resources.score_num_gpus`` GPUs, or a placement group for tensor parallelism).
+    ``activity``: the run's activity board (its engine loading shows in the stall warning)."""
     import ray.data
 
     lo, hi = actor_range(cfg.resources.score_actors)
@@ -98,7 +122,7 @@ def wiring(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     for judge in _judge_sections(payload):  # config allows one vLLM judge per run
         if judge["model"]["backend"] == "vllm":
             judge["model"], num_gpus = replica_args(judge["model"], num_gpus)
-    return dict(fn_constructor_kwargs={"verifier": payload}, batch_size=None,
+    return dict(fn_constructor_kwargs={"verifier": payload, "activity": activity}, batch_size=None,
                 compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, max_concurrent_calls_per_actor=4),
                 num_cpus=cfg.resources.score_num_cpus, num_gpus=num_gpus)
 

@@ -121,6 +121,12 @@ def close_verifier_now(verifier: Verifier) -> None:
             pass
 
 
+def local_engines(verifier: Verifier) -> list[Any]:
+    """The verifiers, this one or those it holds, that run a model engine in this process (a vLLM
+    judge: ``local_engine``); each has ``start()`` and ``model`` (its model section)."""
+    return [v for v in _tree(verifier) if getattr(v, "local_engine", False) is True]
+
+
 def verifier_dead(verifier: Verifier) -> bool:
     """Whether the verifier, or one it holds, can never give a verdict again (a dead engine)."""
     return any(getattr(v, "dead", False) is True for v in _tree(verifier))

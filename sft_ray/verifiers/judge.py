@@ -206,6 +206,11 @@ class Judge:
         self._backend = backend
         await backend.start()
 
+    async def start(self) -> None:
+        """Start the backend now (a vLLM engine loads) rather than at the first verdict; a failure
+        is raised here and again at each verdict (its rows' judge_errors say why)."""
+        await self._backend_for_loop()
+
     async def close(self) -> None:
         """Release the backend (connections, or the engine) in the running loop."""
         backend, self._backend, self._loop, self._starting = self._backend, None, None, None

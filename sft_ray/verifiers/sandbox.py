@@ -441,6 +441,9 @@ async def run_checked(source: str, test: str, entry_point: str, context: str | N
             p_out, p_err, p_over = _drained(p_task)
             _, c_err, c_over = _drained(c_task)
             p_said = _read_status(p_status)
+            if not done:  # killed at the deadline: what it said before
+                c_said = _read_status(c_status)
+                fault = c_said[1:2] if c_said[1:2] in (b"X", b"T", b"O") else b""
             prc, crc = program.returncode, checker.returncode
             timed_out = (timed_out or fault == b"T" or (crc in _CPU_KILLED and not c_over)
                          or (fault == b"X" and prc in _CPU_KILLED and not p_over))

@@ -279,3 +279,24 @@ def test_hostile_tool_schemas_are_clear_bad_input_errors(tmp_path, schema, messa
         with pytest.raises(RunError, match=rf"bad input line: {inp}:2: row 'hostile': tool 'add': .*{message}"):
             run(cfg, say=lambda s: None)
     assert [r["id"] for r in read_rows(tmp_path / "run" / "rollouts")] == ["fine"]  # work done is kept
+
+
+def test_a_row_whose_tools_are_bad_input_is_skipped_and_counted_with_skip_bad_lines(tmp_path):
+    # Issue 29: the stop above says "use read.skip_bad_lines=true to skip and count such lines"; with it,
+    # the row whose tools are bad (found in its episode, not at read) is a counted bad_input failure and
+    # the run goes on.
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"$ref": "#"}}}]
+    rows = [{"id": "fine", "prompt": '[[tool:add {"a": 1}]]'},
+            {"id": "hostile", "prompt": '[[tool:add {"a": 1}]]', "tools": tools},
+            {"id": "after", "prompt": "no tools"}]
+    with MockServer(MockConfig()) as server:
+        inp = write_jsonl(tmp_path / "in.jsonl", rows)
+        cfg = make_config(tmp_path, server, inp, "environment.type=python", f"environment.module={TOOLS}",
+                          "verifier.type=none", "read.skip_bad_lines=true", "max_error_fraction=1")
+        run(cfg, say=lambda s: None)
+    assert sorted(r["id"] for r in read_rows(tmp_path / "run" / "rollouts")) == ["after", "fine"]
+    [failed] = read_rows(tmp_path / "run" / "failed")
+    assert failed["id"] == "hostile" and failed["error"]["type"] == "bad_input"
+    assert f"{inp}:2: row 'hostile': tool 'add'" in failed["error"]["message"]
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["errors_by_type"] == {"bad_input": 1}, stats

@@ -17,7 +17,7 @@ from sft_ray.agent import EpisodeState, assistant_message, run_episode
 from sft_ray.backends.anthropic import AnthropicBackend, messages_body, parse_message, to_messages
 from sft_ray.backends.base import GenerationRequest, Secret
 from sft_ray.cost import batch_prices, cache_saved_usd, cost_usd
-from sft_ray.devserver_anthropic import check_request
+from sft_ray.devserver.anthropic import check_request
 from sft_ray.environments.base import Episode, ToolOutput
 from sft_ray.ratelimit import from_anthropic_headers, pause_from_headers
 

@@ -94,18 +94,19 @@ PIPE_ABUSE = {
     "exit_between_calls": FIRST_RIGHT + "    import os\n    os._exit(0)\n",
     "sys_exit_in_a_call": FIRST_RIGHT + "    raise SystemExit(0)\n",
     "hang_between_calls": FIRST_RIGHT + "    import time\n    time.sleep(600)\n",
+    "sleeps_while_loading": "import time\ntime.sleep(600)\ndef square(x):\n    return x * x\n",
     "spin_between_calls": FIRST_RIGHT + "    while True:\n        pass\n",
     # forged answers written to every descriptor before any call: ids it cannot know, and out of turn
-    "answers_out_of_turn": "import json, os, struct\nfor fd in range(3, 64):\n    for v in (9, 4):\n"
+    "answers_out_of_turn": "import json, os, struct\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    for v in (9, 4):\n"
                            "        for body in (json.dumps(['ret', '0', v]).encode(), json.dumps(['ready']).encode()):\n"
                            "            try:\n                os.write(fd, struct.pack('>I', len(body)) + body)\n"
                            "            except OSError:\n                pass\n"
                            "def square(x):\n    return 0\n",
     # the pipe flooded with a frame past any size limit, and with garbage
-    "floods_the_pipe": "import os\nfor fd in range(3, 64):\n    try:\n        os.set_blocking(fd, False)\n"
+    "floods_the_pipe": "import os\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n        os.set_blocking(fd, False)\n"
                        "        os.write(fd, b'\\xff' * (1 << 16))\n    except OSError:\n        pass\n"
                        "def square(x):\n    return x * x\n",
-    "garbage_frames": "import os, struct\nfor fd in range(3, 64):\n    try:\n        os.set_blocking(fd, False)\n"
+    "garbage_frames": "import os, struct\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n        os.set_blocking(fd, False)\n"
                       "        os.write(fd, struct.pack('>I', 5) + b'[[[[[')\n    except OSError:\n        pass\n"
                       "def square(x):\n    return x * x\n",
     # not plain data, however it is wrapped
@@ -120,7 +121,7 @@ def test_the_pipe_holds_against_the_program():
     # says it is ready itself, then never reads: a call bigger than the pipe cannot hold the checker past its deadline
     rows.append({"test": "def check(candidate):\n    assert candidate('x' * 2_000_000) == 2_000_000\n",
                  "entry_point": "size", "name": "stops_reading",
-                 "response": "import os, struct, time\nfor fd in range(3, 64):\n    try:\n"
+                 "response": "import os, struct, time\nfor fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n"
                              "        os.write(fd, struct.pack('>I', 9) + b'[\"ready\"]')\n    except OSError:\n"
                              "        pass\ntime.sleep(600)\ndef size(s):\n    return len(s)\n"})
     got = score_all(code_verifier(timeout_s=2), rows)
@@ -132,6 +133,7 @@ def test_the_pipe_holds_against_the_program():
     assert m["exit_between_calls"]["exited_before_checks"] == 1.0
     assert m["sys_exit_in_a_call"]["exited_before_checks"] == 1.0
     assert m["hang_between_calls"]["timeouts"] == 1.0 and m["spin_between_calls"]["timeouts"] == 1.0
+    assert m["sleeps_while_loading"]["timeouts"] == 1.0  # the program's failure, not the sandbox's (no error)
     assert m["stops_reading"]["timeouts"] == 1.0 and m["stops_reading"]["exec_s"] < 9  # the call's deadline, not the run's
     assert m["good"]["exited_before_checks"] == 0.0 and m["good"]["timeouts"] == 0.0
 

@@ -167,3 +167,37 @@ def test_python_verifier_object_with_score_batch(tmp_path):
     out = asyncio.run(stage(batch))
     assert out["reward"] == [0.5, 0.0] and orjson.loads(out["rollout"][0])["metrics"] == {"n": 2.0}
     assert stage.scorer.verifier.fn.calls == 1
+
+
+def test_a_vllm_judges_engine_loading_is_reported_to_the_stall_warning(monkeypatch):
+    # Issue 29: a generation actor says "loading the vLLM engine" while its engine loads; a scoring
+    # actor loading a vLLM judge's engine said nothing. The engine's load is held open here (a real one
+    # takes minutes) to look at what the actor reports meanwhile.
+    from sft_ray.backends.vllm import VLLMBackend
+    from sft_ray.stages import score
+
+    loading, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_start(self):
+        loading.set()
+        await release.wait()
+
+    from sft_ray.configload import load_config
+
+    monkeypatch.setattr(VLLMBackend, "start", slow_start)
+    cfg = load_config(None, ["input=in.jsonl", "output=o", "model.name=m", "verifier.type=judge",
+                             "verifier.judge.model.backend=vllm"])
+    stage = score.ScoreStage(score.verifier_payload(cfg.verifier))
+    empty = {"id": [], "sample_index": [], "rollout": [], "failed": [], "ready_at": []}
+
+    async def scenario():
+        first = asyncio.ensure_future(stage(empty))  # nothing to score: the engine still loads first
+        await asyncio.wait_for(loading.wait(), 60)  # the engine starts before any row is scored
+        snap = stage.tracker.snapshot()
+        assert snap["phase"] == "loading the vLLM engine of the judge (the embedded default model)", snap
+        release.set()
+        await first
+        assert stage.tracker.snapshot()["phase"] is None
+
+    asyncio.run(scenario())
+    assert score.wiring(cfg, {}, activity="board-1")["fn_constructor_kwargs"]["activity"] == "board-1"

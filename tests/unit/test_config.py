@@ -209,3 +209,49 @@ def test_sections_by_type_keep_the_yaml_and_run_json_as_they_were(tmp_path):
                               "verifier.components=[{type: judge, judge: {model: {backend: vllm}}}, {type: regex, "
                               "pattern: a}]"])
     assert RunConfig.model_validate(from_stored(vllm.stored())).stored() == vllm.stored()
+
+
+def test_an_override_by_the_nemo_gym_name_replaces_the_yaml_value_and_the_other_way(tmp_path):
+    # Issue 29: `input_jsonl_fpath=...` over a YAML that says `input:` was refused as an unknown key.
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("input: a.jsonl\noutput: out\nmodel: {name: m}\n")
+    cfg = load_config(ours, ["input_jsonl_fpath=b.jsonl", "output_dir=o2"])
+    assert (cfg.input, cfg.output) == ("b.jsonl", "o2")
+    gym = tmp_path / "gym.yaml"
+    gym.write_text("input_jsonl_fpath: a.jsonl\noutput_dir: out\nmodel: {name: m}\n")
+    cfg = load_config(gym, ["input=b.jsonl"])
+    assert (cfg.input, cfg.output) == ("b.jsonl", "out")
+    assert load_config(gym, ["input_jsonl_fpath=c.jsonl"]).input == "c.jsonl"
+    both = tmp_path / "both.yaml"
+    both.write_text("input: a.jsonl\noutput: out\nmodel: {name: m}\ninput_jsonl_fpath: b.jsonl\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(both)
+    assert str(e.value) == (f"{both}:4: key 'input_jsonl_fpath' is given twice (first on line 1, as 'input'); "
+                            "remove one")
+
+
+def test_hydra_plus_overrides_are_accepted():
+    # NeMo Gym's documented commands add keys the Hydra way: `+num_samples_in_parallel=30`.
+    cfg = load_config(None, ["+input_jsonl_fpath=x.jsonl", "+output=o", "+model.name=m",
+                             "+num_samples_in_parallel=30", "++num_repeats=2"])
+    assert (cfg.input, cfg.model.name, cfg.num_samples_in_parallel, cfg.num_repeats) == ("x.jsonl", "m", 30, 2)
+    with pytest.raises(ConfigError, match="empty key"):
+        load_config(None, ["input=x", "output=o", "+=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("responses_create_params.temprature=0.5",
+     "responses_create_params.temprature: unknown key (did you mean temperature?)"),
+    ("num_sampels_in_parallel=3", "num_sampels_in_parallel: unknown key (did you mean num_samples_in_parallel?)"),
+    ("verifier.type=regex verifier.pattern=a verifier.answer_feild=x",
+     "verifier.answer_feild: unknown key for verifier type regex (did you mean answer_field?)"),
+    ("model.base_ulr=http://h/v1", "model.base_ulr: unknown key for the openai backend (did you mean base_url?)"),
+    ("verifier.type=composite verifier.components=[{type:%20regex,%20patern:%20a}]",
+     "verifier.components.0.patern: unknown key for verifier type regex (did you mean pattern?)"),
+    ("input_jsonl_fpth=x", "input_jsonl_fpth: unknown key (did you mean input_jsonl_fpath?)"),
+    ("zzz=1", "zzz: unknown key\n"),
+])
+def test_an_unknown_key_names_the_nearest_known_one(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["input=x", "output=o", "model.name=m", *(o.replace("%20", " ") for o in override.split())])
+    assert message in str(e.value) + "\n"

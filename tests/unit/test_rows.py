@@ -71,10 +71,10 @@ def test_unknown_sampling_keys_are_refused_in_rows_and_config():
 
     with pytest.raises(InputError) as e:
         parse_line('{"responses_create_params": {"input": "q", "temprature": 0.2}}', "in.jsonl:3")
-    assert "in.jsonl:3: field responses_create_params.temprature: unknown key" in str(e.value)
+    assert "in.jsonl:3: field responses_create_params.temprature: unknown key (did you mean temperature?" in str(e.value)
     with pytest.raises(ConfigError) as e:
         load_config(None, ["input=x", "output=o", "model.name=m", "responses_create_params.temprature=0.2"])
-    assert "responses_create_params.temprature: unknown key" in str(e.value)
+    assert "responses_create_params.temprature: unknown key (did you mean temperature?)" in str(e.value)
     with pytest.raises(ConfigError) as e:
         load_config(None, ["input=x", "output=o", "model.name=m", "responses_create_params.max_tokens=5"])
     assert "use max_output_tokens" in str(e.value)

@@ -1,6 +1,6 @@
 """The mock server's Anthropic side: ``POST /v1/messages`` and the Message Batches API.
 
-Registered on the mock's app by :func:`register` (one line in :func:`sft_ray.devserver.make_app`).
+Its routes (:class:`AnthropicRoutes`) are one more table in :func:`sft_ray.devserver.route_tables`.
 It applies the rules of the API version each request names in ``anthropic-version`` (:data:`VERSIONS`):
 for ``2023-06-01`` (and ``2023-01-01``, the same here) the key in ``x-api-key``, ``model`` and
 ``max_tokens`` required, ``system`` only at the top level (a ``role: system`` message is
@@ -48,7 +48,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from sft_ray.devserver import _BATCH_ERROR, _SLEEP, Bucket, MockConfig, MockState, agent_turn
+from sft_ray.devserver.agent import agent_turn
+from sft_ray.devserver.core import Mock
+from sft_ray.devserver.openai import _SLEEP
+from sft_ray.devserver.openai_batch import _BATCH_ERROR
+from sft_ray.devserver.state import Bucket, MockConfig, MockState
 
 # The API versions the mock knows, and where their request rules differ: 2023-06-01 (what sft-ray speaks)
 # takes the key in x-api-key, system only at the top level and the sampling parameters; the version
@@ -100,85 +104,120 @@ def check_request(body: Any, version: str | None) -> str | None:
     if version not in VERSIONS:
         return f"anthropic-version: {version!r} is not a known version" if version else \
             "anthropic-version: header is required"
+    problem = _check_top(body, version)
+    if problem is None:
+        problem, marks = _check_messages(body["messages"], VERSIONS[version] == "new")
+        system = body.get("system")
+        marks += sum(1 for b in system if "cache_control" in b) if isinstance(system, list) else 0
+        marks += sum(1 for t in body.get("tools") or [] if isinstance(t, dict) and "cache_control" in t)
+        if problem is None and marks > 4:
+            problem = f"A maximum of 4 blocks with cache_control may be provided. Found {marks}."
+    return problem or _check_thinking(body) or _check_signatures(body["messages"]) or _check_ranges(body)
+
+
+def _check_top(body: Any, version: str) -> str | None:
+    """The top-level fields: model, max_tokens, messages, system, tools, this version's parameters."""
     if not isinstance(body, dict):
         return "body: expected an object"
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "model: Field required"
     if not isinstance(body.get("max_tokens"), int) or isinstance(body["max_tokens"], bool) or body["max_tokens"] < 1:
         return "max_tokens: Field required (a positive integer)"
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
         return "messages: at least one message is required"
     system = body.get("system")
     if system is not None and not isinstance(system, str) and not (
             isinstance(system, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in system)):
         return "system: a string or a list of text blocks"
-    marks = sum(1 for b in system if "cache_control" in b) if isinstance(system, list) else 0
-    new = VERSIONS[version] == "new"
-    if new and (given := [k for k in _SAMPLING if k in body]):
+    if VERSIONS[version] == "new" and (given := [k for k in _SAMPLING if k in body]):
         return f"{given[0]}: Extra inputs are not permitted (not a parameter of anthropic-version {version})"
+    for t in body.get("tools") or []:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("input_schema"), dict):
+            return "tools: each tool needs a name and an input_schema object"
+    return None
+
+
+def _check_messages(msgs: list[Any], new: bool) -> tuple[str | None, int]:
+    """(why a message is refused or None, the cache_control marks in the messages)."""
+    marks = 0
     for i, m in enumerate(msgs):
         if new and isinstance(m, dict) and m.get("role") == "system":
             continue
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             role = m.get("role") if isinstance(m, dict) else None
             return (f"messages.{i}.role: Input should be 'user' or 'assistant'"
-                    + (" (a system prompt goes in the top-level system parameter)" if role == "system" else ""))
+                    + (" (a system prompt goes in the top-level system parameter)" if role == "system" else "")), 0
         content = m.get("content")
         if isinstance(content, str):
             continue
         if not isinstance(content, list) or not content:
-            return f"messages.{i}.content: a string or a non-empty list of blocks"
+            return f"messages.{i}.content: a string or a non-empty list of blocks", 0
         for j, b in enumerate(content):
-            if not isinstance(b, dict) or b.get("type") not in _BLOCKS[m["role"]]:
-                return f"messages.{i}.content.{j}.type: not a block type a {m['role']} turn takes"
-            if b.get("type") == "text" and not b.get("text"):
-                return f"messages.{i}.content.{j}.text: text content blocks must be non-empty"
-            if b.get("type") == "tool_use" and not isinstance(b.get("input"), dict):
-                return f"messages.{i}.content.{j}.input: Input should be a valid dictionary"
-            if b.get("type") == "tool_use" and not _ID.match(str(b.get("id", ""))):
-                return f"messages.{i}.content.{j}.id: String should match pattern '^[a-zA-Z0-9_-]+$'"
-            if "cache_control" in b:
-                if b.get("type") in ("thinking", "redacted_thinking"):
-                    return f"messages.{i}.content.{j}.cache_control: thinking blocks cannot be cached directly"
-                marks += 1
-    marks += sum(1 for t in body.get("tools") or [] if isinstance(t, dict) and "cache_control" in t)
-    if marks > 4:
-        return f"A maximum of 4 blocks with cache_control may be provided. Found {marks}."
-    for t in body.get("tools") or []:
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("input_schema"), dict):
-            return "tools: each tool needs a name and an input_schema object"
+            problem = _check_block(b, m["role"])
+            if problem:
+                return f"messages.{i}.content.{j}{problem}", 0
+            marks += "cache_control" in b
+    return None, marks
+
+
+def _check_block(b: Any, role: str) -> str | None:
+    """Why one content block is refused (the path's tail and the reason), or None."""
+    if not isinstance(b, dict) or b.get("type") not in _BLOCKS[role]:
+        return f".type: not a block type a {role} turn takes"
+    kind = b.get("type")
+    if kind == "text" and not b.get("text"):
+        return ".text: text content blocks must be non-empty"
+    if kind == "tool_use" and not isinstance(b.get("input"), dict):
+        return ".input: Input should be a valid dictionary"
+    if kind == "tool_use" and not _ID.match(str(b.get("id", ""))):
+        return ".id: String should match pattern '^[a-zA-Z0-9_-]+$'"
+    if "cache_control" in b and kind in ("thinking", "redacted_thinking"):
+        return ".cache_control: thinking blocks cannot be cached directly"
+    return None
+
+
+def _check_thinking(body: dict[str, Any]) -> str | None:
+    """What extended thinking refuses, and a tool continuation without the turn's thinking blocks."""
     thinking = body.get("thinking")
-    if thinking is not None:
-        budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-        if not isinstance(thinking, dict) or thinking.get("type") != "enabled" or not isinstance(budget, int):
-            return "thinking: expected {type: enabled, budget_tokens: int}"
-        if budget < 1024:
-            return "thinking.budget_tokens: Input should be greater than or equal to 1024"
-        if budget >= body["max_tokens"]:
-            return "`max_tokens` must be greater than `thinking.budget_tokens`"
-        if body.get("temperature") not in (None, 1, 1.0):
-            return "`temperature` may only be set to 1 when thinking is enabled"
-        if body.get("top_k") is not None:
-            return "`top_k` is not supported when thinking is enabled"
-        if body.get("top_p") is not None and not 0.95 <= body["top_p"] <= 1:
-            return "`top_p` must be between 0.95 and 1 when thinking is enabled"
-        if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
-            return "Thinking may not be enabled when tool_choice forces tool use."
-        last = msgs[-1]
-        prev = msgs[-2] if len(msgs) >= 2 else None
-        if prev is not None and prev.get("role") == "assistant" and isinstance(prev.get("content"), list) \
-                and isinstance(last.get("content"), list) \
-                and any(b.get("type") == "tool_result" for b in last["content"] if isinstance(b, dict)):
-            first = prev["content"][0]
-            if first.get("type") not in ("thinking", "redacted_thinking"):
-                return (f"messages.{len(msgs) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
-                        f"found `{first.get('type')}`. When `thinking` is enabled, a final `assistant` message must "
-                        "start with a thinking block")
+    if thinking is None:
+        return None
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled" or not isinstance(budget, int):
+        return "thinking: expected {type: enabled, budget_tokens: int}"
+    if budget < 1024:
+        return "thinking.budget_tokens: Input should be greater than or equal to 1024"
+    if budget >= body["max_tokens"]:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    if body.get("temperature") not in (None, 1, 1.0):
+        return "`temperature` may only be set to 1 when thinking is enabled"
+    if body.get("top_k") is not None:
+        return "`top_k` is not supported when thinking is enabled"
+    if body.get("top_p") is not None and not 0.95 <= body["top_p"] <= 1:
+        return "`top_p` must be between 0.95 and 1 when thinking is enabled"
+    if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+        return "Thinking may not be enabled when tool_choice forces tool use."
+    msgs = body["messages"]
+    last, prev = msgs[-1], (msgs[-2] if len(msgs) >= 2 else None)
+    if prev is not None and prev.get("role") == "assistant" and isinstance(prev.get("content"), list) \
+            and isinstance(last.get("content"), list) \
+            and any(b.get("type") == "tool_result" for b in last["content"] if isinstance(b, dict)):
+        first = prev["content"][0]
+        if first.get("type") not in ("thinking", "redacted_thinking"):
+            return (f"messages.{len(msgs) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, but "
+                    f"found `{first.get('type')}`. When `thinking` is enabled, a final `assistant` message must "
+                    "start with a thinking block")
+    return None
+
+
+def _check_signatures(msgs: list[dict[str, Any]]) -> str | None:
     for i, m in enumerate(msgs):
         for j, b in enumerate(m["content"] if isinstance(m["content"], list) else []):
             if b.get("type") == "thinking" and b.get("signature") != sign(str(b.get("thinking", ""))):
                 return f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+    return None
+
+
+def _check_ranges(body: dict[str, Any]) -> str | None:
     for key, lo, hi in (("temperature", 0, 1), ("top_p", 0, 1)):
         if body.get(key) is not None and not lo <= body[key] <= hi:
             return f"{key}: Input should be between {lo} and {hi}"
@@ -301,105 +340,108 @@ def answer_message(body: dict[str, Any], cfg: MockConfig, state: MockState, cach
     return out
 
 
-def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) -> None:
-    """Add the Messages and Message Batches routes to the mock's app."""
-    cache = Cache()
-    buckets = {name: Bucket(limit, cfg.limit_window_s) for name, limit in
-               (("requests", cfg.requests_per_minute), ("tokens", cfg.tokens_per_minute)) if limit}
-    batches: dict[str, dict[str, Any]] = {}
+class AnthropicRoutes:
+    """The Messages and Message Batches routes over the mock's config, state and random source."""
 
-    def limit_headers(tokens: float) -> tuple[float, dict[str, str]]:
+    def __init__(self, mock: Mock) -> None:
+        self.cfg, self.state, self.rng = mock.cfg, mock.state, mock.rng
+        self.cache = Cache()
+        self.buckets = {name: Bucket(limit, self.cfg.limit_window_s) for name, limit in
+                        (("requests", self.cfg.requests_per_minute), ("tokens", self.cfg.tokens_per_minute)) if limit}
+        self.batches: dict[str, dict[str, Any]] = {}
+
+    def limit_headers(self, tokens: float) -> tuple[float, dict[str, str]]:
         need = {"requests": 1.0, "tokens": tokens}
-        waits = {name: b.take(need[name]) for name, b in buckets.items()}
+        waits = {name: b.take(need[name]) for name, b in self.buckets.items()}
         if any(waits.values()):
-            for name, b in buckets.items():
+            for name, b in self.buckets.items():
                 if not waits[name]:
                     b.level += need[name]
         headers = {}
-        for name, b in buckets.items():
+        for name, b in self.buckets.items():
             reset = datetime.now(timezone.utc) + timedelta(seconds=(b.capacity - b.level) / b.rate)
             headers[f"anthropic-ratelimit-{name}-limit"] = f"{b.rate * 60:.0f}"
             headers[f"anthropic-ratelimit-{name}-remaining"] = f"{max(0.0, b.level):.0f}"
             headers[f"anthropic-ratelimit-{name}-reset"] = reset.isoformat().replace("+00:00", "Z")
         return max(waits.values(), default=0.0), headers
 
-    async def respond(body: Any, headers: Any, online: bool) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async def respond(self, body: Any, headers: Any, online: bool) -> tuple[int, dict[str, Any], dict[str, str]]:
         """(status, JSON body, headers) for one request body."""
-        if state.keep_bodies:
-            state.bodies = (state.bodies + [body])[-state.keep_bodies:]
+        if self.state.keep_bodies:
+            self.state.bodies = (self.state.bodies + [body])[-self.state.keep_bodies:]
         key_header = headers.get("x-api-key", "")
-        state.api_key_headers.add(key_header)
-        state.auth_headers.add(headers.get("Authorization", ""))
+        self.state.api_key_headers.add(key_header)
+        self.state.auth_headers.add(headers.get("Authorization", ""))
         bearer = VERSIONS.get(headers.get("anthropic-version", "")) == "new" and headers.get("Authorization")
         if online and not key_header and not bearer:
             return 401, error_body("authentication_error", "x-api-key header is required"), {}
         problem = check_request(body, headers.get("anthropic-version"))
         if problem:
-            state.by_status[400] += 1
+            self.state.by_status[400] += 1
             return 400, error_body("invalid_request_error", problem), {}
         items = _chat_items(body["messages"])
         text = next((it["content"] for it in reversed(items) if it["role"] == "user"), "")
-        if cfg.latency_ms and online:
-            await asyncio.sleep(cfg.latency_ms / 1000)
+        if self.cfg.latency_ms and online:
+            await asyncio.sleep(self.cfg.latency_ms / 1000)
         if m := _SLEEP.search(text):
             await asyncio.sleep(float(m.group(1)))
         extra: dict[str, str] = {}
-        if buckets and online:
+        if self.buckets and online:
             n_prompt = sum(len(_text_of(m["content"]).split()) for m in body["messages"])
-            wait, extra = limit_headers(n_prompt + body["max_tokens"])
+            wait, extra = self.limit_headers(n_prompt + body["max_tokens"])
             if wait:
-                state.rate_limited += 1
-                state.by_status[429] += 1
+                self.state.rate_limited += 1
+                self.state.by_status[429] += 1
                 return 429, error_body("rate_limit_error", "Number of requests has exceeded your rate limit"), \
                     {**extra, "retry-after": f"{max(1, round(wait))}"}
         turns = sum(1 for it in items if it["role"] == "assistant" and it.get("tool_calls"))
         fkey = f"anthropic|{text}|{turns}"
         if m := _FAIL.search(text):
-            state.attempts[fkey] += 1
-            if state.attempts[fkey] <= int(m.group(2)):
+            self.state.attempts[fkey] += 1
+            if self.state.attempts[fkey] <= int(m.group(2)):
                 status = int(m.group(1))
-                state.by_status[status] += 1
+                self.state.by_status[status] += 1
                 if status == 429:
                     return 429, error_body("rate_limit_error", "rate limited"), \
-                        {**extra, "retry-after": f"{cfg.retry_after_s:g}"}
+                        {**extra, "retry-after": f"{self.cfg.retry_after_s:g}"}
                 if status == 529:
                     return 529, error_body("overloaded_error", "Overloaded"), extra
                 return 500, error_body("api_error", "Internal server error"), extra
         if "[[echo_auth]]" in text:
             return 401, error_body("authentication_error", f"invalid x-api-key: {key_header}"), {}
         if "[[status:400]]" in text:
-            state.by_status[400] += 1
+            self.state.by_status[400] += 1
             return 400, error_body("invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"), {}
-        state.by_status[200] += 1
-        state.served[text] += 1
-        return 200, answer_message(body, cfg, state, cache, rng, state.requests), extra
+        self.state.by_status[200] += 1
+        self.state.served[text] += 1
+        return 200, answer_message(body, self.cfg, self.state, self.cache, self.rng, self.state.requests), extra
 
-    async def messages(request: web.Request) -> web.Response:
-        state.requests += 1
-        state.track(+1)
-        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+    async def messages(self, request: web.Request) -> web.Response:
+        self.state.requests += 1
+        self.state.track(+1)
+        self.state.max_in_flight = max(self.state.max_in_flight, self.state.in_flight)
         try:
             try:
                 body = orjson.loads(await request.read())
             except orjson.JSONDecodeError:
                 return _error(400, "invalid_request_error", "body is not JSON")
-            status, out, headers = await respond(body, request.headers, online=True)
+            status, out, headers = await self.respond(body, request.headers, online=True)
             return web.Response(body=orjson.dumps(out), status=status, content_type="application/json",
                                 headers=headers)
         finally:
-            state.track(-1)
+            self.state.track(-1)
 
     # --- Message Batches ---------------------------------------------------------------------
 
-    def public(batch: dict[str, Any], base: str) -> dict[str, Any]:
+    def public(self, batch: dict[str, Any], base: str) -> dict[str, Any]:
         out = {k: v for k, v in batch.items() if not k.startswith("_")}
         if batch["processing_status"] == "ended":
             out["results_url"] = f"{base}/v1/messages/batches/{batch['id']}/results"
         return out
 
-    async def process(batch: dict[str, Any], requests: list[dict[str, Any]], headers: Any, expire: bool) -> None:
-        await asyncio.sleep(cfg.batch_delay_s)
-        keep = int(len(requests) * cfg.batch_expire_keep) if expire else len(requests)
+    async def process(self, batch: dict[str, Any], requests: list[dict[str, Any]], headers: Any, expire: bool) -> None:
+        await asyncio.sleep(self.cfg.batch_delay_s)
+        keep = int(len(requests) * self.cfg.batch_expire_keep) if expire else len(requests)
         counts, lines = batch["request_counts"], []
         for i, r in enumerate(requests):
             if i and i % 200 == 0:
@@ -418,13 +460,13 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
             text = next((it["content"] for it in reversed(_chat_items(params.get("messages") or []))
                          if it["role"] == "user"), "") if isinstance(params.get("messages"), list) else ""
             if m := _BATCH_ERROR.search(text):
-                state.attempts[f"abatch|{text}"] += 1
-                if state.attempts[f"abatch|{text}"] <= int(m.group(1)):
+                self.state.attempts[f"abatch|{text}"] += 1
+                if self.state.attempts[f"abatch|{text}"] <= int(m.group(1)):
                     lines.append({"custom_id": cid, "result": {"type": "errored", "error": error_body(
                         "api_error", "Internal server error")}})
                     counts["errored"] += 1
                     continue
-            status, out, _ = await respond(params, headers, online=False)
+            status, out, _ = await self.respond(params, headers, online=False)
             if status == 200:
                 lines.append({"custom_id": cid, "result": {"type": "succeeded", "message": out}})
                 counts["succeeded"] += 1
@@ -435,7 +477,7 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
         batch["processing_status"] = "ended"
         batch["ended_at"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
-    async def create_batch(request: web.Request) -> web.Response:
+    async def create_batch(self, request: web.Request) -> web.Response:
         if request.headers.get("anthropic-version") not in VERSIONS:
             return _error(400, "invalid_request_error", "anthropic-version: header is required")
         try:
@@ -457,9 +499,9 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
                 return _error(400, "invalid_request_error", f"requests.{i}.params: Field required")
             seen.add(cid)
         for cid in seen:
-            state.batch_lines[cid] += 1
-        state.batches_created += 1
-        bid = f"msgbatch_{state.batches_created:06d}{rng.randrange(16 ** 6):06x}"
+            self.state.batch_lines[cid] += 1
+        self.state.batches_created += 1
+        bid = f"msgbatch_{self.state.batches_created:06d}{self.rng.randrange(16 ** 6):06x}"
         now = datetime.now(timezone.utc)
         batch = {"id": bid, "type": "message_batch", "processing_status": "in_progress",
                  "request_counts": {"processing": len(reqs), "succeeded": 0, "errored": 0, "canceled": 0,
@@ -467,24 +509,24 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
                  "ended_at": None, "created_at": now.isoformat().replace("+00:00", "Z"),
                  "expires_at": (now + timedelta(hours=24)).isoformat().replace("+00:00", "Z"),
                  "cancel_initiated_at": None, "archived_at": None, "results_url": None}
-        batches[bid] = batch
-        expire = state.batches_created <= cfg.batch_expire
+        self.batches[bid] = batch
+        expire = self.state.batches_created <= self.cfg.batch_expire
         headers = {"anthropic-version": request.headers.get("anthropic-version"), "x-api-key": "batch"}
-        batch["_task"] = asyncio.ensure_future(process(batch, reqs, headers, expire))
-        return web.json_response(public(batch, _base(request)))
+        batch["_task"] = asyncio.ensure_future(self.process(batch, reqs, headers, expire))
+        return web.json_response(self.public(batch, self._base(request)))
 
-    def _base(request: web.Request) -> str:
+    def _base(self, request: web.Request) -> str:
         return f"{request.scheme}://{request.host}"
 
-    async def get_batch(request: web.Request) -> web.Response:
-        batch = batches.get(request.match_info["batch_id"])
+    async def get_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
             return _error(404, "not_found_error", "no such batch")
-        return web.json_response(public(batch, _base(request)))
+        return web.json_response(self.public(batch, self._base(request)))
 
-    async def list_batches(request: web.Request) -> web.Response:
+    async def list_batches(self, request: web.Request) -> web.Response:
         """Newest first, ``limit`` per page, ``after_id`` to page on."""
-        newest = [public(b, _base(request)) for b in reversed(batches.values())]
+        newest = [self.public(b, self._base(request)) for b in reversed(self.batches.values())]
         after = request.query.get("after_id")
         if after:
             ids = [b["id"] for b in newest]
@@ -495,25 +537,25 @@ def register(app: web.Application, cfg: MockConfig, state: MockState, rng: Any) 
                                   "first_id": page[0]["id"] if page else None,
                                   "last_id": page[-1]["id"] if page else None})
 
-    async def cancel_batch(request: web.Request) -> web.Response:
-        batch = batches.get(request.match_info["batch_id"])
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
             return _error(404, "not_found_error", "no such batch")
         if batch["processing_status"] == "in_progress":
             batch["processing_status"] = "canceling"
             batch["cancel_initiated_at"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-        return web.json_response(public(batch, _base(request)))
+        return web.json_response(self.public(batch, self._base(request)))
 
-    async def results(request: web.Request) -> web.Response:
-        batch = batches.get(request.match_info["batch_id"])
+    async def results(self, request: web.Request) -> web.Response:
+        batch = self.batches.get(request.match_info["batch_id"])
         if batch is None or batch["processing_status"] != "ended":
             return _error(404 if batch is None else 400, "not_found_error" if batch is None
                           else "invalid_request_error", "no results (yet)")
         return web.Response(body=batch["_results"], content_type="application/x-jsonl")
 
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/v1/messages/batches", create_batch)
-    app.router.add_get("/v1/messages/batches", list_batches)
-    app.router.add_get("/v1/messages/batches/{batch_id}", get_batch)
-    app.router.add_post("/v1/messages/batches/{batch_id}/cancel", cancel_batch)
-    app.router.add_get("/v1/messages/batches/{batch_id}/results", results)
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/messages", self.messages), web.post("/v1/messages/batches", self.create_batch),
+                web.get("/v1/messages/batches", self.list_batches),
+                web.get("/v1/messages/batches/{batch_id}", self.get_batch),
+                web.post("/v1/messages/batches/{batch_id}/cancel", self.cancel_batch),
+                web.get("/v1/messages/batches/{batch_id}/results", self.results)]
