@@ -34,6 +34,7 @@ from sft_ray.config.base import (
 from sft_ray.config.episodes import AgentConfig, EnvironmentConfig
 from sft_ray.config.model import (
     MODEL_BACKENDS,
+    AnthropicModelConfig,
     BatchConfig,
     HostedModelConfig,
     ModelConfig,
@@ -65,8 +66,9 @@ from sft_ray.config.sampling import ROW_PARAM_KEYS, SamplingConfig
 from sft_ray.config.verifier import VERIFIER_TYPES, CodeConfig, JudgeConfig, VerifierBase, VerifierConfig
 
 __all__ = [
-    "MODEL_BACKENDS", "VERIFIER_TYPES", "AgentConfig", "BatchConfig", "BudgetConfig", "CodeConfig", "ConfigError",
-    "BenchmarkSource", "DecontaminateConfig", "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig", "HostedModelConfig", "JudgeConfig", "ModelConfig",
+    "MODEL_BACKENDS", "VERIFIER_TYPES", "AgentConfig", "AnthropicModelConfig", "BatchConfig", "BudgetConfig", "CodeConfig",
+    "ConfigError", "BenchmarkSource", "DecontaminateConfig", "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig",
+    "HostedModelConfig", "JudgeConfig", "ModelConfig",
     "OpenAIModelConfig", "PreferenceConfig", "PricingConfig", "ROW_PARAM_KEYS", "RateLimitConfig", "ReadConfig",
     "RejectionConfig", "ResourcesConfig", "RowFormat", "RunConfig", "SamplingConfig", "ShuffleConfig", "Tagged",
     "TrainConfig", "VerifierBase", "VerifierConfig", "VllmModelConfig", "flat_dump", "foreign_key", "from_stored",
