@@ -237,11 +237,11 @@ class Manifest(dict):
     def spent_before(self) -> dict[str, float]:
         """What the sessions recorded so far spent (their ``spend``): requests, input and output tokens, and
         the prompt cache's tokens (Anthropic) when a session recorded any."""
-        total: dict[str, float] = {}
+        total: dict[str, float] = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
         for s in self.sessions:
-            for k in ("requests", "input_tokens", "output_tokens", "cache_creation_input_tokens",
-                      "cache_read_input_tokens"):
-                total[k] = total.get(k, 0) + (s.get("spend") or {}).get(k, 0)
+            spend = s.get("spend") or {}
+            for k in total.keys() | {k for k in ("cache_creation_input_tokens", "cache_read_input_tokens") if k in spend}:
+                total[k] = total.get(k, 0) + spend.get(k, 0)
         return total
 
     @property
