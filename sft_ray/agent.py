@@ -77,6 +77,8 @@ def assistant_message(result: GenerationResult) -> dict[str, Any]:
                              for c in result.tool_calls]
     if result.reasoning:
         msg["reasoning_content"] = result.reasoning
+    if result.thinking_blocks:  # sent back unchanged with the next turn (training formats leave them out)
+        msg["thinking_blocks"] = result.thinking_blocks
     return msg
 
 
@@ -139,8 +141,8 @@ async def run_episode(call_model: Callable[[GenerationRequest], Awaitable[Genera
         state.num_model_calls += 1
         state.attempts += result.attempts
         state.finish_reason = result.finish_reason
-        for k in state.usage:
-            state.usage[k] += int((result.usage or {}).get(k) or 0)
+        for k, v in (result.usage or {}).items():  # cache token counts too, when the API reports them
+            state.usage[k] = state.usage.get(k, 0) + int(v or 0)
         if result.error is not None:
             state.error, state.termination = result.error, ERROR
             return state

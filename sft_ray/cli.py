@@ -318,7 +318,8 @@ def serve_mock(
                                      "their lines (--batch-expire-keep)."),
     batch_expire_keep: float = typer.Option(0.5, help="Batch API: the share of an expiring batch's lines it runs."),
 ) -> None:
-    """A local OpenAI-compatible server (chat + responses, and the Batch API's files and batches) that echoes
+    """A local OpenAI-compatible server (chat + responses, and the Batch API's files and batches; and Anthropic's
+    /v1/messages and Message Batches) that echoes
     prompts, or acts as an agent when a request carries tools (calls one, then answers with its output): for
     trials, tests and benchmarks."""
     from sft_ray.devserver import MockConfig, serve

@@ -34,9 +34,11 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sft_ray.cost import cost_usd
+from sft_ray.config import HostedModelConfig
+from sft_ray.cost import CACHE_READ, CACHE_WRITE, cost_usd
 from sft_ray.errors import RATE_LIMIT, TIMEOUT
 from sft_ray.runfolder.manifest import Manifest, SessionRecord, StopReason
 
@@ -74,7 +76,8 @@ class SharedLimits:
         spent = self.before + self.session
         return not over_spending_budget(self.budget, self.pricing, spent["requests"] + self.reserved["requests"] + n,
                                         spent["input_tokens"] + self.reserved["input_tokens"] + est_in,
-                                        spent["output_tokens"] + self.reserved["output_tokens"] + est_out)
+                                        spent["output_tokens"] + self.reserved["output_tokens"] + est_out,
+                                        spent[CACHE_WRITE], spent[CACHE_READ])
 
     def _admit(self, n: int, est_in: float, est_out: float) -> int:
         if self.stopped:
@@ -97,7 +100,8 @@ class SharedLimits:
         now = time.monotonic()
         for k in ("requests", "input_tokens", "output_tokens"):
             self.reserved[k] -= s.get("est_" + k, 0.0)
-        for k in ("requests", "input_tokens", "output_tokens", "rate_limited", "timeouts", "reasoning_tokens"):
+        for k in ("requests", "input_tokens", "output_tokens", "rate_limited", "timeouts", "reasoning_tokens",
+                  CACHE_WRITE, CACHE_READ):
             if s.get(k):
                 self.session[k] += s[k]
         # Tokens that were reserved but not used (or used beyond the estimate) move the limits' clocks.
@@ -149,8 +153,11 @@ class SharedLimits:
             "reasoning_tokens": int(self.session["reasoning_tokens"]),
             "rate_limited": int(self.session["rate_limited"]), "timeouts": int(self.session["timeouts"]),
             "rate_limited_share": self.session["rate_limited"] / sent if sent else 0.0,
-            "cost_usd": cost_usd(self.session["input_tokens"], self.session["output_tokens"], self.pricing),
-            "run_cost_usd": cost_usd(spent["input_tokens"], spent["output_tokens"], self.pricing),
+            CACHE_WRITE: int(self.session[CACHE_WRITE]), CACHE_READ: int(self.session[CACHE_READ]),
+            "cost_usd": cost_usd(self.session["input_tokens"], self.session["output_tokens"], self.pricing,
+                                 self.session[CACHE_WRITE], self.session[CACHE_READ]),
+            "run_cost_usd": cost_usd(spent["input_tokens"], spent["output_tokens"], self.pricing,
+                                     spent[CACHE_WRITE], spent[CACHE_READ]),
             "concurrency": int(sum(a.get("limit", 0) for a in self.actors.values())),
             "in_flight": int(sum(a.get("in_flight", 0) for a in self.actors.values())),
             "stopped": self.stopped, "wall_s": time.monotonic() - self.t0,
@@ -241,6 +248,28 @@ def _number(value: Any) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def from_anthropic_headers(headers: Any, now: float | None = None) -> dict[str, str]:
+    """Anthropic's ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` as the
+    ``x-ratelimit-*`` headers the limiter reads: limits per minute as OpenAI's, the reset an
+    RFC 3339 time turned into seconds from now."""
+    out: dict[str, str] = {}
+    if not headers:
+        return out
+    for kind in ("requests", "tokens"):
+        for part in ("limit", "remaining"):
+            value = headers.get(f"anthropic-ratelimit-{kind}-{part}")
+            if value is not None:
+                out[f"x-ratelimit-{part}-{kind}"] = value
+        reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+        if reset:
+            try:
+                when = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            out[f"x-ratelimit-reset-{kind}"] = f"{max(0.0, when - (time.time() if now is None else now)):.3f}"
+    return out
 
 
 def pause_from_headers(headers: Any, est_tokens: float) -> float:
@@ -387,6 +416,8 @@ class Limiter:
             s["input_tokens"] += usage.get("input_tokens", 0)
             s["output_tokens"] += usage.get("output_tokens", 0)
             s["reasoning_tokens"] += usage.get("reasoning_tokens", 0)
+            s[CACHE_WRITE] += usage.get(CACHE_WRITE, 0)
+            s[CACHE_READ] += usage.get(CACHE_READ, 0)
         elif kind not in (RATE_LIMIT,):
             # No usage reported (a failure): count the estimate, as the provider may have billed it.
             s["input_tokens"] += permit.est_input_tokens
@@ -426,18 +457,21 @@ def needs_shared(cfg: Any) -> bool:
 
 
 def over_spending_budget(budget: dict[str, Any], pricing: dict[str, float], requests: float,
-                         input_tokens: float, output_tokens: float) -> bool:
+                         input_tokens: float, output_tokens: float, cache_write_tokens: float = 0.0,
+                         cache_read_tokens: float = 0.0) -> bool:
     """Whether this much spent, all sessions together, passes the spending budget (``budget.*``; a
-    limit that is None or absent is no limit): the one rule of the online limiter and the Batch API's loop."""
+    limit that is None or absent is no limit): the one rule of the online limiter and the Batch API's loop.
+    The cache token counts are prompt caching's (Anthropic), priced apart from ``input_tokens``."""
     b = {k: v for k, v in budget.items() if v is not None}
     return bool(("max_requests" in b and requests > b["max_requests"])
                 or ("max_output_tokens" in b and output_tokens > b["max_output_tokens"])
-                or ("max_cost_usd" in b and cost_usd(input_tokens, output_tokens, pricing) > b["max_cost_usd"]))
+                or ("max_cost_usd" in b and cost_usd(input_tokens, output_tokens, pricing, cache_write_tokens,
+                                                     cache_read_tokens) > b["max_cost_usd"]))
 
 
 def start_session(cfg: Any, manifest: Manifest) -> "RunLimits":
     """Make this run's shared limits actor (driver, after ``ray.init``), when anything needs it."""
-    if cfg.model.backend != "openai" or not needs_shared(cfg):
+    if not isinstance(cfg.model, HostedModelConfig) or not needs_shared(cfg):
         return RunLimits(None, cfg.adaptive)
     import ray
 
@@ -508,7 +542,8 @@ class RunLimits:
             st = self.last
         if st:
             record["spend"] = {k: st[k] for k in ("requests", "input_tokens", "output_tokens", "reasoning_tokens",
-                                                   "rate_limited", "timeouts", "cost_usd") if k in st}
+                                                   CACHE_WRITE, CACHE_READ, "rate_limited", "timeouts", "cost_usd")
+                               if st.get(k) or k not in (CACHE_WRITE, CACHE_READ)}
             record.stop_first(st.get("stopped"))
         try:
             ray.kill(shared)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import islice
 
 from sft_ray import tabular
-from sft_ray.config import RunConfig, flat_dump
+from sft_ray.config import HostedModelConfig, RunConfig, flat_dump
 from sft_ray.rows import InputError, load_object, parse_line, prompt_tools
 from sft_ray.toolschema import SchemaProblem, validator
 
@@ -103,7 +103,7 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
                               f"{sum(b.items for b in index.benchmarks)} items indexed")
         except BenchmarkError as e:
             problems.append(f"decontaminate.against: {e}")
-    if cfg.model.backend == "openai" and cfg.model.api_key_env and cfg.model.api_key() is None:
+    if isinstance(cfg.model, HostedModelConfig) and cfg.model.api_key_env and cfg.model.api_key() is None:
         host = cfg.model.base_url.split("//", 1)[-1].split("/", 1)[0]
         if not host.startswith(("127.", "localhost", "[::1]")):
             problems.append(f"model.api_key_env: environment variable {cfg.model.api_key_env} is not set")

@@ -10,6 +10,7 @@ from sft_ray.plugins import registered
 
 BACKENDS: dict[str, str] = {
     "openai": "sft_ray.backends.openai:OpenAIBackend",
+    "anthropic": "sft_ray.backends.anthropic:AnthropicBackend",
     "vllm": "sft_ray.backends.vllm:VLLMBackend",
 }
 

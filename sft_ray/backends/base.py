@@ -48,7 +48,12 @@ class GenerationResult:
     # string as the model wrote it, possibly malformed>}. Empty: a final answer.
     tool_calls: list[dict[str, str]] = field(default_factory=list)
     reasoning: str | None = None  # a reasoning trace the API returned beside the text
-    usage: dict[str, int] = field(default_factory=dict)  # input_tokens, output_tokens, total_tokens
+    # The provider's reasoning blocks of this turn as it sent them (Anthropic's thinking blocks with their
+    # signatures): an episode's later turns send them back unchanged. None: nothing to send back.
+    thinking_blocks: list[dict[str, Any]] | None = None
+    # input_tokens, output_tokens, total_tokens; Anthropic adds cache_creation_input_tokens and
+    # cache_read_input_tokens (prompt caching: billed apart from input_tokens, which excludes them)
+    usage: dict[str, int] = field(default_factory=dict)
     error: dict[str, str] | None = None  # {"type": <error class>, "message": str}
     attempts: int = 1
 

@@ -26,7 +26,8 @@ A provider without files (the request lines go in the create call itself) sets
 :meth:`~BatchProvider.create` gets its bytes (rebuilt from the recorded keys on a rerun).
 
 Adapters: :class:`sft_ray.backends.openai_batch.OpenAIBatchProvider` (OpenAI's ``/v1/files`` +
-``/v1/batches``, and the OpenAI-compatible endpoints of other providers and ``sft-ray serve-mock``).
+``/v1/batches``, and the OpenAI-compatible endpoints of other providers and ``sft-ray serve-mock``) and
+:class:`sft_ray.backends.anthropic_batch.AnthropicBatchProvider` (Message Batches: no files).
 """
 
 from __future__ import annotations
@@ -128,6 +129,12 @@ class BatchProvider(ABC):
     @abstractmethod
     async def result_lines(self, batch: BatchStatus) -> list[bytes]:
         """An ended batch's result lines (answers and failures, any order)."""
+
+    def expect(self, keys: list[Key]) -> None:
+        """The samples of the batch whose result lines are parsed next (called before
+        :meth:`parse_result`): a provider whose custom ids cannot hold every sample key (Anthropic's:
+        ``^[a-zA-Z0-9_-]{1,64}$``) maps its ids back with them, after a restart too. Others need nothing."""
+        return None
 
     @abstractmethod
     def parse_result(self, line: bytes) -> tuple[Key, GenerationResult | None] | None:

@@ -28,8 +28,9 @@ from sft_ray.rows import drop_params
 # responses_create_params keys that Chat Completions understands under the same name.
 _CHAT_KEYS = {"temperature", "top_p", "stop", "frequency_penalty", "presence_penalty", "logit_bias",
               "logprobs", "top_logprobs", "user", "reasoning_effort", "service_tier", "metadata", "store"}
-# Responses API has no seed; everything else in responses_create_params is passed through.
-_RESPONSES_DROP = {"seed", "reasoning_effort"}
+# Responses API has no seed (nor top_k, Anthropic's and vLLM's); everything else in responses_create_params
+# is passed through.
+_RESPONSES_DROP = {"seed", "reasoning_effort", "top_k"}
 # What model.omit_params may name: the keys of responses_create_params.
 _OMITTABLE = frozenset(SamplingConfig.model_fields)
 # Requested output tokens that model.timeout_s covers alone; past them, timeout_per_1k_output_tokens_s adds time.
@@ -97,7 +98,7 @@ def _chat_message(m: dict[str, Any]) -> dict[str, Any]:
     """A transcript message as Chat Completions takes it (our extra keys removed)."""
     if m["role"] == "tool":
         return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": m.get("content") or ""}
-    return {k: v for k, v in m.items() if k != "reasoning_content"}
+    return {k: v for k, v in m.items() if k not in ("reasoning_content", "thinking_blocks")}
 
 
 def chat_body(name: str | None, req: GenerationRequest, send_seed: bool,
@@ -199,10 +200,30 @@ class OpenAIBackend(Backend):
         self.limiter = Limiter.from_model(model, requests_per_actor)  # rate limits, auto concurrency, budget
         self._policy = retry.Policy.of(model)
 
+    def _auth_headers(self) -> dict[str, str]:
+        """The headers that carry the key (and, for other APIs, their version)."""
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
+
+    def _parse(self, data: Any) -> GenerationResult:
+        """A 2xx body as a result; :class:`BadResponse` when it cannot be read."""
+        return parse_chat(data) if self.api == "chat" else parse_responses(data)
+
+    def _error_message(self, status: int, raw: bytes) -> str:
+        """What a non-2xx answer says, redacted and cut."""
+        text = self._redact(raw.decode("utf-8", "replace"))[:300]  # redact the whole body, then cut
+        message = f"HTTP {status}: {text}"
+        param = refused_param(raw) if status in (400, 422) else None
+        if param:  # the advice first: row error messages are capped
+            message = f"{refused_param_advice(param, self.model)} ({message})"
+        return message
+
+    def _limit_headers(self, headers: Any) -> Any:
+        """The response headers the limiter reads (``x-ratelimit-*``)."""
+        return headers
+
     async def start(self) -> None:
-        headers = {"Content-Type": "application/json", **self.model.get("extra_headers", {}), **self._secret_headers}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
+        headers = {"Content-Type": "application/json", **self.model.get("extra_headers", {}), **self._secret_headers,
+                   **self._auth_headers()}
         timeout = aiohttp.ClientTimeout(total=self.model["timeout_s"], sock_connect=self.model["connect_timeout_s"])
         connector = aiohttp.TCPConnector(limit=self.requests_per_actor, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector,
@@ -255,22 +276,17 @@ class OpenAIBackend(Backend):
             async with self._session.post(self.url, data=payload, timeout=timeout) as resp:
                 raw = await resp.read()
                 if permit is not None:
-                    permit.headers = resp.headers  # x-ratelimit-* for the limiter
+                    permit.headers = self._limit_headers(resp.headers)  # x-ratelimit-* for the limiter
                 if resp.status >= 400:
-                    # Redact the whole body, then cut: a key cut in two would no longer match.
-                    text = self._redact(raw.decode("utf-8", "replace"))[:300]
-                    message = f"HTTP {resp.status}: {text}"
-                    param = refused_param(raw) if resp.status in (400, 422) else None
-                    if param:  # the advice first: row error messages are capped
-                        message = f"{refused_param_advice(param, self.model)} ({message})"
-                    return (None, retry.classify_status(resp.status, text), message,
+                    message = self._error_message(resp.status, raw)
+                    return (None, retry.classify_status(resp.status, message), message,
                             retry.parse_retry_after(resp.headers.get("Retry-After")))
                 try:
                     data = orjson.loads(raw)
                 except orjson.JSONDecodeError:
                     return None, retry.BAD_RESPONSE, f"HTTP {resp.status}: body is not JSON", None
                 try:
-                    result = parse_chat(data) if self.api == "chat" else parse_responses(data)
+                    result = self._parse(data)
                 except BadResponse as e:
                     return None, retry.BAD_RESPONSE, str(e), None
                 return result, None, "", None

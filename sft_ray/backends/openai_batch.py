@@ -25,7 +25,7 @@ import orjson
 
 from sft_ray import errors
 from sft_ray.backends import retry
-from sft_ray.backends.base import GenerationRequest, GenerationResult, Secret, error_result
+from sft_ray.backends.base import GenerationRequest, GenerationResult, Redactor, Secret, error_result
 from sft_ray.backends.batchapi import (
     BatchAPIError,
     BatchLimits,
@@ -96,13 +96,16 @@ class BatchClient:
         secret = model.get("api_key")
         self._key = secret.get() if isinstance(secret, Secret) else None
         self._secret_headers = (model.get("secret_headers") or Secret({})).get() or {}
+        self._redact = Redactor([self._key, *self._secret_headers.values()])  # whole keys and runs of them
         self._session: aiohttp.ClientSession | None = None
         self._policy = retry.Policy.of(model)
 
+    def _auth_headers(self) -> dict[str, str]:
+        """The headers that carry the key (and, for other APIs, their version)."""
+        return {"Authorization": f"Bearer {self._key}"} if self._key else {}
+
     async def __aenter__(self) -> "BatchClient":
-        headers = {**self.model.get("extra_headers", {}), **self._secret_headers}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
+        headers = {**self.model.get("extra_headers", {}), **self._secret_headers, **self._auth_headers()}
         timeout = aiohttp.ClientTimeout(total=max(300.0, float(self.model["timeout_s"])),
                                         sock_connect=self.model["connect_timeout_s"])
         self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
@@ -112,10 +115,6 @@ class BatchClient:
         if self._session is not None:
             await self._session.close()
 
-    def _redact(self, text: str) -> str:
-        for secret in (self._key, *self._secret_headers.values()):
-            text = text.replace(secret, "***") if secret else text
-        return text
 
     async def _call(self, method: str, path: str, what: str, form: Any = None, **kwargs: Any) -> bytes:
         """One API call with retries of transient failures; the body of its 2xx answer. ``form``: a
@@ -130,7 +129,8 @@ class BatchClient:
                     raw = await resp.read()
                     if resp.status < 300:
                         return raw
-                    message = f"HTTP {resp.status}: {raw[:300].decode('utf-8', 'replace')}"
+                    # redacted whole, then cut: a key cut in two would no longer match
+                    message = f"HTTP {resp.status}: {self._redact(raw.decode('utf-8', 'replace'))[:300]}"
                     return retry.Failure(retry.classify_status(resp.status, message), message,
                                          retry.parse_retry_after(resp.headers.get("Retry-After")))
             except (asyncio.TimeoutError, aiohttp.ClientError) as e:

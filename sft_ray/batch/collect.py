@@ -77,6 +77,7 @@ class Collector:
         """An ended batch's result per sample: an answer, a failure, or None (never run)."""
         mine = set(entry.keys)
         results: dict[Key, GenerationResult | None] = {}
+        self.provider.expect(entry.keys)
         for raw in await self.provider.result_lines(batch):
             parsed = self.provider.parse_result(raw)
             if parsed is None:

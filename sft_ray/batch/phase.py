@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Callable
 
+from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider
 from sft_ray.backends.openai_batch import OpenAIBatchProvider
 from sft_ray.batch.collect import Collector
@@ -29,6 +30,8 @@ from sft_ray.stages.read import InputPlan
 def batch_provider(cfg: RunConfig) -> BatchProvider:
     """The Batch API adapter of the configured model, its key and secret headers read here."""
     bc = cfg.model.batch
+    if cfg.model.backend == "anthropic":  # Message Batches: its limits are capped to Anthropic's there
+        return AnthropicBatchProvider(model_wiring(cfg.model), BatchLimits(bc.max_requests, bc.max_bytes))
     return OpenAIBatchProvider(model_wiring(cfg.model), BatchLimits(bc.max_requests, bc.max_bytes), bc.completion_window)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from sft_ray.config import RunConfig
-from sft_ray.cost import batch_prices, cost_usd
+from sft_ray.cost import CACHE_READ, CACHE_WRITE, batch_prices, cost_usd
 from sft_ray.driver import Recorder, Session, remote_scorer
 from sft_ray.ratelimit import over_spending_budget
 from sft_ray.runfolder.layout import Key, keys_of
@@ -29,6 +29,7 @@ class Spending:
         self.pricing = batch_prices(cfg.pricing.model_dump())
         self.before = manifest.spent_before()
         self.spend = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "batches": 0}
+        self.cached = {CACHE_WRITE: 0, CACHE_READ: 0}  # prompt caching (Anthropic), in the record when used
 
     def sent(self, requests: int) -> None:
         self.spend["requests"] += requests
@@ -38,17 +39,23 @@ class Spending:
         usage = rollout.get("usage") or {}
         self.spend["input_tokens"] += int(usage.get("input_tokens") or 0)
         self.spend["output_tokens"] += int(usage.get("output_tokens") or 0)
+        for k in self.cached:
+            self.cached[k] += int(usage.get(k) or 0)
 
     def over(self, requests: int, est_in: float, est_out: float) -> bool:
         """Whether submitting these requests could pass a spending budget, all sessions together."""
         spent = {k: self.before.get(k, 0) + self.spend[k] for k in ("requests", "input_tokens", "output_tokens")}
         return over_spending_budget(self.limits, self.pricing, spent["requests"] + requests,
-                                    spent["input_tokens"] + est_in, spent["output_tokens"] + est_out)
+                                    spent["input_tokens"] + est_in, spent["output_tokens"] + est_out,
+                                    self.before.get(CACHE_WRITE, 0) + self.cached[CACHE_WRITE],
+                                    self.before.get(CACHE_READ, 0) + self.cached[CACHE_READ])
 
     def record(self) -> dict[str, Any]:
         """This session's spend, as its record holds it (what the budget and stats.json read)."""
-        return {**self.spend, "cost_usd": cost_usd(self.spend["input_tokens"], self.spend["output_tokens"],
-                                                   self.pricing)}
+        cached = {k: v for k, v in self.cached.items() if v}
+        return {**self.spend, **cached, "cost_usd": cost_usd(self.spend["input_tokens"], self.spend["output_tokens"],
+                                                             self.pricing, self.cached[CACHE_WRITE],
+                                                             self.cached[CACHE_READ])}
 
 
 class BatchRecorder:

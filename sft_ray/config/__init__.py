@@ -35,6 +35,7 @@ from sft_ray.config.base import (
 from sft_ray.config.episodes import AgentConfig, EnvironmentConfig
 from sft_ray.config.model import (
     MODEL_BACKENDS,
+    AnthropicModelConfig,
     BatchConfig,
     HostedModelConfig,
     ModelConfig,
@@ -67,8 +68,9 @@ from sft_ray.config.verifier import VERIFIER_TYPES, CodeConfig, JudgeConfig, Ver
 from sft_ray.config.watch import MetricsConfig, ReportConfig
 
 __all__ = [
-    "MODEL_BACKENDS", "VERIFIER_TYPES", "AgentConfig", "BatchConfig", "BudgetConfig", "CodeConfig", "ConfigError",
-    "BenchmarkSource", "DecontaminateConfig", "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig", "HostedModelConfig", "JudgeConfig", "MetricsConfig", "ModelConfig",
+    "MODEL_BACKENDS", "VERIFIER_TYPES", "AgentConfig", "AnthropicModelConfig", "BatchConfig", "BudgetConfig", "CodeConfig",
+    "ConfigError", "BenchmarkSource", "DecontaminateConfig", "EnvironmentConfig", "FORMAT_KEYS", "FilterConfig",
+    "HostedModelConfig", "JudgeConfig", "MetricsConfig", "ModelConfig",
     "OpenAIModelConfig", "PreferenceConfig", "PricingConfig", "ROW_PARAM_KEYS", "RateLimitConfig", "ReadConfig",
     "RejectionConfig", "ReportConfig", "ResourcesConfig", "RowFormat", "RunConfig", "SamplingConfig", "ShuffleConfig", "Tagged",
     "TrainConfig", "VerifierBase", "VerifierConfig", "VllmModelConfig", "flat_dump", "foreign_key", "from_stored",

@@ -27,31 +27,43 @@ class PricingConfig(Strict):
     input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens.")
     output_per_mtok: float = Field(
         0.0, ge=0, description="USD per million output tokens (reasoning tokens are billed as output).")
+    cache_write_per_mtok: float | None = Field(
+        None, ge=0, description="USD per million input tokens written to the prompt cache (`backend: anthropic`, "
+        "`model.prompt_caching`). Empty: 1.25x `input_per_mtok`, Anthropic's price for 5-minute cache writes.")
+    cache_read_per_mtok: float | None = Field(
+        None, ge=0, description="USD per million input tokens read from the prompt cache. Empty: 0.1x "
+        "`input_per_mtok`, Anthropic's price for cache hits.")
     batch_discount: float = Field(
         0.5, gt=0, le=1, description="With `model.batch.enabled`: the share of the prices above that a provider's "
-        "Batch API bills (OpenAI: 0.5); the cost in stats.json, the budget and `--dry-run` use it.")
+        "Batch API bills (OpenAI and Anthropic: 0.5, cache prices included); the cost in stats.json, the budget "
+        "and `--dry-run` use it.")
 
 
 class BatchConfig(Strict):
-    """The provider's Batch API (OpenAI's `/v1/files` + `/v1/batches`, and the OpenAI-compatible batch endpoints
-    of other providers): requests are uploaded as JSONL files and answered within a completion window, at batch
-    prices. Every batch is recorded in the run folder (`batches.jsonl`) before the driver waits on it, so a killed
+    """The provider's Batch API (OpenAI's `/v1/files` + `/v1/batches`, the OpenAI-compatible batch endpoints
+    of other providers, and Anthropic's Message Batches): requests are sent in batches and answered within a
+    completion window, at batch prices. Every batch is recorded in the run folder (`batches.jsonl`) before the driver waits on it, so a killed
     client's rerun polls the same batches and nothing is submitted twice. See docs/batch.md."""
 
     enabled: bool = Field(
-        False, description="Send generation through the Batch API instead of online requests (`backend: openai`, "
-        "`api: chat` or `responses`; rejection sampling and agent episodes go in rounds, see docs/batch.md).")
-    completion_window: str = Field("24h", description="The batch's completion window (OpenAI accepts `24h`).")
-    max_requests: int = Field(50_000, ge=1, description="Most requests per batch file (OpenAI: 50,000).")
-    max_bytes: int = Field(200_000_000, ge=1024, description="Most bytes per batch file (OpenAI: 200 MB).")
+        False, description="Send generation through the Batch API instead of online requests (`backend: openai` "
+        "with `api: chat` or `responses`, or `backend: anthropic`; rejection sampling and agent episodes go in "
+        "rounds, see docs/batch.md).")
+    completion_window: str = Field("24h", description="The batch's completion window (OpenAI accepts `24h`; "
+                                   "Anthropic's batches always have 24 hours and take no window).")
+    max_requests: int = Field(50_000, ge=1, description="Most requests per batch file (OpenAI: 50,000; capped at "
+                              "Anthropic's 100,000 with `backend: anthropic`).")
+    max_bytes: int = Field(200_000_000, ge=1024, description="Most bytes per batch file (OpenAI: 200 MB; capped at "
+                           "Anthropic's 256 MB with `backend: anthropic`).")
     poll_interval_s: float = Field(
         30.0, gt=0, description="Longest wait between polls of a batch's status; polls start faster (a tenth of "
         "it) and back off by half again each time nothing changed.")
     max_in_flight: int = Field(4, ge=1, description="Most batches submitted and not yet collected at once.")
 
 
-BACKEND_DOC = ("`openai`: any OpenAI-compatible HTTP endpoint; `vllm`: engines inside the Ray actors. The other "
-               "keys of this section depend on it: a key of another backend is refused.")
+BACKEND_DOC = ("`openai`: any OpenAI-compatible HTTP endpoint; `anthropic`: Anthropic's Messages API (Claude, "
+               "with extended thinking, prompt caching and Message Batches); `vllm`: engines inside the Ray actors. "
+               "The other keys of this section depend on it: a key of another backend is refused.")
 
 
 class ModelBase(Tagged):
@@ -170,6 +182,45 @@ class OpenAIModelConfig(HostedModelConfig):
     )
 
 
+class ThinkingConfig(Strict):
+    """Extended thinking: the model reasons before it answers, within a budget of output tokens."""
+
+    budget_tokens: int = Field(ge=1024, description="Most tokens the model may think (the API's minimum is 1024); "
+                               "`max_output_tokens` must exceed it, as thinking counts toward it.")
+
+
+class AnthropicModelConfig(HostedModelConfig):
+    """`backend: anthropic`: Anthropic's Messages API (`POST {base_url}/v1/messages`, headers `x-api-key` and
+    `anthropic-version`), with extended thinking, prompt caching and Message Batches. See docs/hosted-apis.md."""
+
+    backend: Literal["anthropic"] = Field("anthropic", description=BACKEND_DOC)
+    base_url: str = Field("https://api.anthropic.com", description="API root, without /v1 (requests go to "
+                          "{base_url}/v1/messages).")
+    api_key_env: str | None = Field(
+        "ANTHROPIC_API_KEY", description="Name of the environment variable that holds the API key (sent as "
+        "`x-api-key`). The key itself never goes into the config, logs or outputs.")
+    anthropic_version: str = Field("2023-06-01", description="The API version sent as `anthropic-version`; "
+                                   "request bodies follow its rules.")
+    thinking: ThinkingConfig | None = Field(
+        None, description="Extended thinking, e.g. `{budget_tokens: 4096}`: sent as `thinking: {type: enabled, "
+        "budget_tokens}`; the thinking is the rollout's `reasoning` (see `train.reasoning`). Refused at validate "
+        "when `max_output_tokens` does not exceed the budget, or with `temperature` other than 1, `top_k`, "
+        "`top_p` below 0.95 or a forced `tool_choice` (the API refuses them with thinking on).")
+    prompt_caching: bool = Field(
+        True, description="Mark the tools, the system prompt and an episode's growing prefix as cacheable "
+        "(`cache_control`, at most 4 breakpoints per request): later requests read them at a tenth of the input "
+        "price, writes cost 1.25x (see `pricing.cache_*`). A prefix shorter than the model's minimum (1024 tokens "
+        "for most models) is not cached by the API and costs nothing extra.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_v1(cls, url: str) -> str:
+        if url.rstrip("/").endswith("/v1"):
+            raise ValueError("the API root without /v1 (requests go to {base_url}/v1/messages), e.g. "
+                             "https://api.anthropic.com")
+        return url
+
+
 class VllmModelConfig(ModelBase):
     """`backend: vllm`: a vLLM engine inside each Ray actor that needs one."""
 
@@ -246,6 +297,6 @@ class VllmModelConfig(ModelBase):
 
 
 # A new backend goes in this list (its `backend` value is its tag); the first is the default.
-MODEL_BACKENDS: list[type[Tagged]] = [OpenAIModelConfig, VllmModelConfig]
+MODEL_BACKENDS: list[type[Tagged]] = [OpenAIModelConfig, VllmModelConfig, AnthropicModelConfig]
 ModelConfig = tagged_union(MODEL_BACKENDS, default="openai", phrase="the {} backend")
 """The ``model`` section: one of :data:`MODEL_BACKENDS`, picked by its ``backend`` key."""

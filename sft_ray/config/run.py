@@ -9,7 +9,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from sft_ray.config.base import Strict, flat_dump, own_keys
 from sft_ray.config.episodes import AgentConfig, EnvironmentConfig
-from sft_ray.config.model import ModelConfig, OpenAIModelConfig, PricingConfig
+from sft_ray.config.model import AnthropicModelConfig, HostedModelConfig, ModelConfig, OpenAIModelConfig, PricingConfig
 from sft_ray.config.output import DecontaminateConfig, FilterConfig, PreferenceConfig, ShuffleConfig, TrainConfig
 from sft_ray.config.sampling import SamplingConfig
 from sft_ray.config.verifier import ExactMatchVerifier, VerifierConfig
@@ -204,8 +204,11 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _model_name(self) -> RunConfig:
-        if self.model.backend == "openai" and not self.model.name:
-            raise ValueError("model.name is required with the openai backend (the name the API serves)")
+        if isinstance(self.model, HostedModelConfig) and not self.model.name:
+            raise ValueError(f"model.name is required with the {self.model.backend} backend (the name the API "
+                             "serves)")
+        if isinstance(self.model, AnthropicModelConfig):
+            self._anthropic(self.model)
         if self.verifier.type == "nemo_gym" and self.environment.type != "nemo_gym":
             raise ValueError("verifier.type nemo_gym asks the episode's resources server for the reward: "
                              "set environment.type=nemo_gym and environment.base_url")
@@ -215,7 +218,8 @@ class RunConfig(Strict):
             raise ValueError("budget.max_cost_usd needs pricing.input_per_mtok / pricing.output_per_mtok")
         if self.model.backend == "vllm" and (self.rate_limit.per_minute() or self.budget.active()
                                              or self.num_samples_in_parallel == "auto"):
-            raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the openai backend")
+            raise ValueError("rate_limit, budget and num_samples_in_parallel: auto apply to the hosted backends "
+                             "(openai, anthropic)")
         if self.model.batch.enabled:  # a hosted backend's key (with vllm, `batch` is refused as unknown)
             if self.num_samples_in_parallel == "auto" or self.rate_limit.per_minute():
                 raise ValueError("rate_limit and num_samples_in_parallel: auto pace online requests; a Batch API "
@@ -224,6 +228,37 @@ class RunConfig(Strict):
             if judge.model.batch.enabled:
                 raise ValueError("verifier.judge.model.batch: the Batch API is for the generation model only")
         return self
+
+    def _anthropic(self, model: AnthropicModelConfig) -> None:
+        """What the Messages API refuses, said before anything is sent (rows' own values are checked by the
+        API: a refusal is that sample's failure, naming the API's words)."""
+        p = self.responses_create_params
+        if p.max_output_tokens is None:
+            raise ValueError("responses_create_params.max_output_tokens: the Messages API requires max_tokens on "
+                             "every request (backend anthropic): set it, e.g. 4096")
+        if p.temperature is not None and p.temperature > 1:
+            raise ValueError(f"responses_create_params.temperature: {p.temperature} is over the Messages API's "
+                             "range 0..1 (backend anthropic)")
+        if model.thinking is None:
+            return
+        budget = model.thinking.budget_tokens
+        if p.max_output_tokens <= budget:
+            raise ValueError(f"model.thinking.budget_tokens: {budget} must be less than "
+                             f"responses_create_params.max_output_tokens ({p.max_output_tokens}), which thinking "
+                             "counts toward")
+        if p.temperature not in (None, 1.0):
+            raise ValueError(f"responses_create_params.temperature: {p.temperature} is refused with model.thinking "
+                             "(the API takes only 1 with thinking on): set it to 1 or null")
+        if p.top_k is not None:
+            raise ValueError("responses_create_params.top_k: refused with model.thinking (the API takes no top_k "
+                             "with thinking on)")
+        if p.top_p is not None and p.top_p < 0.95:
+            raise ValueError(f"responses_create_params.top_p: {p.top_p} is refused with model.thinking (the API "
+                             "takes 0.95 to 1 with thinking on)")
+        forced = p.tool_choice
+        if forced == "required" or isinstance(forced, dict):
+            raise ValueError("responses_create_params.tool_choice: a forced tool choice is refused with "
+                             "model.thinking (the API takes only auto or none with thinking on)")
 
     @model_validator(mode="after")
     def _rejection_needs(self) -> RunConfig:

@@ -18,6 +18,8 @@ class SamplingConfig(Strict):
 
     temperature: float | None = Field(1.0, ge=0, le=2, description="Sampling temperature.")
     top_p: float | None = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens only (`backend: "
+                              "anthropic`; not sent to OpenAI-compatible APIs, which have no such field).")
     max_output_tokens: int | None = Field(1024, ge=1, description="Most tokens generated per model call "
                                           "(sent as `max_tokens` or `max_completion_tokens` to Chat Completions: "
                                           "see model.max_tokens_field).")

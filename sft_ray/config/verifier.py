@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sft_ray.config.base import Strict, Tagged, tagged_union
-from sft_ray.config.model import ModelConfig, PricingConfig
+from sft_ray.config.model import HostedModelConfig, ModelConfig, PricingConfig
 from sft_ray.config.sampling import SamplingConfig
 
 
@@ -87,9 +87,12 @@ class JudgeConfig(Strict):
 
     @model_validator(mode="after")
     def _judge_model(self) -> JudgeConfig:
-        if self.model.backend == "openai" and not self.model.name:
-            raise ValueError("verifier.judge.model.name is required with the openai backend (the name the judge's "
-                             "API serves; backend vllm with no name runs the embedded default model)")
+        if isinstance(self.model, HostedModelConfig) and not self.model.name:
+            raise ValueError(f"verifier.judge.model.name is required with the {self.model.backend} backend (the name "
+                             "the judge's API serves; backend vllm with no name runs the embedded default model)")
+        if self.model.backend == "anthropic" and not self.responses_create_params.get("max_output_tokens"):
+            raise ValueError("verifier.judge.responses_create_params.max_output_tokens: the Messages API requires "
+                             "max_tokens on every request (judge backend anthropic): set it, e.g. 1024")
         if self.template not in ("equivalence", "score") and not Path(self.template).is_file():
             raise ValueError(f"verifier.judge.template: not `equivalence`, `score` or an existing file: "
                              f"{self.template}")

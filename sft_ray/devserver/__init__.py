@@ -79,6 +79,7 @@ import threading
 from aiohttp import web
 
 from sft_ray.devserver.agent import UNKNOWN_TOOL, AgentTurn, agent_turn, tool_call_answer
+from sft_ray.devserver.anthropic import AnthropicRoutes
 from sft_ray.devserver.core import Mock
 from sft_ray.devserver.judge import judge_reply
 from sft_ray.devserver.openai import OpenAIRoutes, refused_by_reasoning_model
@@ -92,7 +93,7 @@ __all__ = ["UNKNOWN_TOOL", "AgentTurn", "Bucket", "MockConfig", "MockServer", "M
 def route_tables(mock: Mock) -> list[list[web.RouteDef]]:
     """Every provider's routes on one server (a new provider's mock: one more line here)."""
     openai = OpenAIRoutes(mock)
-    return [mock.routes(), openai.routes(), BatchRoutes(openai).routes()]
+    return [mock.routes(), openai.routes(), BatchRoutes(openai).routes(), AnthropicRoutes(mock).routes()]
 
 
 def make_app(cfg: MockConfig, state: MockState) -> web.Application:

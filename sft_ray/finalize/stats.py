@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_ray.cost import CACHE_READ, CACHE_WRITE
 from sft_ray.decontaminate import report_lines as decontamination_lines
 from sft_ray.finalize.curate import pass_at_k
 
@@ -101,6 +102,10 @@ class StatsAccumulator:
         tokens["input_tokens"] += int(usage.get("input_tokens") or 0)
         tokens["output_tokens"] += out_tokens
         tokens["total_tokens"] += int(usage.get("total_tokens") or 0)
+        if len(usage) > 3:  # prompt caching (Anthropic): counted only when the API reports it
+            for k in (CACHE_WRITE, CACHE_READ):
+                if usage.get(k):
+                    tokens[k] += int(usage[k])
         metrics = get("metrics")
         if metrics:
             self._add_metrics(metrics, failed)
@@ -572,7 +577,10 @@ def _usage_lines(stats: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     tok = stats.get("tokens") or {}
     if tok:
-        lines.append(f"tokens: input {tok.get('input_tokens', 0)}  output {tok.get('output_tokens', 0)}")
+        line = f"tokens: input {tok.get('input_tokens', 0)}  output {tok.get('output_tokens', 0)}"
+        if tok.get(CACHE_WRITE) or tok.get(CACHE_READ):
+            line += f"  cache write {tok.get(CACHE_WRITE, 0)}  cache read {tok.get(CACHE_READ, 0)}"
+        lines.append(line)
     judge = stats.get("judge_tokens") or {}
     if judge:
         lines.append(f"judge tokens: input {judge.get('input_tokens', 0)}  output {judge.get('output_tokens', 0)}")
@@ -586,6 +594,9 @@ def _usage_lines(stats: dict[str, Any]) -> list[str]:
         if sp.get("requests"):
             line += f"; {sp['requests']} requests, {sp.get('rate_limited', 0)} answered 429"
         lines.append(line)
+    if "cache_saved_usd" in sp:
+        lines.append(f"prompt caching: {sp[CACHE_READ]} input tokens read from the cache, {sp[CACHE_WRITE]} written "
+                     f"to it; saved ${sp['cache_saved_usd']:.4f} against sending them uncached")
     thr = stats.get("throughput")
     if thr:
         lines.append(f"throughput: {thr['samples_per_s']:.1f} samples/s, {thr['output_tokens_per_s']:.1f} "

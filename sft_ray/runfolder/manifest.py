@@ -116,8 +116,13 @@ def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
             "chat_template": model["chat_template"],
             "extra_body": model["extra_body"],
             "send_seed": model["send_seed"],  # without the seed, a server samples differently
+            # Claude's thinking changes the answers; keys only anthropic has are left out of others' fingerprints
+            **({"thinking": model["thinking"], "anthropic_version": model["anthropic_version"]}
+               if model["backend"] == "anthropic" else {}),
         },
-        "responses_create_params": cfg.responses_create_params.model_dump(),
+        # top_k (added later) only when set: earlier run folders' fingerprints stay as they were
+        "responses_create_params": cfg.responses_create_params.model_dump(
+            exclude=set() if cfg.responses_create_params.top_k is not None else {"top_k"}),
         "num_repeats": cfg.num_repeats,
         "verifier": verifier_fingerprint(cfg),
         "agent": {"max_steps": cfg.agent.max_steps},
@@ -230,11 +235,13 @@ class Manifest(dict):
         return record
 
     def spent_before(self) -> dict[str, float]:
-        """What the sessions recorded so far spent (their ``spend``): requests, input and output tokens."""
-        total: dict[str, float] = {}
+        """What the sessions recorded so far spent (their ``spend``): requests, input and output tokens, and
+        the prompt cache's tokens (Anthropic) when a session recorded any."""
+        total: dict[str, float] = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
         for s in self.sessions:
-            for k in ("requests", "input_tokens", "output_tokens"):
-                total[k] = total.get(k, 0) + (s.get("spend") or {}).get(k, 0)
+            spend = s.get("spend") or {}
+            for k in total.keys() | {k for k in ("cache_creation_input_tokens", "cache_read_input_tokens") if k in spend}:
+                total[k] = total.get(k, 0) + spend.get(k, 0)
         return total
 
     @property

@@ -168,7 +168,7 @@ def test_actor_ranges_are_checked(key, value, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.backend=vllm", "model.base_url=http://h/v1"],
-     "model.base_url: unknown key for the vllm backend (base_url applies to the openai backend)"),
+     "model.base_url: unknown key for the vllm backend (base_url applies to the openai / anthropic backend)"),
     (["model.tool_parser=hermes"], "model.tool_parser: unknown key for the openai backend (tool_parser applies to the "
      "vllm backend)"),
     (["verifier.type=regex", "verifier.pattern=x", "verifier.function=m:f"],

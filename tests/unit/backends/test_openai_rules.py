@@ -28,7 +28,7 @@ def test_omit_params_names_sampling_keys_and_leaves_the_fingerprint_alone():
     assert cfg.model.omit_params == ["temperature", "top_p"]
     with pytest.raises(ConfigError, match="model.omit_params: .*not a responses_create_params key: temprature"):
         load_config(None, base + ["model.omit_params=[temprature]"])
-    with pytest.raises(ConfigError, match="omit_params applies to the openai backend"):
+    with pytest.raises(ConfigError, match="omit_params applies to the openai / anthropic backend"):
         load_config(None, ["input=x", "output=y", "model.backend=vllm", "model.omit_params=[top_p]"])
     # A judge's server-compatibility and price keys may change on a resume (they are not what it produces).
     judge = ["verifier.type=judge", "verifier.judge.model.name=j"]
