@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import orjson
 
 from sft_ray import errors
-from sft_ray.cost import cost_usd
+from sft_ray.cost import CACHE_READ, CACHE_WRITE, cost_usd
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,14 @@ class Telemetry:
     """One sample's model requests, tool calls and busy seconds (see the module doc)."""
 
     __slots__ = ("requests", "latencies", "input_tokens", "output_tokens", "billed_input", "billed_output",
-                 "model_s", "permit_wait_s", "tool_s", "tools", "attempts")
+                 "cache_write", "cache_read", "model_s", "permit_wait_s", "tool_s", "tools", "attempts")
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}
         self.latencies: list[float] = []
         self.input_tokens = self.output_tokens = 0
         self.billed_input = self.billed_output = 0.0
+        self.cache_write = self.cache_read = 0  # prompt caching (Anthropic): priced apart (sft_ray/cost.py)
         self.model_s = self.permit_wait_s = self.tool_s = 0.0
         self.tools: dict[str, int] = {}
         self.attempts = 0
@@ -109,6 +110,8 @@ class Telemetry:
             self.output_tokens += out
             self.billed_input += inp
             self.billed_output += out
+            self.cache_write += int(usage.get(CACHE_WRITE) or 0)
+            self.cache_read += int(usage.get(CACHE_READ) or 0)
         elif kind != errors.RATE_LIMIT:
             self.billed_input += est_input_tokens
 
@@ -122,6 +125,8 @@ class Telemetry:
         if self.attempts:
             out.update(req=self.requests, lat=self.latencies, inp=self.input_tokens, out=self.output_tokens,
                        bin=self.billed_input, bout=self.billed_output)
+        if self.cache_write or self.cache_read:
+            out.update(cw=self.cache_write, cr=self.cache_read)
         for k in ("model_s", "permit_wait_s", "tool_s"):
             v = getattr(self, k)
             if v:
@@ -283,7 +288,13 @@ class RunMetrics:
         self.counts["output_tokens"] += out
         self._inc(TOKENS, inp, {"kind": "input"})
         self._inc(TOKENS, out, {"kind": "output"})
-        cost = cost_usd(float(t.get("bin") or 0), float(t.get("bout") or 0), self.pricing)
+        cw, cr = int(t.get("cw") or 0), int(t.get("cr") or 0)
+        if cw or cr:  # prompt caching: its tokens counted and priced apart, as in stats.json
+            self.counts[CACHE_WRITE] = self.counts.get(CACHE_WRITE, 0) + cw
+            self.counts[CACHE_READ] = self.counts.get(CACHE_READ, 0) + cr
+            self._inc(TOKENS, cw, {"kind": "cache_write"})
+            self._inc(TOKENS, cr, {"kind": "cache_read"})
+        cost = cost_usd(float(t.get("bin") or 0), float(t.get("bout") or 0), self.pricing, cw, cr)
         self.counts["cost_usd"] += cost
         self._inc(COST, cost)
         if self.m:

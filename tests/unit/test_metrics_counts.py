@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sft_ray import metrics
+from sft_ray.cost import cost_usd
 from sft_ray.metrics import BREAKDOWN, RunMetrics, Telemetry, advice
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sft-ray.json"
@@ -43,3 +44,15 @@ def test_telemetry_counts_what_the_api_reported_and_what_was_billed():
     assert m.counts["requests"] == 3 and m.counts["input_tokens"] == 90 and m.counts["output_tokens"] == 10
     assert m.counts["cost_usd"] == pytest.approx((190 * 1.0 + 10 * 2.0) / 1e6)
     assert m.counts["passed"] == 1 and m.busy["write_s"] == pytest.approx(0.01)
+
+
+def test_prompt_cache_tokens_are_counted_and_priced_as_stats_json_prices_them():
+    t = Telemetry()
+    t.attempt(None, 0.3, {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 1000,
+                          "cache_read_input_tokens": 4000})
+    pricing = {"input_per_mtok": 3.0, "output_per_mtok": 15.0}
+    m = RunMetrics("r", pricing, None, enabled=False)
+    m.written(1, 0, [None], [t.as_json()], 0.0)
+    assert m.counts["cache_creation_input_tokens"] == 1000 and m.counts["cache_read_input_tokens"] == 4000
+    assert m.counts["cost_usd"] == pytest.approx(cost_usd(10, 5, pricing, 1000, 4000))
+    assert m.counts["cost_usd"] == pytest.approx((10 * 3 + 5 * 15 + 1000 * 3.75 + 4000 * 0.3) / 1e6)
