@@ -216,8 +216,8 @@ class Progress:
             self.last_line = now
             rate = done / max(now - self.start, 1e-9)
             pct = 100.0 * done / self.total if self.total else 100.0
-            print(f"[sft-ray] {done}/{self.total} {self.unit} ({pct:.1f}%), {rate:.1f} {self.unit}/s, "
-                  + ", ".join(f"{k} {v}" for k, v in info.items()), file=self.out, flush=True)
+            parts = [f"{done}/{self.total} {self.unit} ({pct:.1f}%)", f"{rate:.1f} {self.unit}/s"]
+            print("[sft-ray] " + ", ".join(parts + [f"{k} {v}" for k, v in info.items()]), file=self.out, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
