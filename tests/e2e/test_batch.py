@@ -313,7 +313,7 @@ def test_rejection_sampling_goes_in_rounds_of_what_each_prompt_still_needs(tmp_p
 def test_config_refuses_what_batches_cannot_do(tmp_path):
     with MockServer(MockConfig()) as server:
         with pytest.raises(ConfigError, match=r"model.batch: unknown key for the vllm backend \(batch applies to the "
-                                              r"openai backend\)"):
+                                              r"openai / anthropic backend\)"):
             _config(tmp_path, server, _rows(1), "model.backend=vllm")
         with pytest.raises(ConfigError, match="pace online requests"):
             _config(tmp_path, server, _rows(1), "num_samples_in_parallel=auto")
