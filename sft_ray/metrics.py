@@ -355,8 +355,9 @@ def engine_load_telemetry(seconds: float) -> str:
 
 
 def merge(telemetry: str | None, **extra: float) -> str:
-    """``telemetry`` (a row's JSON) with ``extra`` seconds added."""
-    t = orjson.loads(telemetry) if telemetry else {}
+    """``telemetry`` (a row's JSON) with ``extra`` seconds added. A row with none (journal recovery's
+    rows: an all-null column reaches a batch as NaN or an empty value, not as None) starts from zero."""
+    t = orjson.loads(telemetry) if isinstance(telemetry, (str, bytes)) and telemetry else {}
     for k, v in extra.items():
         t[k] = round(float(t.get(k) or 0.0) + v, 6)
     return orjson.dumps(t).decode()

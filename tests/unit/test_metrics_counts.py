@@ -56,3 +56,18 @@ def test_prompt_cache_tokens_are_counted_and_priced_as_stats_json_prices_them():
     assert m.counts["cache_creation_input_tokens"] == 1000 and m.counts["cache_read_input_tokens"] == 4000
     assert m.counts["cost_usd"] == pytest.approx(cost_usd(10, 5, pricing, 1000, 4000))
     assert m.counts["cost_usd"] == pytest.approx((10 * 3 + 5 * 15 + 1000 * 3.75 + 4000 * 0.3) / 1e6)
+
+
+def test_merge_starts_from_zero_for_a_row_without_telemetry():
+    # Journal recovery scores rows whose telemetry column is all null: in a batch that is NaN (seen:
+    # orjson raised in the score stage and the vLLM judge's recovery run failed), or None, or "".
+    import math
+
+    import orjson
+
+    from sft_ray import metrics
+
+    for missing in (None, "", float("nan"), math.nan):
+        assert orjson.loads(metrics.merge(missing, verifier_s=1.5)) == {"verifier_s": 1.5}
+    assert orjson.loads(metrics.merge('{"verifier_s": 1.0, "model_s": 2.0}', verifier_s=0.5)) == {
+        "verifier_s": 1.5, "model_s": 2.0}
