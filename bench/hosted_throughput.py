@@ -38,6 +38,21 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def prompts_and_mock(prefix: str, rows: int, latency_ms: float) -> tuple[str, str, int, subprocess.Popen]:
+    """A temporary folder with ``rows`` numbered prompts (``prompts.jsonl``) and ``sft-ray serve-mock``
+    started on a free port with ``latency_ms``: (folder, input file, port, server process)."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    inp = os.path.join(work, "prompts.jsonl")
+    with open(inp, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"responses_create_params": {"input": [{"role": "user", "content": f"{i}"}]},
+                                "expected_answer": str(i)}) + "\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", "--port", str(port),
+                               "--latency-ms", str(latency_ms)], stdout=subprocess.DEVNULL)
+    return work, inp, port, server
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=20_000)
@@ -48,15 +63,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
 
-    work = tempfile.mkdtemp(prefix="sft-ray-bench-")
-    inp = os.path.join(work, "prompts.jsonl")
-    with open(inp, "w") as f:
-        for i in range(args.rows):
-            f.write(json.dumps({"responses_create_params": {"input": [{"role": "user", "content": f"{i}"}]},
-                                "expected_answer": str(i)}) + "\n")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", "--port", str(port),
-                               "--latency-ms", str(args.latency_ms)], stdout=subprocess.DEVNULL)
+    work, inp, port, server = prompts_and_mock("sft-ray-bench-", args.rows, args.latency_ms)
     results = []
     try:
         wait_http(f"http://127.0.0.1:{port}/stats")

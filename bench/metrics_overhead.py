@@ -16,10 +16,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from statistics import mean
 
-from hosted_throughput import free_port, wait_http
+from hosted_throughput import prompts_and_mock, wait_http
 
 
 def main() -> None:
@@ -30,15 +29,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2)
     args = ap.parse_args()
 
-    work = tempfile.mkdtemp(prefix="sft-ray-bench-metrics-")
-    inp = os.path.join(work, "prompts.jsonl")
-    with open(inp, "w") as f:
-        for i in range(args.rows):
-            f.write(json.dumps({"responses_create_params": {"input": [{"role": "user", "content": f"{i}"}]},
-                                "expected_answer": str(i)}) + "\n")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "serve-mock", "--port", str(port),
-                               "--latency-ms", str(args.latency_ms)], stdout=subprocess.DEVNULL)
+    work, inp, port, server = prompts_and_mock("sft-ray-bench-metrics-", args.rows, args.latency_ms)
     rates: dict[str, list[float]] = {"on": [], "off": []}
     try:
         wait_http(f"http://127.0.0.1:{port}/stats")
