@@ -54,6 +54,11 @@ def plan_concurrency(cfg: RunConfig, todo: int) -> dict[str, int]:
             "block_rows": block_rows}
 
 
+def starts_local_node(cfg: RunConfig) -> bool:
+    """Whether ``init_ray`` starts Ray on this machine (no cluster address given)."""
+    return (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")) in (None, "local")
+
+
 def init_ray(cfg: RunConfig) -> None:
     import ray
 
@@ -63,7 +68,7 @@ def init_ray(cfg: RunConfig) -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
         extra = {}
-        if cfg.metrics.export_port is not None and address in (None, "local"):
+        if cfg.metrics.export_port is not None and starts_local_node(cfg):
             extra["_metrics_export_port"] = cfg.metrics.export_port  # Prometheus scrapes this node here
         ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING", **extra)
     from sft_ray.raynoise import data_context
@@ -264,7 +269,7 @@ class Session:
         self.record = manifest.open_session(planned)
         self.number = self.record.number
         self.reward_sum, self.reward_n = 0.0, 0
-        self.metrics_linger_s = 0.0  # with metrics.export_port: how long run() keeps Ray up at the end
+        self.metrics_linger: dict[str, Any] | None = None  # with metrics.export_port: metrics.linger's arguments
 
     def add(self, ok: int, failed: int, tokens: int, rewards: list[float | None]) -> None:
         self.record.add(ok, failed, tokens)

@@ -39,6 +39,7 @@ from sft_ray.driver import (
     plan_concurrency,
     recover_journal,
     remote_scorer,
+    starts_local_node,
     throughput,
     timing_breakdown,
     warn_gpu_setup,
@@ -96,8 +97,8 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
                              index=inputs.index)
         write_final(cfg.output, stats, f"sft-ray run {cfg.output}")  # progress.json and report.html
     code = verdict(cfg, session, done, budget, stats, say)
-    if session.metrics_linger_s:  # a local run's final values, exported and scraped before Ray goes
-        metrics.linger(session.metrics_linger_s, say)
+    if session.metrics_linger is not None:  # a local run's final values, exported and scraped before Ray goes
+        metrics.linger(say=say, **session.metrics_linger)
     return code
 
 
@@ -391,9 +392,10 @@ def close_session(cfg: RunConfig, manifest: Manifest, session: Session, timing: 
     """The session's timing and where its time went in run.json, saved; how long the metrics linger."""
     session.record.update(timing.record())
     session.record["breakdown"] = run_metrics.breakdown(session.record["generate_wall_s"])
-    linger = cfg.metrics.linger()
-    if linger and run_metrics.m:
-        session.metrics_linger_s = linger
+    if cfg.metrics.export_port is not None and run_metrics.m:
+        session.metrics_linger = {"seconds": cfg.metrics.linger_s, "run": run_metrics.run,
+                                  "port": cfg.metrics.export_port if starts_local_node(cfg) else None,
+                                  "rows": run_metrics.counts["rows_written"]}
     save_manifest(cfg.output, manifest)
 
 

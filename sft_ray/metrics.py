@@ -363,8 +363,41 @@ def merge(telemetry: str | None, **extra: float) -> str:
     return orjson.dumps(t).decode()
 
 
-def linger(seconds: float, say: Any = None) -> None:
-    """Keep the driver (and Ray) up ``seconds`` so that its final values are exported and scraped."""
+EXPORT_WAIT_S = 180.0  # the longest a local run waits for its final values to reach the export port
+
+
+def exported(port: int, run: str, name: str = ROWS_WRITTEN) -> float | None:
+    """The sum over processes of ``name`` (as Ray exports it: ``ray_`` prefixed) for run ``run`` on the
+    local node's export port, or None while the port or the series is not there."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            body = r.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    values = [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+              if s.name == "ray_" + name and s.labels.get("run") == run]
+    return sum(values) if values else None
+
+
+def linger(seconds: float, say: Any = None, *, port: int | None = None, run: str = "", rows: int = 0,
+           wait_s: float = EXPORT_WAIT_S) -> None:
+    """Keep the driver (and Ray) up until its final values are exported and scraped: with ``port``
+    (the local node's export port), first until the port shows this run's ``rows`` written (Ray
+    exports every 10 s by default, later on a loaded machine: waiting for the values themselves
+    holds however late they come, at most ``wait_s``), then ``seconds`` more for a scraper to read them."""
+    if port is not None:
+        end = time.monotonic() + wait_s
+        while (got := exported(port, run)) is None or got < rows:
+            if time.monotonic() > end:
+                if say is not None:
+                    say(f"metrics: the final values had not reached the export port {port} after {wait_s:g} s "
+                        f"({got} of {rows} rows counted there); a scrape may miss the last ones")
+                break
+            time.sleep(0.5)
     if seconds > 0:
         if say is not None:
             say(f"metrics: keeping Ray up {seconds:g} s so that the final values are scraped (metrics.linger_s)")

@@ -18,13 +18,9 @@ class MetricsConfig(Strict):
         None, ge=1, le=65535, description="For a local run: open Ray's metrics export port on this port of the "
         "local node (Prometheus scrapes http://HOST:PORT/metrics); null: Ray's default (a cluster's own setting).")
     linger_s: float = Field(
-        30.0, ge=0, description="With export_port: seconds a local run keeps Ray up at its end so that its final "
-        "values are exported and scraped (Ray exports every 10 s, through two hops measured at up to 20 s "
-        "together; then Prometheus scrapes).")
-
-    def linger(self) -> float:
-        """The seconds to wait before a local run shuts Ray down (0 without export_port)."""
-        return self.linger_s if self.export_port is not None and self.enabled else 0.0
+        30.0, ge=0, description="With export_port: at its end a local run keeps Ray up until its final values "
+        "show on the export port (Ray exports every 10 s; at most 180 s), then this many seconds more so that "
+        "Prometheus scrapes them (at least your scrape interval).")
 
 
 class ReportConfig(Strict):

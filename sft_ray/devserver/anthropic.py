@@ -52,7 +52,7 @@ from sft_ray.devserver.agent import agent_turn
 from sft_ray.devserver.core import Mock
 from sft_ray.devserver.openai import _SLEEP
 from sft_ray.devserver.openai_batch import _BATCH_ERROR
-from sft_ray.devserver.state import Bucket, MockConfig, MockState
+from sft_ray.devserver.state import Bucket, MockConfig, MockState, simulate_latency
 
 # The API versions the mock knows, and where their request rules differ: 2023-06-01 (what sft-ray speaks)
 # takes the key in x-api-key, system only at the top level and the sampling parameters; the version
@@ -382,7 +382,7 @@ class AnthropicRoutes:
         items = _chat_items(body["messages"])
         text = next((it["content"] for it in reversed(items) if it["role"] == "user"), "")
         if self.cfg.latency_ms and online:
-            await asyncio.sleep(self.cfg.latency_ms / 1000)
+            await simulate_latency(self.cfg)
         if m := _SLEEP.search(text):
             await asyncio.sleep(float(m.group(1)))
         extra: dict[str, str] = {}

@@ -13,6 +13,7 @@ from aiohttp import web
 from sft_ray.devserver.agent import _last_user_text, agent_turn, tool_call_answer
 from sft_ray.devserver.core import Mock
 from sft_ray.devserver.judge import judge_reply
+from sft_ray.devserver.state import simulate_latency
 
 _SLEEP = re.compile(r"\[\[sleep:(\d+(?:\.\d+)?)\]\]")
 
@@ -58,7 +59,7 @@ class OpenAIRoutes:
         call_no = self.state.requests
         turn = agent_turn(body, msgs, text, self.cfg, self.rng, call_no)
         if self.cfg.latency_ms and online:
-            await asyncio.sleep(self.cfg.latency_ms / 1000)
+            await simulate_latency(self.cfg)
         if m := _SLEEP.search(text):
             await asyncio.sleep(float(m.group(1)))
         auth = headers.get("Authorization", "")

@@ -3,6 +3,7 @@ rate-limit token bucket."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,14 @@ class MockConfig:
     batch_delay_s: float = 0.0  # the Batch API: seconds a batch stays validating before it is processed
     batch_expire: int = 0  # the first N batches expire after finishing only part of their lines
     batch_expire_keep: float = 0.5  # the share of an expiring batch's lines that finish
+
+
+async def simulate_latency(cfg: MockConfig) -> None:
+    """Wait ``cfg.latency_ms`` from now, re-reading it as it waits: a test that lowers the latency
+    mid-run releases the requests already waiting instead of leaving them to the old value."""
+    start = time.monotonic()
+    while (left := cfg.latency_ms / 1000 - (time.monotonic() - start)) > 0:
+        await asyncio.sleep(min(left, 0.1))
 
 
 class Bucket:

@@ -97,7 +97,7 @@ def dashboard_metrics() -> set[str]:
 def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
     rows = tmp / "in.jsonl"
     with open(rows, "w") as f:
-        for i in range(60):
+        for i in range(30):
             # Hostile text: the report shows it escaped, never as markup.
             f.write(json.dumps({"id": f"p{i}", "responses_create_params": {"input": [
                 {"role": "user", "content": f"<script>document.title='pwned'</script><i id=\"hostile\">x</i> {i} + 1 = ?"}]},
@@ -108,7 +108,8 @@ def _run_config(tmp: Path, server: MockServer, export_port: int) -> Path:
            "pricing": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
            "num_repeats": 2, "num_samples_in_parallel": 4, "verifier": {"type": "math"},
            "filter": {"min_reward": 1.0}, "max_error_fraction": 1.0,
-           "metrics": {"export_port": export_port, "linger_s": 60},  # a loaded machine exports late
+           # The run waits until its final values reach the export port, then 3 s for the 1 s scrape.
+           "metrics": {"export_port": export_port, "linger_s": 3},
            "report": {"interval_s": 1}}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -125,7 +126,7 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
     assert BROWSER is not None, "no chromium on this machine: the README's test command installs it (apt-get)"
     export = free_port()
     prom = Prometheus(tmp_path, f"127.0.0.1:{export}")
-    # 120 samples, 4 at a time, 0.8 s each: long enough to look at the live view; a few 500s and 429s.
+    # 60 samples, 4 at a time, 0.8 s each: long enough to look at the live view; a few 500s and 429s.
     with MockServer(MockConfig(latency_ms=800, error_rate=0.05, rate_limit_rate=0.05, retry_after_s=0.05)) as server:
         cfg = _run_config(tmp_path, server, export)
         run = tmp_path / "run"
@@ -144,9 +145,13 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
                         live = doc
                 time.sleep(0.1)
             assert live is not None, (tmp_path / "run.log").read_text()[-3000:]
+            # The mock holds its answers while the test looks (a browser and `sft-ray stats` take their
+            # time on a loaded machine), so the run is still at work throughout; it re-reads its latency
+            # as requests wait, so setting it back releases them at once.
+            server.cfg.latency_ms = 600_000
             for key in ("done", "expected", "failed", "rate_per_s", "eta_s", "spend", "errors", "updated_at"):
                 assert key in live, key
-            assert live["expected"] == 120 and 0 < live["done"] < 120 and live["eta_s"] is not None
+            assert live["expected"] == 60 and 0 < live["done"] < 60 and live["eta_s"] is not None
             assert live["updated_at"].endswith("Z") and set(live["spend"]) >= {"usd", "input_tokens", "output_tokens"}
 
             time.sleep(0.5)  # report.html is written right after progress.json
@@ -155,16 +160,14 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
             assert 'id="progress"' in dom and 'data-state="live"' in dom, dom[:2000]
             assert 'id="samples"' in dom and "&lt;i id=\"hostile\"&gt;" in dom, dom[-3000:]
             assert "pwned" not in dom.split("<title>")[1].split("</title>")[0] and '<i id="hostile">' not in dom
-            # `sft-ray stats` on the live run: reads, and writes nothing in the folder. The mock answers
-            # slowly meanwhile, so the run is still at work when stats returns, however loaded the machine.
-            server.cfg.latency_ms = 45_000
+            # `sft-ray stats` on the live run: reads, and writes nothing in the folder.
             before = sorted(p.name for p in run.iterdir())
             stats_out = subprocess.run([sys.executable, "-m", "sft_ray.cli", "stats", str(run)], capture_output=True,
                                        text=True, env=env, timeout=300)
             assert stats_out.returncode == 0, stats_out.stderr
             after = sorted(p.name for p in run.iterdir())
             assert proc.poll() is None and not json.loads((run / "progress.json").read_text())["final"], \
-                "the run ended before `sft-ray stats` did: make it longer"
+                "the run ended while the mock held its answers"
             assert not {"stats.json", "train", "_SUCCESS"} & set(after), after
             assert set(after) - set(before) <= {"journal"}, (before, after)
             server.cfg.latency_ms = 800
