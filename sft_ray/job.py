@@ -31,6 +31,7 @@ from sft_ray.cost import spend_summary
 from sft_ray.decontaminate import BenchmarkError, Index, build_index, held_back_record
 from sft_ray.driver import (
     Progress,
+    RayStartError,
     Recorder,
     Session,
     Timing,
@@ -88,7 +89,10 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
         record_contaminated(cfg, manifest, inputs, say)
         state = FolderState(cfg.output, cfg.max_sample_attempts,
                             cfg.filter.min_reward if cfg.rejection.active else None, recorded_sessions(manifest))
-        session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
+        try:
+            session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
+        except RayStartError as err:  # the folder is as it was: a rerun goes on
+            raise RunError(str(err)) from None
         done, budget = record_completion(cfg, manifest, inputs, state)
         unexpected = record_unexpected(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
@@ -318,7 +322,11 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
     """Start Ray and the run's limits, pull scored batches through the stages and write each as it
     arrives, until done or the failure budget stops the session; then close the session (what an
     early stop left in the journal is written, the writers, placement groups and limits closed)."""
-    init_ray(cfg)
+    try:
+        init_ray(cfg)
+    except RayStartError:
+        writers.close()
+        raise
     limits = ratelimit.start_session(cfg, manifest)
     board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
