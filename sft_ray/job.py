@@ -20,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 import pyarrow.compute as pc
@@ -75,6 +75,9 @@ from sft_ray.stages.read import InputPlan
 from sft_ray.stages.read import scan_input as scan_files
 from sft_ray.stall import StallWatch, describe_stall
 from sft_ray.validate import plugin_problems
+
+if TYPE_CHECKING:
+    from sft_ray.batch.record import BatchWatch
 
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
 
@@ -251,7 +254,7 @@ def generate_phase(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state:
         clear_journal(cfg.output)
         return session
     if cfg.model.batch.enabled:
-        send_batches(cfg, manifest, inputs, state, session, writers, say, no_wait)
+        send_batches(cfg, manifest, inputs, state, session, writers, work, say, no_wait)
     else:
         stream_and_write(cfg, manifest, inputs, state, session, writers, work, say)
     clear_journal(cfg.output)  # all it held is written now
@@ -405,15 +408,39 @@ def close_session(cfg: RunConfig, manifest: Manifest, session: Session, timing: 
     save_manifest(cfg.output, manifest)
 
 
+def batch_watch(cfg: RunConfig, work: SessionPlan, say: Callable[[str], None]) -> BatchWatch:
+    """The batch loop's metrics and live view, as the online stream's. Ray's metrics need Ray, which
+    a Batch API run starts only for them when asked to export them (``metrics.export_port``) or a
+    vLLM judge needs it; otherwise the run's counters feed progress.json alone."""
+    import sys
+
+    from sft_ray.batch.record import BatchWatch
+    from sft_ray.cost import batch_prices
+
+    if cfg.metrics.enabled and cfg.metrics.export_port is not None:
+        init_ray(cfg)
+    ray = sys.modules.get("ray")
+    run_metrics = metrics.RunMetrics(metrics.run_tag(cfg.output), batch_prices(cfg.pricing.model_dump()),
+                                     cfg.filter.min_reward if "min_reward" in cfg.filter.model_fields_set else None,
+                                     enabled=cfg.metrics.enabled and ray is not None and ray.is_initialized())
+    unit = "prompts" if work.draws is not None else "samples"
+    live = LiveView(cfg.output, f"sft-ray run {cfg.output}", work.start.expected, work.start.done,
+                    work.start.failed, work.todo, unit, cfg.report.interval_s, run_metrics, say=say)
+    return BatchWatch(run_metrics, live, per_prompt=work.draws is not None)
+
+
 def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
-                 session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
+                 session: Session, writers: Writers, work: SessionPlan, say: Callable[[str], None],
+                 no_wait: bool) -> None:
     """Phase 1 through the Batch API: every batch recorded in the run folder before the driver
     waits on it; the writers closed and the session saved however it ends."""
     from sft_ray.backends.batchapi import BatchAPIError
     from sft_ray.batch import batch_generate
 
+    watch = None
     try:
-        batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait)
+        watch = batch_watch(cfg, work, say)
+        batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait, watch)
     except InputError as err:
         session.record.stop(StopReason.INPUT_ERROR, err)
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
@@ -422,6 +449,10 @@ def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: F
         raise RunError(f"the Batch API refused a call: {err}\n(what was collected is written and every batch "
                        f"submitted is recorded in {BATCHES}; rerun the same command to go on)") from None
     finally:
+        if watch is not None:
+            watch.live.close()
+            if cfg.metrics.linger() and watch.metrics.m:
+                session.metrics_linger_s = cfg.metrics.linger()
         writers.close()
         save_manifest(cfg.output, manifest)
 
