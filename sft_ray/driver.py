@@ -59,6 +59,37 @@ def starts_local_node(cfg: RunConfig) -> bool:
     return (cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")) in (None, "local")
 
 
+class RayStartError(RuntimeError):
+    """Ray did not start, or its cluster could not be reached: one line of ours with advice
+    instead of Ray's traceback (the run folder is as it was; rerun the same command)."""
+
+
+def start_ray(address: str | None, extra: dict[str, Any]) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING", **extra)
+    except Exception as e:  # Ray raises bare Exception, ConnectionError, RuntimeError, TimeoutError...
+        try:
+            ray.shutdown()  # whatever it had started of a local node
+        except Exception:  # the error to report is the first one
+            pass
+        raise RayStartError(ray_start_message(address, e)) from None
+
+
+def ray_start_message(address: str | None, err: BaseException) -> str:
+    """The one error line (and its advice) for a Ray that did not start."""
+    said = " ".join(str(err).split()) or type(err).__name__
+    said = said if len(said) <= 300 else said[:297] + "..."
+    if address in (None, "local"):
+        return (f"Ray did not start on this machine: {said}\n(nothing was lost: rerun the same command to go on; "
+                "if it happens again, the machine may be overloaded or short of memory or /tmp space, or start "
+                "Ray yourself with `ray start --head` and rerun with RAY_ADDRESS=auto)")
+    return (f"could not connect to the Ray cluster at {address}: {said}\n(nothing was lost: check "
+            "resources.ray_address / RAY_ADDRESS and that the cluster is up (`ray status`), then rerun the "
+            "same command to go on)")
+
+
 def init_ray(cfg: RunConfig) -> None:
     import ray
 
@@ -70,7 +101,7 @@ def init_ray(cfg: RunConfig) -> None:
         extra = {}
         if cfg.metrics.export_port is not None and starts_local_node(cfg):
             extra["_metrics_export_port"] = cfg.metrics.export_port  # Prometheus scrapes this node here
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING", **extra)
+        start_ray(address, extra)
     from sft_ray.raynoise import data_context
 
     ctx = data_context()  # made without Ray's warnings about flags it sets itself

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 import pyarrow.compute as pc
@@ -31,6 +31,7 @@ from sft_ray.cost import spend_summary
 from sft_ray.decontaminate import BenchmarkError, Index, build_index, held_back_record
 from sft_ray.driver import (
     Progress,
+    RayStartError,
     Recorder,
     Session,
     Timing,
@@ -76,6 +77,9 @@ from sft_ray.stages.read import scan_input as scan_files
 from sft_ray.stall import StallWatch, describe_stall
 from sft_ray.validate import plugin_problems
 
+if TYPE_CHECKING:
+    from sft_ray.batch.record import BatchWatch
+
 __all__ = ["EXIT_BUDGET", "EXIT_INPUT", "EXIT_OK", "EXIT_PENDING", "EXIT_SPENT", "EXIT_USAGE", "RunError", "run"]
 
 
@@ -89,7 +93,10 @@ def run(cfg: RunConfig, restart: bool = False, say: Callable[[str], None] = prin
         record_contaminated(cfg, manifest, inputs, say)
         state = FolderState(cfg.output, cfg.max_sample_attempts,
                             cfg.filter.min_reward if cfg.rejection.active else None, recorded_sessions(manifest))
-        session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
+        try:
+            session = generate_phase(cfg, manifest, inputs, state, say, no_wait)
+        except RayStartError as err:  # the folder is as it was: a rerun goes on
+            raise RunError(str(err)) from None
         done, budget = record_completion(cfg, manifest, inputs, state)
         unexpected = record_unexpected(cfg, manifest, inputs, state)
         stats = finalize_run(cfg.output, cfg.filter.model_dump(), cfg.shuffle.seed, cfg.train.model_dump(),
@@ -248,7 +255,7 @@ def generate_phase(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state:
         clear_journal(cfg.output)
         return session
     if cfg.model.batch.enabled:
-        send_batches(cfg, manifest, inputs, state, session, writers, say, no_wait)
+        send_batches(cfg, manifest, inputs, state, session, writers, work, say, no_wait)
     else:
         stream_and_write(cfg, manifest, inputs, state, session, writers, work, say)
     clear_journal(cfg.output)  # all it held is written now
@@ -319,7 +326,11 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
     """Start Ray and the run's limits, pull scored batches through the stages and write each as it
     arrives, until done or the failure budget stops the session; then close the session (what an
     early stop left in the journal is written, the writers, placement groups and limits closed)."""
-    init_ray(cfg)
+    try:
+        init_ray(cfg)
+    except RayStartError:
+        writers.close()
+        raise
     limits = ratelimit.start_session(cfg, manifest)
     board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
@@ -392,22 +403,51 @@ def close_session(cfg: RunConfig, manifest: Manifest, session: Session, timing: 
     """The session's timing and where its time went in run.json, saved; how long the metrics linger."""
     session.record.update(timing.record())
     session.record["breakdown"] = run_metrics.breakdown(session.record["generate_wall_s"])
+    plan_linger(cfg, session, run_metrics)
+    save_manifest(cfg.output, manifest)
+
+
+def batch_watch(cfg: RunConfig, work: SessionPlan, say: Callable[[str], None]) -> BatchWatch:
+    """The batch loop's metrics and live view, as the online stream's. Ray's metrics need Ray, which
+    a Batch API run starts only for them when asked to export them (``metrics.export_port``) or a
+    vLLM judge needs it; otherwise the run's counters feed progress.json alone."""
+    import sys
+
+    from sft_ray.batch.record import BatchWatch
+    from sft_ray.cost import batch_prices
+
+    if cfg.metrics.enabled and cfg.metrics.export_port is not None:
+        init_ray(cfg)
+    ray = sys.modules.get("ray")
+    run_metrics = metrics.RunMetrics(metrics.run_tag(cfg.output), batch_prices(cfg.pricing.model_dump()),
+                                     cfg.filter.min_reward if "min_reward" in cfg.filter.model_fields_set else None,
+                                     enabled=cfg.metrics.enabled and ray is not None and ray.is_initialized())
+    unit = "prompts" if work.draws is not None else "samples"
+    live = LiveView(cfg.output, f"sft-ray run {cfg.output}", work.start.expected, work.start.done,
+                    work.start.failed, work.todo, unit, cfg.report.interval_s, run_metrics, say=say)
+    return BatchWatch(run_metrics, live, per_prompt=work.draws is not None)
+
+
+def plan_linger(cfg: RunConfig, session: Session, run_metrics: metrics.RunMetrics) -> None:
+    """With metrics.export_port: how run() keeps Ray up at the end (:func:`sft_ray.metrics.linger`)."""
     if cfg.metrics.export_port is not None and run_metrics.m:
         session.metrics_linger = {"seconds": cfg.metrics.linger_s, "run": run_metrics.run,
                                   "port": cfg.metrics.export_port if starts_local_node(cfg) else None,
                                   "rows": run_metrics.counts["rows_written"]}
-    save_manifest(cfg.output, manifest)
 
 
 def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
-                 session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
+                 session: Session, writers: Writers, work: SessionPlan, say: Callable[[str], None],
+                 no_wait: bool) -> None:
     """Phase 1 through the Batch API: every batch recorded in the run folder before the driver
     waits on it; the writers closed and the session saved however it ends."""
     from sft_ray.backends.batchapi import BatchAPIError
     from sft_ray.batch import batch_generate
 
+    watch = None
     try:
-        batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait)
+        watch = batch_watch(cfg, work, say)
+        batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait, watch)
     except InputError as err:
         session.record.stop(StopReason.INPUT_ERROR, err)
         raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
@@ -416,6 +456,9 @@ def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: F
         raise RunError(f"the Batch API refused a call: {err}\n(what was collected is written and every batch "
                        f"submitted is recorded in {BATCHES}; rerun the same command to go on)") from None
     finally:
+        if watch is not None:
+            watch.live.close()
+            plan_linger(cfg, session, watch.metrics)
         writers.close()
         save_manifest(cfg.output, manifest)
 

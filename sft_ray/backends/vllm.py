@@ -19,6 +19,7 @@ names all come through :mod:`sft_ray.backends.vllm_compat`. vLLM is imported onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -26,6 +27,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -223,7 +225,8 @@ class VLLMBackend(Backend):
                 return v.AsyncLLMEngine.from_engine_args(args)
         # Building takes 20-80 s; a worker thread keeps the actor's loop responsive
         # (the engine starts its output handler lazily on the first request).
-        self.engine = await asyncio.to_thread(build)
+        with engine_site_env():
+            self.engine = await asyncio.to_thread(build)
         for handler in logging.getLogger("vllm").handlers:  # child loggers propagate to these
             handler.addFilter(self._quiet_teardown)
         # Sampling defaults the model ships in generation_config.json, as vLLM's server applies.
@@ -370,6 +373,23 @@ class VLLMBackend(Backend):
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.shutdown()  # stops the engine-core process; takes a few seconds
+
+
+@contextlib.contextmanager
+def engine_site_env() -> Iterator[None]:
+    """While vLLM spawns its engine processes: ``vllm_site/`` first on ``PYTHONPATH``, whose
+    ``sitecustomize`` drops the Triton notice those processes log at import, before anything
+    of ours runs there (:func:`quiet_vllm_logs` covers this process only)."""
+    site = str(resources.files("sft_ray").joinpath("backends", "vllm_site"))
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([site] + ([before] if before else []))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def quiet_vllm_logs() -> None:

@@ -12,7 +12,7 @@ from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider
 from sft_ray.backends.openai_batch import OpenAIBatchProvider
 from sft_ray.batch.collect import Collector
-from sft_ray.batch.record import BatchRecorder, Spending
+from sft_ray.batch.record import BatchRecorder, BatchWatch, Spending
 from sft_ray.batch.rounds import Episodes, refill
 from sft_ray.batch.samples import Samples
 from sft_ray.batch.submit import Submitter
@@ -41,7 +41,7 @@ class BatchPhase:
 
     def __init__(self, cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
                  session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool,
-                 out=sys.stderr) -> None:
+                 out=sys.stderr, watch: BatchWatch | None = None) -> None:
         self.cfg, self.inputs, self.state, self.session = cfg, inputs, state, session
         self.say, self.no_wait = say, no_wait
         self.poll_interval_s = cfg.model.batch.poll_interval_s
@@ -50,7 +50,7 @@ class BatchPhase:
         self.samples = Samples(cfg, self.provider.model_name)
         self.rejection = cfg.rejection if cfg.rejection.active else None
         self.spending = Spending(cfg, manifest)
-        self.recorder = BatchRecorder(cfg, state, session, writers, self.spending)
+        self.recorder = BatchRecorder(cfg, state, session, writers, self.spending, watch)
         self.submitter = Submitter(self.provider, self.log, self.samples, session, self.spending, self.recorder,
                                    cfg.model.batch.max_in_flight,
                                    cfg.responses_create_params.model_dump().get("max_output_tokens"))
@@ -96,9 +96,10 @@ class BatchPhase:
 
 
 def batch_generate(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: FolderState,
-                   session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool) -> None:
+                   session: Session, writers: Writers, say: Callable[[str], None], no_wait: bool,
+                   watch: BatchWatch | None = None) -> None:
     """Phase 1 through the Batch API (see :mod:`sft_ray.batch`); the session record gets its spend."""
-    phase = BatchPhase(cfg, manifest, inputs, state, session, writers, say, no_wait)
+    phase = BatchPhase(cfg, manifest, inputs, state, session, writers, say, no_wait, watch=watch)
     t0 = time.monotonic()
     try:
         asyncio.run(phase.run())

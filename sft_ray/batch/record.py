@@ -3,6 +3,7 @@ tallies, the failure budget), and what it spent (the spending budget, checked be
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -10,6 +11,8 @@ import orjson
 from sft_ray.config import RunConfig
 from sft_ray.cost import CACHE_READ, CACHE_WRITE, batch_prices, cost_usd
 from sft_ray.driver import Recorder, Session, remote_scorer
+from sft_ray.live import LiveView
+from sft_ray.metrics import RunMetrics, request_status
 from sft_ray.ratelimit import over_spending_budget
 from sft_ray.runfolder.layout import Key, keys_of
 from sft_ray.runfolder.manifest import Manifest
@@ -58,13 +61,42 @@ class Spending:
                                                              self.cached[CACHE_READ])}
 
 
+def batch_telemetry(rollout: dict[str, Any]) -> str:
+    """A batch line's telemetry, as an actor reports an online sample's (:class:`sft_ray.metrics.Telemetry`):
+    one request, its status from the line's error, and the usage the API reported, billed as reported."""
+    usage = rollout.get("usage") or {}
+    error = rollout.get("error") or {}
+    inp, out = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+    t: dict[str, Any] = {"req": {request_status(error.get("type")) if error else "ok": 1},
+                         "inp": inp, "out": out, "bin": inp, "bout": out}
+    cw, cr = int(usage.get(CACHE_WRITE) or 0), int(usage.get(CACHE_READ) or 0)
+    if cw or cr:
+        t.update(cw=cw, cr=cr)
+    return orjson.dumps(t).decode()
+
+
+class BatchWatch:
+    """The run's metrics and live view (:mod:`sft_ray.live`) for the batch loop: what it writes is
+    counted as the online stream counts its written batches (``per_prompt``: progress counts prompts)."""
+
+    def __init__(self, metrics: RunMetrics, live: LiveView, per_prompt: bool) -> None:
+        self.metrics, self.live, self.per_prompt = metrics, live, per_prompt
+
+    def written(self, keys: list[Key], rollouts: list[str], failed: list[bool], rewards: list[float | None],
+                ok: int, bad: int, write_s: float) -> None:
+        n = len({rid for rid, _ in keys}) if self.per_prompt else ok + bad
+        classes = self.live.written(n, ok, bad, rollouts, failed, rewards)
+        self.metrics.written(ok, bad, rewards, [batch_telemetry(orjson.loads(r)) for r in rollouts], write_s,
+                             classes)
+
+
 class BatchRecorder:
     """Scores what the batches bring back (failed rollouts pass through) and records it with the
     session's :class:`~sft_ray.driver.Recorder`, as the online stream does; counts its spend."""
 
     def __init__(self, cfg: RunConfig, state: FolderState, session: Session, writers: Writers,
-                 spending: Spending) -> None:
-        self.state, self.session, self.spending = state, session, spending
+                 spending: Spending, watch: BatchWatch | None = None) -> None:
+        self.state, self.session, self.spending, self.watch = state, session, spending, watch
         self.recorder = Recorder(cfg, writers, session)
         self.remote = remote_scorer(cfg)
         self.scorer = ScoreStage(verifier_payload(cfg.verifier)) if self.remote is None else None
@@ -87,8 +119,11 @@ class BatchRecorder:
                 keys = keys_of(out)
                 tokens = sum(int((orjson.loads(t).get("usage") or {}).get("output_tokens") or 0)
                              for t in out["rollout"])
-                self.recorder.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]),
-                                    tokens)
+                texts, flags, rewards = list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"])
+                t_write = time.perf_counter()
+                ok, bad = self.recorder.write(keys, texts, flags, rewards, tokens)
+                if self.watch is not None:
+                    self.watch.written(keys, texts, flags, rewards, ok, bad, time.perf_counter() - t_write)
         self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_sessions.values()))
 
     async def close(self) -> None:

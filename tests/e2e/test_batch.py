@@ -283,6 +283,55 @@ def test_kill_9_while_waiting_then_rerun_submits_nothing_twice(tmp_path):
     assert len(keys) == 3000 and set(keys.values()) == {1}
 
 
+def test_a_batch_run_counts_its_metrics_and_keeps_a_live_view(tmp_path, monkeypatch):
+    """A Batch API run records the run's metrics and live view as an online run does: progress.json
+    moves while the batches wait, and at the end the metric counters equal stats.json's done, failed,
+    requests, tokens and cost (at the batch price), and the final progress.json agrees with it."""
+    import threading
+
+    from sft_ray import metrics
+
+    made: list = []
+    real_init = metrics.RunMetrics.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(metrics.RunMetrics, "__init__", spy)
+    rows = _rows(300)
+    rows[7]["prompt"] = "[[status:400]] refused"  # a failure, final at once
+    with MockServer(MockConfig(batch_delay_s=2.5)) as server:
+        cfg = _config(tmp_path, server, rows, "model.batch.max_requests=100", "model.batch.max_in_flight=1",
+                      "report.interval_s=0.5", "pricing.input_per_mtok=2", "pricing.output_per_mtok=8",
+                      "max_error_fraction=0.5", "max_sample_attempts=1")
+        result: dict = {}
+        t = threading.Thread(target=lambda: result.setdefault("code", run(cfg, say=lambda s: None)))
+        t.start()
+        progress, live = tmp_path / "run" / "progress.json", []
+        while t.is_alive():
+            if progress.exists():
+                doc = json.loads(progress.read_text())  # written atomically: always whole JSON
+                if not doc["final"]:
+                    live.append(doc)
+            time.sleep(0.1)
+        t.join()
+    assert result["code"] == EXIT_OK
+    assert live and live[-1]["expected"] == 300 and live[-1]["spend"]["requests"] > 0, live[-1:]
+    assert any(0 < d["done"] < 300 for d in live), [d["done"] for d in live]
+    run_dir = tmp_path / "run"
+    stats = json.loads((run_dir / "stats.json").read_text())
+    [m] = made  # Ray's metrics too where Ray is up (metrics.export_port, or this session's test cluster)
+    assert (m.counts["done"], m.counts["failed"]) == (stats["done"], stats["failed"]) == (299, 1)
+    assert m.counts["requests"] == stats["spend"]["requests"] == 300
+    assert (m.counts["input_tokens"], m.counts["output_tokens"]) == (stats["tokens"]["input_tokens"],
+                                                                     stats["tokens"]["output_tokens"])
+    assert m.counts["cost_usd"] == pytest.approx(stats["spend"]["billed_usd"]) and stats["spend"]["billed_usd"] > 0
+    final = json.loads((run_dir / "progress.json").read_text())
+    assert final["final"] and (final["done"], final["expected"], final["failed"]) == (
+        stats["done"], stats["expected"], stats["failed"])
+
+
 VERIFIER = '''
 PASS = {"always": set(range(99)), "late": {3, 4}, "never": set()}
 

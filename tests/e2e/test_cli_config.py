@@ -4,9 +4,20 @@ Ray starts, naming the field; `--help` and the driver's modules import nothing h
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+from conftest import read_rows, write_jsonl
+
+from sft_ray.devserver import MockConfig, MockServer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cli_rejects_bad_config_before_ray(tmp_path):
@@ -56,3 +67,40 @@ def test_validate_command_reports_bad_rows_and_verifier(tmp_path):
     assert f"{inp}:3: field expected_answer: missing" not in proc.stderr  # python verifier needs none
     assert "verifier: verifier.function: cannot import 'no_such_mod_q'" in proc.stderr
     assert not (tmp_path / "out").exists()  # validate writes nothing
+
+
+@pytest.mark.slow
+def test_a_ray_that_does_not_start_is_one_error_line_and_a_rerun_goes_on(tmp_path):
+    """Ray's failure to start or connect ("The current node timed out during startup" on a loaded
+    machine, a cluster that is down) is one line of ours with advice, not Ray's traceback; the run
+    exits non-zero and the same command, rerun, does the whole job."""
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "expected_answer": f"p{i}"} for i in range(4)])
+    with MockServer(MockConfig()) as server:
+        config = {"input": str(inp), "output": str(tmp_path / "run"),
+                  "model": {"name": "mock", "base_url": server.url}, "verifier": {"type": "exact_match"}}
+        path = tmp_path / "config.yaml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        # Ray tries to connect for minutes (20 tries of a connect timeout each): one short try here.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": f"127.0.0.1:{port}",
+               "RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "2"}
+        cmd = [sys.executable, "-m", "sft_ray.cli", "run", str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1, said[-3000:]
+        assert "Traceback" not in said, said[-3000:]
+        [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert line.startswith(f"error: could not connect to the Ray cluster at 127.0.0.1:{port}: "), said[-3000:]
+        assert "nothing was lost" in proc.stderr and "RAY_ADDRESS" in proc.stderr
+        assert server.state.requests == 0
+        for k in ("RAY_ADDRESS", "RAY_gcs_server_port_wait_time_s", "RAY_gcs_rpc_server_connect_timeout_s"):
+            env.pop(k)
+        for _ in range(3):  # on a loaded machine the local Ray may time out too: that same line, then rerun
+            again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+            if again.returncode != 1 or "error: Ray did not start on this machine: " not in again.stderr:
+                break
+            assert "Traceback" not in again.stdout + again.stderr
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert len(read_rows(tmp_path / "run" / "rollouts")) == 4

