@@ -64,7 +64,16 @@ from sft_ray.runfolder.completion import (
     unexpected_keys,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.runfolder.layout import BATCHES, CONTAMINATED, ROLLOUTS, STATS, SUCCESS, TRAIN, recorded_sessions
+from sft_ray.runfolder.layout import (
+    BATCHES,
+    CONTAMINATED,
+    ROLLOUTS,
+    STATS,
+    SUCCESS,
+    TRAIN,
+    key_from_json,
+    recorded_sessions,
+)
 from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, Manifest, StopReason, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
@@ -453,7 +462,7 @@ def recorded_unexpected(manifest: dict[str, Any] | None, write: bool) -> frozens
     record = (manifest or {}).get("unexpected_keys")
     if record is None:
         return None
-    keys = frozenset((str(rid), int(k)) for rid, k in record.get("keys") or [])
+    keys = frozenset(key_from_json(k) for k in record.get("keys") or [])
     if write and int(record.get("count") or 0) > len(keys):
         raise RunError(f"run.json records {record['count']} rollouts whose key is none of the run's expected "
                        f"samples but names only {len(keys)}: rerun `sft-ray run` with the run's config, which "

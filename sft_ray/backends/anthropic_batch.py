@@ -8,7 +8,7 @@ the file (its reference records the time and the number of requests), and
 (the message), ``errored`` (the API's error), ``canceled`` or ``expired`` (never run: sent again).
 
 Custom ids must match ``^[a-zA-Z0-9_-]{1,64}$`` whatever the row ids are: a sample ``(id, k)`` is
-``<k>_<id in unpadded base64url>`` when that fits, else ``<k>-<hash of the id>``, which the adapter maps
+``<k>_<id in unpadded base64url>`` when that fits, else ``<k>-<hash of the id>``, (:func:`~sft_ray.runfolder.layout.anthropic_custom_id`), which the adapter maps
 back from the keys the loop names before parsing (:meth:`~AnthropicBatchProvider.expect`).
 
 Message Batches have no metadata to find a batch by: a run killed after ``create`` and before the batch
@@ -23,9 +23,6 @@ OpenAI adapter's :class:`~sft_ray.backends.openai_batch.BatchClient`, with Anthr
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import time
 from datetime import datetime
 from typing import Any
@@ -39,7 +36,7 @@ from sft_ray.backends.base import GenerationRequest, GenerationResult, error_res
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider, BatchStatus
 from sft_ray.backends.openai import BadResponse
 from sft_ray.backends.openai_batch import BatchClient
-from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.layout import Key, anthropic_custom_id, parse_anthropic_custom_id
 
 MAX_REQUESTS = 100_000  # Anthropic's limits on one batch
 MAX_BYTES = 256_000_000
@@ -54,33 +51,6 @@ _TYPES = {"invalid_request_error": errors.CLIENT_ERROR, "authentication_error": 
 def provider_limits(max_requests: int, max_bytes: int) -> BatchLimits:
     """The configured limits within Anthropic's (the bytes less the request envelope)."""
     return BatchLimits(min(max_requests, MAX_REQUESTS), min(max_bytes, MAX_BYTES - _ENVELOPE))
-
-
-def anthropic_custom_id(rid: str, k: int) -> str:
-    """A sample's custom id within ``^[a-zA-Z0-9_-]{1,64}$``: reversible when it fits, a hash otherwise."""
-    encoded = base64.urlsafe_b64encode(rid.encode()).rstrip(b"=").decode()
-    cid = f"{k}_{encoded}"
-    return cid if len(cid) <= 64 and encoded else f"{k}-{_digest(rid)}"
-
-
-def _digest(rid: str) -> str:
-    return hashlib.blake2b(rid.encode(), digest_size=24).hexdigest()
-
-
-def decode_custom_id(cid: Any, hashed: dict[str, Key]) -> Key | None:
-    """The sample key of a custom id (``hashed``: the hashed ones this adapter knows), or None."""
-    if not isinstance(cid, str):
-        return None
-    if cid in hashed:
-        return hashed[cid]
-    k, sep, rest = cid.partition("_")
-    if not sep or not k.isdigit() or len(k) >= 10 or not rest:
-        return None
-    try:
-        rid = base64.urlsafe_b64decode(rest + "=" * (-len(rest) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return (rid, int(k)) if anthropic_custom_id(rid, int(k)) == cid else None
 
 
 def parse_result_line(data: Any) -> GenerationResult | None:
@@ -147,7 +117,7 @@ class AnthropicBatchProvider(BatchProvider):
         await self.client.__aexit__(*exc)
 
     def _cid(self, key: Key) -> str:
-        cid = anthropic_custom_id(*key)
+        cid = anthropic_custom_id(key)
         if "_" not in cid:
             self.hashed[cid] = key
         return cid
@@ -222,7 +192,7 @@ class AnthropicBatchProvider(BatchProvider):
             data = orjson.loads(line)
         except orjson.JSONDecodeError:
             return None
-        key = decode_custom_id(data.get("custom_id"), self.hashed) if isinstance(data, dict) else None
+        key = parse_anthropic_custom_id(data.get("custom_id"), self.hashed) if isinstance(data, dict) else None
         return (key, parse_result_line(data)) if key is not None else None
 
     async def cancel(self, batch_id: str) -> None:

@@ -9,7 +9,7 @@ answer raises :class:`BatchAPIError` with the key and secret headers redacted.
 A request line's body is built by :class:`~sft_ray.backends.openai.OpenAIBackend` (the same body an
 online request sends); an output line is read back into a :class:`GenerationResult` by
 :func:`parse_line`: an answer, or an error result with its class. ``custom_id`` is the sample key
-(:func:`~sft_ray.backends.batchapi.custom_id`), never a position: a provider keeps no order.
+(:func:`~sft_ray.runfolder.layout.batch_custom_id`), never a position: a provider keeps no order.
 
 :class:`BatchClient` is the HTTP client of those endpoints; :class:`OpenAIBatchProvider` adapts it to the
 batch loop's interface (:class:`~sft_ray.backends.batchapi.BatchProvider`).
@@ -31,8 +31,6 @@ from sft_ray.backends.batchapi import (
     BatchLimits,
     BatchProvider,
     BatchStatus,
-    custom_id,
-    parse_custom_id,
 )
 from sft_ray.backends.openai import (
     BadResponse,
@@ -42,7 +40,7 @@ from sft_ray.backends.openai import (
     refused_param,
     refused_param_advice,
 )
-from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.layout import Key, batch_custom_id, parse_batch_custom_id
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
 # Lines a batch never ran (it expired or was cancelled first): sent again, not counted as a failed attempt.
@@ -220,7 +218,7 @@ class OpenAIBatchProvider(BatchProvider):
         await self.client.__aexit__(*exc)
 
     def request_line(self, key: Key, request: GenerationRequest) -> bytes:
-        return request_line(custom_id(*key), self.endpoint, self.bodies.request_body(request))
+        return request_line(batch_custom_id(key), self.endpoint, self.bodies.request_body(request))
 
     async def upload(self, data: bytes, filename: str) -> str:
         return await self.client.upload(data, filename)
@@ -243,7 +241,7 @@ class OpenAIBatchProvider(BatchProvider):
             data = orjson.loads(line)
         except orjson.JSONDecodeError:
             return None
-        key = parse_custom_id(data.get("custom_id")) if isinstance(data, dict) else None
+        key = parse_batch_custom_id(data.get("custom_id")) if isinstance(data, dict) else None
         return (key, parse_line(data, self.api)) if key is not None else None
 
     async def cancel(self, batch_id: str) -> None:
