@@ -331,10 +331,8 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
     limits = ratelimit.start_session(cfg, manifest)
     board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
-    recorder = Recorder(cfg, writers, session)
+    recorder = Recorder(cfg, writers, session, work.start.done, work.start.failed_final)
     draws, todo = work.draws, work.todo
-    # The folder's samples with a result, as this session adds to them (retries have none yet).
-    done, failed = work.start.done, work.start.failed_final
     unit = "prompts" if draws is not None else "samples"
     progress = Progress(todo, unit=unit, limits=limits)
     timing = Timing(todo)
@@ -352,12 +350,11 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
         units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
-            ok, bad, n = write_batch(batch, recorder, live, run_metrics, per_prompt=draws is not None)
-            done, failed = done + ok, failed + bad
+            n = write_batch(batch, recorder, live, run_metrics, per_prompt=draws is not None)[2]
             timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
             units += n
             progress.update(n, units, session.record["failed"], session.mean_reward)
-            if recorder.over_failure_budget(done, failed):
+            if recorder.over_failure_budget():
                 break
         finished = True
     except InputError as err:

@@ -65,7 +65,8 @@ class BatchRecorder:
     def __init__(self, cfg: RunConfig, state: FolderState, session: Session, writers: Writers,
                  spending: Spending) -> None:
         self.state, self.session, self.spending = state, session, spending
-        self.recorder = Recorder(cfg, writers, session)
+        # Failures are sent again within the session: every failure record counts until its sample is done.
+        self.recorder = Recorder(cfg, writers, session, len(state.done), 0, state.failed_sessions)
         self.remote = remote_scorer(cfg)
         self.scorer = ScoreStage(verifier_payload(cfg.verifier)) if self.remote is None else None
 
@@ -89,7 +90,7 @@ class BatchRecorder:
                              for t in out["rollout"])
                 self.recorder.write(keys, list(out["rollout"]), [bool(f) for f in out["failed"]], list(out["reward"]),
                                     tokens)
-        self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_sessions.values()))
+        self.recorder.over_failure_budget()
 
     async def close(self) -> None:
         if self.scorer is not None:
