@@ -17,13 +17,14 @@ requests (:meth:`~AnthropicBatchProvider.find`); a batch adopted by mistake woul
 entry's custom ids, and its samples would be sent again.
 
 Request bodies are :class:`~sft_ray.backends.anthropic.AnthropicBackend`'s (the body an online request
-sends); answers are read by :func:`~sft_ray.backends.anthropic.parse_message`. HTTP and retries are the
-OpenAI adapter's :class:`~sft_ray.backends.openai_batch.BatchClient`, with Anthropic's headers.
+sends); answers are read by :func:`~sft_ray.backends.anthropic.parse_message`. HTTP, retries and the listing's
+pages are the OpenAI adapter's :class:`~sft_ray.backends.openai_batch.BatchClient`, with Anthropic's headers.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -146,26 +147,17 @@ class AnthropicBatchProvider(BatchProvider):
             since, total = float(stamp) - 5.0, int(count)
         except ValueError:
             return None
-        after, found = None, None
-        for _ in range(pages):
-            query = "?limit=100" + (f"&after_id={after}" if after else "")
-            raw = await self.client._call("GET", f"/v1/messages/batches{query}", "listing batches")
-            try:
-                page = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return None
-            data = page.get("data") if isinstance(page, dict) else None
-            if not isinstance(data, list) or not data:
-                break
-            for batch in data:  # newest first: the last match is the oldest
-                if not isinstance(batch, dict) or not isinstance(batch.get("id"), str):
-                    continue
-                created = _when(batch.get("created_at"))
-                if created is not None and created >= since and sum(request_counts(batch).values()) == total:
-                    found = batch
-            if not page.get("has_more"):
-                break
-            after = page.get("last_id")
+        found = None
+        async with aclosing(self.client.pages("/v1/messages/batches", "after_id", pages)) as listing:
+            async for data in listing:
+                if data is None:
+                    return None
+                for batch in data:  # newest first: the last match is the oldest
+                    if not isinstance(batch, dict) or not isinstance(batch.get("id"), str):
+                        continue
+                    created = _when(batch.get("created_at"))
+                    if created is not None and created >= since and sum(request_counts(batch).values()) == total:
+                        found = batch
         return batch_status(found) if found is not None else None
 
     async def status(self, batch_id: str) -> BatchStatus:
