@@ -35,6 +35,9 @@ STALE_AFTER_S = 3 * REPORT_EVERY_S + 5  # a report older than this: the actor's 
 
 CRASH_LIMIT = 2  # a sample in flight when its actor died this many times is not run again in this run
 CRASHED = object()  # what SampleGuard.run returns instead of running such a sample
+# What the guard tracks: a sample key (id, sample_index), or (id, None) for a prompt whose draws run
+# together (rejection sampling).
+GuardKey = tuple[str, int | None]
 
 
 class Board:
@@ -45,11 +48,11 @@ class Board:
 
     def __init__(self) -> None:
         self.reports: dict[str, dict[str, Any]] = {}
-        self.unfinished: dict[str, int] = {}
+        self.unfinished: dict[GuardKey, int] = {}
         self.finished_gone = 0  # samples finished by actors that closed (their reports dropped)
         self.messages: list[str] = []  # actors' lines for the driver to print, in order
 
-    def begin(self, keys: list[str]) -> list[int]:
+    def begin(self, keys: list[GuardKey]) -> list[int]:
         """How many earlier runs of each key never ended; the keys with none are marked running
         (a suspect is marked only while it runs: :meth:`SampleGuard.suspect`)."""
         priors = [self.unfinished.get(k, 0) for k in keys]
@@ -58,7 +61,7 @@ class Board:
                 self.unfinished[k] = 1
         return priors
 
-    def end(self, keys: list[str]) -> None:
+    def end(self, keys: list[GuardKey]) -> None:
         for k in keys:
             n = self.unfinished.get(k, 0) - 1
             if n > 0:
@@ -66,7 +69,7 @@ class Board:
             else:
                 self.unfinished.pop(k, None)
 
-    def begin_suspect(self, key: str) -> int:
+    def begin_suspect(self, key: GuardKey) -> int:
         prior = self.unfinished.get(key, 0)
         if prior < CRASH_LIMIT:
             self.unfinished[key] = prior + 1
@@ -325,7 +328,7 @@ class SampleGuard:
                 self.board_name = None
         return self._board
 
-    async def begin(self, keys: list[str]) -> list[int]:
+    async def begin(self, keys: list[GuardKey]) -> list[int]:
         """Each key's earlier unfinished runs (all 0 without a board); the 0s are now begun."""
         board = self._handle()
         if board is None or not keys:
@@ -336,7 +339,7 @@ class SampleGuard:
             log.debug("activity board did not answer: %s", e)
             return [0] * len(keys)
 
-    async def end(self, keys: list[str]) -> None:
+    async def end(self, keys: list[GuardKey]) -> None:
         """Mark keys ended, waiting for the board's answer (an actor about to exit, as after its
         engine died, must not lose it) unless the task is being torn down."""
         from sft_ray.environments.base import cancelled_from_outside
@@ -351,7 +354,7 @@ class SampleGuard:
         except Exception as e:  # the board is gone: nothing to tell
             log.debug("activity board did not answer: %s", e)
 
-    async def suspect(self, key: str, make: Any) -> Any:
+    async def suspect(self, key: GuardKey, make: Any) -> Any:
         """Run a suspect (a sample in flight at an earlier actor death) alone among suspects;
         :data:`CRASHED` when it has reached the limit meanwhile."""
         board = self._handle()

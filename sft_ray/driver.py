@@ -20,7 +20,7 @@ import orjson
 from sft_ray.config import RunConfig
 from sft_ray.placement import release_placement_groups
 from sft_ray.ratelimit import RunLimits
-from sft_ray.runfolder.completion import FailureBudget
+from sft_ray.runfolder.completion import FailureBudget, FailureTally
 from sft_ray.runfolder.layout import Key, keys_of
 from sft_ray.runfolder.manifest import Manifest, StopReason
 from sft_ray.runfolder.parts import Writers
@@ -316,22 +316,27 @@ class Session:
 class Recorder:
     """What becomes of a scored rollout, the one way for every path (the online stream, the Batch
     API's loop): written to the folder (``rollouts/`` or ``failed/``), added to the session's tallies;
-    and the failure budget, which stops the session once exceeded."""
+    and the failure budget, which stops the session once exceeded. ``done``, ``final``, ``failed``:
+    where the failure budget's counts start (:class:`~sft_ray.runfolder.completion.FailureTally`)."""
 
-    def __init__(self, cfg: RunConfig, writers: Writers, session: Session) -> None:
+    def __init__(self, cfg: RunConfig, writers: Writers, session: Session, done: int, final: int = 0,
+                 failed: Iterable[Key] = ()) -> None:
         self.writers, self.session = writers, session
-        self.failure_budget = FailureBudget(cfg.max_error_fraction, cfg.min_rows_for_budget)
+        self.failures = FailureTally(FailureBudget(cfg.max_error_fraction, cfg.min_rows_for_budget), done, final,
+                                     failed)
 
     def write(self, keys: list[Key], rollouts: list[str], failed: list[bool], rewards: list[float | None],
               output_tokens: int) -> tuple[int, int]:
         """Write scored rollouts (JSON text); (how many went to rollouts/, how many to failed/)."""
         ok, bad = self.writers.write(keys, rollouts, failed, rewards)
         self.session.add(ok, bad, output_tokens, rewards)
+        self.failures.add(keys, failed)
         return ok, bad
 
-    def over_failure_budget(self, done: int, failed: int) -> bool:
-        """Whether the failure budget is exceeded (the session's stop reason then says so)."""
-        if not self.failure_budget.exceeded(done, failed):
+    def over_failure_budget(self) -> bool:
+        """Whether the failure budget is exceeded by what was written so far (the session's stop
+        reason then says so)."""
+        if not self.failures.exceeded():
             return False
         self.session.record.stop(StopReason.FAILURE_BUDGET)
         return True

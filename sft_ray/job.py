@@ -66,7 +66,16 @@ from sft_ray.runfolder.completion import (
     unexpected_keys,
 )
 from sft_ray.runfolder.journal import clear_journal
-from sft_ray.runfolder.layout import BATCHES, CONTAMINATED, ROLLOUTS, STATS, SUCCESS, TRAIN, recorded_sessions
+from sft_ray.runfolder.layout import (
+    BATCHES,
+    CONTAMINATED,
+    ROLLOUTS,
+    STATS,
+    SUCCESS,
+    TRAIN,
+    key_from_json,
+    recorded_sessions,
+)
 from sft_ray.runfolder.lock import LockError, RunLock
 from sft_ray.runfolder.manifest import DriftError, Manifest, StopReason, prepare_run_dir, save_manifest
 from sft_ray.runfolder.parts import Writers
@@ -334,10 +343,8 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
     limits = ratelimit.start_session(cfg, manifest)
     board = activity.start_board()  # what the actors have in flight, for the stall warning
     warn_gpu_setup(cfg, say)
-    recorder = Recorder(cfg, writers, session)
+    recorder = Recorder(cfg, writers, session, work.start.done, work.start.failed_final)
     draws, todo = work.draws, work.todo
-    # The folder's samples with a result, as this session adds to them (retries have none yet).
-    done, failed = work.start.done, work.start.failed_final
     unit = "prompts" if draws is not None else "samples"
     progress = Progress(todo, unit=unit, limits=limits)
     timing = Timing(todo)
@@ -355,12 +362,11 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
         units = 0  # what progress counts: samples, or prompts with rejection sampling
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             watch.touch()
-            ok, bad, n = write_batch(batch, recorder, live, run_metrics, per_prompt=draws is not None)
-            done, failed = done + ok, failed + bad
+            n = write_batch(batch, recorder, live, run_metrics, per_prompt=draws is not None)[2]
             timing.batch(n, units, pc.min(batch.column("ready_at")).as_py())
             units += n
             progress.update(n, units, session.record["failed"], session.mean_reward)
-            if recorder.over_failure_budget(done, failed):
+            if recorder.over_failure_budget():
                 break
         finished = True
     except InputError as err:
@@ -498,7 +504,7 @@ def recorded_unexpected(manifest: dict[str, Any] | None, write: bool) -> frozens
     record = (manifest or {}).get("unexpected_keys")
     if record is None:
         return None
-    keys = frozenset((str(rid), int(k)) for rid, k in record.get("keys") or [])
+    keys = frozenset(key_from_json(k) for k in record.get("keys") or [])
     if write and int(record.get("count") or 0) > len(keys):
         raise RunError(f"run.json records {record['count']} rollouts whose key is none of the run's expected "
                        f"samples but names only {len(keys)}: rerun `sft-ray run` with the run's config, which "

@@ -26,6 +26,7 @@ from sft_ray.backends.base import GenerationRequest, GenerationResult, Secret
 from sft_ray.config import flat_dump
 from sft_ray.environments.base import EnvironmentFailure, Episode, cancelled_from_outside
 from sft_ray.rows import drop_params, prompt_messages, prompt_tools, sampling_params, split_input
+from sft_ray.runfolder.layout import episode_id, request_id
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Prepared:
     params: dict[str, Any]
 
     def request(self, rid: str, k: int) -> GenerationRequest:
-        return GenerationRequest(self.prompt, self.params, f"{rid}#{k}")
+        return GenerationRequest(self.prompt, self.params, request_id((rid, k)))
 
 
 def prepare(row: dict[str, Any], rid: str, k: int, source: str, sampling: dict[str, Any],
@@ -145,10 +146,10 @@ async def run_agent_sample(call_model: Callable[[GenerationRequest], Awaitable[G
     episode = None
     try:
         async with asyncio.timeout(timeout_s):
-            episode = await environment.open(row, f"{rid}.{k}")
+            episode = await environment.open(row, episode_id((rid, k)))
             if wrap is not None:
                 episode = wrap(episode)
-            await run_episode(call_model, episode, state, params, tools, max_steps, f"{rid}#{k}")
+            await run_episode(call_model, episode, state, params, tools, max_steps, request_id((rid, k)))
             if verify_in_episode and state.error is None:
                 state.verify = await episode.verify(row, state.messages, tools.get("tools"))
     except TimeoutError:

@@ -8,7 +8,7 @@ the file (its reference records the time and the number of requests), and
 (the message), ``errored`` (the API's error), ``canceled`` or ``expired`` (never run: sent again).
 
 Custom ids must match ``^[a-zA-Z0-9_-]{1,64}$`` whatever the row ids are: a sample ``(id, k)`` is
-``<k>_<id in unpadded base64url>`` when that fits, else ``<k>-<hash of the id>``, which the adapter maps
+``<k>_<id in unpadded base64url>`` when that fits, else ``<k>-<hash of the id>``, (:func:`~sft_ray.runfolder.layout.anthropic_custom_id`), which the adapter maps
 back from the keys the loop names before parsing (:meth:`~AnthropicBatchProvider.expect`).
 
 Message Batches have no metadata to find a batch by: a run killed after ``create`` and before the batch
@@ -17,16 +17,14 @@ requests (:meth:`~AnthropicBatchProvider.find`); a batch adopted by mistake woul
 entry's custom ids, and its samples would be sent again.
 
 Request bodies are :class:`~sft_ray.backends.anthropic.AnthropicBackend`'s (the body an online request
-sends); answers are read by :func:`~sft_ray.backends.anthropic.parse_message`. HTTP and retries are the
-OpenAI adapter's :class:`~sft_ray.backends.openai_batch.BatchClient`, with Anthropic's headers.
+sends); answers are read by :func:`~sft_ray.backends.anthropic.parse_message`. HTTP, retries and the listing's
+pages are the OpenAI adapter's :class:`~sft_ray.backends.openai_batch.BatchClient`, with Anthropic's headers.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import time
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +37,7 @@ from sft_ray.backends.base import GenerationRequest, GenerationResult, error_res
 from sft_ray.backends.batchapi import BatchAPIError, BatchLimits, BatchProvider, BatchStatus
 from sft_ray.backends.openai import BadResponse
 from sft_ray.backends.openai_batch import BatchClient
-from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.layout import Key, anthropic_custom_id, parse_anthropic_custom_id
 
 MAX_REQUESTS = 100_000  # Anthropic's limits on one batch
 MAX_BYTES = 256_000_000
@@ -54,33 +52,6 @@ _TYPES = {"invalid_request_error": errors.CLIENT_ERROR, "authentication_error": 
 def provider_limits(max_requests: int, max_bytes: int) -> BatchLimits:
     """The configured limits within Anthropic's (the bytes less the request envelope)."""
     return BatchLimits(min(max_requests, MAX_REQUESTS), min(max_bytes, MAX_BYTES - _ENVELOPE))
-
-
-def anthropic_custom_id(rid: str, k: int) -> str:
-    """A sample's custom id within ``^[a-zA-Z0-9_-]{1,64}$``: reversible when it fits, a hash otherwise."""
-    encoded = base64.urlsafe_b64encode(rid.encode()).rstrip(b"=").decode()
-    cid = f"{k}_{encoded}"
-    return cid if len(cid) <= 64 and encoded else f"{k}-{_digest(rid)}"
-
-
-def _digest(rid: str) -> str:
-    return hashlib.blake2b(rid.encode(), digest_size=24).hexdigest()
-
-
-def decode_custom_id(cid: Any, hashed: dict[str, Key]) -> Key | None:
-    """The sample key of a custom id (``hashed``: the hashed ones this adapter knows), or None."""
-    if not isinstance(cid, str):
-        return None
-    if cid in hashed:
-        return hashed[cid]
-    k, sep, rest = cid.partition("_")
-    if not sep or not k.isdigit() or len(k) >= 10 or not rest:
-        return None
-    try:
-        rid = base64.urlsafe_b64decode(rest + "=" * (-len(rest) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-    return (rid, int(k)) if anthropic_custom_id(rid, int(k)) == cid else None
 
 
 def parse_result_line(data: Any) -> GenerationResult | None:
@@ -147,7 +118,7 @@ class AnthropicBatchProvider(BatchProvider):
         await self.client.__aexit__(*exc)
 
     def _cid(self, key: Key) -> str:
-        cid = anthropic_custom_id(*key)
+        cid = anthropic_custom_id(key)
         if "_" not in cid:
             self.hashed[cid] = key
         return cid
@@ -176,26 +147,17 @@ class AnthropicBatchProvider(BatchProvider):
             since, total = float(stamp) - 5.0, int(count)
         except ValueError:
             return None
-        after, found = None, None
-        for _ in range(pages):
-            query = "?limit=100" + (f"&after_id={after}" if after else "")
-            raw = await self.client._call("GET", f"/v1/messages/batches{query}", "listing batches")
-            try:
-                page = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return None
-            data = page.get("data") if isinstance(page, dict) else None
-            if not isinstance(data, list) or not data:
-                break
-            for batch in data:  # newest first: the last match is the oldest
-                if not isinstance(batch, dict) or not isinstance(batch.get("id"), str):
-                    continue
-                created = _when(batch.get("created_at"))
-                if created is not None and created >= since and sum(request_counts(batch).values()) == total:
-                    found = batch
-            if not page.get("has_more"):
-                break
-            after = page.get("last_id")
+        found = None
+        async with aclosing(self.client.pages("/v1/messages/batches", "after_id", pages)) as listing:
+            async for data in listing:
+                if data is None:
+                    return None
+                for batch in data:  # newest first: the last match is the oldest
+                    if not isinstance(batch, dict) or not isinstance(batch.get("id"), str):
+                        continue
+                    created = _when(batch.get("created_at"))
+                    if created is not None and created >= since and sum(request_counts(batch).values()) == total:
+                        found = batch
         return batch_status(found) if found is not None else None
 
     async def status(self, batch_id: str) -> BatchStatus:
@@ -222,7 +184,7 @@ class AnthropicBatchProvider(BatchProvider):
             data = orjson.loads(line)
         except orjson.JSONDecodeError:
             return None
-        key = decode_custom_id(data.get("custom_id"), self.hashed) if isinstance(data, dict) else None
+        key = parse_anthropic_custom_id(data.get("custom_id"), self.hashed) if isinstance(data, dict) else None
         return (key, parse_result_line(data)) if key is not None else None
 
     async def cancel(self, batch_id: str) -> None:

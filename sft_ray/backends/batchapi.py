@@ -19,7 +19,8 @@ The loop, for each file of requests:
 
 An adapter raises :class:`BatchAPIError` when a call is refused (after the retries of
 :mod:`sft_ray.backends.retry`), with every secret redacted. The sample key travels as the line's
-``custom_id`` (:func:`custom_id`), never as a position: a provider keeps no order.
+``custom_id`` (:func:`~sft_ray.runfolder.layout.batch_custom_id`,
+:func:`~sft_ray.runfolder.layout.anthropic_custom_id`), never as a position: a provider keeps no order.
 
 A provider without files (the request lines go in the create call itself) sets
 ``stores_files = False``: :meth:`~BatchProvider.upload` then only names the file, and
@@ -45,19 +46,6 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 class BatchAPIError(Exception):
     """The Batch API refused a call (after retries, for transient failures)."""
-
-
-def custom_id(rid: str, sample_index: int) -> str:
-    """A sample's ``custom_id``: ``<sample_index>:<id>``; any id round-trips (the index ends at the first colon)."""
-    return f"{sample_index}:{rid}"
-
-
-def parse_custom_id(value: Any) -> Key | None:
-    """The sample key of a ``custom_id``, or None when it is not one of ours."""
-    if not isinstance(value, str):
-        return None
-    k, sep, rid = value.partition(":")
-    return (rid, int(k)) if sep and k.isdigit() and len(k) < 10 else None
 
 
 @dataclass(frozen=True)

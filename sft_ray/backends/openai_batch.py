@@ -9,7 +9,7 @@ answer raises :class:`BatchAPIError` with the key and secret headers redacted.
 A request line's body is built by :class:`~sft_ray.backends.openai.OpenAIBackend` (the same body an
 online request sends); an output line is read back into a :class:`GenerationResult` by
 :func:`parse_line`: an answer, or an error result with its class. ``custom_id`` is the sample key
-(:func:`~sft_ray.backends.batchapi.custom_id`), never a position: a provider keeps no order.
+(:func:`~sft_ray.runfolder.layout.batch_custom_id`), never a position: a provider keeps no order.
 
 :class:`BatchClient` is the HTTP client of those endpoints; :class:`OpenAIBatchProvider` adapts it to the
 batch loop's interface (:class:`~sft_ray.backends.batchapi.BatchProvider`).
@@ -18,7 +18,8 @@ batch loop's interface (:class:`~sft_ray.backends.batchapi.BatchProvider`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from contextlib import aclosing
+from typing import Any, AsyncIterator
 
 import aiohttp
 import orjson
@@ -31,8 +32,6 @@ from sft_ray.backends.batchapi import (
     BatchLimits,
     BatchProvider,
     BatchStatus,
-    custom_id,
-    parse_custom_id,
 )
 from sft_ray.backends.openai import (
     BadResponse,
@@ -42,7 +41,7 @@ from sft_ray.backends.openai import (
     refused_param,
     refused_param_advice,
 )
-from sft_ray.runfolder.layout import Key
+from sft_ray.runfolder.layout import Key, batch_custom_id, parse_batch_custom_id
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
 # Lines a batch never ran (it expired or was cancelled first): sent again, not counted as a failed attempt.
@@ -171,26 +170,40 @@ class BatchClient:
     async def get(self, batch_id: str) -> dict[str, Any]:
         return await self._json("GET", f"/batches/{batch_id}", f"polling batch {batch_id}")
 
-    async def find(self, file_id: str, pages: int = 10) -> dict[str, Any] | None:
-        """The most recent batch made from ``file_id`` (``GET /v1/batches``, newest first, up to ``pages``
-        pages of 100), or None: a run killed between creating a batch and recording it finds it here."""
+    async def pages(self, path: str, cursor_param: str, max_pages: int,
+                    limit: int = 100) -> AsyncIterator[list[Any] | None]:
+        """A listing's pages, each page's ``data`` (a non-empty list), newest first: ``GET
+        <path>?limit=<limit>``, then ``&<cursor_param>=<cursor>`` (the page's ``last_id``, else its last
+        item's ``id``: OpenAI's ``after``, Anthropic's ``after_id``) while ``has_more``, at most
+        ``max_pages`` pages. An empty page ends it; a page that is not JSON is None, and ends it (the
+        caller trusts nothing it found then)."""
         after = None
-        for _ in range(pages):
-            query = "?limit=100" + (f"&after={after}" if after else "")
-            raw = await self._call("GET", f"/batches{query}", "listing batches")
+        for _ in range(max_pages):
+            query = f"?limit={limit}" + (f"&{cursor_param}={after}" if after else "")
+            raw = await self._call("GET", f"{path}{query}", "listing batches")
             try:
                 page = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                return None
+                yield None
+                return
             data = page.get("data") if isinstance(page, dict) else None
             if not isinstance(data, list) or not data:
-                return None
-            for batch in data:
-                if isinstance(batch, dict) and batch.get("input_file_id") == file_id and isinstance(batch.get("id"), str):
-                    return batch
+                return
+            yield data
             if not page.get("has_more"):
-                return None
-            after = data[-1].get("id") if isinstance(data[-1], dict) else None
+                return
+            last = page.get("last_id")
+            after = last if isinstance(last, str) else data[-1].get("id") if isinstance(data[-1], dict) else None
+
+    async def find(self, file_id: str, pages: int = 10) -> dict[str, Any] | None:
+        """The most recent batch made from ``file_id`` (``GET /v1/batches``, newest first, up to ``pages``
+        pages of 100), or None: a run killed between creating a batch and recording it finds it here."""
+        async with aclosing(self.pages("/batches", "after", pages)) as listing:
+            async for data in listing:
+                for batch in data or ():
+                    if isinstance(batch, dict) and batch.get("input_file_id") == file_id \
+                            and isinstance(batch.get("id"), str):
+                        return batch
         return None
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
@@ -220,7 +233,7 @@ class OpenAIBatchProvider(BatchProvider):
         await self.client.__aexit__(*exc)
 
     def request_line(self, key: Key, request: GenerationRequest) -> bytes:
-        return request_line(custom_id(*key), self.endpoint, self.bodies.request_body(request))
+        return request_line(batch_custom_id(key), self.endpoint, self.bodies.request_body(request))
 
     async def upload(self, data: bytes, filename: str) -> str:
         return await self.client.upload(data, filename)
@@ -243,7 +256,7 @@ class OpenAIBatchProvider(BatchProvider):
             data = orjson.loads(line)
         except orjson.JSONDecodeError:
             return None
-        key = parse_custom_id(data.get("custom_id")) if isinstance(data, dict) else None
+        key = parse_batch_custom_id(data.get("custom_id")) if isinstance(data, dict) else None
         return (key, parse_line(data, self.api)) if key is not None else None
 
     async def cancel(self, batch_id: str) -> None:

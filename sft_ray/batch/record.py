@@ -97,7 +97,8 @@ class BatchRecorder:
     def __init__(self, cfg: RunConfig, state: FolderState, session: Session, writers: Writers,
                  spending: Spending, watch: BatchWatch | None = None) -> None:
         self.state, self.session, self.spending, self.watch = state, session, spending, watch
-        self.recorder = Recorder(cfg, writers, session)
+        # Failures are sent again within the session: every failure record counts until its sample is done.
+        self.recorder = Recorder(cfg, writers, session, len(state.done), 0, state.failed_sessions)
         self.remote = remote_scorer(cfg)
         self.scorer = ScoreStage(verifier_payload(cfg.verifier)) if self.remote is None else None
 
@@ -124,7 +125,7 @@ class BatchRecorder:
                 ok, bad = self.recorder.write(keys, texts, flags, rewards, tokens)
                 if self.watch is not None:
                     self.watch.written(keys, texts, flags, rewards, ok, bad, time.perf_counter() - t_write)
-        self.recorder.over_failure_budget(len(self.state.done), sum(1 for n in self.state.failed_sessions.values()))
+        self.recorder.over_failure_budget()
 
     async def close(self) -> None:
         if self.scorer is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from sft_ray import io
-from sft_ray.runfolder.layout import BATCHES, Key
+from sft_ray.runfolder.layout import BATCHES, Key, key_from_json, key_to_json
 
 
 @dataclass
@@ -83,7 +83,7 @@ class BatchLog:
     def _apply(self, rec: dict[str, Any]) -> None:
         n = int(rec["n"])
         if rec["event"] == "upload":
-            self.entries[n] = BatchEntry(n, rec["file_id"], [(str(r), int(k)) for r, k in rec["keys"]],
+            self.entries[n] = BatchEntry(n, rec["file_id"], [key_from_json(k) for k in rec["keys"]],
                                          int(rec.get("bytes") or 0), int(rec.get("round") or 0), rec.get("at") or 0.0)
         elif rec["event"] == "submit":
             self.entries[n].batch_id, self.entries[n].submitted_at = rec["batch_id"], rec.get("at")
@@ -105,7 +105,7 @@ class BatchLog:
 
     def uploaded(self, file_id: str, keys: list[Key], nbytes: int, round_no: int = 0) -> BatchEntry:
         n = max(self.entries, default=-1) + 1
-        self._append({"event": "upload", "n": n, "file_id": file_id, "keys": [list(k) for k in keys],
+        self._append({"event": "upload", "n": n, "file_id": file_id, "keys": [key_to_json(k) for k in keys],
                       "bytes": nbytes, "round": round_no, "at": time.time()})
         return self.entries[n]
 

@@ -2,8 +2,8 @@
 its state in the run folder, and the verdict on it.
 
 One count (:meth:`Completion.of`) decides the exit code, ``complete`` in stats.json and the
-``_SUCCESS`` marker; one rule (:meth:`FailureBudget.exceeded`) decides both a session's early stop
-and the exit code. :func:`prompt_draws` says where each prompt of a rejection-sampling run
+``_SUCCESS`` marker; one rule (:meth:`FailureBudget.exceeded`) decides both a session's early stop (on the counts of a
+:class:`FailureTally`) and the exit code. :func:`prompt_draws` says where each prompt of a rejection-sampling run
 stands, from the folder alone, so a rerun continues every prompt where it stopped and
 draws no sample twice.
 """
@@ -106,6 +106,32 @@ class FailureBudget:
         if not n or (not final and n < self.min_rows):
             return False
         return failed / n > self.max_fraction
+
+
+class FailureTally:
+    """The counts a session's early stop reads, kept as the session writes (:meth:`add`), the one
+    rule for the online stream and the Batch API's loop (:meth:`exceeded`).
+
+    ``done``: samples with a rollout; ``final``: failed samples this session never writes again;
+    ``failed``: failed samples it may (a sample that fails again counts once, one that succeeds
+    later leaves them). The online stream starts from the folder's final failures (the others are
+    sent again, and count once their new result is written); the Batch API's loop, which sends a
+    failure again within the session, starts from every failure record's key."""
+
+    def __init__(self, budget: FailureBudget, done: int, final: int = 0, failed: Iterable[Key] = ()) -> None:
+        self.budget, self.done, self.final = budget, done, final
+        self.failed: set[Key] = set(failed)
+
+    def add(self, keys: list[Key], failed: list[bool]) -> None:
+        for key, f in zip(keys, failed):
+            if f:
+                self.failed.add(key)
+            else:
+                self.failed.discard(key)
+                self.done += 1
+
+    def exceeded(self) -> bool:
+        return self.budget.exceeded(self.done, self.final + len(self.failed))
 
 
 @dataclass

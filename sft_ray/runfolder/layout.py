@@ -27,6 +27,9 @@ listed in ``_INSIDE``, inside one): ``--restart`` deletes every one of them but 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from typing import Any, Iterable, Iterator
 
@@ -63,6 +66,93 @@ def key_of(row: dict[str, Any]) -> Key:
 def keys_of(columns: dict[str, Any]) -> list[Key]:
     """The sample keys of a batch of columns (``id``, ``sample_index``), as :func:`key_of` gives one row's."""
     return [(str(rid), int(k)) for rid, k in zip(columns["id"], columns["sample_index"])]
+
+
+# ---- a sample key's string and JSON forms ----------------------------------------------------
+# Inside the code a sample is its Key tuple. The forms below are the ones that leave the process and
+# must stay as they are: they are on disk in old run folders (resumed by newer code) or were sent to
+# a provider that answers with them. Each has its encoding and its decoding side by side.
+
+
+def key_to_json(key: Key) -> list[Any]:
+    """A key as JSON: ``[id, sample_index]``. Written in ``batches.jsonl`` (each upload's ``keys``) and
+    run.json (``unexpected_keys.keys``); JSON has no tuple, hence a list."""
+    return [key[0], key[1]]
+
+
+def key_from_json(value: Any) -> Key:
+    """The key of :func:`key_to_json`'s list (read back from ``batches.jsonl`` and run.json)."""
+    rid, k = value
+    return str(rid), int(k)
+
+
+def batch_custom_id(key: Key) -> str:
+    """A sample's ``custom_id`` in an OpenAI-style Batch API file: ``<sample_index>:<id>``. The index
+    comes first so that any id round-trips (it ends at the first colon). Providers answer with it, and
+    a rerun reads the results of batches submitted by an older run: it never changes."""
+    return f"{key[1]}:{key[0]}"
+
+
+def parse_batch_custom_id(value: Any) -> Key | None:
+    """The key of a :func:`batch_custom_id`, or None when it is not one of ours."""
+    if not isinstance(value, str):
+        return None
+    k, sep, rid = value.partition(":")
+    return (rid, int(k)) if sep and k.isdigit() and len(k) < 10 else None
+
+
+def anthropic_custom_id(key: Key) -> str:
+    """A sample's custom id in Anthropic's Message Batches, which must match ``^[a-zA-Z0-9_-]{1,64}$``
+    whatever the row ids are: ``<sample_index>_<id in unpadded base64url>`` when that fits, else
+    ``<sample_index>-<hash of the id>`` (not reversible: :func:`parse_anthropic_custom_id` is given the
+    hashed ones). Sent to Anthropic and read back from its results, by this run or a rerun."""
+    rid, k = key
+    encoded = base64.urlsafe_b64encode(rid.encode()).rstrip(b"=").decode()
+    cid = f"{k}_{encoded}"
+    return cid if len(cid) <= 64 and encoded else f"{k}-{hashlib.blake2b(rid.encode(), digest_size=24).hexdigest()}"
+
+
+def parse_anthropic_custom_id(cid: Any, hashed: dict[str, Key]) -> Key | None:
+    """The key of an :func:`anthropic_custom_id` (``hashed``: the hashed ids this run made, to their
+    keys), or None when it is not one of ours."""
+    if not isinstance(cid, str):
+        return None
+    if cid in hashed:
+        return hashed[cid]
+    k, sep, rest = cid.partition("_")
+    if not sep or not k.isdigit() or len(k) >= 10 or not rest:
+        return None
+    try:
+        rid = base64.urlsafe_b64decode(rest + "=" * (-len(rest) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return (rid, int(k)) if anthropic_custom_id((rid, int(k))) == cid else None
+
+
+def request_id(key: Key) -> str:
+    """A sample's model request id: ``<id>#<sample_index>`` (an agent episode's calls add
+    ``.<step>``). The vLLM engine's request id, in its logs and errors; kept for the people who read
+    them. Nothing reads it back; :func:`parse_request_id` is its inverse."""
+    return f"{key[0]}#{key[1]}"
+
+
+def parse_request_id(value: str) -> Key | None:
+    """The key of a :func:`request_id` (the index follows the last ``#``), or None."""
+    rid, sep, k = value.rpartition("#")
+    return (rid, int(k)) if sep and k.isdigit() else None
+
+
+def episode_id(key: Key) -> str:
+    """A sample's agent-episode id: ``<id>.<sample_index>``. An environment's session id (NeMo Gym's
+    ``rollout_id`` and ``resources_session_id``, seen by its servers); it differs from
+    :func:`request_id` because the servers saw this form. :func:`parse_episode_id` is its inverse."""
+    return f"{key[0]}.{key[1]}"
+
+
+def parse_episode_id(value: str) -> Key | None:
+    """The key of an :func:`episode_id` (the index follows the last ``.``), or None."""
+    rid, sep, k = value.rpartition(".")
+    return (rid, int(k)) if sep and k.isdigit() else None
 
 
 def part_name(session: int, part: int, prefix: str = "part") -> str:

@@ -27,7 +27,7 @@ import orjson
 from sft_ray import io
 from sft_ray.config import RunConfig, flat_dump
 from sft_ray.runfolder.completion import Completion, FailureBudget
-from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RESCORED_SESSIONS, Key, run_outputs
+from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RESCORED_SESSIONS, Key, key_to_json, run_outputs
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
@@ -257,7 +257,7 @@ class Manifest(dict):
 
     def set_unexpected(self, keys: frozenset[Key], kept: int) -> None:
         """The done samples that are none of the run's: their count, and up to ``kept`` of their keys."""
-        self["unexpected_keys"] = {"count": len(keys), "keys": [list(k) for k in sorted(keys)[:kept]]}
+        self["unexpected_keys"] = {"count": len(keys), "keys": [key_to_json(k) for k in sorted(keys)[:kept]]}
 
     @property
     def unexpected(self) -> dict[str, Any] | None:

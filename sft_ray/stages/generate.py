@@ -258,7 +258,7 @@ class GenerateStage:
             return self._failed(row, rid, k, errors.INTERNAL_ERROR, _CRASHED)
         try:
             if prior:
-                rollout = await self.guard.suspect(f"{rid}#{k}", lambda: self._rollout(row, rid, k, source))
+                rollout = await self.guard.suspect((rid, k), lambda: self._rollout(row, rid, k, source))
             else:
                 rollout = await self._rollout(row, rid, k, source)
             if rollout is CRASHED:
@@ -303,7 +303,7 @@ class GenerateStage:
             return draw_prompt(sample, PromptDraws.from_json(draw), self.rejection["target_passing"],
                                self.rejection["max_samples"], self.rejection["min_reward"])
 
-        drawn = await (self.guard.suspect(f"{rid}#prompt", draw_all) if prior else draw_all())
+        drawn = await (self.guard.suspect((rid, None), draw_all) if prior else draw_all())
         if drawn is CRASHED:
             return [(0, *self._failed(row, rid, 0, errors.INTERNAL_ERROR, _CRASHED))]
         return [(k, orjson.dumps(r), r["error"] is not None or r["reward"] is None) for k, r in drawn]
@@ -347,8 +347,8 @@ class GenerateStage:
         ids, idx = list(batch["id"]), [int(i) for i in batch["sample_index"]]
         # Marked begun on the run's board for as long as the batch runs: a sample that keeps killing
         # its actor becomes a failure record instead of a crash loop (SampleGuard, sft_ray/activity.py).
-        keys = [f"{rid}#prompt" for rid in ids] if self.rejection is not None else [f"{rid}#{k}" for rid, k in
-                                                                                    zip(ids, idx)]
+        # A sample's key; with rejection sampling the prompt's, whose draws run together: (id, None).
+        keys = [(rid, None) for rid in ids] if self.rejection is not None else list(zip(ids, idx))
         priors = await self.guard.begin(keys)
         try:
             if self.rejection is not None:

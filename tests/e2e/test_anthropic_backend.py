@@ -440,23 +440,6 @@ def test_config_defaults_and_what_the_backend_receives():
 # --- Message Batches adapter --------------------------------------------------------------------------------------
 
 
-def test_custom_ids_fit_the_pattern_and_round_trip_any_row_id():
-    import re
-
-    from sft_ray.backends.anthropic_batch import anthropic_custom_id, decode_custom_id
-
-    hashed: dict = {}
-    for rid in ["r1", "3:7", "a\nb", "ü 🙂", ":", "x" * 500, "0_0-0", "=="]:
-        for k in (0, 7, 123456):
-            cid = anthropic_custom_id(rid, k)
-            assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", cid), cid
-            if "_" not in cid:
-                hashed[cid] = (rid, k)
-            assert decode_custom_id(cid, hashed) == (rid, k)
-    for foreign in [None, 3, "abc", "_x", "x_abc", "1_!!", "12345678901_YQ", "7-deadbeef"]:
-        assert decode_custom_id(foreign, hashed) is None
-
-
 def test_limits_are_capped_to_anthropics():
     from sft_ray.backends.anthropic_batch import MAX_BYTES, MAX_REQUESTS, AnthropicBatchProvider
     from sft_ray.backends.batchapi import BatchLimits
@@ -467,8 +450,9 @@ def test_limits_are_capped_to_anthropics():
 
 
 def test_batch_results_for_ids_never_sent_and_hostile_lines_are_dropped_or_failed(mock_server):
-    from sft_ray.backends.anthropic_batch import AnthropicBatchProvider, anthropic_custom_id
+    from sft_ray.backends.anthropic_batch import AnthropicBatchProvider
     from sft_ray.backends.batchapi import BatchLimits
+    from sft_ray.runfolder.layout import anthropic_custom_id
 
     p = AnthropicBatchProvider(model_dict(mock_server), BatchLimits(100, 10**6))
     p.expect([("r1", 0)])
@@ -480,16 +464,16 @@ def test_batch_results_for_ids_never_sent_and_hostile_lines_are_dropped_or_faile
 
     assert p.parse_result(line("0-" + "f" * 48, {"type": "succeeded", "message": ok})) is None  # never sent
     assert p.parse_result(b"not json") is None
-    key, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "succeeded", "message": ok}))
+    key, r = p.parse_result(line(anthropic_custom_id(("r1", 0)), {"type": "succeeded", "message": ok}))
     assert key == ("r1", 0) and r.text == "hi"
-    _, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "succeeded", "message": {"type": "x"}}))
+    _, r = p.parse_result(line(anthropic_custom_id(("r1", 0)), {"type": "succeeded", "message": {"type": "x"}}))
     assert r.error["type"] == "bad_response"
-    _, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "errored", "error": {
+    _, r = p.parse_result(line(anthropic_custom_id(("r1", 0)), {"type": "errored", "error": {
         "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}}))
     assert r.error == {"type": "server_error", "message": "batch request errored: overloaded_error: Overloaded"}
     for never_run in ("canceled", "expired"):
-        assert p.parse_result(line(anthropic_custom_id("r1", 0), {"type": never_run})) == (("r1", 0), None)
-    _, r = p.parse_result(line(anthropic_custom_id("r1", 0), {"type": "surprise"}))
+        assert p.parse_result(line(anthropic_custom_id(("r1", 0)), {"type": never_run})) == (("r1", 0), None)
+    _, r = p.parse_result(line(anthropic_custom_id(("r1", 0)), {"type": "surprise"}))
     assert r.error["type"] == "bad_response"
 
 

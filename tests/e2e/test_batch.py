@@ -19,7 +19,6 @@ import pytest
 from typer.testing import CliRunner
 
 from sft_ray.backends.base import Secret
-from sft_ray.backends.batchapi import custom_id, parse_custom_id
 from sft_ray.backends.openai_batch import BatchClient, parse_line, request_line
 from sft_ray.cli import app
 from sft_ray.config import ConfigError
@@ -27,6 +26,7 @@ from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.job import EXIT_OK, EXIT_PENDING, run
 from sft_ray.runfolder.batches import BatchLog
+from sft_ray.runfolder.layout import batch_custom_id, parse_batch_custom_id
 from tests.conftest import read_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_mock_serves_files_and_batches_with_line_errors_and_expiry():
                  "base_retry_wait_s": 0.01, "max_retry_wait_s": 0.1, "api_key": Secret("sk-test")}
         async with BatchClient(model) as client:
             prompts = ["hello", "[[batch_error:1]] flaky", "[[fail:500:1]] boom", "[[status:400]] long"]
-            lines = [request_line(custom_id(f"p{i}", 0), "/v1/chat/completions",
+            lines = [request_line(batch_custom_id((f"p{i}", 0)), "/v1/chat/completions",
                                   json.dumps({"model": "m", "messages": [{"role": "user", "content": p}]}).encode())
                      for i, p in enumerate(prompts)]
             fid = await client.upload(b"\n".join(lines) + b"\n", "in.jsonl")
@@ -80,7 +80,7 @@ def test_mock_serves_files_and_batches_with_line_errors_and_expiry():
             assert batch["request_counts"] == {"total": 4, "completed": 1, "failed": 3}
             out = [json.loads(x) for x in (await client.content(batch["output_file_id"])).splitlines()]
             err = [json.loads(x) for x in (await client.content(batch["error_file_id"])).splitlines()]
-            results = {parse_custom_id(x["custom_id"]): parse_line(x, "chat") for x in out + err}
+            results = {parse_batch_custom_id(x["custom_id"]): parse_line(x, "chat") for x in out + err}
             assert results[("p0", 0)].error is None and results[("p0", 0)].text == "hello"
             assert results[("p1", 0)].error["type"] == "server_error"
             assert results[("p2", 0)].error["type"] == "server_error" and "HTTP 500" in results[("p2", 0)].error["message"]
@@ -96,14 +96,14 @@ def test_mock_serves_files_and_batches_with_line_errors_and_expiry():
             failed = await client.create(bad, "/v1/chat/completions", "24h", {})
             assert failed["status"] == "failed" and "duplicate" in failed["errors"]["data"][0]["message"]
         assert server.state.uploads == 2 and server.state.batches_created == 3
-        assert server.state.batch_lines[custom_id("p0", 0)] == 3
+        assert server.state.batch_lines[batch_custom_id(("p0", 0))] == 3
 
     with MockServer(MockConfig()) as server:
         asyncio.run(go(server))
     with MockServer(MockConfig(batch_expire=1, batch_expire_keep=0.5)) as server:
         async def expire() -> None:
             async with BatchClient({"base_url": server.url, "timeout_s": 5, "connect_timeout_s": 5}) as client:
-                lines = [request_line(custom_id(f"p{i}", 0), "/v1/responses",
+                lines = [request_line(batch_custom_id((f"p{i}", 0)), "/v1/responses",
                                       json.dumps({"model": "m", "input": f"q{i}"}).encode()) for i in range(10)]
                 batch = await client.create(await client.upload(b"\n".join(lines), "x.jsonl"), "/v1/responses",
                                             "24h", {})
@@ -223,7 +223,7 @@ def test_a_kill_between_upload_and_submit_submits_that_file_once(tmp_path):
 
             async def upload(cfg=cfg, made_before_kill=made_before_kill) -> None:
                 async with BatchClient({"base_url": server.url, "timeout_s": 5, "connect_timeout_s": 5}) as c:
-                    lines = [request_line(custom_id(f"r{i}", 0), "/v1/chat/completions", json.dumps(
+                    lines = [request_line(batch_custom_id((f"r{i}", 0)), "/v1/chat/completions", json.dumps(
                         {"model": "mock", "messages": [{"role": "user", "content": f"answer {i}"}]}).encode())
                         for i in range(20)]
                     fid = await c.upload(b"\n".join(lines), "x.jsonl")

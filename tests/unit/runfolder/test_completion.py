@@ -12,6 +12,7 @@ from sft_ray.runfolder.completion import (
     Completion,
     DrawPlan,
     FailureBudget,
+    FailureTally,
     PromptDraws,
     count_prompts,
     prompt_draws,
@@ -45,6 +46,23 @@ def test_the_failure_budget_decides_the_exit_code_and_the_early_stop():
     assert not budget.exceeded(done=2, failed=3)  # early in a session: too few results to judge
     assert budget.exceeded(done=2, failed=3, final=True)  # at the end, every result counts
     assert budget.exceeded(done=5, failed=5) and not budget.exceeded(0, 0, final=True)
+
+
+def test_a_failure_tally_counts_each_failed_sample_once_until_it_is_done():
+    budget = FailureBudget(0.25, min_rows=4)
+    # The online stream: the folder's final failures, then what the session writes.
+    online = FailureTally(budget, done=3, final=1)
+    assert not online.exceeded()  # 1/4 is not over 0.25
+    online.add([("a", 0), ("b", 0)], [False, True])
+    assert (online.done, online.final + len(online.failed)) == (4, 2) and online.exceeded()  # 2/6
+    # The Batch API's loop: every failure record counts, a sample sent again that fails counts once,
+    # one that succeeds leaves the failures.
+    batch = FailureTally(budget, done=5, failed=[("x", 0), ("y", 0)])
+    assert batch.exceeded()  # 2/7
+    batch.add([("x", 0), ("x", 0)], [True, True])
+    assert len(batch.failed) == 2 and batch.exceeded()
+    batch.add([("x", 0)], [False])
+    assert (batch.done, len(batch.failed)) == (6, 1) and not batch.exceeded()  # 1/7
 
 
 def test_unexpected_keys_are_strays_of_no_prompt_or_index():
