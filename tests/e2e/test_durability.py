@@ -43,7 +43,7 @@ def _session_alive(sid: int) -> bool:
 @pytest.mark.parametrize("victim", ["driver", "cluster"])
 def test_kill_9_then_resume_exactly_once(tmp_path, victim):
     """SIGKILL the driver alone, or the driver with its whole local Ray cluster at once."""
-    n = 3000
+    n = 1500
     with MockServer(MockConfig(latency_ms=20)) as server:
         inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}", "expected_answer": "x"} for i in range(n)])
         cfg_file = tmp_path / "c.yaml"
@@ -58,9 +58,9 @@ def test_kill_9_then_resume_exactly_once(tmp_path, victim):
         # Start-up takes 10-20 s alone but over two minutes on a loaded 2-core machine (a CI run
         # beside a vLLM job once killed it before a single row was written).
         deadline = time.time() + 300
-        while count_rows(tmp_path / "run" / "rollouts") < 600:
+        while count_rows(tmp_path / "run" / "rollouts") < 300:
             assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no 600 rows written in 300 s: the machine is too loaded for this test"
+            assert time.time() < deadline, "no 300 rows written in 300 s: the machine is too loaded for this test"
             time.sleep(0.05)
         if victim == "driver":
             os.kill(proc.pid, signal.SIGKILL)  # mid-write, if it happens to be writing
@@ -81,7 +81,7 @@ def test_kill_9_then_resume_exactly_once(tmp_path, victim):
             time.sleep(0.2)
         written = {json.loads(line)["response"] for f in (tmp_path / "run" / "rollouts").glob("*.jsonl")
                    for line in f.read_bytes().splitlines() if line.endswith(b"}")}
-        assert 600 <= len(written) < n
+        assert 300 <= len(written) < n
         second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
         served = dict(server.state.served)
