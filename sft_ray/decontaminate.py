@@ -23,6 +23,7 @@ tokenizer of its own (datatrove's and NeMo Curator's filters are whole pipelines
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import unicodedata
@@ -209,6 +210,7 @@ class Benchmark:
     items: int = 0  # rows with at least one text indexed
     rows: int = 0  # rows read
     too_short: int = 0  # texts with fewer than min_words words (not indexed)
+    digest: str = ""  # of the text read, row by row, normalised (what the run fingerprint holds)
 
 
 @dataclass
@@ -225,6 +227,21 @@ class Index:
     owners: np.ndarray  # uint32: the item of each hash (the first that has it)
     phrases: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # length -> (hashes, owners)
     _filter: dict[int, tuple[np.ndarray, int]] | None = field(default=None, repr=False)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Per benchmark (by name), a digest of its text as read: what a run's fingerprint holds, so
+        that a benchmark edited between a run and its resume is a change the resume names."""
+        return {b.name: b.digest for b in self.benchmarks}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A digest of the index itself (every hash and its item, n, min_matches): two indexes with the
+        same digest give every text the same answer."""
+        h = hashlib.blake2b(orjson.dumps([self.ngram, self.min_matches, sorted(self.phrases)]), digest_size=16)
+        for a in (self.first, self.hashes, self.owners, *(x for pair in self.phrases.values() for x in pair)):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
 
     @property
     def nbytes(self) -> int:
@@ -413,13 +430,16 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
         owners: list[int] = []
 
         seen: set[str] = set()
+        digest = hashlib.blake2b(digest_size=16)
         for where, row in _rows(src):
             bench.rows += 1
             texts = _texts(row, src.fields, f"benchmark {src.name!r}: {where}", seen)
             indexed = False
+            digest.update(b"\x1e")  # a row (its number is an item's, so rows without text count)
             for t in texts:
                 strings += 1
                 c = canonical(t)
+                digest.update(c + b"\x1f")
                 if not c or c.count(b" ") + 1 < min(min_words, ngram):
                     bench.too_short += 1
                     continue
@@ -445,6 +465,7 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
         if bench.items == 0:
             raise BenchmarkError(f"benchmark {src.name!r}: {src.path}: every text is shorter than {min_words} words "
                                  "(decontaminate.min_words); nothing to index")
+        bench.digest = digest.hexdigest()
         benches.append(bench)
     hashes, owner = _unique(grams, gram_owner)
     phrases = {n: _unique(*phrase[n]) for n in sorted(phrase)}

@@ -210,7 +210,8 @@ def lock_folder(run_dir: str, command: str = "run") -> RunLock:
 def prepare_folder(cfg: RunConfig, restart: bool, inputs: InputPlan) -> Manifest:
     """Create or reopen the run folder (emptied first with ``restart``); its manifest."""
     try:
-        return prepare_run_dir(cfg, restart, inputs.digests)
+        return prepare_run_dir(cfg, restart, inputs.digests,
+                               inputs.index.digests if inputs.index is not None else None)
     except DriftError as e:
         raise RunError(str(e)) from None
 

