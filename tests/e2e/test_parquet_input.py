@@ -152,7 +152,7 @@ def test_validate_reads_parquet_and_datasets_folders_and_checks_rename(tmp_path)
     assert "input 2 file(s), first 101 row(s) parsed" in proc.stdout
     # without the rename there is no prompt, and the verifier's answer field is missing
     proc = sft_ray("validate", str(cfg), "input=in.parquet", "output=run", "read.rename={}", cwd=tmp_path)
-    assert proc.returncode == 2 and f"{tmp_path}/in.parquet:1: field <row>: no prompt" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path}/in.parquet row 1: field <row>: no prompt" in proc.stderr, proc.stderr
     # a rename of a column no row has (a typo)
     proc = sft_ray("validate", str(cfg), "input=in.parquet", "output=run", "read.rename={questoin: prompt}",
                    cwd=tmp_path)
