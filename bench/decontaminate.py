@@ -8,7 +8,10 @@ recall and false positives on a labelled set.
    come from the same templates with other fills: an instruction, the question, and a reply of
    about 80 words. 0.5% of the prompts are benchmark items, and 0.5% of the replies quote one.
 2. `sft-ray filter RUN` in a fresh process, without and with `decontaminate.against=bench.jsonl`,
-   alternately (``--rounds`` each): wall time and CPU (the process and its workers).
+   alternately (``--rounds`` each): wall time and CPU (the process and its workers). "with" twice:
+   as a run's own finalize is (run.json records that the input scan checked the prompts against the
+   same index, so finalize checks the replies only), and as a re-cut with a benchmark the run never
+   saw (``recut``: prompts and replies checked).
 3. The same rows checked in this process, one core: sft-ray's index (parse, prompt and reply
    checked) against a reference written as open-r1's `scripts/decontaminate.py` does it (lower
    case, whitespace collapsed, a Python set of word n-gram strings; ``n`` = 13 for both).
@@ -33,7 +36,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sft_ray.decontaminate import RowCheck, build_index, write_index  # noqa: E402
+from sft_ray.decontaminate import RowCheck, build_index, held_back_record, write_index  # noqa: E402
 
 NAMES = [f"{a}{b}" for a in ("Al", "Be", "Ca", "Da", "El", "Fa", "Gi", "Ha", "Io", "Ju", "Ka", "Li", "Mo", "Ni",
                              "Ol", "Pe", "Qu", "Ro", "Sa", "Te") for b in ("na", "ric", "lo", "mira", "tan", "vin",
@@ -125,6 +128,18 @@ def write_rollouts(run_dir: str, rows: int, bench: list[str], rng: random.Random
         json.dump({"config": {"filter": {"min_reward": 0.5}, "train": {"rows_per_shard": 100_000},
                               "shuffle": {"seed": 0}}, "sessions": [{"session": 0}]}, f)
     return dirty
+
+
+def scanned(run_dir: str, record: dict | None) -> None:
+    """run.json's record of what the run's input scan checked (``decontamination``), or none."""
+    path = os.path.join(run_dir, "run.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.pop("decontamination", None)
+    if record is not None:
+        manifest["decontamination"] = record
+    with open(path, "w") as f:
+        json.dump(manifest, f)
 
 
 def children_cpu() -> float:
@@ -234,16 +249,23 @@ def main() -> None:
                  for f in os.listdir(os.path.join(run_dir, "rollouts"))) / 1e6
         print(json.dumps({"rows": args.rows, "rollouts_mb": round(mb), "items": args.items,
                           "rows_with_benchmark_text": dirty, "load": os.getloadavg()}), flush=True)
-        res: dict = {"without": [], "with": []}
+        index = build_index([bench_path], args.ngram)
+        res: dict = {"without": [], "with": [], "with_recut": []}
+        against = [f"decontaminate.against={bench_path}", f"decontaminate.ngram={args.ngram}"]
         for _ in range(args.rounds):
             # Explicitly none: a re-cut keeps its settings in run.json for the next one.
             res["without"].append(timed_filter(run_dir, ["decontaminate.against=[]"]))
-            res["with"].append(timed_filter(run_dir, [f"decontaminate.against={bench_path}",
-                                                      f"decontaminate.ngram={args.ngram}"]))
+            scanned(run_dir, held_back_record(index, []))  # as the run's scan records it
+            res["with"].append(timed_filter(run_dir, against))
+            scanned(run_dir, None)  # benchmarks the run's scan never saw
+            res["with_recut"].append(timed_filter(run_dir, against))
         for what in ("s", "cpu_s"):
-            res[f"slowdown_{what}"] = round(min(r[what] for r in res["with"]) / min(r[what] for r in res["without"]), 3)
+            for kind in ("with", "with_recut"):
+                res[f"slowdown_{kind}_{what}_best"] = round(min(r[what] for r in res[kind])
+                                                            / min(r[what] for r in res["without"]), 3)
+                res[f"slowdown_{kind}_{what}_mean"] = round(sum(r[what] for r in res[kind])
+                                                            / sum(r[what] for r in res["without"]), 3)
         print(json.dumps({"finalize": res}), flush=True)
-        index = build_index([bench_path], args.ngram)
         index_path = write_index(index, work)
         t0 = time.process_time()
         ref = Reference(bench, args.ngram)

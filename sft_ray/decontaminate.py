@@ -23,11 +23,12 @@ tokenizer of its own (datatrove's and NeMo Curator's filters are whole pipelines
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import orjson
@@ -53,6 +54,7 @@ _NO_SPACE = ("\u0e00-\u0eff"  # Thai, Lao
 _SPLIT = re.compile(f"([{_NO_SPACE}])")
 # ASCII fast path: letters lowered, digits kept, everything else a word break.
 _ASCII = bytes((c + 32) if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122) else 32 for c in range(256))
+_ASCII_NUL = bytes(10 if c == 0 else b for c, b in enumerate(_ASCII))  # NUL: a newline (texts joined by it)
 
 _P = np.uint64(0x100000001B3)  # the hash's base (odd: invertible modulo 2**64)
 _SEP = 32  # the byte between words; texts of a batch are joined by a newline
@@ -138,11 +140,38 @@ class _Hashed:
     buf: bytes
 
 
+def _ascii_joined(texts: list[str]) -> bytes | None:
+    """``b"\\n".join(canonical(t) for t in texts)`` made at once, for texts all ASCII, with no NUL, at
+    most :data:`BATCH_BYTES` together (None otherwise): one encode and one translation for them all,
+    runs of word breaks collapsed with numpy, where :func:`canonical` splits and joins each text."""
+    joined = "\0".join(texts)
+    if len(joined) > BATCH_BYTES or not joined.isascii() or joined.count("\0") != len(texts) - 1:
+        return None
+    a = np.frombuffer(joined.encode().translate(_ASCII_NUL), np.uint8)
+    if not len(a):
+        return b""
+    word = a > _SEP
+    # A break is kept (as one space) when it follows a word character: the first of each run.
+    keep = word.copy()
+    keep[1:] |= (a[1:] == _SEP) & word[:-1]
+    keep |= a == 10  # the texts' separators
+    b = a[keep]
+    # A space then kept that ends its text (before a separator or at the end) goes too.
+    ends = np.ones(len(b), np.bool_)
+    ends[:-1] = b[1:] == 10
+    drop = (b == _SEP) & ends
+    return (b[~drop] if drop.any() else b).tobytes()
+
+
 def _hash_batch(canons: list[bytes], lengths: Iterable[int]) -> dict[int, _Hashed]:
     """For each n in ``lengths``, every run of n consecutive words within one text of ``canons``
     (non-empty canonical texts, joined by newlines, at most :data:`BATCH_BYTES` together but for a
     single one), hashed."""
-    buf = b"\n".join(canons)
+    return _hash_joined(b"\n".join(canons), lengths)
+
+
+def _hash_joined(buf: bytes, lengths: Iterable[int]) -> dict[int, _Hashed]:
+    """:func:`_hash_batch` of canonical texts already joined by newlines (an empty one has no n-gram)."""
     a = np.frombuffer(buf, np.uint8)
     size = len(a)
     pw, inv = _POWERS.get(size + 1)
@@ -209,6 +238,7 @@ class Benchmark:
     items: int = 0  # rows with at least one text indexed
     rows: int = 0  # rows read
     too_short: int = 0  # texts with fewer than min_words words (not indexed)
+    digest: str = ""  # of the text read, row by row, normalised (what the run fingerprint holds)
 
 
 @dataclass
@@ -225,6 +255,21 @@ class Index:
     owners: np.ndarray  # uint32: the item of each hash (the first that has it)
     phrases: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # length -> (hashes, owners)
     _filter: dict[int, tuple[np.ndarray, int]] | None = field(default=None, repr=False)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """Per benchmark (by name), a digest of its text as read: what a run's fingerprint holds, so
+        that a benchmark edited between a run and its resume is a change the resume names."""
+        return {b.name: b.digest for b in self.benchmarks}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A digest of the index itself (every hash and its item, n, min_matches): two indexes with the
+        same digest give every text the same answer."""
+        h = hashlib.blake2b(orjson.dumps([self.ngram, self.min_matches, sorted(self.phrases)]), digest_size=16)
+        for a in (self.first, self.hashes, self.owners, *(x for pair in self.phrases.values() for x in pair)):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
 
     @property
     def nbytes(self) -> int:
@@ -252,45 +297,52 @@ class Index:
 
     def check(self, texts: list[str]) -> list["Hit | None"]:
         """For each text, its first match (or None)."""
-        return self.check_canonical([canonical(t) for t in texts])
+        joined = _ascii_joined(texts)
+        if joined is None:
+            return self.check_canonical([canonical(t) for t in texts])
+        out: list[Hit | None] = [None] * len(texts)
+        self._match(range(len(texts)), _hash_joined(joined, [self.ngram, *self.phrases]), out)
+        return out
 
     def check_canonical(self, canons: list[bytes]) -> list["Hit | None"]:
         out: list[Hit | None] = [None] * len(canons)
-        lengths = [self.ngram, *self.phrases]
+        for group, texts in _batches(canons, self.ngram):
+            self._match(group, _hash_batch(texts, [self.ngram, *self.phrases]), out)
+        return out
+
+    def _match(self, group: Sequence[int], hashed: dict[int, _Hashed], out: list["Hit | None"]) -> None:
+        """Record in ``out`` (at ``group[text]``) each hashed text's first match."""
         need = self.min_matches
         filters = self._filters()
-        for group, texts in _batches(canons, self.ngram):
-            hashed = _hash_batch(texts, lengths)
-            for n in lengths:
-                table, owners = (self.hashes, self.owners) if n == self.ngram else self.phrases[n]
-                hg = hashed[n]
-                if not len(table) or not len(hg.hashes):
+        for n in hashed:
+            table, owners = (self.hashes, self.owners) if n == self.ngram else self.phrases[n]
+            hg = hashed[n]
+            if not len(table) or not len(hg.hashes):
+                continue
+            flags, shift = filters[n]
+            maybe = np.flatnonzero(flags[hg.hashes >> np.uint64(shift)])
+            if not len(maybe):
+                continue
+            pos = np.searchsorted(table, hg.hashes[maybe])
+            pos[pos == len(table)] = 0
+            found = maybe[table[pos] == hg.hashes[maybe]]
+            if not len(found):
+                continue
+            pos_of = dict(zip(maybe.tolist(), pos.tolist()))
+            counts: dict[tuple[int, int], set[int]] = {}
+            for j in found.tolist():
+                i = group[int(hg.text[j])]
+                if out[i] is not None:
                     continue
-                flags, shift = filters[n]
-                maybe = np.flatnonzero(flags[hg.hashes >> np.uint64(shift)])
-                if not len(maybe):
-                    continue
-                pos = np.searchsorted(table, hg.hashes[maybe])
-                pos[pos == len(table)] = 0
-                found = maybe[table[pos] == hg.hashes[maybe]]
-                if not len(found):
-                    continue
-                pos_of = dict(zip(maybe.tolist(), pos.tolist()))
-                counts: dict[tuple[int, int], set[int]] = {}
-                for j in found.tolist():
-                    i = group[int(hg.text[j])]
-                    if out[i] is not None:
+                item = int(owners[pos_of[j]])
+                b, row = self.owner(item)
+                if n == self.ngram and need > 1:
+                    seen = counts.setdefault((i, b), set())
+                    seen.add(int(hg.hashes[j]))
+                    if len(seen) < need:
                         continue
-                    item = int(owners[pos_of[j]])
-                    b, row = self.owner(item)
-                    if n == self.ngram and need > 1:
-                        seen = counts.setdefault((i, b), set())
-                        seen.add(int(hg.hashes[j]))
-                        if len(seen) < need:
-                            continue
-                    text = hg.buf[int(hg.start[j]):int(hg.end[j])].decode("utf-8", "replace")
-                    out[i] = Hit(b, self.benchmarks[b].name, row, text)
-        return out
+                text = hg.buf[int(hg.start[j]):int(hg.end[j])].decode("utf-8", "replace")
+                out[i] = Hit(b, self.benchmarks[b].name, row, text)
 
     def save(self, path: str) -> None:
         arrays = {"hashes": self.hashes, "owners": self.owners, "first": self.first}
@@ -413,13 +465,16 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
         owners: list[int] = []
 
         seen: set[str] = set()
+        digest = hashlib.blake2b(digest_size=16)
         for where, row in _rows(src):
             bench.rows += 1
             texts = _texts(row, src.fields, f"benchmark {src.name!r}: {where}", seen)
             indexed = False
+            digest.update(b"\x1e")  # a row (its number is an item's, so rows without text count)
             for t in texts:
                 strings += 1
                 c = canonical(t)
+                digest.update(c + b"\x1f")
                 if not c or c.count(b" ") + 1 < min(min_words, ngram):
                     bench.too_short += 1
                     continue
@@ -445,6 +500,7 @@ def build_index(against: list[Any], ngram: int = 13, min_matches: int = 1, min_w
         if bench.items == 0:
             raise BenchmarkError(f"benchmark {src.name!r}: {src.path}: every text is shorter than {min_words} words "
                                  "(decontaminate.min_words); nothing to index")
+        bench.digest = digest.hexdigest()
         benches.append(bench)
     hashes, owner = _unique(grams, gram_owner)
     phrases = {n: _unique(*phrase[n]) for n in sorted(phrase)}
@@ -529,8 +585,9 @@ class RowCheck:
 
     CHUNK = 1024  # rows parsed and checked together
 
-    def __init__(self, index_path: str) -> None:
+    def __init__(self, index_path: str, check_prompts: bool = True) -> None:
         self.index = load_index(index_path)
+        self.check_prompts = check_prompts  # False: the scan checked them (:func:`prompts_checked`)
         self.prompts: dict[str, Hit | None] = {}
         self.tally = Matches()
 
@@ -558,18 +615,19 @@ class RowCheck:
                 parsed.append(None)
         want = [i for i, r in enumerate(parsed) if isinstance(r, dict) and not r.get("error")
                 and r.get("reward") is not None]
-        new_prompts: dict[str, str] = {}
-        for i in want:
-            rid = str(parsed[i].get("id"))
-            if rid not in self.prompts and rid not in new_prompts:
-                new_prompts[rid] = prompt_of(parsed[i])
-        for rid, hit in zip(new_prompts, self.index.check(list(new_prompts.values()))):
-            self.prompts[rid] = hit
+        if self.check_prompts:
+            new_prompts: dict[str, str] = {}
+            for i in want:
+                rid = str(parsed[i].get("id"))
+                if rid not in self.prompts and rid not in new_prompts:
+                    new_prompts[rid] = prompt_of(parsed[i])
+            for rid, hit in zip(new_prompts, self.index.check(list(new_prompts.values()))):
+                self.prompts[rid] = hit
         texts = [reply_of(parsed[i]) for i in want]
         hits: list[Hit | None] = [None] * len(lines)
         replies: list[str | None] = [None] * len(lines)
         for i, text, reply_hit in zip(want, texts, self.index.check(texts)):
-            hits[i] = self.prompts[str(parsed[i].get("id"))] or reply_hit
+            hits[i] = (self.prompts[str(parsed[i].get("id"))] if self.check_prompts else None) or reply_hit
             replies[i] = text
         return list(zip(lines, parsed, hits, replies))
 
@@ -592,8 +650,15 @@ def held_back_record(index: Index, contaminated: list[dict[str, Any]]) -> dict[s
     for c in contaminated:
         hit = Hit(names.get(c["benchmark"], -1), c["benchmark"], c["benchmark_row"], c["matched"])
         tally.add("prompt", hit, {"id": c["id"], "input_line": c["input_line"], "benchmark_row": c["benchmark_row"]})
-    return {**index.summary(), "prompts_held_back": len(contaminated), "prompts": tally.prompts,
-            "examples": tally.examples}
+    return {**index.summary(), "index_digest": index.digest, "prompts_held_back": len(contaminated),
+            "prompts": tally.prompts, "examples": tally.examples}
+
+
+def prompts_checked(index: Index, held: dict[str, Any] | None) -> bool:
+    """Whether the run's scan checked every prompt against this very index (``held``: its record in
+    run.json, :func:`held_back_record`): then finalize need not check them again (a prompt that
+    matched was never sent, so no rollout has it), only the replies."""
+    return bool(held) and held.get("index_digest") == index.digest  # type: ignore[union-attr]
 
 
 def decontamination_stats(index: Index, held: dict[str, Any] | None, rows: Matches | None) -> dict[str, Any]:

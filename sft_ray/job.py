@@ -151,7 +151,7 @@ def scan_input(cfg: RunConfig) -> InputPlan:
     except InputError as err:
         if not err.source.rpartition(":")[2].isdigit():  # the file as a whole (not Parquet, a column of no JSON value)
             raise RunError(f"bad input file: {err}", EXIT_INPUT) from None
-        raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines)",
+        raise RunError(tabular.bad_input(err) + "\n(use read.skip_bad_lines=true to skip and count such lines)",
                        EXIT_INPUT) from None
     unseen = [c for c in cfg.read.rename if c not in plan.renamed_columns]
     if unseen and plan.ids:
@@ -227,7 +227,8 @@ def lock_folder(run_dir: str, command: str = "run") -> RunLock:
 def prepare_folder(cfg: RunConfig, restart: bool, inputs: InputPlan) -> Manifest:
     """Create or reopen the run folder (emptied first with ``restart``); its manifest."""
     try:
-        return prepare_run_dir(cfg, restart, inputs.digests)
+        return prepare_run_dir(cfg, restart, inputs.digests,
+                               inputs.index.digests if inputs.index is not None else None)
     except DriftError as e:
         raise RunError(str(e)) from None
 
@@ -371,7 +372,8 @@ def stream_and_write(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, stat
         finished = True
     except InputError as err:
         session.record.stop(StopReason.INPUT_ERROR, err)
-        raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
+        raise RunError(tabular.bad_input(err) + "\n"
+                       f"(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     finally:
         live.close()
@@ -456,7 +458,8 @@ def send_batches(cfg: RunConfig, manifest: Manifest, inputs: InputPlan, state: F
         batch_generate(cfg, manifest, inputs, state, session, writers, say, no_wait, watch)
     except InputError as err:
         session.record.stop(StopReason.INPUT_ERROR, err)
-        raise RunError(f"bad input line: {err}\n(use read.skip_bad_lines=true to skip and count such lines; "
+        raise RunError(tabular.bad_input(err) + "\n"
+                       f"(use read.skip_bad_lines=true to skip and count such lines; "
                        f"the {session.record['written']} rollouts written so far are kept)", EXIT_INPUT) from None
     except BatchAPIError as err:
         raise RunError(f"the Batch API refused a call: {err}\n(what was collected is written and every batch "

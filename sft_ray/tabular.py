@@ -77,6 +77,27 @@ def kind(path: str) -> str:
     return "jsonl"
 
 
+def at(path: str, row: int) -> str:
+    """Where a row is, as messages name it: ``file:line`` for JSONL, ``file row N`` for Parquet and
+    Arrow files (which have rows, not lines). Ids and ``input_line`` keep ``file:N`` for both."""
+    return f"{path}:{row}" if kind(path) == "jsonl" else f"{path} row {row}"
+
+
+def located(err: InputError) -> str:
+    """An :class:`InputError`'s message with its place as :func:`at` names it (its ``source`` is
+    ``file:N``, or a whole file)."""
+    path, _, row = err.source.rpartition(":")
+    return f"{at(path, int(row))}: {err.reason}" if path and row.isdigit() else str(err)
+
+
+def bad_input(err: InputError) -> str:
+    """``bad input line: file:N: ...`` for a JSONL line, ``bad input row: file row N: ...`` for a Parquet
+    or Arrow row."""
+    path, _, row = err.source.rpartition(":")
+    what = "line" if not (path and row.isdigit()) or kind(path) == "jsonl" else "row"
+    return f"bad input {what}: {located(err)}"
+
+
 def list_files(source: str, what: str = "input") -> list[str]:
     """The files of a source, sorted, as the user would write them (``s3://...`` for S3).
 

@@ -65,9 +65,9 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
                 seen_columns.update(c for c in cfg.read.rename if c in given)
                 row = parse_line(line, f"{path}:{lineno}", cfg.read.rename)
             except InputError as e:
-                problems.append(str(e))
+                problems.append(tabular.located(e))
                 continue
-            where = f"{path}:{lineno}"
+            where = tabular.at(path, lineno)
             declared = (prompt_tools(row, where).get("tools") or [])
             for t in declared:
                 try:
@@ -82,7 +82,7 @@ def check_input(cfg: RunConfig, rows_per_file: int = 100) -> tuple[list[str], st
                                 f"(it offers: {', '.join(sorted(offered or ())) or 'none'})")
             answer = cfg.verifier.answer_field
             if cfg.verifier.type in ("exact_match", "math", "mcq") and answer not in row:
-                problems.append(f"{path}:{lineno}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
+                problems.append(f"{where}: field {answer}: missing (verifier {cfg.verifier.type} needs it)")
         cut = cut or read >= rows_per_file  # rows beyond were not looked at
     if not checked and not cut and not cfg.read.allow_empty:  # every file read to its end: `sft-ray run` refuses it
         problems.append(f"input has no rows (empty or blank lines only): {', '.join(files[:5])}"

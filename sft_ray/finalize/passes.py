@@ -60,6 +60,7 @@ from sft_ray.decontaminate import (
     RowCheck,
     decontamination_stats,
     prompt_text,
+    prompts_checked,
     write_index,
 )
 from sft_ray.finalize.curate import (
@@ -201,6 +202,7 @@ class _Job:
     # Keys that are none of the run's samples (usually none; found by the driver, which knows the input).
     unexpected: frozenset[tuple[str, int]] = frozenset()
     decontaminate: str | None = None  # the benchmark index's file (a row whose prompt or reply matches is dropped)
+    check_prompts: bool = True  # False: the run's scan checked every prompt against this index already
 
     @property
     def direct(self) -> bool:
@@ -272,7 +274,8 @@ def finalize(run_dir: str, filter_cfg: dict[str, Any], shuffle_seed: int, train_
                    n_buckets=plan.n_buckets, succeeded_wanted=frozenset(failures), keep_input_line=tally_on,
                    tally=(rejection["target_passing"], rejection["max_samples"], filter_["min_reward"])
                    if tally_on else None, formats=formats, pairs=pairs, unexpected=frozenset(unexpected or ()),
-                   decontaminate=write_index(index, tmp) if index is not None else None)
+                   decontaminate=write_index(index, tmp) if index is not None else None,
+                   check_prompts=index is None or not prompts_checked(index, held))
         decontaminated = Matches()
         scan_torn, temperature = _scan_pass(pool, job, plan, acc, odd, failures, count, decontaminated)
         torn += scan_torn
@@ -537,7 +540,7 @@ def _scan(job: _Job, index: int, piece: tuple[str, int, int | None], quarantined
     add, drops, dumps, seed = acc.add, acc.drops, orjson.dumps, job.seed
     torn, succeeded, temperature = 0, [], None
     rules = RowRules(job.filter)
-    check = RowCheck(job.decontaminate) if job.decontaminate else None
+    check = RowCheck(job.decontaminate, job.check_prompts) if job.decontaminate else None
     with contextlib.ExitStack() as files:
         outs = [files.enter_context(open(os.path.join(job.tmp, f"p{g}.{index:06d}"), "wb", buffering=WRITE_BUFFER))
                 for g in range(n_groups)]

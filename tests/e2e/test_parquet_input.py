@@ -115,12 +115,14 @@ def test_bad_parquet_rows_and_files_name_file_row_and_field(tmp_path):
     _bad_parquet(tmp_path / "bad.parquet")
     proc = sft_ray("run", str(cfg), "input=bad.parquet", "output=run", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert f"{tmp_path}/bad.parquet:2: field <row>: no prompt" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    # a Parquet file has rows, not lines: the message says which row (file, row number, field)
+    assert f"bad input row: {tmp_path}/bad.parquet row 2: field <row>: no prompt" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "line" not in proc.stderr.split("\n(")[0]
     proc = sft_ray("validate", str(cfg), "input=bad.parquet", "output=run", cwd=tmp_path)
     assert proc.returncode == 2
-    assert f"{tmp_path}/bad.parquet:2: field <row>: no prompt" in proc.stderr
-    assert f"{tmp_path}/bad.parquet:3: field responses_create_params.temprature: unknown key" in proc.stderr
+    assert f"{tmp_path}/bad.parquet row 2: field <row>: no prompt" in proc.stderr, proc.stderr
+    assert f"{tmp_path}/bad.parquet row 3: field responses_create_params.temprature: unknown key" in proc.stderr
+    assert "bad.parquet:" not in proc.stderr
     # skipped and counted, as bad JSONL lines are
     proc = sft_ray("run", str(cfg), "input=bad.parquet", "output=run", "read.skip_bad_lines=true", "read.limit=1",
                    cwd=tmp_path)
@@ -150,7 +152,7 @@ def test_validate_reads_parquet_and_datasets_folders_and_checks_rename(tmp_path)
     assert "input 2 file(s), first 101 row(s) parsed" in proc.stdout
     # without the rename there is no prompt, and the verifier's answer field is missing
     proc = sft_ray("validate", str(cfg), "input=in.parquet", "output=run", "read.rename={}", cwd=tmp_path)
-    assert proc.returncode == 2 and f"{tmp_path}/in.parquet:1: field <row>: no prompt" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"{tmp_path}/in.parquet row 1: field <row>: no prompt" in proc.stderr, proc.stderr
     # a rename of a column no row has (a typo)
     proc = sft_ray("validate", str(cfg), "input=in.parquet", "output=run", "read.rename={questoin: prompt}",
                    cwd=tmp_path)
