@@ -83,8 +83,9 @@ class Prometheus:
         return set(json.loads(urllib.request.urlopen(url, timeout=10).read())["data"])
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
         self.log.close()
 
 
@@ -122,10 +123,11 @@ def _dump_dom(page: Path) -> str:
     return out.stdout
 
 
-def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path):
+def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path, request):
     assert BROWSER is not None, "no chromium on this machine: the README's test command installs it (apt-get)"
     export = free_port()
     prom = Prometheus(tmp_path, f"127.0.0.1:{export}")
+    request.addfinalizer(prom.close)  # also when an assertion fails before the end (it outlived such a test)
     # 60 samples, 4 at a time, 0.8 s each: long enough to look at the live view; a few 500s and 429s.
     with MockServer(MockConfig(latency_ms=800, error_rate=0.05, rate_limit_rate=0.05, retry_after_s=0.05)) as server:
         cfg = _run_config(tmp_path, server, export)
