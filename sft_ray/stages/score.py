@@ -26,6 +26,7 @@ import orjson
 
 from sft_ray import metrics
 from sft_ray.activity import Tracker
+from sft_ray.models import say_through
 from sft_ray.placement import acquire_replica_group, release_own_placement_group, replica_args
 from sft_ray.scoring import Scorer, verifier_payload
 from sft_ray.stages import Stage, actor_range
@@ -45,6 +46,7 @@ class ScoreStage:
         self.scorer = Scorer(verifier)
         # A vLLM judge's engine loading, reported to the driver's stall warning (sft_ray/activity.py).
         self.tracker = Tracker(activity, "scoring actor")
+        say_through(self.tracker.say)  # a judge's first-use lines (the embedded model's build) go out through the driver
         self._started = False
 
     async def _start_engines(self) -> None:

