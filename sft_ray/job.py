@@ -415,16 +415,23 @@ def close_session(cfg: RunConfig, manifest: Manifest, session: Session, timing: 
     save_manifest(cfg.output, manifest)
 
 
+def batch_exports_metrics(cfg: RunConfig) -> bool:
+    """Whether a Batch API run brings Ray up for its metrics: on a cluster (a Ray address given:
+    the cluster's Prometheus scrapes Ray's metrics there), or on this machine when asked to export
+    them (``metrics.export_port``). Otherwise it needs no Ray (a vLLM judge starts it anyway) and
+    its counters feed progress.json alone."""
+    return cfg.metrics.enabled and (cfg.metrics.export_port is not None or not starts_local_node(cfg))
+
+
 def batch_watch(cfg: RunConfig, work: SessionPlan, say: Callable[[str], None]) -> BatchWatch:
-    """The batch loop's metrics and live view, as the online stream's. Ray's metrics need Ray, which
-    a Batch API run starts only for them when asked to export them (``metrics.export_port``) or a
-    vLLM judge needs it; otherwise the run's counters feed progress.json alone."""
+    """The batch loop's metrics and live view, as the online stream's (:func:`batch_exports_metrics`
+    says when it starts or joins Ray for them)."""
     import sys
 
     from sft_ray.batch.record import BatchWatch
     from sft_ray.cost import batch_prices
 
-    if cfg.metrics.enabled and cfg.metrics.export_port is not None:
+    if batch_exports_metrics(cfg):
         init_ray(cfg)
     ray = sys.modules.get("ray")
     run_metrics = metrics.RunMetrics(metrics.run_tag(cfg.output), batch_prices(cfg.pricing.model_dump()),
