@@ -371,15 +371,24 @@ def exported(port: int, run: str, name: str = ROWS_WRITTEN) -> float | None:
     local node's export port, or None while the port or the series is not there."""
     import urllib.request
 
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            body = r.read(64 << 20).decode("utf-8", "replace")  # Ray's export is far smaller; a flood is cut
+    except OSError:
+        return None
+    return series_sum(body, "ray_" + name, run)
+
+
+def series_sum(body: str, sample: str, run: str) -> float | None:
+    """The sum of ``sample``'s values for run ``run`` in a Prometheus text exposition, or None when it
+    holds none or is not one (another program on the port, a half-written answer)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            body = r.read().decode("utf-8", "replace")
-    except OSError:
+        values = [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
+                  if s.name == sample and s.labels.get("run") == run]
+    except ValueError:
         return None
-    values = [s.value for fam in text_string_to_metric_families(body) for s in fam.samples
-              if s.name == "ray_" + name and s.labels.get("run") == run]
     return sum(values) if values else None
 
 

@@ -71,3 +71,16 @@ def test_merge_starts_from_zero_for_a_row_without_telemetry():
         assert orjson.loads(metrics.merge(missing, verifier_s=1.5)) == {"verifier_s": 1.5}
     assert orjson.loads(metrics.merge('{"verifier_s": 1.0, "model_s": 2.0}', verifier_s=0.5)) == {
         "verifier_s": 1.5, "model_s": 2.0}
+
+
+def test_the_linger_reads_its_rows_on_the_export_port_and_survives_what_is_not_an_exposition():
+    from sft_ray.metrics import series_sum
+
+    body = ('# TYPE ray_sft_ray_rows_written_total counter\n'
+            'ray_sft_ray_rows_written_total{WorkerId="a",run="r"} 3.0\n'
+            'ray_sft_ray_rows_written_total{WorkerId="b",run="r"} 4.0\n'
+            'ray_sft_ray_rows_written_total{WorkerId="c",run="other"} 9.0\n')
+    assert series_sum(body, "ray_sft_ray_rows_written_total", "r") == 7.0
+    assert series_sum(body, "ray_sft_ray_rows_written_total", "absent") is None
+    for hostile in ("garbage {{{ 1 2 3\n", "<html>not metrics</html>", "ray_sft_ray_rows_written_total{run=\"r\" 1\n", ""):
+        assert series_sum(hostile, "ray_sft_ray_rows_written_total", "r") is None
