@@ -25,8 +25,19 @@ def ray_cluster():
     # instance-metadata lookups, so tests/e2e/test_s3.py works in whatever order tests run.
     fake_aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_EC2_METADATA_DISABLED": "true"}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False,
-             runtime_env={"env_vars": fake_aws})
+    # Set for the node's processes only (workers inherit the raylet's environment), not as a
+    # runtime_env: a worker with a runtime_env starts through Ray's setup_worker.py, a second
+    # Python start-up for each of the hundreds of workers the suite's runs start.
+    saved = {k: os.environ.get(k) for k in fake_aws}
+    os.environ.update(fake_aws)
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield ray
     ray.shutdown()
 

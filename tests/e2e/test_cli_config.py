@@ -85,7 +85,8 @@ def test_a_ray_that_does_not_start_is_one_error_line_and_a_rerun_goes_on(tmp_pat
         path.write_text(json.dumps(config))  # JSON is YAML
         # Ray tries to connect for minutes (20 tries of a connect timeout each): one short try here.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": f"127.0.0.1:{port}",
-               "RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "2"}
+               "RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "2",
+               "RAY_py_gcs_connect_timeout_s": "2"}
         cmd = [sys.executable, "-m", "sft_ray.cli", "run", str(path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         said = proc.stdout + proc.stderr
@@ -95,7 +96,8 @@ def test_a_ray_that_does_not_start_is_one_error_line_and_a_rerun_goes_on(tmp_pat
         assert line.startswith(f"error: could not connect to the Ray cluster at 127.0.0.1:{port}: "), said[-3000:]
         assert "nothing was lost" in proc.stderr and "RAY_ADDRESS" in proc.stderr
         assert server.state.requests == 0
-        for k in ("RAY_ADDRESS", "RAY_gcs_server_port_wait_time_s", "RAY_gcs_rpc_server_connect_timeout_s"):
+        for k in ("RAY_ADDRESS", "RAY_gcs_server_port_wait_time_s", "RAY_gcs_rpc_server_connect_timeout_s",
+                  "RAY_py_gcs_connect_timeout_s"):
             env.pop(k)
         for _ in range(3):  # on a loaded machine the local Ray may time out too: that same line, then rerun
             again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

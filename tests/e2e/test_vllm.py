@@ -128,15 +128,15 @@ def test_dead_engine_is_restarted_and_its_rows_retried(tmp_path, ray_cluster):
     a fresh engine, its rows are generated again, and every sample is written exactly once."""
     import time
 
-    # 96 rows in blocks of 16 (batch_size 2): more blocks than the actor runs at once, so
+    # 48 rows in blocks of 8 (batch_size 1): more blocks than the actor runs at once (4), so
     # rows are written while others are still being generated when the engine is killed.
-    n = 96
+    n = 48
     rows = [{"prompt": f"Write a long story about the number {i}.", "expected_answer": "x"} for i in range(n)]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = load_config(None, [f"input={inp}", f"output={tmp_path / 'run'}", "model.backend=vllm",
                              "model.engine_kwargs.max_model_len=512", "model.engine_kwargs.max_num_seqs=4",
                              "responses_create_params.max_output_tokens=16", "verifier.type=none",
-                             "num_samples_in_parallel=4", "resources.batch_size=2"])
+                             "num_samples_in_parallel=4", "resources.batch_size=1"])
     t, result = start_run(cfg)
     killed = None
     deadline = time.time() + 240
