@@ -238,6 +238,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ngram", type=int, default=13)
     ap.add_argument("--labelled", type=int, default=2000, help="labelled items per positive kind (clean: 4x)")
+    ap.add_argument("--finalize-only", action="store_true",
+                    help="only part 2 (finalize with and without), for a size where parts 3-4 take too long")
     args = ap.parse_args()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory(prefix="bench-decontam-") as work:
@@ -266,6 +268,8 @@ def main() -> None:
                 res[f"slowdown_{kind}_{what}_mean"] = round(sum(r[what] for r in res[kind])
                                                             / sum(r[what] for r in res["without"]), 3)
         print(json.dumps({"finalize": res}), flush=True)
+        if args.finalize_only:
+            return
         index_path = write_index(index, work)
         t0 = time.process_time()
         ref = Reference(bench, args.ngram)
