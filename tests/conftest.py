@@ -28,16 +28,10 @@ def ray_cluster():
     # Set for the node's processes only (workers inherit the raylet's environment), not as a
     # runtime_env: a worker with a runtime_env starts through Ray's setup_worker.py, a second
     # Python start-up for each of the hundreds of workers the suite's runs start.
-    saved = {k: os.environ.get(k) for k in fake_aws}
-    os.environ.update(fake_aws)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # the driver's own environment restored after
+        for k, v in fake_aws.items():
+            env.setenv(k, v)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     yield ray
     ray.shutdown()
 

@@ -83,7 +83,7 @@ def test_a_ray_that_does_not_start_is_one_error_line_and_a_rerun_goes_on(tmp_pat
                   "model": {"name": "mock", "base_url": server.url}, "verifier": {"type": "exact_match"}}
         path = tmp_path / "config.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
-        # Ray tries to connect for minutes (20 tries of a connect timeout each): one short try here.
+        # Ray waits ~38 s on an unreachable address (its 30 s py_gcs_connect_timeout_s among them): 2 s here.
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": f"127.0.0.1:{port}",
                "RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "2",
                "RAY_py_gcs_connect_timeout_s": "2"}

@@ -134,26 +134,26 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path, request):
         run = tmp_path / "run"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         log = open(tmp_path / "run.log", "wb")
-        live = None
-        for _ in range(3):
-            said_from = (tmp_path / "run.log").stat().st_size  # this try's lines start here
-            proc = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "run", str(cfg)], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-            end = time.monotonic() + 400
-            while live is None and time.monotonic() < end and proc.poll() is None:
-                p = run / "progress.json"
-                if p.exists():
-                    doc = json.loads(p.read_text())  # written atomically: always whole JSON
-                    if not doc["final"] and doc["session"]["written"] > 0:
-                        live = doc
-                time.sleep(0.1)
-            # Ray's own local start can time out ("The current node timed out during startup", once in
-            # a whole suite's run on a quiet machine): the run says so in one line and exits 1, having
-            # sent nothing (tests/e2e/test_cli_config.py checks that); the same command, rerun, goes on.
-            if live is not None or proc.poll() != 1 or \
-                    "error: Ray did not start on this machine: " not in (tmp_path / "run.log").read_text()[said_from:]:
-                break
+        live, proc = None, None
         try:
+            for _ in range(3):
+                said_from = (tmp_path / "run.log").stat().st_size  # this try's lines start here
+                proc = subprocess.Popen([sys.executable, "-m", "sft_ray.cli", "run", str(cfg)], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                end = time.monotonic() + 400
+                while live is None and time.monotonic() < end and proc.poll() is None:
+                    p = run / "progress.json"
+                    if p.exists():
+                        doc = json.loads(p.read_text())  # written atomically: always whole JSON
+                        if not doc["final"] and doc["session"]["written"] > 0:
+                            live = doc
+                    time.sleep(0.1)
+                # Ray's own local start can time out ("The current node timed out during startup", once in
+                # a whole suite's run on a quiet machine): the run says so in one line and exits 1, having
+                # sent nothing (tests/e2e/test_cli_config.py checks that); the same command, rerun, goes on.
+                if live is not None or proc.poll() != 1 or \
+                        "error: Ray did not start on this machine: " not in (tmp_path / "run.log").read_text()[said_from:]:
+                    break
             assert live is not None, (tmp_path / "run.log").read_text()[-3000:]
             # The mock holds its answers while the test looks (a browser and `sft-ray stats` take their
             # time on a loaded machine), so the run is still at work throughout; it re-reads its latency
@@ -184,7 +184,7 @@ def test_prometheus_scrapes_a_run_and_the_live_view_agrees(tmp_path, request):
 
             assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
         finally:
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
             log.close()
     try:
