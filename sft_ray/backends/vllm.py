@@ -209,6 +209,7 @@ class VLLMBackend(Backend):
         self._v = v
         if v.current_platform.is_cpu():
             kwargs = {**_CPU_ENGINE_DEFAULTS, **kwargs}
+            _model_in_engine_core(kwargs)
         kwargs.setdefault("disable_log_stats", True)
         kwargs.setdefault("use_tqdm_on_load", False)  # a progress bar per engine start otherwise
         args = v.AsyncEngineArgs(model=path, **kwargs)
@@ -373,6 +374,19 @@ class VLLMBackend(Backend):
         if self.engine is not None:
             engine, self.engine = self.engine, None
             engine.shutdown()  # stops the engine-core process; takes a few seconds
+
+
+def _model_in_engine_core(kwargs: dict[str, Any]) -> None:
+    """``distributed_executor_backend: uni`` on a CPU: the engine core runs the model itself instead
+    of starting a worker process for it. vLLM's CPU platform turns ``uni`` back into ``mp`` unless
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so that is set here, in this actor, when the user chose
+    ``uni`` and not the variable. For the async engine sft-ray runs, the variable decides nothing
+    else: the engine core is still a process of its own, started after vLLM set the environment
+    (libgomp preloaded, threads bound) its CPU platform needs there. Each of vLLM's processes imports
+    vLLM afresh (16-18 s on a small CPU machine), so the engine is ready ~20 s sooner, but serving
+    is slower with many requests in flight (bench/vllm_start.py): for short runs and tests."""
+    if kwargs.get("distributed_executor_backend") == "uni":
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @contextlib.contextmanager

@@ -228,7 +228,11 @@ class VllmModelConfig(ModelBase):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="vllm backend: engine options passed through (max_model_len, gpu_memory_utilization, "
-        "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...).",
+        "enable_prefix_caching, dtype, tensor_parallel_size, max_num_seqs, ...). On a CPU, unless given here: "
+        "dtype float32, enforce_eager, max_model_len 4096, no chunked prefill. On a CPU, "
+        "distributed_executor_backend: uni runs the model inside vLLM's engine core process (sft-ray sets "
+        "VLLM_ENABLE_V1_MULTIPROCESSING=0 for it unless that variable is set): the engine is ready ~20 s sooner, "
+        "but serves slower with many requests in flight; for short runs.",
     )
     tool_parser: str | None = Field(
         None,
