@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sft_ray.config import HostedModelConfig
 from sft_ray.cost import CACHE_READ, CACHE_WRITE, cost_usd
 from sft_ray.errors import RATE_LIMIT, TIMEOUT
 from sft_ray.runfolder.manifest import Manifest, SessionRecord, StopReason
@@ -471,6 +470,8 @@ def over_spending_budget(budget: dict[str, Any], pricing: dict[str, float], requ
 
 def start_session(cfg: Any, manifest: Manifest) -> "RunLimits":
     """Make this run's shared limits actor (driver, after ``ray.init``), when anything needs it."""
+    from sft_ray.config import HostedModelConfig  # the driver's: actors never import the config models
+
     if not isinstance(cfg.model, HostedModelConfig) or not needs_shared(cfg):
         return RunLimits(None, cfg.adaptive)
     import ray

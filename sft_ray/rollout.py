@@ -23,7 +23,6 @@ from typing import Any, Awaitable, Callable
 from sft_ray import errors
 from sft_ray.agent import ERROR, EpisodeState, run_episode
 from sft_ray.backends.base import GenerationRequest, GenerationResult, Secret
-from sft_ray.config import flat_dump
 from sft_ray.environments.base import EnvironmentFailure, Episode, cancelled_from_outside
 from sft_ray.rows import drop_params, prompt_messages, prompt_tools, sampling_params, split_input
 from sft_ray.runfolder.layout import episode_id, request_id
@@ -34,6 +33,8 @@ log = logging.getLogger(__name__)
 def model_wiring(model_cfg: Any) -> dict[str, Any]:
     """The generation model's settings (``cfg.model``) for its backend, with the key and the secret
     headers (``extra_headers_env`` values) read here, on the driver, never in run.json or a repr."""
+    from sft_ray.config import flat_dump  # on the driver only: actors never import the config models
+
     model = flat_dump(model_cfg)  # every backend's keys, as the backends read them
     model["api_key"] = Secret(model_cfg.api_key())
     model["secret_headers"] = Secret(model_cfg.secret_headers())

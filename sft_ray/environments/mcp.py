@@ -38,7 +38,6 @@ from typing import Any
 
 import orjson
 
-from sft_ray.config import read_env_mapping
 from sft_ray.environments.base import Environment, EnvironmentFailure, Episode, ToolOutput
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,15 @@ def result_text(result: Any) -> ToolOutput:
         else:
             parts.append(_describe(block))
     return ToolOutput("\n".join(parts), error=bool(result.is_error))
+
+
+def _from_env(mapping: dict[str, str] | None, key: str) -> dict[str, str]:
+    """``mapping``'s variables read from this process's environment (used directly, not through a run)."""
+    if not mapping:
+        return {}
+    from sft_ray.config import read_env_mapping  # the driver's models: an actor's start never imports them
+
+    return read_env_mapping(mapping, key)
 
 
 class _NotSent(EnvironmentFailure):
@@ -294,9 +302,9 @@ class McpEnvironment(Environment):
         self.label = " ".join([cfg["command"], *(cfg.get("args") or [])])[:160] if self.stdio else cfg["url"]
         # Secrets read on the driver (sft_ray/stages/generate.py:wiring) travel as Secret; used directly
         # (sft-ray validate, tests), they are read from this process's environment.
-        self._secret_env = _secret(cfg.get("secret_env")) or read_env_mapping(cfg.get("env_from") or {}, "environment.env_from")
+        self._secret_env = _secret(cfg.get("secret_env")) or _from_env(cfg.get("env_from"), "environment.env_from")
         self._secret_headers = (_secret(cfg.get("secret_headers"))
-                                or read_env_mapping(cfg.get("headers_env") or {}, "environment.headers_env"))
+                                or _from_env(cfg.get("headers_env"), "environment.headers_env"))
         self._secrets = [v for v in (*self._secret_env.values(), *self._secret_headers.values()) if v]
         self.conn: _Connection | None = None
         self._tools: list[dict[str, Any]] = []

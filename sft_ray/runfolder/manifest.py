@@ -20,14 +20,16 @@ import os
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from sft_ray import io
-from sft_ray.config import RunConfig, flat_dump
 from sft_ray.runfolder.completion import Completion, FailureBudget
 from sft_ray.runfolder.layout import MANIFEST, RESCORE, RESCORE_TARGET, RESCORED_SESSIONS, Key, key_to_json, run_outputs
+
+if TYPE_CHECKING:  # the config models are the driver's: an actor's start never imports them (~0.4 s of CPU)
+    from sft_ray.config import RunConfig
 
 # Keys that change how a run works, not what it produces: left out of the fingerprint, so a
 # rerun may change them (e.g. more scoring concurrency, a longer judge timeout).
@@ -97,12 +99,16 @@ FINGERPRINT_ADDED = (("model", "send_seed"), ("verifier", "reward_range"), ("dec
 
 def verifier_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The verifier's part of the fingerprint (what `sft-ray rescore` replaces)."""
+    from sft_ray.config import flat_dump
+
     return _verifier_fingerprint(flat_dump(cfg.verifier))
 
 
 def config_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The settings that change what a run produces (used to refuse resuming with a different config),
     paths in one spelling (:func:`canonical_fingerprint`)."""
+    from sft_ray.config import flat_dump
+
     model = flat_dump(cfg.model)  # every backend's keys (others at their defaults), as fingerprints always held
     return canonical_fingerprint({
         "input": cfg.input,
