@@ -15,6 +15,7 @@ from conftest import make_config, read_rows, write_jsonl
 from sft_ray.config import DecontaminateConfig
 from sft_ray.decontaminate import (
     BenchmarkError,
+    RowCheck,
     build_index,
     canonical,
     held_back_record,
@@ -115,6 +116,37 @@ def test_verbatim_reformatted_embedded_short_and_clean(tmp_path):
     assert [h is not None for h in hits] == [True, True, True, True, False, False, False]
     assert hits[0].name == "bench" and hits[0].item == 0 and len(hits[0].text.split()) == 13
     assert hits[3].item == 1 and hits[3].text == "which river flows through the capital city of hungary"
+
+
+def test_finalizes_row_check_on_hostile_lines_and_text_split_across_rows(tmp_path):
+    """Lines that are not JSON, not objects, failed or unscored pass through unchecked; a benchmark
+    item split between the end of one reply and the start of the next is no match (the batch joins
+    them, and a run of words across two texts must not count); a held-back prompt id marks every
+    sample of it."""
+    idx = build_index([bench(tmp_path, [{"question": GSM}])])
+    path = write_index(idx, str(tmp_path))
+    w = GSM.split()
+
+    def row(rid, reply, **kw):
+        return json.dumps({"id": rid, "reward": 1.0, "error": None, "reply": reply, "prompt": "p", **kw}).encode()
+
+    lines = [b'{"id": "torn", "reward": 1.0, "repl', b"[1, 2]", b'"text"', b"",
+             row("err", GSM, error={"type": "timeout"}), row("unscored", GSM, reward=None),
+             row("a", "clean start " + " ".join(w[:7])), row("b", " ".join(w[7:14]) + " clean end"),
+             row("quoted", "As asked: " + GSM), row("clean", "Nothing to see here.")]
+    out = list(RowCheck(path, check_prompts=False).rows(lines, lambda r: r["prompt"], lambda r: r["reply"]))
+    assert [o[0] for o in out] == lines  # every line, in order
+    assert [o[1] is None for o in out] == [True, False, False, True, False, False, False, False, False, False]
+    hits = {o[1]["id"]: o[2] for o in out if isinstance(o[1], dict)}
+    assert [k for k, h in hits.items() if h is not None] == ["quoted"]
+    assert hits["quoted"].name == "bench" and len(hits["quoted"].text.split()) == 13
+    replies = {o[1]["id"]: o[3] for o in out if isinstance(o[1], dict)}
+    assert replies["err"] is None and replies["unscored"] is None and replies["clean"] == "Nothing to see here."
+    # Prompts checked too: a contaminated prompt marks each of its samples, clean ones none.
+    lines = [row("x", "fine", prompt=GSM, sample_index=0), row("x", "fine", prompt=GSM, sample_index=1),
+             row("y", "fine")]
+    out = list(RowCheck(path, check_prompts=True).rows(lines, lambda r: r["prompt"], lambda r: r["reply"]))
+    assert [o[2] is not None for o in out] == [True, True, False]
 
 
 def test_min_matches_counts_distinct_ngrams_of_one_benchmark(tmp_path):
