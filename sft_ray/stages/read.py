@@ -221,7 +221,7 @@ def scan_input(files: list[str], limit: int | None, skip_bad_lines: bool,
             except InputError as e:
                 if not skip_bad_lines:
                     raise
-                plan.bad_lines.append(str(e))
+                plan.bad_lines.append(tabular.located(e))  # "file row N" for Parquet, as its errors say
                 continue
             make.add(lineno, row)
             check.add(lineno, row, source)
