@@ -13,6 +13,17 @@ from sft_ray.configload import load_config
 from sft_ray.devserver import MockConfig, MockServer
 from sft_ray.scoring import score_rollouts
 
+# The suite runs on two processes (pytest-xdist: `-n 2 --dist loadfile` in pyproject.toml's
+# addopts): on one, a core sat idle much of the time (a test waiting on a server, a sandbox, a
+# killed run). Each module runs whole on one process, in order, so what it shares (a module's
+# fixture: an engine, a cluster) starts once. The longest module goes first, so that it does not
+# start last and run alone at the end.
+LONGEST_MODULE = "test_vllm.py"
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name != LONGEST_MODULE)  # stable: the rest as collected
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -75,10 +86,16 @@ def count_rows(folder: Path) -> int:
 
 
 def find_process(fragment: str, other_than: int | None = None):
-    """A live process whose name or command line contains ``fragment`` (psutil), or None."""
+    """A live process of this test process's making whose name or command line contains
+    ``fragment`` (psutil), or None. Of its making: a descendant (the session cluster's workers and
+    what they start, a CLI run and its Ray) or an orphan (one whose parent died, as a killed run's
+    leave behind); not another test process's, when the suite runs on several (pytest-xdist)."""
     import psutil
 
-    for p in psutil.process_iter(["name", "cmdline"]):
+    mine = {p.pid for p in psutil.Process().children(recursive=True)}
+    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
+        if p.pid not in mine and p.info["ppid"] != 1:
+            continue
         label = (p.info["name"] or "") + " " + " ".join(p.info["cmdline"] or [])
         if fragment in label and p.pid != other_than:
             return p
