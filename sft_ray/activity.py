@@ -87,12 +87,12 @@ class Board:
     def read(self) -> dict[str, dict[str, Any]]:
         return dict(self.reports)
 
-    def progress(self) -> tuple[int, int, list[str]]:
+    def progress(self, seen: int = 0) -> tuple[int, int, list[str]]:
         """Samples (prompts) finished by every actor, closed ones included, model calls in flight, and
-        the actors' lines not taken yet."""
-        messages, self.messages = self.messages, []
+        the actors' lines from the ``seen``-th on. The caller counts the lines it received, so a reply
+        it stopped waiting for (a timeout on a loaded machine) loses none: they come again."""
         return (self.finished_gone + sum(r.get("finished", 0) for r in self.reports.values()),
-                sum(r.get("model_calls", 0) for r in self.reports.values()), messages)
+                sum(r.get("model_calls", 0) for r in self.reports.values()), self.messages[seen:])
 
 
 # ---- the driver's side ----
@@ -105,6 +105,7 @@ class BoardHandle:
         import ray
 
         self.name = f"sft-ray-activity-{uuid.uuid4().hex[:8]}"
+        self.lines_seen = 0  # the board's lines received so far (:meth:`progress`)
         self.actor = ray.remote(num_cpus=0, max_restarts=0)(Board).options(name=self.name,
                                                                            max_concurrency=1).remote()
 
@@ -124,7 +125,9 @@ class BoardHandle:
         try:
             import ray
 
-            return ray.get(self.actor.progress.remote(), timeout=timeout_s)
+            got = ray.get(self.actor.progress.remote(self.lines_seen), timeout=timeout_s)
+            self.lines_seen += len(got[2])
+            return got
         except Exception as e:
             log.debug("the activity board did not answer: %s", e)
             return None
