@@ -50,7 +50,8 @@ class Board:
         self.reports: dict[str, dict[str, Any]] = {}
         self.unfinished: dict[GuardKey, int] = {}
         self.finished_gone = 0  # samples finished by actors that closed (their reports dropped)
-        self.messages: list[str] = []  # actors' lines for the driver to print, in order
+        self.messages: list[str] = []  # actors' lines for the driver to print, in order, from the
+        self.lines_dropped = 0  # lines_dropped-th on (those before it the driver has received)
 
     def begin(self, keys: list[GuardKey]) -> list[int]:
         """How many earlier runs of each key never ended; the keys with none are marked running
@@ -90,9 +91,12 @@ class Board:
     def progress(self, seen: int = 0) -> tuple[int, int, list[str]]:
         """Samples (prompts) finished by every actor, closed ones included, model calls in flight, and
         the actors' lines from the ``seen``-th on. The caller counts the lines it received, so a reply
-        it stopped waiting for (a timeout on a loaded machine) loses none: they come again."""
+        it stopped waiting for (a timeout on a loaded machine) loses none: they come again; the lines
+        it has received are dropped here, so a chatty actor does not grow the board over a long run."""
+        del self.messages[:max(0, seen - self.lines_dropped)]
+        self.lines_dropped = max(self.lines_dropped, seen)
         return (self.finished_gone + sum(r.get("finished", 0) for r in self.reports.values()),
-                sum(r.get("model_calls", 0) for r in self.reports.values()), self.messages[seen:])
+                sum(r.get("model_calls", 0) for r in self.reports.values()), list(self.messages))
 
 
 # ---- the driver's side ----

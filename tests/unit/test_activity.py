@@ -17,3 +17,4 @@ def test_a_progress_reply_the_driver_never_got_loses_no_line():
     board.report("actor-1", {"at": 1.0, "finished": 4, "model_calls": 0, "messages": ["later"]})
     assert board.progress(2) == (4, 0, ["later"])  # the driver got the first two
     assert board.progress(3) == (4, 0, [])
+    assert board.messages == []  # what the driver has received is not kept
